@@ -1,0 +1,1 @@
+"""taskbroker's server: a gRPC task broker that fronts Redis."""

@@ -1,0 +1,40 @@
+"""`python -m broker`: parse settings, run the broker until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from broker.app import Broker, UnsafeRedis
+from broker.config import load_settings
+
+
+async def serve() -> int:
+    settings = load_settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    broker = Broker(settings)
+    try:
+        await broker.start()
+    except (UnsafeRedis, RuntimeError) as exc:
+        logging.getLogger("broker").error("cannot start: %s", exc)
+        return 2
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await broker.stop()
+    return 0
+
+
+def main() -> None:
+    sys.exit(asyncio.run(serve()))
+
+
+if __name__ == "__main__":
+    main()

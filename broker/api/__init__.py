@@ -1,0 +1,1 @@
+"""The gRPC API: the only package that imports grpc and taskbroker.v1."""

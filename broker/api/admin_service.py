@@ -1,0 +1,80 @@
+"""AdminService: queues and dead letters."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import TYPE_CHECKING
+
+import grpc
+
+from broker.api import convert
+from broker.errors import InvalidArgument
+from taskbroker.v1 import admin_service_pb2 as admin
+
+if TYPE_CHECKING:
+    from broker.queue import TaskQueue
+
+Context = grpc.aio.ServicerContext[bytes, bytes]
+
+
+def encode_page_token(cursor: tuple[int, str]) -> str:
+    return base64.urlsafe_b64encode(f"{cursor[0]}:{cursor[1]}".encode()).decode()
+
+
+def decode_page_token(token: str) -> tuple[int, str] | None:
+    """Page tokens are opaque to clients (AIP-158); a malformed one is INVALID_ARGUMENT."""
+    if not token:
+        return None
+    try:
+        ms, _, local_id = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        return int(ms), local_id
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidArgument("page_token", "not a token this API returned") from None
+
+
+class AdminService:
+    """Management RPCs."""
+
+    def __init__(self, tasks: TaskQueue) -> None:
+        self._tasks = tasks
+
+    async def ListQueues(
+        self, request: admin.ListQueuesRequest, context: Context
+    ) -> admin.ListQueuesResponse:
+        return admin.ListQueuesResponse(queues=await self._tasks.queues())
+
+    async def ListDeadTasks(
+        self, request: admin.ListDeadTasksRequest, context: Context
+    ) -> admin.ListDeadTasksResponse:
+        page = await self._tasks.list_dead(
+            request.queue, request.page_size, decode_page_token(request.page_token)
+        )
+        return admin.ListDeadTasksResponse(
+            tasks=[convert.task_to_proto(t) for t in page.tasks],
+            next_page_token=encode_page_token(page.next_cursor) if page.next_cursor else "",
+        )
+
+    async def RedriveDeadTasks(
+        self, request: admin.RedriveDeadTasksRequest, context: Context
+    ) -> admin.RedriveDeadTasksResponse:
+        count = await self._tasks.redrive_dead(request.queue, list(request.task_ids), request.all)
+        return admin.RedriveDeadTasksResponse(redriven_count=count)
+
+    async def DeleteDeadTasks(
+        self, request: admin.DeleteDeadTasksRequest, context: Context
+    ) -> admin.DeleteDeadTasksResponse:
+        count = await self._tasks.delete_dead(request.queue, list(request.task_ids), request.all)
+        return admin.DeleteDeadTasksResponse(deleted_count=count)
+
+    async def PauseQueue(
+        self, request: admin.PauseQueueRequest, context: Context
+    ) -> admin.PauseQueueResponse:
+        await self._tasks.set_paused(request.queue, True)
+        return admin.PauseQueueResponse()
+
+    async def ResumeQueue(
+        self, request: admin.ResumeQueueRequest, context: Context
+    ) -> admin.ResumeQueueResponse:
+        await self._tasks.set_paused(request.queue, False)
+        return admin.ResumeQueueResponse()

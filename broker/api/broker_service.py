@@ -1,0 +1,110 @@
+"""BrokerService: proto → models → TaskQueue → proto. Thin by design."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grpc
+
+from broker.api import convert
+from broker.api.lease_session import LeaseSession, SessionRegistry
+from broker.errors import Draining
+from broker.models import TaskState
+from taskbroker.v1 import broker_service_pb2 as bs
+from taskbroker.v1 import lease_pb2
+
+if TYPE_CHECKING:
+    from broker.dispatch import Dispatcher
+    from broker.queue import TaskQueue
+
+Context = grpc.aio.ServicerContext[bytes, bytes]
+
+
+class BrokerService:
+    """The producer and worker RPCs."""
+
+    def __init__(
+        self,
+        tasks: TaskQueue,
+        dispatcher: Dispatcher,
+        registry: SessionRegistry,
+        default_lease_ms: int,
+        open_timeout_s: float,
+    ) -> None:
+        self._tasks = tasks
+        self._dispatcher = dispatcher
+        self._registry = registry
+        self._default_lease_ms = default_lease_ms
+        self._open_timeout_s = open_timeout_s
+
+    async def Enqueue(self, request: bs.EnqueueRequest, context: Context) -> bs.EnqueueResponse:
+        if self._dispatcher.draining:
+            raise Draining("the broker is shutting down; use another replica")
+        outcomes = await self._tasks.enqueue([convert.task_request(t) for t in request.tasks])
+        for outcome in outcomes:
+            if not outcome.duplicate:
+                self._dispatcher.notify(outcome.task_id.rpartition(":")[0])
+        return bs.EnqueueResponse(
+            results=[bs.EnqueueResult(task_id=o.task_id, duplicate=o.duplicate) for o in outcomes]
+        )
+
+    async def Lease(self, context: Context) -> None:
+        if self._dispatcher.draining:
+            raise Draining("the broker is shutting down; use another replica")
+        session = LeaseSession(
+            context,
+            self._tasks,
+            self._dispatcher,
+            self._registry,
+            self._open_timeout_s,
+            self._default_lease_ms,
+        )
+        await session.run()
+
+    async def Ack(self, request: lease_pb2.AckRequest, context: Context) -> bs.AckResponse:
+        result = await self._tasks.ack(request.task_id, request.lease_id, request.result)
+        self._registry.forget(request.lease_id)
+        return bs.AckResponse(already_settled=result.status.value == "again")
+
+    async def Nack(self, request: lease_pb2.NackRequest, context: Context) -> bs.NackResponse:
+        result = await self._tasks.nack(
+            request.task_id,
+            request.lease_id,
+            request.error,
+            convert.optional_duration_ms(request, "retry_delay"),
+            request.dead_letter,
+        )
+        self._registry.forget(request.lease_id)
+        response = bs.NackResponse(
+            already_settled=result.status.value == "again",
+            state=int(result.state or TaskState.DEAD),  # type: ignore[arg-type]
+        )
+        if result.state is not TaskState.DEAD and result.time_ms >= 0:
+            response.retry_time.CopyFrom(convert.to_timestamp(result.time_ms))
+        return response
+
+    async def ExtendLease(
+        self, request: lease_pb2.ExtendLeaseRequest, context: Context
+    ) -> bs.ExtendLeaseResponse:
+        result = await self._tasks.extend(
+            request.task_id,
+            request.lease_id,
+            convert.optional_duration_ms(request, "lease_duration"),
+        )
+        return bs.ExtendLeaseResponse(lease_expire_time=convert.to_timestamp(result.time_ms))
+
+    async def GetTask(self, request: bs.GetTaskRequest, context: Context) -> bs.GetTaskResponse:
+        task = await self._tasks.get(request.task_id)
+        return bs.GetTaskResponse(task=convert.task_to_proto(task))
+
+    async def CancelTask(
+        self, request: bs.CancelTaskRequest, context: Context
+    ) -> bs.CancelTaskResponse:
+        task, revoked = await self._tasks.cancel(request.task_id)
+        if revoked:
+            self._registry.revoke(request.task_id, revoked, "cancelled")
+        return bs.CancelTaskResponse(task=convert.task_to_proto(task))
+
+    async def Stats(self, request: bs.StatsRequest, context: Context) -> bs.StatsResponse:
+        stats = await self._tasks.stats(list(request.queues))
+        return bs.StatsResponse(queues=[convert.stats_to_proto(s) for s in stats])

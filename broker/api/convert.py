@@ -1,0 +1,117 @@
+"""proto ⇄ models: Timestamps and Durations become integer milliseconds at this border."""
+
+from __future__ import annotations
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from broker.models import Lease, QueueStats, Task
+from broker.queue import TaskRequest
+from taskbroker.v1 import broker_service_pb2 as bs
+from taskbroker.v1 import lease_pb2, task_pb2
+
+
+def duration_ms(d: duration_pb2.Duration) -> int:
+    """A Duration in whole milliseconds (rounded up, so 1 ns is not 0); negative stays negative."""
+    total_ns = d.seconds * 1_000_000_000 + d.nanos
+    return -((-total_ns) // 1_000_000)
+
+
+def optional_duration_ms(message: object, field: str) -> int | None:
+    if not message.HasField(field):  # type: ignore[attr-defined]
+        return None
+    return duration_ms(getattr(message, field))
+
+
+def timestamp_ms(t: timestamp_pb2.Timestamp) -> int:
+    return t.seconds * 1000 + t.nanos // 1_000_000
+
+
+def to_timestamp(ms: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+def to_duration(ms: int) -> duration_pb2.Duration:
+    return duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+def task_request(spec: task_pb2.TaskSpec) -> TaskRequest:
+    policy = spec.retry_policy
+    return TaskRequest(
+        queue=spec.queue,
+        type=spec.type,
+        payload=spec.payload,
+        headers=dict(spec.headers),
+        priority=spec.priority,
+        delay_ms=optional_duration_ms(spec, "delay"),
+        schedule_ms=timestamp_ms(spec.schedule_time) if spec.HasField("schedule_time") else None,
+        max_attempts=spec.max_attempts,
+        lease_ms=optional_duration_ms(spec, "lease_duration"),
+        idempotency_key=spec.idempotency_key,
+        backoff_initial_ms=optional_duration_ms(policy, "initial_backoff"),
+        backoff_max_ms=optional_duration_ms(policy, "max_backoff"),
+    )
+
+
+def task_to_proto(task: Task) -> task_pb2.Task:
+    out = task_pb2.Task(
+        id=task.ref.task_id,
+        queue=task.ref.queue,
+        type=task.type,
+        payload=task.payload,
+        headers=task.headers,
+        priority=task.priority,
+        state=int(task.state),  # type: ignore[arg-type]
+        attempt=task.attempt,
+        max_attempts=task.max_attempts,
+        last_error=task.last_error,
+        result=task.result,
+        retry_policy=task_pb2.RetryPolicy(
+            initial_backoff=to_duration(task.backoff_initial_ms),
+            max_backoff=to_duration(task.backoff_max_ms),
+        ),
+        errors=[
+            task_pb2.AttemptError(
+                attempt=e.attempt, message=e.message, time=to_timestamp(e.time_ms)
+            )
+            for e in task.errors
+        ],
+    )
+    out.create_time.CopyFrom(to_timestamp(task.create_ms))
+    if task.schedule_ms:
+        out.schedule_time.CopyFrom(to_timestamp(task.schedule_ms))
+    if task.lease_expire_ms:
+        out.lease_expire_time.CopyFrom(to_timestamp(task.lease_expire_ms))
+    if task.finish_ms:
+        out.finish_time.CopyFrom(to_timestamp(task.finish_ms))
+    if task.lease_ms:
+        out.lease_duration.CopyFrom(to_duration(task.lease_ms))
+    return out
+
+
+def delivery(lease: Lease) -> lease_pb2.Delivery:
+    return lease_pb2.Delivery(
+        task=task_to_proto(lease.task),
+        lease_id=lease.lease_id,
+        lease_expire_time=to_timestamp(lease.expire_ms),
+    )
+
+
+def stats_to_proto(s: QueueStats) -> bs.QueueStats:
+    out = bs.QueueStats(
+        queue=s.queue,
+        pending=s.pending,
+        scheduled=s.scheduled,
+        leased=s.leased,
+        dead=s.dead,
+        paused=s.paused,
+        enqueued_total=s.enqueued_total,
+        succeeded_total=s.succeeded_total,
+        retried_total=s.retried_total,
+        reclaimed_total=s.reclaimed_total,
+        dead_lettered_total=s.dead_lettered_total,
+        cancelled_total=s.cancelled_total,
+        read_time=to_timestamp(s.now_ms),
+    )
+    if s.oldest_ready_ms >= 0:
+        out.oldest_pending_age.CopyFrom(to_duration(max(0, s.now_ms - s.oldest_ready_ms)))
+    return out

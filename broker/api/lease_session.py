@@ -1,0 +1,376 @@
+"""One Lease stream: the open handshake, credits, pushed deliveries, in-stream settlements, and
+giving back what it still holds when it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from broker.api import convert
+from broker.api.status import error_status, to_status
+from broker.errors import BrokerError, InvalidArgument, LeaseStale, StoreUnavailable, TaskNotFound
+from broker.ids import check_name
+from broker.models import Lease, SettleResult, TaskRef
+from broker.queue import MAX_LEASE_MS, MIN_LEASE_MS
+from taskbroker.v1 import lease_pb2
+
+if TYPE_CHECKING:
+    from broker.dispatch import Dispatcher, Subscription
+    from broker.queue import TaskQueue
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUES_PER_STREAM = 64
+#: Unused credits a stream may hold; bounds what one worker can pin.
+MAX_CREDITS = 10_000
+#: Frames merged into one write when they queue up (deliveries or settle results).
+MAX_MERGE = 500
+
+Frame = lease_pb2.LeaseResponse
+
+
+def _is_eof(raw: object) -> bool:
+    """Whether a read hit the end of the stream: ServicerContext.read() returns grpc.aio.EOF
+    then, though the stubs say it returns only the request type."""
+    return raw is grpc.aio.EOF
+
+
+class SessionRegistry:
+    """Live sessions by the leases they hold: unary settlements forget a lease, cancellations
+    revoke it, shutdown drains them all."""
+
+    def __init__(self) -> None:
+        self.sessions: set[LeaseSession] = set()
+        self._holder: dict[str, LeaseSession] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        #: Set whenever a held lease is settled, so shutdown can wait for the last one.
+        self.settled = asyncio.Event()
+
+    def held(self, lease_id: str, session: LeaseSession) -> None:
+        self._holder[lease_id] = session
+
+    def forget(self, lease_id: str) -> None:
+        if session := self._holder.pop(lease_id, None):
+            session.forget(lease_id)
+            self.settled.set()
+
+    def revoke(self, task_id: str, lease_id: str, reason: str) -> None:
+        if session := self._holder.pop(lease_id, None):
+            session.revoke(task_id, lease_id, reason)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Runs cleanup that must finish even when the stream's handler is cancelled."""
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def wait_background(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+class LeaseSession:
+    """Serves one Lease stream (bytes in, bytes out: requests are parsed here so malformed frames
+    get INVALID_ARGUMENT rather than grpcio's UNKNOWN)."""
+
+    def __init__(
+        self,
+        context: grpc.aio.ServicerContext[bytes, bytes],
+        tasks: TaskQueue,
+        dispatcher: Dispatcher,
+        registry: SessionRegistry,
+        open_timeout_s: float,
+        default_lease_ms: int,
+    ) -> None:
+        self._context = context
+        self._tasks = tasks
+        self._dispatcher = dispatcher
+        self._registry = registry
+        self._open_timeout_s = open_timeout_s
+        self._default_lease_ms = default_lease_ms
+        self.stream_id = secrets.token_hex(8)
+        self._outbox: asyncio.Queue[Frame | None] = asyncio.Queue()
+        self._held: dict[str, TaskRef] = {}  # lease id -> task
+        self._granted = 0  # credits granted in total; deliveries never exceed it
+        self._failure: grpc.Status | None = None
+        self._settling: set[asyncio.Task[None]] = set()
+        self._sub: Subscription | None = None
+        self.closed = False
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        opened = await self._read_open()
+        if opened is None:
+            return
+        queues, lease_ms, credits = opened
+        self._registry.sessions.add(self)
+        self._sub = self._dispatcher.subscribe(queues, lease_ms, self._deliver)
+        reader = asyncio.create_task(self._read_loop(), name=f"lease {self.stream_id} reader")
+        try:
+            await self._write(
+                Frame(
+                    opened=lease_pb2.LeaseOpened(
+                        stream_id=self.stream_id, lease_duration=convert.to_duration(lease_ms)
+                    )
+                )
+            )
+            if credits:
+                self._grant(credits)
+            await self._write_loop()
+        finally:
+            self.closed = True
+            self._registry.sessions.discard(self)
+            self._sub.close()
+            reader.cancel()
+            self._release_held("lease stream closed")
+        if self._failure is not None:
+            await self._context.abort_with_status(self._failure)
+
+    async def _read_open(self) -> tuple[list[str], int, int] | None:
+        try:
+            raw = await asyncio.wait_for(self._context.read(), self._open_timeout_s)
+        except TimeoutError:
+            await self._abort_invalid("open", f"no open frame within {self._open_timeout_s:g} s")
+            return None
+        if _is_eof(raw):
+            return None
+        request = self._parse(raw)
+        if request is None:
+            await self._abort_invalid("frame", "not a valid LeaseRequest")
+            return None
+        if request.WhichOneof("frame") != "open":
+            await self._abort_invalid("open", "the first frame must be open")
+            return None
+        try:
+            return self._check_open(request.open)
+        except InvalidArgument as exc:
+            await self._context.abort_with_status(error_status(exc))  # raises
+
+    def _check_open(self, frame: lease_pb2.LeaseOpen) -> tuple[list[str], int, int]:
+        if not frame.queues:
+            raise InvalidArgument("open.queues", "at least one queue is required")
+        if len(frame.queues) > MAX_QUEUES_PER_STREAM:
+            raise InvalidArgument("open.queues", f"at most {MAX_QUEUES_PER_STREAM} queues")
+        queues = [check_name(f"open.queues[{i}]", q) for i, q in enumerate(frame.queues)]
+        if len(set(queues)) != len(queues):
+            raise InvalidArgument("open.queues", "queues must be distinct")
+        if len(frame.worker_id) > 128 or not frame.worker_id.isprintable():
+            raise InvalidArgument("open.worker_id", "at most 128 printable characters")
+        if not 0 <= frame.credits <= MAX_CREDITS:
+            raise InvalidArgument("open.credits", f"must be 0 to {MAX_CREDITS}")
+        lease_ms = self._default_lease_ms
+        if frame.HasField("lease_duration"):
+            lease_ms = convert.duration_ms(frame.lease_duration)
+            if not MIN_LEASE_MS <= lease_ms <= MAX_LEASE_MS:
+                raise InvalidArgument(
+                    "open.lease_duration", f"must be {MIN_LEASE_MS} ms to {MAX_LEASE_MS} ms"
+                )
+        log.info("lease stream %s opened by %r on %s", self.stream_id, frame.worker_id, queues)
+        return queues, lease_ms, frame.credits
+
+    async def _abort_invalid(self, field: str, message: str) -> None:
+        await self._context.abort_with_status(
+            to_status(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", "INVALID_ARGUMENT", field
+            )
+        )
+
+    def close(self) -> None:
+        """Ends the stream with OK (after what is queued is written)."""
+        self._outbox.put_nowait(None)
+
+    def drain(self, deadline_ms: int) -> None:
+        self._outbox.put_nowait(
+            Frame(drain=lease_pb2.Drain(deadline=convert.to_timestamp(deadline_ms)))
+        )
+
+    def _fail(self, status: grpc.Status) -> None:
+        if self._failure is None:
+            self._failure = status
+        self._outbox.put_nowait(None)
+
+    # --- writing ------------------------------------------------------------------------------
+
+    async def _write(self, frame: Frame) -> None:
+        await self._context.write(frame.SerializeToString())
+
+    async def _write_loop(self) -> None:
+        while (frame := await self._outbox.get()) is not None:
+            kind = frame.WhichOneof("frame")
+            # Merge frames that queued up behind this one into one write.
+            while kind in ("deliveries", "settle_results") and not self._outbox.empty():
+                nxt = self._outbox._queue[0]  # type: ignore[attr-defined]
+                if nxt is None or nxt.WhichOneof("frame") != kind:
+                    break
+                self._outbox.get_nowait()
+                getattr(frame, kind).MergeFrom(getattr(nxt, kind))
+                if (
+                    len(
+                        getattr(
+                            getattr(frame, kind),
+                            "deliveries" if kind == "deliveries" else "results",
+                        )
+                    )
+                    >= MAX_MERGE
+                ):
+                    break
+            await self._write(frame)
+
+    def _deliver(self, leases: list[Lease]) -> bool:
+        """Called by the queue pump with tasks leased for this stream."""
+        if self.closed:
+            return False
+        for lease in leases:
+            self._held[lease.lease_id] = lease.task.ref
+            self._registry.held(lease.lease_id, self)
+        self._outbox.put_nowait(
+            Frame(deliveries=lease_pb2.Deliveries(deliveries=[convert.delivery(x) for x in leases]))
+        )
+        return True
+
+    def forget(self, lease_id: str) -> None:
+        self._held.pop(lease_id, None)
+
+    @property
+    def holding(self) -> bool:
+        """Whether the stream still holds leases (shutdown waits for them to settle)."""
+        return bool(self._held)
+
+    def revoke(self, task_id: str, lease_id: str, reason: str) -> None:
+        self._held.pop(lease_id, None)
+        revoked = lease_pb2.RevokedLease(task_id=task_id, lease_id=lease_id, reason=reason)
+        self._outbox.put_nowait(Frame(revoked=lease_pb2.LeasesRevoked(leases=[revoked])))
+
+    def _release_held(self, reason: str) -> None:
+        held = [(ref, lease_id) for lease_id, ref in self._held.items()]
+        for lease_id in list(self._held):
+            self._registry.forget(lease_id)
+        self._held.clear()
+        if held:
+            self._registry.spawn(self._release(held, reason))
+
+    async def _release(self, held: list[tuple[TaskRef, str]], reason: str) -> None:
+        try:
+            count = await self._tasks.release(held, reason)
+            log.info("lease stream %s: %d held tasks returned to the queue", self.stream_id, count)
+        except BrokerError as exc:  # they come back when their leases expire instead
+            log.warning("lease stream %s: release failed (%s)", self.stream_id, exc)
+
+    # --- reading ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _parse(raw: object) -> lease_pb2.LeaseRequest | None:
+        try:
+            return lease_pb2.LeaseRequest.FromString(raw)  # type: ignore[arg-type]
+        except DecodeError:
+            return None
+
+    async def _read_loop(self) -> None:
+        try:
+            while not _is_eof(raw := await self._context.read()):
+                request = self._parse(raw)
+                if request is None:
+                    self._fail_invalid("frame", "not a valid LeaseRequest")
+                    return
+                self._handle(request)
+            # The worker half-closed: answer what it sent, then end the stream.
+            if self._settling:
+                await asyncio.gather(*self._settling, return_exceptions=True)
+            self.close()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the transport failed under us: end the stream
+            log.debug("lease stream %s: read failed", self.stream_id, exc_info=True)
+            self.close()
+
+    def _fail_invalid(self, field: str, message: str) -> None:
+        self._fail(
+            to_status(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", "INVALID_ARGUMENT", field
+            )
+        )
+
+    def _handle(self, request: lease_pb2.LeaseRequest) -> None:
+        kind = request.WhichOneof("frame")
+        if kind == "credit":
+            n = request.credit.credits
+            if not 1 <= n <= MAX_CREDITS:
+                self._fail_invalid("credit.credits", f"must be 1 to {MAX_CREDITS}")
+            elif self._sub is not None and self._sub.credits + n > MAX_CREDITS:
+                self._fail_invalid("credit.credits", f"unused credits would exceed {MAX_CREDITS}")
+            else:
+                self._grant(n)
+        elif kind in ("ack", "nack", "extend"):
+            task = asyncio.create_task(self._settle(request))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+        elif kind == "open":
+            self._fail_invalid("open", "sent twice")
+        else:
+            self._fail_invalid("frame", "empty frame")
+
+    def _grant(self, n: int) -> None:
+        if self._dispatcher.draining or self._sub is None:
+            return
+        self._granted += n
+        self._sub.add_credits(n)
+
+    async def _settle(self, request: lease_pb2.LeaseRequest) -> None:
+        kind = request.WhichOneof("frame")
+        msg = getattr(request, kind)  # type: ignore[arg-type]
+        out = lease_pb2.SettleResult(
+            task_id=msg.task_id,
+            lease_id=msg.lease_id,
+            kind={
+                "ack": lease_pb2.SETTLE_KIND_ACK,
+                "nack": lease_pb2.SETTLE_KIND_NACK,
+                "extend": lease_pb2.SETTLE_KIND_EXTEND,
+            }[kind],  # type: ignore[index]
+        )
+        try:
+            result = await self._apply(kind, msg)  # type: ignore[arg-type]
+            out.outcome = lease_pb2.SETTLE_OUTCOME_OK
+            out.already_settled = result.status.value == "again"
+            if kind == "extend":
+                out.lease_expire_time.CopyFrom(convert.to_timestamp(result.time_ms))
+            else:
+                self._registry.forget(msg.lease_id)
+                self.forget(msg.lease_id)
+        except LeaseStale as exc:
+            out.outcome, out.message = lease_pb2.SETTLE_OUTCOME_LEASE_STALE, str(exc)
+            self._registry.forget(msg.lease_id)
+            self.forget(msg.lease_id)
+        except TaskNotFound as exc:
+            out.outcome, out.message = lease_pb2.SETTLE_OUTCOME_NOT_FOUND, str(exc)
+        except InvalidArgument as exc:
+            out.outcome, out.message = lease_pb2.SETTLE_OUTCOME_INVALID_ARGUMENT, str(exc)
+        except StoreUnavailable as exc:
+            out.outcome, out.message = lease_pb2.SETTLE_OUTCOME_UNAVAILABLE, str(exc)
+        except BrokerError as exc:
+            out.outcome, out.message = lease_pb2.SETTLE_OUTCOME_UNAVAILABLE, str(exc)
+        self._outbox.put_nowait(Frame(settle_results=lease_pb2.SettleResults(results=[out])))
+
+    async def _apply(self, kind: str, msg: object) -> SettleResult:
+        if kind == "ack":
+            assert isinstance(msg, lease_pb2.AckRequest)
+            return await self._tasks.ack(msg.task_id, msg.lease_id, msg.result)
+        if kind == "nack":
+            assert isinstance(msg, lease_pb2.NackRequest)
+            return await self._tasks.nack(
+                msg.task_id,
+                msg.lease_id,
+                msg.error,
+                convert.optional_duration_ms(msg, "retry_delay"),
+                msg.dead_letter,
+            )
+        assert isinstance(msg, lease_pb2.ExtendLeaseRequest)
+        return await self._tasks.extend(
+            msg.task_id, msg.lease_id, convert.optional_duration_ms(msg, "lease_duration")
+        )

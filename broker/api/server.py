@@ -1,0 +1,135 @@
+"""The grpc.aio server: services, health, reflection, and the one place errors become statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import descriptor, message_factory
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from broker.api.status import error_status, to_status
+from broker.errors import BrokerError
+from taskbroker.v1 import admin_service_pb2, broker_service_pb2
+
+log = logging.getLogger(__name__)
+
+BROKER_SERVICE = broker_service_pb2.DESCRIPTOR.services_by_name["BrokerService"]
+ADMIN_SERVICE = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"]
+
+#: gRPC's own receive limit sits above the application payload limit, so an oversized payload
+#: gets our INVALID_ARGUMENT naming the field rather than the transport's RESOURCE_EXHAUSTED.
+TRANSPORT_SLACK_BYTES = 16 * 1024 * 1024
+
+Context = grpc.aio.ServicerContext[bytes, bytes]
+Unary = Callable[[Any, Context], Awaitable[Message]]
+
+
+async def _abort_for(exc: BaseException, context: Context, method: str) -> NoReturn:
+    """Maps an exception to a status; no traceback or class name reaches the client."""
+    if isinstance(exc, BrokerError):
+        await context.abort_with_status(error_status(exc))
+    if isinstance(exc, TimeoutError):
+        await context.abort_with_status(
+            to_status(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", "DEADLINE_EXCEEDED")
+        )
+    log.error("%s failed", method, exc_info=exc)
+    await context.abort_with_status(
+        to_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL")
+    )
+
+
+def _unary(method: descriptor.MethodDescriptor, impl: Unary) -> grpc.RpcMethodHandler[bytes, bytes]:
+    request_class = message_factory.GetMessageClass(method.input_type)
+    name = f"/{method.containing_service.full_name}/{method.name}"
+
+    async def handle(raw: bytes, context: Context) -> bytes:
+        try:
+            request = request_class.FromString(raw)
+        except DecodeError:
+            await context.abort_with_status(
+                to_status(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request is not a valid {method.input_type.full_name}",
+                    "MALFORMED_REQUEST",
+                )
+            )
+        try:
+            remaining = context.time_remaining()
+            async with asyncio.timeout(remaining):
+                response = await impl(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort_for(exc, context, name)
+        return response.SerializeToString()
+
+    return grpc.unary_unary_rpc_method_handler(handle)
+
+
+def _stream(
+    method: descriptor.MethodDescriptor, impl: Callable[[Context], Awaitable[None]]
+) -> grpc.RpcMethodHandler[bytes, bytes]:
+    name = f"/{method.containing_service.full_name}/{method.name}"
+
+    async def handle(requests: object, context: Context) -> None:
+        try:
+            await impl(context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort_for(exc, context, name)
+
+    return grpc.stream_stream_rpc_method_handler(handle)
+
+
+def generic_handler(service: descriptor.ServiceDescriptor, impl: object) -> grpc.GenericRpcHandler:
+    """Handlers for every method of a service, with requests parsed by us (so malformed bytes
+    are INVALID_ARGUMENT, not grpcio's UNKNOWN naming internal classes)."""
+    handlers = {}
+    for method in service.methods:
+        fn = getattr(impl, method.name)
+        if method.client_streaming:
+            handlers[method.name] = _stream(method, fn)
+        else:
+            handlers[method.name] = _unary(method, fn)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def build_server(
+    broker: object, admin: object, max_payload_bytes: int
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A server with BrokerService, AdminService, health and reflection registered."""
+    limit = max_payload_bytes + TRANSPORT_SLACK_BYTES
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            # Find dead workers well inside the shortest useful lease (RELIABILITY.md 3.5).
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+    )
+    server.add_generic_rpc_handlers(
+        (generic_handler(BROKER_SERVICE, broker), generic_handler(ADMIN_SERVICE, admin))
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            BROKER_SERVICE.full_name,
+            ADMIN_SERVICE.full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return server, health_servicer

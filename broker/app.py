@@ -1,0 +1,191 @@
+"""Broker: the composition root. Builds every part and owns the start and stop order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from broker.api.admin_service import AdminService
+from broker.api.broker_service import BrokerService
+from broker.api.lease_session import SessionRegistry
+from broker.api.server import build_server
+from broker.config import Settings
+from broker.dispatch import Dispatcher
+from broker.embedded_redis import EmbeddedRedis
+from broker.loops.health_monitor import HealthMonitor
+from broker.loops.janitor import Janitor
+from broker.loops.periodic import Periodic
+from broker.loops.reaper import Reaper
+from broker.loops.scheduler import Scheduler
+from broker.loops.wake_listener import WakeListener
+from broker.queue import TaskQueue
+from broker.store.redis_store import AnyRedis, RedisStore
+
+log = logging.getLogger(__name__)
+
+#: Policies under which Redis may delete keys on its own: tasks would vanish silently.
+EVICTING_POLICIES = frozenset(
+    {"allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru", "volatile-lfu",
+     "volatile-random", "volatile-ttl"}
+)  # fmt: skip
+
+
+class UnsafeRedis(RuntimeError):
+    """Redis is configured so that acknowledged tasks could be lost: the broker refuses it."""
+
+
+def redis_client(settings: Settings, url: str) -> AnyRedis:
+    # One quick retry for a dropped connection; an outage beyond that is UNAVAILABLE at once
+    # rather than a call hanging in redis-py's default backoff.
+    common: dict[str, Any] = {
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": min(2.0, settings.redis_timeout_s),
+        "retry": Retry(ExponentialBackoff(cap=0.1, base=0.02), 1),
+        "health_check_interval": 10,
+    }
+    if settings.redis_cluster:
+        return RedisCluster.from_url(url, **common)
+    return aioredis.Redis.from_url(url, max_connections=256, **common)
+
+
+class Broker:
+    """One broker replica: gRPC server, dispatcher, and maintenance loops over one Redis."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.embedded: EmbeddedRedis | None = None
+        self.port = 0
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    async def start(self) -> int:
+        """Starts serving. Returns the bound port.
+
+        Raises:
+            UnsafeRedis: Redis evicts keys under memory pressure.
+            RuntimeError: Redis or the listen address cannot be used.
+        """
+        s = self.settings
+        url = s.redis_url
+        if url is None:
+            self.embedded = EmbeddedRedis(s.data_dir)
+            self.embedded.start()
+            url = self.embedded.url
+        self.store = RedisStore(redis_client(s, url))
+        try:
+            await self._check_redis()
+        except BaseException:
+            await self.store.close()
+            if self.embedded:
+                self.embedded.stop()
+            raise
+        self.tasks = TaskQueue(self.store, s)
+        self.dispatcher = Dispatcher(self.tasks)
+        self.registry = SessionRegistry()
+        default_lease_ms = round(s.default_lease_s * 1000)
+        broker_service = BrokerService(
+            self.tasks, self.dispatcher, self.registry, default_lease_ms, s.open_timeout_s
+        )
+        self.server, self.health = build_server(
+            broker_service, AdminService(self.tasks), s.max_payload_bytes
+        )
+        self.port = self.server.add_insecure_port(s.listen)
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {s.listen}")
+        self.wake_listener = WakeListener(self.store, self.dispatcher)
+        self.monitor = HealthMonitor(self.store.ping, self._set_serving)
+        self.loops = [
+            Periodic(Reaper(self.tasks), s.reap_interval_s),
+            Periodic(Scheduler(self.tasks), 1.0),
+            Periodic(Janitor(self.tasks), 30.0),
+            Periodic(self.monitor, 1.0),
+        ]
+        await self.server.start()
+        self.wake_listener.start()
+        for loop in self.loops:
+            loop.start()
+        host = s.listen_host
+        log.info("taskbroker serving on %s:%d", host, self.port)
+        return self.port
+
+    async def _check_redis(self) -> None:
+        info = await self.store.server_info()
+        if info.maxmemory_policy in EVICTING_POLICIES:
+            raise UnsafeRedis(
+                f"redis maxmemory-policy is {info.maxmemory_policy}: Redis would evict tasks; "
+                "set maxmemory-policy noeviction"
+            )
+        if info.maxmemory_policy is None:
+            log.warning("cannot read redis CONFIG: make sure maxmemory-policy is noeviction")
+        if not info.aof_enabled:
+            durability = "memory only (no AOF): a Redis restart loses every task"
+        elif info.appendfsync == "always":
+            durability = "AOF fsync always: an acknowledged write is on disk"
+        else:
+            durability = f"AOF fsync {info.appendfsync}: a crash may lose the last second"
+        log.info(
+            "redis %s%s; persistence: %s",
+            info.version,
+            " (cluster)" if info.cluster else "",
+            durability,
+        )
+
+    async def _set_serving(self, serving: bool) -> None:
+        if self._stopping:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else (health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+        for service in ("", "taskbroker.v1.BrokerService", "taskbroker.v1.AdminService"):
+            await self.health.set(service, status)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING at once, a drain notice on every stream, settlements
+        accepted until the grace deadline, then held tasks go back to pending."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        self.dispatcher.drain()
+        deadline = time.monotonic() + grace
+        sessions = list(self.registry.sessions)
+        for session in sessions:
+            session.drain(int((time.time() + grace) * 1000))
+        log.info("draining %d lease streams for up to %.1fs", len(sessions), grace)
+        while any(s.holding for s in self.registry.sessions):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self.registry.settled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.registry.settled.wait(), remaining)
+        for session in list(self.registry.sessions):
+            session.close()
+        await asyncio.sleep(0)  # let the streams end and hand back what they held
+        await self.server.stop(1.0)
+        await self.registry.wait_background()
+        await self.wake_listener.stop()
+        for loop in self.loops:
+            await loop.stop()
+        await self.dispatcher.stop()
+        await self.store.close()
+        if self.embedded:
+            self.embedded.stop()
+        log.info("taskbroker stopped")
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()

@@ -1,0 +1,89 @@
+"""The broker's errors, one class per outcome a client must tell apart.
+
+BrokerError
+├── InvalidArgument        bad input, naming the field          → INVALID_ARGUMENT
+├── TaskNotFound           no such task                         → NOT_FOUND
+├── LeaseStale             the lease is not current             → FAILED_PRECONDITION (LEASE_STALE)
+├── TaskFinished           the task already finished            → FAILED_PRECONDITION
+├── IdempotencyConflict    key reused for a different task      → ALREADY_EXISTS
+├── LimitExceeded          too many streams, credits, ...       → RESOURCE_EXHAUSTED
+├── StoreUnavailable       Redis unreachable or failing over    → UNAVAILABLE
+└── Draining               the broker is shutting down          → UNAVAILABLE (DRAINING)
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    """Base of every error the broker reports to a client. The message is safe to show."""
+
+    reason: str = "BROKER_ERROR"
+
+
+class InvalidArgument(BrokerError):
+    """A request field is malformed or out of range."""
+
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class TaskNotFound(BrokerError):
+    """The task does not exist (never did, or was trimmed after its retention)."""
+
+    reason = "TASK_NOT_FOUND"
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id} not found")
+
+
+class LeaseStale(BrokerError):
+    """The lease presented is not the task's current lease: the settlement is refused."""
+
+    reason = "LEASE_STALE"
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(
+            f"lease is no longer current for task {task_id} "
+            "(it expired and was reclaimed, was released, or the task was settled or cancelled)"
+        )
+
+
+class TaskFinished(BrokerError):
+    """The operation needs an unfinished task, and this one has finished."""
+
+    reason = "TASK_FINISHED"
+
+    def __init__(self, task_id: str, state_name: str) -> None:
+        super().__init__(f"task {task_id} already finished ({state_name})")
+
+
+class IdempotencyConflict(BrokerError):
+    """An idempotency key was reused for a task with a different body."""
+
+    reason = "IDEMPOTENCY_KEY_CONFLICT"
+
+    def __init__(self, index: int) -> None:
+        super().__init__(
+            f"tasks[{index}].idempotency_key: already used for a different task within the window"
+        )
+
+
+class LimitExceeded(BrokerError):
+    """A resource limit was reached."""
+
+    reason = "LIMIT_EXCEEDED"
+
+
+class StoreUnavailable(BrokerError):
+    """Redis could not be reached or refused the write; the call may be retried."""
+
+    reason = "STORE_UNAVAILABLE"
+
+
+class Draining(BrokerError):
+    """The broker is shutting down and takes no new work; try another replica."""
+
+    reason = "DRAINING"

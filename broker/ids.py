@@ -1,0 +1,76 @@
+"""Names and ids: the grammar of queue and type names, and time-ordered task ids."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from typing import Final
+
+from broker.errors import InvalidArgument
+from broker.models import TaskRef
+
+#: Letters, digits, `_ - .`: no braces (hash tags), colons (key separators), globs, whitespace or
+#: control characters, so a name cannot move or alias another queue's keys (RELIABILITY.md 4.3).
+NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+MAX_NAME_LENGTH: Final = 128
+
+_CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+LOCAL_ID_PATTERN: Final = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
+
+
+def check_name(field: str, value: str) -> str:
+    """Returns value if it is a valid queue, type or header name.
+
+    Raises:
+        InvalidArgument: naming the field.
+    """
+    if not value:
+        raise InvalidArgument(field, "required")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidArgument(field, f"longer than {MAX_NAME_LENGTH} characters")
+    if not NAME_PATTERN.fullmatch(value):
+        raise InvalidArgument(field, "only letters, digits, '_', '-' and '.' are allowed")
+    return value
+
+
+def parse_task_id(field: str, task_id: str) -> TaskRef:
+    """Splits a public task id "<queue>:<local id>".
+
+    Raises:
+        InvalidArgument: the id is not one the broker could have issued.
+    """
+    queue, sep, local_id = task_id.rpartition(":")
+    if not task_id:
+        raise InvalidArgument(field, "required")
+    if not sep or not NAME_PATTERN.fullmatch(queue) or not LOCAL_ID_PATTERN.fullmatch(local_id):
+        raise InvalidArgument(field, "not a task id (expected <queue>:<26-character id>)")
+    return TaskRef(queue, local_id)
+
+
+class IdGenerator:
+    """ULID-style local ids: 48-bit ms time + 80 bits, Crockford base32, monotonic per process,
+    so ids sort by creation and break ties between same-millisecond tasks in FIFO order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = 0
+        self._last_random = 0
+
+    def new(self) -> str:
+        with self._lock:
+            now = time.time_ns() // 1_000_000
+            if now <= self._last_ms:
+                now = self._last_ms
+                self._last_random += 1
+            else:
+                self._last_random = int.from_bytes(os.urandom(10), "big") >> 1
+            self._last_ms = now
+            value = (now << 80) | (self._last_random & ((1 << 80) - 1))
+        return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def new_lease_id() -> str:
+    """A random 128-bit lease id: unguessable and never reissued, even after a failover."""
+    return os.urandom(16).hex()

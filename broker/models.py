@@ -1,0 +1,200 @@
+"""Plain data the broker passes between layers: tasks, specs, leases and settlement outcomes."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Final
+
+
+class TaskState(enum.IntEnum):
+    """Where a task is in its life; values match taskbroker.v1.TaskState and the Lua scripts."""
+
+    SCHEDULED = 1  #: waiting for its due time (a delay or a retry backoff)
+    PENDING = 2  #: ready to be leased
+    LEASED = 3  #: held by a worker until its lease expires
+    SUCCEEDED = 4  #: acked
+    DEAD = 5  #: out of attempts or dead-lettered by the worker
+    CANCELLED = 6  #: cancelled before it finished
+
+
+FINISHED_STATES: Final = frozenset({TaskState.SUCCEEDED, TaskState.DEAD, TaskState.CANCELLED})
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRef:
+    """A task's address: its queue and its id within the queue. The public id joins them."""
+
+    queue: str
+    local_id: str
+
+    @property
+    def task_id(self) -> str:
+        return f"{self.queue}:{self.local_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A validated task to store; every default is already filled in."""
+
+    ref: TaskRef
+    type: str
+    payload: bytes
+    headers: dict[str, str]
+    priority: int
+    max_attempts: int
+    lease_ms: int  # 0: the worker's lease length
+    backoff_initial_ms: int
+    backoff_max_ms: int
+    delay_ms: int  # -1: no delay
+    schedule_ms: int  # -1: no schedule time
+    idempotency_key: str  # '' : none
+    body_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueOutcome:
+    """What happened to one enqueued task."""
+
+    task_id: str
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptError:
+    """One failed attempt's error."""
+
+    attempt: int
+    message: str
+    time_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A task as stored."""
+
+    ref: TaskRef
+    type: str
+    payload: bytes
+    headers: dict[str, str]
+    priority: int
+    state: TaskState
+    attempt: int
+    max_attempts: int
+    create_ms: int
+    schedule_ms: int
+    lease_expire_ms: int  # 0 unless leased
+    finish_ms: int  # 0 until finished
+    last_error: str
+    errors: tuple[AttemptError, ...]
+    result: bytes
+    lease_ms: int  # 0: the worker's lease length
+    backoff_initial_ms: int
+    backoff_max_ms: int
+    lease_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A task leased to a worker, fenced by a random lease id."""
+
+    task: Task
+    lease_id: str
+    expire_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseBatch:
+    """The result of one lease call on one queue."""
+
+    now_ms: int
+    next_due_ms: int  # -1: nothing scheduled
+    paused: bool
+    leases: list[Lease] = field(default_factory=list)
+
+
+class SettleStatus(enum.Enum):
+    """How a settlement (ack, nack, extension) went."""
+
+    OK = "ok"  #: applied
+    AGAIN = "again"  #: a repeat of a settlement already applied with this lease
+    STALE = "stale"  #: the lease is not current: refused
+    NOT_FOUND = "nf"  #: no such task
+
+
+@dataclass(frozen=True, slots=True)
+class AckItem:
+    """One ack to apply."""
+
+    ref: TaskRef
+    lease_id: str
+    result: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NackItem:
+    """One nack to apply."""
+
+    ref: TaskRef
+    lease_id: str
+    error: str
+    retry_delay_ms: int  # -1: the task's backoff
+    dead_letter: bool
+    jitter: float  # uniform in [0, 1): full jitter of the backoff
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendItem:
+    """One lease extension to apply."""
+
+    ref: TaskRef
+    lease_id: str
+    duration_ms: int  # -1: the length the task was leased with
+
+
+@dataclass(frozen=True, slots=True)
+class SettleResult:
+    """The outcome of one ack, nack or extension."""
+
+    status: SettleStatus
+    state: TaskState | None = None  # nack: where the task went
+    time_ms: int = -1  # nack: retry time; extension: new expiry
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """One queue's counts and totals."""
+
+    queue: str
+    now_ms: int
+    pending: int
+    scheduled: int
+    leased: int
+    dead: int
+    paused: bool
+    oldest_ready_ms: int  # -1: nothing pending
+    enqueued_total: int
+    succeeded_total: int
+    retried_total: int
+    reclaimed_total: int
+    dead_lettered_total: int
+    cancelled_total: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadPage:
+    """One page of dead letters."""
+
+    tasks: list[Task]
+    next_cursor: tuple[int, str] | None  # (dead time ms, local id) of the last task, if more
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """What the broker learned about its Redis at startup."""
+
+    version: str
+    maxmemory_policy: str | None  # None when CONFIG is not permitted
+    aof_enabled: bool
+    appendfsync: str | None
+    cluster: bool

@@ -1,0 +1,420 @@
+"""TaskQueue: the broker's rules (validation, defaults, limits, backoff) over RedisStore."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+from broker.batching import Batcher
+from broker.config import Settings
+from broker.errors import IdempotencyConflict, InvalidArgument, LeaseStale, TaskFinished
+from broker.errors import TaskNotFound as TaskNotFoundError
+from broker.ids import IdGenerator, check_name, parse_task_id
+from broker.models import (
+    AckItem,
+    DeadPage,
+    EnqueueOutcome,
+    ExtendItem,
+    LeaseBatch,
+    NackItem,
+    NewTask,
+    QueueStats,
+    SettleResult,
+    SettleStatus,
+    Task,
+    TaskRef,
+    TaskState,
+)
+from broker.store.redis_store import IdempotencyConflictAt, RedisStore
+
+MAX_TASKS_PER_CALL = 1000
+MAX_HEADERS = 64
+MAX_HEADER_VALUE_BYTES = 4096
+MAX_IDEMPOTENCY_KEY_LENGTH = 256
+MAX_PRIORITY = 1000
+MAX_ATTEMPTS = 1000
+MIN_LEASE_MS = 10
+MAX_LEASE_MS = 12 * 3600 * 1000  # SQS's visibility-timeout ceiling
+MAX_DELAY_MS = 365 * 86400 * 1000
+MAX_BACKOFF_MS = 7 * 86400 * 1000
+MAX_ERROR_BYTES = 4096
+MAX_IDS_PER_CALL = 1000
+#: Items per script call: 1,000 keeps one call to a few ms, so Redis stays responsive.
+MAX_BATCH_ITEMS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRequest:
+    """A task as a producer asked for it, before validation. Durations in ms; None = unset."""
+
+    queue: str
+    type: str
+    payload: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    priority: int = 0
+    delay_ms: int | None = None
+    schedule_ms: int | None = None
+    max_attempts: int = 0
+    lease_ms: int | None = None
+    idempotency_key: str = ""
+    backoff_initial_ms: int | None = None
+    backoff_max_ms: int | None = None
+
+
+def _check_range(name: str, value: int, low: int, high: int, unit: str = "") -> int:
+    if not low <= value <= high:
+        raise InvalidArgument(name, f"must be {low}{unit} to {high}{unit}, got {value}{unit}")
+    return value
+
+
+class TaskQueue:
+    """Operations on tasks in domain terms. Knows the rules; knows nothing of gRPC or Redis keys."""
+
+    def __init__(self, store: RedisStore, settings: Settings) -> None:
+        self._store = store
+        self._settings = settings
+        self._ids = IdGenerator()
+        self._enqueue = Batcher[tuple[NewTask, ...], list[EnqueueOutcome]](
+            self._flush_enqueue, MAX_BATCH_ITEMS, len
+        )
+        self._acks = Batcher[AckItem, SettleResult](self._store.ack, MAX_BATCH_ITEMS, _one)
+        self._nacks = Batcher[NackItem, SettleResult](self._store.nack, MAX_BATCH_ITEMS, _one)
+        self._extends = Batcher[ExtendItem, SettleResult](self._store.extend, MAX_BATCH_ITEMS, _one)
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    # --- enqueue ------------------------------------------------------------------------------
+
+    def validate(self, index: int, request: TaskRequest) -> NewTask:
+        """Checks one task and fills in its defaults.
+
+        Raises:
+            InvalidArgument: naming the field, as tasks[index].<field>.
+        """
+        s = self._settings
+        f = f"tasks[{index}]"
+        queue = check_name(f"{f}.queue", request.queue)
+        check_name(f"{f}.type", request.type)
+        if len(request.payload) > s.max_payload_bytes:
+            raise InvalidArgument(
+                f"{f}.payload",
+                f"{len(request.payload)} bytes exceeds the limit of {s.max_payload_bytes}",
+            )
+        if len(request.headers) > MAX_HEADERS:
+            raise InvalidArgument(f"{f}.headers", f"more than {MAX_HEADERS} entries")
+        for name, value in request.headers.items():
+            check_name(f"{f}.headers key", name)
+            if len(value.encode()) > MAX_HEADER_VALUE_BYTES:
+                raise InvalidArgument(
+                    f"{f}.headers[{name}]", f"value over {MAX_HEADER_VALUE_BYTES} bytes"
+                )
+        _check_range(f"{f}.priority", request.priority, -MAX_PRIORITY, MAX_PRIORITY)
+        if request.delay_ms is not None and request.schedule_ms is not None:
+            raise InvalidArgument(f"{f}.delay", "set delay or schedule_time, not both")
+        if request.delay_ms is not None:
+            _check_range(f"{f}.delay", request.delay_ms, 0, MAX_DELAY_MS, " ms")
+        if request.schedule_ms is not None and request.schedule_ms < 0:
+            raise InvalidArgument(f"{f}.schedule_time", "before 1970")
+        max_attempts = request.max_attempts or s.default_max_attempts
+        _check_range(f"{f}.max_attempts", max_attempts, 1, MAX_ATTEMPTS)
+        lease_ms = 0
+        if request.lease_ms is not None:
+            lease_ms = _check_range(
+                f"{f}.lease_duration", request.lease_ms, MIN_LEASE_MS, MAX_LEASE_MS, " ms"
+            )
+        if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+            raise InvalidArgument(
+                f"{f}.idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_LENGTH} characters"
+            )
+        initial = request.backoff_initial_ms
+        if initial is None:
+            initial = round(s.backoff_initial_s * 1000)
+        _check_range(f"{f}.retry_policy.initial_backoff", initial, 1, MAX_BACKOFF_MS, " ms")
+        cap = request.backoff_max_ms
+        if cap is None:
+            cap = max(round(s.backoff_max_s * 1000), initial)
+        _check_range(f"{f}.retry_policy.max_backoff", cap, initial, MAX_BACKOFF_MS, " ms")
+        return NewTask(
+            ref=TaskRef(queue, self._ids.new()),
+            type=request.type,
+            payload=request.payload,
+            headers=dict(request.headers),
+            priority=request.priority,
+            max_attempts=max_attempts,
+            lease_ms=lease_ms,
+            backoff_initial_ms=initial,
+            backoff_max_ms=cap,
+            delay_ms=-1 if request.delay_ms is None else request.delay_ms,
+            schedule_ms=-1 if request.schedule_ms is None else request.schedule_ms,
+            idempotency_key=_hash_key(queue, request.idempotency_key),
+            body_hash=_body_hash(request),
+        )
+
+    async def enqueue(self, requests: Sequence[TaskRequest]) -> list[EnqueueOutcome]:
+        """Validates every task first (all or nothing), then stores each queue's tasks in one
+        group-committed script call.
+
+        Raises:
+            InvalidArgument: nothing was stored.
+            IdempotencyConflict: a key was reused with a different task; that queue's tasks of
+                this call were not stored.
+        """
+        if not requests:
+            raise InvalidArgument("tasks", "at least one task is required")
+        if len(requests) > MAX_TASKS_PER_CALL:
+            raise InvalidArgument("tasks", f"at most {MAX_TASKS_PER_CALL} tasks per call")
+        tasks = [self.validate(i, r) for i, r in enumerate(requests)]
+        by_queue: dict[str, list[int]] = {}
+        for i, task in enumerate(tasks):
+            by_queue.setdefault(task.ref.queue, []).append(i)
+        outcomes: list[EnqueueOutcome | None] = [None] * len(tasks)
+        for queue, positions in by_queue.items():
+            try:
+                stored = await self._enqueue.submit(queue, tuple(tasks[i] for i in positions))
+            except IdempotencyConflictAt as exc:
+                raise IdempotencyConflict(positions[exc.positions[0]]) from None
+            for i, outcome in zip(positions, stored, strict=True):
+                outcomes[i] = outcome
+        return [o for o in outcomes if o is not None]
+
+    async def _flush_enqueue(
+        self, queue: str, calls: Sequence[tuple[NewTask, ...]]
+    ) -> list[list[EnqueueOutcome] | BaseException]:
+        """One script call for many Enqueue calls. A call whose key conflicts fails alone."""
+        live = list(range(len(calls)))
+        results: list[list[EnqueueOutcome] | BaseException] = [[] for _ in calls]
+        while live:
+            flat = [task for c in live for task in calls[c]]
+            owner = [c for c in live for _ in calls[c]]
+            try:
+                stored = await self._store.enqueue(
+                    queue, flat, round(self._settings.idempotency_window_s * 1000)
+                )
+            except IdempotencyConflictAt as exc:
+                bad = {owner[p] for p in exc.positions}
+                for c in bad:
+                    start = owner.index(c)
+                    results[c] = IdempotencyConflictAt(
+                        [p - start for p in exc.positions if owner[p] == c]
+                    )
+                live = [c for c in live if c not in bad]
+                continue
+            for c, outcome in zip(owner, stored, strict=True):
+                cast_list = results[c]
+                assert isinstance(cast_list, list)
+                cast_list.append(outcome)
+            break
+        return results
+
+    # --- leases and settlements ------------------------------------------------------------
+
+    async def lease(self, queue: str, slots: Sequence[tuple[str, int]]) -> LeaseBatch:
+        """Leases up to len(slots) tasks; slot = (fresh lease id, lease ms for the worker)."""
+        return await self._store.lease(queue, slots)
+
+    def ref(self, field_name: str, task_id: str) -> TaskRef:
+        return parse_task_id(field_name, task_id)
+
+    @staticmethod
+    def _check_lease_id(lease_id: str) -> None:
+        if not lease_id:
+            raise InvalidArgument("lease_id", "required")
+        if len(lease_id) != 32 or any(c not in "0123456789abcdef" for c in lease_id):
+            raise InvalidArgument("lease_id", "not a lease id (32 hex characters)")
+
+    async def ack(self, task_id: str, lease_id: str, result: bytes) -> SettleResult:
+        """Settles a lease as succeeded; a repeat with the same lease answers AGAIN."""
+        ref = self.ref("task_id", task_id)
+        self._check_lease_id(lease_id)
+        if len(result) > self._settings.max_payload_bytes:
+            raise InvalidArgument(
+                "result", f"exceeds the limit of {self._settings.max_payload_bytes}"
+            )
+        return _fenced(task_id, await self._acks.submit(ref.queue, AckItem(ref, lease_id, result)))
+
+    async def nack(
+        self, task_id: str, lease_id: str, error: str, retry_delay_ms: int | None, dead_letter: bool
+    ) -> SettleResult:
+        """Settles a lease as failed: retried after the backoff (or retry_delay_ms), or dead."""
+        ref = self.ref("task_id", task_id)
+        self._check_lease_id(lease_id)
+        if retry_delay_ms is not None:
+            _check_range("retry_delay", retry_delay_ms, 0, MAX_BACKOFF_MS, " ms")
+        item = NackItem(
+            ref=ref,
+            lease_id=lease_id,
+            error=_truncate(error or "failed (no error message)", MAX_ERROR_BYTES),
+            retry_delay_ms=-1 if retry_delay_ms is None else retry_delay_ms,
+            dead_letter=dead_letter,
+            jitter=random.random(),  # full jitter (AWS architecture blog, "Exponential Backoff")
+        )
+        return _fenced(task_id, await self._nacks.submit(ref.queue, item))
+
+    async def extend(self, task_id: str, lease_id: str, duration_ms: int | None) -> SettleResult:
+        """Pushes a lease's expiry to now + duration (default: its original length)."""
+        ref = self.ref("task_id", task_id)
+        self._check_lease_id(lease_id)
+        if duration_ms is not None:
+            _check_range("lease_duration", duration_ms, MIN_LEASE_MS, MAX_LEASE_MS, " ms")
+        item = ExtendItem(ref, lease_id, -1 if duration_ms is None else duration_ms)
+        return _fenced(task_id, await self._extends.submit(ref.queue, item))
+
+    async def release(self, leases: Sequence[tuple[TaskRef, str]], reason: str) -> int:
+        """Gives back leases still current (their stream ended). Returns how many."""
+        by_queue: dict[str, list[tuple[str, str]]] = {}
+        for ref, lease_id in leases:
+            by_queue.setdefault(ref.queue, []).append((ref.local_id, lease_id))
+        released = 0
+        for queue, items in by_queue.items():
+            for start in range(0, len(items), MAX_BATCH_ITEMS):
+                chunk = items[start : start + MAX_BATCH_ITEMS]
+                released += await self._store.release(queue, chunk, reason)
+        return released
+
+    # --- maintenance (called by loops) ---------------------------------------------------------
+
+    async def queues(self) -> list[str]:
+        return await self._store.list_queues()
+
+    async def reclaim_expired(self, queue: str) -> int:
+        """Reclaims every expired lease of a queue, in bounded script calls."""
+        total = 0
+        while True:
+            count, _ = await self._store.reclaim_expired(queue, 100)
+            total += count
+            if count < 100:
+                return total
+
+    async def promote_due(self, queue: str) -> tuple[int, int]:
+        """Promotes due tasks. Returns (count, next due ms or -1)."""
+        total = 0
+        while True:
+            count, next_due = await self._store.promote_due(queue, 1000)
+            total += count
+            if count < 1000:
+                return total, next_due
+
+    async def trim(self, queue: str) -> int:
+        """Deletes finished tasks and dead letters past their retention."""
+        s = self._settings
+        total = 0
+        while True:
+            count = await self._store.trim_finished(
+                queue, round(s.finished_retention_s * 1000), round(s.dead_retention_s * 1000), 500
+            )
+            total += count
+            if count < 1000:  # two sets of up to 500 each
+                return total
+
+    # --- reads and management --------------------------------------------------------------
+
+    async def get(self, task_id: str) -> Task:
+        ref = self.ref("task_id", task_id)
+        task = await self._store.get(ref)
+        if task is None:
+            raise TaskNotFoundError(task_id)
+        return task
+
+    async def cancel(self, task_id: str) -> tuple[Task, str]:
+        """Cancels an unfinished task. Returns it and the lease id it revoked ('' if none)."""
+        ref = self.ref("task_id", task_id)
+        kind, detail = await self._store.cancel(ref)
+        if kind == "nf":
+            raise TaskNotFoundError(task_id)
+        if kind == "final":
+            raise TaskFinished(task_id, TaskState(int(detail)).name)
+        return await self.get(task_id), str(detail)
+
+    async def stats(self, queues: Sequence[str]) -> list[QueueStats]:
+        if len(queues) > MAX_IDS_PER_CALL:
+            raise InvalidArgument("queues", f"at most {MAX_IDS_PER_CALL}")
+        for i, q in enumerate(queues):
+            check_name(f"queues[{i}]", q)
+        names = list(queues) or await self._store.list_queues()
+        return [await self._store.stats(q) for q in names]
+
+    async def set_paused(self, queue: str, paused: bool) -> None:
+        check_name("queue", queue)
+        await self._store.register_queue(queue)
+        await self._store.set_paused(queue, paused)
+
+    async def list_dead(
+        self, queue: str, page_size: int, cursor: tuple[int, str] | None
+    ) -> DeadPage:
+        check_name("queue", queue)
+        if page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
+        size = min(page_size or 100, 1000)
+        return await self._store.list_dead(queue, size, cursor)
+
+    def _dead_ids(self, queue: str, task_ids: Sequence[str]) -> list[str]:
+        check_name("queue", queue)
+        if len(task_ids) > MAX_IDS_PER_CALL:
+            raise InvalidArgument("task_ids", f"at most {MAX_IDS_PER_CALL} per call")
+        refs = [self.ref(f"task_ids[{i}]", t) for i, t in enumerate(task_ids)]
+        for i, ref in enumerate(refs):
+            if ref.queue != queue:
+                raise InvalidArgument(f"task_ids[{i}]", f"not a task of queue {queue}")
+        return [r.local_id for r in refs]
+
+    async def redrive_dead(self, queue: str, task_ids: Sequence[str], every: bool) -> int:
+        return await self._on_dead(queue, task_ids, every, self._store.redrive)
+
+    async def delete_dead(self, queue: str, task_ids: Sequence[str], every: bool) -> int:
+        return await self._on_dead(queue, task_ids, every, self._store.delete_dead)
+
+    async def _on_dead(self, queue: str, task_ids: Sequence[str], every: bool, op: _DeadOp) -> int:
+        local_ids = self._dead_ids(queue, task_ids)
+        if not every:
+            if not local_ids:
+                raise InvalidArgument("task_ids", "name tasks, or set all")
+            return await op(queue, local_ids)
+        total = 0
+        while chunk := await self._store.dead_ids(queue, 500):
+            done = await op(queue, chunk)
+            total += done
+            if done == 0:  # the same ids came back: nothing more can be done
+                break
+        return total
+
+
+#: Type of RedisStore.redrive / delete_dead.
+_DeadOp: TypeAlias = Callable[[str, Sequence[str]], Awaitable[int]]
+
+
+def _one(_: object) -> int:
+    return 1
+
+
+def _fenced(task_id: str, result: SettleResult) -> SettleResult:
+    if result.status is SettleStatus.STALE:
+        raise LeaseStale(task_id)
+    if result.status is SettleStatus.NOT_FOUND:
+        raise TaskNotFoundError(task_id)
+    return result
+
+
+def _truncate(text: str, limit: int) -> str:
+    data = text.encode()
+    return text if len(data) <= limit else data[:limit].decode(errors="ignore") + "…"
+
+
+def _hash_key(queue: str, key: str) -> str:
+    """Idempotency keys are hashed: any string is safe in a key name, and the length is fixed."""
+    return hashlib.sha256(f"{queue}\0{key}".encode()).hexdigest()[:32] if key else ""
+
+
+def _body_hash(r: TaskRequest) -> str:
+    """Identifies the task's content, so a key reused for a different task is caught."""
+    digest = hashlib.sha256()
+    meta = [r.queue, r.type, sorted(r.headers.items()), r.priority, r.delay_ms, r.schedule_ms,
+            r.max_attempts, r.lease_ms, r.backoff_initial_ms, r.backoff_max_ms]  # fmt: skip
+    digest.update(json.dumps(meta).encode())
+    digest.update(r.payload)
+    return digest.hexdigest()[:32]

@@ -1,0 +1,62 @@
+"""QueueKeys: every Redis key name. A queue's keys share the hash tag {queue}, so each script
+touches one Cluster slot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+#: Cross-slot registry of queue names, written outside scripts (as asynq's AllQueues).
+QUEUES_KEY: Final = "tb:queues"
+#: Pub/Sub channel on which scripts announce "queue <name> may have work" to every replica.
+WAKE_CHANNEL: Final = "tb:wake"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueKeys:
+    """Key names for one queue. Queue names are validated first: no braces, colons or globs."""
+
+    queue: str
+
+    @property
+    def _base(self) -> str:
+        return f"tb:{{{self.queue}}}:"
+
+    @property
+    def pending(self) -> str:
+        return self._base + "pending"
+
+    @property
+    def scheduled(self) -> str:
+        return self._base + "scheduled"
+
+    @property
+    def leased(self) -> str:
+        return self._base + "leased"
+
+    @property
+    def dead(self) -> str:
+        return self._base + "dead"
+
+    @property
+    def done(self) -> str:
+        return self._base + "done"
+
+    @property
+    def stats(self) -> str:
+        return self._base + "stats"
+
+    @property
+    def meta(self) -> str:
+        return self._base + "meta"
+
+    @property
+    def task_prefix(self) -> str:
+        return self._base + "t:"
+
+    @property
+    def idempotency_prefix(self) -> str:
+        return self._base + "idem:"
+
+    def task(self, local_id: str) -> str:
+        return self.task_prefix + local_id

@@ -1,0 +1,78 @@
+-- _prelude.lua: prepended to every script by scripts.py, so all scripts read the clock and
+-- shape task state the same way.
+--
+-- Task hash fields (tb:{q}:t:<id>):
+--   type payload hdr pri state att max lease_ms cur_ms bo_i bo_m ctime stime etime ftime
+--   lid (current lease) slid/skind (last settled lease and how: 'a' ack, 'n' nack) errs res
+-- States match taskbroker.v1.TaskState.
+
+local SCHEDULED, PENDING, LEASED, SUCCEEDED, DEAD, CANCELLED = 1, 2, 3, 4, 5, 6
+
+-- Pending scores put higher priority first and FIFO by ready time within a priority:
+-- (1000 - priority) * 2^42 + ready_ms. Priorities -1000..1000 keep it below 2^53 (exact doubles);
+-- 2^42 ms lasts until the year 2109.
+local BAND = 4398046511104
+-- Keep the most recent errors only, so a task that fails forever has bounded memory.
+local MAX_ERRORS = 32
+
+-- Redis is the one clock: every expiry and due time is judged against this.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function pending_score(priority, ready_ms)
+  return (1000 - priority) * BAND + ready_ms
+end
+
+local function to_pending(key, id, pending_key, now)
+  local pri = tonumber(redis.call('HGET', key, 'pri') or '0')
+  redis.call('ZADD', pending_key, pending_score(pri, now), id)
+  redis.call('HSET', key, 'state', PENDING, 'stime', now)
+end
+
+local function append_error(key, attempt, now, message)
+  local raw = redis.call('HGET', key, 'errs')
+  local errs = {}
+  if raw then errs = cjson.decode(raw) end
+  table.insert(errs, {attempt, now, message})
+  while #errs > MAX_ERRORS do table.remove(errs, 1) end
+  redis.call('HSET', key, 'errs', cjson.encode(errs), 'lerr', message)
+end
+
+-- Moves up to `limit` due tasks from scheduled to pending. Returns how many moved.
+local function promote_due(scheduled_key, pending_key, prefix, now, limit)
+  local due = redis.call('ZRANGE', scheduled_key, '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)
+  for _, id in ipairs(due) do
+    local key = prefix .. id
+    redis.call('ZREM', scheduled_key, id)
+    if redis.call('EXISTS', key) == 1 then to_pending(key, id, pending_key, now) end
+  end
+  return #due
+end
+
+-- The score of the earliest scheduled task, or -1 when none is scheduled.
+local function next_due(scheduled_key)
+  local first = redis.call('ZRANGE', scheduled_key, 0, 0, 'WITHSCORES')
+  if #first == 0 then return -1 end
+  return tonumber(first[2])
+end
+
+-- A lease that ends without an ack (expired, or its stream closed): the attempt is spent, so the
+-- task goes back to pending, or to dead letters when out of attempts. Returns 1 when dead-lettered.
+local function end_lease(key, id, keys, now, reason)
+  local att = tonumber(redis.call('HGET', key, 'att') or '0')
+  local max = tonumber(redis.call('HGET', key, 'max') or '1')
+  redis.call('ZREM', keys.leased, id)
+  redis.call('HDEL', key, 'lid', 'etime')
+  append_error(key, att, now, reason)
+  redis.call('HINCRBY', keys.stats, 'reclaim', 1)
+  if att >= max then
+    redis.call('HSET', key, 'state', DEAD, 'ftime', now)
+    redis.call('ZADD', keys.dead, now, id)
+    redis.call('HINCRBY', keys.stats, 'dead', 1)
+    return 1
+  end
+  to_pending(key, id, keys.pending, now)
+  return 0
+end

@@ -1,0 +1,39 @@
+-- ack.lua: settle leased tasks of one queue as succeeded, each only if its lease is current.
+--
+-- KEYS[1]  tb:{q}:leased      zset  id -> lease expiry (ms)
+-- KEYS[2]  tb:{q}:done        zset  id -> finish time (ms), trimmed after the retention
+-- KEYS[3]  tb:{q}:stats       hash  running totals
+-- ARGV[1]  task key prefix tb:{q}:t:   (derived task keys, same hash tag)
+-- ARGV[2]  n; then 3 fields per ack: id lease_id result
+--
+-- Lease identity is the fence: an ack that arrives after the deadline but before any replica
+-- reclaimed the task is accepted, since nobody else holds the task.
+-- Returns {now, r_1 .. r_n}, r_i = 'ok', 'again' (this lease was already acked: a harmless repeat),
+-- 'stale' (the lease is not current) or 'nf' (no such task).
+
+local now = now_ms()
+local prefix, n = ARGV[1], tonumber(ARGV[2])
+local reply = {now}
+local acked = 0
+for i = 0, n - 1 do
+  local id, lease_id, result = ARGV[3 + i * 3], ARGV[4 + i * 3], ARGV[5 + i * 3]
+  local key = prefix .. id
+  local current = redis.call('HMGET', key, 'state', 'lid', 'slid', 'skind')
+  if not current[1] then
+    table.insert(reply, 'nf')
+  elseif tonumber(current[1]) == LEASED and current[2] == lease_id then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HDEL', key, 'lid', 'etime')
+    redis.call('HSET', key, 'state', SUCCEEDED, 'ftime', now, 'slid', lease_id, 'skind', 'a')
+    if result ~= '' then redis.call('HSET', key, 'res', result) end
+    redis.call('ZADD', KEYS[2], now, id)
+    acked = acked + 1
+    table.insert(reply, 'ok')
+  elseif current[3] == lease_id and current[4] == 'a' then
+    table.insert(reply, 'again')
+  else
+    table.insert(reply, 'stale')
+  end
+end
+if acked > 0 then redis.call('HINCRBY', KEYS[3], 'ok', acked) end
+return reply

@@ -1,0 +1,45 @@
+-- lease.lua: lease up to n tasks of one queue, highest priority first, FIFO within a priority.
+-- Due scheduled tasks are promoted first, so a delayed task needs no separate pass to run on time.
+--
+-- KEYS[1]  tb:{q}:pending     zset  id -> pending score
+-- KEYS[2]  tb:{q}:scheduled   zset  id -> due time (ms)
+-- KEYS[3]  tb:{q}:leased      zset  id -> lease expiry (ms)
+-- KEYS[4]  tb:{q}:meta        hash  queue settings (paused)
+-- ARGV[1]  task key prefix tb:{q}:t:   (task hashes are derived from popped ids: same hash tag)
+-- ARGV[2]  n; then 2 fields per slot: a fresh random lease id, and the lease length (ms) for a
+--          task without its own. Slots are filled in order, so the caller knows which worker
+--          each leased task belongs to.
+--
+-- Returns {now, next_due, paused, id_1, fields_1, id_2, fields_2, ...}: next_due is the earliest
+-- scheduled time (-1 when none), paused is 1 when nothing was leased because the queue is paused,
+-- fields_i is the leased task's hash as a flat list (HGETALL).
+
+local now = now_ms()
+local prefix, n = ARGV[1], tonumber(ARGV[2])
+if redis.call('HGET', KEYS[4], 'paused') == '1' then
+  return {now, next_due(KEYS[2]), 1}
+end
+-- Bounded so one call stays short even when a backlog of delayed tasks comes due at once.
+promote_due(KEYS[2], KEYS[1], prefix, now, 1000)
+
+local reply = {now, next_due(KEYS[2]), 0}
+local popped = redis.call('ZPOPMIN', KEYS[1], n)
+local used = 0
+for i = 1, #popped, 2 do
+  local id = popped[i]
+  local key = prefix .. id
+  if redis.call('EXISTS', key) == 1 then
+    used = used + 1
+    local lease_id = ARGV[1 + used * 2]
+    local own = tonumber(redis.call('HGET', key, 'lease_ms') or '0')
+    local ms = tonumber(ARGV[2 + used * 2])
+    if own > 0 then ms = own end
+    local expire = now + ms
+    redis.call('HINCRBY', key, 'att', 1)
+    redis.call('HSET', key, 'state', LEASED, 'lid', lease_id, 'etime', expire, 'cur_ms', ms)
+    redis.call('ZADD', KEYS[3], expire, id)
+    table.insert(reply, id)
+    table.insert(reply, redis.call('HGETALL', key))
+  end
+end
+return reply

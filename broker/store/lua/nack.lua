@@ -1,0 +1,70 @@
+-- nack.lua: settle leased tasks of one queue as failed: retry after a backoff, or dead-letter.
+--
+-- KEYS[1]  tb:{q}:leased      zset  id -> lease expiry (ms)
+-- KEYS[2]  tb:{q}:scheduled   zset  id -> due time (ms)
+-- KEYS[3]  tb:{q}:pending     zset  id -> pending score
+-- KEYS[4]  tb:{q}:dead        zset  id -> dead-letter time (ms)
+-- KEYS[5]  tb:{q}:stats       hash  running totals
+-- ARGV[1]  task key prefix tb:{q}:t:   (derived task keys, same hash tag)
+-- ARGV[2]  wake channel, ARGV[3] queue name
+-- ARGV[4]  n; then 6 fields per nack: id lease_id error retry_delay_ms dead_letter jitter
+--          retry_delay_ms -1: use the task's backoff; dead_letter '1': skip retries;
+--          jitter: a uniform draw in [0, 1) from the broker (full jitter).
+--
+-- The backoff is evaluated here because only the script knows the attempt number atomically:
+-- delay = jitter * min(bo_m, bo_i * 2^(attempt - 1)).
+-- Returns {now, r_1, .. r_n}; r_i = {'ok'|'again', state, retry_time_ms} or {'stale'} or {'nf'}.
+
+local now = now_ms()
+local prefix, n = ARGV[1], tonumber(ARGV[4])
+local reply = {now}
+local woke = false
+for i = 0, n - 1 do
+  local b = 5 + i * 6
+  local id, lease_id, err = ARGV[b], ARGV[b + 1], ARGV[b + 2]
+  local retry_ms, dead_letter, jitter = tonumber(ARGV[b + 3]), ARGV[b + 4], tonumber(ARGV[b + 5])
+  local key = prefix .. id
+  local t = redis.call('HMGET', key, 'state', 'lid', 'slid', 'skind', 'att', 'max', 'bo_i', 'bo_m',
+    'stime')
+  if not t[1] then
+    table.insert(reply, {'nf'})
+  elseif tonumber(t[1]) == LEASED and t[2] == lease_id then
+    local att, max = tonumber(t[5]), tonumber(t[6])
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HDEL', key, 'lid', 'etime')
+    redis.call('HSET', key, 'slid', lease_id, 'skind', 'n')
+    append_error(key, att, now, err)
+    if dead_letter == '1' or att >= max then
+      redis.call('HSET', key, 'state', DEAD, 'ftime', now)
+      redis.call('ZADD', KEYS[4], now, id)
+      redis.call('HINCRBY', KEYS[5], 'dead', 1)
+      table.insert(reply, {'ok', DEAD, -1})
+    else
+      local delay = retry_ms
+      if delay < 0 then
+        local cap = math.min(tonumber(t[8]), tonumber(t[7]) * math.pow(2, att - 1))
+        delay = math.floor(jitter * cap)
+      end
+      local due = now + delay
+      if delay > 0 then
+        redis.call('HSET', key, 'state', SCHEDULED, 'stime', due)
+        redis.call('ZADD', KEYS[2], due, id)
+        table.insert(reply, {'ok', SCHEDULED, due})
+      else
+        to_pending(key, id, KEYS[3], now)
+        table.insert(reply, {'ok', PENDING, now})
+      end
+      redis.call('HINCRBY', KEYS[5], 'retry', 1)
+      woke = true
+    end
+  elseif t[3] == lease_id and t[4] == 'n' then
+    local state = tonumber(t[1])
+    local due = -1
+    if state == SCHEDULED or state == PENDING then due = tonumber(t[9]) end
+    table.insert(reply, {'again', state, due})
+  else
+    table.insert(reply, {'stale'})
+  end
+end
+if woke then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+return reply

@@ -1,0 +1,26 @@
+-- stats.lua: read one queue's counts, totals and the age of its oldest pending task.
+--
+-- KEYS[1]  tb:{q}:pending   KEYS[2] tb:{q}:scheduled   KEYS[3] tb:{q}:leased
+-- KEYS[4]  tb:{q}:dead      KEYS[5] tb:{q}:stats       KEYS[6] tb:{q}:meta
+--
+-- The oldest pending task is the minimum ready time over the priority bands in use: one
+-- ZRANGE per band, at most 64 bands (beyond that the age is a lower bound).
+-- Returns {now, pending, scheduled, leased, dead, paused, oldest_ready_ms (-1), stats (HGETALL)}.
+
+local now = now_ms()
+local oldest = -1
+local from = '-inf'
+for _ = 1, 64 do
+  local first = redis.call('ZRANGE', KEYS[1], from, '+inf', 'BYSCORE', 'LIMIT', 0, 1, 'WITHSCORES')
+  if #first == 0 then break end
+  local score = tonumber(first[2])
+  local band = math.floor(score / BAND)
+  local ready = score - band * BAND
+  if oldest < 0 or ready < oldest then oldest = ready end
+  from = tostring((band + 1) * BAND)
+end
+local paused = 0
+if redis.call('HGET', KEYS[6], 'paused') == '1' then paused = 1 end
+return {now, redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2]),
+  redis.call('ZCARD', KEYS[3]), redis.call('ZCARD', KEYS[4]), paused, oldest,
+  redis.call('HGETALL', KEYS[5])}

@@ -1,0 +1,507 @@
+"""RedisStore: one method per state change (one Lua script each), replies decoded into models."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, TypeAlias, cast
+
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+from redis.asyncio.cluster import RedisCluster
+
+from broker.errors import LimitExceeded, StoreUnavailable
+from broker.models import (
+    AckItem,
+    AttemptError,
+    DeadPage,
+    EnqueueOutcome,
+    ExtendItem,
+    Lease,
+    LeaseBatch,
+    NackItem,
+    NewTask,
+    QueueStats,
+    ServerInfo,
+    SettleResult,
+    SettleStatus,
+    Task,
+    TaskRef,
+    TaskState,
+)
+from broker.store.keys import QUEUES_KEY, WAKE_CHANNEL, QueueKeys
+from broker.store.scripts import Scripts
+
+AnyRedis: TypeAlias = "aioredis.Redis | RedisCluster"
+
+log = logging.getLogger(__name__)
+
+#: Errors that mean "Redis is not reachable right now": the call may be retried.
+_UNAVAILABLE = (
+    rex.ConnectionError,
+    rex.TimeoutError,
+    rex.BusyLoadingError,
+    rex.ReadOnlyError,
+    rex.ClusterDownError,
+    rex.TryAgainError,
+    rex.MasterDownError,
+    OSError,
+)
+
+
+class IdempotencyConflictAt(Exception):
+    """Raised by enqueue when idempotency keys at these positions are taken by other tasks."""
+
+    def __init__(self, positions: list[int]) -> None:
+        super().__init__(f"idempotency conflict at {positions}")
+        self.positions = positions
+
+
+@contextmanager
+def _translate() -> Iterator[None]:
+    """Maps redis-py errors to broker errors, so callers never see a redis class."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
+    except rex.ResponseError as exc:
+        if str(exc).startswith("OOM"):
+            raise LimitExceeded("redis is out of memory (maxmemory reached)") from exc
+        if str(exc).startswith(("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")):
+            raise StoreUnavailable(f"redis unavailable: {str(exc).split()[0]}") from exc
+        raise
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _int(value: bytes | str | int | None, default: int = 0) -> int:
+    if value is None or value == b"":
+        return default
+    return int(value)
+
+
+def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+def decode_task(ref: TaskRef, h: dict[bytes, bytes]) -> Task:
+    """Builds a Task from its hash fields (see lua/_prelude.lua)."""
+    errors = tuple(
+        AttemptError(attempt=int(a), time_ms=int(t), message=str(m))
+        for a, t, m in json.loads(h.get(b"errs", b"[]"))
+    )
+    return Task(
+        ref=ref,
+        type=_text(h.get(b"type")),
+        payload=h.get(b"payload", b""),
+        headers=json.loads(h[b"hdr"]) if b"hdr" in h else {},
+        priority=_int(h.get(b"pri")),
+        state=TaskState(_int(h.get(b"state"), TaskState.PENDING)),
+        attempt=_int(h.get(b"att")),
+        max_attempts=_int(h.get(b"max"), 1),
+        create_ms=_int(h.get(b"ctime")),
+        schedule_ms=_int(h.get(b"stime")),
+        lease_expire_ms=_int(h.get(b"etime")),
+        finish_ms=_int(h.get(b"ftime")),
+        last_error=_text(h.get(b"lerr")),
+        errors=errors,
+        result=h.get(b"res", b""),
+        lease_ms=_int(h.get(b"lease_ms")),
+        backoff_initial_ms=_int(h.get(b"bo_i")),
+        backoff_max_ms=_int(h.get(b"bo_m")),
+        lease_id=_text(h.get(b"lid")),
+    )
+
+
+def _settle(reply: list[bytes]) -> SettleResult:
+    status = SettleStatus(_text(reply[0]))
+    if len(reply) == 1:
+        return SettleResult(status)
+    if len(reply) == 2:  # extension: {'ok', expiry}
+        return SettleResult(status, time_ms=int(reply[1]))
+    return SettleResult(status, state=TaskState(int(reply[1])), time_ms=int(reply[2]))
+
+
+class RedisStore:
+    """Atomic state changes of tasks, each one script on one queue's hash-tagged keys."""
+
+    def __init__(self, client: AnyRedis) -> None:
+        self._client = client
+        self._scripts = Scripts(client)
+        self._known_queues: set[str] = set()
+
+    @property
+    def client(self) -> AnyRedis:
+        return self._client
+
+    @property
+    def is_cluster(self) -> bool:
+        return isinstance(self._client, RedisCluster)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    # --- server ---------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Raises StoreUnavailable unless Redis answers."""
+        with _translate():
+            await self._client.ping()
+
+    async def server_info(self) -> ServerInfo:
+        """Reads the settings that decide whether acknowledged work survives."""
+        with _translate():
+            info = await self._client.info("server")
+            persistence = await self._client.info("persistence")
+            policy: str | None
+            fsync: str | None
+            try:
+                policy = _text(
+                    (await self._client.config_get("maxmemory-policy")).get("maxmemory-policy")
+                )
+                fsync = _text((await self._client.config_get("appendfsync")).get("appendfsync"))
+            except rex.ResponseError:  # managed Redis may rename or forbid CONFIG
+                policy, fsync = None, None
+        if self.is_cluster:  # RedisCluster returns {node: info}; one node speaks for all here
+            info = next(iter(info.values())) if info else info
+            persistence = next(iter(persistence.values())) if persistence else persistence
+        return ServerInfo(
+            version=str(info.get("redis_version", "?")),
+            maxmemory_policy=policy or None,
+            aof_enabled=bool(int(persistence.get("aof_enabled", 0))),
+            appendfsync=fsync or None,
+            cluster=self.is_cluster,
+        )
+
+    # --- queues ---------------------------------------------------------------------------
+
+    async def register_queue(self, queue: str) -> None:
+        """Adds a queue to the cross-slot registry (once per process; SADD is idempotent)."""
+        if queue in self._known_queues:
+            return
+        with _translate():
+            await self._client.sadd(QUEUES_KEY, queue)
+        self._known_queues.add(queue)
+
+    async def list_queues(self) -> list[str]:
+        with _translate():
+            members = await self._client.smembers(QUEUES_KEY)
+        return sorted(_text(m) for m in members)
+
+    async def set_paused(self, queue: str, paused: bool) -> None:
+        keys = QueueKeys(queue)
+        with _translate():
+            if paused:
+                await self._client.hset(keys.meta, "paused", "1")
+            else:
+                await self._client.hdel(keys.meta, "paused")
+                await self._client.publish(WAKE_CHANNEL, queue)
+
+    # --- task state changes ------------------------------------------------------------------
+
+    async def enqueue(
+        self, queue: str, tasks: Sequence[NewTask], idempotency_window_ms: int
+    ) -> list[EnqueueOutcome]:
+        """Stores tasks of one queue in one script call.
+
+        Raises:
+            IdempotencyConflictAt: nothing was stored; these positions reuse a key.
+        """
+        keys = QueueKeys(queue)
+        args: list[str | bytes | int] = [
+            keys.task_prefix,
+            keys.idempotency_prefix,
+            idempotency_window_ms,
+            WAKE_CHANNEL,
+            queue,
+            len(tasks),
+        ]
+        for t in tasks:
+            args += [
+                t.ref.local_id,
+                t.type,
+                t.payload,
+                json.dumps(t.headers, sort_keys=True) if t.headers else "",
+                t.priority,
+                t.max_attempts,
+                t.lease_ms,
+                t.backoff_initial_ms,
+                t.backoff_max_ms,
+                t.delay_ms,
+                t.schedule_ms,
+                t.idempotency_key,
+                t.body_hash,
+            ]
+        await self.register_queue(queue)
+        with _translate():
+            reply = await self._scripts["enqueue"](
+                keys=[keys.pending, keys.scheduled, keys.stats], args=args
+            )
+        if len(reply) > 1 and reply[1] == b"conflict":
+            raise IdempotencyConflictAt([int(i) - 1 for i in reply[2:]])
+        outcomes = []
+        for task, r in zip(tasks, reply[1:], strict=True):
+            if r.startswith(b"d:"):
+                outcomes.append(EnqueueOutcome(TaskRef(queue, _text(r[2:])).task_id, True))
+            else:
+                outcomes.append(EnqueueOutcome(task.ref.task_id, False))
+        return outcomes
+
+    async def lease(self, queue: str, slots: Sequence[tuple[str, int]]) -> LeaseBatch:
+        """Leases up to len(slots) tasks of one queue; slot i is (lease id, lease ms for a task
+        without its own), and the i-th leased task fills slot i."""
+        keys = QueueKeys(queue)
+        args: list[str | int] = [keys.task_prefix, len(slots)]
+        for lease_id, lease_ms in slots:
+            args += [lease_id, lease_ms]
+        with _translate():
+            reply = await self._scripts["lease"](
+                keys=[keys.pending, keys.scheduled, keys.leased, keys.meta], args=args
+            )
+        now, next_due, paused = int(reply[0]), int(reply[1]), bool(int(reply[2]))
+        leases = []
+        for i in range(3, len(reply), 2):
+            ref = TaskRef(queue, _text(reply[i]))
+            task = decode_task(ref, _pairs(reply[i + 1]))
+            leases.append(Lease(task=task, lease_id=task.lease_id, expire_ms=task.lease_expire_ms))
+        return LeaseBatch(now_ms=now, next_due_ms=next_due, paused=paused, leases=leases)
+
+    async def ack(self, queue: str, items: Sequence[AckItem]) -> list[SettleResult]:
+        keys = QueueKeys(queue)
+        args: list[str | bytes | int] = [keys.task_prefix, len(items)]
+        for item in items:
+            args += [item.ref.local_id, item.lease_id, item.result]
+        with _translate():
+            reply = await self._scripts["ack"](keys=[keys.leased, keys.done, keys.stats], args=args)
+        return [SettleResult(SettleStatus(_text(r))) for r in reply[1:]]
+
+    async def nack(self, queue: str, items: Sequence[NackItem]) -> list[SettleResult]:
+        keys = QueueKeys(queue)
+        args: list[str | bytes | int | float] = [keys.task_prefix, WAKE_CHANNEL, queue, len(items)]
+        for item in items:
+            args += [
+                item.ref.local_id,
+                item.lease_id,
+                item.error,
+                item.retry_delay_ms,
+                "1" if item.dead_letter else "0",
+                repr(item.jitter),
+            ]
+        with _translate():
+            reply = await self._scripts["nack"](
+                keys=[keys.leased, keys.scheduled, keys.pending, keys.dead, keys.stats], args=args
+            )
+        return [_settle(r) for r in reply[1:]]
+
+    async def extend(self, queue: str, items: Sequence[ExtendItem]) -> list[SettleResult]:
+        keys = QueueKeys(queue)
+        args: list[str | bytes | int] = [keys.task_prefix, len(items)]
+        for item in items:
+            args += [item.ref.local_id, item.lease_id, item.duration_ms]
+        with _translate():
+            reply = await self._scripts["extend_lease"](keys=[keys.leased], args=args)
+        return [_settle(r) for r in reply[1:]]
+
+    async def release(self, queue: str, leases: Sequence[tuple[str, str]], reason: str) -> int:
+        """Gives back (local_id, lease_id) leases that are still current. Returns how many."""
+        keys = QueueKeys(queue)
+        args: list[str | int] = [keys.task_prefix, WAKE_CHANNEL, queue, reason, len(leases)]
+        for local_id, lease_id in leases:
+            args += [local_id, lease_id]
+        with _translate():
+            return int(
+                await self._scripts["release"](
+                    keys=[keys.leased, keys.pending, keys.dead, keys.stats], args=args
+                )
+            )
+
+    async def reclaim_expired(self, queue: str, limit: int) -> tuple[int, int]:
+        """Reclaims up to limit expired leases. Returns (count, next expiry ms or -1)."""
+        keys = QueueKeys(queue)
+        with _translate():
+            count, next_expiry = await self._scripts["reclaim_expired"](
+                keys=[keys.leased, keys.pending, keys.dead, keys.stats],
+                args=[keys.task_prefix, WAKE_CHANNEL, queue, limit],
+            )
+        return int(count), int(next_expiry)
+
+    async def promote_due(self, queue: str, limit: int) -> tuple[int, int]:
+        """Moves up to limit due tasks to pending. Returns (count, next due ms or -1)."""
+        keys = QueueKeys(queue)
+        with _translate():
+            count, next_due = await self._scripts["promote_due"](
+                keys=[keys.scheduled, keys.pending], args=[keys.task_prefix, limit]
+            )
+        return int(count), int(next_due)
+
+    async def cancel(self, ref: TaskRef) -> tuple[str, int | str]:
+        """Returns ('ok', revoked lease id or ''), ('final', state) or ('nf', '')."""
+        keys = QueueKeys(ref.queue)
+        with _translate():
+            reply = await self._scripts["cancel"](
+                keys=[
+                    keys.task(ref.local_id),
+                    keys.pending,
+                    keys.scheduled,
+                    keys.leased,
+                    keys.done,
+                    keys.stats,
+                ],
+                args=[ref.local_id],
+            )
+        kind = _text(reply[0])
+        if kind == "ok":
+            return kind, _text(reply[1])
+        if kind == "final":
+            return kind, int(reply[1])
+        return kind, ""
+
+    async def get(self, ref: TaskRef) -> Task | None:
+        with _translate():
+            # The client does not decode responses: fields and values are bytes.
+            h = cast(
+                "dict[bytes, bytes]",
+                await self._client.hgetall(QueueKeys(ref.queue).task(ref.local_id)),
+            )
+        return decode_task(ref, h) if h else None
+
+    async def stats(self, queue: str) -> QueueStats:
+        keys = QueueKeys(queue)
+        with _translate():
+            reply = await self._scripts["stats"](
+                keys=[keys.pending, keys.scheduled, keys.leased, keys.dead, keys.stats, keys.meta]
+            )
+        totals = {_text(k): int(v) for k, v in _pairs(reply[7]).items()}
+        return QueueStats(
+            queue=queue,
+            now_ms=int(reply[0]),
+            pending=int(reply[1]),
+            scheduled=int(reply[2]),
+            leased=int(reply[3]),
+            dead=int(reply[4]),
+            paused=bool(int(reply[5])),
+            oldest_ready_ms=int(reply[6]),
+            enqueued_total=totals.get("enq", 0),
+            succeeded_total=totals.get("ok", 0),
+            retried_total=totals.get("retry", 0),
+            reclaimed_total=totals.get("reclaim", 0),
+            dead_lettered_total=totals.get("dead", 0),
+            cancelled_total=totals.get("cancel", 0),
+        )
+
+    # --- dead letters -----------------------------------------------------------------------
+
+    async def list_dead(
+        self, queue: str, page_size: int, after: tuple[int, str] | None
+    ) -> DeadPage:
+        """A page of dead letters ordered by (dead time, id), strictly after the cursor."""
+        keys = QueueKeys(queue)
+        start = after[0] if after else "-inf"
+        found: list[tuple[str, int]] = []
+        offset = 0
+        with _translate():
+            # Ties on the dead time are ordered by id, as Redis orders the zset: skip past them.
+            while len(found) <= page_size:
+                chunk = await self._client.zrange(
+                    keys.dead, start, "+inf", byscore=True, offset=offset,
+                    num=page_size + 1, withscores=True,
+                )  # fmt: skip
+                if not chunk:
+                    break
+                for member, score in cast("list[tuple[bytes, float]]", chunk):
+                    entry = (_text(member), int(score))
+                    if after is None or (entry[1], entry[0]) > (after[0], after[1]):
+                        found.append(entry)
+                offset += len(chunk)
+            page = found[:page_size]
+            hashes = []
+            if page:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for local_id, _ in page:
+                        pipe.hgetall(keys.task(local_id))
+                    hashes = await pipe.execute()
+        tasks = [
+            decode_task(TaskRef(queue, local_id), h)
+            for (local_id, _), h in zip(page, hashes, strict=True)
+            if h
+        ]
+        more = len(found) > page_size
+        cursor = (page[-1][1], page[-1][0]) if more and page else None
+        return DeadPage(tasks=tasks, next_cursor=cursor)
+
+    async def dead_ids(self, queue: str, limit: int) -> list[str]:
+        """The oldest dead letters' local ids, at most limit."""
+        with _translate():
+            members = await self._client.zrange(QueueKeys(queue).dead, 0, limit - 1)
+        return [_text(m) for m in cast("list[bytes]", members)]
+
+    async def redrive(self, queue: str, local_ids: Sequence[str]) -> int:
+        keys = QueueKeys(queue)
+        with _translate():
+            return int(
+                await self._scripts["redrive"](
+                    keys=[keys.dead, keys.pending],
+                    args=[keys.task_prefix, WAKE_CHANNEL, queue, *local_ids],
+                )
+            )
+
+    async def delete_dead(self, queue: str, local_ids: Sequence[str]) -> int:
+        keys = QueueKeys(queue)
+        with _translate():
+            return int(
+                await self._scripts["delete_dead"](
+                    keys=[keys.dead], args=[keys.task_prefix, *local_ids]
+                )
+            )
+
+    async def trim_finished(
+        self, queue: str, finished_retention_ms: int, dead_retention_ms: int, limit: int
+    ) -> int:
+        keys = QueueKeys(queue)
+        with _translate():
+            return int(
+                await self._scripts["trim_finished"](
+                    keys=[keys.done, keys.dead],
+                    args=[keys.task_prefix, finished_retention_ms, dead_retention_ms, limit],
+                )
+            )
+
+    # --- wake-ups -----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def wake_subscription(self) -> AsyncIterator[aioredis.client.PubSub]:
+        """A Pub/Sub connection subscribed to the wake channel. On a Cluster every node hears
+        every PUBLISH, so one node's connection serves."""
+        node_client: aioredis.Redis | None = None
+        if isinstance(self._client, RedisCluster):
+            node = self._client.get_random_node()
+            node_client = aioredis.Redis(
+                host=node.host,
+                port=int(node.port),
+                socket_connect_timeout=2.0,
+                **_auth(self._client),
+            )
+            pubsub = node_client.pubsub(ignore_subscribe_messages=True)
+        else:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        try:
+            with _translate():
+                await pubsub.subscribe(WAKE_CHANNEL)
+            yield pubsub
+        finally:
+            try:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            finally:
+                if node_client is not None:
+                    await node_client.aclose()
+
+
+def _auth(client: RedisCluster) -> dict[str, Any]:
+    kwargs = client.get_connection_kwargs()
+    return {k: v for k, v in kwargs.items() if k in ("username", "password", "ssl")}
