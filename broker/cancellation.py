@@ -8,8 +8,9 @@ import asyncio
 def raise_if_cancelled() -> None:
     """Re-raises CancelledError in a task that was asked to stop.
 
-    redis-py can surface a cancellation as a connection error; a loop that catches that error to
-    retry would otherwise never stop. Call this first in such an except block.
+    redis-py can swallow a cancellation, or surface it as a connection error; a loop that retries
+    on that error would then never stop. Loops call this each round and in such except blocks:
+    Task.cancelling() still counts the request after the CancelledError itself was lost.
     """
     task = asyncio.current_task()
     if task is not None and task.cancelling():

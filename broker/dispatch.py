@@ -91,6 +91,7 @@ class QueuePump:
     async def _run(self) -> None:
         failures = 0
         while True:
+            raise_if_cancelled()
             ready = self._ready()
             due = self._due_at is not None and time.monotonic() >= self._due_at
             if not ready or not (self._may_have_work or due):

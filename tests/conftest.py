@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
 import redis
-from taskbroker.v1 import admin_service_pb2_grpc, broker_service_pb2_grpc
 
 from broker.app import Broker
 from broker.config import Settings
+from taskbroker.v1 import admin_service_pb2_grpc, broker_service_pb2_grpc
 from tests.support.redis_server import RedisCluster, RedisServer
+
+if TYPE_CHECKING:
+    from taskbroker.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
+    from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub
 
 TEST_SETTINGS = Settings(
     listen="127.0.0.1:0",
@@ -59,8 +63,8 @@ class RunningBroker:
         self.broker = broker
         self.target = f"127.0.0.1:{broker.port}"
         self.channel = grpc.aio.insecure_channel(self.target)
-        self.stub = broker_service_pb2_grpc.BrokerServiceStub(self.channel)
-        self.admin = admin_service_pb2_grpc.AdminServiceStub(self.channel)
+        self.stub: BrokerServiceAsyncStub = broker_service_pb2_grpc.BrokerServiceStub(self.channel)
+        self.admin: AdminServiceAsyncStub = admin_service_pb2_grpc.AdminServiceStub(self.channel)
 
     def new_channel(self) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(self.target)
@@ -85,19 +89,19 @@ async def running(settings: Settings) -> AsyncIterator[RunningBroker]:
 
 
 @pytest.fixture
-def stub(running: RunningBroker) -> broker_service_pb2_grpc.BrokerServiceStub:
+def stub(running: RunningBroker) -> BrokerServiceAsyncStub:
     return running.stub
 
 
 @pytest.fixture
-def admin(running: RunningBroker) -> admin_service_pb2_grpc.AdminServiceStub:
+def admin(running: RunningBroker) -> AdminServiceAsyncStub:
     return running.admin
 
 
 @pytest.fixture
 async def running_short_window(
     settings: Settings,
-) -> AsyncIterator[broker_service_pb2_grpc.BrokerServiceStub]:
+) -> AsyncIterator[BrokerServiceAsyncStub]:
     """A broker whose idempotency window is 200 ms."""
     running = await start_broker(settings, idempotency_window_s=0.2)
     yield running.stub

@@ -41,6 +41,7 @@ class Periodic:
     async def _run(self) -> None:
         failures = 0
         while True:
+            raise_if_cancelled()
             try:
                 await self._job.run_once()
                 failures = 0
@@ -53,4 +54,5 @@ class Periodic:
             except Exception:
                 raise_if_cancelled()
                 log.exception("%s: pass failed", self._job.name)
+            raise_if_cancelled()
             await asyncio.sleep(self._interval_s * random.uniform(0.9, 1.1))

@@ -43,6 +43,7 @@ class WakeListener:
                     self._dispatcher.notify_all()
                     delay = 0.05
                     while True:
+                        raise_if_cancelled()
                         # A bounded wait, so a quiet channel is not mistaken for a dead socket.
                         message = await pubsub.get_message(timeout=1.0)
                         if message and message.get("type") == "message":
@@ -58,5 +59,6 @@ class WakeListener:
                 raise_if_cancelled()
                 log.debug("wake listener disconnected: %s", type(exc).__name__)
             self.connected.clear()
+            raise_if_cancelled()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)

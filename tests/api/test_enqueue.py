@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 import redis
 from google.protobuf import timestamp_pb2
-from taskbroker.v1 import broker_service_pb2 as bs
-from taskbroker.v1 import broker_service_pb2_grpc, task_pb2
 
+from taskbroker.v1 import broker_service_pb2 as bs
+from taskbroker.v1 import task_pb2
 from tests.conftest import RunningBroker
 from tests.support.tasks import enqueue, error_reason, get, spec
 
-Stub = broker_service_pb2_grpc.BrokerServiceStub
+if TYPE_CHECKING:
+    from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub as Stub
 
 
 async def test_enqueued_task_is_pending_with_defaults_filled_in(stub: Stub) -> None:
@@ -161,7 +163,7 @@ async def test_empty_and_oversized_batches_are_refused(stub: Stub) -> None:
 async def test_bytes_that_do_not_parse_are_invalid_argument(
     running: RunningBroker, method: str
 ) -> None:
-    call = running.channel.unary_unary(method)  # raw bytes in, raw bytes out
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = running.channel.unary_unary(method)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await call(b"\xff\xff\xff\xff\x0f")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import duration_pb2
-from taskbroker.v1 import broker_service_pb2_grpc, lease_pb2
+
+from taskbroker.v1 import lease_pb2
+
+if TYPE_CHECKING:
+    from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub
 
 
 def duration(value: timedelta) -> duration_pb2.Duration:
@@ -19,7 +24,7 @@ def duration(value: timedelta) -> duration_pb2.Duration:
 class LeaseStream:
     """Opens a Lease stream and collects what the broker sends, by frame kind."""
 
-    def __init__(self, stub: broker_service_pb2_grpc.BrokerServiceStub) -> None:
+    def __init__(self, stub: BrokerServiceAsyncStub) -> None:
         self.call = stub.Lease()
         self.deliveries: asyncio.Queue[lease_pb2.Delivery] = asyncio.Queue()
         self.results: asyncio.Queue[lease_pb2.SettleResult] = asyncio.Queue()
@@ -50,7 +55,8 @@ class LeaseStream:
 
     async def _read(self) -> None:
         try:
-            async for response in self.call:
+            while (response := await self.call.read()) is not grpc.aio.EOF:
+                assert isinstance(response, lease_pb2.LeaseResponse)
                 kind = response.WhichOneof("frame")
                 if kind == "deliveries":
                     for d in response.deliveries.deliveries:
@@ -68,9 +74,9 @@ class LeaseStream:
         finally:
             self.ended.set()
 
-    async def take(self, n: int, timeout: float = 5.0) -> list[lease_pb2.Delivery]:
+    async def take(self, n: int, wait_s: float = 5.0) -> list[lease_pb2.Delivery]:
         """Waits for n deliveries."""
-        return [await asyncio.wait_for(self.deliveries.get(), timeout) for _ in range(n)]
+        return [await asyncio.wait_for(self.deliveries.get(), wait_s) for _ in range(n)]
 
     async def credit(self, n: int) -> None:
         await self.call.write(lease_pb2.LeaseRequest(credit=lease_pb2.LeaseCredit(credits=n)))

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
 from taskbroker.v1 import broker_service_pb2 as bs
-from taskbroker.v1 import broker_service_pb2_grpc, task_pb2
+from taskbroker.v1 import task_pb2
+
+if TYPE_CHECKING:
+    from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub
 
 
 def spec(
@@ -30,20 +35,18 @@ def spec(
     return s
 
 
-async def enqueue(
-    stub: broker_service_pb2_grpc.BrokerServiceStub, *specs: task_pb2.TaskSpec
-) -> list[str]:
+async def enqueue(stub: BrokerServiceAsyncStub, *specs: task_pb2.TaskSpec) -> list[str]:
     response = await stub.Enqueue(bs.EnqueueRequest(tasks=list(specs)))
     return [r.task_id for r in response.results]
 
 
-async def get(stub: broker_service_pb2_grpc.BrokerServiceStub, task_id: str) -> task_pb2.Task:
+async def get(stub: BrokerServiceAsyncStub, task_id: str) -> task_pb2.Task:
     return (await stub.GetTask(bs.GetTaskRequest(task_id=task_id))).task
 
 
 def error_reason(error: grpc.aio.AioRpcError) -> str:
     """The ErrorInfo reason carried in the status details (AIP-193)."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     assert status is not None, "no rich status details"
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
