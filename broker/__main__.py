@@ -9,6 +9,7 @@ import sys
 
 from broker.app import Broker, UnsafeRedis
 from broker.config import load_settings
+from broker.errors import BrokerError
 
 
 async def serve() -> int:
@@ -20,7 +21,7 @@ async def serve() -> int:
     broker = Broker(settings)
     try:
         await broker.start()
-    except (UnsafeRedis, RuntimeError) as exc:
+    except (UnsafeRedis, RuntimeError, BrokerError) as exc:
         logging.getLogger("broker").error("cannot start: %s", exc)
         return 2
     loop = asyncio.get_running_loop()

@@ -69,10 +69,17 @@ class QueuePump:
         self._may_have_work = True  # cleared before each lease call, set by any wake
         self._due_at: float | None = None  # monotonic time of the next scheduled task
         self._runner: asyncio.Task[None] | None = None
+        self._retired = False
         self._rr = 0  # round-robin start, so streams share a scarce queue fairly
 
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name=f"pump {self.queue}")
+
+    def retire(self) -> None:
+        """Stops after the lease call in flight, if any, so its tasks are handed back rather
+        than left leased until they expire."""
+        self._retired = True
+        self._wake.set()
 
     async def stop(self) -> None:
         if self._runner:
@@ -90,7 +97,7 @@ class QueuePump:
 
     async def _run(self) -> None:
         failures = 0
-        while True:
+        while not self._retired:
             raise_if_cancelled()
             ready = self._ready()
             due = self._due_at is not None and time.monotonic() >= self._due_at
@@ -186,6 +193,7 @@ class Dispatcher:
     def __init__(self, task_queue: TaskQueue) -> None:
         self._tasks = task_queue
         self._pumps: dict[str, QueuePump] = {}
+        self._retiring: set[QueuePump] = set()  # finishing their last lease call
         self._background: set[asyncio.Task[None]] = set()
         self.draining = False
 
@@ -208,7 +216,8 @@ class Dispatcher:
                 pump.subscribers.remove(sub)
                 if not pump.subscribers:
                     del self._pumps[queue]
-                    self._spawn(pump.stop())
+                    pump.retire()
+                    self._retiring.add(pump)
 
     def credits_changed(self, sub: Subscription) -> None:
         if self.draining:
@@ -235,8 +244,9 @@ class Dispatcher:
                 sub.credits = 0
 
     async def stop(self) -> None:
-        pumps = list(self._pumps.values())
+        pumps = [*self._pumps.values(), *self._retiring]
         self._pumps.clear()
+        self._retiring.clear()
         await asyncio.gather(*(p.stop() for p in pumps))
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)

@@ -97,7 +97,6 @@ class LeaseSession:
         self.stream_id = secrets.token_hex(8)
         self._outbox: asyncio.Queue[Frame | None] = asyncio.Queue()
         self._held: dict[str, TaskRef] = {}  # lease id -> task
-        self._granted = 0  # credits granted in total; deliveries never exceed it
         self._failure: grpc.Status | None = None
         self._settling: set[asyncio.Task[None]] = set()
         self._sub: Subscription | None = None
@@ -319,7 +318,6 @@ class LeaseSession:
     def _grant(self, n: int) -> None:
         if self._dispatcher.draining or self._sub is None:
             return
-        self._granted += n
         self._sub.add_credits(n)
 
     async def _settle(self, request: lease_pb2.LeaseRequest) -> None:

@@ -74,6 +74,13 @@ def _translate() -> Iterator[None]:
         raise
 
 
+def _one_node(reply: dict[str, Any]) -> dict[str, Any]:
+    """A Cluster may answer INFO per node ({node: info}); one node speaks for all here."""
+    if reply and all(isinstance(v, dict) for v in reply.values()):
+        return dict(next(iter(reply.values())))
+    return reply
+
+
 def _text(value: bytes | str | None) -> str:
     if value is None:
         return ""
@@ -168,9 +175,7 @@ class RedisStore:
                 fsync = _text((await self._client.config_get("appendfsync")).get("appendfsync"))
             except rex.ResponseError:  # managed Redis may rename or forbid CONFIG
                 policy, fsync = None, None
-        if self.is_cluster:  # RedisCluster returns {node: info}; one node speaks for all here
-            info = next(iter(info.values())) if info else info
-            persistence = next(iter(persistence.values())) if persistence else persistence
+        info, persistence = _one_node(info), _one_node(persistence)
         return ServerInfo(
             version=str(info.get("redis_version", "?")),
             maxmemory_policy=policy or None,
