@@ -8,10 +8,10 @@ from dataclasses import replace
 from datetime import timedelta
 
 import pytest
-from taskbroker.v1 import broker_service_pb2 as bs
-from taskbroker.v1 import lease_pb2, task_pb2
 
 from broker.config import Settings
+from taskbroker.v1 import broker_service_pb2 as bs
+from taskbroker.v1 import lease_pb2, task_pb2
 from tests.conftest import TEST_SETTINGS, start_broker
 from tests.support.lease_stream import LeaseStream
 from tests.support.redis_server import RedisCluster
