@@ -51,6 +51,10 @@ class Subscription:
         self.credits += n
         self._dispatcher.credits_changed(self)
 
+    def credits_returned(self) -> None:
+        if self.active:
+            self._dispatcher.credits_changed(self)
+
     def close(self) -> None:
         """Stops deliveries; a pump holding a reservation gives it back to nobody."""
         self.active = False
@@ -155,6 +159,14 @@ class QueuePump:
                 break
         return slots
 
+    def _give_back(self, slots: list[Subscription]) -> None:
+        """Returns unused reserved credits, and tells the streams' other queues: while this
+        pump held the credits, they saw none and went to sleep."""
+        for sub in slots:
+            sub.credits += 1
+        for sub in {id(s): s for s in slots}.values():
+            sub.credits_returned()
+
     async def _lease_for(self, ready: list[Subscription]) -> None:
         slots = self._reserve(ready)
         try:
@@ -162,15 +174,13 @@ class QueuePump:
                 self.queue, [(new_lease_id(), sub.lease_ms) for sub in slots]
             )
         except BaseException:
-            for sub in slots:  # give the reservation back
-                sub.credits += 1
+            self._give_back(slots)
             raise
         received = time.monotonic()
         per_sub: dict[int, tuple[Subscription, list[Lease]]] = {}
         for sub, lease in zip(slots, batch.leases, strict=False):
             per_sub.setdefault(id(sub), (sub, []))[1].append(lease)
-        for sub in slots[len(batch.leases) :]:
-            sub.credits += 1
+        self._give_back(slots[len(batch.leases) :])
         orphans: list[Lease] = []
         for sub, leases in per_sub.values():
             if not (sub.active and sub.deliver(leases)):

@@ -305,11 +305,11 @@ class TaskQueue:
         s = self._settings
         total = 0
         while True:
-            count = await self._store.trim_finished(
+            finished, dead = await self._store.trim_finished(
                 queue, round(s.finished_retention_s * 1000), round(s.dead_retention_s * 1000), 500
             )
-            total += count
-            if count < 1000:  # two sets of up to 500 each
+            total += finished + dead
+            if finished < 500 and dead < 500:
                 return total
 
     # --- reads and management --------------------------------------------------------------
@@ -370,11 +370,12 @@ class TaskQueue:
         return await self._on_dead(queue, task_ids, every, self._store.delete_dead)
 
     async def _on_dead(self, queue: str, task_ids: Sequence[str], every: bool, op: _DeadOp) -> int:
-        local_ids = self._dead_ids(queue, task_ids)
-        if not every:
+        if not every:  # with every, task_ids are ignored (as the API documents)
+            local_ids = self._dead_ids(queue, task_ids)
             if not local_ids:
                 raise InvalidArgument("task_ids", "name tasks, or set all")
             return await op(queue, local_ids)
+        check_name("queue", queue)
         total = 0
         while chunk := await self._store.dead_ids(queue, 500):
             done = await op(queue, chunk)

@@ -10,6 +10,7 @@ import grpc
 
 from broker.api import convert
 from broker.errors import InvalidArgument
+from broker.ids import LOCAL_ID_PATTERN
 from taskbroker.v1 import admin_service_pb2 as admin
 
 if TYPE_CHECKING:
@@ -28,9 +29,11 @@ def decode_page_token(token: str) -> tuple[int, str] | None:
         return None
     try:
         ms, _, local_id = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        return int(ms), local_id
+        if int(ms) >= 0 and LOCAL_ID_PATTERN.fullmatch(local_id):
+            return int(ms), local_id
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidArgument("page_token", "not a token this API returned") from None
+        pass
+    raise InvalidArgument("page_token", "not a token this API returned")
 
 
 class AdminService:

@@ -467,15 +467,16 @@ class RedisStore:
 
     async def trim_finished(
         self, queue: str, finished_retention_ms: int, dead_retention_ms: int, limit: int
-    ) -> int:
+    ) -> tuple[int, int]:
+        """Deletes up to limit finished tasks and limit dead letters past their retention.
+        Returns how many of each."""
         keys = QueueKeys(queue)
         with _translate():
-            return int(
-                await self._scripts["trim_finished"](
-                    keys=[keys.done, keys.dead],
-                    args=[keys.task_prefix, finished_retention_ms, dead_retention_ms, limit],
-                )
+            finished, dead = await self._scripts["trim_finished"](
+                keys=[keys.done, keys.dead],
+                args=[keys.task_prefix, finished_retention_ms, dead_retention_ms, limit],
             )
+        return int(finished), int(dead)
 
     # --- wake-ups -----------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ async def test_leases_of_a_replica_that_vanished_come_back_after_they_expire(
     # A replica that dies hard gives nothing back; stop its loops and Redis use as a kill would.
     doomed.broker.dispatcher.drain()
     await doomed.broker.dispatcher.stop()
+    await doomed.broker.wake_listener.stop()
     for loop in doomed.broker.loops:
         await loop.stop()
     await doomed.broker.store.close()
@@ -57,6 +58,10 @@ async def test_leases_of_a_replica_that_vanished_come_back_after_they_expire(
     await other.close()
     await survivor.close()
     worker.cancel()
+    await doomed.channel.close()
+    await doomed.broker.server.stop(0)
+    await doomed.broker.registry.wait_background()  # the stream's release reconnected: close it
+    await doomed.broker.store.close()
 
 
 @pytest.fixture

@@ -7,19 +7,16 @@
 -- ARGV[2]  finished retention (ms), ARGV[3] dead-letter retention (ms)
 -- ARGV[4]  at most this many per set per call (the caller loops while the count is full)
 --
--- Returns the number of tasks deleted.
+-- Returns {finished deleted, dead letters deleted}; a full count means there may be more.
 
 local now = now_ms()
 local prefix, limit = ARGV[1], tonumber(ARGV[4])
-local deleted = 0
 local function trim(set_key, retention_ms)
   local old = redis.call('ZRANGE', set_key, '-inf', now - retention_ms, 'BYSCORE', 'LIMIT', 0, limit)
   for _, id in ipairs(old) do
     redis.call('ZREM', set_key, id)
     redis.call('DEL', prefix .. id)
   end
-  deleted = deleted + #old
+  return #old
 end
-trim(KEYS[1], tonumber(ARGV[2]))
-trim(KEYS[2], tonumber(ARGV[3]))
-return deleted
+return {trim(KEYS[1], tonumber(ARGV[2])), trim(KEYS[2], tonumber(ARGV[3]))}
