@@ -11,10 +11,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from taskbroker.v1 import broker_service_pb2 as bs
-from taskbroker.v1 import broker_service_pb2_grpc, lease_pb2, task_pb2
 
 from broker.config import Settings
+from taskbroker.v1 import broker_service_pb2 as bs
+from taskbroker.v1 import broker_service_pb2_grpc, lease_pb2, task_pb2
 from tests.conftest import RunningBroker
 from tests.support.broker_process import BrokerProcess
 from tests.support.lease_stream import LeaseStream
