@@ -9,7 +9,7 @@ GEN    := clients/python/taskbroker/v1
 PROTOS := $(wildcard proto/taskbroker/v1/*.proto)
 BUF    := node_modules/.bin/buf
 
-.PHONY: all install proto lint format typecheck test run bench soak clean
+.PHONY: all install proto lint format typecheck test run demo clean
 
 all: lint typecheck test
 
@@ -49,7 +49,7 @@ format: $(BIN)/.installed $(BUF)
 	$(BUF) format -w
 
 typecheck: proto
-	$(BIN)/mypy broker clients/python/taskbroker tests
+	$(BIN)/mypy broker clients/python/taskbroker tests examples
 
 test: proto
 	$(BIN)/pytest -q $(PYTEST_ARGS)
@@ -57,6 +57,10 @@ test: proto
 # Serves on 127.0.0.1:50051; with no TASKBROKER_REDIS_URL it starts an embedded redis-server.
 run: proto
 	$(BIN)/python -m broker $(ARGS)
+
+# The blog post's scenario end to end, against `make run`'s broker (or one it starts itself).
+demo: proto
+	$(BIN)/python -m examples.demo $(ARGS)
 
 clean:
 	rm -rf $(GEN) .mypy_cache .ruff_cache .pytest_cache

@@ -279,7 +279,9 @@ class LeaseSession:
                     self._fail_invalid("frame", "not a valid LeaseRequest")
                     return
                 self._handle(request)
-            # The worker half-closed: answer what it sent, then end the stream.
+            # The worker half-closed: no more deliveries; answer what it sent, then end.
+            if self._sub is not None:
+                self._sub.close()
             if self._settling:
                 await asyncio.gather(*self._settling, return_exceptions=True)
             self.close()

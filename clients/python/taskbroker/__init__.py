@@ -1,1 +1,48 @@
-"""taskbroker: the Python SDK. The generated taskbroker.v1 API lives in taskbroker.v1."""
+"""taskbroker: the Python SDK. A producer client, a worker runtime and a CLI for the taskbroker
+gRPC broker. The generated taskbroker.v1 API lives in taskbroker.v1."""
+
+from taskbroker import testing
+from taskbroker._client import Client, EnqueueResult, NewTask
+from taskbroker._errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    LeaseStaleError,
+    NonRetryable,
+    RetryLater,
+    TaskbrokerError,
+    TaskNotFoundError,
+    UnavailableError,
+)
+from taskbroker._handler import Handler, TaskContext, handler
+from taskbroker._models import AttemptError, QueueStats, Task, TaskState
+from taskbroker._sync import SyncClient
+from taskbroker._worker import Worker
+from taskbroker.codec import from_json, json_payload
+
+__all__ = [
+    "AlreadyExistsError",
+    "AttemptError",
+    "Client",
+    "EnqueueResult",
+    "FailedPreconditionError",
+    "Handler",
+    "InvalidArgumentError",
+    "LeaseStaleError",
+    "NewTask",
+    "NonRetryable",
+    "QueueStats",
+    "RetryLater",
+    "SyncClient",
+    "Task",
+    "TaskContext",
+    "TaskNotFoundError",
+    "TaskState",
+    "TaskbrokerError",
+    "UnavailableError",
+    "Worker",
+    "from_json",
+    "handler",
+    "json_payload",
+    "testing",
+]

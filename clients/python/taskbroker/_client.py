@@ -1,0 +1,604 @@
+"""Client: the asyncio connection to one or more brokers, for producers, admins and workers."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
+
+import grpc
+
+from taskbroker._convert import stats_from_proto, task_from_proto, to_duration, to_timestamp
+from taskbroker._models import QueueStats, Task
+from taskbroker._status import error_from_rpc
+from taskbroker.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    broker_service_pb2,
+    broker_service_pb2_grpc,
+    task_pb2,
+)
+
+if TYPE_CHECKING:  # the async stubs exist only in the generated .pyi files
+    from taskbroker.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
+    from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub
+
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+
+#: The broker refuses larger Enqueue, RedriveDeadTasks and DeleteDeadTasks calls (see the protos).
+MAX_TASKS_PER_CALL: Final = 1000
+#: Serialized size at which enqueue_many starts a new call. The broker's receive limit is its
+#: payload limit plus 16 MiB (broker/api/server.py), so 8 MiB per call stays well inside it while
+#: any single task the broker accepts (1 MiB payload, 256 KiB headers by default) still fits.
+MAX_BATCH_BYTES: Final = 8 * 1024 * 1024
+#: Retries of an UNAVAILABLE Enqueue whose tasks all carry idempotency keys (so a retry of a call
+#: that was in fact applied returns the same ids instead of storing the tasks twice).
+ENQUEUE_RETRIES: Final = 3
+#: The three sleeps total 0.875-1.75 s, which outlasts gRPC's default 1 s (+-20 %) reconnect
+#: backoff, so the last retry reaches a broker that came back right after the first failure.
+ENQUEUE_BACKOFF_INITIAL_S: Final = 0.25
+ENQUEUE_BACKOFF_MAX_S: Final = 2.0
+#: wait() never sleeps longer than this between two GetTask calls (unless asked to).
+WAIT_POLL_MAX_S: Final = 1.0
+
+#: Channel options. Keepalive pings every 20 s find a dead broker or NAT drop on a quiet Lease
+#: stream well before a lease runs out; the broker accepts pings every 5 s
+#: (grpc.http2.min_recv_ping_interval_without_data_ms), so it will not answer with GOAWAY.
+DEFAULT_OPTIONS: Final[Mapping[str, Any]] = {
+    "grpc.lb_policy_name": "round_robin",
+    "grpc.keepalive_time_ms": 20_000,
+    "grpc.keepalive_timeout_ms": 10_000,
+    "grpc.keepalive_permit_without_calls": 1,
+    # 0: keep pinging on a stream that carries no data for a long time (a worker waiting for work).
+    "grpc.http2.max_pings_without_data": 0,
+    # Pages of dead letters and leased tasks can carry many payloads of up to the broker's limit.
+    "grpc.max_receive_message_length": -1,
+    "grpc.primary_user_agent": "taskbroker-python",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A task to enqueue with `Client.enqueue_many`; the fields mirror `Client.enqueue`.
+
+    Attributes:
+        queue: Queue name, 1-128 characters of [A-Za-z0-9_.-].
+        type: Task type, which picks the worker's handler; same alphabet as queue.
+        payload: Opaque bytes handed to the handler unchanged.
+        priority: -1000 to 1000; higher runs first.
+        delay: Run no earlier than this long after the broker accepts the task.
+        schedule_time: Run no earlier than this (timezone-aware) instant. Not with delay.
+        max_attempts: Deliveries before the task is dead-lettered, 1-1000. None: broker default.
+        lease_duration: Lease length for this task, overriding the worker's.
+        idempotency_key: Deduplicates producer retries within the broker's window.
+        headers: Free-form metadata returned with every delivery (for example traceparent).
+        retry_initial: Backoff cap for the first retry. None: broker default.
+        retry_max: Largest backoff cap. None: broker default.
+    """
+
+    queue: str
+    type: str
+    payload: bytes = b""
+    _: KW_ONLY
+    priority: int = 0
+    delay: timedelta | None = None
+    schedule_time: datetime | None = None
+    max_attempts: int | None = None
+    lease_duration: timedelta | None = None
+    idempotency_key: str | None = None
+    headers: Mapping[str, str] | None = None
+    retry_initial: timedelta | None = None
+    retry_max: timedelta | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    """The outcome of one enqueued task.
+
+    Attributes:
+        task_id: The task's id.
+        duplicate: True when the idempotency key matched an earlier task: task_id is that task's
+            and nothing new was stored.
+    """
+
+    task_id: str
+    duplicate: bool
+
+
+def task_spec(task: NewTask) -> task_pb2.TaskSpec:
+    """A NewTask as a taskbroker.v1.TaskSpec (unset options stay unset)."""
+    spec = task_pb2.TaskSpec(
+        queue=task.queue,
+        type=task.type,
+        payload=task.payload,
+        headers=dict(task.headers or {}),
+        priority=task.priority,
+        max_attempts=task.max_attempts or 0,
+        idempotency_key=task.idempotency_key or "",
+    )
+    if task.delay is not None:
+        spec.delay.CopyFrom(to_duration(task.delay))
+    if task.schedule_time is not None:
+        spec.schedule_time.CopyFrom(to_timestamp(task.schedule_time))
+    if task.lease_duration is not None:
+        spec.lease_duration.CopyFrom(to_duration(task.lease_duration))
+    if task.retry_initial is not None:
+        spec.retry_policy.initial_backoff.CopyFrom(to_duration(task.retry_initial))
+    if task.retry_max is not None:
+        spec.retry_policy.max_backoff.CopyFrom(to_duration(task.retry_max))
+    return spec
+
+
+def channel_target(target: str | Sequence[str]) -> str:
+    """The gRPC target for one address or name, or for a list of IP literals.
+
+    A single string is used as is ("host:port", "dns:///name:port", "ipv4:a:p,b:p", ...), so a
+    DNS name with several addresses is balanced over all of them. A list of "ip:port" entries
+    becomes gRPC's static "ipv4:" (or "ipv6:") target; gRPC has no static resolver for a list of
+    names, so a list of host names is refused.
+
+    Raises:
+        ValueError: The list is empty, or mixes names or address families.
+    """
+    targets = [target] if isinstance(target, str) else list(target)
+    if not targets:
+        raise ValueError("target: give at least one address")
+    if len(targets) == 1:
+        return targets[0]
+    families: set[int] = set()
+    entries: list[str] = []
+    for entry in targets:
+        host, sep, port = entry.rpartition(":")
+        try:
+            address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            address = None
+        if not sep or not port.isdigit() or address is None:
+            raise ValueError(
+                f"target: {entry!r} is not an ip:port; several brokers are given as IP literals, "
+                "or as one DNS name that resolves to several addresses"
+            )
+        families.add(address.version)
+        entries.append(f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}")
+    if len(families) > 1:
+        raise ValueError("target: IPv4 and IPv6 addresses cannot be mixed in one list")
+    return f"ipv{families.pop()}:{','.join(entries)}"
+
+
+def _chunks(specs: Sequence[task_pb2.TaskSpec]) -> Iterator[list[task_pb2.TaskSpec]]:
+    """Consecutive runs of at most MAX_TASKS_PER_CALL tasks and (past one task) MAX_BATCH_BYTES."""
+    chunk: list[task_pb2.TaskSpec] = []
+    size = 0
+    for spec in specs:
+        spec_size = spec.ByteSize()
+        if chunk and (len(chunk) == MAX_TASKS_PER_CALL or size + spec_size > MAX_BATCH_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(spec)
+        size += spec_size
+    if chunk:
+        yield chunk
+
+
+def _enqueue_backoff_s(retry: int) -> float:
+    """Exponential backoff with equal jitter: at least half the cap, so retries do spread out."""
+    cap = min(ENQUEUE_BACKOFF_MAX_S, ENQUEUE_BACKOFF_INITIAL_S * 2.0**retry)
+    return cap / 2 + random.uniform(0, cap / 2)
+
+
+class Client:
+    """An asyncio client of one or more taskbroker brokers.
+
+    Use it as `async with Client("localhost:50051") as client:`. The gRPC channel is opened on
+    first use, inside the running event loop, and is bound to that loop. Several targets (or one
+    DNS name with several addresses) are balanced with gRPC's round_robin policy. Every failed
+    call raises a `TaskbrokerError` subclass, never a raw grpc exception.
+
+    Args:
+        target: "host:port", any gRPC target string, or a list of "ip:port" addresses.
+        timeout: Deadline in seconds for each unary call.
+        options: Extra gRPC channel options; they override the client's defaults.
+
+    Raises:
+        ValueError: The target list cannot be expressed as one gRPC target.
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout: float = 10.0,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._target = channel_target(target)
+        self._timeout = timeout
+        self._options = list({**DEFAULT_OPTIONS, **dict(options)}.items())
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: BrokerServiceAsyncStub | None = None
+        self._admin: AdminServiceAsyncStub | None = None
+        self._closed = False
+
+    # --- plumbing the worker runtime shares --------------------------------------------------
+
+    @property
+    def target(self) -> str:
+        """The gRPC target string the channel connects to."""
+        return self._target
+
+    @property
+    def timeout(self) -> float:
+        """Deadline in seconds for each unary call."""
+        return self._timeout
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The grpc.aio channel, opened on first access.
+
+        Raises:
+            RuntimeError: The client was closed.
+        """
+        if self._closed:
+            raise RuntimeError("the taskbroker client is closed")
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self._target, options=self._options)
+        return self._channel
+
+    @property
+    def stub(self) -> BrokerServiceAsyncStub:
+        """The BrokerService stub on `channel`."""
+        if self._stub is None or self._channel is None:
+            self._stub = broker_service_pb2_grpc.BrokerServiceStub(self.channel)
+        return self._stub
+
+    @property
+    def admin(self) -> AdminServiceAsyncStub:
+        """The AdminService stub on `channel`."""
+        if self._admin is None or self._channel is None:
+            self._admin = admin_service_pb2_grpc.AdminServiceStub(self.channel)
+        return self._admin
+
+    async def _unary(
+        self, method: grpc.aio.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
+    ) -> _Response:
+        try:
+            return await method(request, timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+
+    # --- producing --------------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        queue: str,
+        type: str,
+        payload: bytes = b"",
+        *,
+        priority: int = 0,
+        delay: timedelta | None = None,
+        schedule_time: datetime | None = None,
+        max_attempts: int | None = None,
+        lease_duration: timedelta | None = None,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        retry_initial: timedelta | None = None,
+        retry_max: timedelta | None = None,
+    ) -> str:
+        """Enqueues one task.
+
+        With an idempotency key, a call that fails UNAVAILABLE is retried (up to 3 times, with
+        jittered backoff): the key makes a repeat of an applied call harmless. Without one, the
+        outcome is unknown and UnavailableError is raised at once.
+
+        Args:
+            queue: Queue name, 1-128 characters of [A-Za-z0-9_.-].
+            type: Task type, which picks the worker's handler; same alphabet as queue.
+            payload: Opaque bytes handed to the handler unchanged (see `taskbroker.codec`).
+            priority: -1000 to 1000; higher runs first, FIFO within one priority.
+            delay: Run no earlier than this long after the broker accepts the task.
+            schedule_time: Run no earlier than this timezone-aware instant. Not with delay.
+            max_attempts: Deliveries before the task is dead-lettered, 1-1000. None: the broker
+                default (5).
+            lease_duration: Lease length for this task, overriding the worker's; 10 ms to 12 h.
+            idempotency_key: Deduplicates retries within the broker's window (default 24 h):
+                a repeat returns the first task's id. At most 256 characters.
+            headers: Free-form metadata returned with every delivery (for example traceparent).
+            retry_initial: Backoff cap for the first retry. None: the broker default (1 s).
+            retry_max: Largest backoff cap. None: the broker default (10 min).
+
+        Returns:
+            The task's id (the earlier task's id when the idempotency key was a repeat).
+
+        Raises:
+            InvalidArgumentError: An option is out of range; the message names the field.
+            AlreadyExistsError: The idempotency key was used for a different task.
+            UnavailableError: The broker or its Redis could not be reached.
+            ValueError: schedule_time is a naive datetime.
+        """
+        new = NewTask(
+            queue,
+            type,
+            payload,
+            priority=priority,
+            delay=delay,
+            schedule_time=schedule_time,
+            max_attempts=max_attempts,
+            lease_duration=lease_duration,
+            idempotency_key=idempotency_key,
+            headers=headers,
+            retry_initial=retry_initial,
+            retry_max=retry_max,
+        )
+        (result,) = await self._enqueue_call([task_spec(new)])
+        return result.task_id
+
+    async def enqueue_many(self, tasks: Iterable[NewTask]) -> list[EnqueueResult]:
+        """Enqueues tasks in as few calls as the broker's limits allow (1,000 tasks per call).
+
+        Calls are made one after another; if one fails, the tasks of earlier calls stay enqueued
+        (give every task an idempotency key to make the whole batch safe to resend). A call whose
+        tasks all carry idempotency keys is retried on UNAVAILABLE, as in `enqueue`.
+
+        Args:
+            tasks: The tasks, in the order their results are wanted.
+
+        Returns:
+            One result per task, in the order given.
+
+        Raises:
+            InvalidArgumentError: A task is malformed; the message names the field, indexed
+                within the failing call.
+            AlreadyExistsError: An idempotency key was used for a different task.
+            UnavailableError: The broker or its Redis could not be reached.
+            ValueError: A schedule_time is a naive datetime.
+        """
+        specs = [task_spec(t) for t in tasks]
+        results: list[EnqueueResult] = []
+        for chunk in _chunks(specs):
+            results.extend(await self._enqueue_call(chunk))
+        return results
+
+    async def _enqueue_call(self, specs: list[task_pb2.TaskSpec]) -> list[EnqueueResult]:
+        request = broker_service_pb2.EnqueueRequest(tasks=specs)
+        retryable = all(spec.idempotency_key for spec in specs)
+        retry = 0
+        while True:
+            try:
+                response = await self.stub.Enqueue(request, timeout=self._timeout)
+            except grpc.RpcError as err:
+                error = error_from_rpc(err)
+                unavailable = error.code is grpc.StatusCode.UNAVAILABLE
+                if retryable and unavailable and retry < ENQUEUE_RETRIES:
+                    await asyncio.sleep(_enqueue_backoff_s(retry))
+                    retry += 1
+                    continue
+                raise error from None
+            return [EnqueueResult(r.task_id, r.duplicate) for r in response.results]
+
+    # --- reading and cancelling -------------------------------------------------------------
+
+    async def get_task(self, task_id: str) -> Task:
+        """Returns a task as the broker holds it now.
+
+        Args:
+            task_id: The id `enqueue` returned.
+
+        Returns:
+            The task.
+
+        Raises:
+            TaskNotFoundError: No such task (never existed, or trimmed after its retention).
+            InvalidArgumentError: The id is malformed.
+            UnavailableError: The broker or its Redis could not be reached.
+        """
+        response = await self._unary(
+            self.stub.GetTask, broker_service_pb2.GetTaskRequest(task_id=task_id)
+        )
+        return task_from_proto(response.task)
+
+    async def cancel(self, task_id: str) -> Task:
+        """Cancels a task that has not finished; a worker holding it has its lease revoked.
+
+        Args:
+            task_id: The task's id.
+
+        Returns:
+            The task, now CANCELLED.
+
+        Raises:
+            FailedPreconditionError: The task already finished.
+            TaskNotFoundError: No such task.
+            UnavailableError: The broker or its Redis could not be reached.
+        """
+        response = await self._unary(
+            self.stub.CancelTask, broker_service_pb2.CancelTaskRequest(task_id=task_id)
+        )
+        return task_from_proto(response.task)
+
+    async def stats(self, *queues: str) -> list[QueueStats]:
+        """Returns counts and totals per queue.
+
+        Args:
+            *queues: Queues to report (at most 1,000). None: every queue the broker knows.
+
+        Returns:
+            One entry per queue, in the order asked (by name when none were named).
+
+        Raises:
+            InvalidArgumentError: A queue name is malformed.
+            UnavailableError: The broker or its Redis could not be reached.
+        """
+        response = await self._unary(
+            self.stub.Stats, broker_service_pb2.StatsRequest(queues=list(queues))
+        )
+        return [stats_from_proto(s) for s in response.queues]
+
+    async def wait(
+        self,
+        task_id: str,
+        *,
+        # A plain number, like Client(timeout=...), so SyncClient.wait can take the same argument.
+        timeout: float | None = None,  # noqa: ASYNC109
+        poll_interval: float = 0.05,
+    ) -> Task:
+        """Waits until a task has finished (SUCCEEDED, DEAD or CANCELLED) and returns it.
+
+        Polls GetTask, starting every `poll_interval` seconds and slowing down to once a second.
+
+        Args:
+            task_id: The task's id.
+            timeout: Give up after this many seconds. None: wait as long as it takes.
+            poll_interval: The first pause between two reads, in seconds.
+
+        Returns:
+            The finished task, with its result or errors.
+
+        Raises:
+            TimeoutError: The task had not finished within `timeout`.
+            TaskNotFoundError: No such task.
+            UnavailableError: The broker or its Redis could not be reached.
+            ValueError: poll_interval is not positive.
+        """
+        if poll_interval <= 0:
+            raise ValueError("poll_interval must be positive")
+        longest_s = max(WAIT_POLL_MAX_S, poll_interval)
+        interval_s = poll_interval
+        async with asyncio.timeout(timeout):
+            while not (task := await self.get_task(task_id)).state.finished:
+                await asyncio.sleep(interval_s)
+                interval_s = min(interval_s * 1.5, longest_s)
+        return task
+
+    # --- administration ---------------------------------------------------------------------
+
+    async def queues(self) -> list[str]:
+        """Returns the names of the queues the broker knows, sorted.
+
+        Raises:
+            UnavailableError: The broker or its Redis could not be reached.
+        """
+        response = await self._unary(self.admin.ListQueues, admin_service_pb2.ListQueuesRequest())
+        return list(response.queues)
+
+    async def dead_letters(self, queue: str, *, page_size: int = 100) -> AsyncIterator[Task]:
+        """Yields a queue's dead letters, oldest first, fetching a page at a time.
+
+        Args:
+            queue: The queue.
+            page_size: Tasks per call, 1 to 1,000.
+
+        Yields:
+            Each dead task, with its errors.
+
+        Raises:
+            InvalidArgumentError: The queue name is malformed.
+            UnavailableError: The broker or its Redis could not be reached.
+        """
+        token = ""
+        while True:
+            request = admin_service_pb2.ListDeadTasksRequest(
+                queue=queue, page_size=page_size, page_token=token
+            )
+            response = await self._unary(self.admin.ListDeadTasks, request)
+            for task in response.tasks:
+                yield task_from_proto(task)
+            token = response.next_page_token
+            if not token:
+                return
+
+    async def redrive(self, queue: str, task_ids: Sequence[str] = (), *, all: bool = False) -> int:
+        """Moves dead letters back to pending with a fresh set of attempts.
+
+        Args:
+            queue: The queue.
+            task_ids: The dead letters to redrive (sent 1,000 per call). Ignored with `all`.
+            all: Redrive every dead letter of the queue.
+
+        Returns:
+            How many tasks went back to pending (ids that were not dead letters are skipped).
+
+        Raises:
+            InvalidArgumentError: No ids and not `all`, or an id of another queue.
+            UnavailableError: The broker or its Redis could not be reached.
+        """
+        total = 0
+        for ids in self._id_chunks(task_ids, all):
+            request = admin_service_pb2.RedriveDeadTasksRequest(queue=queue, task_ids=ids, all=all)
+            response = await self._unary(self.admin.RedriveDeadTasks, request)
+            total += response.redriven_count
+        return total
+
+    async def delete_dead(
+        self, queue: str, task_ids: Sequence[str] = (), *, all: bool = False
+    ) -> int:
+        """Deletes dead letters for good.
+
+        Args:
+            queue: The queue.
+            task_ids: The dead letters to delete (sent 1,000 per call). Ignored with `all`.
+            all: Delete every dead letter of the queue.
+
+        Returns:
+            How many tasks were deleted (ids that were not dead letters are skipped).
+
+        Raises:
+            InvalidArgumentError: No ids and not `all`, or an id of another queue.
+            UnavailableError: The broker or its Redis could not be reached.
+        """
+        total = 0
+        for ids in self._id_chunks(task_ids, all):
+            request = admin_service_pb2.DeleteDeadTasksRequest(queue=queue, task_ids=ids, all=all)
+            response = await self._unary(self.admin.DeleteDeadTasks, request)
+            total += response.deleted_count
+        return total
+
+    @staticmethod
+    def _id_chunks(task_ids: Sequence[str], every: bool) -> list[list[str]]:
+        if every or not task_ids:  # one call; without ids the broker explains what is missing
+            return [[]]
+        ids = list(task_ids)
+        return [ids[i : i + MAX_TASKS_PER_CALL] for i in range(0, len(ids), MAX_TASKS_PER_CALL)]
+
+    async def pause(self, queue: str) -> None:
+        """Stops leasing from a queue; enqueues are still accepted and held leases unaffected.
+
+        Raises:
+            InvalidArgumentError: The queue name is malformed.
+            UnavailableError: The broker or its Redis could not be reached.
+        """
+        await self._unary(self.admin.PauseQueue, admin_service_pb2.PauseQueueRequest(queue=queue))
+
+    async def resume(self, queue: str) -> None:
+        """Resumes leasing from a paused queue.
+
+        Raises:
+            InvalidArgumentError: The queue name is malformed.
+            UnavailableError: The broker or its Redis could not be reached.
+        """
+        await self._unary(self.admin.ResumeQueue, admin_service_pb2.ResumeQueueRequest(queue=queue))
+
+    # --- lifetime ---------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Closes the channel, cancelling calls still in flight. Closing twice is harmless."""
+        self._closed = True
+        channel, self._channel = self._channel, None
+        self._stub = self._admin = None
+        if channel is not None:
+            await channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

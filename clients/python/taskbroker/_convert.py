@@ -1,0 +1,90 @@
+"""proto ⇄ SDK models: Timestamps become aware UTC datetimes and Durations become timedeltas."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from taskbroker._models import AttemptError, QueueStats, Task, TaskState
+from taskbroker.v1 import broker_service_pb2, task_pb2
+
+
+def to_timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    """An aware datetime as a Timestamp.
+
+    Raises:
+        ValueError: `value` is naive; the SDK never guesses a time zone.
+    """
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"datetime must be timezone-aware, got naive {value.isoformat()}")
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(value)
+    return out
+
+
+def from_timestamp(value: timestamp_pb2.Timestamp) -> datetime:
+    """A Timestamp as an aware UTC datetime."""
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def to_duration(value: timedelta) -> duration_pb2.Duration:
+    """A timedelta as a Duration (microsecond precision, as timedelta has)."""
+    out = duration_pb2.Duration()
+    out.FromTimedelta(value)
+    return out
+
+
+def from_duration(value: duration_pb2.Duration) -> timedelta:
+    """A Duration as a timedelta (nanoseconds below a microsecond are dropped)."""
+    return value.ToTimedelta()
+
+
+def _optional_time(present: bool, value: timestamp_pb2.Timestamp) -> datetime | None:
+    return from_timestamp(value) if present else None
+
+
+def task_from_proto(pb: task_pb2.Task) -> Task:
+    """A taskbroker.v1.Task as an SDK Task; unset times become None."""
+    return Task(
+        id=pb.id,
+        queue=pb.queue,
+        type=pb.type,
+        payload=pb.payload,
+        headers=dict(pb.headers),
+        priority=pb.priority,
+        state=TaskState(pb.state),
+        attempt=pb.attempt,
+        max_attempts=pb.max_attempts,
+        create_time=_optional_time(pb.HasField("create_time"), pb.create_time),
+        schedule_time=_optional_time(pb.HasField("schedule_time"), pb.schedule_time),
+        lease_expire_time=_optional_time(pb.HasField("lease_expire_time"), pb.lease_expire_time),
+        finish_time=_optional_time(pb.HasField("finish_time"), pb.finish_time),
+        last_error=pb.last_error,
+        errors=tuple(
+            AttemptError(attempt=e.attempt, message=e.message, time=from_timestamp(e.time))
+            for e in pb.errors
+        ),
+        result=pb.result,
+    )
+
+
+def stats_from_proto(pb: broker_service_pb2.QueueStats) -> QueueStats:
+    """A taskbroker.v1.QueueStats as SDK QueueStats; no pending task means no oldest age."""
+    return QueueStats(
+        queue=pb.queue,
+        pending=pb.pending,
+        scheduled=pb.scheduled,
+        leased=pb.leased,
+        dead=pb.dead,
+        paused=pb.paused,
+        enqueued_total=pb.enqueued_total,
+        succeeded_total=pb.succeeded_total,
+        retried_total=pb.retried_total,
+        reclaimed_total=pb.reclaimed_total,
+        dead_lettered_total=pb.dead_lettered_total,
+        cancelled_total=pb.cancelled_total,
+        oldest_pending_age=(
+            from_duration(pb.oldest_pending_age) if pb.HasField("oldest_pending_age") else None
+        ),
+    )

@@ -1,0 +1,81 @@
+"""gRPC status → SDK exception: one table, refined by the AIP-193 ErrorInfo reason."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from taskbroker._errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    LeaseStaleError,
+    TaskbrokerError,
+    TaskNotFoundError,
+    UnavailableError,
+)
+
+#: The ErrorInfo reason the broker gives a settlement refused for a stale lease.
+LEASE_STALE_REASON: Final = "LEASE_STALE"
+
+ERROR_BY_CODE: Final[dict[grpc.StatusCode, type[TaskbrokerError]]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: TaskNotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    # The call may or may not have been applied; like UNAVAILABLE it is worth retrying.
+    grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
+}
+
+
+def _code_of(err: grpc.RpcError) -> grpc.StatusCode:
+    # grpc.RpcError itself declares no accessors; the errors grpc raises are also grpc.Call.
+    code = err.code() if isinstance(err, grpc.Call | grpc.aio.AioRpcError) else None
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+def _details_of(err: grpc.RpcError) -> str:
+    details = err.details() if isinstance(err, grpc.Call | grpc.aio.AioRpcError) else None
+    return details or ""
+
+
+def error_reason(err: grpc.RpcError) -> str:
+    """The ErrorInfo reason carried in the rich status details, or "" when there is none."""
+    if not isinstance(err, grpc.Call | grpc.aio.AioRpcError):
+        return ""
+    try:
+        status = rpc_status.from_call(err)
+    except ValueError:  # details that contradict the status code or message: ignore them
+        return ""
+    if status is None:
+        return ""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return ""
+
+
+def error_from_rpc(err: grpc.aio.AioRpcError | grpc.RpcError) -> TaskbrokerError:
+    """The SDK exception for a failed gRPC call.
+
+    Args:
+        err: The error grpc raised (from grpc.aio or the synchronous API).
+
+    Returns:
+        An instance of the `TaskbrokerError` subclass for the status code (FAILED_PRECONDITION
+        with reason LEASE_STALE becomes `LeaseStaleError`), carrying the status message, the code
+        and the ErrorInfo reason. Codes without a dedicated class give `TaskbrokerError` itself.
+    """
+    code = _code_of(err)
+    reason = error_reason(err)
+    cls = ERROR_BY_CODE.get(code, TaskbrokerError)
+    if code is grpc.StatusCode.FAILED_PRECONDITION and reason == LEASE_STALE_REASON:
+        cls = LeaseStaleError
+    message = _details_of(err) or code.name.lower().replace("_", " ")
+    return cls(message, code, reason)

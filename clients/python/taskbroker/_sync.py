@@ -1,0 +1,167 @@
+"""SyncClient: the producer calls of Client for synchronous code (web apps, scripts, threads)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from taskbroker._client import Client, EnqueueResult, NewTask
+from taskbroker._models import QueueStats, Task
+
+_T = TypeVar("_T")
+
+
+class SyncClient:
+    """A blocking client for producers, safe to share between threads.
+
+    It runs an asyncio `Client` on a private event loop in a daemon thread, so it works in any
+    thread, including inside frameworks that run their own event loop. Calls from several threads
+    are multiplexed over one gRPC channel. Close it (or use `with SyncClient(...) as client:`)
+    to stop the thread.
+
+    Args:
+        target: "host:port", any gRPC target string, or a list of "ip:port" addresses.
+        timeout: Deadline in seconds for each unary call.
+        options: Extra gRPC channel options; they override the client's defaults.
+
+    Raises:
+        ValueError: The target list cannot be expressed as one gRPC target.
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout: float = 10.0,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._client = Client(target, timeout=timeout, options=options)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="taskbroker-sync-client", daemon=True
+        )
+        self._thread.start()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        with self._lock:  # a closed loop would leave the coroutine never awaited
+            if self._closed:
+                coro.close()
+                raise RuntimeError("the taskbroker client is closed")
+            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise RuntimeError("the taskbroker client was closed during the call") from None
+        except BaseException:
+            future.cancel()  # interrupted (KeyboardInterrupt): do not leave the call running
+            raise
+
+    def enqueue(
+        self,
+        queue: str,
+        type: str,
+        payload: bytes = b"",
+        *,
+        priority: int = 0,
+        delay: timedelta | None = None,
+        schedule_time: datetime | None = None,
+        max_attempts: int | None = None,
+        lease_duration: timedelta | None = None,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        retry_initial: timedelta | None = None,
+        retry_max: timedelta | None = None,
+    ) -> str:
+        """Enqueues one task; see `Client.enqueue` for the options and errors.
+
+        Returns:
+            The task's id.
+        """
+        return self._run(
+            self._client.enqueue(
+                queue,
+                type,
+                payload,
+                priority=priority,
+                delay=delay,
+                schedule_time=schedule_time,
+                max_attempts=max_attempts,
+                lease_duration=lease_duration,
+                idempotency_key=idempotency_key,
+                headers=headers,
+                retry_initial=retry_initial,
+                retry_max=retry_max,
+            )
+        )
+
+    def enqueue_many(self, tasks: Iterable[NewTask]) -> list[EnqueueResult]:
+        """Enqueues tasks, 1,000 per call; see `Client.enqueue_many`.
+
+        Returns:
+            One result per task, in the order given.
+        """
+        return self._run(self._client.enqueue_many(list(tasks)))
+
+    def get_task(self, task_id: str) -> Task:
+        """Returns a task; see `Client.get_task`."""
+        return self._run(self._client.get_task(task_id))
+
+    def cancel(self, task_id: str) -> Task:
+        """Cancels a task that has not finished; see `Client.cancel`."""
+        return self._run(self._client.cancel(task_id))
+
+    def stats(self, *queues: str) -> list[QueueStats]:
+        """Returns counts and totals per queue; see `Client.stats`."""
+        return self._run(self._client.stats(*queues))
+
+    def wait(
+        self, task_id: str, *, timeout: float | None = None, poll_interval: float = 0.05
+    ) -> Task:
+        """Blocks until a task has finished and returns it; see `Client.wait`.
+
+        Raises:
+            TimeoutError: The task had not finished within `timeout` seconds.
+        """
+        return self._run(self._client.wait(task_id, timeout=timeout, poll_interval=poll_interval))
+
+    def close(self) -> None:
+        """Closes the channel and stops the thread. Closing twice is harmless."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result()
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    async def _shutdown(self) -> None:
+        # Calls of other threads still running (a long wait()) end now, so no thread is left
+        # blocked on a future of a loop that has stopped.
+        current = asyncio.current_task()
+        others = [task for task in asyncio.all_tasks() if task is not current]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        await self._client.close()
+        await self._loop.shutdown_asyncgens()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

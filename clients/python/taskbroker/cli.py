@@ -1,0 +1,743 @@
+"""The `taskbroker` command line: enqueue and inspect tasks, watch queues, manage dead letters,
+pause queues and run workers.
+
+Every command talks to the broker through the async `Client`; `App.run` runs one coroutine with
+a client and turns SDK errors into `error: ...` on stderr and exit status 1. Usage errors (a bad
+option value) exit 2, as click does. With `--json` each command writes one JSON document to
+stdout (`stats --watch --json` writes one per refresh, a line each) and errors are JSON on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import json
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any, Final, NoReturn, Protocol, TypeVar, cast
+
+import click
+from rich import box
+from rich.console import Console, RenderableType
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from taskbroker._client import MAX_TASKS_PER_CALL, Client, EnqueueResult, NewTask
+from taskbroker._errors import TaskbrokerError, UnavailableError
+from taskbroker._models import QueueStats, Task
+from taskbroker.codec import json_payload
+
+T = TypeVar("T")
+
+#: Width of tables written to a pipe or file (unless COLUMNS says otherwise): wide enough that
+#: the stats table is never squeezed, which rich would otherwise do at its default of 80.
+PIPE_WIDTH: Final = 160
+#: Console width below which the stats table drops its cell padding.
+COMPACT_BELOW: Final = 100
+#: Bytes of a binary payload or result shown (as hex) in a table; --json shows them all.
+HEX_PREVIEW_BYTES: Final = 32
+
+# --- option types ---------------------------------------------------------------------------
+
+_UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION: Final = re.compile(rf"(?:{_DURATION_PART.pattern})+")
+_NUMBER: Final = re.compile(r"\d+(?:\.\d+)?")
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parses `250ms`, `30s`, `5m`, `2h`, `1d`, sums such as `1h30m`, or plain seconds (`1.5`).
+
+    Raises:
+        ValueError: The text is none of these, or too large for a timedelta.
+    """
+    text = text.strip()
+    if _NUMBER.fullmatch(text):
+        seconds = float(text)
+    elif _DURATION.fullmatch(text):
+        seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
+    else:
+        raise ValueError(f"{text!r} is not a duration such as 250ms, 30s, 5m, 2h or 1d")
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:
+        raise ValueError(f"{text!r} is too long a duration") from None
+
+
+class DurationType(click.ParamType[timedelta]):
+    """A duration option: `250ms`, `30s`, `5m`, `2h`, `1d`, or plain seconds."""
+
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        try:
+            return parse_duration(str(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+class PayloadType(click.ParamType[bytes]):
+    """A payload: a JSON value (encoded with taskbroker.codec), or `@path` for a file's bytes."""
+
+    name = "json|@file"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> bytes:
+        if isinstance(value, bytes):
+            return value
+        text = str(value)
+        if text.startswith("@"):
+            try:
+                with open(text[1:], "rb") as file:
+                    return file.read()
+            except OSError as err:
+                self.fail(f"cannot read {text[1:]!r}: {err.strerror}", param, ctx)
+        try:
+            return json_payload(json.loads(text))
+        except ValueError as err:
+            self.fail(f"not JSON ({err}); give @path to send a file's bytes", param, ctx)
+
+
+class HeaderType(click.ParamType[tuple[str, str]]):
+    """A `key=value` header."""
+
+    name = "key=value"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, str]:
+        if isinstance(value, tuple):
+            return cast(tuple[str, str], value)
+        key, sep, val = str(value).partition("=")
+        if not sep or not key:
+            self.fail(f"{value!r} is not key=value", param, ctx)
+        return key, val
+
+
+DURATION: Final = DurationType()
+
+# --- the application object -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class App:
+    """The global options and the consoles every command writes to."""
+
+    target: str
+    json: bool
+    timeout: float
+    out: Console
+    err: Console
+
+    @property
+    def interactive(self) -> bool:
+        """True when progress bars and live displays are wanted: a terminal, not --json."""
+        return not self.json and self.err.is_terminal
+
+    def run(self, work: Callable[[Client], Awaitable[T]]) -> T:
+        """Runs `work` with a connected Client; an SDK error ends the command (exit 1)."""
+
+        async def with_client() -> T:
+            async with Client(self.target, timeout=self.timeout) as client:
+                return await work(client)
+
+        try:
+            return asyncio.run(with_client())
+        except TaskbrokerError as err:
+            self.fail(err)
+
+    def fail(self, err: TaskbrokerError) -> NoReturn:
+        """Reports an SDK error on stderr and exits 1."""
+        message = str(err)
+        if isinstance(err, UnavailableError):
+            message = f"broker at {self.target} is unavailable: {message}"
+        if self.json:
+            doc = {"error": message, "code": err.code.name, "reason": err.reason}
+            click.echo(json.dumps(doc), err=True)
+        else:
+            click.echo(f"error: {message}", err=True)
+        sys.exit(1)
+
+    def emit(self, doc: object) -> None:
+        """Writes one JSON document to stdout."""
+        click.echo(json.dumps(doc, ensure_ascii=False))
+
+    def show(self, renderable: RenderableType) -> None:
+        self.out.print(renderable)
+
+    @contextmanager
+    def progress(
+        self, description: str, total: int | None, *, enabled: bool = True
+    ) -> Iterator[Callable[[int], None]]:
+        """A progress bar on stderr when enabled and interactive; yields `advance(n)` (a no-op
+        without a bar).
+
+        With total None the bar pulses: the work is one call whose progress cannot be seen.
+        """
+        if not (enabled and self.interactive):
+            yield lambda n: None
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+        with Progress(*columns, TimeElapsedColumn(), console=self.err, transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda n: bar.advance(task, n)
+
+
+def _consoles() -> tuple[Console, Console]:
+    out = Console(highlight=False)
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out = Console(highlight=False, width=PIPE_WIDTH)
+    return out, Console(stderr=True, highlight=False)
+
+
+# --- formatting -----------------------------------------------------------------------------
+
+
+def _printable(data: bytes) -> str | None:
+    """The bytes as text when they are UTF-8 made of printable characters (and whitespace)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if all(c.isprintable() or c in "\n\r\t" for c in text) else None
+
+
+def _bytes_cell(data: bytes) -> Text:
+    if not data:
+        return Text("(empty)", style="dim")
+    text = _printable(data)
+    if text is not None:
+        return Text(text)
+    more = "…" if len(data) > HEX_PREVIEW_BYTES else ""
+    return Text(f"<{len(data)} bytes> {data[:HEX_PREVIEW_BYTES].hex(' ')}{more}")
+
+
+def _bytes_doc(data: bytes) -> dict[str, object]:
+    text = _printable(data)
+    return (
+        {"size": len(data), "text": text}
+        if text is not None
+        else {"size": len(data), "hex": data.hex()}
+    )
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _time_cell(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC" if value is not None else "-"
+
+
+def _age_cell(age: timedelta | None) -> str:
+    if age is None:
+        return "-"
+    seconds = age.total_seconds()
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def task_doc(task: Task) -> dict[str, object]:
+    """A task as a JSON object (times in ISO 8601, bytes as {"size", "text" | "hex"})."""
+    return {
+        "id": task.id,
+        "queue": task.queue,
+        "type": task.type,
+        "state": task.state.name,
+        "priority": task.priority,
+        "attempt": task.attempt,
+        "max_attempts": task.max_attempts,
+        "headers": task.headers,
+        "create_time": _iso(task.create_time),
+        "schedule_time": _iso(task.schedule_time),
+        "lease_expire_time": _iso(task.lease_expire_time),
+        "finish_time": _iso(task.finish_time),
+        "last_error": task.last_error,
+        "errors": [
+            {"attempt": e.attempt, "message": e.message, "time": _iso(e.time)} for e in task.errors
+        ],
+        "payload": _bytes_doc(task.payload),
+        "result": _bytes_doc(task.result),
+    }
+
+
+def _task_view(task: Task) -> Table:
+    grid = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
+    grid.add_column(style="bold")
+    grid.add_column()
+    rows: list[tuple[str, str | Text]] = [
+        ("id", Text(task.id)),
+        ("queue", Text(task.queue)),
+        ("type", Text(task.type)),
+        ("state", task.state.name),
+        ("priority", str(task.priority)),
+        ("attempt", f"{task.attempt} of {task.max_attempts}"),
+        ("created", _time_cell(task.create_time)),
+        ("scheduled", _time_cell(task.schedule_time)),
+        ("lease expires", _time_cell(task.lease_expire_time)),
+        ("finished", _time_cell(task.finish_time)),
+        ("headers", Text(", ".join(f"{k}={v}" for k, v in sorted(task.headers.items())) or "-")),
+        ("last error", Text(task.last_error or "-")),
+        ("payload", _bytes_cell(task.payload)),
+        ("result", _bytes_cell(task.result)),
+    ]
+    for name, value in rows:
+        grid.add_row(name, value)
+    return grid
+
+
+def _errors_table(task: Task) -> Table:
+    table = Table(title="errors", title_justify="left")
+    table.add_column("attempt", justify="right")
+    table.add_column("time")
+    table.add_column("error")
+    for error in task.errors:
+        table.add_row(str(error.attempt), _time_cell(error.time), Text(error.message))
+    return table
+
+
+def stats_doc(stats: QueueStats) -> dict[str, object]:
+    """A queue's stats as a JSON object."""
+    age = stats.oldest_pending_age
+    return {
+        "queue": stats.queue,
+        "pending": stats.pending,
+        "scheduled": stats.scheduled,
+        "leased": stats.leased,
+        "dead": stats.dead,
+        "paused": stats.paused,
+        "enqueued_total": stats.enqueued_total,
+        "succeeded_total": stats.succeeded_total,
+        "retried_total": stats.retried_total,
+        "reclaimed_total": stats.reclaimed_total,
+        "dead_lettered_total": stats.dead_lettered_total,
+        "cancelled_total": stats.cancelled_total,
+        "oldest_pending_age_s": age.total_seconds() if age is not None else None,
+    }
+
+
+#: Counts, totals and the age of the oldest pending task. Two-line headers, and no padding on
+#: terminals narrower than COMPACT_BELOW, keep the table within 80 columns for short queue names.
+_STATS_COLUMNS: Final = (
+    "pending",
+    "scheduled",
+    "leased",
+    "dead",
+    "succeeded",
+    "retried",
+    "dead-\nlettered",
+    "oldest\npending",
+)
+
+
+def _stats_table(all_stats: Sequence[QueueStats], width: int) -> Table:
+    padding = (0, 0) if width < COMPACT_BELOW else (0, 1)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=padding)
+    table.add_column("queue", no_wrap=True, vertical="bottom")
+    for column in _STATS_COLUMNS:
+        table.add_column(column, justify="right", vertical="bottom")
+    table.add_column("paused", vertical="bottom")
+    for s in all_stats:
+        counts = (s.pending, s.scheduled, s.leased, s.dead)
+        totals = (s.succeeded_total, s.retried_total, s.dead_lettered_total)
+        age = _age_cell(s.oldest_pending_age)
+        paused = Text("paused", style="yellow") if s.paused else Text("-")
+        table.add_row(Text(s.queue), *(str(n) for n in counts + totals), age, paused)
+    return table
+
+
+def _dead_table(tasks: Sequence[Task]) -> Table:
+    table = Table()
+    table.add_column("task id", no_wrap=True)
+    table.add_column("type")
+    table.add_column("attempts", justify="right")
+    table.add_column("dead since")
+    table.add_column("last error")
+    for task in tasks:
+        attempts = f"{task.attempt}/{task.max_attempts}"
+        since = _time_cell(task.finish_time)
+        table.add_row(Text(task.id), Text(task.type), attempts, since, Text(task.last_error))
+    return table
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--target",
+    envvar="TASKBROKER_TARGET",
+    default="127.0.0.1:50051",
+    show_default=True,
+    show_envvar=True,
+    help="Broker address (host:port or any gRPC target).",
+)
+@click.option("--json", "json_output", is_flag=True, help="Machine output: JSON on stdout.")
+@click.option(
+    "--timeout",
+    type=DURATION,
+    default="10s",
+    show_default=True,
+    help="Deadline of each call to the broker.",
+)
+@click.pass_context
+def cli(ctx: click.Context, target: str, json_output: bool, timeout: timedelta) -> None:
+    """Enqueue and inspect tasks, administer queues and run workers of a taskbroker broker."""
+    if timeout <= timedelta(0):
+        raise click.BadParameter("must be positive", ctx, param_hint="'--timeout'")
+    out, err = _consoles()
+    ctx.obj = App(target, json_output, timeout.total_seconds(), out, err)
+
+
+@cli.command()
+@click.argument("queue")
+@click.argument("type_", metavar="TYPE")
+@click.option("--payload", type=PayloadType(), default=None, help="JSON value, or @path for bytes.")
+@click.option("--delay", type=DURATION, default=None, help="Run no earlier than this from now.")
+@click.option("--priority", type=click.IntRange(-1000, 1000), default=0, show_default=True)
+@click.option("--count", type=click.IntRange(min=1), default=1, help="Enqueue this many copies.")
+@click.option("--max-attempts", type=click.IntRange(1, 1000), default=None)
+@click.option(
+    "--idempotency-key", default=None, help="Deduplication key; with --count, KEY-1 .. KEY-N."
+)
+@click.option("--header", "headers", type=HeaderType(), multiple=True, help="Repeatable.")
+@click.pass_obj
+def enqueue(
+    app: App,
+    queue: str,
+    type_: str,
+    payload: bytes | None,
+    delay: timedelta | None,
+    priority: int,
+    count: int,
+    max_attempts: int | None,
+    idempotency_key: str | None,
+    headers: tuple[tuple[str, str], ...],
+) -> None:
+    """Enqueues a task of TYPE on QUEUE (or --count copies) and prints the task ids."""
+
+    def new_task(n: int) -> NewTask:
+        key = idempotency_key if count == 1 or idempotency_key is None else f"{idempotency_key}-{n}"
+        return NewTask(
+            queue,
+            type_,
+            payload or b"",
+            priority=priority,
+            delay=delay,
+            max_attempts=max_attempts,
+            idempotency_key=key,
+            headers=dict(headers),
+        )
+
+    results = app.run(lambda c: _enqueue_copies(app, c, [new_task(n + 1) for n in range(count)]))
+    if app.json:
+        app.emit({"task_ids": [r.task_id for r in results]})
+    elif app.out.is_terminal:
+        app.show(_enqueued_table(results))
+    else:
+        for result in results:
+            click.echo(result.task_id)
+
+
+async def _enqueue_copies(app: App, client: Client, tasks: list[NewTask]) -> list[EnqueueResult]:
+    results: list[EnqueueResult] = []
+    with app.progress("enqueueing", len(tasks), enabled=len(tasks) > 1) as advance:
+        for start in range(0, len(tasks), MAX_TASKS_PER_CALL):
+            chunk = tasks[start : start + MAX_TASKS_PER_CALL]
+            results.extend(await client.enqueue_many(chunk))
+            advance(len(chunk))
+    return results
+
+
+def _enqueued_table(results: Sequence[EnqueueResult]) -> Table:
+    table = Table()
+    table.add_column("task id", no_wrap=True)
+    table.add_column("duplicate")
+    for result in results:
+        table.add_row(Text(result.task_id), "yes (idempotency key)" if result.duplicate else "-")
+    return table
+
+
+@cli.command()
+@click.argument("task_id", metavar="ID")
+@click.pass_obj
+def task(app: App, task_id: str) -> None:
+    """Shows a task: state, attempts, times, errors, payload and result."""
+    found = app.run(lambda c: c.get_task(task_id))
+    if app.json:
+        app.emit(task_doc(found))
+        return
+    app.show(_task_view(found))
+    if found.errors:
+        app.show(_errors_table(found))
+
+
+@cli.command()
+@click.argument("queues", nargs=-1)
+@click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
+@click.option("--interval", type=DURATION, default="1s", show_default=True)
+@click.pass_obj
+def stats(app: App, queues: tuple[str, ...], watch: bool, interval: timedelta) -> None:
+    """Shows counts and totals of QUEUES (default: every queue)."""
+    if not watch:
+        _show_stats(app, app.run(lambda c: c.stats(*queues)))
+        return
+    try:
+        if app.json or not app.out.is_terminal:  # a stream of tables or JSON lines
+            app.run(lambda c: _watch(c, queues, interval, lambda s: _show_stats(app, s)))
+            return
+        with Live(console=app.out, auto_refresh=False) as live:
+
+            def show(all_stats: list[QueueStats]) -> None:
+                live.update(_stats_table(all_stats, app.out.width), refresh=True)
+
+            app.run(lambda c: _watch(c, queues, interval, show))
+    except KeyboardInterrupt:  # Ctrl-C is how a watch ends
+        pass
+
+
+def _show_stats(app: App, all_stats: Sequence[QueueStats]) -> None:
+    if app.json:
+        app.emit({"queues": [stats_doc(s) for s in all_stats]})
+    else:
+        app.show(_stats_table(all_stats, app.out.width))
+
+
+async def _watch(
+    client: Client,
+    queues: Sequence[str],
+    interval: timedelta,
+    show: Callable[[list[QueueStats]], None],
+) -> None:
+    while True:
+        show(await client.stats(*queues))
+        await asyncio.sleep(interval.total_seconds())
+
+
+# --- dead letters ---------------------------------------------------------------------------
+
+
+@cli.group()
+def dead() -> None:
+    """List, redrive or delete a queue's dead letters."""
+
+
+@dead.command("list")
+@click.argument("queue")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.pass_obj
+def dead_list(app: App, queue: str, limit: int) -> None:
+    """Lists QUEUE's dead letters, oldest first."""
+    tasks = app.run(lambda c: _dead_letters(c, queue, limit))
+    if app.json:
+        app.emit({"tasks": [task_doc(t) for t in tasks]})
+    else:
+        app.show(_dead_table(tasks))
+
+
+async def _dead_letters(client: Client, queue: str, limit: int) -> list[Task]:
+    tasks: list[Task] = []
+    async for task in client.dead_letters(queue, page_size=min(limit, MAX_TASKS_PER_CALL)):
+        tasks.append(task)
+        if len(tasks) == limit:
+            break
+    return tasks
+
+
+class _DeadOp(Protocol):
+    """Client.redrive or Client.delete_dead."""
+
+    def __call__(
+        self, queue: str, task_ids: Sequence[str] = (), *, all: bool = False
+    ) -> Awaitable[int]: ...
+
+
+def _settle_dead(
+    app: App,
+    queue: str,
+    ids: tuple[str, ...],
+    every: bool,
+    op: Callable[[Client], _DeadOp],
+    done: str,
+) -> None:
+    """Redrives or deletes dead letters (op picks the Client method) and reports how many."""
+    if bool(ids) == every:
+        raise click.UsageError("name the dead letters' IDS, or give --all (not both)")
+
+    async def call(client: Client) -> int:
+        with app.progress(f"{done} {queue}", None, enabled=every) as advance:
+            count = await op(client)(queue, ids, all=every)
+            advance(count)
+            return count
+
+    count = app.run(call)
+    if app.json:
+        app.emit({"queue": queue, done: count})
+    else:
+        click.echo(f"{count} dead letter{'' if count == 1 else 's'} of {queue} {done}")
+
+
+@dead.command("redrive")
+@click.argument("queue")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every dead letter of QUEUE.")
+@click.pass_obj
+def dead_redrive(app: App, queue: str, ids: tuple[str, ...], every: bool) -> None:
+    """Moves dead letters of QUEUE back to pending with fresh attempts."""
+    _settle_dead(app, queue, ids, every, lambda c: c.redrive, "redriven")
+
+
+@dead.command("delete")
+@click.argument("queue")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every dead letter of QUEUE.")
+@click.pass_obj
+def dead_delete(app: App, queue: str, ids: tuple[str, ...], every: bool) -> None:
+    """Deletes dead letters of QUEUE for good."""
+    _settle_dead(app, queue, ids, every, lambda c: c.delete_dead, "deleted")
+
+
+# --- queues ---------------------------------------------------------------------------------
+
+
+@cli.group()
+def queue() -> None:
+    """List, pause or resume queues."""
+
+
+@queue.command("list")
+@click.pass_obj
+def queue_list(app: App) -> None:
+    """Lists the queues the broker knows."""
+    names = app.run(lambda c: c.queues())
+    if app.json:
+        app.emit({"queues": names})
+        return
+    for name in names:
+        click.echo(name)
+
+
+@queue.command("pause")
+@click.argument("name", metavar="QUEUE")
+@click.pass_obj
+def queue_pause(app: App, name: str) -> None:
+    """Stops leasing from QUEUE (enqueues are still accepted)."""
+    app.run(lambda c: c.pause(name))
+    _report_paused(app, name, paused=True)
+
+
+@queue.command("resume")
+@click.argument("name", metavar="QUEUE")
+@click.pass_obj
+def queue_resume(app: App, name: str) -> None:
+    """Resumes leasing from QUEUE."""
+    app.run(lambda c: c.resume(name))
+    _report_paused(app, name, paused=False)
+
+
+def _report_paused(app: App, name: str, *, paused: bool) -> None:
+    if app.json:
+        app.emit({"queue": name, "paused": paused})
+    else:
+        click.echo(f"{name} {'paused' if paused else 'resumed'}")
+
+
+# --- worker ---------------------------------------------------------------------------------
+
+
+class _Runnable(Protocol):
+    async def run(self) -> None: ...
+
+
+@cli.command()
+@click.argument("spec", metavar="MODULE:ATTRIBUTE")
+@click.option("--target", "worker_target", default=None, help="Overrides the global --target.")
+@click.pass_obj
+def worker(app: App, spec: str, worker_target: str | None) -> None:
+    """Runs a Worker until SIGINT or SIGTERM.
+
+    MODULE:ATTRIBUTE names a Worker instance, or a callable that takes a Client (connected to
+    --target) and returns a Worker. MODULE is imported with the current directory on sys.path.
+    """
+    found = _load_attribute(spec)
+    worker_class = _worker_class()
+
+    async def run(client: Client) -> None:
+        runnable = await _as_worker(found, client, worker_class, spec)
+        await runnable.run()
+
+    app = replace(app, target=worker_target or app.target)
+    app.run(run)
+
+
+def _load_attribute(spec: str) -> object:
+    hint = "'MODULE:ATTRIBUTE'"
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise click.BadParameter(f"{spec!r} is not module:attribute", param_hint=hint)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found: object = importlib.import_module(module_name)
+    except ImportError as err:
+        raise click.BadParameter(f"cannot import {module_name!r}: {err}", param_hint=hint) from None
+    for part in attribute.split("."):
+        if not hasattr(found, part):
+            message = f"module {module_name!r} has no attribute {attribute!r}"
+            raise click.BadParameter(message, param_hint=hint)
+        found = getattr(found, part)
+    return found
+
+
+def _worker_class() -> type[Any]:
+    # Imported here, so that the other commands work without the worker runtime's imports.
+    try:
+        module = importlib.import_module("taskbroker._worker")
+    except ImportError as err:
+        raise click.ClickException(f"the worker runtime is not available: {err}") from None
+    worker_class: type[Any] = module.Worker
+    return worker_class
+
+
+async def _as_worker(
+    found: object, client: Client, worker_class: type[Any], spec: str
+) -> _Runnable:
+    if isinstance(found, worker_class):
+        return cast(_Runnable, found)
+    if not callable(found):
+        raise click.BadParameter(
+            f"{spec} is of type {type(found).__name__}: not a Worker, nor a callable returning one",
+            param_hint="'MODULE:ATTRIBUTE'",
+        )
+    made = found(client)
+    if inspect.isawaitable(made):
+        made = await made
+    if not isinstance(made, worker_class):
+        message = f"{spec}(client) returned an object of type {type(made).__name__}, not a Worker"
+        raise click.BadParameter(message, param_hint="'MODULE:ATTRIBUTE'")
+    return cast(_Runnable, made)
+
+
+def main() -> None:
+    """The `taskbroker` console script."""
+    cli(prog_name="taskbroker")
+
+
+if __name__ == "__main__":
+    main()

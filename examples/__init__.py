@@ -1,0 +1,1 @@
+"""The blog post's scenario (emails and image processing), written for taskbroker."""

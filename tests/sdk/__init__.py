@@ -1,0 +1,1 @@
+"""Tests of the Python SDK (clients/python/taskbroker) against a real broker."""

@@ -1,0 +1,40 @@
+"""The SDK's public names are a promise: adding one is a decision, removing one breaks users."""
+
+from __future__ import annotations
+
+import taskbroker
+
+
+def test_public_api_is_exactly_these_names() -> None:
+    assert set(taskbroker.__all__) == {
+        "AlreadyExistsError",
+        "AttemptError",
+        "Client",
+        "EnqueueResult",
+        "FailedPreconditionError",
+        "Handler",
+        "InvalidArgumentError",
+        "LeaseStaleError",
+        "NewTask",
+        "NonRetryable",
+        "QueueStats",
+        "RetryLater",
+        "SyncClient",
+        "Task",
+        "TaskContext",
+        "TaskNotFoundError",
+        "TaskState",
+        "TaskbrokerError",
+        "UnavailableError",
+        "Worker",
+        "from_json",
+        "handler",
+        "json_payload",
+        "testing",
+    }
+
+
+def test_every_exported_name_exists_and_is_documented() -> None:
+    for name in taskbroker.__all__:
+        value = getattr(taskbroker, name)
+        assert value.__doc__, f"taskbroker.{name} has no docstring"
