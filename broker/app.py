@@ -101,7 +101,11 @@ class Broker:
         self.port = self.server.add_insecure_port(s.listen)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {s.listen}")
-        self.wake_listener = WakeListener(self.store, self.dispatcher)
+        self.wake_listener = WakeListener(
+            self.store,
+            self.dispatcher,
+            lambda task_id, lease_id: self.registry.revoke(task_id, lease_id, "cancelled"),
+        )
         self.monitor = HealthMonitor(self.store.ping, self._set_serving)
         self.loops = [
             Periodic(Reaper(self.tasks), s.reap_interval_s),

@@ -329,6 +329,8 @@ class TaskQueue:
             raise TaskNotFoundError(task_id)
         if kind == "final":
             raise TaskFinished(task_id, TaskState(int(detail)).name)
+        if detail:
+            await self._store.announce_revoked(task_id, str(detail))
         return await self.get(task_id), str(detail)
 
     async def stats(self, queues: Sequence[str]) -> list[QueueStats]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from broker.cancellation import raise_if_cancelled
 from broker.errors import BrokerError
+from broker.store.keys import REVOKE_CHANNEL
 
 if TYPE_CHECKING:
     from broker.dispatch import Dispatcher
@@ -17,12 +19,16 @@ log = logging.getLogger(__name__)
 
 
 class WakeListener:
-    """Subscribes to the wake channel; reconnects with backoff, and after a reconnect wakes every
-    pump, since announcements made while disconnected were lost."""
+    """Subscribes to the wake and revoke channels; reconnects with backoff, and after a reconnect
+    wakes every pump, since announcements made while disconnected were lost. (A lost revoke
+    costs less: the worker learns at its next extension or ack.)"""
 
-    def __init__(self, store: RedisStore, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self, store: RedisStore, dispatcher: Dispatcher, revoke: Callable[[str, str], None]
+    ) -> None:
         self._store = store
         self._dispatcher = dispatcher
+        self._revoke = revoke
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
@@ -33,6 +39,15 @@ class WakeListener:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+    def _dispatch(self, channel: bytes | str, data: bytes | str) -> None:
+        text = data.decode() if isinstance(data, bytes) else data
+        name = channel.decode() if isinstance(channel, bytes) else channel
+        if name == REVOKE_CHANNEL:
+            task_id, _, lease_id = text.partition(" ")
+            self._revoke(task_id, lease_id)
+        else:
+            self._dispatcher.notify(text)
 
     async def _run(self) -> None:
         delay = 0.05
@@ -47,9 +62,7 @@ class WakeListener:
                         # A bounded wait, so a quiet channel is not mistaken for a dead socket.
                         message = await pubsub.get_message(timeout=1.0)
                         if message and message.get("type") == "message":
-                            data = message["data"]
-                            queue = data.decode() if isinstance(data, bytes) else str(data)
-                            self._dispatcher.notify(queue)
+                            self._dispatch(message["channel"], message["data"])
             except asyncio.CancelledError:
                 raise
             except (BrokerError, OSError, ConnectionError) as exc:

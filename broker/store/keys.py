@@ -10,6 +10,9 @@ from typing import Final
 QUEUES_KEY: Final = "tb:queues"
 #: Pub/Sub channel on which scripts announce "queue <name> may have work" to every replica.
 WAKE_CHANNEL: Final = "tb:wake"
+#: Pub/Sub channel announcing "<task id> <lease id>" leases revoked by a cancellation, so the
+#: replica whose stream holds the lease can tell its worker.
+REVOKE_CHANNEL: Final = "tb:revoke"
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from broker.models import (
     TaskRef,
     TaskState,
 )
-from broker.store.keys import QUEUES_KEY, WAKE_CHANNEL, QueueKeys
+from broker.store.keys import QUEUES_KEY, REVOKE_CHANNEL, WAKE_CHANNEL, QueueKeys
 from broker.store.scripts import Scripts
 
 AnyRedis: TypeAlias = "aioredis.Redis | RedisCluster"
@@ -367,6 +367,11 @@ class RedisStore:
             return kind, int(reply[1])
         return kind, ""
 
+    async def announce_revoked(self, task_id: str, lease_id: str) -> None:
+        """Tells every replica that this lease was revoked (a hint: the fence is in Redis)."""
+        with _translate():
+            await self._client.publish(REVOKE_CHANNEL, f"{task_id} {lease_id}")
+
     async def get(self, ref: TaskRef) -> Task | None:
         with _translate():
             # The client does not decode responses: fields and values are bytes.
@@ -482,7 +487,8 @@ class RedisStore:
 
     @asynccontextmanager
     async def wake_subscription(self) -> AsyncIterator[aioredis.client.PubSub]:
-        """A Pub/Sub connection subscribed to the wake channel. On a Cluster every node hears
+        """A Pub/Sub connection subscribed to the wake and revoke channels. On a Cluster every
+        node hears
         every PUBLISH, so one node's connection serves."""
         node_client: aioredis.Redis | None = None
         if isinstance(self._client, RedisCluster):
@@ -498,7 +504,7 @@ class RedisStore:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         try:
             with _translate():
-                await pubsub.subscribe(WAKE_CHANNEL)
+                await pubsub.subscribe(WAKE_CHANNEL, REVOKE_CHANNEL)
             yield pubsub
         finally:
             try:

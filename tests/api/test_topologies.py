@@ -88,3 +88,20 @@ async def test_the_whole_lifecycle_runs_on_a_redis_cluster(cluster_settings: Set
     assert sum(s.dead for s in stats.queues) == 1
     await worker.close()
     await running.close()
+
+
+async def test_cancel_on_one_replica_revokes_the_lease_held_through_another(
+    settings: Settings,
+) -> None:
+    holder_side = await start_broker(settings)
+    other_side = await start_broker(settings)
+    (task_id,) = await enqueue(holder_side.stub, spec())
+    worker = await LeaseStream(holder_side.stub).open(["emails"], credits=1)
+    (d,) = await worker.take(1)
+    await other_side.stub.CancelTask(bs.CancelTaskRequest(task_id=task_id))
+    revoked = await asyncio.wait_for(worker.revoked.get(), 2)
+    assert (revoked.task_id, revoked.lease_id, revoked.reason) == (task_id, d.lease_id, "cancelled")
+    assert (await worker.ack(d)).outcome == lease_pb2.SETTLE_OUTCOME_LEASE_STALE
+    await worker.close()
+    await holder_side.close()
+    await other_side.close()
