@@ -7,6 +7,7 @@ BrokerError
 ├── TaskFinished           the task already finished            → FAILED_PRECONDITION
 ├── IdempotencyConflict    key reused for a different task      → ALREADY_EXISTS
 ├── LimitExceeded          too many streams, credits, ...       → RESOURCE_EXHAUSTED
+│   └── StoreFull          Redis reached its maxmemory          → RESOURCE_EXHAUSTED (STORE_FULL)
 ├── StoreUnavailable       Redis unreachable or failing over    → UNAVAILABLE
 └── Draining               the broker is shutting down          → UNAVAILABLE (DRAINING)
 """
@@ -75,6 +76,12 @@ class LimitExceeded(BrokerError):
     """A resource limit was reached."""
 
     reason = "LIMIT_EXCEEDED"
+
+
+class StoreFull(LimitExceeded):
+    """Redis refused a write: it reached its maxmemory (the policy is noeviction)."""
+
+    reason = "STORE_FULL"
 
 
 class StoreUnavailable(BrokerError):

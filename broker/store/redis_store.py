@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rex
 from redis.asyncio.cluster import RedisCluster
 
-from broker.errors import LimitExceeded, StoreUnavailable
+from broker.errors import StoreFull, StoreUnavailable
 from broker.models import (
     AckItem,
     AttemptError,
@@ -59,6 +59,9 @@ class IdempotencyConflictAt(Exception):
         self.positions = positions
 
 
+_FULL = "redis is out of memory (maxmemory reached); nothing was stored"
+
+
 @contextmanager
 def _translate() -> Iterator[None]:
     """Maps redis-py errors to broker errors, so callers never see a redis class."""
@@ -66,9 +69,11 @@ def _translate() -> Iterator[None]:
         yield
     except _UNAVAILABLE as exc:
         raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
+    except rex.OutOfMemoryError as exc:  # redis-py strips the "OOM" prefix from its text
+        raise StoreFull(_FULL) from exc
     except rex.ResponseError as exc:
-        if str(exc).startswith("OOM"):
-            raise LimitExceeded("redis is out of memory (maxmemory reached)") from exc
+        if "OOM command not allowed" in str(exc):  # the same refusal, raised inside a script
+            raise StoreFull(_FULL) from exc
         if str(exc).startswith(("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")):
             raise StoreUnavailable(f"redis unavailable: {str(exc).split()[0]}") from exc
         raise
