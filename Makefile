@@ -9,7 +9,7 @@ GEN    := clients/python/taskbroker/v1
 PROTOS := $(wildcard proto/taskbroker/v1/*.proto)
 BUF    := node_modules/.bin/buf
 
-.PHONY: all install proto lint format typecheck test run demo clean
+.PHONY: all install proto lint format typecheck test run demo soak clean
 
 all: lint typecheck test
 
@@ -57,6 +57,10 @@ test: proto
 # Serves on 127.0.0.1:50051; with no TASKBROKER_REDIS_URL it starts an embedded redis-server.
 run: proto
 	$(BIN)/python -m broker $(ARGS)
+
+# A long fault run (not in CI): 100,000 tasks with random worker kills and broker restarts.
+soak: proto
+	$(BIN)/python -m tests.faults.soak $(ARGS)
 
 # The blog post's scenario end to end, against `make run`'s broker (or one it starts itself).
 demo: proto

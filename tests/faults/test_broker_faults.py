@@ -1,0 +1,568 @@
+"""Broker faults: a replica killed -9 under its workers, an Enqueue reply and an Ack reply lost on
+the way back, and a replica shut down gracefully under load (RELIABILITY.md section 7).
+
+Replicas that are killed or shut down are real `python -m broker` processes on the session Redis;
+workers are real SDK worker processes (tests.support.worker_process) that record a history, and
+the checker (tests.support.history) is run on it after the queue is drained: nothing lost,
+nothing completed twice, no settlement accepted through a stale lease.
+
+Putting workers on one replica: a worker is given both replicas as one round-robin target,
+"ipv4:<first>,<second>", with the second behind a FaultProxy that resets every connection (half
+open) until the workers' Lease streams are open on the first. Then the proxy passes traffic and
+the test waits until every worker's channel holds a connection to the second replica too, so a
+worker whose stream on the first replica ends can open its next one on the second at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from collections import Counter
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from taskbroker import Client, NewTask, QueueStats, Task, UnavailableError
+from taskbroker.v1 import broker_service_pb2 as bs
+from taskbroker.v1 import broker_service_pb2_grpc, lease_pb2, task_pb2
+from tests.conftest import RunningBroker
+from tests.support.broker_process import BrokerProcess
+from tests.support.fault_proxy import FaultProxy
+from tests.support.history import Delivered, History, HistoryWriter, Report
+from tests.support.lease_stream import LeaseStream
+from tests.support.redis_server import RedisServer
+from tests.support.tasks import enqueue as enqueue_specs
+from tests.support.tasks import get, spec
+from tests.support.worker_process import WorkerProcess
+
+if TYPE_CHECKING:
+    from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub
+
+QUEUE: Final = "jobs"
+#: How often conditions are polled.
+POLL_S: Final = 0.02
+#: A unary call whose reply was dropped fails after this long.
+SHORT_TIMEOUT_S: Final = 0.5
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> float:
+    """Polls `check` until it holds; returns how long that took.
+
+    Raises:
+        AssertionError: It did not hold within `timeout_s`.
+    """
+    start = time.monotonic()
+    while not await check():
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"not within {timeout_s}s: {what}")
+        await asyncio.sleep(POLL_S)
+    return time.monotonic() - start
+
+
+def kill(replica: BrokerProcess) -> None:
+    """SIGKILL a broker process and reap it (it cannot hand anything back)."""
+    replica.process.kill()
+    replica.process.wait(10)
+    replica.channel.close()
+
+
+def stream_opens(replica: BrokerProcess, worker_id: str) -> int:
+    """How many Lease streams the worker opened on this replica (from the broker's log)."""
+    return replica.log.read_text(errors="replace").count(f"opened by {worker_id!r}")
+
+
+class Replicas:
+    """Broker processes on the session Redis; whatever still runs at teardown is killed."""
+
+    def __init__(self, directory: Path, redis_url: str) -> None:
+        self._dir = directory
+        self._redis_url = redis_url
+        self.started: list[BrokerProcess] = []
+
+    async def start(self, name: str, env: Mapping[str, str] | None = None) -> BrokerProcess:
+        """Starts a replica and waits until it serves."""
+        replica = BrokerProcess(
+            self._dir / f"data-{name}",
+            {
+                "TASKBROKER_REDIS_URL": self._redis_url,
+                "TASKBROKER_REAP_INTERVAL_S": "0.1",
+                **(env or {}),
+            },
+        )
+        self.started.append(replica)
+        await asyncio.to_thread(replica.wait_serving)
+        return replica
+
+    def close(self) -> None:
+        for replica in self.started:
+            if replica.process.poll() is None:
+                kill(replica)
+            replica.channel.close()
+
+
+class Fleet:
+    """Worker processes against one target, and everyone's history files."""
+
+    def __init__(self, target: str, directory: Path) -> None:
+        self._target = target
+        self._dir = directory
+        self.producer = HistoryWriter(directory / "producer.jsonl")
+        self.workers: list[WorkerProcess] = []
+
+    def start(
+        self, worker_id: str, *, concurrency: int, lease: timedelta, sleep: timedelta
+    ) -> WorkerProcess:
+        worker = WorkerProcess(
+            self._target,
+            self._dir / f"{worker_id}.jsonl",
+            worker_id=worker_id,
+            handlers={"job": "ok"},
+            queues=[QUEUE],
+            concurrency=concurrency,
+            lease=lease,
+            sleep=sleep,
+        )
+        self.workers.append(worker)
+        return worker
+
+    def history(self) -> History:
+        return History.load([self.producer.path, *(w.history for w in self.workers)])
+
+    def deliveries(self) -> list[Delivered]:
+        return History.load(w.history for w in self.workers).deliveries
+
+    async def stop(self) -> None:
+        """SIGTERM every worker; each must exit cleanly."""
+        codes = await asyncio.gather(*(w.aterminate() for w in self.workers))
+        for worker, code in zip(self.workers, codes, strict=True):
+            assert code == 0, worker.log_text()
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
+        self.producer.close()
+
+
+@pytest.fixture
+def replicas(
+    tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis
+) -> Iterator[Replicas]:
+    """Replicas on the session Redis (flushed by `redis_client`)."""
+    replicas = Replicas(tmp_path, redis_server.url)
+    yield replicas
+    replicas.close()
+
+
+async def put_workers_on(
+    first: BrokerProcess, second: FaultProxy, workers: Sequence[WorkerProcess]
+) -> None:
+    """Waits until the workers' streams are open on `first`, then lets them connect to `second`.
+
+    `second` must have been half open (resetting new connections) since the workers started.
+    """
+    ids = [w.worker_id for w in workers]
+
+    async def all_on_first() -> bool:
+        for worker in workers:
+            assert worker.returncode is None, worker.log_text()
+        return all(stream_opens(first, w) == 1 for w in ids)
+
+    await eventually(all_on_first, 20, "every worker's stream open on the first replica")
+    second.pass_through()
+
+    async def all_connected() -> bool:
+        return second.active_connections >= len(ids)
+
+    # gRPC retries a refused subchannel after about 1 s, then 1.6 s, 2.6 s (+-20 %).
+    await eventually(all_connected, 10, "every worker connected to the second replica")
+
+
+async def enqueue(client: Client, fleet: Fleet, first: int, count: int) -> list[str]:
+    """Enqueues tasks `first`..`first+count-1` and records each acknowledged one."""
+    results = await client.enqueue_many(
+        NewTask(QUEUE, "job", str(i).encode()) for i in range(first, first + count)
+    )
+    for result in results:
+        fleet.producer.enqueued(result.task_id)
+    return [r.task_id for r in results]
+
+
+async def queue_stats(client: Client) -> QueueStats:
+    (stats,) = await client.stats(QUEUE)
+    return stats
+
+
+async def until_stats(
+    client: Client, holds: Callable[[QueueStats], bool], timeout_s: float, what: str
+) -> float:
+    async def check() -> bool:
+        return holds(await queue_stats(client))
+
+    return await eventually(check, timeout_s, what)
+
+
+async def final_tasks(client: Client, task_ids: Iterable[str]) -> dict[str, Task]:
+    tasks = await asyncio.gather(*(client.get_task(t) for t in task_ids))
+    return {t.id: t for t in tasks}
+
+
+def check(fleet: Fleet, tasks: Mapping[str, Task]) -> Report:
+    """Runs the checker on the final states; nothing lost, unexpected, completed twice or
+    settled through a stale lease."""
+    report = fleet.history().check({t.id: t.state.name for t in tasks.values()})
+    assert (report.lost, report.unexpected, report.completed_twice, report.stale_accepted) == (
+        (),
+        (),
+        (),
+        (),
+    ), report.render()
+    return report
+
+
+def outcome(task: Task) -> tuple[str, int, tuple[tuple[int, str], ...]]:
+    """What a user reads back: state, attempts and every attempt's error."""
+    return task.state.name, task.attempt, tuple((e.attempt, e.message) for e in task.errors)
+
+
+# --- fault 3: a replica killed -9 under its workers --------------------------------------------
+
+WORKERS: Final = ("w1", "w2", "w3")
+CREDITS_PER_WORKER: Final = 8
+CREDITS: Final = CREDITS_PER_WORKER * len(WORKERS)
+#: Tasks running on the doomed replica's workers when it dies: half the workers' credits.
+RUNNING: Final = CREDITS // 2
+#: Tasks the doomed replica leased while its replies were lost: the other half of the credits.
+IN_FLIGHT: Final = CREDITS - RUNNING
+#: Tasks still pending when it dies.
+LATER: Final = 60
+LEASE: Final = timedelta(seconds=2)
+HANDLER: Final = timedelta(seconds=1)
+NS: Final = 1_000_000_000
+
+
+async def test_workers_of_a_replica_killed_9_move_to_the_survivor_and_nothing_is_lost(
+    replicas: Replicas, tmp_path: Path
+) -> None:
+    """Half the workers' credits run tasks when the replica dies; for the other half it has
+    leased tasks whose deliveries were still on the way (its replies are dropped from just before
+    that, which makes the window deterministic). The running tasks are settled through the
+    survivor; the undelivered ones come back once their 2 s leases run out; the rest is served by
+    the survivor."""
+    doomed, survivor = await asyncio.gather(replicas.start("doomed"), replicas.start("survivor"))
+    async with (
+        FaultProxy() as to_doomed,
+        FaultProxy() as to_survivor,
+        Client(f"127.0.0.1:{survivor.port}") as client,
+    ):
+        await to_doomed.start("127.0.0.1", doomed.port)
+        await to_survivor.start("127.0.0.1", survivor.port)
+        to_survivor.half_open()
+        fleet = Fleet(f"ipv4:{to_doomed.address},{to_survivor.address}", tmp_path)
+        try:
+            workers = [
+                fleet.start(w, concurrency=CREDITS_PER_WORKER, lease=LEASE, sleep=HANDLER)
+                for w in WORKERS
+            ]
+            await put_workers_on(doomed, to_survivor, workers)
+            running = await enqueue(client, fleet, 0, RUNNING)
+
+            async def all_running() -> bool:
+                return len(fleet.deliveries()) == RUNNING
+
+            await eventually(all_running, 10, "the first tasks running")
+            # What the doomed replica sends from now on is lost on the way: the deliveries of
+            # the tasks it leases for the workers' other credits, and its answers to the acks
+            # and extensions of the running tasks.
+            to_doomed.drop_replies()
+            leased_at = time.monotonic_ns()
+            later = await enqueue(client, fleet, RUNNING, IN_FLIGHT + LATER)
+            await until_stats(
+                client, lambda s: s.pending == LATER, 5, "the doomed replica leased its credits"
+            )
+            kill(doomed)
+            killed_at = time.monotonic_ns()
+            to_doomed.reset()  # the dead host's connections end
+            # The survivor reclaims what the dead replica leased once those leases run out.
+            await until_stats(
+                client,
+                lambda s: s.reclaimed_total == IN_FLIGHT,
+                LEASE.total_seconds() + 2,
+                "the dead replica's undelivered tasks reclaimed",
+            )
+            total = RUNNING + IN_FLIGHT + LATER
+            await until_stats(client, lambda s: s.succeeded_total == total, 20, "every task done")
+            await fleet.stop()
+            tasks = await final_tasks(client, running + later)
+            stats = await queue_stats(client)
+        finally:
+            fleet.close()
+
+    history = fleet.history()
+    report = check(fleet, tasks)
+    assert report.duplicate_deliveries == 0, report.render()
+    # The tasks the dead replica leased but never delivered came back when their leases ran out
+    # (not before), and ran once, on the survivor.
+    seen_first = {d.task_id for d in history.deliveries if d.attempt == 1}
+    in_flight = set(later) - seen_first
+    assert len(in_flight) == IN_FLIGHT, report.render()
+    assert stats.reclaimed_total == IN_FLIGHT
+    assert Counter(outcome(tasks[t]) for t in in_flight) == {
+        ("SUCCEEDED", 2, ((1, "lease expired"),)): IN_FLIGHT
+    }
+    assert Counter(outcome(t) for t in tasks.values() if t.id not in in_flight) == {
+        ("SUCCEEDED", 1, ()): total - IN_FLIGHT
+    }
+    returned = [d.at_ns for d in history.deliveries if d.task_id in in_flight]
+    assert min(returned) - leased_at >= LEASE.total_seconds() * NS
+    # The tasks running when the replica died were settled afterwards, through the survivor
+    # (a repeat when the dead replica had applied the ack and only its answer was lost).
+    settled = {s.task_id: s for s in history.settlements}
+    assert all(settled[t].at_ns > killed_at for t in running)
+    assert {s.outcome for s in history.settlements} <= {"ok", "already"}
+    # Every worker moved its stream to the survivor.
+    assert [stream_opens(survivor, w) >= 1 for w in WORKERS] == [True] * len(WORKERS)
+
+
+# --- fault 4: an Enqueue reply lost -----------------------------------------------------------
+
+
+@pytest.fixture
+async def proxy(running: RunningBroker) -> AsyncIterator[FaultProxy]:
+    """A fault proxy in front of the in-process broker."""
+    async with FaultProxy() as proxy:
+        await proxy.start("127.0.0.1", running.broker.port)
+        yield proxy
+
+
+async def direct_stats(running: RunningBroker) -> tuple[int, int, int, int]:
+    """(enqueued_total, succeeded_total, pending, leased) read past the proxy."""
+    (stats,) = (await running.stub.Stats(bs.StatsRequest(queues=[QUEUE]))).queues
+    return stats.enqueued_total, stats.succeeded_total, stats.pending, stats.leased
+
+
+async def test_an_enqueue_retried_after_its_reply_was_lost_stores_one_task(
+    running: RunningBroker, proxy: FaultProxy
+) -> None:
+    """The first call times out (the SDK does not repeat a DEADLINE_EXCEEDED), the producer
+    repeats it with the same idempotency key once the network heals."""
+    task = NewTask(QUEUE, "job", b"only once", idempotency_key="order-42")
+    async with Client(proxy.address, timeout=SHORT_TIMEOUT_S) as producer:
+        await producer.stats(QUEUE)  # connected before the fault
+        proxy.drop_replies()
+        with pytest.raises(UnavailableError) as lost:
+            await producer.enqueue_many([task])
+        assert lost.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert proxy.stats.bytes_dropped_to_client > 0
+        # The request reached the broker and the task is stored: only the answer was lost.
+        assert await direct_stats(running) == (1, 0, 1, 0)
+
+        proxy.reset()  # heals: the torn connection is closed, new ones pass
+        (retry,) = await producer.enqueue_many([task])
+        (again,) = await producer.enqueue_many([task])
+
+    assert retry.duplicate
+    assert again == retry
+    assert await direct_stats(running) == (1, 0, 1, 0)
+    # The one stored task is the one whose id the retry returned.
+    worker = await LeaseStream(running.stub).open([QUEUE], credits=2)
+    (delivery,) = await worker.take(1)
+    assert (delivery.task.id, delivery.task.payload) == (retry.task_id, b"only once")
+    assert (await worker.ack(delivery)).outcome == lease_pb2.SETTLE_OUTCOME_OK
+    assert worker.deliveries.empty()
+    await worker.close()
+
+
+# --- fault 5: an Ack reply lost ---------------------------------------------------------------
+
+
+async def test_an_ack_retried_after_its_reply_was_lost_is_answered_already_settled(
+    running: RunningBroker, proxy: FaultProxy
+) -> None:
+    """A unary Ack whose answer is lost times out; its repeat after healing is a success."""
+    (task_id,) = await enqueue_specs(running.stub, spec(QUEUE, "job", b"x"))
+    holder = await LeaseStream(running.stub).open([QUEUE], credits=1)
+    (delivery,) = await holder.take(1)
+    ack = lease_pb2.AckRequest(task_id=task_id, lease_id=delivery.lease_id, result=b"done")
+    channel = grpc.aio.insecure_channel(proxy.address)
+    try:
+        worker: BrokerServiceAsyncStub = broker_service_pb2_grpc.BrokerServiceStub(channel)
+        await worker.Stats(bs.StatsRequest(queues=[QUEUE]), timeout=5)  # connected first
+        proxy.drop_replies()
+        with pytest.raises(grpc.aio.AioRpcError) as lost:
+            await worker.Ack(ack, timeout=SHORT_TIMEOUT_S)
+        assert lost.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        # The ack was applied; only its answer was lost.
+        assert (await get(running.stub, task_id)).state == task_pb2.TASK_STATE_SUCCEEDED
+
+        proxy.reset()  # heals: the torn connection is closed, new ones pass
+        reply = await retry_unavailable(lambda: worker.Ack(ack, timeout=5))
+    finally:
+        await channel.close()
+
+    assert reply.already_settled
+    task = await get(running.stub, task_id)
+    assert (task.state, task.attempt, task.result, list(task.errors)) == (
+        task_pb2.TASK_STATE_SUCCEEDED,
+        1,
+        b"done",
+        [],
+    )
+    assert await direct_stats(running) == (1, 1, 0, 0)
+    assert holder.deliveries.empty()
+    await holder.close()
+
+
+async def retry_unavailable(call: Callable[[], Awaitable[bs.AckResponse]]) -> bs.AckResponse:
+    """Repeats a call that fails UNAVAILABLE (the channel noticing the reset), as a worker does."""
+    for _ in range(4):
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+                raise
+            await asyncio.sleep(0.1)
+    return await call()
+
+
+# --- fault 12: graceful shutdown under load ---------------------------------------------------
+
+TOTAL: Final = 300
+BATCH: Final = 10
+GRACE_S: Final = 1.5
+FAST: Final = ("fast-1", "fast-2")
+SLOW: Final = "slow"
+SLOW_CREDITS: Final = 4
+#: The slow worker's handlers outlast the grace period by far.
+SLOW_HANDLER: Final = timedelta(seconds=3)
+
+
+async def produce(client: Client, fleet: Fleet) -> list[str]:
+    """A steady stream of tasks, BATCH at a time."""
+    ids: list[str] = []
+    for first in range(0, TOTAL, BATCH):
+        ids += await enqueue(client, fleet, first, BATCH)
+        await asyncio.sleep(0.02)
+    return ids
+
+
+async def wait_exit(replica: BrokerProcess, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    while (code := replica.process.poll()) is None:
+        assert time.monotonic() < deadline, f"broker still running after {timeout_s}s"
+        await asyncio.sleep(POLL_S)
+    return code
+
+
+async def test_a_replica_shut_down_under_load_hands_its_workers_over_without_loss_or_rerun(
+    replicas: Replicas, tmp_path: Path
+) -> None:
+    """SIGTERM to a replica while its workers take a stream of tasks that a producer keeps
+    enqueuing through the other replica. Two workers run tasks of 100 ms, and have some in
+    flight at the signal; a third one's tasks take 3 s, longer than the 1.5 s grace period."""
+    env = {"TASKBROKER_SHUTDOWN_GRACE_S": str(GRACE_S)}
+    leaving, staying = await asyncio.gather(
+        replicas.start("leaving", env), replicas.start("staying", env)
+    )
+    health_channel = grpc.aio.insecure_channel(f"127.0.0.1:{leaving.port}")
+    health = health_pb2_grpc.HealthStub(health_channel)
+    async with FaultProxy() as to_staying, Client(f"127.0.0.1:{staying.port}") as client:
+        await to_staying.start("127.0.0.1", staying.port)
+        to_staying.half_open()
+        fleet = Fleet(f"ipv4:127.0.0.1:{leaving.port},{to_staying.address}", tmp_path)
+        producer: asyncio.Task[list[str]] | None = None
+        try:
+            lease = timedelta(seconds=10)
+            fast = [
+                fleet.start(w, concurrency=4, lease=lease, sleep=timedelta(milliseconds=100))
+                for w in FAST
+            ]
+            slow = fleet.start(SLOW, concurrency=SLOW_CREDITS, lease=lease, sleep=SLOW_HANDLER)
+            await put_workers_on(leaving, to_staying, [*fast, slow])
+            request = health_pb2.HealthCheckRequest()
+            serving = health_pb2.HealthCheckResponse.SERVING
+            assert (await health.Check(request, timeout=5)).status == serving
+            producer = asyncio.create_task(produce(client, fleet))
+
+            async def busy() -> bool:
+                delivered = Counter(d.worker for d in fleet.deliveries())
+                return delivered[SLOW] == SLOW_CREDITS and min(delivered[w] for w in FAST) >= 8
+
+            await eventually(busy, 10, "every worker busy")
+            leaving.process.send_signal(signal.SIGTERM)
+            term_at = time.monotonic_ns()
+            statuses: list[int] = []  # polled without a pause, from right after the signal
+            while (not statuses or statuses[-1] == serving) and len(statuses) < 1000:
+                statuses.append((await health.Check(request, timeout=1)).status)
+            not_serving_s = (time.monotonic_ns() - term_at) / NS
+            ids = await producer
+            await until_stats(client, lambda s: s.succeeded_total == TOTAL, 20, "every task done")
+            exit_code = await wait_exit(leaving, 5)
+            await fleet.stop()
+            tasks = await final_tasks(client, ids)
+            stats = await queue_stats(client)
+        finally:
+            if producer is not None and not producer.done():
+                producer.cancel()
+            await health_channel.close()
+            fleet.close()
+
+    assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert not_serving_s < 0.5
+    assert exit_code == 0, leaving.log.read_text()
+    for worker in fleet.workers:  # each got the drain notice and moved to the other replica
+        assert re.search(r"lease stream \w+: the broker is shutting down", worker.log_text())
+        assert stream_opens(staying, worker.worker_id) >= 1
+    history = fleet.history()
+    report = check(fleet, tasks)
+
+    # The slow worker's tasks were still running at the deadline: they went back to the queue
+    # then (not before), ran again elsewhere, and the slow worker's late acks were refused.
+    deliveries = history.deliveries
+    held = {d.task_id for d in deliveries if d.worker == SLOW and d.at_ns < term_at}
+    assert len(held) == SLOW_CREDITS
+    assert stats.reclaimed_total == SLOW_CREDITS
+    assert Counter(outcome(tasks[t]) for t in held) == {
+        ("SUCCEEDED", 2, ((1, "lease stream closed"),)): SLOW_CREDITS
+    }
+    reruns = [d for d in deliveries if d.task_id in held and d.attempt == 2]
+    assert len(reruns) == SLOW_CREDITS
+    assert min(d.at_ns for d in reruns) - term_at >= GRACE_S * NS
+    assert report.duplicate_deliveries == SLOW_CREDITS, report.render()
+    assert report.stale_refused == SLOW_CREDITS, report.render()
+    # Everything else ran once, and every ack was accepted, those in flight at SIGTERM included.
+    assert Counter(outcome(t) for t in tasks.values() if t.id not in held) == {
+        ("SUCCEEDED", 1, ()): TOTAL - SLOW_CREDITS
+    }
+    assert Counter((s.kind, s.outcome) for s in history.settlements) == {
+        ("ack", "ok"): TOTAL,
+        ("ack", "stale"): SLOW_CREDITS,
+    }
+    delivered_at = {(d.task_id, d.lease_id): d.at_ns for d in deliveries}
+    in_flight = [
+        s
+        for s in history.settlements
+        if s.outcome == "ok" and delivered_at[s.task_id, s.lease_id] < term_at < s.at_ns
+    ]
+    assert in_flight, "no ack was in flight at SIGTERM"
+    # No task whose ack was accepted was delivered again.
+    acked_at = {s.task_id: s.at_ns for s in history.settlements if s.outcome == "ok"}
+    assert [d.task_id for d in deliveries if d.at_ns > acked_at[d.task_id]] == []
