@@ -24,7 +24,6 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Iterable,
     Iterator,
     Mapping,
     Sequence,
@@ -38,10 +37,11 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from taskbroker import Client, NewTask, QueueStats, Task, UnavailableError
+from taskbroker import Client, NewTask, Task, UnavailableError
 from taskbroker.v1 import broker_service_pb2 as bs
 from taskbroker.v1 import broker_service_pb2_grpc, lease_pb2, task_pb2
 from tests.conftest import RunningBroker
+from tests.faults.observe import POLL_S, QUEUE, eventually, final_tasks, queue_stats, until_stats
 from tests.support.broker_process import BrokerProcess
 from tests.support.fault_proxy import FaultProxy
 from tests.support.history import Delivered, History, HistoryWriter, Report
@@ -54,28 +54,12 @@ from tests.support.worker_process import WorkerProcess
 if TYPE_CHECKING:
     from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub
 
-QUEUE: Final = "jobs"
 #: How often conditions are polled.
-POLL_S: Final = 0.02
 #: A unary call whose reply was dropped fails after this long.
 SHORT_TIMEOUT_S: Final = 0.5
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> float:
-    """Polls `check` until it holds; returns how long that took.
-
-    Raises:
-        AssertionError: It did not hold within `timeout_s`.
-    """
-    start = time.monotonic()
-    while not await check():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"not within {timeout_s}s: {what}")
-        await asyncio.sleep(POLL_S)
-    return time.monotonic() - start
 
 
 def kill(replica: BrokerProcess) -> None:
@@ -204,25 +188,6 @@ async def enqueue(client: Client, fleet: Fleet, first: int, count: int) -> list[
     for result in results:
         fleet.producer.enqueued(result.task_id)
     return [r.task_id for r in results]
-
-
-async def queue_stats(client: Client) -> QueueStats:
-    (stats,) = await client.stats(QUEUE)
-    return stats
-
-
-async def until_stats(
-    client: Client, holds: Callable[[QueueStats], bool], timeout_s: float, what: str
-) -> float:
-    async def check() -> bool:
-        return holds(await queue_stats(client))
-
-    return await eventually(check, timeout_s, what)
-
-
-async def final_tasks(client: Client, task_ids: Iterable[str]) -> dict[str, Task]:
-    tasks = await asyncio.gather(*(client.get_task(t) for t in task_ids))
-    return {t.id: t for t in tasks}
 
 
 def check(fleet: Fleet, tasks: Mapping[str, Task]) -> Report:

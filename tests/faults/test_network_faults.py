@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -38,11 +37,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from broker.config import Settings
-from taskbroker import Client, NewTask, QueueStats, Task, TaskContext, TaskState, Worker, handler
+from taskbroker import Client, NewTask, Task, TaskContext, TaskState, Worker, handler
 from taskbroker.v1 import broker_service_pb2 as bs
 from tests.conftest import RunningBroker, start_broker
+from tests.faults.observe import (
+    QUEUE,
+    deliveries,
+    eventually,
+    final_tasks,
+    queue_stats,
+    settlements,
+    until_stats,
+)
 from tests.support.fault_proxy import FaultProxy
-from tests.support.history import Delivered, History, HistoryWriter, Report, Settled
+from tests.support.history import History, HistoryWriter, Report
 from tests.support.redis_server import RedisServer
 from tests.support.tasks import get, spec
 from tests.support.worker_process import HandlerMode, WorkerProcess
@@ -50,10 +58,8 @@ from tests.support.worker_process import HandlerMode, WorkerProcess
 if TYPE_CHECKING:
     from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub
 
-QUEUE: Final = "jobs"
 LOOPBACK: Final = "127.0.0.1"
 #: How often conditions are polled.
-POLL_S: Final = 0.02
 #: What a call may answer while Redis cannot be reached.
 TRANSIENT: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -123,56 +129,6 @@ async def broker_proxy(running: RunningBroker) -> AsyncIterator[FaultProxy]:
         yield proxy
 
 
-async def eventually(
-    check: Callable[[], bool | Awaitable[bool]], timeout_s: float, what: str
-) -> float:
-    """Polls `check` (plain or async) until it holds; returns how long that took.
-
-    Raises:
-        AssertionError: It did not hold within `timeout_s`.
-    """
-
-    async def holds() -> bool:
-        result = check()
-        return await result if inspect.isawaitable(result) else result
-
-    start = time.monotonic()
-    while not await holds():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"not within {timeout_s}s: {what}")
-        await asyncio.sleep(POLL_S)
-    return time.monotonic() - start
-
-
-async def queue_stats(client: Client) -> QueueStats:
-    (stats,) = await client.stats(QUEUE)
-    return stats
-
-
-async def until_stats(
-    client: Client, holds: Callable[[QueueStats], bool], timeout_s: float, what: str
-) -> float:
-    async def check() -> bool:
-        return holds(await queue_stats(client))
-
-    return await eventually(check, timeout_s, what)
-
-
-async def deliveries(worker: WorkerProcess, count: int, timeout_s: float = 15.0) -> list[Delivered]:
-    """Waits until the worker has started `count` handlers; returns those deliveries."""
-
-    async def check() -> bool:
-        assert worker.returncode is None, worker.log_text()
-        return len(History.load([worker.history]).deliveries) >= count
-
-    await eventually(check, timeout_s, f"{count} deliveries to {worker.worker_id}")
-    return History.load([worker.history]).deliveries
-
-
-def settlements(worker: WorkerProcess) -> list[Settled]:
-    return History.load([worker.history]).settlements
-
-
 async def enqueue(client: Client, harness: Harness, count: int) -> list[str]:
     """Enqueues `count` "job" tasks and records each acknowledged one."""
     results = await client.enqueue_many(
@@ -181,11 +137,6 @@ async def enqueue(client: Client, harness: Harness, count: int) -> list[str]:
     for result in results:
         harness.producer.enqueued(result.task_id)
     return [r.task_id for r in results]
-
-
-async def final_tasks(client: Client, task_ids: Iterable[str]) -> dict[str, Task]:
-    tasks = await asyncio.gather(*(client.get_task(t) for t in task_ids))
-    return {t.id: t for t in tasks}
 
 
 def check(harness: Harness, tasks: Mapping[str, Task]) -> Report:

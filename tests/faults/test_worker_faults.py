@@ -9,18 +9,25 @@ a stale lease.
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from taskbroker import Client, NewTask, QueueStats, Task
+from taskbroker import Client, NewTask, Task
 from tests.conftest import RunningBroker
+from tests.faults.observe import (
+    QUEUE,
+    deliveries,
+    eventually,
+    final_tasks,
+    queue_stats,
+    settlements,
+    until_stats,
+)
 from tests.support.history import (
     Delivered,
     Enqueued,
@@ -31,9 +38,7 @@ from tests.support.history import (
 )
 from tests.support.worker_process import CRASH_EXIT_CODE, HandlerMode, WorkerProcess
 
-QUEUE = "jobs"
 #: How often conditions are polled.
-POLL_S = 0.02
 
 
 class Harness:
@@ -100,54 +105,6 @@ async def enqueue(
     for result in results:
         harness.producer.enqueued(result.task_id)
     return [r.task_id for r in results]
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> float:
-    """Polls `check` until it holds; returns how long that took.
-
-    Raises:
-        AssertionError: It did not hold within `timeout_s`.
-    """
-    start = time.monotonic()
-    while not await check():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"not within {timeout_s}s: {what}")
-        await asyncio.sleep(POLL_S)
-    return time.monotonic() - start
-
-
-async def queue_stats(client: Client) -> QueueStats:
-    (stats,) = await client.stats(QUEUE)
-    return stats
-
-
-async def until_stats(
-    client: Client, holds: Callable[[QueueStats], bool], timeout_s: float, what: str
-) -> float:
-    async def check() -> bool:
-        return holds(await queue_stats(client))
-
-    return await eventually(check, timeout_s, what)
-
-
-async def deliveries(worker: WorkerProcess, count: int, timeout_s: float = 15.0) -> list[Delivered]:
-    """Waits until the worker has started `count` handlers; returns those deliveries."""
-
-    async def check() -> bool:
-        assert worker.returncode is None, worker.log_text()
-        return len(History.load([worker.history]).deliveries) >= count
-
-    await eventually(check, timeout_s, f"{count} deliveries to {worker.worker_id}")
-    return History.load([worker.history]).deliveries
-
-
-def settlements(worker: WorkerProcess) -> list[Settled]:
-    return History.load([worker.history]).settlements
-
-
-async def final_tasks(client: Client, task_ids: Iterable[str]) -> dict[str, Task]:
-    tasks = await asyncio.gather(*(client.get_task(t) for t in task_ids))
-    return {t.id: t for t in tasks}
 
 
 def check(harness: Harness, tasks: Mapping[str, Task]) -> Report:

@@ -1,0 +1,79 @@
+"""Waiting on and reading back what the fault tests observe: polls, queue stats, worker
+histories and final task states. Shared by the fault test modules."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Final
+
+from taskbroker import Client, QueueStats, Task
+from tests.support.history import Delivered, History, Settled
+from tests.support.worker_process import WorkerProcess
+
+#: The queue every fault test uses.
+QUEUE: Final = "jobs"
+#: How often a condition is re-checked while waiting for it.
+POLL_S: Final = 0.02
+
+
+async def eventually(
+    check: Callable[[], bool | Awaitable[bool]], timeout_s: float, what: str
+) -> float:
+    """Polls `check` (plain or async) until it holds; returns how long that took.
+
+    Raises:
+        AssertionError: It did not hold within `timeout_s`.
+    """
+
+    async def holds() -> bool:
+        result = check()
+        return await result if inspect.isawaitable(result) else result
+
+    start = time.monotonic()
+    while not await holds():
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"not within {timeout_s}s: {what}")
+        await asyncio.sleep(POLL_S)
+    return time.monotonic() - start
+
+
+async def queue_stats(client: Client) -> QueueStats:
+    """The fault queue's stats."""
+    (stats,) = await client.stats(QUEUE)
+    return stats
+
+
+async def until_stats(
+    client: Client, holds: Callable[[QueueStats], bool], timeout_s: float, what: str
+) -> float:
+    """Waits until the fault queue's stats satisfy `holds`; returns how long that took."""
+
+    async def check() -> bool:
+        return holds(await queue_stats(client))
+
+    return await eventually(check, timeout_s, what)
+
+
+async def deliveries(worker: WorkerProcess, count: int, timeout_s: float = 15.0) -> list[Delivered]:
+    """Waits until the worker has started `count` handlers; returns those deliveries."""
+
+    async def check() -> bool:
+        assert worker.returncode is None, worker.log_text()
+        return len(History.load([worker.history]).deliveries) >= count
+
+    await eventually(check, timeout_s, f"{count} deliveries to {worker.worker_id}")
+    return History.load([worker.history]).deliveries
+
+
+def settlements(worker: WorkerProcess) -> list[Settled]:
+    """The settlements the worker recorded so far."""
+    return History.load([worker.history]).settlements
+
+
+async def final_tasks(client: Client, task_ids: Iterable[str]) -> dict[str, Task]:
+    """Every task by id, as the broker holds it now."""
+    tasks = await asyncio.gather(*(client.get_task(t) for t in task_ids))
+    return {t.id: t for t in tasks}
