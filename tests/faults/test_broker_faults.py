@@ -54,7 +54,6 @@ from tests.support.worker_process import WorkerProcess
 if TYPE_CHECKING:
     from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub
 
-#: How often conditions are polled.
 #: A unary call whose reply was dropped fails after this long.
 SHORT_TIMEOUT_S: Final = 0.5
 

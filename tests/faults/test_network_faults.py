@@ -59,7 +59,6 @@ if TYPE_CHECKING:
     from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub
 
 LOOPBACK: Final = "127.0.0.1"
-#: How often conditions are polled.
 #: What a call may answer while Redis cannot be reached.
 TRANSIENT: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 

@@ -38,8 +38,6 @@ from tests.support.history import (
 )
 from tests.support.worker_process import CRASH_EXIT_CODE, HandlerMode, WorkerProcess
 
-#: How often conditions are polled.
-
 
 class Harness:
     """Starts worker processes against one broker and collects everyone's history files."""
