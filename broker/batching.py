@@ -40,17 +40,27 @@ class Batcher(Generic[T, R]):
         # The flush goes on if this caller is cancelled (deadline): other callers share it.
         return await asyncio.shield(future)
 
+    async def submit_many(self, key: str, items: Sequence[T]) -> list[R | BaseException]:
+        """Queues several items at once and waits for all: one result or exception per item, in
+        order (nothing raises, so one bad item cannot hide the others' outcomes)."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[R]] = [loop.create_future() for _ in items]
+        self._waiting.setdefault(key, []).extend(zip(items, futures, strict=True))
+        if key not in self._flushers:
+            self._flushers[key] = asyncio.create_task(self._run(key), name=f"flush {key}")
+        return await asyncio.shield(asyncio.gather(*futures, return_exceptions=True))
+
     async def _run(self, key: str) -> None:
         try:
             while waiting := self._waiting.get(key):
-                batch: list[tuple[T, asyncio.Future[R]]] = []
-                total = 0
-                while waiting and (
-                    not batch or total + self._cost(waiting[0][0]) <= self._max_cost
+                size, total = 0, 0
+                while size < len(waiting) and (
+                    size == 0 or total + self._cost(waiting[size][0]) <= self._max_cost
                 ):
-                    entry = waiting.pop(0)
-                    batch.append(entry)
-                    total += self._cost(entry[0])
+                    total += self._cost(waiting[size][0])
+                    size += 1
+                batch = waiting[:size]
+                del waiting[:size]
                 await self._flush_batch(key, batch)
         finally:
             del self._flushers[key]

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from broker.batching import Batcher
 from broker.config import Settings
-from broker.errors import IdempotencyConflict, InvalidArgument, LeaseStale, TaskFinished
+from broker.errors import (
+    BrokerError,
+    IdempotencyConflict,
+    InvalidArgument,
+    LeaseStale,
+    TaskFinished,
+)
 from broker.errors import TaskNotFound as TaskNotFoundError
 from broker.ids import IdGenerator, check_name, parse_task_id
 from broker.models import (
@@ -30,6 +37,7 @@ from broker.models import (
     TaskState,
 )
 from broker.store.redis_store import IdempotencyConflictAt, RedisStore
+from broker.web.timings import TaskTimings
 
 MAX_TASKS_PER_CALL = 1000
 MAX_HEADERS = 64
@@ -84,6 +92,8 @@ class TaskQueue:
         self._acks = Batcher[AckItem, SettleResult](self._store.ack, MAX_BATCH_ITEMS, _one)
         self._nacks = Batcher[NackItem, SettleResult](self._store.nack, MAX_BATCH_ITEMS, _one)
         self._extends = Batcher[ExtendItem, SettleResult](self._store.extend, MAX_BATCH_ITEMS, _one)
+        #: Queue wait and processing time, observed in-process for /metrics (O(1) per task).
+        self.timings = TaskTimings()
 
     @property
     def settings(self) -> Settings:
@@ -216,7 +226,9 @@ class TaskQueue:
 
     async def lease(self, queue: str, slots: Sequence[tuple[str, int]]) -> LeaseBatch:
         """Leases up to len(slots) tasks; slot = (fresh lease id, lease ms for the worker)."""
-        return await self._store.lease(queue, slots)
+        batch = await self._store.lease(queue, slots)
+        self.timings.leased(queue, batch)
+        return batch
 
     def ref(self, field_name: str, task_id: str) -> TaskRef:
         return parse_task_id(field_name, task_id)
@@ -228,25 +240,25 @@ class TaskQueue:
         if len(lease_id) != 32 or any(c not in "0123456789abcdef" for c in lease_id):
             raise InvalidArgument("lease_id", "not a lease id (32 hex characters)")
 
-    async def ack(self, task_id: str, lease_id: str, result: bytes) -> SettleResult:
-        """Settles a lease as succeeded; a repeat with the same lease answers AGAIN."""
+    def ack_item(self, task_id: str, lease_id: str, result: bytes) -> AckItem:
+        """Checks an ack. Raises InvalidArgument."""
         ref = self.ref("task_id", task_id)
         self._check_lease_id(lease_id)
         if len(result) > self._settings.max_payload_bytes:
             raise InvalidArgument(
                 "result", f"exceeds the limit of {self._settings.max_payload_bytes}"
             )
-        return _fenced(task_id, await self._acks.submit(ref.queue, AckItem(ref, lease_id, result)))
+        return AckItem(ref, lease_id, result)
 
-    async def nack(
+    def nack_item(
         self, task_id: str, lease_id: str, error: str, retry_delay_ms: int | None, dead_letter: bool
-    ) -> SettleResult:
-        """Settles a lease as failed: retried after the backoff (or retry_delay_ms), or dead."""
+    ) -> NackItem:
+        """Checks a nack. Raises InvalidArgument."""
         ref = self.ref("task_id", task_id)
         self._check_lease_id(lease_id)
         if retry_delay_ms is not None:
             _check_range("retry_delay", retry_delay_ms, 0, MAX_BACKOFF_MS, " ms")
-        item = NackItem(
+        return NackItem(
             ref=ref,
             lease_id=lease_id,
             error=_truncate(error or "failed (no error message)", MAX_ERROR_BYTES),
@@ -254,16 +266,78 @@ class TaskQueue:
             dead_letter=dead_letter,
             jitter=random.random(),  # full jitter (AWS architecture blog, "Exponential Backoff")
         )
-        return _fenced(task_id, await self._nacks.submit(ref.queue, item))
 
-    async def extend(self, task_id: str, lease_id: str, duration_ms: int | None) -> SettleResult:
-        """Pushes a lease's expiry to now + duration (default: its original length)."""
+    def extend_item(self, task_id: str, lease_id: str, duration_ms: int | None) -> ExtendItem:
+        """Checks an extension. Raises InvalidArgument."""
         ref = self.ref("task_id", task_id)
         self._check_lease_id(lease_id)
         if duration_ms is not None:
             _check_range("lease_duration", duration_ms, MIN_LEASE_MS, MAX_LEASE_MS, " ms")
-        item = ExtendItem(ref, lease_id, -1 if duration_ms is None else duration_ms)
-        return _fenced(task_id, await self._extends.submit(ref.queue, item))
+        return ExtendItem(ref, lease_id, -1 if duration_ms is None else duration_ms)
+
+    async def ack(self, task_id: str, lease_id: str, result: bytes) -> SettleResult:
+        """Settles a lease as succeeded; a repeat with the same lease answers AGAIN."""
+        return _raise_or_return(await self.settle([self.ack_item(task_id, lease_id, result)]))
+
+    async def nack(
+        self, task_id: str, lease_id: str, error: str, retry_delay_ms: int | None, dead_letter: bool
+    ) -> SettleResult:
+        """Settles a lease as failed: retried after the backoff (or retry_delay_ms), or dead."""
+        item = self.nack_item(task_id, lease_id, error, retry_delay_ms, dead_letter)
+        return _raise_or_return(await self.settle([item]))
+
+    async def extend(self, task_id: str, lease_id: str, duration_ms: int | None) -> SettleResult:
+        """Pushes a lease's expiry to now + duration (default: its original length)."""
+        return _raise_or_return(
+            await self.settle([self.extend_item(task_id, lease_id, duration_ms)])
+        )
+
+    async def settle(self, items: Sequence[SettleItem]) -> list[SettleResult | BrokerError]:
+        """Applies checked acks, nacks and extensions: concurrent callers' items share one
+        script call per queue and kind (group commit). Never raises: each item gets its result,
+        or LeaseStale, TaskNotFound or the store's error."""
+        groups: dict[tuple[type, str], list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault((type(item), item.ref.queue), []).append(i)
+        results: list[SettleResult | BrokerError | None] = [None] * len(items)
+
+        async def run(kind: type, queue: str, positions: list[int]) -> None:
+            group = [items[i] for i in positions]
+            outcomes = await self._batcher(kind).submit_many(queue, group)
+            for i, item, outcome in zip(positions, group, outcomes, strict=True):
+                results[i] = self._observe(item, outcome)
+
+        if len(groups) == 1:  # the common case: no gather, no extra tasks
+            [((kind, queue), positions)] = groups.items()
+            await run(kind, queue, positions)
+        else:
+            await asyncio.gather(*(run(k, q, p) for (k, q), p in groups.items()))
+        return [r for r in results if r is not None]
+
+    def _batcher(self, kind: type) -> Batcher[Any, SettleResult]:
+        if kind is AckItem:
+            return self._acks
+        if kind is NackItem:
+            return self._nacks
+        return self._extends
+
+    def _observe(
+        self, item: SettleItem, outcome: SettleResult | BaseException
+    ) -> SettleResult | BrokerError:
+        """Feeds the timings, and turns a refused fence into its error."""
+        if isinstance(outcome, BaseException):
+            if isinstance(outcome, BrokerError):
+                return outcome
+            raise outcome  # a bug, not an outcome
+        if isinstance(item, AckItem):
+            self.timings.acked(item.ref.queue, item.lease_id, outcome.status)
+        elif isinstance(item, NackItem):
+            self.timings.nacked(item.lease_id)
+        if outcome.status is SettleStatus.STALE:
+            return LeaseStale(item.ref.task_id)
+        if outcome.status is SettleStatus.NOT_FOUND:
+            return TaskNotFoundError(item.ref.task_id)
+        return outcome
 
     async def release(self, leases: Sequence[tuple[TaskRef, str]], reason: str) -> int:
         """Gives back leases still current (their stream ended). Returns how many."""
@@ -395,11 +469,14 @@ def _one(_: object) -> int:
     return 1
 
 
-def _fenced(task_id: str, result: SettleResult) -> SettleResult:
-    if result.status is SettleStatus.STALE:
-        raise LeaseStale(task_id)
-    if result.status is SettleStatus.NOT_FOUND:
-        raise TaskNotFoundError(task_id)
+#: Acks, nacks and extensions, checked and ready for the store.
+SettleItem: TypeAlias = AckItem | NackItem | ExtendItem
+
+
+def _raise_or_return(results: list[SettleResult | BrokerError]) -> SettleResult:
+    [result] = results
+    if isinstance(result, BrokerError):
+        raise result
     return result
 
 

@@ -6,18 +6,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
+from collections import deque
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from broker.api import convert
 from broker.api.status import error_status, to_status
-from broker.errors import BrokerError, InvalidArgument, LeaseStale, StoreUnavailable, TaskNotFound
+from broker.errors import BrokerError, InvalidArgument, LeaseStale, TaskNotFound
 from broker.ids import check_name
-from broker.models import Lease, SettleResult, TaskRef
-from broker.queue import MAX_LEASE_MS, MIN_LEASE_MS
+from broker.models import ExtendItem, Lease, SettleResult, SettleStatus, TaskRef
+from broker.queue import MAX_LEASE_MS, MIN_LEASE_MS, SettleItem
 from taskbroker.v1 import lease_pb2
 
 if TYPE_CHECKING:
@@ -29,8 +31,10 @@ log = logging.getLogger(__name__)
 MAX_QUEUES_PER_STREAM = 64
 #: Unused credits a stream may hold; bounds what one worker can pin.
 MAX_CREDITS = 10_000
-#: Frames merged into one write when they queue up (deliveries or settle results).
-MAX_MERGE = 500
+#: Frames queued up behind one another (deliveries or settle results) merge into one write of
+#: at most this size; one large task may exceed it (the limit is 16 MiB above the payload's).
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+_MERGEABLE = frozenset({"deliveries", "settle_results"})
 
 Frame = lease_pb2.LeaseResponse
 
@@ -101,6 +105,10 @@ class LeaseSession:
         self._settling: set[asyncio.Task[None]] = set()
         self._sub: Subscription | None = None
         self.closed = False
+        #: For the dashboard (/api/workers): who opened the stream, on what, since when (epoch ms).
+        self.worker_id = ""
+        self.queues: tuple[str, ...] = ()
+        self.opened_ms = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -109,6 +117,7 @@ class LeaseSession:
         if opened is None:
             return
         queues, lease_ms, credits = opened
+        self.queues, self.opened_ms = tuple(queues), int(time.time() * 1000)
         self._registry.sessions.add(self)
         self._sub = self._dispatcher.subscribe(queues, lease_ms, self._deliver)
         reader = asyncio.create_task(self._read_loop(), name=f"lease {self.stream_id} reader")
@@ -171,6 +180,7 @@ class LeaseSession:
                 raise InvalidArgument(
                     "open.lease_duration", f"must be {MIN_LEASE_MS} ms to {MAX_LEASE_MS} ms"
                 )
+        self.worker_id = frame.worker_id
         log.info("lease stream %s opened by %r on %s", self.stream_id, frame.worker_id, queues)
         return queues, lease_ms, frame.credits
 
@@ -203,36 +213,44 @@ class LeaseSession:
     async def _write_loop(self) -> None:
         while (frame := await self._outbox.get()) is not None:
             kind = frame.WhichOneof("frame")
-            # Merge frames that queued up behind this one into one write.
-            while kind in ("deliveries", "settle_results") and not self._outbox.empty():
-                nxt = self._outbox._queue[0]  # type: ignore[attr-defined]
-                if nxt is None or nxt.WhichOneof("frame") != kind:
-                    break
-                self._outbox.get_nowait()
-                getattr(frame, kind).MergeFrom(getattr(nxt, kind))
-                if (
-                    len(
-                        getattr(
-                            getattr(frame, kind),
-                            "deliveries" if kind == "deliveries" else "results",
-                        )
-                    )
-                    >= MAX_MERGE
-                ):
-                    break
+            if kind in _MERGEABLE:
+                self._merge_queued(frame, kind)
             await self._write(frame)
+
+    def _merge_queued(self, frame: Frame, kind: str) -> None:
+        """Merges frames of the same kind queued behind this one into it, up to a size that
+        stays well inside gRPC's message limit: fewer, larger writes under load."""
+        size = frame.ByteSize()
+        queued: deque[Frame | None] = self._outbox._queue  # type: ignore[attr-defined]
+        while queued and (nxt := queued[0]) is not None and nxt.WhichOneof("frame") == kind:
+            nxt_size = nxt.ByteSize()
+            if size + nxt_size > MAX_FRAME_BYTES:
+                return
+            self._outbox.get_nowait()
+            getattr(frame, kind).MergeFrom(getattr(nxt, kind))
+            size += nxt_size
 
     def _deliver(self, leases: list[Lease]) -> bool:
         """Called by the queue pump with tasks leased for this stream."""
         if self.closed:
             return False
+        deliveries: list[lease_pb2.Delivery] = []
+        size = 0
         for lease in leases:
             self._held[lease.lease_id] = lease.task.ref
             self._registry.held(lease.lease_id, self)
-        self._outbox.put_nowait(
-            Frame(deliveries=lease_pb2.Deliveries(deliveries=[convert.delivery(x) for x in leases]))
-        )
+            delivery = convert.delivery(lease)
+            delivery_size = delivery.ByteSize()
+            if deliveries and size + delivery_size > MAX_FRAME_BYTES:
+                self._send_deliveries(deliveries)
+                deliveries, size = [], 0
+            deliveries.append(delivery)
+            size += delivery_size
+        self._send_deliveries(deliveries)
         return True
+
+    def _send_deliveries(self, deliveries: list[lease_pb2.Delivery]) -> None:
+        self._outbox.put_nowait(Frame(deliveries=lease_pb2.Deliveries(deliveries=deliveries)))
 
     def forget(self, lease_id: str) -> None:
         self._held.pop(lease_id, None)
@@ -241,6 +259,16 @@ class LeaseSession:
     def holding(self) -> bool:
         """Whether the stream still holds leases (shutdown waits for them to settle)."""
         return bool(self._held)
+
+    @property
+    def credits(self) -> int:
+        """Credits granted and not yet used."""
+        return self._sub.credits if self._sub is not None else 0
+
+    @property
+    def in_flight(self) -> int:
+        """Leases the stream holds."""
+        return len(self._held)
 
     def revoke(self, task_id: str, lease_id: str, reason: str) -> None:
         self._held.pop(lease_id, None)
@@ -301,76 +329,116 @@ class LeaseSession:
     def _handle(self, request: lease_pb2.LeaseRequest) -> None:
         kind = request.WhichOneof("frame")
         if kind == "credit":
-            n = request.credit.credits
-            if not 1 <= n <= MAX_CREDITS:
-                self._fail_invalid("credit.credits", f"must be 1 to {MAX_CREDITS}")
-            elif self._sub is not None and self._sub.credits + n > MAX_CREDITS:
-                self._fail_invalid("credit.credits", f"unused credits would exceed {MAX_CREDITS}")
-            else:
-                self._grant(n)
-        elif kind in ("ack", "nack", "extend"):
-            task = asyncio.create_task(self._settle(request))
-            self._settling.add(task)
-            task.add_done_callback(self._settling.discard)
+            self._credit("credit.credits", request.credit.credits)
+        elif kind == "ack":
+            self._settle_frames([("ack", request.ack)])
+        elif kind == "nack":
+            self._settle_frames([("nack", request.nack)])
+        elif kind == "extend":
+            self._settle_frames([("extend", request.extend)])
+        elif kind == "settlements":
+            batch = request.settlements
+            frames: list[tuple[str, _SettleFrame]] = [("ack", m) for m in batch.acks]
+            frames += [("nack", m) for m in batch.nacks]
+            frames += [("extend", m) for m in batch.extends]
+            if frames:
+                self._settle_frames(frames)
+            if batch.credits:
+                self._credit("settlements.credits", batch.credits)
         elif kind == "open":
             self._fail_invalid("open", "sent twice")
         else:
             self._fail_invalid("frame", "empty frame")
+
+    def _credit(self, field: str, n: int) -> None:
+        if not 1 <= n <= MAX_CREDITS:
+            self._fail_invalid(field, f"must be 1 to {MAX_CREDITS}")
+        elif self._sub is not None and self._sub.credits + n > MAX_CREDITS:
+            self._fail_invalid(field, f"unused credits would exceed {MAX_CREDITS}")
+        else:
+            self._grant(n)
 
     def _grant(self, n: int) -> None:
         if self._dispatcher.draining or self._sub is None:
             return
         self._sub.add_credits(n)
 
-    async def _settle(self, request: lease_pb2.LeaseRequest) -> None:
-        kind = request.WhichOneof("frame")
-        msg = getattr(request, kind)  # type: ignore[arg-type]
-        out = lease_pb2.SettleResult(
-            task_id=msg.task_id,
-            lease_id=msg.lease_id,
-            kind={
-                "ack": lease_pb2.SETTLE_KIND_ACK,
-                "nack": lease_pb2.SETTLE_KIND_NACK,
-                "extend": lease_pb2.SETTLE_KIND_EXTEND,
-            }[kind],  # type: ignore[index]
-        )
-        try:
-            result = await self._apply(kind, msg)  # type: ignore[arg-type]
-            out.outcome = lease_pb2.SETTLE_OUTCOME_OK
-            out.already_settled = result.status.value == "again"
-            if kind == "extend":
-                out.lease_expire_time.CopyFrom(convert.to_timestamp(result.time_ms))
-            else:
-                self._registry.forget(msg.lease_id)
-                self.forget(msg.lease_id)
-        except LeaseStale as exc:
-            out.outcome, out.message = lease_pb2.SETTLE_OUTCOME_LEASE_STALE, str(exc)
-            self._registry.forget(msg.lease_id)
-            self.forget(msg.lease_id)
-        except TaskNotFound as exc:
-            out.outcome, out.message = lease_pb2.SETTLE_OUTCOME_NOT_FOUND, str(exc)
-        except InvalidArgument as exc:
-            out.outcome, out.message = lease_pb2.SETTLE_OUTCOME_INVALID_ARGUMENT, str(exc)
-        except StoreUnavailable as exc:
-            out.outcome, out.message = lease_pb2.SETTLE_OUTCOME_UNAVAILABLE, str(exc)
-        except BrokerError as exc:
-            out.outcome, out.message = lease_pb2.SETTLE_OUTCOME_UNAVAILABLE, str(exc)
-        self._outbox.put_nowait(Frame(settle_results=lease_pb2.SettleResults(results=[out])))
+    def _settle_frames(self, frames: list[tuple[str, _SettleFrame]]) -> None:
+        task = asyncio.create_task(self._settle(frames))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
-    async def _apply(self, kind: str, msg: object) -> SettleResult:
-        if kind == "ack":
-            assert isinstance(msg, lease_pb2.AckRequest)
-            return await self._tasks.ack(msg.task_id, msg.lease_id, msg.result)
-        if kind == "nack":
-            assert isinstance(msg, lease_pb2.NackRequest)
-            return await self._tasks.nack(
+    async def _settle(self, frames: list[tuple[str, _SettleFrame]]) -> None:
+        """Applies a frame's settlements together and answers each, in order, in one frame."""
+        answers = [
+            lease_pb2.SettleResult(task_id=msg.task_id, lease_id=msg.lease_id, kind=_KINDS[kind])
+            for kind, msg in frames
+        ]
+        items: list[SettleItem] = []
+        checked: list[int] = []
+        for i, (kind, msg) in enumerate(frames):
+            try:
+                items.append(self._check(kind, msg))
+                checked.append(i)
+            except InvalidArgument as exc:
+                answers[i].outcome = lease_pb2.SETTLE_OUTCOME_INVALID_ARGUMENT
+                answers[i].message = str(exc)
+        outcomes = await self._tasks.settle(items) if items else []
+        for i, item, outcome in zip(checked, items, outcomes, strict=True):
+            self._answer(answers[i], item, outcome)
+        self._outbox.put_nowait(Frame(settle_results=lease_pb2.SettleResults(results=answers)))
+
+    def _check(self, kind: str, msg: _SettleFrame) -> SettleItem:
+        if isinstance(msg, lease_pb2.AckRequest):
+            return self._tasks.ack_item(msg.task_id, msg.lease_id, msg.result)
+        if isinstance(msg, lease_pb2.NackRequest):
+            return self._tasks.nack_item(
                 msg.task_id,
                 msg.lease_id,
                 msg.error,
                 convert.optional_duration_ms(msg, "retry_delay"),
                 msg.dead_letter,
             )
-        assert isinstance(msg, lease_pb2.ExtendLeaseRequest)
-        return await self._tasks.extend(
+        return self._tasks.extend_item(
             msg.task_id, msg.lease_id, convert.optional_duration_ms(msg, "lease_duration")
         )
+
+    def _answer(
+        self,
+        answer: lease_pb2.SettleResult,
+        item: SettleItem,
+        outcome: SettleResult | BrokerError,
+    ) -> None:
+        lease_id = item.lease_id
+        if isinstance(outcome, SettleResult):
+            answer.outcome = lease_pb2.SETTLE_OUTCOME_OK
+            answer.already_settled = outcome.status is SettleStatus.AGAIN
+            if isinstance(item, ExtendItem):
+                answer.lease_expire_time.CopyFrom(convert.to_timestamp(outcome.time_ms))
+                return
+        else:
+            answer.outcome = _OUTCOMES.get(type(outcome), lease_pb2.SETTLE_OUTCOME_UNAVAILABLE)
+            answer.message = str(outcome)
+            if not isinstance(outcome, LeaseStale):
+                return
+        # Settled, or no longer this stream's to settle: forget it.
+        self._registry.forget(lease_id)
+        self.forget(lease_id)
+
+
+#: A settlement as it arrives on the stream.
+_SettleFrame: TypeAlias = (
+    lease_pb2.AckRequest | lease_pb2.NackRequest | lease_pb2.ExtendLeaseRequest
+)
+
+_KINDS = {
+    "ack": lease_pb2.SETTLE_KIND_ACK,
+    "nack": lease_pb2.SETTLE_KIND_NACK,
+    "extend": lease_pb2.SETTLE_KIND_EXTEND,
+}
+#: Settlement errors as in-stream outcomes; any other error means "outcome unknown, retry".
+_OUTCOMES: dict[type[BrokerError], lease_pb2.SettleOutcome.ValueType] = {
+    LeaseStale: lease_pb2.SETTLE_OUTCOME_LEASE_STALE,
+    TaskNotFound: lease_pb2.SETTLE_OUTCOME_NOT_FOUND,
+    InvalidArgument: lease_pb2.SETTLE_OUTCOME_INVALID_ARGUMENT,
+}

@@ -142,10 +142,10 @@ async def test_dead_letter_skips_retries_and_keeps_every_error(stub: Stub) -> No
 
 async def test_extend_lease_keeps_a_long_task_from_being_reclaimed(stub: Stub) -> None:
     (task_id,) = await enqueue(stub, spec())
-    worker = await LeaseStream(stub).open(["emails"], credits=1, lease=timedelta(milliseconds=300))
+    worker = await LeaseStream(stub).open(["emails"], credits=1, lease=timedelta(milliseconds=800))
     (d,) = await worker.take(1)
-    for _ in range(4):  # 800 ms of work under a 300 ms lease
-        await asyncio.sleep(0.2)
+    for _ in range(6):  # 1.5 s of work under a 0.8 s lease, extended with 0.55 s to spare
+        await asyncio.sleep(0.25)
         # No duration: extend by the length the task was leased with.
         extended = await stub.ExtendLease(
             lease_pb2.ExtendLeaseRequest(task_id=task_id, lease_id=d.lease_id)

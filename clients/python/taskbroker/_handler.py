@@ -59,7 +59,7 @@ class TaskContext:
 
     __slots__ = (
         "_cancel_reason",
-        "_cancelled",
+        "_cancelled_event",
         "attempt",
         "headers",
         "lease_id",
@@ -90,13 +90,13 @@ class TaskContext:
         self.headers: Mapping[str, str] = MappingProxyType(dict(headers))
         self.payload = payload
         self.lease_id = lease_id
-        self._cancelled = asyncio.Event()
         self._cancel_reason = ""
+        self._cancelled_event: asyncio.Event | None = None  # made when someone waits on it
 
     @property
     def cancelled(self) -> bool:
         """Whether the handler has been asked to stop."""
-        return self._cancelled.is_set()
+        return bool(self._cancel_reason)
 
     @property
     def cancel_reason(self) -> str:
@@ -105,13 +105,18 @@ class TaskContext:
 
     async def wait_cancelled(self) -> None:
         """Returns once the handler has been asked to stop."""
-        await self._cancelled.wait()
+        if self._cancelled_event is None:
+            self._cancelled_event = asyncio.Event()
+            if self.cancelled:
+                self._cancelled_event.set()
+        await self._cancelled_event.wait()
 
     def _cancel(self, reason: str) -> None:
         """Sets the signal (on the event loop's thread); the first reason sticks."""
-        if not self._cancelled.is_set():
-            self._cancel_reason = reason
-            self._cancelled.set()
+        if not self.cancelled:
+            self._cancel_reason = reason or "cancelled"
+            if self._cancelled_event is not None:
+                self._cancelled_event.set()
 
     def __repr__(self) -> str:  # no payload or headers: they may hold personal data
         return f"TaskContext(task_id={self.task_id!r}, type={self.type!r}, attempt={self.attempt})"

@@ -58,6 +58,11 @@ _HALF_CLOSE: Final = _Marker("half-close")
 
 _Key = tuple[str, int]  # (lease id, SettleKind)
 
+#: Where each settlement goes in a Settlements frame.
+_BATCH_FIELDS: Final = {"ack": "acks", "nack": "nacks", "extend": "extends"}
+#: A settlements frame stops growing here (the broker accepts 16 MiB beyond its payload limit).
+MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
+
 
 class LeaseStream:
     """One Lease call: its reader and writer tasks and the settlements awaiting an answer.
@@ -208,22 +213,42 @@ class LeaseStream:
     async def _write_loop(self) -> None:
         try:
             while True:
-                item = await self._outbox.get()
-                if item is _HALF_CLOSE:
+                frame, half_close = self._next_frame(await self._outbox.get())
+                if frame is not None:
+                    await self._call.write(frame)
+                if half_close:
                     await self._call.done_writing()
                     return
-                if item is _CREDIT:
-                    self._credit_queued = False
-                    if (n := self._grant(self)) > 0:
-                        credit = lease_pb2.LeaseCredit(credits=n)
-                        await self._call.write(lease_pb2.LeaseRequest(credit=credit))
-                elif isinstance(item, lease_pb2.LeaseRequest):
-                    await self._call.write(item)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the call failed under us: the reader sees why and ends it
             log.debug("lease stream %s: write failed: %r", self.stream_id, exc)
             self._call.cancel()
+
+    def _next_frame(self, first: object) -> tuple[lease_pb2.LeaseRequest | None, bool]:
+        """Gathers everything queued since the last write into one settlements frame (no
+        timer: while a write is in flight the next batch builds up). Returns the frame (None:
+        nothing to send) and whether to half-close after it."""
+        batch = lease_pb2.Settlements()
+        credit, size, item = False, 0, first
+        while True:
+            if item is _HALF_CLOSE:
+                break
+            if item is _CREDIT:
+                credit = True
+            elif isinstance(item, lease_pb2.LeaseRequest):
+                kind = item.WhichOneof("frame")
+                message = getattr(item, kind)  # type: ignore[arg-type]
+                getattr(batch, _BATCH_FIELDS[kind]).append(message)  # type: ignore[index]
+                size += message.ByteSize()
+            if size >= MAX_FRAME_BYTES or self._outbox.empty():
+                break
+            item = self._outbox.get_nowait()
+        if credit:
+            self._credit_queued = False
+            batch.credits = max(0, self._grant(self))
+        has_any = batch.credits or batch.acks or batch.nacks or batch.extends
+        return (lease_pb2.LeaseRequest(settlements=batch) if has_any else None), item is _HALF_CLOSE
 
     async def _read_loop(self) -> None:
         try:

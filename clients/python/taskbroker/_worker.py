@@ -324,7 +324,10 @@ class _Settler:
 
 class _LeaseKeeper:
     """Extends one lease at about half its remaining length while its handler runs. A lease the
-    broker no longer knows (LEASE_STALE, NOT_FOUND) cancels the task's context."""
+    broker no longer knows (LEASE_STALE, NOT_FOUND) cancels the task's context.
+
+    Nothing runs until the first extension is due: a timer starts the keeper then, so the many
+    tasks that finish well inside their lease cost one timer each, not a task."""
 
     def __init__(self, settler: _Settler, run: _TaskRun, lease_s: float) -> None:
         self._settler = settler
@@ -332,29 +335,33 @@ class _LeaseKeeper:
         self._lease_s = max(lease_s, MIN_LEASE.total_seconds())
         # Without a stream, retry this often rather than spin on an expired lease.
         self._floor_s = self._lease_s / 10
+        self._expire_s = _epoch_s(run.delivery.lease_expire_time)
 
-    def _remaining_s(self, expire_s: float) -> float:
+    def _remaining_s(self) -> float:
         # The expiry is on the broker's (Redis) clock: clamping to the lease length bounds skew.
-        return min(max(expire_s - time.time(), 0.0), self._lease_s)
+        return min(max(self._expire_s - time.time(), 0.0), self._lease_s)
+
+    def next_delay_s(self) -> float:
+        return max(self._remaining_s() / 2, self._floor_s)
 
     async def run(self) -> None:
+        """Extends now, then whenever the next extension is due, until cancelled or refused."""
         delivery = self._run.delivery
-        expire_s = _epoch_s(delivery.lease_expire_time)
         request = lease_pb2.LeaseRequest(
             extend=lease_pb2.ExtendLeaseRequest(
                 task_id=delivery.task.id, lease_id=delivery.lease_id
             )
         )
         while True:
-            remaining_s = self._remaining_s(expire_s)
-            await asyncio.sleep(max(remaining_s / 2, self._floor_s))
             try:
-                async with asyncio.timeout(max(self._remaining_s(expire_s), self._floor_s)):
+                async with asyncio.timeout(max(self._remaining_s(), self._floor_s)):
                     result = await self._settler.send(self._run.origin, request)
             except TimeoutError:
-                continue  # no stream in time; the next try may find one
-            if result.outcome == _OK:
-                expire_s = _epoch_s(result.lease_expire_time)
+                result = None  # no stream in time; the next try may find one
+            if result is None:
+                pass
+            elif result.outcome == _OK:
+                self._expire_s = _epoch_s(result.lease_expire_time)
             elif result.outcome in (_STALE, _NOT_FOUND):
                 log.warning("task %s: lease lost (%s)", delivery.task.id, result.message or "stale")
                 self._run.ctx._cancel("lease lost")
@@ -362,6 +369,7 @@ class _LeaseKeeper:
             elif result.outcome == _INVALID:
                 log.error("task %s: extension refused: %s", delivery.task.id, result.message)
                 return
+            await asyncio.sleep(self.next_delay_s())
 
 
 def _epoch_s(ts: timestamp_pb2.Timestamp) -> float:
@@ -402,7 +410,11 @@ class _TaskRun:
             lease_id=delivery.lease_id,
         )
         self.revoked = False
-        self._handler_task: asyncio.Task[HandlerOutcome] | None = None
+        #: The asyncio task running `run` (set by the session right after creating it).
+        self.task: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._handler_running = False
+        self._aborted = False
 
     def _lease_s(self) -> float:
         task = self.delivery.task
@@ -411,13 +423,12 @@ class _TaskRun:
         return self.origin.lease_s or _seconds(self._session.options.lease_duration)
 
     async def run(self) -> None:
-        keeper = asyncio.create_task(
-            _LeaseKeeper(self._session.settler, self, self._lease_s()).run(),
-            name=f"lease keeper {self.ctx.task_id}",
-        )
+        keeper = _LeaseKeeper(self._session.settler, self, self._lease_s())
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(keeper.next_delay_s(), self._start_keeper, keeper)
         try:
             outcome = await self._execute()
-            keeper.cancel()
+            self._stop_keeper(timer)
             if self.revoked:
                 log.info(
                     "task %s: lease revoked (%s); not settled",
@@ -429,10 +440,19 @@ class _TaskRun:
         except Exception:  # a bug here must not take the worker down
             log.exception("task %s: worker error", self.ctx.task_id)
         finally:
-            keeper.cancel()
+            self._stop_keeper(timer)
             self._session.finished(self)
 
+    def _start_keeper(self, keeper: _LeaseKeeper) -> None:
+        self._keeper = asyncio.create_task(keeper.run(), name=f"lease keeper {self.ctx.task_id}")
+
+    def _stop_keeper(self, timer: asyncio.TimerHandle) -> None:
+        timer.cancel()
+        if self._keeper is not None:
+            self._keeper.cancel()
+
     async def _execute(self) -> HandlerOutcome:
+        """Runs the handler in this task (no task of its own: one less per delivery)."""
         session = self._session
         async with session.slots:
             if session.aborting:
@@ -444,27 +464,32 @@ class _TaskRun:
                     error=f"no handler for task type {self.ctx.type!r} on worker "
                     f"{session.options.worker_id!r} (handles {sorted(session.handlers)})",
                 )
-            coro = invoke(
-                h,
-                self.ctx,
-                self.ctx.payload,
-                executor=session.executor,
-                non_retryable=session.options.non_retryable,
-            )
-            self._handler_task = asyncio.create_task(coro, name=f"handler {self.ctx.task_id}")
+            self._handler_running = True
             try:
-                await asyncio.wait([self._handler_task])
-            finally:
-                self._handler_task.cancel()  # only has an effect when this run is cancelled
-            if self._handler_task.cancelled():
+                return await invoke(
+                    h,
+                    self.ctx,
+                    self.ctx.payload,
+                    executor=session.executor,
+                    non_retryable=session.options.non_retryable,
+                )
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                # Only abort()'s own cancellation is turned into a nack; any other (the final
+                # cancel_runs, or a second abort) goes on.
+                if not self._aborted or task is None or task.cancelling() != 1:
+                    raise
+                task.uncancel()
                 return HandlerOutcome("error", error="worker shut down")
-            return self._handler_task.result()
+            finally:
+                self._handler_running = False
 
     def abort(self) -> None:
         """Cancels the handler (worker shutdown); the attempt is nacked for a retry."""
         self.ctx._cancel("worker shut down")
-        if self._handler_task is not None:
-            self._handler_task.cancel()
+        if self._handler_running and not self._aborted and self.task is not None:
+            self._aborted = True
+            self.task.cancel()
 
     def revoke(self, reason: str) -> None:
         """The broker revoked the lease (the task was cancelled): tell the handler, skip the ack."""
@@ -596,7 +621,7 @@ class _Session:
             run = _TaskRun(self, stream, delivery)
             self.runs[delivery.lease_id] = run
             self.capacity.held += 1
-            task = asyncio.create_task(run.run(), name=f"task {delivery.task.id}")
+            task = run.task = asyncio.create_task(run.run(), name=f"task {delivery.task.id}")
             self._run_tasks.add(task)
             task.add_done_callback(self._run_tasks.discard)
             log.debug(
