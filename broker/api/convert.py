@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from broker.models import Lease, QueueStats, Task
@@ -53,7 +55,24 @@ def task_request(spec: task_pb2.TaskSpec) -> TaskRequest:
 
 
 def task_to_proto(task: Task) -> task_pb2.Task:
-    out = task_pb2.Task(
+    # Sub-messages go in as constructor arguments (no CopyFrom): this runs for every delivery.
+    optional: dict[str, Any] = {}
+    if task.schedule_ms:
+        optional["schedule_time"] = to_timestamp(task.schedule_ms)
+    if task.lease_expire_ms:
+        optional["lease_expire_time"] = to_timestamp(task.lease_expire_ms)
+    if task.finish_ms:
+        optional["finish_time"] = to_timestamp(task.finish_ms)
+    if task.lease_ms:
+        optional["lease_duration"] = to_duration(task.lease_ms)
+    if task.errors:
+        optional["errors"] = [
+            task_pb2.AttemptError(
+                attempt=e.attempt, message=e.message, time=to_timestamp(e.time_ms)
+            )
+            for e in task.errors
+        ]
+    return task_pb2.Task(
         id=task.ref.task_id,
         queue=task.ref.queue,
         type=task.type,
@@ -69,23 +88,9 @@ def task_to_proto(task: Task) -> task_pb2.Task:
             initial_backoff=to_duration(task.backoff_initial_ms),
             max_backoff=to_duration(task.backoff_max_ms),
         ),
-        errors=[
-            task_pb2.AttemptError(
-                attempt=e.attempt, message=e.message, time=to_timestamp(e.time_ms)
-            )
-            for e in task.errors
-        ],
+        create_time=to_timestamp(task.create_ms),
+        **optional,
     )
-    out.create_time.CopyFrom(to_timestamp(task.create_ms))
-    if task.schedule_ms:
-        out.schedule_time.CopyFrom(to_timestamp(task.schedule_ms))
-    if task.lease_expire_ms:
-        out.lease_expire_time.CopyFrom(to_timestamp(task.lease_expire_ms))
-    if task.finish_ms:
-        out.finish_time.CopyFrom(to_timestamp(task.finish_ms))
-    if task.lease_ms:
-        out.lease_duration.CopyFrom(to_duration(task.lease_ms))
-    return out
 
 
 def delivery(lease: Lease) -> lease_pb2.Delivery:

@@ -99,14 +99,15 @@ def _int(value: bytes | str | int | None, default: int = 0) -> int:
 
 
 def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
-    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def decode_task(ref: TaskRef, h: dict[bytes, bytes]) -> Task:
     """Builds a Task from its hash fields (see lua/_prelude.lua)."""
+    raw_errors = h.get(b"errs")  # absent until an attempt fails: skip the JSON on the hot path
     errors = tuple(
         AttemptError(attempt=int(a), time_ms=int(t), message=str(m))
-        for a, t, m in json.loads(h.get(b"errs", b"[]"))
+        for a, t, m in (json.loads(raw_errors) if raw_errors else ())
     )
     return Task(
         ref=ref,
