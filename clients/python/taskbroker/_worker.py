@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import signal
@@ -326,8 +327,8 @@ class _LeaseKeeper:
     """Extends one lease at about half its remaining length while its handler runs. A lease the
     broker no longer knows (LEASE_STALE, NOT_FOUND) cancels the task's context.
 
-    Nothing runs until the first extension is due: a timer starts the keeper then, so the many
-    tasks that finish well inside their lease cost one timer each, not a task."""
+    Nothing runs until the first extension is due: `_KeeperClock` starts the keeper then, so the
+    many tasks that finish well inside their lease cost nothing here."""
 
     def __init__(self, settler: _Settler, run: _TaskRun, lease_s: float) -> None:
         self._settler = settler
@@ -372,6 +373,38 @@ class _LeaseKeeper:
             await asyncio.sleep(self.next_delay_s())
 
 
+class _KeeperClock:
+    """Starts each running task's lease keeper when its first extension is due: one sweep over
+    the running tasks when the earliest is due, rather than a timer per task (at thousands of
+    tasks a second, the loop's timer heap would be the worker's largest cost)."""
+
+    def __init__(self, runs: dict[str, _TaskRun]) -> None:
+        self._runs = runs
+        self._wake = asyncio.Event()
+        self._next_s = math.inf  # monotonic time of the next sweep
+
+    def track(self, run: _TaskRun, due_s: float) -> None:
+        run.keeper_due_s = due_s
+        if due_s < self._next_s:
+            self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            now = time.monotonic()
+            next_s = math.inf
+            for run in list(self._runs.values()):
+                if run.keeper_due_s <= now:
+                    run.keeper_due_s = math.inf
+                    run.start_keeper()
+                else:
+                    next_s = min(next_s, run.keeper_due_s)
+            self._next_s = next_s
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                timeout = None if next_s == math.inf else next_s - now
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+
 def _epoch_s(ts: timestamp_pb2.Timestamp) -> float:
     return ts.seconds + ts.nanos / 1e9
 
@@ -412,7 +445,10 @@ class _TaskRun:
         self.revoked = False
         #: The asyncio task running `run` (set by the session right after creating it).
         self.task: asyncio.Task[None] | None = None
-        self._keeper: asyncio.Task[None] | None = None
+        self._keeper: _LeaseKeeper | None = None
+        self._keeper_task: asyncio.Task[None] | None = None
+        #: When the keeper clock should start extending this lease (monotonic s).
+        self.keeper_due_s = math.inf
         self._handler_running = False
         self._aborted = False
 
@@ -423,12 +459,11 @@ class _TaskRun:
         return self.origin.lease_s or _seconds(self._session.options.lease_duration)
 
     async def run(self) -> None:
-        keeper = _LeaseKeeper(self._session.settler, self, self._lease_s())
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(keeper.next_delay_s(), self._start_keeper, keeper)
+        self._keeper = _LeaseKeeper(self._session.settler, self, self._lease_s())
+        self._session.keeper_clock.track(self, time.monotonic() + self._keeper.next_delay_s())
         try:
             outcome = await self._execute()
-            self._stop_keeper(timer)
+            self._stop_keeper()
             if self.revoked:
                 log.info(
                     "task %s: lease revoked (%s); not settled",
@@ -440,16 +475,21 @@ class _TaskRun:
         except Exception:  # a bug here must not take the worker down
             log.exception("task %s: worker error", self.ctx.task_id)
         finally:
-            self._stop_keeper(timer)
+            self._stop_keeper()
             self._session.finished(self)
 
-    def _start_keeper(self, keeper: _LeaseKeeper) -> None:
-        self._keeper = asyncio.create_task(keeper.run(), name=f"lease keeper {self.ctx.task_id}")
+    def start_keeper(self) -> None:
+        """Called by the keeper clock when the first extension is due."""
+        if self._keeper is not None and self._keeper_task is None:
+            self._keeper_task = asyncio.create_task(
+                self._keeper.run(), name=f"lease keeper {self.ctx.task_id}"
+            )
 
-    def _stop_keeper(self, timer: asyncio.TimerHandle) -> None:
-        timer.cancel()
-        if self._keeper is not None:
-            self._keeper.cancel()
+    def _stop_keeper(self) -> None:
+        self._keeper = None
+        self.keeper_due_s = math.inf
+        if self._keeper_task is not None:
+            self._keeper_task.cancel()
 
     async def _execute(self) -> HandlerOutcome:
         """Runs the handler in this task (no task of its own: one less per delivery)."""
@@ -567,6 +607,7 @@ class _Session:
         self.settler = _Settler(self.connector)
         self.shutdown = _Shutdown(self)
         self.runs: dict[str, _TaskRun] = {}
+        self.keeper_clock = _KeeperClock(self.runs)
         self._run_tasks: set[asyncio.Task[None]] = set()
         self.aborting = False
         #: Set once the streams are being closed: late deliveries are left to the broker.
@@ -582,6 +623,7 @@ class _Session:
 
     async def run(self) -> None:
         connector = asyncio.create_task(self.connector.run(), name="taskbroker lease connector")
+        clock = asyncio.create_task(self.keeper_clock.run(), name="taskbroker lease keeper clock")
         requested = asyncio.create_task(self.shutdown.requested.wait())
         try:
             await asyncio.wait([connector, requested], return_when=asyncio.FIRST_COMPLETED)
@@ -590,6 +632,8 @@ class _Session:
             try:
                 await self.shutdown.perform(connector)
             finally:
+                clock.cancel()  # runs until here: tasks finishing in the grace keep their leases
+                await asyncio.gather(clock, return_exceptions=True)
                 self.done.set()
         if not connector.cancelled() and (error := connector.exception()) is not None:
             raise error
