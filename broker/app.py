@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2
@@ -29,6 +29,14 @@ from broker.loops.scheduler import Scheduler
 from broker.loops.wake_listener import WakeListener
 from broker.queue import TaskQueue
 from broker.store.redis_store import AnyRedis, RedisStore
+from broker.tracing import RpcTracing, shutdown_provider, tracer_provider_from_env
+from broker.web.metrics import RpcMetrics
+from broker.web.server import WebServer
+
+if TYPE_CHECKING:
+    import grpc
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+    from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +66,24 @@ def redis_client(settings: Settings, url: str) -> AnyRedis:
 
 
 class Broker:
-    """One broker replica: gRPC server, dispatcher, and maintenance loops over one Redis."""
+    """One broker replica: gRPC server, dispatcher, and maintenance loops over one Redis.
 
-    def __init__(self, settings: Settings) -> None:
+    Args:
+        settings: The configuration.
+        tracer_provider: Where RPC spans go. None: an OTLP exporter when the OTEL_* environment
+            asks for one (broker/tracing.py), else no tracing.
+    """
+
+    def __init__(
+        self, settings: Settings, *, tracer_provider: TracerProvider | None = None
+    ) -> None:
         self.settings = settings
+        self._tracer_provider = tracer_provider
+        self._own_tracer_provider: SdkTracerProvider | None = None
         self.embedded: EmbeddedRedis | None = None
         self.port = 0
+        self.http_port = 0  # 0: no HTTP server (disabled, or its address was unusable)
+        self.web: WebServer | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
 
@@ -95,8 +115,15 @@ class Broker:
         broker_service = BrokerService(
             self.tasks, self.dispatcher, self.registry, default_lease_ms, s.open_timeout_s
         )
+        rpc_metrics = RpcMetrics() if s.http_listen else None
+        interceptors: list[grpc.aio.ServerInterceptor] = [rpc_metrics] if rpc_metrics else []
+        tracer_provider = self._tracer_provider
+        if tracer_provider is None:
+            tracer_provider = self._own_tracer_provider = tracer_provider_from_env()
+        if tracer_provider is not None:
+            interceptors.insert(0, RpcTracing(tracer_provider))
         self.server, self.health = build_server(
-            broker_service, AdminService(self.tasks), s.max_payload_bytes
+            broker_service, AdminService(self.tasks), s.max_payload_bytes, interceptors
         )
         self.port = self.server.add_insecure_port(s.listen)
         if self.port == 0:
@@ -113,6 +140,21 @@ class Broker:
             Periodic(Janitor(self.tasks), 30.0),
             Periodic(self.monitor, 1.0),
         ]
+        self.web = WebServer(
+            self.tasks,
+            self.registry,
+            s,
+            rpc_metrics,
+            lambda: self.monitor.serving is not False,  # start() has just reached Redis
+            lambda: self._stopping,
+        )
+        try:
+            self.http_port = await self.web.start()  # first: it is the one that may still fail
+        except RuntimeError:
+            await self.store.close()
+            if self.embedded:
+                self.embedded.stop()
+            raise
         await self.server.start()
         self.wake_listener.start()
         for loop in self.loops:
@@ -185,9 +227,13 @@ class Broker:
         for loop in self.loops:
             await loop.stop()
         await self.dispatcher.stop()
+        if self.web:
+            await self.web.stop()
         await self.store.close()
         if self.embedded:
             self.embedded.stop()
+        if self._own_tracer_provider is not None:
+            await shutdown_provider(self._own_tracer_provider)
         log.info("taskbroker stopped")
         self._stopped.set()
 

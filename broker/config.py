@@ -17,6 +17,11 @@ class Settings:
 
     #: host:port to serve gRPC on; port 0 picks a free one.
     listen: str = "127.0.0.1:50051"
+    #: host:port of the HTTP server (/metrics, /healthz, the dashboard); port 0 picks a free one,
+    #: an empty string serves no HTTP at all.
+    http_listen: str = "127.0.0.1:8080"
+    #: Allow the dashboard's admin actions (pause/resume, redrive and delete dead letters).
+    dashboard_admin: bool = False
     #: Redis to use. Unset: start an embedded redis-server with its data in data_dir.
     redis_url: str | None = None
     #: The Redis URL points at a Redis Cluster node.
@@ -69,6 +74,7 @@ class Settings:
             problems.append("reap_interval_s must be 0.01 to 1 (leases are reclaimed within 1 s)")
         if self.redis_timeout_s <= 0:
             problems.append("redis_timeout_s must be positive")
+        problems += _http_listen_problems(self.http_listen)
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 
@@ -79,6 +85,14 @@ class Settings:
     @property
     def listen_port(self) -> int:
         return int(self.listen.rsplit(":", 1)[1])
+
+
+def _http_listen_problems(text: str) -> list[str]:
+    """http_listen is host:port, or '' (no HTTP server)."""
+    host, sep, port = text.rpartition(":")
+    if not text or (sep and host and port.isdigit() and int(port) <= 65535):
+        return []
+    return ["http_listen must be host:port (port 0 to 65535), or empty"]
 
 
 def _env_name(field_name: str) -> str:

@@ -37,7 +37,7 @@ from broker.models import (
     TaskState,
 )
 from broker.store.redis_store import IdempotencyConflictAt, RedisStore
-from broker.web.timings import TaskTimings
+from broker.timings import TaskTimings
 
 MAX_TASKS_PER_CALL = 1000
 MAX_HEADERS = 64

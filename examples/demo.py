@@ -30,7 +30,13 @@ async def _broker_answers(target: str) -> bool:
 def _start_broker(target: str) -> subprocess.Popen[bytes]:
     data_dir = tempfile.mkdtemp(prefix="taskbroker-demo-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKBROKER_")}
-    env |= {"TASKBROKER_LISTEN": target, "TASKBROKER_DATA_DIR": data_dir}
+    # The demo's own broker serves its dashboard on a free port (its log says which), so a
+    # broker already on 8080 does not stop the demo.
+    env |= {
+        "TASKBROKER_LISTEN": target,
+        "TASKBROKER_DATA_DIR": data_dir,
+        "TASKBROKER_HTTP_LISTEN": "127.0.0.1:0",
+    }
     return subprocess.Popen([sys.executable, "-m", "broker"], env=env)
 
 

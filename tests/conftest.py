@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 TEST_SETTINGS = Settings(
     listen="127.0.0.1:0",
+    http_listen="127.0.0.1:0",
     shutdown_grace_s=1.0,
     open_timeout_s=1.0,
     backoff_initial_s=0.05,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
 import grpc
@@ -102,11 +102,16 @@ def generic_handler(service: descriptor.ServiceDescriptor, impl: object) -> grpc
 
 
 def build_server(
-    broker: object, admin: object, max_payload_bytes: int
+    broker: object,
+    admin: object,
+    max_payload_bytes: int,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A server with BrokerService, AdminService, health and reflection registered."""
+    """A server with BrokerService, AdminService, health and reflection registered; the
+    interceptors (RPC metrics) see every call."""
     limit = max_payload_bytes + TRANSPORT_SLACK_BYTES
     server = grpc.aio.server(
+        interceptors=list(interceptors),
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", limit),
@@ -116,7 +121,7 @@ def build_server(
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
-        ]
+        ],
     )
     server.add_generic_rpc_handlers(
         (generic_handler(BROKER_SERVICE, broker), generic_handler(ADMIN_SERVICE, admin))

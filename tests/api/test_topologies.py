@@ -60,6 +60,8 @@ async def test_leases_of_a_replica_that_vanished_come_back_after_they_expire(
     worker.cancel()
     await doomed.channel.close()
     await doomed.broker.server.stop(0)
+    if doomed.broker.web is not None:
+        await doomed.broker.web.stop()
     await doomed.broker.registry.wait_background()  # the stream's release reconnected: close it
     await doomed.broker.store.close()
 

@@ -100,6 +100,7 @@ class SoakBroker:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TASKBROKER_")}
         env |= {
             "TASKBROKER_LISTEN": self.target,
+            "TASKBROKER_HTTP_LISTEN": "127.0.0.1:0",
             "TASKBROKER_REDIS_URL": self._redis_url,
             "TASKBROKER_DATA_DIR": str(self._data_dir),
             "TASKBROKER_SHUTDOWN_GRACE_S": str(grace_s),

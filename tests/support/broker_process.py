@@ -23,6 +23,7 @@ class BrokerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TASKBROKER_")}
         env |= {
             "TASKBROKER_LISTEN": f"127.0.0.1:{self.port}",
+            "TASKBROKER_HTTP_LISTEN": "127.0.0.1:0",
             "TASKBROKER_DATA_DIR": str(data_dir),
             **(extra_env or {}),
         }

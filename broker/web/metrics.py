@@ -1,0 +1,282 @@
+"""Prometheus metrics: one collector that renders everything at scrape time, and the gRPC server
+interceptor that times every RPC.
+
+Two kinds of series (README, "Metrics"):
+- Redis-derived (task totals, counts by state, oldest pending age, paused) come from the cached
+  StatsSampler snapshot and describe the whole cluster: every replica reports the same values,
+  so aggregate them across replicas with max, never sum.
+- In-process (queue wait, processing time, RPC durations, streams and workers) describe this
+  replica only: sum them across replicas.
+No series carries a payload, a result or an error message; labels are queue names, states, RPC
+method names and status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import grpc
+from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import CollectorRegistry
+
+from broker.timings import RPC_BUCKETS, Buckets
+
+if TYPE_CHECKING:
+    from broker.api.lease_session import SessionRegistry
+    from broker.queue import TaskQueue
+    from broker.web.sampler import StatsSampler
+
+#: (metric name without _total, QueueStats field, help): the stats hash totals (stats.lua).
+TOTALS: Final = (
+    ("taskbroker_tasks_enqueued", "enqueued_total", "Tasks stored by Enqueue (duplicates not)."),
+    ("taskbroker_tasks_succeeded", "succeeded_total", "Tasks acked."),
+    ("taskbroker_tasks_retried", "retried_total", "Nacked attempts scheduled for a retry."),
+    ("taskbroker_tasks_reclaimed", "reclaimed_total",
+     "Leases that ended without a settlement (expired, or their stream closed)."),
+    ("taskbroker_tasks_dead_lettered", "dead_lettered_total",
+     "Tasks moved to the dead letters (out of attempts, or nacked as dead)."),
+    ("taskbroker_tasks_cancelled", "cancelled_total", "Tasks cancelled before they finished."),
+)  # fmt: skip
+CLUSTER_NOTE: Final = " Cluster-wide (from Redis): aggregate across replicas with max."
+
+
+class RpcMetrics(grpc.aio.ServerInterceptor):
+    """Times every RPC by method and final status code; for the Lease stream, its lifetime.
+
+    Unknown methods are passed through untimed, so a client cannot grow the label set.
+    """
+
+    def __init__(self) -> None:
+        self.durations: dict[tuple[str, str], Buckets] = {}
+        #: method -> (its handler, the timed handler)
+        self._handlers: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
+        ] = {}
+
+    def _observe(self, method: str, code: str, started: float) -> None:
+        key = (method, code)
+        buckets = self.durations.get(key)
+        if buckets is None:
+            buckets = self.durations[key] = Buckets(RPC_BUCKETS)
+        buckets.observe(time.perf_counter() - started)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.lstrip("/")
+        # Handlers are built once per method by the generic handlers: wrap each once too.
+        cached = self._handlers.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        timed = self._timed(method, handler)
+        self._handlers[method] = (handler, timed)
+        return timed
+
+    def _timed(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        serializers = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            wrapped = self._wrap(method, handler.unary_unary)
+            return grpc.unary_unary_rpc_method_handler(wrapped, **serializers)
+        if handler.unary_stream is not None:
+            wrapped = self._wrap(method, handler.unary_stream)
+            return grpc.unary_stream_rpc_method_handler(wrapped, **serializers)
+        if handler.stream_unary is not None:
+            wrapped = self._wrap(method, handler.stream_unary)
+            return grpc.stream_unary_rpc_method_handler(wrapped, **serializers)
+        if handler.stream_stream is not None:
+            wrapped = self._wrap(method, handler.stream_stream)
+            return grpc.stream_stream_rpc_method_handler(wrapped, **serializers)
+        return handler
+
+    def _wrap(self, method: str, behavior: Callable[..., Any]) -> Any:
+        """The behavior, timed: a coroutine function (unary responses, and streams written
+        through the context, as Lease is) or an async generator (streams that yield)."""
+        observe = self._observe
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                started = time.perf_counter()
+                code = "UNKNOWN"
+                try:
+                    responses: AsyncIterator[Any] = behavior(request, context)
+                    async for response in responses:
+                        yield response
+                    code = _final_code(context)
+                except grpc.aio.AbortError:
+                    code = _final_code(context)
+                    raise
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
+                    raise
+                finally:
+                    observe(method, code, started)
+
+            return stream
+
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            code = "UNKNOWN"
+            try:
+                response = await behavior(request, context)
+                code = _final_code(context)
+                return response
+            except grpc.aio.AbortError:
+                code = _final_code(context)
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            finally:
+                observe(method, code, started)
+
+        return call
+
+
+def _final_code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    # None until a handler sets a code or aborts (the stubs do not say so).
+    code = cast("grpc.StatusCode | None", context.code())
+    return "OK" if code is None else code.name
+
+
+class BrokerCollector:
+    """Renders every taskbroker_ series at scrape time from state already in memory: the
+    sampler's cached snapshot, the in-process histograms and the live sessions."""
+
+    def __init__(
+        self,
+        sampler: StatsSampler,
+        tasks: TaskQueue,
+        sessions: SessionRegistry,
+        rpc: RpcMetrics | None,
+        redis_up: Callable[[], bool],
+    ) -> None:
+        self._sampler = sampler
+        self._tasks = tasks
+        self._sessions = sessions
+        self._rpc = rpc
+        self._redis_up = redis_up
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # names vary with the queues; nothing to check at registration
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self._redis_series()
+        yield from self._histograms()
+        yield from self._session_series()
+        up = GaugeMetricFamily(
+            "taskbroker_redis_up", "1 while this replica's health check reaches Redis."
+        )
+        up.add_metric([], 1.0 if self._redis_up() else 0.0)
+        yield up
+
+    def _redis_series(self) -> Iterable[Metric]:
+        snapshot = self._sampler.latest
+        if snapshot is None:  # never sampled, or Redis failed: no stale numbers
+            return
+        totals = [
+            (CounterMetricFamily(name, text + CLUSTER_NOTE, labels=["queue"]), field)
+            for name, field, text in TOTALS
+        ]
+        tasks = GaugeMetricFamily(
+            "taskbroker_queue_tasks",
+            "Tasks of a queue by state (succeeded and cancelled tasks are not kept)."
+            + CLUSTER_NOTE,
+            labels=["queue", "state"],
+        )
+        oldest = GaugeMetricFamily(
+            "taskbroker_queue_oldest_pending_age_seconds",
+            "How long the oldest pending task has been ready (0 when none)." + CLUSTER_NOTE,
+            labels=["queue"],
+        )
+        paused = GaugeMetricFamily(
+            "taskbroker_queue_paused",
+            "1 while the queue is paused." + CLUSTER_NOTE,
+            labels=["queue"],
+        )
+        for s in snapshot.queues:
+            for family, field in totals:
+                family.add_metric([s.queue], getattr(s, field))
+            for state in ("pending", "scheduled", "leased", "dead"):
+                tasks.add_metric([s.queue, state], getattr(s, state))
+            age = (s.now_ms - s.oldest_ready_ms) / 1000 if s.oldest_ready_ms >= 0 else 0.0
+            oldest.add_metric([s.queue], max(age, 0.0))
+            paused.add_metric([s.queue], 1.0 if s.paused else 0.0)
+        yield from (family for family, _ in totals)
+        yield from (tasks, oldest, paused)
+
+    def _histograms(self) -> Iterable[Metric]:
+        timings = self._tasks.timings
+        for name, text, by_queue in (
+            (
+                "taskbroker_queue_wait_seconds",
+                "Time from a task being ready (enqueued, retried or due) to its lease, for "
+                "leases taken by this replica.",
+                timings.wait,
+            ),
+            (
+                "taskbroker_task_processing_seconds",
+                "Time from lease to ack, for leases taken and acked through this replica.",
+                timings.processing,
+            ),
+        ):
+            family = HistogramMetricFamily(name, text, labels=["queue"])
+            for queue, buckets in sorted(by_queue.items()):
+                family.add_metric([queue], buckets.cumulative(), buckets.total)
+            yield family
+        if self._rpc is not None:
+            rpc = HistogramMetricFamily(
+                "taskbroker_rpc_duration_seconds",
+                "gRPC calls served by this replica, by method and status code (for the Lease "
+                "stream: its lifetime).",
+                labels=["method", "code"],
+            )
+            for (method, code), buckets in sorted(self._rpc.durations.items()):
+                rpc.add_metric([method, code], buckets.cumulative(), buckets.total)
+            yield rpc
+
+    def _session_series(self) -> Iterable[Metric]:
+        sessions = list(self._sessions.sessions)
+        workers = {s.worker_id or f"stream:{s.stream_id}" for s in sessions}
+        connected = GaugeMetricFamily(
+            "taskbroker_workers_connected",
+            "Distinct workers (by worker id) with a Lease stream open on this replica.",
+        )
+        connected.add_metric([], len(workers))
+        streams = GaugeMetricFamily(
+            "taskbroker_lease_streams_open", "Lease streams open on this replica."
+        )
+        streams.add_metric([], len(sessions))
+        yield from (connected, streams)
+
+
+def build_registry(collector: BrokerCollector) -> CollectorRegistry:
+    """A registry per broker (tests run several in one process) with the process, platform and
+    GC collectors prometheus-client registers by default, plus ours."""
+    registry = CollectorRegistry()
+    registry.register(collector)
+    for default in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(default)
+    return registry

@@ -1,0 +1,288 @@
+"""WebServer: the broker's HTTP side on its own asyncio loop (aiohttp): /healthz, /metrics, the
+dashboard page and its JSON API. Routes and behaviour are listed in README, "Operations".
+
+Admin actions (POST) are refused with 403 unless `dashboard_admin` is set, and they must send
+`Content-Type: application/json` from the page's own origin: a cross-site form or script cannot
+forge one (the browser would need a CORS preflight, which is never granted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from prometheus_client.exposition import choose_encoder
+
+from broker.api.admin_service import decode_page_token, encode_page_token
+from broker.errors import BrokerError, InvalidArgument
+from broker.web import views
+from broker.web.metrics import BrokerCollector, RpcMetrics, build_registry
+from broker.web.sampler import StatsSampler
+
+if TYPE_CHECKING:
+    from broker.api.lease_session import SessionRegistry
+    from broker.config import Settings
+    from broker.queue import TaskQueue
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR: Final = Path(__file__).parent / "static"
+#: Dead letters per page when the request does not say; the most is the API's 1,000.
+DEFAULT_PAGE_SIZE: Final = 20
+#: Request bodies (ids to redrive or delete): 1,000 task ids fit many times over.
+MAX_BODY_BYTES: Final = 1024 * 1024
+ADMIN_DISABLED: Final = (
+    "admin actions are disabled on this broker: start it with TASKBROKER_DASHBOARD_ADMIN=1 "
+    "(or --dashboard-admin) to pause, resume, redrive or delete from the dashboard"
+)
+SECURITY_HEADERS: Final = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(body: object, status: int = 200) -> web.Response:
+    return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, allow_nan=False))
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes a JSON error body; no traceback or class name reaches a client."""
+    try:
+        response = await handler(request)
+    except BrokerError as exc:
+        status, body = views.broker_error(exc)
+        response = _json(body, status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = _json(views.error_body(exc.status, exc.reason), exc.status)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        response = _json(views.error_body(500, "internal error"), 500)
+    if not response.prepared:
+        response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+class WebServer:
+    """The HTTP server of one broker replica."""
+
+    def __init__(
+        self,
+        tasks: TaskQueue,
+        sessions: SessionRegistry,
+        settings: Settings,
+        rpc: RpcMetrics | None,
+        redis_up: Callable[[], bool],
+        draining: Callable[[], bool],
+    ) -> None:
+        self._tasks = tasks
+        self._sessions = sessions
+        self._settings = settings
+        self._redis_up = redis_up
+        self._draining = draining
+        self.sampler = StatsSampler(tasks)
+        self.registry = build_registry(
+            BrokerCollector(self.sampler, tasks, sessions, rpc, redis_up)
+        )
+        self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self.port = 0
+        self.app = self._build_app()
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+        get, post = app.router.add_get, app.router.add_post
+        get("/", self._index)
+        get("/healthz", self._healthz)
+        get("/metrics", self._metrics)
+        get("/api/info", self._info)
+        get("/api/queues", self._queues)
+        get("/api/history", self._history)
+        get("/api/workers", self._workers)
+        get("/api/tasks/{task_id}", self._task)
+        get("/api/queues/{queue}/dead", self._dead)
+        post("/api/queues/{queue}/pause", self._pause)
+        post("/api/queues/{queue}/resume", self._resume)
+        post("/api/queues/{queue}/dead/redrive", self._redrive)
+        post("/api/queues/{queue}/dead/delete", self._delete)
+        app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
+        return app
+
+    async def start(self) -> int:
+        """Serves on settings.http_listen. Returns the bound port (0: HTTP is off).
+
+        Raises:
+            RuntimeError: the address cannot be used (the broker refuses to start, as it does
+                for its gRPC address: a missing /metrics or /healthz would go unnoticed).
+        """
+        listen = self._settings.http_listen
+        if not listen:
+            return 0
+        host, _, port = listen.rpartition(":")
+        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        assert runner.server is not None  # set up above
+        try:
+            listener = await asyncio.get_running_loop().create_server(
+                runner.server, host.strip("[]"), int(port)
+            )
+        except OSError as exc:
+            await runner.cleanup()
+            raise RuntimeError(f"http: cannot listen on {listen}: {exc.strerror or exc}") from None
+        self._runner, self._listener = runner, listener
+        self.port = int(listener.sockets[0].getsockname()[1])
+        log.info("http (metrics, health, dashboard) on http://%s:%d/", host, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        """Stops listening, then ends open requests (within 1 s)."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        """200 while Redis answers and the broker serves; 503 otherwise."""
+        redis_up, draining = self._redis_up(), self._draining()
+        serving = redis_up and not draining
+        body = {
+            "status": "serving" if serving else "not_serving",
+            "redis": "reachable" if redis_up else "unreachable",
+            "draining": draining,
+        }
+        return _json(body, 200 if serving else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        try:
+            await self.sampler.snapshot()
+        except BrokerError as exc:  # in-process series are still worth serving
+            log.debug("metrics: no queue stats: %s", exc)
+        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encode(self.registry), headers={"Content-Type": content_type})
+
+    # --- the dashboard ----------------------------------------------------------------------
+
+    async def _index(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC_DIR / "index.html")
+
+    async def _info(self, request: web.Request) -> web.Response:
+        return _json({"admin_enabled": self._settings.dashboard_admin})
+
+    async def _queues(self, request: web.Request) -> web.Response:
+        snapshot = await self.sampler.snapshot()
+        return _json(
+            {
+                "time_ms": snapshot.time_ms,
+                "queues": [
+                    views.queue_json(s, snapshot.rates.get(s.queue)) for s in snapshot.queues
+                ],
+            }
+        )
+
+    async def _history(self, request: web.Request) -> web.Response:
+        since = views.query_int(request.query.get("since_ms"), "since_ms", 0, 0, 2**62)
+        await self.sampler.snapshot()
+        return _json({"points": [views.point_json(p) for p in self.sampler.points_since(since)]})
+
+    async def _workers(self, request: web.Request) -> web.Response:
+        sessions = sorted(self._sessions.sessions, key=lambda s: (s.opened_ms, s.stream_id))
+        return _json({"workers": [views.worker_json(s) for s in sessions if not s.closed]})
+
+    async def _task(self, request: web.Request) -> web.Response:
+        task = await self._tasks.get(request.match_info["task_id"])
+        return _json({"task": views.task_json(task, detail=True)})
+
+    async def _dead(self, request: web.Request) -> web.Response:
+        query = request.query
+        size = views.query_int(query.get("page_size"), "page_size", DEFAULT_PAGE_SIZE, 1, 1000)
+        cursor = decode_page_token(query.get("page_token", ""))
+        page = await self._tasks.list_dead(request.match_info["queue"], size, cursor)
+        return _json(
+            {
+                "tasks": [views.task_json(t, detail=False) for t in page.tasks],
+                "next_page_token": encode_page_token(page.next_cursor) if page.next_cursor else "",
+            }
+        )
+
+    # --- admin actions ----------------------------------------------------------------------
+
+    def _check_admin(self, request: web.Request) -> None:
+        if not self._settings.dashboard_admin:
+            raise web.HTTPForbidden(reason=ADMIN_DISABLED)
+        if request.content_type != "application/json":
+            raise web.HTTPUnsupportedMediaType(reason="send Content-Type: application/json")
+        origin = request.headers.get("Origin")  # browsers send it with every POST
+        if origin is not None and urlsplit(origin).netloc != request.host:
+            raise web.HTTPForbidden(reason="cross-origin request refused")
+
+    async def _pause(self, request: web.Request) -> web.Response:
+        return await self._set_paused(request, True)
+
+    async def _resume(self, request: web.Request) -> web.Response:
+        return await self._set_paused(request, False)
+
+    async def _set_paused(self, request: web.Request, paused: bool) -> web.Response:
+        self._check_admin(request)
+        queue = request.match_info["queue"]
+        await self._tasks.set_paused(queue, paused)
+        self.sampler.expire()
+        return _json({"queue": queue, "paused": paused})
+
+    async def _redrive(self, request: web.Request) -> web.Response:
+        self._check_admin(request)
+        queue = request.match_info["queue"]
+        task_ids, every = await _dead_selection(request)
+        count = await self._tasks.redrive_dead(queue, task_ids, every)
+        self.sampler.expire()
+        return _json({"redriven": count})
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        self._check_admin(request)
+        queue = request.match_info["queue"]
+        task_ids, every = await _dead_selection(request)
+        count = await self._tasks.delete_dead(queue, task_ids, every)
+        self.sampler.expire()
+        return _json({"deleted": count})
+
+
+async def _dead_selection(request: web.Request) -> tuple[list[str], bool]:
+    """Reads {"task_ids": [...]} or {"all": true}.
+
+    Raises:
+        InvalidArgument: naming what is wrong with the body.
+    """
+    try:
+        body: Any = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("body", "not JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("body", 'must be an object: {"task_ids": [...]} or {"all": true}')
+    for key in body:
+        if key not in ("task_ids", "all"):
+            raise InvalidArgument(str(key)[:40], "unknown field (expected task_ids or all)")
+    every = body.get("all", False)
+    if not isinstance(every, bool):
+        raise InvalidArgument("all", "must be true or false")
+    task_ids = body.get("task_ids", [])
+    if not isinstance(task_ids, list) or not all(isinstance(t, str) for t in task_ids):
+        raise InvalidArgument("task_ids", "must be a list of task ids")
+    if every and task_ids:
+        raise InvalidArgument("task_ids", "name tasks or set all, not both")
+    return task_ids, every

@@ -1,0 +1,1 @@
+"""Tests of the HTTP side: metrics, health, the dashboard and its JSON API."""

@@ -1,0 +1,138 @@
+"""The dashboard in headless Chromium (Debian's `chromium`, driven by Playwright): live counts,
+a redrive from the dead-letter list, and the read-only mode."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
+
+from taskbroker.v1 import task_pb2
+from tests.conftest import RunningBroker
+from tests.support.lease_stream import LeaseStream
+from tests.support.tasks import enqueue, get, spec
+from tests.web.conftest import base_url, make_dead
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium; CI does)",
+)
+
+#: The page polls every 2.5 s; allow a few polls.
+UI_TIMEOUT_MS = 10_000
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM))
+        yield browser
+        await browser.close()
+
+
+async def open_page(browser: Browser, running: RunningBroker) -> tuple[Page, list[str]]:
+    """The dashboard, and a list that collects the page's errors (CSP violations included)."""
+    page = await browser.new_page()
+    problems: list[str] = []
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            problems.append(message.text)
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    await page.goto(base_url(running) + "/")
+    return page, problems
+
+
+async def test_counts_update_live_and_a_dead_letter_is_redriven_with_its_button(
+    admin_running: RunningBroker, browser: Browser
+) -> None:
+    stub = admin_running.stub
+    page, problems = await open_page(browser, admin_running)
+    await expect(page.locator("#no-queues")).to_be_visible(timeout=UI_TIMEOUT_MS)
+    await expect(page.locator("#readonly")).to_be_hidden()
+
+    await enqueue(stub, *(spec("emails") for _ in range(3)))
+    pending = page.locator('#queues tr[data-queue="emails"] td[data-field="pending"]')
+    await expect(pending).to_have_text("3", timeout=UI_TIMEOUT_MS)
+    await enqueue(stub, *(spec("emails") for _ in range(4)))
+    await expect(pending).to_have_text("7", timeout=UI_TIMEOUT_MS)
+
+    dead_id, kept_id = await make_dead(stub, "hooks", 2, errors=2)
+    await expect(page.locator('#queues tr[data-queue="hooks"] td[data-field="dead"]')).to_have_text(
+        "2", timeout=UI_TIMEOUT_MS
+    )
+    await page.select_option("#dead-queue", "hooks")
+    row = page.locator(f'#dead tr[data-task="{dead_id}"]')
+    await expect(row).to_be_visible(timeout=UI_TIMEOUT_MS)
+    await expect(row.locator("ol.errors li")).to_have_count(2)
+    await expect(row.locator("ol.errors li").nth(1)).to_contain_text("HTTP 503 on attempt 2")
+    await expect(page.locator("#dead-redrive-all")).to_have_text("Redrive all (2)")
+
+    await row.get_by_role("button", name="Redrive").click()
+    await expect(row).to_have_count(0, timeout=UI_TIMEOUT_MS)
+    await expect(page.locator(f'#dead tr[data-task="{kept_id}"]')).to_be_visible()
+    assert (await get(stub, dead_id)).state == task_pb2.TASK_STATE_PENDING
+    assert (await get(stub, kept_id)).state == task_pb2.TASK_STATE_DEAD
+
+    # Task detail, by clicking the id: every attempt's error, the payload by its size only.
+    await page.locator(f'#dead tr[data-task="{kept_id}"] button.link').click()
+    await expect(page.locator("#task-detail")).to_be_visible()
+    await expect(page.locator("#task-fields")).to_contain_text("DEAD")
+    await expect(page.locator("#task-errors li")).to_have_count(2)
+
+    # Redrive all asks first, with the count.
+    await page.locator("#dead-redrive-all").click()
+    await expect(page.locator("#confirm-text")).to_contain_text("Redrive all 1 dead letters")
+    await page.locator("#confirm-ok").click()
+    await expect(page.locator("#no-dead")).to_be_visible(timeout=UI_TIMEOUT_MS)
+    assert (await get(stub, kept_id)).state == task_pb2.TASK_STATE_PENDING
+    assert problems == []
+
+
+async def test_task_data_is_shown_as_text_never_as_markup(
+    admin_running: RunningBroker, browser: Browser
+) -> None:
+    stub = admin_running.stub
+    markup = '<img src=x onerror="document.title=`owned`">'
+    (task_id,) = await enqueue(stub, spec("xss", "t", b"", headers={"x-note": markup}))
+    stream = await LeaseStream(stub).open(["xss"], credits=1)
+    try:
+        (delivery,) = await stream.take(1)
+        await stream.nack(delivery, markup, dead_letter=True)
+    finally:
+        await stream.close()
+    page, problems = await open_page(browser, admin_running)
+    await page.select_option("#dead-queue", "xss", timeout=UI_TIMEOUT_MS)
+    await expect(page.locator("#dead ol.errors")).to_contain_text(markup, timeout=UI_TIMEOUT_MS)
+    await page.locator("#task-id").fill(task_id)
+    await page.locator("#task-form button").click()
+    await expect(page.locator("#task-fields")).to_contain_text(markup)
+    await expect(page.locator("#task-errors")).to_contain_text(markup)
+    assert await page.locator("img").count() == 0
+    assert await page.title() == "taskbroker"
+    assert problems == []
+
+
+async def test_admin_buttons_are_disabled_with_an_explanation_when_admin_is_off(
+    running: RunningBroker, browser: Browser
+) -> None:
+    await make_dead(running.stub, "hooks", 1)
+    page, problems = await open_page(browser, running)
+    await expect(page.locator("#readonly")).to_be_visible(timeout=UI_TIMEOUT_MS)
+    await expect(page.locator("#readonly")).to_contain_text("TASKBROKER_DASHBOARD_ADMIN=1")
+    toggle = page.locator('#queues tr[data-queue="hooks"] button[data-action="toggle-pause"]')
+    await expect(toggle).to_be_disabled(timeout=UI_TIMEOUT_MS)
+    assert "TASKBROKER_DASHBOARD_ADMIN" in (await toggle.get_attribute("title") or "")
+    await page.select_option("#dead-queue", "hooks")
+    await expect(page.locator("#dead tbody tr")).to_have_count(1, timeout=UI_TIMEOUT_MS)
+    await expect(
+        page.locator("#dead tbody tr").get_by_role("button", name="Redrive")
+    ).to_be_disabled()
+    await expect(page.locator("#dead-redrive-all")).to_be_disabled()
+    assert problems == []
