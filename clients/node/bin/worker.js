@@ -1,0 +1,74 @@
+#!/usr/bin/env node
+/**
+ * A Node.js worker with a few demonstration handlers (used by the interop tests):
+ *
+ *   node bin/worker.js --target 127.0.0.1:50051 --queue jobs [--queue more]
+ *       [--concurrency 4] [--lease-ms 30000] [--grace-ms 10000] [--worker-id node-1]
+ *
+ * Handlers: `echo` returns the payload; `upper` returns it uppercased; `fail_once` fails its
+ * first attempt and returns the payload on the next; `reject` fails for good (dead letter);
+ * `sleep` sleeps for the payload's number of milliseconds. Logs go to stderr. Exits 0 after a
+ * graceful shutdown (SIGTERM/SIGINT) or a broker drain, 1 when the stream fails.
+ */
+
+import { setTimeout as sleep } from 'node:timers/promises';
+import { parseArgs } from 'node:util';
+
+import { NonRetryableError, Worker } from '../src/index.js';
+
+/** @type {Record<string, import('../src/worker.js').Handler>} */
+const handlers = {
+  echo: async (payload) => payload,
+  upper: async (payload) => payload.toString('utf8').toUpperCase(),
+  fail_once: async (payload, ctx) => {
+    if (ctx.attempt === 1) throw new Error('attempt 1 fails on purpose');
+    return payload;
+  },
+  reject: async () => {
+    throw new NonRetryableError('this task can never succeed');
+  },
+  sleep: async (payload) => {
+    const ms = Number(payload.toString('utf8'));
+    await sleep(ms);
+    return `slept ${ms} ms`;
+  },
+};
+
+const { values } = parseArgs({
+  options: {
+    target: { type: 'string', default: '127.0.0.1:50051' },
+    queue: { type: 'string', multiple: true },
+    concurrency: { type: 'string', default: '4' },
+    'lease-ms': { type: 'string', default: '30000' },
+    'grace-ms': { type: 'string', default: '10000' },
+    'worker-id': { type: 'string' },
+  },
+});
+
+const workerId = values['worker-id'];
+/** @param {string} level @returns {(message: string) => void} a line logger on stderr */
+const line = (level) => (message) =>
+  process.stderr.write(
+    `${new Date().toISOString()} ${workerId ?? 'node-worker'} ${level} ${message}\n`,
+  );
+
+const worker = new Worker({
+  target: values.target,
+  queues: values.queue ?? ['default'],
+  handlers,
+  concurrency: Number(values.concurrency),
+  leaseMs: Number(values['lease-ms']),
+  shutdownGraceMs: Number(values['grace-ms']),
+  workerId,
+  logger: { info: line('INFO'), warn: line('WARN'), error: line('ERROR') },
+});
+
+try {
+  await worker.run();
+  line('INFO')(`stopped after ${worker.processed} tasks`);
+} catch (error) {
+  line('ERROR')(`worker failed: ${error instanceof Error ? error.message : error}`);
+  process.exitCode = 1;
+}
+// Handlers given up at shutdown may still be running: do not wait for them.
+process.exit();

@@ -1,0 +1,10 @@
+/**
+ * taskbroker for Node.js: a `Producer` and a `Worker` speaking the broker's gRPC API, loaded at
+ * runtime from the repository's `proto/` directory.
+ *
+ * @module
+ */
+
+export { Producer } from './producer.js';
+export { NonRetryableError, Worker } from './worker.js';
+export { PROTO_DIR, taskbrokerV1, toDuration, toMillis } from './proto.js';

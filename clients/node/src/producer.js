@@ -1,0 +1,106 @@
+/**
+ * Producer: enqueues tasks and reads them back through `BrokerService`.
+ *
+ * @module
+ */
+
+import * as grpc from '@grpc/grpc-js';
+
+import { taskbrokerV1, toDuration } from './proto.js';
+
+/**
+ * @typedef {object} EnqueueOptions
+ * @property {number} [priority] -1000 to 1000, higher first (default 0)
+ * @property {number} [delayMs] run no earlier than this many milliseconds from now
+ * @property {number} [maxAttempts] deliveries before the task is dead-lettered (default: broker's)
+ * @property {number} [leaseMs] lease length for this task, overriding the worker's
+ * @property {string} [idempotencyKey] a repeat within the broker's window returns the first id
+ * @property {Record<string, string>} [headers] metadata handed to the worker unchanged
+ */
+
+/**
+ * @typedef {object} EnqueueResult
+ * @property {string} taskId the task's id, `<queue>:<26 characters>`
+ * @property {boolean} duplicate true when the idempotency key matched an earlier task
+ */
+
+/**
+ * Calls a unary method of a grpc-js client and resolves with its answer.
+ *
+ * @param {any} client a grpc-js service client
+ * @param {string} method the RPC's name
+ * @param {object} request the request message
+ * @param {number} timeoutMs deadline for the call
+ * @returns {Promise<any>} the response message; rejects with a grpc-js `ServiceError`
+ *   (`code`, `details`, `metadata`)
+ */
+export function unary(client, method, request, timeoutMs) {
+  return new Promise((resolve, reject) => {
+    const options = { deadline: Date.now() + timeoutMs };
+    client[method](request, options, (/** @type {Error?} */ error, /** @type {any} */ response) =>
+      error ? reject(error) : resolve(response),
+    );
+  });
+}
+
+/** Enqueues tasks and reads them, over one channel. */
+export class Producer {
+  /**
+   * @param {string} target the broker's `host:port`
+   * @param {object} [options]
+   * @param {grpc.ChannelCredentials} [options.credentials] default: plaintext
+   * @param {number} [options.timeoutMs] per-call deadline (default 10 s)
+   */
+  constructor(
+    target,
+    { credentials = grpc.credentials.createInsecure(), timeoutMs = 10_000 } = {},
+  ) {
+    const { BrokerService } = taskbrokerV1();
+    /** @type {any} */
+    this.client = new BrokerService(target, credentials);
+    this.timeoutMs = timeoutMs;
+  }
+
+  /**
+   * Enqueues one task.
+   *
+   * @param {string} queue the queue, 1-128 of `[A-Za-z0-9_.-]`
+   * @param {string} type the task type workers dispatch on
+   * @param {Buffer|string} payload the payload (a string is sent as UTF-8)
+   * @param {EnqueueOptions} [options]
+   * @returns {Promise<EnqueueResult>} the task's id
+   */
+  async enqueue(queue, type, payload, options = {}) {
+    const spec = {
+      queue,
+      type,
+      payload: Buffer.from(payload),
+      headers: options.headers ?? {},
+      priority: options.priority ?? 0,
+      max_attempts: options.maxAttempts ?? 0,
+      idempotency_key: options.idempotencyKey ?? '',
+      delay: options.delayMs === undefined ? null : toDuration(options.delayMs),
+      lease_duration: options.leaseMs === undefined ? null : toDuration(options.leaseMs),
+    };
+    const response = await unary(this.client, 'Enqueue', { tasks: [spec] }, this.timeoutMs);
+    const [result] = response.results;
+    return { taskId: result.task_id, duplicate: result.duplicate };
+  }
+
+  /**
+   * Reads a task: its state (`'TASK_STATE_SUCCEEDED'`, ...), `attempt`, `result` (a Buffer),
+   * `errors` of failed attempts, times. Field names are those of `Task` in `task.proto`.
+   *
+   * @param {string} taskId the task's id
+   * @returns {Promise<any>} the `Task` message; rejects with `NOT_FOUND` for an unknown id
+   */
+  async getTask(taskId) {
+    const response = await unary(this.client, 'GetTask', { task_id: taskId }, this.timeoutMs);
+    return response.task;
+  }
+
+  /** Closes the channel. */
+  close() {
+    this.client.close();
+  }
+}

@@ -1,0 +1,1 @@
+"""Interop tests: clients in other languages against the broker, next to the Python SDK."""

@@ -1,0 +1,305 @@
+"""The Node.js client (clients/node) against an in-process broker, next to the Python SDK.
+
+Python producer → broker → Node worker (results, a retry, a dead letter, a lease the worker
+extends, graceful SIGTERM, the broker's drain), and Node producer → broker → Python worker.
+The Node programs run as subprocesses (`bin/worker.js`, `bin/produce.js`), started with
+asyncio so the broker, which runs on the test's event loop, keeps serving them.
+
+Skipped only when `node` is missing; a missing `clients/node/node_modules` fails the tests, so
+CI notices that `make install` did not run `npm ci` there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Final
+
+import pytest
+
+from broker.config import Settings
+from taskbroker import Client, NonRetryable, TaskContext, TaskState, Worker, handler
+from tests.conftest import RunningBroker, start_broker
+from tests.faults.observe import eventually
+
+NODE: Final = shutil.which("node")
+NODE_DIR: Final = Path(__file__).resolve().parents[2] / "clients" / "node"
+QUEUE: Final = "interop"
+#: Long enough for a Node process to start and finish a short task on a loaded machine.
+WAIT_S: Final = 8.0
+
+pytestmark = pytest.mark.skipif(
+    NODE is None, reason="node is not installed: the Node.js interop tests need it on PATH"
+)
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    """The node binary, once clients/node's dependencies are installed."""
+    assert NODE is not None
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        pytest.fail(
+            "clients/node/node_modules is missing: run `make install` (it runs `npm ci` in "
+            "clients/node)",
+            pytrace=False,
+        )
+    return NODE
+
+
+class NodeWorker:
+    """`node bin/worker.js` as a subprocess, its log in a file."""
+
+    def __init__(self, process: asyncio.subprocess.Process, log: Path) -> None:
+        self.process = process
+        self.log = log
+
+    @classmethod
+    async def start(
+        cls, node: str, target: str, log: Path, *, lease_ms: int = 30_000, concurrency: int = 4
+    ) -> NodeWorker:
+        args = [
+            "bin/worker.js", "--target", target, "--queue", QUEUE,
+            "--worker-id", "node-worker", "--concurrency", str(concurrency),
+            "--lease-ms", str(lease_ms), "--grace-ms", "5000",
+        ]  # fmt: skip
+        with log.open("wb") as out:
+            process = await asyncio.create_subprocess_exec(
+                node, *args, cwd=NODE_DIR, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out
+            )
+        return cls(process, log)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    async def wait_exit(self, timeout_s: float = WAIT_S) -> int:
+        try:
+            return await asyncio.wait_for(self.process.wait(), timeout_s)
+        except TimeoutError:
+            raise AssertionError(f"node worker still running:\n{self.text()}") from None
+
+    async def close(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+@pytest.fixture
+async def client(running: RunningBroker) -> AsyncIterator[Client]:
+    async with Client(running.target) as client:
+        yield client
+
+
+@pytest.fixture
+async def node_worker(
+    node: str, running: RunningBroker, tmp_path: Path
+) -> AsyncIterator[NodeWorker]:
+    worker = await NodeWorker.start(node, running.target, tmp_path / "node-worker.log")
+    yield worker
+    await worker.close()
+
+
+async def until_leased(client: Client, task_id: str) -> None:
+    async def leased() -> bool:
+        return (await client.get_task(task_id)).state is TaskState.LEASED
+
+    await eventually(leased, WAIT_S, f"task {task_id} is leased")
+
+
+async def produce(node: str, target: str, *args: str) -> dict[str, object]:
+    """Runs `node bin/produce.js` and returns the JSON line it printed."""
+    process = await asyncio.create_subprocess_exec(
+        node, "bin/produce.js", "--target", target, "--queue", QUEUE, *args,
+        cwd=NODE_DIR, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), WAIT_S)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise AssertionError("produce.js did not finish") from None
+    assert process.returncode == 0, err.decode(errors="replace")
+    line: dict[str, object] = json.loads(out)
+    return line
+
+
+# --- Python producer → broker → Node worker ---------------------------------------------------
+
+
+async def test_node_worker_acks_results_and_retries(
+    client: Client, node_worker: NodeWorker
+) -> None:
+    echo = await client.enqueue(QUEUE, "echo", b"\x00hello\xff")
+    upper = await client.enqueue(QUEUE, "upper", b"shout")
+    flaky = await client.enqueue(QUEUE, "fail_once", b"second time", max_attempts=3)
+
+    task = await client.wait(echo, timeout=WAIT_S)
+    assert (task.state, task.attempt, task.result) == (TaskState.SUCCEEDED, 1, b"\x00hello\xff")
+    task = await client.wait(upper, timeout=WAIT_S)
+    assert (task.state, task.attempt, task.result) == (TaskState.SUCCEEDED, 1, b"SHOUT")
+    task = await client.wait(flaky, timeout=WAIT_S)
+    assert (task.state, task.attempt, task.result) == (TaskState.SUCCEEDED, 2, b"second time")
+    assert [(e.attempt, e.message) for e in task.errors] == [(1, "attempt 1 fails on purpose")]
+
+
+async def test_node_worker_dead_letters_non_retryable_and_unknown_types(
+    client: Client, node_worker: NodeWorker
+) -> None:
+    rejected = await client.enqueue(QUEUE, "reject", b"", max_attempts=5)
+    unknown = await client.enqueue(QUEUE, "no_such_type", b"", max_attempts=5)
+
+    task = await client.wait(rejected, timeout=WAIT_S)
+    assert (task.state, task.attempt) == (TaskState.DEAD, 1)
+    assert task.last_error == "this task can never succeed"
+    task = await client.wait(unknown, timeout=WAIT_S)
+    assert (task.state, task.attempt) == (TaskState.DEAD, 1)
+    assert "no handler for task type no_such_type" in task.last_error
+
+
+async def test_node_worker_extends_the_lease_of_a_long_task(
+    node: str, running: RunningBroker, client: Client, tmp_path: Path
+) -> None:
+    # A 300 ms lease and a 1 s handler: without extensions the reaper would reclaim the task and
+    # the ack would be refused as stale.
+    worker = await NodeWorker.start(node, running.target, tmp_path / "worker.log", lease_ms=300)
+    try:
+        task_id = await client.enqueue(QUEUE, "sleep", b"1000")
+        task = await client.wait(task_id, timeout=WAIT_S)
+        assert (task.state, task.attempt, task.result) == (
+            TaskState.SUCCEEDED,
+            1,
+            b"slept 1000 ms",
+        ), worker.text()
+        (stats,) = await client.stats(QUEUE)
+        assert stats.reclaimed_total == 0
+    finally:
+        await worker.close()
+
+
+async def test_sigterm_lets_the_node_worker_finish_its_task(
+    node: str, running: RunningBroker, client: Client, tmp_path: Path
+) -> None:
+    worker = await NodeWorker.start(node, running.target, tmp_path / "worker.log", concurrency=1)
+    try:
+        in_flight = await client.enqueue(QUEUE, "sleep", b"800")
+        await until_leased(client, in_flight)
+        worker.process.send_signal(signal.SIGTERM)
+        queued = await client.enqueue(QUEUE, "echo", b"left for another worker")
+
+        assert await worker.wait_exit() == 0, worker.text()
+        task = await client.get_task(in_flight)
+        assert (task.state, task.attempt, task.result) == (
+            TaskState.SUCCEEDED,
+            1,
+            b"slept 800 ms",
+        ), worker.text()
+        # It stopped crediting: the task enqueued after SIGTERM was never leased to it.
+        task = await client.get_task(queued)
+        assert (task.state, task.attempt) == (TaskState.PENDING, 0)
+    finally:
+        await worker.close()
+
+
+async def test_node_worker_finishes_its_task_when_the_broker_drains(
+    node: str, settings: Settings, tmp_path: Path
+) -> None:
+    first = await start_broker(settings)
+    worker = await NodeWorker.start(node, first.target, tmp_path / "worker.log")
+    try:
+        async with Client(first.target) as client:
+            task_id = await client.enqueue(QUEUE, "sleep", b"500")
+            await until_leased(client, task_id)
+        await first.broker.stop(grace_s=5)  # drain: settlements accepted until the deadline
+        assert await worker.wait_exit() == 0, worker.text()
+        assert "the broker is draining" in worker.text()
+    finally:
+        await worker.close()
+        await first.channel.close()
+    second = await start_broker(settings)  # the same Redis: read what the first one stored
+    try:
+        async with Client(second.target) as client:
+            task = await client.get_task(task_id)
+        assert (task.state, task.attempt, task.result) == (TaskState.SUCCEEDED, 1, b"slept 500 ms")
+    finally:
+        await second.close()
+
+
+# --- Node producer → broker → Python worker ---------------------------------------------------
+
+
+@handler("greet")
+async def greet(ctx: TaskContext, payload: bytes) -> bytes:
+    return b"hello, " + payload
+
+
+@handler("flaky")
+async def flaky(ctx: TaskContext, payload: bytes) -> bytes:
+    if ctx.attempt == 1:
+        raise RuntimeError("first attempt fails")
+    return f"attempt {ctx.attempt}".encode()
+
+
+@handler("poison")
+async def poison(ctx: TaskContext, payload: bytes) -> bytes:
+    raise NonRetryable("never")
+
+
+@pytest.fixture
+async def python_worker(client: Client) -> AsyncIterator[Worker]:
+    worker = Worker(
+        client,
+        queues=[QUEUE],
+        handlers=[greet, flaky, poison],
+        concurrency=4,
+        worker_id="python-worker",
+        shutdown_grace=timedelta(seconds=1),
+    )
+    async with worker:
+        yield worker
+
+
+@pytest.mark.parametrize(
+    ("args", "state", "attempt", "result"),
+    [
+        (["--type", "greet", "--payload", "node"], "TASK_STATE_SUCCEEDED", 1, "hello, node"),
+        (["--type", "flaky", "--max-attempts", "3"], "TASK_STATE_SUCCEEDED", 2, "attempt 2"),
+        (["--type", "poison"], "TASK_STATE_DEAD", 1, ""),
+    ],
+)
+async def test_node_producer_to_python_worker(
+    node: str,
+    running: RunningBroker,
+    client: Client,
+    python_worker: Worker,
+    args: Sequence[str],
+    state: str,
+    attempt: int,
+    result: str,
+) -> None:
+    line = await produce(node, running.target, *args, "--wait")
+
+    # The Node producer read the finished task back through GetTask ...
+    assert (line["state"], line["attempt"], line["result"]) == (state, attempt, result)
+    # ... and the Python client sees the same.
+    task_id = line["task_id"]
+    assert isinstance(task_id, str) and task_id.startswith(f"{QUEUE}:")
+    assert line["duplicate"] is False
+    task = await client.get_task(task_id)
+    assert (task.state.name, task.attempt, task.result) == (
+        state.removeprefix("TASK_STATE_"),
+        attempt,
+        result.encode(),
+    )
+
+
+async def test_node_producer_enqueue_is_visible_before_any_worker(
+    node: str, running: RunningBroker, client: Client
+) -> None:
+    line = await produce(node, running.target, "--type", "later", "--payload", "x")
+    task = await client.get_task(str(line["task_id"]))
+    assert (task.state, task.type, task.payload) == (TaskState.PENDING, "later", b"x")
