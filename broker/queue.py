@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import random
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -40,6 +41,7 @@ from broker.store.redis_store import IdempotencyConflictAt, RedisStore
 from broker.timings import TaskTimings
 
 MAX_TASKS_PER_CALL = 1000
+_LEASE_ID = re.compile(r"[0-9a-f]{32}")
 MAX_HEADERS = 64
 MAX_HEADER_VALUE_BYTES = 4096
 MAX_IDEMPOTENCY_KEY_LENGTH = 256
@@ -237,7 +239,7 @@ class TaskQueue:
     def _check_lease_id(lease_id: str) -> None:
         if not lease_id:
             raise InvalidArgument("lease_id", "required")
-        if len(lease_id) != 32 or any(c not in "0123456789abcdef" for c in lease_id):
+        if not _LEASE_ID.fullmatch(lease_id):
             raise InvalidArgument("lease_id", "not a lease id (32 hex characters)")
 
     def ack_item(self, task_id: str, lease_id: str, result: bytes) -> AckItem:

@@ -54,50 +54,55 @@ def task_request(spec: task_pb2.TaskSpec) -> TaskRequest:
     )
 
 
+def _ts(ms: int) -> dict[str, int]:
+    """A Timestamp as constructor input: upb builds a sub-message from a dict about three times
+    faster than from a message object, and these run for every delivery."""
+    return {"seconds": ms // 1000, "nanos": (ms % 1000) * 1_000_000}
+
+
+_dur = _ts  # a Duration has the same two fields
+
+
 def task_to_proto(task: Task) -> task_pb2.Task:
-    # Sub-messages go in as constructor arguments (no CopyFrom): this runs for every delivery.
-    optional: dict[str, Any] = {}
+    # Built as keyword arguments (typed Any: the stubs do not know upb takes dicts).
+    fields: dict[str, Any] = {
+        "id": task.ref.task_id,
+        "queue": task.ref.queue,
+        "type": task.type,
+        "payload": task.payload,
+        "headers": task.headers,
+        "priority": task.priority,
+        "state": int(task.state),
+        "attempt": task.attempt,
+        "max_attempts": task.max_attempts,
+        "last_error": task.last_error,
+        "result": task.result,
+        "retry_policy": {
+            "initial_backoff": _dur(task.backoff_initial_ms),
+            "max_backoff": _dur(task.backoff_max_ms),
+        },
+        "create_time": _ts(task.create_ms),
+    }
     if task.schedule_ms:
-        optional["schedule_time"] = to_timestamp(task.schedule_ms)
+        fields["schedule_time"] = _ts(task.schedule_ms)
     if task.lease_expire_ms:
-        optional["lease_expire_time"] = to_timestamp(task.lease_expire_ms)
+        fields["lease_expire_time"] = _ts(task.lease_expire_ms)
     if task.finish_ms:
-        optional["finish_time"] = to_timestamp(task.finish_ms)
+        fields["finish_time"] = _ts(task.finish_ms)
     if task.lease_ms:
-        optional["lease_duration"] = to_duration(task.lease_ms)
+        fields["lease_duration"] = _dur(task.lease_ms)
     if task.errors:
-        optional["errors"] = [
-            task_pb2.AttemptError(
-                attempt=e.attempt, message=e.message, time=to_timestamp(e.time_ms)
-            )
+        fields["errors"] = [
+            {"attempt": e.attempt, "message": e.message, "time": _ts(e.time_ms)}
             for e in task.errors
         ]
-    return task_pb2.Task(
-        id=task.ref.task_id,
-        queue=task.ref.queue,
-        type=task.type,
-        payload=task.payload,
-        headers=task.headers,
-        priority=task.priority,
-        state=int(task.state),  # type: ignore[arg-type]
-        attempt=task.attempt,
-        max_attempts=task.max_attempts,
-        last_error=task.last_error,
-        result=task.result,
-        retry_policy=task_pb2.RetryPolicy(
-            initial_backoff=to_duration(task.backoff_initial_ms),
-            max_backoff=to_duration(task.backoff_max_ms),
-        ),
-        create_time=to_timestamp(task.create_ms),
-        **optional,
-    )
+    return task_pb2.Task(**fields)
 
 
 def delivery(lease: Lease) -> lease_pb2.Delivery:
+    expire: Any = _ts(lease.expire_ms)
     return lease_pb2.Delivery(
-        task=task_to_proto(lease.task),
-        lease_id=lease.lease_id,
-        lease_expire_time=to_timestamp(lease.expire_ms),
+        task=task_to_proto(lease.task), lease_id=lease.lease_id, lease_expire_time=expire
     )
 
 
