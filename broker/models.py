@@ -179,6 +179,7 @@ class QueueStats:
     reclaimed_total: int
     dead_lettered_total: int
     cancelled_total: int
+    failed_total: int
 
 
 @dataclass(frozen=True, slots=True)

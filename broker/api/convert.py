@@ -120,6 +120,7 @@ def stats_to_proto(s: QueueStats) -> bs.QueueStats:
         reclaimed_total=s.reclaimed_total,
         dead_lettered_total=s.dead_lettered_total,
         cancelled_total=s.cancelled_total,
+        failed_total=s.failed_total,
         read_time=to_timestamp(s.now_ms),
     )
     if s.oldest_ready_ms >= 0:

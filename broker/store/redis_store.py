@@ -409,6 +409,7 @@ class RedisStore:
             reclaimed_total=totals.get("reclaim", 0),
             dead_lettered_total=totals.get("dead", 0),
             cancelled_total=totals.get("cancel", 0),
+            failed_total=totals.get("fail", 0),
         )
 
     # --- dead letters -----------------------------------------------------------------------

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 TOTALS: Final = (
     ("taskbroker_tasks_enqueued", "enqueued_total", "Tasks stored by Enqueue (duplicates not)."),
     ("taskbroker_tasks_succeeded", "succeeded_total", "Tasks acked."),
+    ("taskbroker_tasks_failed", "failed_total",
+     "Failed attempts (nacks), whether retried or dead-lettered."),
     ("taskbroker_tasks_retried", "retried_total", "Nacked attempts scheduled for a retry."),
     ("taskbroker_tasks_reclaimed", "reclaimed_total",
      "Leases that ended without a settlement (expired, or their stream closed)."),

@@ -109,6 +109,7 @@ def queue_json(s: QueueStats, rates: QueueRates | None) -> Json:
             "reclaimed": s.reclaimed_total,
             "dead_lettered": s.dead_lettered_total,
             "cancelled": s.cancelled_total,
+            "failed": s.failed_total,
         },
         "rates": {
             "enqueued_per_s": rates.enqueued_per_s if rates else None,

@@ -251,7 +251,7 @@ async def test_nack_retries_after_a_doubling_capped_backoff(tasks: TaskQueue) ->
             assert (await tasks.get(task_id)).state is TaskState.PENDING
 
     s = await stats(tasks)
-    assert (s.retried_total, s.scheduled, s.dead) == (4, 1, 0)
+    assert (s.retried_total, s.failed_total, s.scheduled, s.dead) == (4, 4, 1, 0)
 
 
 async def test_nack_backoff_is_jittered_within_the_cap(tasks: TaskQueue) -> None:
@@ -328,7 +328,7 @@ async def test_last_attempts_nack_dead_letters(tasks: TaskQueue) -> None:
     assert (task.state, task.attempt) == (TaskState.DEAD, 2)
     assert await lease(tasks) == []
     s = await stats(tasks)
-    assert (s.dead, s.retried_total, s.dead_lettered_total) == (1, 1, 1)
+    assert (s.dead, s.retried_total, s.dead_lettered_total, s.failed_total) == (1, 1, 1, 2)
 
 
 async def test_dead_letter_keeps_every_attempts_error_in_order(tasks: TaskQueue) -> None:

@@ -87,6 +87,7 @@ async def test_a_scripted_run_of_50_tasks_45_succeeded_5_dead(
     assert value(samples, "taskbroker_tasks_enqueued_total", **q) == 50
     assert value(samples, "taskbroker_tasks_succeeded_total", **q) == 45
     assert value(samples, "taskbroker_tasks_dead_lettered_total", **q) == 5
+    assert value(samples, "taskbroker_tasks_failed_total", **q) == 5
     assert value(samples, "taskbroker_tasks_retried_total", **q) == 0
     assert value(samples, "taskbroker_tasks_reclaimed_total", **q) == 0
     assert value(samples, "taskbroker_tasks_cancelled_total", **q) == 0

@@ -34,6 +34,7 @@ for i = 0, n - 1 do
     redis.call('HDEL', key, 'lid', 'etime')
     redis.call('HSET', key, 'slid', lease_id, 'skind', 'n')
     append_error(key, att, now, err)
+    redis.call('HINCRBY', KEYS[5], 'fail', 1)
     if dead_letter == '1' or att >= max then
       redis.call('HSET', key, 'state', DEAD, 'ftime', now)
       redis.call('ZADD', KEYS[4], now, id)

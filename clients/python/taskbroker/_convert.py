@@ -84,6 +84,7 @@ def stats_from_proto(pb: broker_service_pb2.QueueStats) -> QueueStats:
         reclaimed_total=pb.reclaimed_total,
         dead_lettered_total=pb.dead_lettered_total,
         cancelled_total=pb.cancelled_total,
+        failed_total=pb.failed_total,
         oldest_pending_age=(
             from_duration(pb.oldest_pending_age) if pb.HasField("oldest_pending_age") else None
         ),

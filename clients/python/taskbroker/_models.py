@@ -69,4 +69,5 @@ class QueueStats:
     reclaimed_total: int
     dead_lettered_total: int
     cancelled_total: int
+    failed_total: int
     oldest_pending_age: timedelta | None
