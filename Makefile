@@ -8,8 +8,9 @@ BIN    := $(VENV)/bin
 GEN    := clients/python/taskbroker/v1
 PROTOS := $(wildcard proto/taskbroker/v1/*.proto)
 BUF    := node_modules/.bin/buf
+NODE_CLIENT := clients/node/node_modules/.installed
 
-.PHONY: all install proto lint format typecheck test run demo soak clean
+.PHONY: all install proto lint format typecheck test test-container run demo soak bench screenshot clean
 
 all: lint typecheck test
 
@@ -21,11 +22,15 @@ $(BIN)/.installed: requirements.txt pyproject.toml clients/python/pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e clients/python -e .
 	touch $@
 
-install: $(BIN)/.installed $(BUF)
+install: $(BIN)/.installed $(BUF) $(NODE_CLIENT)
 
 $(BUF): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
+
+# The Node.js client's dependencies (grpc-js, proto-loader), for its interop tests.
+$(NODE_CLIENT): clients/node/package.json clients/node/package-lock.json
+	cd clients/node && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed
 
 # Generated code is not committed: it is rebuilt whenever a .proto changes (STYLE.md 2.5).
 $(GEN)/__init__.py: $(PROTOS) $(BIN)/.installed
@@ -49,10 +54,15 @@ format: $(BIN)/.installed $(BUF)
 	$(BUF) format -w
 
 typecheck: proto
-	$(BIN)/mypy broker clients/python/taskbroker tests examples
+	$(BIN)/mypy broker clients/python/taskbroker tests examples scripts bench
 
 test: proto
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# Builds the Dockerfile with buildah (no Docker engine; root) on a local Debian base image made by
+# debootstrap and cached in /var/lib/taskbroker-test, then runs the images (tests/container).
+test-container: proto
+	$(BIN)/pytest -q -m container tests/container $(PYTEST_ARGS)
 
 # Serves on 127.0.0.1:50051; with no TASKBROKER_REDIS_URL it starts an embedded redis-server.
 run: proto
@@ -62,9 +72,18 @@ run: proto
 soak: proto
 	$(BIN)/python -m tests.faults.soak $(ARGS)
 
+# The benchmark suite (not in CI, under 10 minutes): its own redis-server and broker, every
+# scenario, a table and bench/results/<UTC time>.json. ARGS="--quick --runs 1" for a smoke run.
+bench: proto
+	$(BIN)/python -m bench $(ARGS)
+
 # The blog post's scenario end to end, against `make run`'s broker (or one it starts itself).
 demo: proto
 	$(BIN)/python -m examples.demo $(ARGS)
+
+# docs/dashboard.png: the dashboard with demo traffic, captured by headless chromium (Debian's).
+screenshot: proto
+	$(BIN)/python scripts/screenshot.py $(ARGS)
 
 clean:
 	rm -rf $(GEN) .mypy_cache .ruff_cache .pytest_cache
