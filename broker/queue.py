@@ -41,6 +41,8 @@ from broker.store.redis_store import IdempotencyConflictAt, RedisStore
 from broker.timings import TaskTimings
 
 MAX_TASKS_PER_CALL = 1000
+#: Headers that carry trace context (W3C), left out of the idempotency comparison.
+TRACE_HEADERS = frozenset({"traceparent", "tracestate", "baggage"})
 _LEASE_ID = re.compile(r"[0-9a-f]{32}")
 MAX_HEADERS = 64
 MAX_HEADER_VALUE_BYTES = 4096
@@ -495,7 +497,9 @@ def _hash_key(queue: str, key: str) -> str:
 def _body_hash(r: TaskRequest) -> str:
     """Identifies the task's content, so a key reused for a different task is caught."""
     digest = hashlib.sha256()
-    meta = [r.queue, r.type, sorted(r.headers.items()), r.priority, r.delay_ms, r.schedule_ms,
+    # Trace context differs on every retry of the same enqueue: it is not part of the task.
+    headers = sorted((k, v) for k, v in r.headers.items() if k not in TRACE_HEADERS)
+    meta = [r.queue, r.type, headers, r.priority, r.delay_ms, r.schedule_ms,
             r.max_attempts, r.lease_ms, r.backoff_initial_ms, r.backoff_max_ms]  # fmt: skip
     digest.update(json.dumps(meta).encode())
     digest.update(r.payload)

@@ -16,6 +16,16 @@ import grpc
 from taskbroker._convert import stats_from_proto, task_from_proto, to_duration, to_timestamp
 from taskbroker._models import QueueStats, Task
 from taskbroker._status import error_from_rpc
+from taskbroker._tracing import (
+    MESSAGING_MESSAGE_ID,
+    Tracing,
+    add_trace_headers,
+    current_trace_metadata,
+    end_span,
+    start_send,
+    trace_headers,
+    use_span,
+)
 from taskbroker.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -25,6 +35,8 @@ from taskbroker.v1 import (
 )
 
 if TYPE_CHECKING:  # the async stubs exist only in the generated .pyi files
+    from opentelemetry.trace import TracerProvider
+
     from taskbroker.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
     from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub
 
@@ -204,6 +216,9 @@ class Client:
         target: "host:port", any gRPC target string, or a list of "ip:port" addresses.
         timeout: Deadline in seconds for each unary call.
         options: Extra gRPC channel options; they override the client's defaults.
+        tracer_provider: The OpenTelemetry tracer provider for the `send` spans of enqueue
+            calls (and of the workers using this client). None: the global one; while no
+            provider is configured nothing is traced.
 
     Raises:
         ValueError: The target list cannot be expressed as one gRPC target.
@@ -215,8 +230,10 @@ class Client:
         *,
         timeout: float = 10.0,
         options: Sequence[tuple[str, Any]] = (),
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self._target = channel_target(target)
+        self._tracing = Tracing(tracer_provider)
         self._timeout = timeout
         self._options = list({**DEFAULT_OPTIONS, **dict(options)}.items())
         self._channel: grpc.aio.Channel | None = None
@@ -235,6 +252,11 @@ class Client:
     def timeout(self) -> float:
         """Deadline in seconds for each unary call."""
         return self._timeout
+
+    @property
+    def tracer_provider(self) -> TracerProvider | None:
+        """The tracer provider given to the client; None: it follows the global one."""
+        return self._tracing.provider
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -267,7 +289,8 @@ class Client:
         self, method: grpc.aio.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
     ) -> _Response:
         try:
-            return await method(request, timeout=self._timeout)
+            metadata = current_trace_metadata() if self._tracing.tracer() is not None else None
+            return await method(request, timeout=self._timeout, metadata=metadata)
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
 
@@ -334,7 +357,7 @@ class Client:
             retry_initial=retry_initial,
             retry_max=retry_max,
         )
-        (result,) = await self._enqueue_call([task_spec(new)])
+        (result,) = await self._send([task_spec(new)])
         return result.task_id
 
     async def enqueue_many(self, tasks: Iterable[NewTask]) -> list[EnqueueResult]:
@@ -357,19 +380,50 @@ class Client:
             UnavailableError: The broker or its Redis could not be reached.
             ValueError: A schedule_time is a naive datetime.
         """
-        specs = [task_spec(t) for t in tasks]
+        return await self._send([task_spec(t) for t in tasks])
+
+    async def _send(self, specs: list[task_pb2.TaskSpec]) -> list[EnqueueResult]:
+        """Enqueues the tasks in a `send` span (one per call, a batch too) when tracing is on:
+        each task's headers and each Enqueue call's metadata carry its context."""
+        tracer = self._tracing.tracer()
+        if tracer is None or not specs:
+            return await self._enqueue_chunks(specs, None)
+        span = start_send(tracer, [spec.queue for spec in specs])
+        error: BaseException | None = None
+        try:
+            carrier = trace_headers(span)
+            for spec in specs:
+                add_trace_headers(spec.headers, carrier)
+            with use_span(span):  # client-side gRPC instrumentation, if any, nests under it
+                results = await self._enqueue_chunks(specs, tuple(carrier.items()))
+            if len(results) == 1:
+                span.set_attribute(MESSAGING_MESSAGE_ID, results[0].task_id)
+            return results
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            end_span(span, error)
+
+    async def _enqueue_chunks(
+        self, specs: list[task_pb2.TaskSpec], metadata: tuple[tuple[str, str], ...] | None
+    ) -> list[EnqueueResult]:
         results: list[EnqueueResult] = []
         for chunk in _chunks(specs):
-            results.extend(await self._enqueue_call(chunk))
+            results.extend(await self._enqueue_call(chunk, metadata))
         return results
 
-    async def _enqueue_call(self, specs: list[task_pb2.TaskSpec]) -> list[EnqueueResult]:
+    async def _enqueue_call(
+        self, specs: list[task_pb2.TaskSpec], metadata: tuple[tuple[str, str], ...] | None
+    ) -> list[EnqueueResult]:
         request = broker_service_pb2.EnqueueRequest(tasks=specs)
         retryable = all(spec.idempotency_key for spec in specs)
         retry = 0
         while True:
             try:
-                response = await self.stub.Enqueue(request, timeout=self._timeout)
+                response = await self.stub.Enqueue(
+                    request, timeout=self._timeout, metadata=metadata
+                )
             except grpc.RpcError as err:
                 error = error_from_rpc(err)
                 unavailable = error.code is grpc.StatusCode.UNAVAILABLE

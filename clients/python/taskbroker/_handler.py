@@ -12,7 +12,7 @@ import functools
 import inspect
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from types import MappingProxyType
 from typing import Final, Literal, TypeAlias, cast
@@ -213,12 +213,15 @@ class HandlerOutcome:
         result: The handler's return value, for "ack".
         retry_delay: The delay the handler asked for, for "retry".
         error: The error message stored with the task, for the other kinds.
+        exception: What the handler raised, if it raised (for the worker's trace span; not
+            compared, not shown).
     """
 
     kind: OutcomeKind
     result: bytes = b""
     retry_delay: timedelta | None = None
     error: str = ""
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
 
 
 def _describe(exc: BaseException) -> str:
@@ -243,11 +246,11 @@ def outcome_for_exception(
     """
     if isinstance(exc, RetryLater):
         delay = min(max(exc.delay, timedelta(0)), MAX_RETRY_DELAY)
-        return HandlerOutcome("retry", retry_delay=delay, error=_describe(exc))
+        return HandlerOutcome("retry", retry_delay=delay, error=_describe(exc), exception=exc)
     dead = isinstance(exc, (NonRetryable, *h.non_retryable, *non_retryable))
     if h.retry_on is not None and not isinstance(exc, h.retry_on):
         dead = True
-    return HandlerOutcome("dead" if dead else "error", error=_describe(exc))
+    return HandlerOutcome("dead" if dead else "error", error=_describe(exc), exception=exc)
 
 
 def outcome_for_result(value: object) -> HandlerOutcome:
@@ -314,6 +317,6 @@ async def invoke(
     except Exception as exc:
         if deadline.expired():
             ctx._cancel("timed out")
-            return HandlerOutcome("error", error=f"timed out after {limit_s:g}s")
+            return HandlerOutcome("error", error=f"timed out after {limit_s:g}s", exception=exc)
         return outcome_for_exception(exc, h, non_retryable)
     return outcome_for_result(value)

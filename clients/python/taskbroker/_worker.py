@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Final, Self
 
 import grpc
 from google.protobuf import timestamp_pb2
+from opentelemetry import context as otel_context
 
 from taskbroker._convert import to_duration
 from taskbroker._handler import (
@@ -38,9 +39,18 @@ from taskbroker._handler import (
 )
 from taskbroker._lease_stream import LeaseStream, StreamLost
 from taskbroker._status import error_from_rpc
+from taskbroker._tracing import (
+    TRACE_PARENTS,
+    TraceParent,
+    Tracing,
+    end_process,
+    start_process,
+)
 from taskbroker.v1 import lease_pb2
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer, TracerProvider
+
     from taskbroker._client import Client
     from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub
 
@@ -107,6 +117,7 @@ class _Options:
     lease_duration: timedelta
     shutdown_grace: timedelta
     non_retryable: ExceptionTypes
+    trace_parent: TraceParent = "child"
 
 
 @dataclass(slots=True)
@@ -506,6 +517,9 @@ class _TaskRun:
                 )
             self._handler_running = True
             try:
+                tracer = session.tracer
+                if tracer is not None:
+                    return await self._traced(tracer, h)
                 return await invoke(
                     h,
                     self.ctx,
@@ -523,6 +537,27 @@ class _TaskRun:
                 return HandlerOutcome("error", error="worker shut down")
             finally:
                 self._handler_running = False
+
+    async def _traced(self, tracer: Tracer, h: Handler) -> HandlerOutcome:
+        """Runs the handler inside its `process` span, which is current meanwhile (sync
+        handlers too: `invoke` copies the context into the thread)."""
+        session = self._session
+        options = session.options
+        span, current = start_process(tracer, self.ctx, options.worker_id, options.trace_parent)
+        token = otel_context.attach(current)
+        outcome: HandlerOutcome | None = None
+        try:
+            outcome = await invoke(
+                h,
+                self.ctx,
+                self.ctx.payload,
+                executor=session.executor,
+                non_retryable=options.non_retryable,
+            )
+            return outcome
+        finally:
+            otel_context.detach(token)
+            end_process(span, outcome)
 
     def abort(self) -> None:
         """Cancels the handler (worker shutdown); the attempt is nacked for a retry."""
@@ -594,9 +629,12 @@ class _Session:
         options: _Options,
         handlers: dict[str, Handler],
         stats: _Stats,
+        tracer: Tracer | None,
     ) -> None:
         self.options = options
         self.handlers = handlers
+        #: Looked up once per run: None (no provider configured) costs nothing per task.
+        self.tracer = tracer
         self._stats = stats
         self.capacity = _Capacity(options.concurrency)
         self.slots = asyncio.Semaphore(options.concurrency)
@@ -768,6 +806,12 @@ class Worker:
         shutdown_grace: How long in-flight tasks get to finish at shutdown before they are
             cancelled and nacked (to be retried).
         non_retryable: Exceptions that dead-letter a task in any handler.
+        trace_parent: How each attempt's `process` span relates to the producer's `send` span
+            (from the task's traceparent header): "child" continues the producer's trace;
+            "link" starts a new trace per attempt. Both link to the producer's span.
+        tracer_provider: The OpenTelemetry tracer provider for `process` spans. None: the
+            client's (`Client(tracer_provider=...)`), else the global one as it is when the
+            worker starts running; without one nothing is traced.
 
     Raises:
         ValueError: An option is out of range, or two handlers share a task type.
@@ -784,6 +828,8 @@ class Worker:
         worker_id: str | None = None,
         shutdown_grace: timedelta = timedelta(seconds=30),
         non_retryable: Sequence[type[BaseException]] = (),
+        trace_parent: TraceParent = "child",
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self._client = client
         self._handlers = _handler_map(handlers)
@@ -794,6 +840,10 @@ class Worker:
             _default_worker_id() if worker_id is None else worker_id,
             shutdown_grace,
             tuple(non_retryable),
+            trace_parent,
+        )
+        self._tracing = Tracing(
+            client.tracer_provider if tracer_provider is None else tracer_provider
         )
         self._stats = _Stats()
         self._session: _Session | None = None
@@ -817,7 +867,9 @@ class Worker:
     def _begin(self) -> _Session:
         if self._session is not None:
             raise RuntimeError("the worker is already running")
-        self._session = _Session(self._client.stub, self._options, self._handlers, self._stats)
+        self._session = _Session(
+            self._client.stub, self._options, self._handlers, self._stats, self._tracing.tracer()
+        )
         return self._session
 
     async def _serve(self, session: _Session) -> None:
@@ -950,6 +1002,7 @@ def _options(
     worker_id: str,
     shutdown_grace: timedelta,
     non_retryable: ExceptionTypes,
+    trace_parent: TraceParent,
 ) -> _Options:
     names = (queues,) if isinstance(queues, str) else tuple(queues)
     if not names:
@@ -962,4 +1015,8 @@ def _options(
         raise ValueError("shutdown_grace must not be negative")
     if len(worker_id) > 128 or not worker_id.isprintable():
         raise ValueError("worker_id: at most 128 printable characters")
-    return _Options(names, worker_id, concurrency, lease_duration, shutdown_grace, non_retryable)
+    if trace_parent not in TRACE_PARENTS:
+        raise ValueError(f"trace_parent must be one of {', '.join(TRACE_PARENTS)}")
+    return _Options(
+        names, worker_id, concurrency, lease_duration, shutdown_grace, non_retryable, trace_parent
+    )
