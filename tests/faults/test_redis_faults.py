@@ -446,7 +446,9 @@ async def test_fault13_full_redis_loses_nothing_stored_and_accepts_again_once_th
         assert (await get(running.stub, new.task_id)).payload == b"{}"
 
         async with Client(running.target) as client:  # and every stored task still runs
-            processed = await Worker(client, queues=["fault13"], handlers=[send]).run_until_idle()
+            worker = Worker(client, queues=["fault13"], handlers=[send])
+            # 2 MiB of payloads: a generous idle window, so a slow CI machine is not "idle".
+            processed = await worker.run_until_idle(idle_for=timedelta(seconds=2))
             assert processed == len(acked) + 1
             states = await drain(client, [*acked, new.task_id], timeout_s=10)
         assert set(states.values()) == {TaskState.SUCCEEDED}

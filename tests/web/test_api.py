@@ -92,6 +92,7 @@ async def test_queues_show_counts_totals_age_paused_and_rates(
         "reclaimed": 0,
         "dead_lettered": 0,
         "cancelled": 0,
+        "failed": 0,
     }
     assert emails["paused"] is False and queues["reports"]["paused"] is True
     assert 0 <= emails["oldest_pending_age_s"] < 5
