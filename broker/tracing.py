@@ -20,6 +20,8 @@ from opentelemetry import propagate
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from broker.api.interceptor import Handler, HandlerInterceptor
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
     from opentelemetry.trace import TracerProvider
@@ -120,7 +122,7 @@ async def shutdown_provider(provider: SdkTracerProvider) -> None:
     await asyncio.to_thread(provider.shutdown)
 
 
-class RpcTracing(grpc.aio.ServerInterceptor):
+class RpcTracing(HandlerInterceptor):
     """A SERVER span per unary RPC of our services, named `<service>/<method>`, with `rpc.system`,
     `rpc.service`, `rpc.method` and `rpc.grpc.status_code`; its parent is the trace context in
     the request metadata (traceparent), when there is one.
@@ -130,38 +132,18 @@ class RpcTracing(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, tracer_provider: TracerProvider) -> None:
+        super().__init__()
         self._tracer = tracer_provider.get_tracer("taskbroker.broker")
-        #: method -> (its handler, the traced handler)
-        self._handlers: dict[
-            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
-        ] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        method = handler_call_details.method.lstrip("/")
+    def wrap(self, method: str, handler: Handler) -> Handler:
         service, _, name = method.partition("/")
-        if service not in TRACED_SERVICES:
+        if handler.unary_unary is None or service not in TRACED_SERVICES:
             return handler
-        # Handlers are built once per method (by us, or cached by the metrics interceptor):
-        # wrap each once too.
-        cached = self._handlers.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        traced = grpc.unary_unary_rpc_method_handler(
+        return grpc.unary_unary_rpc_method_handler(
             self._wrap(service, name, handler.unary_unary),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
-        self._handlers[method] = (handler, traced)
-        return traced
 
     def _wrap(self, service: str, name: str, behavior: Callable[..., Any]) -> _Behavior:
         tracer = self._tracer

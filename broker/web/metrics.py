@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import grpc
@@ -29,6 +29,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import CollectorRegistry
 
+from broker.api.interceptor import Handler, HandlerInterceptor
 from broker.timings import RPC_BUCKETS, Buckets
 
 if TYPE_CHECKING:
@@ -52,18 +53,15 @@ TOTALS: Final = (
 CLUSTER_NOTE: Final = " Cluster-wide (from Redis): aggregate across replicas with max."
 
 
-class RpcMetrics(grpc.aio.ServerInterceptor):
+class RpcMetrics(HandlerInterceptor):
     """Times every RPC by method and final status code; for the Lease stream, its lifetime.
 
     Unknown methods are passed through untimed, so a client cannot grow the label set.
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.durations: dict[tuple[str, str], Buckets] = {}
-        #: method -> (its handler, the timed handler)
-        self._handlers: dict[
-            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
-        ] = {}
 
     def _observe(self, method: str, code: str, started: float) -> None:
         key = (method, code)
@@ -72,28 +70,7 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
             buckets = self.durations[key] = Buckets(RPC_BUCKETS)
         buckets.observe(time.perf_counter() - started)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method.lstrip("/")
-        # Handlers are built once per method by the generic handlers: wrap each once too.
-        cached = self._handlers.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        timed = self._timed(method, handler)
-        self._handlers[method] = (handler, timed)
-        return timed
-
-    def _timed(
-        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
-    ) -> grpc.RpcMethodHandler[Any, Any]:
+    def wrap(self, method: str, handler: Handler) -> Handler:
         serializers = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,

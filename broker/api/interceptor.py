@@ -1,0 +1,41 @@
+"""HandlerInterceptor: the base of the server interceptors that wrap a method's handler (RPC
+metrics, RPC tracing)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias
+
+import grpc
+
+#: A method's handler, as grpc.aio hands it to an interceptor.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # subscriptable only in the stubs
+
+
+class HandlerInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps each method's handler once: the generic handlers give the same handler object for
+    every call of a method, so the wrapped one is cached rather than rebuilt per call."""
+
+    def __init__(self) -> None:
+        #: method -> (its handler, the wrapped handler)
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """Returns the handler to use for `method` ("package.Service/Method")."""
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.lstrip("/")
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self.wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
