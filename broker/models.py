@@ -199,3 +199,4 @@ class ServerInfo:
     aof_enabled: bool
     appendfsync: str | None
     cluster: bool
+    hash_value_bytes: int | None = None  # hash-max-listpack-value; None when CONFIG is refused

@@ -179,8 +179,14 @@ class RedisStore:
                     (await self._client.config_get("maxmemory-policy")).get("maxmemory-policy")
                 )
                 fsync = _text((await self._client.config_get("appendfsync")).get("appendfsync"))
+                # The old name: Redis 7 answers to both, Redis 6 only to this one.
+                hash_value = _text(
+                    (await self._client.config_get("hash-max-ziplist-value")).get(
+                        "hash-max-ziplist-value"
+                    )
+                )
             except rex.ResponseError:  # managed Redis may rename or forbid CONFIG
-                policy, fsync = None, None
+                policy, fsync, hash_value = None, None, ""
         info, persistence = _one_node(info), _one_node(persistence)
         return ServerInfo(
             version=str(info.get("redis_version", "?")),
@@ -188,6 +194,7 @@ class RedisStore:
             aof_enabled=bool(int(persistence.get("aof_enabled", 0))),
             appendfsync=fsync or None,
             cluster=self.is_cluster,
+            hash_value_bytes=int(hash_value) if hash_value else None,
         )
 
     # --- queues ---------------------------------------------------------------------------

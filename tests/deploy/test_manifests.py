@@ -242,6 +242,7 @@ def test_compose_redis_is_the_official_image_with_aof_always_and_noeviction() ->
         "--appendonly": "yes",
         "--appendfsync": "always",
         "--maxmemory-policy": "noeviction",
+        "--hash-max-listpack-value": "512",
     }
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
 
@@ -433,6 +434,7 @@ def test_redis_reference_keeps_every_acknowledged_task() -> None:
         "--appendonly": "yes",
         "--appendfsync": "always",
         "--maxmemory-policy": "noeviction",
+        "--hash-max-listpack-value": "512",
     }
     assert [m["mountPath"] for m in container["volumeMounts"]] == ["/data"]
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"

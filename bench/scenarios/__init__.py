@@ -1,0 +1,56 @@
+"""The scenarios, in the order they run. Each is a coroutine `run(ctx)` that records its metrics
+in `ctx.result`; the runner gives it a fresh broker (with `broker_env`) and an empty Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from bench.context import Ctx
+from bench.scenarios import (
+    ceiling,
+    delayed,
+    drain,
+    idle_streams,
+    latency,
+    memory,
+    pipeline,
+    recovery,
+    unary,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    run: Callable[[Ctx], Awaitable[None]]
+    #: TASKBROKER_* settings for this scenario's broker.
+    broker_env: Mapping[str, str] = field(default_factory=dict)
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("drain", drain.run),
+    Scenario("pipeline", pipeline.run),
+    Scenario("unary", unary.run),
+    Scenario("latency", latency.run),
+    Scenario("memory", memory.run, memory.BROKER_ENV),
+    Scenario("delayed", delayed.run),
+    Scenario("recovery", recovery.run),
+    Scenario("idle_streams", idle_streams.run),
+    Scenario("ceiling", ceiling.run),
+)
+
+
+def by_name(names: list[str]) -> list[Scenario]:
+    """The named scenarios in run order (all of them for an empty list).
+
+    Raises:
+        ValueError: A name is not a scenario.
+    """
+    known = [s.name for s in SCENARIOS]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(known)}"
+        )
+    return [s for s in SCENARIOS if not names or s.name in names]

@@ -1,0 +1,98 @@
+"""ceiling: the raw cost of the task lifecycle with the broker's own code and Lua scripts but no
+gRPC: in this process, TaskQueue.enqueue (validation + the enqueue script), RedisStore.lease and
+RedisStore.ack, in batches of 100, one batch after another. The broker is stopped meanwhile. The
+drain figure over this one says how much of Redis's pace the served path keeps."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from bench import procfs
+from bench.context import Ctx
+from bench.results import ScenarioResult
+from bench.scenarios.common import PAYLOAD
+from bench.worker_proc import TASK_TYPE
+from broker.app import redis_client
+from broker.config import Settings
+from broker.ids import new_lease_id
+from broker.models import AckItem
+from broker.queue import TaskQueue, TaskRequest
+from broker.store.redis_store import RedisStore
+
+BATCH = 100
+LEASE_MS = 30_000
+#: A run stops early after this long (and reports the pace it had).
+CAP_S = 5.0
+RATIO = "drain as % of ceiling"
+
+
+async def run(ctx: Ctx) -> None:
+    total = ctx.options.size(50_000, 10_000)
+    metric = ctx.result.metric(f"enqueue → lease → ack, batches of {BATCH}", "tasks/s")
+    ctx.result.note(
+        f"{total:,} tasks per run through TaskQueue/RedisStore in-process (no gRPC), "
+        "one batch at a time, broker stopped"
+    )
+    await ctx.env.stop_broker()
+    settings = Settings()
+    for run_no in ctx.runs():
+        store = RedisStore(redis_client(settings, ctx.env.redis_url))
+        redis_pid = ctx.env.redis_server.pid
+        cpu0, redis0 = time.process_time(), procfs.cpu_seconds(redis_pid)
+        try:
+            queue = ctx.queue("ceiling")
+            done, seconds = await _lifecycle(TaskQueue(store, settings), store, queue, total)
+        finally:
+            await store.close()
+        cpu, redis_cpu = time.process_time() - cpu0, procfs.cpu_seconds(redis_pid) - redis0
+        metric.add(done / seconds, capped=done < total)
+        ctx.result.runs.append(
+            {
+                "run": run_no,
+                "tasks": done,
+                "seconds": round(seconds, 3),
+                # Which side is the limit: this Python process (redis-py) or redis-server.
+                "bench_cpu_percent": round(100 * cpu / seconds, 1),
+                "redis_cpu_percent": round(100 * redis_cpu / seconds, 1),
+            }
+        )
+        await ctx.env.flush()
+
+
+async def _lifecycle(
+    tasks: TaskQueue, store: RedisStore, queue: str, total: int
+) -> tuple[int, float]:
+    """Runs `total` tasks through their life (enqueue through the queue's rules; lease and ack
+    straight on its store, as the dispatcher and a coalesced ack batch do). Returns (tasks
+    done, seconds)."""
+    requests = [TaskRequest(queue, TASK_TYPE, PAYLOAD) for _ in range(BATCH)]
+    done = 0
+    started = time.perf_counter()
+    deadline = started + CAP_S
+    while done < total and time.perf_counter() < deadline:
+        await tasks.enqueue(requests)
+        batch = await store.lease(queue, [(new_lease_id(), LEASE_MS) for _ in range(BATCH)])
+        acks = [AckItem(lease.task.ref, lease.lease_id, b"") for lease in batch.leases]
+        results = await store.ack(queue, acks)
+        if len(results) != BATCH or any(r.status.value != "ok" for r in results):
+            raise RuntimeError("a batch leased {len(acks)} and acked {results[:3]}...")
+        done += BATCH
+    return done, time.perf_counter() - started
+
+
+def add_ratio(results: Sequence[ScenarioResult]) -> None:
+    """Adds the best drain configuration's rate as a % of the ceiling to the ceiling's metrics
+    (each drain run against the median ceiling)."""
+    by_name = {r.name: r for r in results}
+    ceiling, drain = by_name.get("ceiling"), by_name.get("drain")
+    if ceiling is None or drain is None or not ceiling.metrics:
+        return
+    raw = ceiling.metrics[0]
+    drains = [m for m in drain.metrics if m.name.startswith("drain") and m.median is not None]
+    if raw.median is None or not drains:
+        return
+    best = max(drains, key=lambda m: m.median or 0.0)
+    ratio = ceiling.metric(f"{RATIO} ({best.name.removeprefix('drain ')})", "%")
+    for value in best.values:
+        ratio.add(100 * value / raw.median)

@@ -1,0 +1,141 @@
+"""latency: single Enqueue calls at a fixed rate (open loop: a slow call does not delay the
+next), one SDK worker consuming; per task, the handler-start wall time minus the producer's wall
+time just before its Enqueue call (carried in a header). Producer (the bench process) and worker
+(its own process) share the machine's clock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+
+from bench.context import Ctx
+from bench.results import Target
+from bench.scenarios.common import PAYLOAD, start_workers, wait_succeeded
+from bench.stats import percentile
+from bench.worker_proc import TASK_TYPE
+from taskbroker import Client, TaskbrokerError
+
+RATES = (500, 2_000)
+WINDOW_S = 10.0
+QUICK_WINDOW_S = 3.0
+#: After the last send, how long calls still in flight get to answer (the rest are abandoned),
+#: and then how long the worker gets to start what is left.
+INFLIGHT_CAP_S = 3.0
+DRAIN_CAP_S = 3.0
+P99_TARGET = Target("<=", 2.0)
+HEADER = "sent"
+
+
+class _OpenLoop:
+    """Sends single Enqueue calls on a fixed schedule, each in a task of its own."""
+
+    def __init__(self, client: Client, queue: str) -> None:
+        self._client = client
+        self._queue = queue
+        self.call_ms: list[float] = []
+        self.errors: Counter[str] = Counter()
+        self.first_error: dict[str, str] = {}
+        self.sent = 0
+        self.last_sent = 0.0
+        #: Calls still unanswered INFLIGHT_CAP_S after the last send, then cancelled.
+        self.abandoned = 0
+
+    async def _send(self) -> None:
+        sent = time.time()
+        try:
+            await self._client.enqueue(
+                self._queue, TASK_TYPE, PAYLOAD, headers={HEADER: repr(sent)}
+            )
+        except TaskbrokerError as exc:
+            self.errors[exc.code.name] += 1
+            self.first_error.setdefault(exc.code.name, str(exc)[:200])
+            return
+        self.call_ms.append((time.time() - sent) * 1000)
+
+    async def run(self, rate: int, window_s: float) -> dict[str, object]:
+        """Sends rate * window_s calls; returns a summary of the calls' own latency."""
+        total = round(rate * window_s)
+        inflight: set[asyncio.Task[None]] = set()
+        start = time.perf_counter()
+        while self.sent < total:
+            due = min(total, int((time.perf_counter() - start) * rate) + 1)
+            while self.sent < due:
+                task = asyncio.create_task(self._send())
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+                self.sent += 1
+            await asyncio.sleep(max(0.0, start + self.sent / rate - time.perf_counter()))
+        achieved = self.sent / (time.perf_counter() - start)
+        self.last_sent = time.time()
+        if inflight:
+            _, late = await asyncio.wait(inflight, timeout=INFLIGHT_CAP_S)
+            self.abandoned = len(late)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        calls = self.call_ms
+        return {
+            "achieved_rate": round(achieved, 1),
+            "abandoned_calls": self.abandoned,
+            "errors": dict(self.errors),
+            "first_errors": self.first_error,
+            "call_p50_ms": round(percentile(calls, 50), 3) if calls else None,
+            "call_p99_ms": round(percentile(calls, 99), 3) if calls else None,
+        }
+
+
+async def run(ctx: Ctx) -> None:
+    window_s = ctx.options.seconds(WINDOW_S, QUICK_WINDOW_S)
+    for rate in RATES:
+        for p in (50, 95, 99, 100):
+            name = f"{rate}/s: p{p}" if p < 100 else f"{rate}/s: max"
+            ctx.result.metric(name, "ms", P99_TARGET if (rate, p) == (500, 99) else None)
+    ctx.result.note(
+        "Enqueue call start (producer: the bench process) → handler start (one worker "
+        f"process, concurrency {ctx.options.concurrency}), {window_s:g} s per rate, "
+        "time.time() on both sides"
+    )
+    for run_no in ctx.runs():
+        for rate in RATES:
+            await _one(ctx, run_no, rate, window_s)
+            await ctx.env.flush()
+
+
+async def _one(ctx: Ctx, run_no: int, rate: int, window_s: float) -> None:
+    queue = ctx.queue(f"latency{rate}")
+    (worker,) = await start_workers(ctx, queue, 1, record_header=HEADER, label="latency")
+    async with ctx.client() as client:
+        producer = _OpenLoop(client, queue)
+        calls = await producer.run(rate, window_s)
+        enqueued = len(producer.call_ms)
+        done = await wait_succeeded(client, queue, enqueued, DRAIN_CAP_S)
+    await worker.stop()
+    record = ctx.env.workdir / f"{queue}-latency-0.json"
+    samples_ms = [s * 1000 for s in json.loads(record.read_text())]
+    # Tasks not started by the end of the wait, and calls abandoned unanswered: each is at least
+    # this late. Failed calls stored nothing and count nowhere (they are in the run's details).
+    missing = enqueued + producer.abandoned - len(samples_ms)
+    if missing > 0:
+        samples_ms += [(done.at - producer.last_sent) * 1000] * missing
+    for p in (50, 95, 99, 100):
+        name = f"{rate}/s: p{p}" if p < 100 else f"{rate}/s: max"
+        ctx.result.metric(name, "ms").add(percentile(samples_ms, p), capped=missing > 0)
+    achieved = calls["achieved_rate"]
+    if isinstance(achieved, float) and achieved < 0.95 * rate:
+        ctx.result.note(
+            f"{rate}/s: the producer fell below 95 % of the rate (achieved_rate in the JSON)"
+        )
+    if producer.errors:
+        codes = ", ".join(sorted(producer.errors))
+        ctx.result.note(f"{rate}/s: some Enqueue calls failed ({codes}; counts in the JSON)")
+    ctx.result.runs.append(
+        {
+            "run": run_no,
+            "rate": rate,
+            "sent": producer.sent,
+            "not_started": max(0, missing),
+            **calls,
+        }
+    )
