@@ -8,6 +8,8 @@ BIN    := $(VENV)/bin
 GEN    := clients/python/taskbroker/v1
 PROTOS := $(wildcard proto/taskbroker/v1/*.proto)
 BUF    := node_modules/.bin/buf
+# `buf breaking` compares the API with this branch: no breaking change inside taskbroker.v1.
+BREAKING_AGAINST ?= main
 NODE_CLIENT := clients/node/node_modules/.installed
 
 .PHONY: all install proto lint format typecheck test test-container run demo soak bench screenshot clean
@@ -47,6 +49,7 @@ lint: proto $(BUF)
 	$(BIN)/ruff format --check .
 	$(BUF) lint
 	$(BUF) format -d --exit-code
+	$(BUF) breaking --against '.git#branch=$(BREAKING_AGAINST)'
 
 format: $(BIN)/.installed $(BUF)
 	$(BIN)/ruff check --fix .
