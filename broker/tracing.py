@@ -13,14 +13,14 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 from opentelemetry import propagate
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from broker.api.interceptor import Handler, HandlerInterceptor
+from broker.api.interceptor import CallStatus, Handler, HandlerInterceptor, ending_status
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
@@ -160,29 +160,17 @@ class RpcTracing(HandlerInterceptor):
                 record_exception=False,
                 set_status_on_exception=False,
             ) as span:
-                code = grpc.StatusCode.UNKNOWN
+                status = CallStatus()
                 try:
-                    response = await behavior(request, context)
-                    code = _final_code(context)
-                    return response
-                except grpc.aio.AbortError:
-                    code = _final_code(context)
-                    raise
-                except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED
-                    raise
+                    with ending_status(context) as status:
+                        return await behavior(request, context)
                 except Exception as exc:  # our handlers map every error; this is a bug
                     span.record_exception(exc)
                     raise
                 finally:
+                    code = status.code
                     span.set_attribute("rpc.grpc.status_code", code.value[0])
                     if code in SERVER_ERROR_CODES:
                         span.set_status(Status(StatusCode.ERROR, code.name))
 
         return call
-
-
-def _final_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
-    # None until a handler sets a code or aborts (the stubs do not say so).
-    code = cast("grpc.StatusCode | None", context.code())
-    return grpc.StatusCode.OK if code is None else code

@@ -3,8 +3,10 @@ metrics, RPC tracing)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeAlias
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeAlias, cast
 
 import grpc
 
@@ -39,3 +41,36 @@ class HandlerInterceptor(grpc.aio.ServerInterceptor):
         wrapped = self.wrap(method, handler)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
+
+
+class CallStatus:
+    """The status code a call ended with, as seen by an interceptor (see `ending_status`)."""
+
+    __slots__ = ("code",)
+
+    def __init__(self) -> None:
+        self.code = grpc.StatusCode.UNKNOWN  # until the call ends one way or another
+
+
+@contextlib.contextmanager
+def ending_status(context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[CallStatus]:
+    """Records in the yielded CallStatus how the call inside the block ended: the code the
+    handler set or aborted with (OK when none), CANCELLED, or UNKNOWN for a bug. Exceptions go
+    on."""
+    status = CallStatus()
+    try:
+        yield status
+    except asyncio.CancelledError:
+        status.code = grpc.StatusCode.CANCELLED
+        raise
+    except grpc.aio.AbortError:
+        status.code = _final_code(context)
+        raise
+    else:
+        status.code = _final_code(context)
+
+
+def _final_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    # None until a handler sets a code or aborts (the stubs do not say so).
+    code = cast("grpc.StatusCode | None", context.code())
+    return grpc.StatusCode.OK if code is None else code

@@ -13,11 +13,10 @@ method names and status codes.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
@@ -29,7 +28,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import CollectorRegistry
 
-from broker.api.interceptor import Handler, HandlerInterceptor
+from broker.api.interceptor import CallStatus, Handler, HandlerInterceptor, ending_status
 from broker.timings import RPC_BUCKETS, Buckets
 
 if TYPE_CHECKING:
@@ -98,46 +97,27 @@ class RpcMetrics(HandlerInterceptor):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 started = time.perf_counter()
-                code = "UNKNOWN"
+                status = CallStatus()
                 try:
-                    responses: AsyncIterator[Any] = behavior(request, context)
-                    async for response in responses:
-                        yield response
-                    code = _final_code(context)
-                except grpc.aio.AbortError:
-                    code = _final_code(context)
-                    raise
-                except asyncio.CancelledError:
-                    code = "CANCELLED"
-                    raise
+                    with ending_status(context) as status:
+                        responses: AsyncIterator[Any] = behavior(request, context)
+                        async for response in responses:
+                            yield response
                 finally:
-                    observe(method, code, started)
+                    observe(method, status.code.name, started)
 
             return stream
 
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
-            code = "UNKNOWN"
+            status = CallStatus()
             try:
-                response = await behavior(request, context)
-                code = _final_code(context)
-                return response
-            except grpc.aio.AbortError:
-                code = _final_code(context)
-                raise
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
+                with ending_status(context) as status:
+                    return await behavior(request, context)
             finally:
-                observe(method, code, started)
+                observe(method, status.code.name, started)
 
         return call
-
-
-def _final_code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    # None until a handler sets a code or aborts (the stubs do not say so).
-    code = cast("grpc.StatusCode | None", context.code())
-    return "OK" if code is None else code.name
 
 
 class BrokerCollector:
