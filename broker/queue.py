@@ -167,7 +167,8 @@ class TaskQueue:
             delay_ms=-1 if request.delay_ms is None else request.delay_ms,
             schedule_ms=-1 if request.schedule_ms is None else request.schedule_ms,
             idempotency_key=_hash_key(queue, request.idempotency_key),
-            body_hash=_body_hash(request),
+            # Only a keyed task is ever compared (a JSON dump and a SHA-256 saved per task).
+            body_hash=_body_hash(request) if request.idempotency_key else "",
         )
 
     async def enqueue(self, requests: Sequence[TaskRequest]) -> list[EnqueueOutcome]:
