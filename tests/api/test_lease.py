@@ -14,7 +14,7 @@ import redis
 from taskbroker.v1 import broker_service_pb2 as bs
 from taskbroker.v1 import lease_pb2, task_pb2
 from tests.conftest import RunningBroker
-from tests.support.lease_stream import LeaseStream
+from tests.support.lease_stream import LeaseStream, duration
 from tests.support.tasks import enqueue, get, spec
 
 if TYPE_CHECKING:
@@ -168,6 +168,91 @@ async def test_one_stream_on_several_queues_gets_work_from_each(stub: Stub) -> N
     got = await worker.take(4)
     assert {d.task.queue for d in got} == {"a", "b"}
     await worker.close()
+
+
+async def test_a_settlements_frame_is_answered_per_item_and_grants_its_credits(
+    stub: Stub,
+) -> None:
+    await enqueue(stub, spec(), spec(), spec(), spec(), spec())
+    worker = await LeaseStream(stub).open(["emails"], credits=3, lease=timedelta(seconds=5))
+    a, b, c = await worker.take(3)
+    frame = lease_pb2.Settlements(
+        acks=[
+            lease_pb2.AckRequest(task_id=a.task.id, lease_id=a.lease_id, result=b"done"),
+            lease_pb2.AckRequest(task_id=b.task.id, lease_id="f" * 32),  # not its lease
+            lease_pb2.AckRequest(task_id=b.task.id, lease_id="xyz"),  # malformed
+        ],
+        nacks=[lease_pb2.NackRequest(task_id=b.task.id, lease_id=b.lease_id, error="smtp down")],
+        extends=[
+            lease_pb2.ExtendLeaseRequest(
+                task_id=c.task.id,
+                lease_id=c.lease_id,
+                lease_duration=duration(timedelta(minutes=10)),
+            )
+        ],
+        credits=2,
+    )
+    await worker.call.write(lease_pb2.LeaseRequest(settlements=frame))
+
+    answers = [await asyncio.wait_for(worker.results.get(), 5) for _ in range(5)]
+    outcome = {(r.task_id, r.lease_id, r.kind): r.outcome for r in answers}
+    assert outcome == {
+        (a.task.id, a.lease_id, lease_pb2.SETTLE_KIND_ACK): lease_pb2.SETTLE_OUTCOME_OK,
+        (b.task.id, "f" * 32, lease_pb2.SETTLE_KIND_ACK): lease_pb2.SETTLE_OUTCOME_LEASE_STALE,
+        (b.task.id, "xyz", lease_pb2.SETTLE_KIND_ACK): (lease_pb2.SETTLE_OUTCOME_INVALID_ARGUMENT),
+        (b.task.id, b.lease_id, lease_pb2.SETTLE_KIND_NACK): lease_pb2.SETTLE_OUTCOME_OK,
+        (c.task.id, c.lease_id, lease_pb2.SETTLE_KIND_EXTEND): lease_pb2.SETTLE_OUTCOME_OK,
+    }
+    assert (await get(stub, a.task.id)).result == b"done"
+    assert (await get(stub, b.task.id)).last_error == "smtp down"
+    assert (
+        await get(stub, c.task.id)
+    ).lease_expire_time.seconds > a.lease_expire_time.seconds + 500
+    # The frame's two credits bring the two tasks still pending.
+    assert len(await worker.take(2)) == 2
+    await worker.close()
+
+
+async def test_a_frame_of_many_acks_takes_a_few_script_calls(
+    stub: Stub, redis_client: redis.Redis
+) -> None:
+    await enqueue(stub, *[spec() for _ in range(200)])
+    worker = await LeaseStream(stub).open(["emails"], credits=200)
+    deliveries = await worker.take(200)
+    redis_client.config_resetstat()
+    acks = [lease_pb2.AckRequest(task_id=d.task.id, lease_id=d.lease_id) for d in deliveries]
+    frame = lease_pb2.LeaseRequest(settlements=lease_pb2.Settlements(acks=acks))
+    await worker.call.write(frame)
+    answers = [await asyncio.wait_for(worker.results.get(), 5) for _ in range(200)]
+
+    assert {r.outcome for r in answers} == {lease_pb2.SETTLE_OUTCOME_OK}
+    scripts = redis_client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    assert 0 < scripts <= 2, scripts  # group commit: one script call for the whole frame
+    stats = (await stub.Stats(bs.StatsRequest(queues=["emails"]))).queues[0]
+    assert (stats.succeeded_total, stats.leased, stats.pending) == (200, 0, 0)
+    await worker.close()
+
+
+async def test_bad_credits_in_a_settlements_frame_end_the_stream(stub: Stub) -> None:
+    opened = lease_pb2.LeaseRequest(open=lease_pb2.LeaseOpen(queues=["a"], credits=1))
+    too_many = lease_pb2.LeaseRequest(settlements=lease_pb2.Settlements(credits=20_000))
+    err = await first_frame_error(stub, opened, too_many)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "settlements.credits" in (err.details() or "")
+
+
+async def test_large_tasks_are_delivered_in_frames_within_the_message_limit(
+    running: RunningBroker,
+) -> None:
+    # 20 tasks of 1 MiB: one frame would exceed the broker's send limit (payload limit + 16 MiB).
+    big = [spec(payload=bytes([i]) * (1024 * 1024)) for i in range(20)]
+    for start in range(0, 20, 4):  # an Enqueue request has the same limit
+        await enqueue(running.stub, *big[start : start + 4])
+    worker = await LeaseStream(running.stub).open(["emails"], credits=20)
+    deliveries = await worker.take(20, wait_s=20)
+    assert sorted(d.task.payload[0] for d in deliveries) == list(range(20))
+    assert worker.error is None
+    worker.cancel()
 
 
 async def test_many_idle_streams_share_a_few_redis_connections(
