@@ -383,7 +383,12 @@ class LeaseSession:
             except InvalidArgument as exc:
                 answers[i].outcome = lease_pb2.SETTLE_OUTCOME_INVALID_ARGUMENT
                 answers[i].message = str(exc)
-        outcomes = await self._tasks.settle(items) if items else []
+        outcomes: list[SettleResult | BrokerError] = []
+        try:
+            outcomes = await self._tasks.settle(items) if items else []
+        except Exception:  # a bug: answer "outcome unknown" rather than leave the worker waiting
+            log.exception("lease stream %s: settling %d items failed", self.stream_id, len(items))
+            outcomes = [BrokerError("internal error; retry")] * len(items)
         for i, item, outcome in zip(checked, items, outcomes, strict=True):
             self._answer(answers[i], item, outcome)
         self._outbox.put_nowait(Frame(settle_results=lease_pb2.SettleResults(results=answers)))
