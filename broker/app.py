@@ -47,6 +47,11 @@ EVICTING_POLICIES = frozenset(
 )  # fmt: skip
 
 
+#: A health service that reads SERVING while the process serves at all, Redis or not: for
+#: liveness probes (a restart cures a stuck broker, not a Redis outage).
+LIVENESS_SERVICE = "liveness"
+
+
 class UnsafeRedis(RuntimeError):
     """Redis is configured so that acknowledged tasks could be lost: the broker refuses it."""
 
@@ -156,6 +161,7 @@ class Broker:
                 self.embedded.stop()
             raise
         await self.server.start()
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.wake_listener.start()
         for loop in self.loops:
             loop.start()

@@ -112,6 +112,9 @@ async def test_redis_outage_is_unavailable_and_the_broker_recovers_by_itself(
             break
         await asyncio.sleep(0.1)
     assert await health_status(running) == health_pb2.HealthCheckResponse.NOT_SERVING
+    # Liveness is about the process: a restart would not bring Redis back.
+    liveness = await health_status(running, "liveness")
+    assert liveness == health_pb2.HealthCheckResponse.SERVING
 
     own_redis.start()
     for _ in range(50):  # the broker reconnects on its own

@@ -20,6 +20,7 @@ import click
 import pytest
 import yaml
 
+from broker.app import LIVENESS_SERVICE
 from broker.config import Settings, load_settings
 from taskbroker import Worker
 from taskbroker.cli import cli
@@ -384,7 +385,8 @@ def test_broker_deployment() -> None:
 
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = container[kind]
-        assert probe["grpc"] == {"port": GRPC_PORT}, kind
+        service = {"service": LIVENESS_SERVICE} if kind == "livenessProbe" else {}
+        assert probe["grpc"] == {"port": GRPC_PORT, **service}, kind
         assert set(probe) - {"grpc"} <= {
             "periodSeconds",
             "timeoutSeconds",
