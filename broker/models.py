@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 
 
 class TaskState(enum.IntEnum):
@@ -69,9 +69,9 @@ class AttemptError:
     time_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class Task:
-    """A task as stored."""
+class Task(NamedTuple):
+    """A task as stored. A NamedTuple, not a frozen dataclass: one is built per delivery, and
+    a tuple is built about five times faster (immutable all the same)."""
 
     ref: TaskRef
     type: str
@@ -94,9 +94,8 @@ class Task:
     lease_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """A task leased to a worker, fenced by a random lease id."""
+class Lease(NamedTuple):
+    """A task leased to a worker, fenced by a random lease id (a NamedTuple, as Task)."""
 
     task: Task
     lease_id: str

@@ -6,7 +6,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, TypeAlias, cast
+from typing import Any, Final, TypeAlias, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
@@ -102,33 +102,48 @@ def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
+#: The task hash fields a Task is built from, in the order `decode_fields` reads them (lease.lua
+#: returns them in this order with HMGET: no field names on the wire, no dict per task).
+TASK_FIELDS: Final = (
+    "type", "payload", "hdr", "pri", "state", "att", "max", "ctime", "stime",
+    "etime", "ftime", "lerr", "errs", "res", "lease_ms", "bo_i", "bo_m", "lid",
+)  # fmt: skip
+_FIELD_KEYS: Final = tuple(f.encode() for f in TASK_FIELDS)
+
+
 def decode_task(ref: TaskRef, h: dict[bytes, bytes]) -> Task:
-    """Builds a Task from its hash fields (see lua/_prelude.lua)."""
-    raw_errors = h.get(b"errs")  # absent until an attempt fails: skip the JSON on the hot path
-    errors = tuple(
+    """Builds a Task from its hash (HGETALL; see lua/_prelude.lua)."""
+    return decode_fields(ref, [h.get(key) for key in _FIELD_KEYS])
+
+
+def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
+    """Builds a Task from the values of TASK_FIELDS, in order (None: field absent)."""
+    type_, payload, hdr, pri, state, att, max_, ctime, stime = v[:9]
+    etime, ftime, lerr, errs, res, lease_ms, bo_i, bo_m, lid = v[9:]
+    errors = tuple(  # absent until an attempt fails: no JSON on the hot path
         AttemptError(attempt=int(a), time_ms=int(t), message=str(m))
-        for a, t, m in (json.loads(raw_errors) if raw_errors else ())
+        for a, t, m in (json.loads(errs) if errs else ())
     )
     return Task(
         ref=ref,
-        type=_text(h.get(b"type")),
-        payload=h.get(b"payload", b""),
-        headers=json.loads(h[b"hdr"]) if b"hdr" in h else {},
-        priority=_int(h.get(b"pri")),
-        state=TaskState(_int(h.get(b"state"), TaskState.PENDING)),
-        attempt=_int(h.get(b"att")),
-        max_attempts=_int(h.get(b"max"), 1),
-        create_ms=_int(h.get(b"ctime")),
-        schedule_ms=_int(h.get(b"stime")),
-        lease_expire_ms=_int(h.get(b"etime")),
-        finish_ms=_int(h.get(b"ftime")),
-        last_error=_text(h.get(b"lerr")),
+        type=_text(type_),
+        payload=payload or b"",
+        headers=json.loads(hdr) if hdr else {},
+        priority=_int(pri),
+        state=TaskState(_int(state, TaskState.PENDING)),
+        attempt=_int(att),
+        max_attempts=_int(max_, 1),
+        create_ms=_int(ctime),
+        schedule_ms=_int(stime),
+        lease_expire_ms=_int(etime),
+        finish_ms=_int(ftime),
+        last_error=_text(lerr),
         errors=errors,
-        result=h.get(b"res", b""),
-        lease_ms=_int(h.get(b"lease_ms")),
-        backoff_initial_ms=_int(h.get(b"bo_i")),
-        backoff_max_ms=_int(h.get(b"bo_m")),
-        lease_id=_text(h.get(b"lid")),
+        result=res or b"",
+        lease_ms=_int(lease_ms),
+        backoff_initial_ms=_int(bo_i),
+        backoff_max_ms=_int(bo_m),
+        lease_id=_text(lid),
     )
 
 
@@ -278,6 +293,7 @@ class RedisStore:
         args: list[str | int] = [keys.task_prefix, len(slots)]
         for lease_id, lease_ms in slots:
             args += [lease_id, lease_ms]
+        args += TASK_FIELDS
         with _translate():
             reply = await self._scripts["lease"](
                 keys=[keys.pending, keys.scheduled, keys.leased, keys.meta], args=args
@@ -286,7 +302,7 @@ class RedisStore:
         leases = []
         for i in range(3, len(reply), 2):
             ref = TaskRef(queue, _text(reply[i]))
-            task = decode_task(ref, _pairs(reply[i + 1]))
+            task = decode_fields(ref, reply[i + 1])
             leases.append(Lease(task=task, lease_id=task.lease_id, expire_ms=task.lease_expire_ms))
         return LeaseBatch(now_ms=now, next_due_ms=next_due, paused=paused, leases=leases)
 

@@ -8,14 +8,15 @@
 -- ARGV[1]  task key prefix tb:{q}:t:   (task hashes are derived from popped ids: same hash tag)
 -- ARGV[2]  n; then 2 fields per slot: a fresh random lease id, and the lease length (ms) for a
 --          task without its own. Slots are filled in order, so the caller knows which worker
---          each leased task belongs to.
+--          each leased task belongs to. Then the names of the task fields to return.
 --
 -- Returns {now, next_due, paused, id_1, fields_1, id_2, fields_2, ...}: next_due is the earliest
 -- scheduled time (-1 when none), paused is 1 when nothing was leased because the queue is paused,
--- fields_i is the leased task's hash as a flat list (HGETALL).
+-- fields_i is the leased task's values of the named fields, in order (HMGET).
 
 local now = now_ms()
 local prefix, n = ARGV[1], tonumber(ARGV[2])
+local fields = {unpack(ARGV, 3 + 2 * n)}
 if redis.call('HGET', KEYS[4], 'paused') == '1' then
   return {now, next_due(KEYS[2]), 1}
 end
@@ -39,7 +40,7 @@ for i = 1, #popped, 2 do
     redis.call('HSET', key, 'state', LEASED, 'lid', lease_id, 'etime', expire, 'cur_ms', ms)
     redis.call('ZADD', KEYS[3], expire, id)
     table.insert(reply, id)
-    table.insert(reply, redis.call('HGETALL', key))
+    table.insert(reply, redis.call('HMGET', key, unpack(fields)))
   end
 end
 return reply
