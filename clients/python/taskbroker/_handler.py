@@ -60,8 +60,9 @@ class TaskContext:
     __slots__ = (
         "_cancel_reason",
         "_cancelled_event",
+        "_headers",
+        "_headers_view",
         "attempt",
-        "headers",
         "lease_id",
         "max_attempts",
         "payload",
@@ -87,11 +88,19 @@ class TaskContext:
         self.queue = queue
         self.attempt = attempt
         self.max_attempts = max_attempts
-        self.headers: Mapping[str, str] = MappingProxyType(dict(headers))
+        self._headers = headers
+        self._headers_view: Mapping[str, str] | None = None
         self.payload = payload
         self.lease_id = lease_id
         self._cancel_reason = ""
         self._cancelled_event: asyncio.Event | None = None  # made when someone waits on it
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The task's headers (read-only), copied on first use: most handlers never look."""
+        if self._headers_view is None:
+            self._headers_view = MappingProxyType(dict(self._headers))
+        return self._headers_view
 
     @property
     def cancelled(self) -> bool:
@@ -306,8 +315,11 @@ async def invoke(
     limit_s = None if h.timeout is None else h.timeout.total_seconds()
     deadline = asyncio.timeout(limit_s)
     try:
-        async with deadline:
+        if limit_s is None:  # no timeout context to enter and leave for every task
             value = await _call(h, ctx, payload, executor)
+        else:
+            async with deadline:
+                value = await _call(h, ctx, payload, executor)
     except asyncio.CancelledError as exc:
         task = asyncio.current_task()
         if task is not None and task.cancelling():

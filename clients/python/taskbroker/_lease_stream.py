@@ -8,7 +8,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol, TypeAlias
 
 import grpc
 
@@ -57,6 +57,10 @@ _CREDIT: Final = _Marker("credit")
 _HALF_CLOSE: Final = _Marker("half-close")
 
 _Key = tuple[str, int]  # (lease id, SettleKind)
+#: One ack, nack or extension as the worker hands it to the stream: (kind, message).
+Settlement: TypeAlias = tuple[
+    str, lease_pb2.AckRequest | lease_pb2.NackRequest | lease_pb2.ExtendLeaseRequest
+]
 
 #: Where each settlement goes in a Settlements frame.
 _BATCH_FIELDS: Final = {"ack": "acks", "nack": "nacks", "extend": "extends"}
@@ -84,7 +88,7 @@ class LeaseStream:
         self._listener = listener
         self._grant = grant
         self._call: grpc.aio.StreamStreamCall[lease_pb2.LeaseRequest, lease_pb2.LeaseResponse]
-        self._outbox: asyncio.Queue[lease_pb2.LeaseRequest | _Marker] = asyncio.Queue()
+        self._outbox: asyncio.Queue[Settlement | _Marker] = asyncio.Queue()
         self._pending: dict[_Key, deque[asyncio.Future[lease_pb2.SettleResult]]] = {}
         self._credit_queued = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -152,11 +156,13 @@ class LeaseStream:
             self._credit_queued = True
             self._outbox.put_nowait(_CREDIT)
 
-    async def settle(self, request: lease_pb2.LeaseRequest) -> lease_pb2.SettleResult:
-        """Sends an ack, nack or extend frame and waits for its SettleResult.
+    async def settle(self, settlement: Settlement) -> lease_pb2.SettleResult:
+        """Sends an ack, nack or extension (in the next settlements frame) and waits for its
+        SettleResult.
 
         Args:
-            request: A LeaseRequest whose frame is ack, nack or extend.
+            settlement: ("ack", AckRequest), ("nack", NackRequest) or ("extend",
+                ExtendLeaseRequest).
 
         Returns:
             The broker's answer.
@@ -166,14 +172,12 @@ class LeaseStream:
         """
         if not self.usable:
             raise StreamLost(f"lease stream {self.stream_id} has ended")
-        kind = request.WhichOneof("frame")
-        assert kind in SETTLE_KINDS, kind
-        frame = getattr(request, kind)
-        key: _Key = (frame.lease_id, SETTLE_KINDS[kind])
+        kind, message = settlement
+        key: _Key = (message.lease_id, SETTLE_KINDS[kind])
         future: asyncio.Future[lease_pb2.SettleResult] = asyncio.get_running_loop().create_future()
         waiting = self._pending.setdefault(key, deque())
         waiting.append(future)
-        self._outbox.put_nowait(request)
+        self._outbox.put_nowait(settlement)
         try:
             return await future
         finally:
@@ -236,10 +240,9 @@ class LeaseStream:
                 break
             if item is _CREDIT:
                 credit = True
-            elif isinstance(item, lease_pb2.LeaseRequest):
-                kind = item.WhichOneof("frame")
-                message = getattr(item, kind)  # type: ignore[arg-type]
-                getattr(batch, _BATCH_FIELDS[kind]).append(message)  # type: ignore[index]
+            elif isinstance(item, tuple):
+                kind, message = item
+                getattr(batch, _BATCH_FIELDS[kind]).append(message)
                 size += message.ByteSize()
             if size >= MAX_FRAME_BYTES or self._outbox.empty():
                 break

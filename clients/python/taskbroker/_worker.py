@@ -37,7 +37,7 @@ from taskbroker._handler import (
     TaskContext,
     invoke,
 )
-from taskbroker._lease_stream import LeaseStream, StreamLost
+from taskbroker._lease_stream import LeaseStream, Settlement, StreamLost
 from taskbroker._status import error_from_rpc
 from taskbroker._tracing import (
     TRACE_PARENTS,
@@ -317,14 +317,12 @@ class _Settler:
     def __init__(self, connector: _Connector) -> None:
         self._connector = connector
 
-    async def send(
-        self, origin: LeaseStream, request: lease_pb2.LeaseRequest
-    ) -> lease_pb2.SettleResult:
+    async def send(self, origin: LeaseStream, settlement: Settlement) -> lease_pb2.SettleResult:
         unavailable = 0
         while True:
             stream = origin if origin.usable else await self._connector.wait_active()
             try:
-                result = await stream.settle(request)
+                result = await stream.settle(settlement)
             except StreamLost:
                 continue
             if result.outcome == _UNAVAILABLE and unavailable < SETTLE_RETRIES:
@@ -359,10 +357,9 @@ class _LeaseKeeper:
     async def run(self) -> None:
         """Extends now, then whenever the next extension is due, until cancelled or refused."""
         delivery = self._run.delivery
-        request = lease_pb2.LeaseRequest(
-            extend=lease_pb2.ExtendLeaseRequest(
-                task_id=delivery.task.id, lease_id=delivery.lease_id
-            )
+        request: Settlement = (
+            "extend",
+            lease_pb2.ExtendLeaseRequest(task_id=delivery.task.id, lease_id=delivery.lease_id),
         )
         while True:
             try:
@@ -420,19 +417,18 @@ def _epoch_s(ts: timestamp_pb2.Timestamp) -> float:
     return ts.seconds + ts.nanos / 1e9
 
 
-def _settle_request(
-    delivery: lease_pb2.Delivery, outcome: HandlerOutcome
-) -> lease_pb2.LeaseRequest:
+def _settle_request(delivery: lease_pb2.Delivery, outcome: HandlerOutcome) -> Settlement:
     task_id, lease_id = delivery.task.id, delivery.lease_id
     if outcome.kind == "ack":
-        ack = lease_pb2.AckRequest(task_id=task_id, lease_id=lease_id, result=outcome.result)
-        return lease_pb2.LeaseRequest(ack=ack)
+        return "ack", lease_pb2.AckRequest(
+            task_id=task_id, lease_id=lease_id, result=outcome.result
+        )
     nack = lease_pb2.NackRequest(
         task_id=task_id, lease_id=lease_id, error=outcome.error, dead_letter=outcome.kind == "dead"
     )
     if outcome.kind == "retry" and outcome.retry_delay is not None:
         nack.retry_delay.CopyFrom(to_duration(outcome.retry_delay))
-    return lease_pb2.LeaseRequest(nack=nack)
+    return "nack", nack
 
 
 class _TaskRun:
