@@ -27,6 +27,10 @@ PROCS = (1, 2)
 CALL = 1_000
 
 
+#: The processes whose CPU seconds per task the 1-process drain reports.
+CPU_PARTS = ("broker", "worker", "redis")
+
+
 def _label(size: int) -> str:
     return f"{size // 1000}k"
 
@@ -49,6 +53,8 @@ async def run(ctx: Ctx) -> None:
     for size in sizes:
         for procs in PROCS:
             res.metric(f"drain {_label(size)}, {procs} proc", "tasks/s", DRAIN_TARGET)
+    for part in CPU_PARTS:
+        res.metric(f"CPU per task, {_label(sizes[0])} 1 proc: {part}", "µs")
     caps = ", ".join(f"{_label(s)} {c:g} s" for s, c in ENQUEUE_CAP_S.items())
     res.note(
         f"{ctx.options.concurrency} concurrent no-op handlers per worker process; caps: enqueue "
@@ -57,11 +63,12 @@ async def run(ctx: Ctx) -> None:
     for run_no in ctx.runs():
         for size in sizes:
             for procs in PROCS:
-                res.runs.append(await _one(ctx, run_no, size, procs))
+                cpu_per_task = size == sizes[0] and procs == 1
+                res.runs.append(await _one(ctx, run_no, size, procs, cpu_per_task))
                 await ctx.env.flush()
 
 
-async def _one(ctx: Ctx, run_no: int, size: int, procs: int) -> dict[str, Any]:
+async def _one(ctx: Ctx, run_no: int, size: int, procs: int, cpu_per_task: bool) -> dict[str, Any]:
     env = ctx.env
     assert env.broker is not None
     queue = ctx.queue(f"drain{_label(size)}x{procs}")
@@ -87,6 +94,13 @@ async def _one(ctx: Ctx, run_no: int, size: int, procs: int) -> dict[str, Any]:
     ctx.result.metric(f"drain {_label(size)}, {procs} proc", "tasks/s").add(
         done.done / elapsed, capped=capped
     )
+    if cpu_per_task and done.done:
+        # Where the CPU goes, per task: what any speed-up has to shrink.
+        per_part = {"broker": cpu["broker"], "worker": cpu["worker0"], "redis": cpu["redis"]}
+        for part, seconds in per_part.items():
+            ctx.result.metric(f"CPU per task, {_label(size)} 1 proc: {part}", "µs").add(
+                1e6 * seconds / done.done, capped=capped
+            )
     if done.capped:
         await env.reap_children()
     else:
