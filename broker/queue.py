@@ -299,8 +299,8 @@ class TaskQueue:
 
     async def settle(self, items: Sequence[SettleItem]) -> list[SettleResult | BrokerError]:
         """Applies checked acks, nacks and extensions: concurrent callers' items share one
-        script call per queue and kind (group commit). Never raises: each item gets its result,
-        or LeaseStale, TaskNotFound or the store's error."""
+        script call per queue and kind (group commit). Each item gets its result, or LeaseStale,
+        TaskNotFound or the store's error, in order; only a bug raises."""
         groups: dict[tuple[type, str], list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault((type(item), item.ref.queue), []).append(i)
