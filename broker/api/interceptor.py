@@ -3,6 +3,7 @@ metrics, RPC tracing)."""
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,9 +23,9 @@ class HandlerInterceptor(grpc.aio.ServerInterceptor):
         #: method -> (its handler, the wrapped handler)
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
+    @abc.abstractmethod
     def wrap(self, method: str, handler: Handler) -> Handler:
         """Returns the handler to use for `method` ("package.Service/Method")."""
-        raise NotImplementedError
 
     async def intercept_service(
         self,
