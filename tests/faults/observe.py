@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Final
 
 from taskbroker import Client, QueueStats, Task
-from tests.support.history import Delivered, History, Settled
+from tests.support.history import Delivered, History, Report, Settled
 from tests.support.worker_process import WorkerProcess
 
 #: The queue every fault test uses.
@@ -77,3 +78,53 @@ async def final_tasks(client: Client, task_ids: Iterable[str]) -> dict[str, Task
     """Every task by id, as the broker holds it now."""
     tasks = await asyncio.gather(*(client.get_task(t) for t in task_ids))
     return {t.id: t for t in tasks}
+
+
+def outcome(task: Task) -> tuple[str, int, bytes, tuple[tuple[int, str], ...]]:
+    """What a user reads back: state, attempts, result, and every attempt's error."""
+    errors = tuple((e.attempt, e.message) for e in task.errors)
+    return task.state.name, task.attempt, task.result, errors
+
+
+async def stale_worker_changed_nothing(
+    client: Client,
+    history: Callable[[], History],
+    stale: WorkerProcess,
+    rescuer: WorkerProcess,
+    task_ids: Iterable[str],
+    count: int,
+    answered_within_s: float,
+) -> Report:
+    """Checks the end of a lost-lease fault: every one of the `count` acks the stale worker sent
+    with its lost leases was refused as stale, both workers exit cleanly, and every task
+    succeeded exactly once, with the rescuer's result, after one lease expiry. Returns the
+    history check, for the caller's own further assertions."""
+
+    async def stale_settled() -> bool:
+        return len(settlements(stale)) >= count
+
+    await eventually(stale_settled, answered_within_s, f"{stale.worker_id}'s acks answered")
+    assert Counter((s.kind, s.outcome) for s in settlements(stale)) == {("ack", "stale"): count}
+    assert await stale.aterminate() == 0, stale.log_text()
+    assert await rescuer.aterminate() == 0, rescuer.log_text()
+    (stale_exit,) = [e for e in history().exits if e.worker == stale.worker_id]
+    assert stale_exit.stale_settlements == count
+
+    # The stale worker changed nothing, neither by its acks nor by its stream closing.
+    after = await queue_stats(client)
+    assert (after.succeeded_total, after.reclaimed_total, after.leased, after.pending) == (
+        count,
+        count,
+        0,
+        0,
+    )
+    tasks = await final_tasks(client, task_ids)
+    assert Counter(outcome(t) for t in tasks.values()) == {
+        ("SUCCEEDED", 2, b"rescuer", ((1, "lease expired"),)): count
+    }
+    report = history().check({t.id: t.state.name for t in tasks.values()})
+    assert (report.lost, report.completed_twice, report.stale_accepted) == ((), (), ()), (
+        report.render()
+    )
+    assert report.stale_refused == count, report.render()
+    return report

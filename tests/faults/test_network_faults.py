@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -37,23 +37,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from broker.config import Settings
-from taskbroker import Client, NewTask, Task, TaskContext, TaskState, Worker, handler
+from taskbroker import Client, TaskContext, TaskState, Worker, handler
 from taskbroker.v1 import broker_service_pb2 as bs
 from tests.conftest import RunningBroker, start_broker
+from tests.faults.harness import Harness
 from tests.faults.observe import (
     QUEUE,
     deliveries,
     eventually,
     final_tasks,
+    outcome,
     queue_stats,
     settlements,
+    stale_worker_changed_nothing,
     until_stats,
 )
 from tests.support.fault_proxy import FaultProxy
-from tests.support.history import History, HistoryWriter, Report
 from tests.support.redis_server import RedisServer
 from tests.support.tasks import get, spec
-from tests.support.worker_process import HandlerMode, WorkerProcess
 
 if TYPE_CHECKING:
     from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub
@@ -66,50 +67,9 @@ TRANSIENT: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADL
 # --- helpers ----------------------------------------------------------------------------------
 
 
-class Harness:
-    """Starts worker processes and collects everyone's history files."""
-
-    def __init__(self, directory: Path) -> None:
-        self._dir = directory
-        self.producer = HistoryWriter(directory / "producer.jsonl")
-        self.workers: list[WorkerProcess] = []
-
-    def start(
-        self,
-        target: str,
-        worker_id: str,
-        handlers: Mapping[str, HandlerMode],
-        *,
-        concurrency: int,
-        lease: timedelta,
-        sleep: timedelta | None = None,
-    ) -> WorkerProcess:
-        """Starts a worker on QUEUE against `target`; its history is `<worker_id>.jsonl`."""
-        worker = WorkerProcess(
-            target,
-            self._dir / f"{worker_id}.jsonl",
-            worker_id=worker_id,
-            handlers=handlers,
-            queues=[QUEUE],
-            concurrency=concurrency,
-            lease=lease,
-            sleep=sleep,
-        )
-        self.workers.append(worker)
-        return worker
-
-    def history(self) -> History:
-        return History.load([self.producer.path, *(w.history for w in self.workers)])
-
-    def close(self) -> None:
-        for worker in self.workers:
-            worker.close()
-        self.producer.close()
-
-
 @pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
+def harness(running: RunningBroker, tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(running.target, tmp_path)
     yield harness
     harness.close()
 
@@ -126,26 +86,6 @@ async def broker_proxy(running: RunningBroker) -> AsyncIterator[FaultProxy]:
     async with FaultProxy(seed=8) as proxy:
         await proxy.start(LOOPBACK, running.broker.port)
         yield proxy
-
-
-async def enqueue(client: Client, harness: Harness, count: int) -> list[str]:
-    """Enqueues `count` "job" tasks and records each acknowledged one."""
-    results = await client.enqueue_many(
-        NewTask(QUEUE, "job", str(i).encode()) for i in range(count)
-    )
-    for result in results:
-        harness.producer.enqueued(result.task_id)
-    return [r.task_id for r in results]
-
-
-def check(harness: Harness, tasks: Mapping[str, Task]) -> Report:
-    return harness.history().check({t.id: t.state.name for t in tasks.values()})
-
-
-def outcome(task: Task) -> tuple[str, int, bytes, tuple[tuple[int, str], ...]]:
-    """What a user reads back: state, attempts, result, and every attempt's error."""
-    errors = tuple((e.attempt, e.message) for e in task.errors)
-    return task.state.name, task.attempt, task.result, errors
 
 
 async def serving(stub: health_pb2_grpc.HealthStub) -> bool:
@@ -320,21 +260,21 @@ PARTITIONED_HANDLER: Final = timedelta(seconds=2)
 async def test_fault8_partitioned_worker_loses_its_leases_and_its_late_acks_are_fenced(
     running: RunningBroker, client: Client, harness: Harness, broker_proxy: FaultProxy
 ) -> None:
-    ids = await enqueue(client, harness, PARTITION_TASKS)
+    ids = await harness.enqueue(client, PARTITION_TASKS)
     cut_off = harness.start(
-        broker_proxy.address,
         "cut-off",
         {"job": "sleep"},
         sleep=PARTITIONED_HANDLER,
         lease=SHORT_LEASE,
         concurrency=PARTITION_TASKS,
+        target=broker_proxy.address,
     )
     delivered = await deliveries(cut_off, PARTITION_TASKS)
     (stream,) = running.broker.registry.sessions  # the cut-off worker's Lease stream
 
     broker_proxy.blackhole()  # no extensions get through: the leases run out and are reclaimed
     rescuer = harness.start(
-        running.target, "rescuer", {"job": "ok"}, lease=SHORT_LEASE, concurrency=PARTITION_TASKS
+        "rescuer", {"job": "ok"}, lease=SHORT_LEASE, concurrency=PARTITION_TASKS
     )
     await until_stats(
         client, lambda s: s.succeeded_total == PARTITION_TASKS, 15, "tasks done by the rescuer"
@@ -352,39 +292,10 @@ async def test_fault8_partitioned_worker_loses_its_leases_and_its_late_acks_are_
     # The broker sees its stream break; the worker reconnects and resends its acks.
     await eventually(lambda: stream.closed, 5, "the broker closing the broken stream")
 
-    async def cut_off_settled() -> bool:
-        return len(settlements(cut_off)) >= PARTITION_TASKS
-
-    await eventually(cut_off_settled, 15, "the cut-off worker's acks answered")
-    assert Counter((s.kind, s.outcome) for s in settlements(cut_off)) == {
-        ("ack", "stale"): PARTITION_TASKS
-    }
-    assert await cut_off.aterminate() == 0, cut_off.log_text()
-    assert await rescuer.aterminate() == 0, rescuer.log_text()
-    (cut_off_exit,) = [e for e in harness.history().exits if e.worker == "cut-off"]
-    assert cut_off_exit.stale_settlements == PARTITION_TASKS
-
-    # Every task succeeded once, with the rescuer's result; the broken stream's release of the
-    # leases it no longer held changed nothing.
-    after = await queue_stats(client)
-    assert (after.succeeded_total, after.reclaimed_total, after.leased, after.pending) == (
-        PARTITION_TASKS,
-        PARTITION_TASKS,
-        0,
-        0,
+    report = await stale_worker_changed_nothing(
+        client, harness.history, cut_off, rescuer, ids, PARTITION_TASKS, 15
     )
-    tasks = await final_tasks(client, ids)
-    assert Counter(outcome(t) for t in tasks.values()) == {
-        ("SUCCEEDED", 2, b"rescuer", ((1, "lease expired"),)): PARTITION_TASKS
-    }
-    report = check(harness, tasks)
-    assert (report.lost, report.unexpected, report.completed_twice, report.stale_accepted) == (
-        (),
-        (),
-        (),
-        (),
-    ), report.render()
-    assert report.stale_refused == PARTITION_TASKS, report.render()
+    assert report.unexpected == (), report.render()
     assert report.duplicate_deliveries == PARTITION_TASKS, report.render()
 
 
@@ -408,15 +319,15 @@ async def test_fault9_slow_network_long_tasks_keep_their_leases_through_extensio
         await slow.stats(QUEUE)
         round_trip_s = time.monotonic() - started
     assert 0.2 <= round_trip_s < 1.0, f"a call through the proxy took {round_trip_s:.3f}s"
-    ids = await enqueue(client, harness, SLOW_TASKS)
+    ids = await harness.enqueue(client, SLOW_TASKS)
     workers = [
         harness.start(
-            broker_proxy.address,
             f"slow-{seconds}s",
             {"job": "sleep"},
             sleep=timedelta(seconds=seconds),
             lease=SLOW_NETWORK_LEASE,
             concurrency=SLOW_CONCURRENCY,
+            target=broker_proxy.address,
         )
         for seconds in (2, 3)
     ]
@@ -440,6 +351,6 @@ async def test_fault9_slow_network_long_tasks_keep_their_leases_through_extensio
     }
     # Both handler lengths ran: every task ran on the worker whose name it carries as result.
     assert {t.result for t in tasks.values()} == {b"slow-2s", b"slow-3s"}
-    report = check(harness, tasks)
+    report = harness.check(tasks)
     assert report.ok, report.render()
     assert report.duplicate_deliveries == 0, report.render()

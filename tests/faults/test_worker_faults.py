@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from taskbroker import Client, NewTask, Task
+from taskbroker import Client
 from tests.conftest import RunningBroker
+from tests.faults.harness import Harness
 from tests.faults.observe import (
-    QUEUE,
     deliveries,
-    eventually,
     final_tasks,
+    outcome,
     queue_stats,
     settlements,
+    stale_worker_changed_nothing,
     until_stats,
 )
 from tests.support.history import (
@@ -36,48 +37,7 @@ from tests.support.history import (
     Report,
     Settled,
 )
-from tests.support.worker_process import CRASH_EXIT_CODE, HandlerMode, WorkerProcess
-
-
-class Harness:
-    """Starts worker processes against one broker and collects everyone's history files."""
-
-    def __init__(self, target: str, directory: Path) -> None:
-        self._target = target
-        self._dir = directory
-        self.producer = HistoryWriter(directory / "producer.jsonl")
-        self.workers: list[WorkerProcess] = []
-
-    def start(
-        self,
-        worker_id: str,
-        handlers: Mapping[str, HandlerMode],
-        *,
-        concurrency: int,
-        lease: timedelta = timedelta(seconds=30),
-        sleep: timedelta | None = None,
-    ) -> WorkerProcess:
-        """Starts a worker on QUEUE whose history is `<worker_id>.jsonl`."""
-        worker = WorkerProcess(
-            self._target,
-            self._dir / f"{worker_id}.jsonl",
-            worker_id=worker_id,
-            handlers=handlers,
-            queues=[QUEUE],
-            concurrency=concurrency,
-            lease=lease,
-            sleep=sleep,
-        )
-        self.workers.append(worker)
-        return worker
-
-    def history(self) -> History:
-        return History.load([self.producer.path, *(w.history for w in self.workers)])
-
-    def close(self) -> None:
-        for worker in self.workers:
-            worker.close()
-        self.producer.close()
+from tests.support.worker_process import CRASH_EXIT_CODE
 
 
 @pytest.fixture
@@ -93,28 +53,6 @@ def harness(running: RunningBroker, tmp_path: Path) -> Iterator[Harness]:
     harness.close()
 
 
-async def enqueue(
-    client: Client, harness: Harness, count: int, task_type: str, max_attempts: int | None = None
-) -> list[str]:
-    """Enqueues `count` tasks and records each acknowledged one."""
-    results = await client.enqueue_many(
-        NewTask(QUEUE, task_type, str(i).encode(), max_attempts=max_attempts) for i in range(count)
-    )
-    for result in results:
-        harness.producer.enqueued(result.task_id)
-    return [r.task_id for r in results]
-
-
-def check(harness: Harness, tasks: Mapping[str, Task]) -> Report:
-    return harness.history().check({t.id: t.state.name for t in tasks.values()})
-
-
-def outcome(task: Task) -> tuple[str, int, bytes, tuple[tuple[int, str], ...]]:
-    """What a user reads back: state, attempts, result, and every attempt's error."""
-    errors = tuple((e.attempt, e.message) for e in task.errors)
-    return task.state.name, task.attempt, task.result, errors
-
-
 # --- fault 1: kill -9 -------------------------------------------------------------------------
 
 TASKS = 400
@@ -124,7 +62,7 @@ HELD = 64
 async def test_a_worker_killed_while_holding_tasks_hands_them_back_at_once(
     client: Client, harness: Harness
 ) -> None:
-    ids = await enqueue(client, harness, TASKS, "job")
+    ids = await harness.enqueue(client, TASKS, "job")
     # Leases of 30 s, handlers of 60 s: the doomed worker's tasks can only come back through
     # its stream breaking.
     doomed = harness.start("doomed", {"job": "sleep"}, concurrency=HELD)
@@ -149,7 +87,7 @@ async def test_a_worker_killed_while_holding_tasks_hands_them_back_at_once(
         (True, ("SUCCEEDED", 2, b"survivor", ((1, "lease stream closed"),))): HELD,
         (False, ("SUCCEEDED", 1, b"survivor", ())): TASKS - HELD,
     }
-    report = check(harness, tasks)
+    report = harness.check(tasks)
     assert (report.lost, report.unexpected, report.completed_twice, report.stale_accepted) == (
         (),
         (),
@@ -170,7 +108,7 @@ SHORT_LEASE = timedelta(seconds=1)
 async def test_a_worker_paused_past_its_leases_has_its_late_acks_refused(
     client: Client, harness: Harness
 ) -> None:
-    ids = await enqueue(client, harness, PAUSED_TASKS, "job")
+    ids = await harness.enqueue(client, PAUSED_TASKS, "job")
     zombie = harness.start(
         "zombie",
         {"job": "sleep"},
@@ -187,36 +125,9 @@ async def test_a_worker_paused_past_its_leases_has_its_late_acks_refused(
 
     zombie.cont()  # its handlers finish and it acks with leases that are no longer current
 
-    async def zombie_settled() -> bool:
-        return len(settlements(zombie)) >= PAUSED_TASKS
-
-    await eventually(zombie_settled, 10, "the zombie's acks answered")
-    assert Counter((s.kind, s.outcome) for s in settlements(zombie)) == {
-        ("ack", "stale"): PAUSED_TASKS
-    }
-    assert await zombie.aterminate() == 0, zombie.log_text()
-    assert await rescuer.aterminate() == 0, rescuer.log_text()
-    (zombie_exit,) = [e for e in harness.history().exits if e.worker == "zombie"]
-    assert zombie_exit.stale_settlements == PAUSED_TASKS
-
-    # Every task succeeded exactly once, with the rescuer's result; the zombie changed nothing,
-    # neither by its acks nor by its stream closing.
-    after = await queue_stats(client)
-    assert (after.succeeded_total, after.reclaimed_total, after.leased, after.pending) == (
-        PAUSED_TASKS,
-        PAUSED_TASKS,
-        0,
-        0,
+    await stale_worker_changed_nothing(
+        client, harness.history, zombie, rescuer, ids, PAUSED_TASKS, 10
     )
-    tasks = await final_tasks(client, ids)
-    assert Counter(outcome(t) for t in tasks.values()) == {
-        ("SUCCEEDED", 2, b"rescuer", ((1, "lease expired"),)): PAUSED_TASKS
-    }
-    report = check(harness, tasks)
-    assert (report.lost, report.completed_twice, report.stale_accepted) == ((), (), ()), (
-        report.render()
-    )
-    assert report.stale_refused == PAUSED_TASKS, report.render()
 
 
 # --- fault 10: poison tasks and tasks that kill their worker ------------------------------------
@@ -229,8 +140,8 @@ MAX_ATTEMPTS = 3
 async def test_a_poison_task_is_dead_lettered_after_its_attempts_with_every_error(
     client: Client, harness: Harness
 ) -> None:
-    good = await enqueue(client, harness, GOOD_TASKS, "job")
-    poison = await enqueue(client, harness, POISON_TASKS, "poison", max_attempts=MAX_ATTEMPTS)
+    good = await harness.enqueue(client, GOOD_TASKS, "job")
+    poison = await harness.enqueue(client, POISON_TASKS, "poison", max_attempts=MAX_ATTEMPTS)
     worker = harness.start("worker", {"job": "ok", "poison": "fail"}, concurrency=16)
     await until_stats(
         client,
@@ -256,14 +167,14 @@ async def test_a_poison_task_is_dead_lettered_after_its_attempts_with_every_erro
     }
     stats = await queue_stats(client)
     assert (stats.pending, stats.scheduled, stats.leased, stats.dead) == (0, 0, 0, POISON_TASKS)
-    report = check(harness, tasks)
+    report = harness.check(tasks)
     assert report.ok, report.render()
 
 
 async def test_a_task_that_kills_its_worker_is_dead_lettered_after_its_attempts(
     client: Client, harness: Harness
 ) -> None:
-    (task_id,) = await enqueue(client, harness, 1, "crash", max_attempts=MAX_ATTEMPTS)
+    (task_id,) = await harness.enqueue(client, 1, "crash", max_attempts=MAX_ATTEMPTS)
     for n in range(1, MAX_ATTEMPTS + 1):
         crasher = harness.start(f"crasher-{n}", {"crash": "crash"}, concurrency=1)
         assert await crasher.wait_exit(20) == CRASH_EXIT_CODE, crasher.log_text()
@@ -282,7 +193,7 @@ async def test_a_task_that_kills_its_worker_is_dead_lettered_after_its_attempts(
         1,
         MAX_ATTEMPTS,
     )
-    report = check(harness, {task_id: task})
+    report = harness.check({task_id: task})
     assert report.ok, report.render()
 
 
