@@ -99,20 +99,24 @@ class Broker:
             UnsafeRedis: Redis evicts keys under memory pressure.
             RuntimeError: Redis or the listen address cannot be used.
         """
+        # A start that fails part way unmakes what it made, newest first: no redis-server child,
+        # connection pool or unstopped gRPC server outlives it.
+        async with contextlib.AsyncExitStack() as undo:
+            port = await self._start(undo)
+            undo.pop_all()  # started: stop() owns everything now
+        return port
+
+    async def _start(self, undo: contextlib.AsyncExitStack) -> int:
         s = self.settings
         url = s.redis_url
         if url is None:
             self.embedded = EmbeddedRedis(s.data_dir)
             self.embedded.start()
+            undo.callback(self.embedded.stop)
             url = self.embedded.url
         self.store = RedisStore(redis_client(s, url))
-        try:
-            await self._check_redis()
-        except BaseException:
-            await self.store.close()
-            if self.embedded:
-                self.embedded.stop()
-            raise
+        undo.push_async_callback(self.store.close)
+        await self._check_redis()
         self.tasks = TaskQueue(self.store, s)
         self.dispatcher = Dispatcher(self.tasks)
         self.registry = SessionRegistry()
@@ -125,14 +129,10 @@ class Broker:
         tracer_provider = self._tracer_provider
         if tracer_provider is None:
             tracer_provider = self._own_tracer_provider = tracer_provider_from_env()
+            if tracer_provider is not None:
+                undo.push_async_callback(shutdown_provider, tracer_provider)
         if tracer_provider is not None:
             interceptors.insert(0, RpcTracing(tracer_provider))
-        self.server, self.health = build_server(
-            broker_service, AdminService(self.tasks), s.max_payload_bytes, interceptors
-        )
-        self.port = self.server.add_insecure_port(s.listen)
-        if self.port == 0:
-            raise RuntimeError(f"cannot listen on {s.listen}")
         self.wake_listener = WakeListener(
             self.store,
             self.dispatcher,
@@ -153,14 +153,23 @@ class Broker:
             lambda: self.monitor.serving is not False,  # start() has just reached Redis
             lambda: self._stopping,
         )
+        # HTTP binds first: once gRPC serves, nothing else may fail.
+        self.http_port = await self.web.start()
+        undo.push_async_callback(self.web.stop)
+        self.server, self.health = build_server(
+            broker_service, AdminService(self.tasks), s.max_payload_bytes, interceptors
+        )
         try:
-            self.http_port = await self.web.start()  # first: it is the one that may still fail
-        except RuntimeError:
-            await self.store.close()
-            if self.embedded:
-                self.embedded.stop()
-            raise
+            self.port = self.server.add_insecure_port(s.listen)
+        except RuntimeError:  # grpcio raises on a bind failure (older releases returned 0)
+            self.port = 0
+        # Started even when the bind failed: grpc.aio stops and frees only a started server, and
+        # logs one freed unstopped with a reference to it that crashes the process if a log
+        # handler keeps the record (pytest's capture does).
         await self.server.start()
+        undo.push_async_callback(self.server.stop, None)
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {s.listen}")
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.wake_listener.start()
         for loop in self.loops:

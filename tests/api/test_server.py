@@ -4,19 +4,22 @@ refusing an unsafe Redis."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from broker.app import UnsafeRedis
+from broker.app import Broker, UnsafeRedis
 from broker.config import Settings
 from taskbroker.v1 import broker_service_pb2 as bs
 from taskbroker.v1 import lease_pb2, task_pb2
@@ -134,8 +137,22 @@ async def test_redis_outage_is_unavailable_and_the_broker_recovers_by_itself(
 
 async def test_broker_refuses_a_redis_that_evicts_keys() -> None:
     with RedisServer(maxmemory_policy="allkeys-lru") as server:
-        from broker.app import Broker
-
         broker = Broker(replace(TEST_SETTINGS, redis_url=server.url))
         with pytest.raises(UnsafeRedis, match="noeviction"):
             await broker.start()
+
+
+async def test_a_taken_grpc_address_stops_the_broker_and_leaves_nothing_running(
+    running: RunningBroker, tmp_path: Path
+) -> None:
+    taken = f"127.0.0.1:{running.broker.port}"
+    broker = Broker(replace(TEST_SETTINGS, redis_url=None, data_dir=tmp_path, listen=taken))
+    with pytest.raises(RuntimeError, match=f"cannot listen on {taken}"):
+        await broker.start()
+    assert broker.embedded is not None
+    with pytest.raises(redis.ConnectionError):  # its embedded redis-server was stopped
+        redis.Redis(port=broker.embedded.port, socket_connect_timeout=1).ping()
+    assert broker.http_port  # its HTTP port was bound, and is free again
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", broker.http_port), timeout=1).close()
+    assert await enqueue(running.stub, spec("emails"))  # the first broker is untouched
