@@ -59,14 +59,8 @@ format: $(BIN)/.installed $(BUF)
 typecheck: proto
 	$(BIN)/mypy broker clients/python/taskbroker tests examples scripts bench
 
-# The browser tests run in a pytest process of their own: after hundreds of grpc.aio tests in
-# one process, CPython 3.11's garbage collector has crashed (SIGSEGV) inside their Playwright
-# fixture about once in ten runs; alone they have not (README, Development).
-BROWSER_TESTS := tests/web/test_dashboard_browser.py
-
 test: proto
-	$(BIN)/pytest -q --ignore=$(BROWSER_TESTS) $(PYTEST_ARGS)
-	$(BIN)/pytest -q $(BROWSER_TESTS) $(PYTEST_ARGS)
+	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 # Builds the Dockerfile with buildah (no Docker engine; root) on a local Debian base image made by
 # debootstrap and cached in /var/lib/taskbroker-test, then runs the images (tests/container).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import signal
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -14,10 +16,38 @@ from broker.app import Broker
 from broker.config import Settings
 from taskbroker.v1 import admin_service_pb2_grpc, broker_service_pb2_grpc
 from tests.support.redis_server import RedisCluster, RedisServer
+from tests.support.unstopped_servers import UnstoppedServerGuard
 
 if TYPE_CHECKING:
     from taskbroker.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
     from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub
+
+# A shell starts background jobs (as CI runners may) with SIGINT ignored, and a child process
+# inherits an ignored signal: Ctrl-C sent to a CLI under test would never arrive. The tests run
+# as if started from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+UNSTOPPED_SERVERS = UnstoppedServerGuard()
+UNSTOPPED_SERVERS.install()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fails the run if any grpc.aio server was freed without being stopped: a leak in the
+    broker or a test (tests/support/unstopped_servers.py says why it matters)."""
+    gc.collect()
+    if UNSTOPPED_SERVERS.unstopped:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if UNSTOPPED_SERVERS.unstopped:
+        terminalreporter.write_line(
+            f"{UNSTOPPED_SERVERS.unstopped} grpc.aio server(s) were garbage collected without"
+            " being stopped: start and stop every server, also when a start fails",
+            red=True,
+        )
+
 
 TEST_SETTINGS = Settings(
     listen="127.0.0.1:0",
