@@ -206,7 +206,7 @@ def test_the_checker_finds_lost_unexpected_twice_completed_and_fenced_through_ta
     """Two writers' files merged by time; a torn last line (a writer killed mid-write) skipped."""
     producer, a, b = (tmp_path / f"{name}.jsonl" for name in ("producer", "a", "b"))
     with HistoryWriter(producer) as w:
-        for n, task_id in enumerate(["q:lost", "q:twice", "q:fenced"]):
+        for n, task_id in enumerate(["q:lost", "q:twice", "q:fenced", "q:retried", "q:nacked"]):
             w.write(Enqueued(n, task_id))
     with HistoryWriter(a) as w:
         w.write(Delivered(10, "q:twice", "L1", 1, "a"))
@@ -214,29 +214,37 @@ def test_the_checker_finds_lost_unexpected_twice_completed_and_fenced_through_ta
         w.write(Delivered(20, "q:fenced", "L3", 1, "a"))
         w.write(Settled(23, "q:fenced", "L3", "ack", "stale", "a"))
         w.write(Delivered(30, "q:ghost", "L5", 1, "a"))
+        # A nack's retry may be recorded before the nack's answer: fenced by when it was sent.
+        w.write(Delivered(50, "q:retried", "L6", 1, "a"))
+        w.write(Settled(53, "q:retried", "L6", "nack", "ok", "a", sent_ns=51))
+        w.write(Delivered(60, "q:nacked", "L8", 1, "a"))
+        w.write(Settled(63, "q:nacked", "L8", "nack", "ok", "a", sent_ns=62))  # sent after L9
     with HistoryWriter(b) as w:
         w.write(Delivered(11, "q:twice", "L2", 2, "b"))
         w.write(Settled(12, "q:twice", "L2", "ack", "ok", "b"))
         w.write(Delivered(21, "q:fenced", "L4", 2, "b"))
         w.write(Settled(22, "q:fenced", "L4", "ack", "ok", "b"))
         w.write(Settled(24, "q:fenced", "L4", "ack", "already", "b"))
+        w.write(Delivered(52, "q:retried", "L7", 2, "b"))
+        w.write(Settled(54, "q:retried", "L7", "ack", "ok", "b"))
+        w.write(Delivered(61, "q:nacked", "L9", 2, "b"))  # L8 expired and was reclaimed
+        w.write(Settled(64, "q:nacked", "L9", "ack", "ok", "b"))
     with b.open("a") as torn:
         torn.write('{"record":"delivered","at_ns":40,"task_id":"q:tw')
 
     history = History.load([producer, a, b, tmp_path / "missing.jsonl"])
     assert [r.at_ns for r in history.records] == sorted(r.at_ns for r in history.records)
-    report = history.check(
-        {"q:lost": "PENDING", "q:twice": "SUCCEEDED", "q:fenced": "SUCCEEDED", "q:ghost": "DEAD"}
-    )
+    done = {t: "SUCCEEDED" for t in ("q:twice", "q:fenced", "q:retried", "q:nacked")}
+    report = history.check({"q:lost": "PENDING", "q:ghost": "DEAD", **done})
     assert report == Report(
-        enqueued=3,
-        deliveries=5,
-        tasks_delivered=3,
+        enqueued=5,
+        deliveries=9,
+        tasks_delivered=5,
         lost=("q:lost",),
         unexpected=("q:ghost",),
         completed_twice=("q:twice",),
-        stale_accepted=("q:twice",),
-        duplicate_deliveries=2,
+        stale_accepted=("q:nacked", "q:twice"),
+        duplicate_deliveries=4,
         stale_refused=1,
     )
     assert not report.ok

@@ -12,7 +12,8 @@ What is recorded (RELIABILITY.md section 7.2):
 - `Settled`: the broker's answer to an ack or nack: `ok` (applied), `already` (a repeat of an
   applied settlement), `stale` (refused: the lease is no longer current, or the task is gone), or
   `unknown` (no definite answer, for example UNAVAILABLE; such a settlement may or may not have
-  been applied, and the checker never counts it as either).
+  been applied, and the checker never counts it as either). `sent_ns`, when known, is when the
+  worker's handler ended, before the settlement was sent.
 - `WorkerExit`: a worker's own counters when it stopped gracefully.
 
 `History.check` takes every task's final state (from GetTask, after the drain) and reports lost
@@ -83,6 +84,7 @@ class Settled:
     kind: SettleKind
     outcome: SettleOutcome
     worker: str
+    sent_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +135,15 @@ class HistoryWriter:
         self.write(Delivered(time.monotonic_ns(), task_id, lease_id, attempt, worker))
 
     def settled(
-        self, task_id: str, lease_id: str, kind: SettleKind, outcome: SettleOutcome, worker: str
+        self,
+        task_id: str,
+        lease_id: str,
+        kind: SettleKind,
+        outcome: SettleOutcome,
+        worker: str,
+        sent_ns: int | None = None,
     ) -> None:
-        self.write(Settled(time.monotonic_ns(), task_id, lease_id, kind, outcome, worker))
+        self.write(Settled(time.monotonic_ns(), task_id, lease_id, kind, outcome, worker, sent_ns))
 
     def worker_exit(self, worker: str, processed: int, stale_settlements: int) -> None:
         self.write(WorkerExit(time.monotonic_ns(), worker, processed, stale_settlements))
@@ -155,6 +163,16 @@ class HistoryWriter:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _current_lease(delivered: list[Delivered], settled: Settled) -> str | None:
+    """The task's newest lease as the broker saw it when it applied `settled` (see
+    Report.stale_accepted): `delivered` holds the task's deliveries recorded before the answer."""
+    until_ns = settled.at_ns
+    if settled.kind == "nack" and settled.sent_ns is not None:
+        until_ns = settled.sent_ns
+    before = [d for d in delivered if d.at_ns <= until_ns]
+    return before[-1].lease_id if before else None
 
 
 def _fields(record: Record) -> dict[str, object]:
@@ -183,8 +201,10 @@ class Report:
         lost: Acknowledged enqueues whose task did not end SUCCEEDED or DEAD.
         unexpected: Tasks delivered that were never (acknowledged as) enqueued.
         completed_twice: Tasks acked as a first ack (outcome ok, not a repeat) by two leases.
-        stale_accepted: Tasks with an ack or nack accepted for a lease that was not, at that
-            point in the history, the task's most recently delivered lease.
+        stale_accepted: Tasks with an ack or nack accepted for a lease that was not the task's
+            most recently delivered lease: when the answer came, for an ack; when it was sent
+            (if known), for a nack. An accepted nack makes its task deliverable again at once
+            (full-jitter backoff may be ~0), so its next lease may be recorded before the answer.
         duplicate_deliveries: deliveries - tasks_delivered.
         stale_refused: Settlements the broker refused as stale (fencing at work; not a fault).
     """
@@ -288,20 +308,20 @@ class History:
         enqueued = {r.task_id for r in self.enqueues}
         deliveries = self.deliveries
         delivered = {r.task_id for r in deliveries}
-        newest_lease: dict[str, str] = {}
+        leases: defaultdict[str, list[Delivered]] = defaultdict(list)  # per task, in time order
         first_acks: defaultdict[str, set[str]] = defaultdict(set)
         stale_accepted: set[str] = set()
         stale_refused = 0
         for record in self.records:
             if isinstance(record, Delivered):
-                newest_lease[record.task_id] = record.lease_id
+                leases[record.task_id].append(record)
             elif isinstance(record, Settled):
                 if record.outcome == "stale":
                     stale_refused += 1
                     continue
                 if record.outcome != "ok":
                     continue  # a repeat, or an answer we never got
-                if newest_lease.get(record.task_id) != record.lease_id:
+                if _current_lease(leases[record.task_id], record) != record.lease_id:
                     stale_accepted.add(record.task_id)
                 if record.kind == "ack":
                     first_acks[record.task_id].add(record.lease_id)

@@ -230,16 +230,24 @@ def _kill_leftovers() -> None:
 
 
 def _make_handler(
-    task_type: str, mode: HandlerMode, sleep_s: float, writer: HistoryWriter, worker_id: str
+    task_type: str,
+    mode: HandlerMode,
+    sleep_s: float,
+    writer: HistoryWriter,
+    worker_id: str,
+    ended_ns: dict[str, int],
 ) -> Handler:
     async def run(ctx: TaskContext, payload: bytes) -> bytes:
         writer.delivered(ctx.task_id, ctx.lease_id, ctx.attempt, worker_id)
-        if mode == "crash":
-            os._exit(CRASH_EXIT_CODE)
-        if mode == "fail":
-            raise PoisonError(f"attempt {ctx.attempt} failed")
-        await asyncio.sleep(sleep_s)
-        return worker_id.encode()
+        try:
+            if mode == "crash":
+                os._exit(CRASH_EXIT_CODE)
+            if mode == "fail":
+                raise PoisonError(f"attempt {ctx.attempt} failed")
+            await asyncio.sleep(sleep_s)
+            return worker_id.encode()
+        finally:
+            ended_ns[ctx.lease_id] = time.monotonic_ns()  # its settlement is sent after this
 
     return handler(task_type)(run)
 
@@ -252,8 +260,9 @@ def _settle_outcome(result: lease_pb2.SettleResult) -> SettleOutcome:
     return "unknown"
 
 
-def _record_settlements(writer: HistoryWriter, worker_id: str) -> None:
-    """Wraps the SDK's per-settlement report (private) to record each SettleResult."""
+def _record_settlements(writer: HistoryWriter, worker_id: str, ended_ns: dict[str, int]) -> None:
+    """Wraps the SDK's per-settlement report (private) to record each SettleResult, with the
+    time its handler ended (from `ended_ns`, by lease id)."""
     report = getattr(_Session, "_report", None)
     if report is None:
         raise RuntimeError("taskbroker._worker._Session._report is gone: cannot record settlements")
@@ -263,8 +272,14 @@ def _record_settlements(writer: HistoryWriter, worker_id: str) -> None:
     ) -> None:
         report(self, run, outcome, result)
         kind: SettleKind = "ack" if outcome.kind == "ack" else "nack"
+        lease_id = run.delivery.lease_id
         writer.settled(
-            run.delivery.task.id, run.delivery.lease_id, kind, _settle_outcome(result), worker_id
+            run.delivery.task.id,
+            lease_id,
+            kind,
+            _settle_outcome(result),
+            worker_id,
+            ended_ns.pop(lease_id, None),
         )
 
     setattr(_Session, "_report", recording_report)  # noqa: B010 (a method, mypy refuses =)
@@ -297,12 +312,13 @@ def _modes(specs: Sequence[str]) -> dict[str, HandlerMode]:
 async def _serve(args: argparse.Namespace) -> None:
     worker_id: str = args.worker_id
     with HistoryWriter(args.history) as writer:
-        _record_settlements(writer, worker_id)
+        ended_ns: dict[str, int] = {}
+        _record_settlements(writer, worker_id, ended_ns)
         handlers = []
         for task_type, mode in _modes(args.handler).items():
             default = DEFAULT_SLEEP.get(mode, timedelta(0)).total_seconds()
             sleep_s = default if args.sleep_ms is None else args.sleep_ms / 1000
-            handlers.append(_make_handler(task_type, mode, sleep_s, writer, worker_id))
+            handlers.append(_make_handler(task_type, mode, sleep_s, writer, worker_id, ended_ns))
         async with Client(args.target) as client:
             worker = Worker(
                 client,
