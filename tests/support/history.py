@@ -166,8 +166,9 @@ class HistoryWriter:
 
 
 def _current_lease(delivered: list[Delivered], settled: Settled) -> str | None:
-    """The task's newest lease as the broker saw it when it applied `settled` (see
-    Report.stale_accepted): `delivered` holds the task's deliveries recorded before the answer."""
+    """The lease `settled` must name: the task's newest delivered lease when the answer was
+    recorded, or, for a nack, when it was sent (Report.stale_accepted says why). `delivered`
+    holds the task's deliveries recorded before the answer, in time order."""
     until_ns = settled.at_ns
     if settled.kind == "nack" and settled.sent_ns is not None:
         until_ns = settled.sent_ns
