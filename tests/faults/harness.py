@@ -48,12 +48,19 @@ class Harness:
         return worker
 
     async def enqueue(
-        self, client: Client, count: int, task_type: str = "job", max_attempts: int | None = None
+        self,
+        client: Client,
+        count: int,
+        task_type: str = "job",
+        max_attempts: int | None = None,
+        *,
+        first: int = 0,
     ) -> list[str]:
-        """Enqueues `count` tasks and records each acknowledged one."""
+        """Enqueues `count` tasks (payloads `first`, `first`+1, ...) and records each
+        acknowledged one."""
         results = await client.enqueue_many(
             NewTask(QUEUE, task_type, str(i).encode(), max_attempts=max_attempts)
-            for i in range(count)
+            for i in range(first, first + count)
         )
         for result in results:
             self.producer.enqueued(result.task_id)

@@ -41,10 +41,11 @@ from taskbroker import Client, NewTask, Task, UnavailableError
 from taskbroker.v1 import broker_service_pb2 as bs
 from taskbroker.v1 import broker_service_pb2_grpc, lease_pb2, task_pb2
 from tests.conftest import RunningBroker
+from tests.faults.harness import Harness
 from tests.faults.observe import POLL_S, QUEUE, eventually, final_tasks, queue_stats, until_stats
 from tests.support.broker_process import BrokerProcess
 from tests.support.fault_proxy import FaultProxy
-from tests.support.history import Delivered, History, HistoryWriter, Report
+from tests.support.history import Delivered, History, Report
 from tests.support.lease_stream import LeaseStream
 from tests.support.redis_server import RedisServer
 from tests.support.tasks import enqueue as enqueue_specs
@@ -102,33 +103,15 @@ class Replicas:
             replica.channel.close()
 
 
-class Fleet:
-    """Worker processes against one target, and everyone's history files."""
+class Fleet(Harness):
+    """Worker processes running "job" tasks against one target, and everyone's history files."""
 
-    def __init__(self, target: str, directory: Path) -> None:
-        self._target = target
-        self._dir = directory
-        self.producer = HistoryWriter(directory / "producer.jsonl")
-        self.workers: list[WorkerProcess] = []
-
-    def start(
+    def start_jobs(
         self, worker_id: str, *, concurrency: int, lease: timedelta, sleep: timedelta
     ) -> WorkerProcess:
-        worker = WorkerProcess(
-            self._target,
-            self._dir / f"{worker_id}.jsonl",
-            worker_id=worker_id,
-            handlers={"job": "ok"},
-            queues=[QUEUE],
-            concurrency=concurrency,
-            lease=lease,
-            sleep=sleep,
+        return self.start(
+            worker_id, {"job": "ok"}, concurrency=concurrency, lease=lease, sleep=sleep
         )
-        self.workers.append(worker)
-        return worker
-
-    def history(self) -> History:
-        return History.load([self.producer.path, *(w.history for w in self.workers)])
 
     def deliveries(self) -> list[Delivered]:
         return History.load(w.history for w in self.workers).deliveries
@@ -138,11 +121,6 @@ class Fleet:
         codes = await asyncio.gather(*(w.aterminate() for w in self.workers))
         for worker, code in zip(self.workers, codes, strict=True):
             assert code == 0, worker.log_text()
-
-    def close(self) -> None:
-        for worker in self.workers:
-            worker.close()
-        self.producer.close()
 
 
 @pytest.fixture
@@ -179,20 +157,10 @@ async def put_workers_on(
     await eventually(all_connected, 10, "every worker connected to the second replica")
 
 
-async def enqueue(client: Client, fleet: Fleet, first: int, count: int) -> list[str]:
-    """Enqueues tasks `first`..`first+count-1` and records each acknowledged one."""
-    results = await client.enqueue_many(
-        NewTask(QUEUE, "job", str(i).encode()) for i in range(first, first + count)
-    )
-    for result in results:
-        fleet.producer.enqueued(result.task_id)
-    return [r.task_id for r in results]
-
-
 def check(fleet: Fleet, tasks: Mapping[str, Task]) -> Report:
     """Runs the checker on the final states; nothing lost, unexpected, completed twice or
     settled through a stale lease."""
-    report = fleet.history().check({t.id: t.state.name for t in tasks.values()})
+    report = fleet.check(tasks)
     assert (report.lost, report.unexpected, report.completed_twice, report.stale_accepted) == (
         (),
         (),
@@ -243,11 +211,11 @@ async def test_workers_of_a_replica_killed_9_move_to_the_survivor_and_nothing_is
         fleet = Fleet(f"ipv4:{to_doomed.address},{to_survivor.address}", tmp_path)
         try:
             workers = [
-                fleet.start(w, concurrency=CREDITS_PER_WORKER, lease=LEASE, sleep=HANDLER)
+                fleet.start_jobs(w, concurrency=CREDITS_PER_WORKER, lease=LEASE, sleep=HANDLER)
                 for w in WORKERS
             ]
             await put_workers_on(doomed, to_survivor, workers)
-            running = await enqueue(client, fleet, 0, RUNNING)
+            running = await fleet.enqueue(client, RUNNING)
 
             async def all_running() -> bool:
                 return len(fleet.deliveries()) == RUNNING
@@ -258,7 +226,7 @@ async def test_workers_of_a_replica_killed_9_move_to_the_survivor_and_nothing_is
             # and extensions of the running tasks.
             to_doomed.drop_replies()
             leased_at = time.monotonic_ns()
-            later = await enqueue(client, fleet, RUNNING, IN_FLIGHT + LATER)
+            later = await fleet.enqueue(client, IN_FLIGHT + LATER, first=RUNNING)
             await until_stats(
                 client, lambda s: s.pending == LATER, 5, "the doomed replica leased its credits"
             )
@@ -423,7 +391,7 @@ async def produce(client: Client, fleet: Fleet) -> list[str]:
     """A steady stream of tasks, BATCH at a time."""
     ids: list[str] = []
     for first in range(0, TOTAL, BATCH):
-        ids += await enqueue(client, fleet, first, BATCH)
+        ids += await fleet.enqueue(client, BATCH, first=first)
         await asyncio.sleep(0.02)
     return ids
 
@@ -456,10 +424,10 @@ async def test_a_replica_shut_down_under_load_hands_its_workers_over_without_los
         try:
             lease = timedelta(seconds=10)
             fast = [
-                fleet.start(w, concurrency=4, lease=lease, sleep=timedelta(milliseconds=100))
+                fleet.start_jobs(w, concurrency=4, lease=lease, sleep=timedelta(milliseconds=100))
                 for w in FAST
             ]
-            slow = fleet.start(SLOW, concurrency=SLOW_CREDITS, lease=lease, sleep=SLOW_HANDLER)
+            slow = fleet.start_jobs(SLOW, concurrency=SLOW_CREDITS, lease=lease, sleep=SLOW_HANDLER)
             await put_workers_on(leaving, to_staying, [*fast, slow])
             request = health_pb2.HealthCheckRequest()
             serving = health_pb2.HealthCheckResponse.SERVING
