@@ -47,6 +47,16 @@ class Settings:
     shutdown_grace_s: float = 10.0
     #: A Lease stream must send its open frame within this long.
     open_timeout_s: float = 5.0
+    #: When a Lease stream ends, how long its leases wait for the worker to resume them on a new
+    #: stream before they go back to pending (a killed worker's tasks return within this plus
+    #: reap_interval_s).
+    resume_window_s: float = 0.5
+    #: Deliveries and answers queued for one Lease stream and not yet written; past it the stream
+    #: gets no more tasks until its worker reads.
+    stream_outbox_bytes: int = 8 * MIB
+    #: A Lease stream whose worker reads nothing for this long is cut; tasks never written to it
+    #: go back to pending without spending an attempt.
+    stream_write_timeout_s: float = 30.0
     #: How often expired leases are looked for; a lease is reclaimed within this of its deadline.
     reap_interval_s: float = 0.25
     #: Redis socket timeout: a Redis call that takes longer fails with UNAVAILABLE.
@@ -64,7 +74,13 @@ class Settings:
             problems.append("default_max_attempts must be 1 to 1000")
         if not 0.001 <= self.backoff_initial_s <= self.backoff_max_s <= 7 * 86400:
             problems.append("need 0.001 <= backoff_initial_s <= backoff_max_s <= 604800")
-        for name in ("idempotency_window_s", "shutdown_grace_s", "open_timeout_s"):
+        problems += self._stream_problems()
+        for name in (
+            "idempotency_window_s",
+            "shutdown_grace_s",
+            "open_timeout_s",
+            "stream_write_timeout_s",
+        ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         for name in ("finished_retention_s", "dead_retention_s"):
@@ -77,6 +93,14 @@ class Settings:
         problems += _http_listen_problems(self.http_listen)
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
+
+    def _stream_problems(self) -> list[str]:
+        problems = []
+        if not 0 <= self.resume_window_s <= 60:
+            problems.append("resume_window_s must be 0 to 60")
+        if self.stream_outbox_bytes < 64 * 1024:
+            problems.append("stream_outbox_bytes must be at least 65536")
+        return problems
 
     @property
     def listen_host(self) -> str:

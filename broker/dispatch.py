@@ -17,7 +17,7 @@ from typing import Any, TypeAlias
 from broker.cancellation import raise_if_cancelled
 from broker.errors import BrokerError, StoreUnavailable
 from broker.ids import new_lease_id
-from broker.models import Lease, TaskRef
+from broker.models import HeldLease, Lease
 from broker.queue import TaskQueue
 
 log = logging.getLogger(__name__)
@@ -36,15 +36,20 @@ class Subscription:
     def __init__(
         self,
         dispatcher: Dispatcher,
+        stream_id: str,
         queues: Sequence[str],
         lease_ms: int,
         deliver: Callable[[list[Lease]], bool],
+        can_receive: Callable[[], bool],
     ) -> None:
         self._dispatcher = dispatcher
+        self.stream_id = stream_id
         self.queues = tuple(queues)
         self.lease_ms = lease_ms
         self.credits = 0  # granted and not yet used or reserved by a pump
         self.deliver = deliver
+        #: False while the stream's worker is not reading what was already sent to it.
+        self.can_receive = can_receive
         self.active = True
 
     def add_credits(self, n: int) -> None:
@@ -52,6 +57,11 @@ class Subscription:
         self._dispatcher.credits_changed(self)
 
     def credits_returned(self) -> None:
+        if self.active:
+            self._dispatcher.credits_changed(self)
+
+    def receiving_again(self) -> None:
+        """The stream's worker caught up with its outbox: its credits count again."""
         if self.active:
             self._dispatcher.credits_changed(self)
 
@@ -97,7 +107,7 @@ class QueuePump:
         self._wake.set()
 
     def _ready(self) -> list[Subscription]:
-        return [s for s in self.subscribers if s.active and s.credits > 0]
+        return [s for s in self.subscribers if s.active and s.credits > 0 and s.can_receive()]
 
     async def _run(self) -> None:
         failures = 0
@@ -171,7 +181,7 @@ class QueuePump:
         slots = self._reserve(ready)
         try:
             batch = await self._tasks.lease(
-                self.queue, [(new_lease_id(), sub.lease_ms) for sub in slots]
+                self.queue, [(new_lease_id(), sub.lease_ms, sub.stream_id) for sub in slots]
             )
         except BaseException:
             self._give_back(slots)
@@ -181,12 +191,9 @@ class QueuePump:
         for sub, lease in zip(slots, batch.leases, strict=False):
             per_sub.setdefault(id(sub), (sub, []))[1].append(lease)
         self._give_back(slots[len(batch.leases) :])
-        orphans: list[Lease] = []
         for sub, leases in per_sub.values():
             if not (sub.active and sub.deliver(leases)):
-                orphans.extend(leases)
-        if orphans:
-            self._on_orphans(orphans)
+                self._on_orphans(sub.stream_id, leases)
         if len(batch.leases) == len(slots) and not batch.paused:
             self._may_have_work = True  # a full batch: there may be more
         if batch.next_due_ms >= 0:
@@ -194,7 +201,7 @@ class QueuePump:
 
 
 #: Type of the callback that gives back leases whose stream went away mid-delivery.
-_Orphans: TypeAlias = Callable[[list[Lease]], None]
+_Orphans: TypeAlias = Callable[[str, list[Lease]], None]
 
 
 class Dispatcher:
@@ -208,9 +215,14 @@ class Dispatcher:
         self.draining = False
 
     def subscribe(
-        self, queues: Sequence[str], lease_ms: int, deliver: Callable[[list[Lease]], bool]
+        self,
+        stream_id: str,
+        queues: Sequence[str],
+        lease_ms: int,
+        deliver: Callable[[list[Lease]], bool],
+        can_receive: Callable[[], bool],
     ) -> Subscription:
-        sub = Subscription(self, queues, lease_ms, deliver)
+        sub = Subscription(self, stream_id, queues, lease_ms, deliver, can_receive)
         for queue in sub.queues:
             pump = self._pumps.get(queue)
             if pump is None:
@@ -261,15 +273,17 @@ class Dispatcher:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
-    def _release_orphans(self, leases: list[Lease]) -> None:
-        refs = [(lease.task.ref, lease.lease_id) for lease in leases]
-        self._spawn(self._release(refs))
+    def _release_orphans(self, stream_id: str, leases: list[Lease]) -> None:
+        """Leases made for a stream that went away before they were handed to it: undone, no
+        attempt spent (the task never left the broker)."""
+        held = [HeldLease(lease.task.ref, lease.lease_id) for lease in leases]
+        self._spawn(self._unlease(stream_id, held))
 
-    async def _release(self, refs: list[tuple[TaskRef, str]]) -> None:
+    async def _unlease(self, stream_id: str, held: list[HeldLease]) -> None:
         try:
-            await self._tasks.release(refs, "lease stream closed")
+            await self._tasks.unlease(stream_id, held)
         except BrokerError as exc:  # the leases expire and are reclaimed instead
-            log.warning("could not release %d orphaned leases: %s", len(refs), exc)
+            log.warning("could not hand back %d undelivered leases: %s", len(held), exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

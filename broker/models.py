@@ -139,7 +139,15 @@ class NackItem:
     error: str
     retry_delay_ms: int  # -1: the task's backoff
     dead_letter: bool
-    jitter: float  # uniform in [0, 1): full jitter of the backoff
+    jitter: float  # uniform in [0, 1): the equal-jitter draw of the backoff (nack.lua)
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLease:
+    """A lease as a stream holds it: the task and its lease id (to resume, detach or undo)."""
+
+    ref: TaskRef
+    lease_id: str
 
 
 @dataclass(frozen=True, slots=True)

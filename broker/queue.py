@@ -27,6 +27,7 @@ from broker.models import (
     DeadPage,
     EnqueueOutcome,
     ExtendItem,
+    HeldLease,
     LeaseBatch,
     NackItem,
     NewTask,
@@ -37,7 +38,7 @@ from broker.models import (
     TaskRef,
     TaskState,
 )
-from broker.store.redis_store import IdempotencyConflictAt, RedisStore
+from broker.store.redis_store import IdempotencyConflictAt, LeaseSlot, RedisStore
 from broker.timings import TaskTimings
 
 MAX_TASKS_PER_CALL = 1000
@@ -229,8 +230,9 @@ class TaskQueue:
 
     # --- leases and settlements ------------------------------------------------------------
 
-    async def lease(self, queue: str, slots: Sequence[tuple[str, int]]) -> LeaseBatch:
-        """Leases up to len(slots) tasks; slot = (fresh lease id, lease ms for the worker)."""
+    async def lease(self, queue: str, slots: Sequence[LeaseSlot]) -> LeaseBatch:
+        """Leases up to len(slots) tasks; slot = (fresh lease id, lease ms for the worker, id of
+        the stream it is for)."""
         batch = await self._store.lease(queue, slots)
         self.timings.leased(queue, batch)
         return batch
@@ -269,7 +271,7 @@ class TaskQueue:
             error=_truncate(error or "failed (no error message)", MAX_ERROR_BYTES),
             retry_delay_ms=-1 if retry_delay_ms is None else retry_delay_ms,
             dead_letter=dead_letter,
-            jitter=random.random(),  # full jitter (AWS architecture blog, "Exponential Backoff")
+            jitter=random.random(),  # equal jitter, applied in nack.lua
         )
 
     def extend_item(self, task_id: str, lease_id: str, duration_ms: int | None) -> ExtendItem:
@@ -338,23 +340,59 @@ class TaskQueue:
             self.timings.acked(item.ref.queue, item.lease_id, outcome.status)
         elif isinstance(item, NackItem):
             self.timings.nacked(item.lease_id)
-        if outcome.status is SettleStatus.STALE:
-            return LeaseStale(item.ref.task_id)
-        if outcome.status is SettleStatus.NOT_FOUND:
-            return TaskNotFoundError(item.ref.task_id)
-        return outcome
+        return _fenced(item.ref, outcome)
 
-    async def release(self, leases: Sequence[tuple[TaskRef, str]], reason: str) -> int:
-        """Gives back leases still current (their stream ended). Returns how many."""
-        by_queue: dict[str, list[tuple[str, str]]] = {}
-        for ref, lease_id in leases:
-            by_queue.setdefault(ref.queue, []).append((ref.local_id, lease_id))
-        released = 0
-        for queue, items in by_queue.items():
-            for start in range(0, len(items), MAX_BATCH_ITEMS):
-                chunk = items[start : start + MAX_BATCH_ITEMS]
-                released += await self._store.release(queue, chunk, reason)
-        return released
+    def held_lease(self, field_name: str, task_id: str, lease_id: str) -> HeldLease:
+        """Checks a lease a worker names (to resume it). Raises InvalidArgument."""
+        ref = self.ref(f"{field_name}.task_id", task_id)
+        if not _LEASE_ID.fullmatch(lease_id):
+            raise InvalidArgument(f"{field_name}.lease_id", "not a lease id (32 hex characters)")
+        return HeldLease(ref, lease_id)
+
+    async def resume(
+        self, stream_id: str, leases: Sequence[HeldLease]
+    ) -> list[SettleResult | BrokerError]:
+        """Moves leases still current to the stream (same lease id and attempt, expiry renewed).
+        Each gets its result, or LeaseStale, TaskNotFound or the store's error, in order."""
+        results: list[SettleResult | BrokerError | None] = [None] * len(leases)
+        for queue, positions in _positions_by_queue([h.ref for h in leases]).items():
+            for chunk in _chunks(positions, MAX_BATCH_ITEMS):
+                items = [(leases[i].ref.local_id, leases[i].lease_id) for i in chunk]
+                try:
+                    outcomes: Sequence[SettleResult | BrokerError] = await self._store.resume(
+                        queue, stream_id, items
+                    )
+                except BrokerError as exc:
+                    outcomes = [exc] * len(chunk)
+                for i, outcome in zip(chunk, outcomes, strict=True):
+                    results[i] = _fenced(leases[i].ref, outcome)
+        return [r for r in results if r is not None]
+
+    async def detach(
+        self, stream_id: str, leases: Sequence[HeldLease], reason: str
+    ) -> tuple[int, int]:
+        """Detaches the leases an ended stream still holds: each waits the resume window for a
+        new stream to claim it, then ends as a spent attempt with `reason`. Returns (how many,
+        earliest expiry ms or -1)."""
+        window_ms = round(self._settings.resume_window_s * 1000)
+        count, earliest = 0, -1
+        for queue, positions in _positions_by_queue([h.ref for h in leases]).items():
+            for chunk in _chunks(positions, MAX_BATCH_ITEMS):
+                items = [(leases[i].ref.local_id, leases[i].lease_id) for i in chunk]
+                done, first = await self._store.detach(queue, stream_id, items, window_ms, reason)
+                count += done
+                if first >= 0 and (earliest < 0 or first < earliest):
+                    earliest = first
+        return count, earliest
+
+    async def unlease(self, stream_id: str, leases: Sequence[HeldLease]) -> int:
+        """Undoes leases whose tasks were never sent to the stream: no attempt is spent."""
+        undone = 0
+        for queue, positions in _positions_by_queue([h.ref for h in leases]).items():
+            for chunk in _chunks(positions, MAX_BATCH_ITEMS):
+                items = [(leases[i].ref.local_id, leases[i].lease_id) for i in chunk]
+                undone += await self._store.unlease(queue, stream_id, items)
+        return undone
 
     # --- maintenance (called by loops) ---------------------------------------------------------
 
@@ -472,6 +510,28 @@ _DeadOp: TypeAlias = Callable[[str, Sequence[str]], Awaitable[int]]
 
 def _one(_: object) -> int:
     return 1
+
+
+def _fenced(ref: TaskRef, outcome: SettleResult | BrokerError) -> SettleResult | BrokerError:
+    """A refused fence as its error: the lease is not current, or the task does not exist."""
+    if isinstance(outcome, BrokerError):
+        return outcome
+    if outcome.status is SettleStatus.STALE:
+        return LeaseStale(ref.task_id)
+    if outcome.status is SettleStatus.NOT_FOUND:
+        return TaskNotFoundError(ref.task_id)
+    return outcome
+
+
+def _positions_by_queue(refs: Sequence[TaskRef]) -> dict[str, list[int]]:
+    by_queue: dict[str, list[int]] = {}
+    for i, ref in enumerate(refs):
+        by_queue.setdefault(ref.queue, []).append(i)
+    return by_queue
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 #: Acks, nacks and extensions, checked and ready for the store.

@@ -7,18 +7,18 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import deque
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from broker.api import convert
+from broker.api.outbox import MAX_MESSAGE_BYTES, Message, Outbox
 from broker.api.status import error_status, to_status
 from broker.errors import BrokerError, InvalidArgument, LeaseStale, TaskNotFound
 from broker.ids import check_name
-from broker.models import ExtendItem, Lease, SettleResult, SettleStatus, TaskRef
+from broker.models import ExtendItem, HeldLease, Lease, SettleResult, SettleStatus, TaskRef
 from broker.queue import MAX_LEASE_MS, MIN_LEASE_MS, SettleItem
 from taskbroker.v1 import lease_pb2
 
@@ -31,12 +31,23 @@ log = logging.getLogger(__name__)
 MAX_QUEUES_PER_STREAM = 64
 #: Unused credits a stream may hold; bounds what one worker can pin.
 MAX_CREDITS = 10_000
-#: Frames queued up behind one another (deliveries or settle results) merge into one write of
-#: at most this size; one large task may exceed it (the limit is 16 MiB above the payload's).
-MAX_FRAME_BYTES = 4 * 1024 * 1024
-_MERGEABLE = frozenset({"deliveries", "settle_results"})
 
 Frame = lease_pb2.LeaseResponse
+
+
+def _message(frame: Frame) -> Message:
+    kind = frame.WhichOneof("frame")
+    assert kind is not None
+    return Message(kind, frame.SerializeToString())
+
+
+class _Open(NamedTuple):
+    """A checked open frame."""
+
+    queues: list[str]
+    lease_ms: int
+    credits: int
+    resume: list[lease_pb2.HeldLease]
 
 
 def _is_eof(raw: object) -> bool:
@@ -47,7 +58,7 @@ def _is_eof(raw: object) -> bool:
 
 class SessionRegistry:
     """Live sessions by the leases they hold: unary settlements forget a lease, cancellations
-    revoke it, shutdown drains them all."""
+    revoke it, a resume moves it, shutdown drains them all."""
 
     def __init__(self) -> None:
         self.sessions: set[LeaseSession] = set()
@@ -57,12 +68,22 @@ class SessionRegistry:
         self.settled = asyncio.Event()
 
     def held(self, lease_id: str, session: LeaseSession) -> None:
+        """The session holds the lease now; a session of this replica that held it before (the
+        lease was resumed on a new stream) lets go of it."""
+        previous = self._holder.get(lease_id)
+        if previous is not None and previous is not session:
+            previous.forget(lease_id)
         self._holder[lease_id] = session
 
     def forget(self, lease_id: str) -> None:
         if session := self._holder.pop(lease_id, None):
             session.forget(lease_id)
             self.settled.set()
+
+    def let_go(self, lease_id: str, session: LeaseSession) -> None:
+        """The session ended: it no longer answers for the lease (unless another holds it)."""
+        if self._holder.get(lease_id) is session:
+            del self._holder[lease_id]
 
     def revoke(self, task_id: str, lease_id: str, reason: str) -> None:
         if session := self._holder.pop(lease_id, None):
@@ -98,9 +119,13 @@ class LeaseSession:
         self._registry = registry
         self._open_timeout_s = open_timeout_s
         self._default_lease_ms = default_lease_ms
+        settings = tasks.settings
+        self._write_timeout_s = settings.stream_write_timeout_s
         self.stream_id = secrets.token_hex(8)
-        self._outbox: asyncio.Queue[Frame | None] = asyncio.Queue()
+        self._outbox = Outbox(settings.stream_outbox_bytes, self._receiving_again)
         self._held: dict[str, TaskRef] = {}  # lease id -> task
+        #: Leases queued for this stream whose delivery has not been written yet.
+        self._unsent: set[str] = set()
         self._failure: grpc.Status | None = None
         self._settling: set[asyncio.Task[None]] = set()
         self._sub: Subscription | None = None
@@ -116,32 +141,41 @@ class LeaseSession:
         opened = await self._read_open()
         if opened is None:
             return
-        queues, lease_ms, credits = opened
-        self.queues, self.opened_ms = tuple(queues), int(time.time() * 1000)
+        self.queues, self.opened_ms = tuple(opened.queues), int(time.time() * 1000)
         self._registry.sessions.add(self)
-        self._sub = self._dispatcher.subscribe(queues, lease_ms, self._deliver)
-        reader = asyncio.create_task(self._read_loop(), name=f"lease {self.stream_id} reader")
+        reader: asyncio.Task[None] | None = None
         try:
-            await self._write(
-                Frame(
-                    opened=lease_pb2.LeaseOpened(
-                        stream_id=self.stream_id, lease_duration=convert.to_duration(lease_ms)
+            resumed = await self._resume(opened.resume)
+            self._sub = self._dispatcher.subscribe(
+                self.stream_id, opened.queues, opened.lease_ms, self._deliver, self._can_receive
+            )
+            reader = asyncio.create_task(self._read_loop(), name=f"lease {self.stream_id} reader")
+            self._outbox.put_nowait(
+                _message(
+                    Frame(
+                        opened=lease_pb2.LeaseOpened(
+                            stream_id=self.stream_id,
+                            lease_duration=convert.to_duration(opened.lease_ms),
+                            resumed=resumed,
+                        )
                     )
                 )
             )
-            if credits:
-                self._grant(credits)
+            if opened.credits:
+                self._grant(opened.credits)
             await self._write_loop()
         finally:
             self.closed = True
             self._registry.sessions.discard(self)
-            self._sub.close()
-            reader.cancel()
-            self._release_held("lease stream closed")
+            if self._sub is not None:
+                self._sub.close()
+            if reader is not None:
+                reader.cancel()
+            self._hand_back()
         if self._failure is not None:
             await self._context.abort_with_status(self._failure)
 
-    async def _read_open(self) -> tuple[list[str], int, int] | None:
+    async def _read_open(self) -> _Open | None:
         try:
             raw = await asyncio.wait_for(self._context.read(), self._open_timeout_s)
         except TimeoutError:
@@ -161,7 +195,7 @@ class LeaseSession:
         except InvalidArgument as exc:
             await self._context.abort_with_status(error_status(exc))  # raises
 
-    def _check_open(self, frame: lease_pb2.LeaseOpen) -> tuple[list[str], int, int]:
+    def _check_open(self, frame: lease_pb2.LeaseOpen) -> _Open:
         if not frame.queues:
             raise InvalidArgument("open.queues", "at least one queue is required")
         if len(frame.queues) > MAX_QUEUES_PER_STREAM:
@@ -173,6 +207,8 @@ class LeaseSession:
             raise InvalidArgument("open.worker_id", "at most 128 printable characters")
         if not 0 <= frame.credits <= MAX_CREDITS:
             raise InvalidArgument("open.credits", f"must be 0 to {MAX_CREDITS}")
+        if len(frame.resume) > MAX_CREDITS:
+            raise InvalidArgument("open.resume", f"at most {MAX_CREDITS} leases")
         lease_ms = self._default_lease_ms
         if frame.HasField("lease_duration"):
             lease_ms = convert.duration_ms(frame.lease_duration)
@@ -181,8 +217,49 @@ class LeaseSession:
                     "open.lease_duration", f"must be {MIN_LEASE_MS} ms to {MAX_LEASE_MS} ms"
                 )
         self.worker_id = frame.worker_id
-        log.info("lease stream %s opened by %r on %s", self.stream_id, frame.worker_id, queues)
-        return queues, lease_ms, frame.credits
+        log.info(
+            "lease stream %s opened by %r on %s%s",
+            self.stream_id,
+            frame.worker_id,
+            queues,
+            f", resuming {len(frame.resume)} leases" if frame.resume else "",
+        )
+        return _Open(queues, lease_ms, frame.credits, list(frame.resume))
+
+    async def _resume(self, entries: list[lease_pb2.HeldLease]) -> list[lease_pb2.SettleResult]:
+        """Moves the leases the worker names onto this stream; answers each, in order."""
+        answers = [
+            lease_pb2.SettleResult(
+                task_id=e.task_id, lease_id=e.lease_id, kind=lease_pb2.SETTLE_KIND_RESUME
+            )
+            for e in entries
+        ]
+        valid: list[tuple[int, HeldLease]] = []
+        for i, entry in enumerate(entries):
+            try:
+                valid.append(
+                    (i, self._tasks.held_lease(f"open.resume[{i}]", entry.task_id, entry.lease_id))
+                )
+            except InvalidArgument as exc:
+                answers[i].outcome = lease_pb2.SETTLE_OUTCOME_INVALID_ARGUMENT
+                answers[i].message = str(exc)
+        if not valid:
+            return answers
+        outcomes = await self._tasks.resume(self.stream_id, [held for _, held in valid])
+        resumed = 0
+        for (i, held), outcome in zip(valid, outcomes, strict=True):
+            answer = answers[i]
+            if isinstance(outcome, SettleResult):
+                answer.outcome = lease_pb2.SETTLE_OUTCOME_OK
+                answer.lease_expire_time.CopyFrom(convert.to_timestamp(outcome.time_ms))
+                self._held[held.lease_id] = held.ref
+                self._registry.held(held.lease_id, self)
+                resumed += 1
+            else:
+                answer.outcome = _OUTCOMES.get(type(outcome), lease_pb2.SETTLE_OUTCOME_UNAVAILABLE)
+                answer.message = str(outcome)
+        log.info("lease stream %s: resumed %d of %d leases", self.stream_id, resumed, len(entries))
+        return answers
 
     async def _abort_invalid(self, field: str, message: str) -> None:
         await self._context.abort_with_status(
@@ -193,67 +270,77 @@ class LeaseSession:
 
     def close(self) -> None:
         """Ends the stream with OK (after what is queued is written)."""
-        self._outbox.put_nowait(None)
+        self._outbox.close()
 
     def drain(self, deadline_ms: int) -> None:
         self._outbox.put_nowait(
-            Frame(drain=lease_pb2.Drain(deadline=convert.to_timestamp(deadline_ms)))
+            _message(Frame(drain=lease_pb2.Drain(deadline=convert.to_timestamp(deadline_ms))))
         )
 
     def _fail(self, status: grpc.Status) -> None:
         if self._failure is None:
             self._failure = status
-        self._outbox.put_nowait(None)
+        self._outbox.close()
 
     # --- writing ------------------------------------------------------------------------------
 
-    async def _write(self, frame: Frame) -> None:
-        await self._context.write(frame.SerializeToString())
-
     async def _write_loop(self) -> None:
-        while (frame := await self._outbox.get()) is not None:
-            kind = frame.WhichOneof("frame")
-            if kind in _MERGEABLE:
-                self._merge_queued(frame, kind)
-            await self._write(frame)
-
-    def _merge_queued(self, frame: Frame, kind: str) -> None:
-        """Merges frames of the same kind queued behind this one into it, up to a size that
-        stays well inside gRPC's message limit: fewer, larger writes under load."""
-        size = frame.ByteSize()
-        queued: deque[Frame | None] = self._outbox._queue  # type: ignore[attr-defined]
-        while queued and (nxt := queued[0]) is not None and nxt.WhichOneof("frame") == kind:
-            nxt_size = nxt.ByteSize()
-            if size + nxt_size > MAX_FRAME_BYTES:
+        while (message := await self._outbox.get()) is not None:
+            try:
+                await asyncio.wait_for(self._context.write(message.data), self._write_timeout_s)
+            except TimeoutError:
+                log.warning(
+                    "lease stream %s: the worker read nothing for %gs; cutting the stream",
+                    self.stream_id,
+                    self._write_timeout_s,
+                )
+                self._failure = to_status(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the worker read nothing for {self._write_timeout_s:g} s: stream cut; "
+                    "tasks not sent went back to the queue",
+                    "STREAM_NOT_READING",
+                )
                 return
-            self._outbox.get_nowait()
-            getattr(frame, kind).MergeFrom(getattr(nxt, kind))
-            size += nxt_size
+            self._unsent.difference_update(message.lease_ids)
+            self._outbox.written(message)
+
+    def _can_receive(self) -> bool:
+        """More tasks for this stream only while its worker keeps up with reading."""
+        return not self._outbox.full
+
+    def _receiving_again(self) -> None:
+        if self._sub is not None:
+            self._sub.receiving_again()
 
     def _deliver(self, leases: list[Lease]) -> bool:
         """Called by the queue pump with tasks leased for this stream."""
         if self.closed:
             return False
         deliveries: list[lease_pb2.Delivery] = []
+        lease_ids: list[str] = []
         size = 0
         for lease in leases:
             self._held[lease.lease_id] = lease.task.ref
+            self._unsent.add(lease.lease_id)
             self._registry.held(lease.lease_id, self)
             delivery = convert.delivery(lease)
             delivery_size = delivery.ByteSize()
-            if deliveries and size + delivery_size > MAX_FRAME_BYTES:
-                self._send_deliveries(deliveries)
-                deliveries, size = [], 0
+            if deliveries and size + delivery_size > MAX_MESSAGE_BYTES:
+                self._send_deliveries(deliveries, lease_ids)
+                deliveries, lease_ids, size = [], [], 0
             deliveries.append(delivery)
+            lease_ids.append(lease.lease_id)
             size += delivery_size
-        self._send_deliveries(deliveries)
+        self._send_deliveries(deliveries, lease_ids)
         return True
 
-    def _send_deliveries(self, deliveries: list[lease_pb2.Delivery]) -> None:
-        self._outbox.put_nowait(Frame(deliveries=lease_pb2.Deliveries(deliveries=deliveries)))
+    def _send_deliveries(self, deliveries: list[lease_pb2.Delivery], lease_ids: list[str]) -> None:
+        frame = Frame(deliveries=lease_pb2.Deliveries(deliveries=deliveries))
+        self._outbox.put_nowait(Message("deliveries", frame.SerializeToString(), lease_ids))
 
     def forget(self, lease_id: str) -> None:
         self._held.pop(lease_id, None)
+        self._unsent.discard(lease_id)
 
     @property
     def holding(self) -> bool:
@@ -271,24 +358,36 @@ class LeaseSession:
         return len(self._held)
 
     def revoke(self, task_id: str, lease_id: str, reason: str) -> None:
-        self._held.pop(lease_id, None)
+        self.forget(lease_id)
         revoked = lease_pb2.RevokedLease(task_id=task_id, lease_id=lease_id, reason=reason)
-        self._outbox.put_nowait(Frame(revoked=lease_pb2.LeasesRevoked(leases=[revoked])))
+        self._outbox.put_nowait(_message(Frame(revoked=lease_pb2.LeasesRevoked(leases=[revoked]))))
 
-    def _release_held(self, reason: str) -> None:
-        held = [(ref, lease_id) for lease_id, ref in self._held.items()]
-        for lease_id in list(self._held):
-            self._registry.forget(lease_id)
+    def _hand_back(self) -> None:
+        """The stream ended: leases never written to it are undone (no attempt spent); the rest
+        wait the resume window for the worker to claim them on a new stream."""
+        unsent = [HeldLease(ref, lid) for lid, ref in self._held.items() if lid in self._unsent]
+        sent = [HeldLease(ref, lid) for lid, ref in self._held.items() if lid not in self._unsent]
+        for lease_id in self._held:
+            self._registry.let_go(lease_id, self)
         self._held.clear()
-        if held:
-            self._registry.spawn(self._release(held, reason))
+        self._unsent.clear()
+        if unsent or sent:
+            self._registry.spawn(self._hand_back_leases(unsent, sent))
 
-    async def _release(self, held: list[tuple[TaskRef, str]], reason: str) -> None:
+    async def _hand_back_leases(self, unsent: list[HeldLease], sent: list[HeldLease]) -> None:
         try:
-            count = await self._tasks.release(held, reason)
-            log.info("lease stream %s: %d held tasks returned to the queue", self.stream_id, count)
+            undone = await self._tasks.unlease(self.stream_id, unsent) if unsent else 0
+            detached, _ = await self._tasks.detach(self.stream_id, sent, "lease stream closed")
+            log.info(
+                "lease stream %s ended: %d unsent tasks back in the queue, %d leases wait %gs "
+                "for a resume",
+                self.stream_id,
+                undone,
+                detached,
+                self._tasks.settings.resume_window_s,
+            )
         except BrokerError as exc:  # they come back when their leases expire instead
-            log.warning("lease stream %s: release failed (%s)", self.stream_id, exc)
+            log.warning("lease stream %s: handing back leases failed (%s)", self.stream_id, exc)
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -391,7 +490,9 @@ class LeaseSession:
             outcomes = [BrokerError("internal error; retry")] * len(items)
         for i, item, outcome in zip(checked, items, outcomes, strict=True):
             self._answer(answers[i], item, outcome)
-        self._outbox.put_nowait(Frame(settle_results=lease_pb2.SettleResults(results=answers)))
+        await self._outbox.put(
+            _message(Frame(settle_results=lease_pb2.SettleResults(results=answers)))
+        )
 
     def _check(self, kind: str, msg: _SettleFrame) -> SettleItem:
         if isinstance(msg, lease_pb2.AckRequest):

@@ -35,6 +35,8 @@ from broker.store.keys import QUEUES_KEY, REVOKE_CHANNEL, WAKE_CHANNEL, QueueKey
 from broker.store.scripts import Scripts
 
 AnyRedis: TypeAlias = "aioredis.Redis | RedisCluster"
+#: One lease to make: (fresh lease id, lease ms for a task without its own, stream id).
+LeaseSlot: TypeAlias = tuple[str, int, str]
 
 log = logging.getLogger(__name__)
 
@@ -286,13 +288,13 @@ class RedisStore:
                 outcomes.append(EnqueueOutcome(task.ref.task_id, False))
         return outcomes
 
-    async def lease(self, queue: str, slots: Sequence[tuple[str, int]]) -> LeaseBatch:
+    async def lease(self, queue: str, slots: Sequence[LeaseSlot]) -> LeaseBatch:
         """Leases up to len(slots) tasks of one queue; slot i is (lease id, lease ms for a task
-        without its own), and the i-th leased task fills slot i."""
+        without its own, id of the stream it is for), and the i-th leased task fills slot i."""
         keys = QueueKeys(queue)
         args: list[str | int] = [keys.task_prefix, len(slots)]
-        for lease_id, lease_ms in slots:
-            args += [lease_id, lease_ms]
+        for lease_id, lease_ms, stream_id in slots:
+            args += [lease_id, lease_ms, stream_id]
         args += TASK_FIELDS
         with _translate():
             reply = await self._scripts["lease"](
@@ -342,18 +344,45 @@ class RedisStore:
             reply = await self._scripts["extend_lease"](keys=[keys.leased], args=args)
         return [_settle(r) for r in reply[1:]]
 
-    async def release(self, queue: str, leases: Sequence[tuple[str, str]], reason: str) -> int:
-        """Gives back (local_id, lease_id) leases that are still current. Returns how many."""
+    async def detach(
+        self,
+        queue: str,
+        stream_id: str,
+        leases: Sequence[tuple[str, str]],
+        window_ms: int,
+        reason: str,
+    ) -> tuple[int, int]:
+        """Detaches (local_id, lease_id) leases the ended stream still holds: each expires within
+        window_ms unless resumed. Returns (how many, earliest new expiry ms or -1)."""
         keys = QueueKeys(queue)
-        args: list[str | int] = [keys.task_prefix, WAKE_CHANNEL, queue, reason, len(leases)]
+        args: list[str | int] = [keys.task_prefix, stream_id, window_ms, reason, len(leases)]
         for local_id, lease_id in leases:
             args += [local_id, lease_id]
         with _translate():
-            return int(
-                await self._scripts["release"](
-                    keys=[keys.leased, keys.pending, keys.dead, keys.stats], args=args
-                )
-            )
+            count, earliest = await self._scripts["detach"](keys=[keys.leased], args=args)
+        return int(count), int(earliest)
+
+    async def resume(
+        self, queue: str, stream_id: str, leases: Sequence[tuple[str, str]]
+    ) -> list[SettleResult]:
+        """Moves (local_id, lease_id) leases that are still current to the stream."""
+        keys = QueueKeys(queue)
+        args: list[str | int] = [keys.task_prefix, stream_id, len(leases)]
+        for local_id, lease_id in leases:
+            args += [local_id, lease_id]
+        with _translate():
+            reply = await self._scripts["resume"](keys=[keys.leased], args=args)
+        return [_settle(r) for r in reply[1:]]
+
+    async def unlease(self, queue: str, stream_id: str, leases: Sequence[tuple[str, str]]) -> int:
+        """Undoes (local_id, lease_id) leases never sent to the stream they were made for: no
+        attempt spent. Returns how many."""
+        keys = QueueKeys(queue)
+        args: list[str | int] = [keys.task_prefix, WAKE_CHANNEL, queue, stream_id, len(leases)]
+        for local_id, lease_id in leases:
+            args += [local_id, lease_id]
+        with _translate():
+            return int(await self._scripts["unlease"](keys=[keys.leased, keys.pending], args=args))
 
     async def reclaim_expired(self, queue: str, limit: int) -> tuple[int, int]:
         """Reclaims up to limit expired leases. Returns (count, next expiry ms or -1)."""

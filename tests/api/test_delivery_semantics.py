@@ -99,7 +99,8 @@ async def test_nack_retries_with_backoff_within_the_policy(stub: Stub) -> None:
     after = time.time()
     retry_at = response.retry_time.ToDatetime().timestamp()
     assert response.state in (task_pb2.TASK_STATE_SCHEDULED, task_pb2.TASK_STATE_PENDING)
-    assert before - 0.05 <= retry_at <= after + 0.4 + 0.05  # full jitter in [0, 400 ms]
+    # Equal jitter: the first retry comes 200 to 400 ms later, never sooner.
+    assert before + 0.2 - 0.05 <= retry_at <= after + 0.4 + 0.05
     await worker.credit(1)
     (again,) = await worker.take(1, wait_s=3)
     assert again.task.attempt == 2 and time.time() >= retry_at - 0.01

@@ -367,42 +367,79 @@ async def test_shutdown_lets_short_tasks_finish_and_nacks_the_rest(client: Clien
     assert worker.processed == 4
 
 
-async def test_worker_reconnects_when_the_broker_restarts_and_loses_nothing(
-    client: Client, running: RunningBroker, settings: Settings
-) -> None:
-    slow_attempts: list[int] = []
-
+def slow_and_fast_steps(slow_attempts: list[int], slow_s: float = 1.0) -> Handler:
     @handler("step")
     async def step(ctx: TaskContext, payload: bytes) -> bytes:
         if payload == b"slow":
             slow_attempts.append(ctx.attempt)
-            await asyncio.sleep(0.8)  # outlives the broker's 0.2 s drain
+            await asyncio.sleep(slow_s)  # outlives the broker's drain
         else:
             await asyncio.sleep(0.05)
         return payload
 
+    return step
+
+
+async def test_worker_resumes_its_leases_when_its_broker_restarts_and_runs_nothing_twice(
+    settings: Settings,
+) -> None:
+    # A broker restart that outlasts the default resume window would re-run the slow task; this
+    # one keeps detached leases for 1 s, so the worker can resume them after the restart. The
+    # handler outlives that window: only a resume (which renews the lease) saves its attempt.
+    first = await start_broker(settings, resume_window_s=1.0)
+    port = first.broker.port
+    client = Client(first.target)
+    slow_attempts: list[int] = []
     slow = await client.enqueue("jobs", "step", b"slow")
     ids = [await client.enqueue("jobs", "step", str(i).encode()) for i in range(10)]
-    worker = new_worker(client, step, concurrency=2)
+    worker = new_worker(client, slow_and_fast_steps(slow_attempts, slow_s=2.5), concurrency=2)
     async with worker:
         await eventually(lambda: slow_attempts == [1])
-        port = running.broker.port
-        # The broker drains: it hands back the slow task's lease when its grace runs out.
-        await running.broker.stop(grace_s=0.2)
+        await first.broker.stop(grace_s=0.2)  # the slow task is still running when grace ends
+        await first.channel.close()
         await asyncio.sleep(0.2)  # the worker is reconnecting to nothing
         restarted = await start_broker(settings, listen=f"127.0.0.1:{port}")
         try:
             tasks = [await wait_through_outage(client, i) for i in [slow, *ids]]
-            # The first attempt's ack goes out on the new stream once it finishes; it is stale.
-            await eventually(lambda: worker.stale_settlements == 1)
         finally:
             await worker.shutdown()
             await restarted.close()
+            await client.close()
 
     assert [t.state for t in tasks] == [TaskState.SUCCEEDED] * 11
     assert [t.result for t in tasks] == [b"slow", *(str(i).encode() for i in range(10))]
-    assert slow_attempts == [1, 2] and tasks[0].attempt == 2
-    assert [t.attempt for t in tasks[1:]] == [1] * 10
+    assert slow_attempts == [1] and [t.attempt for t in tasks] == [1] * 11
+    assert worker.stale_settlements == 0
+
+
+async def test_a_rolling_restart_of_two_replicas_moves_running_tasks_and_reruns_none(
+    settings: Settings,
+) -> None:
+    a = await start_broker(settings)
+    b = await start_broker(settings)
+    client = Client(f"ipv4:{a.target},{b.target}")  # round robin over both replicas
+    slow_attempts: list[int] = []
+    try:
+        slow = [await client.enqueue("jobs", "step", b"slow") for _ in range(4)]
+        worker = new_worker(client, slow_and_fast_steps(slow_attempts), concurrency=8)
+        async with worker:
+            await eventually(lambda: len(slow_attempts) == 4)
+            # Each replica in turn drains and stops while the slow handlers run: the worker moves
+            # its leases to the other replica at the drain notice.
+            await a.broker.stop(grace_s=0.3)
+            fast = [await client.enqueue("jobs", "step", str(i).encode()) for i in range(5)]
+            a = await start_broker(settings, listen=a.target)
+            await b.broker.stop(grace_s=0.3)
+            tasks = [await wait_through_outage(client, i) for i in [*slow, *fast]]
+            await worker.shutdown()
+    finally:
+        await client.close()
+        await a.close()
+        await b.close()
+
+    assert [t.state for t in tasks] == [TaskState.SUCCEEDED] * 9
+    assert slow_attempts == [1] * 4 and [t.attempt for t in tasks] == [1] * 9
+    assert worker.stale_settlements == 0
 
 
 async def test_sigterm_stops_run_gracefully_and_the_old_handler_comes_back(

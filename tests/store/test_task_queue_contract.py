@@ -22,7 +22,16 @@ import broker.queue
 from broker.config import Settings
 from broker.errors import IdempotencyConflict, LeaseStale, TaskFinished, TaskNotFound
 from broker.ids import new_lease_id
-from broker.models import Lease, QueueStats, SettleStatus, Task, TaskState
+from broker.models import (
+    HeldLease,
+    Lease,
+    QueueStats,
+    SettleResult,
+    SettleStatus,
+    Task,
+    TaskRef,
+    TaskState,
+)
 from broker.queue import TaskQueue, TaskRequest
 from broker.store.keys import QUEUES_KEY
 from broker.store.redis_store import AnyRedis, RedisStore
@@ -34,6 +43,10 @@ BACKOFF_INITIAL_MS = 50
 BACKOFF_MAX_MS = 200
 #: Long enough that no lease in a test expires unless the test waits for it.
 LONG_LEASE_MS = 10_000
+#: The Lease stream the tests' leases are made for.
+STREAM = "stream-1"
+#: How long a detached lease waits for a resume (Settings below).
+RESUME_WINDOW_MS = 100
 
 
 # --- fixtures ---------------------------------------------------------------------------------
@@ -92,6 +105,7 @@ def settings(topology: Topology) -> Settings:
         redis_cluster=topology.is_cluster,
         backoff_initial_s=BACKOFF_INITIAL_MS / 1000,
         backoff_max_s=BACKOFF_MAX_MS / 1000,
+        resume_window_s=RESUME_WINDOW_MS / 1000,
     )
 
 
@@ -139,7 +153,7 @@ async def enqueue_one(tasks: TaskQueue, payload: bytes = b"{}", **fields: Any) -
 async def lease(
     tasks: TaskQueue, n: int = 1, lease_ms: int = LONG_LEASE_MS, queue: str = Q
 ) -> list[Lease]:
-    batch = await tasks.lease(queue, [(new_lease_id(), lease_ms) for _ in range(n)])
+    batch = await tasks.lease(queue, [(new_lease_id(), lease_ms, STREAM) for _ in range(n)])
     return batch.leases
 
 
@@ -229,7 +243,8 @@ async def test_ack_after_lease_lost_is_refused_and_task_succeeds_once(tasks: Tas
 @pytest.mark.usefixtures("fixed_jitter")
 async def test_nack_retries_after_a_doubling_capped_backoff(tasks: TaskQueue) -> None:
     task_id = await enqueue_one(tasks, max_attempts=5)
-    # Attempt n waits jitter * min(max, initial * 2^(n-1)): 50, 100, 200, then still 200 ms.
+    # Attempt n waits nominal/2 + jitter * nominal/2 with nominal = min(max, initial * 2^(n-1)):
+    # 50, 100, 200, then still 200 ms (equal jitter).
     for attempt, cap in [(1, 50), (2, 100), (3, 200), (4, 200)]:
         leased = await lease_one(tasks)
         assert leased.task.attempt == attempt
@@ -238,7 +253,7 @@ async def test_nack_retries_after_a_doubling_capped_backoff(tasks: TaskQueue) ->
         after = await redis_now_ms(tasks)
 
         task = await tasks.get(task_id)
-        delay = math.floor(0.999 * cap)
+        delay = math.floor(cap / 2 + 0.999 * cap / 2)
         assert result.status is SettleStatus.OK
         assert result.state is TaskState.SCHEDULED and task.state is TaskState.SCHEDULED
         assert task.schedule_ms == result.time_ms
@@ -254,7 +269,7 @@ async def test_nack_retries_after_a_doubling_capped_backoff(tasks: TaskQueue) ->
     assert (s.retried_total, s.failed_total, s.scheduled, s.dead) == (4, 4, 1, 0)
 
 
-async def test_nack_backoff_is_jittered_within_the_cap(tasks: TaskQueue) -> None:
+async def test_nack_backoff_is_never_sooner_than_half_the_nominal_delay(tasks: TaskQueue) -> None:
     ids = await enqueue(tasks, *(request(str(i).encode()) for i in range(20)))
     leases = await lease(tasks, 20)
     before = await redis_now_ms(tasks)
@@ -266,9 +281,9 @@ async def test_nack_backoff_is_jittered_within_the_cap(tasks: TaskQueue) -> None
     assert all(r.status is SettleStatus.OK for r in results)
     for task_id in ids:
         task = await tasks.get(task_id)
-        # Full jitter may draw a delay of 0 ms: then the task is ready at once.
-        assert task.state in (TaskState.SCHEDULED, TaskState.PENDING)
-        assert before <= task.schedule_ms <= after + BACKOFF_INITIAL_MS
+        # Equal jitter: the first retry comes between half the initial backoff and all of it.
+        assert task.state is TaskState.SCHEDULED
+        assert before + BACKOFF_INITIAL_MS // 2 <= task.schedule_ms <= after + BACKOFF_INITIAL_MS
 
 
 async def test_nack_honours_the_workers_retry_delay(tasks: TaskQueue) -> None:
@@ -394,36 +409,123 @@ async def test_extend_with_a_stale_lease_is_refused(tasks: TaskQueue) -> None:
         await tasks.extend(task_id, second.lease_id, 5_000)
 
 
-# --- 5. release -------------------------------------------------------------------------------
+# --- 5. streams ending: detach, resume, undo ---------------------------------------------------
 
 
-async def test_release_returns_task_to_pending_and_spends_the_attempt(tasks: TaskQueue) -> None:
+def held(leased: Lease) -> HeldLease:
+    return HeldLease(leased.task.ref, leased.lease_id)
+
+
+async def test_detached_lease_ends_after_the_resume_window_spending_the_attempt(
+    tasks: TaskQueue,
+) -> None:
     task_id = await enqueue_one(tasks)
     leased = await lease_one(tasks)
 
-    assert await tasks.release([(leased.task.ref, leased.lease_id)], "lease stream closed") == 1
+    before = await redis_now_ms(tasks)
+    count, expiry = await tasks.detach(STREAM, [held(leased)], "lease stream closed")
+    assert count == 1 and before <= expiry <= before + RESUME_WINDOW_MS + 50
+    assert await tasks.reclaim_expired(Q) == 0  # the window is still open
+    await sleep_until(tasks, expiry)
+    assert await tasks.reclaim_expired(Q) == 1
 
     task = await tasks.get(task_id)
     assert (task.state, task.attempt, task.lease_id) == (TaskState.PENDING, 1, "")
     assert errors(task) == [(1, "lease stream closed")]
-    # Releasing the same lease again does nothing; settling it is refused.
-    assert await tasks.release([(leased.task.ref, leased.lease_id)], "lease stream closed") == 0
+    # Detaching the same lease again does nothing; settling it is refused.
+    assert (await tasks.detach(STREAM, [held(leased)], "lease stream closed"))[0] == 0
     with pytest.raises(LeaseStale):
         await tasks.ack(task_id, leased.lease_id, b"")
     assert (await lease_one(tasks)).task.attempt == 2
 
 
-async def test_release_of_the_last_attempt_dead_letters(tasks: TaskQueue) -> None:
+async def test_detached_lease_of_the_last_attempt_dead_letters(tasks: TaskQueue) -> None:
     task_id = await enqueue_one(tasks, max_attempts=1)
     leased = await lease_one(tasks)
 
-    assert await tasks.release([(leased.task.ref, leased.lease_id)], "lease stream closed") == 1
+    _, expiry = await tasks.detach(STREAM, [held(leased)], "lease stream closed")
+    await sleep_until(tasks, expiry)
+    assert await tasks.reclaim_expired(Q) == 1
 
     task = await tasks.get(task_id)
     assert task.state is TaskState.DEAD
     assert errors(task) == [(1, "lease stream closed")]
     s = await stats(tasks)
     assert (s.dead, s.pending, s.leased, s.dead_lettered_total) == (1, 0, 0, 1)
+
+
+async def test_resume_keeps_the_lease_id_and_attempt_and_renews_the_expiry(
+    tasks: TaskQueue,
+) -> None:
+    task_id = await enqueue_one(tasks)
+    leased = await lease_one(tasks, lease_ms=1_000)
+    await tasks.detach(STREAM, [held(leased)], "lease stream closed")
+
+    before = await redis_now_ms(tasks)
+    [result] = await tasks.resume("stream-2", [held(leased)])
+    assert isinstance(result, SettleResult) and result.status is SettleStatus.OK
+    assert before + 1_000 <= result.time_ms <= await redis_now_ms(tasks) + 1_000
+    await asyncio.sleep(RESUME_WINDOW_MS / 1000 + 0.05)
+    assert await tasks.reclaim_expired(Q) == 0  # resumed: the window no longer applies
+
+    task = await tasks.get(task_id)
+    assert (task.state, task.attempt, task.lease_id) == (TaskState.LEASED, 1, leased.lease_id)
+    assert (await tasks.ack(task_id, leased.lease_id, b"done")).status is SettleStatus.OK
+    assert errors(await tasks.get(task_id)) == []
+
+
+async def test_a_stream_cannot_detach_a_lease_another_stream_resumed(tasks: TaskQueue) -> None:
+    """Stream ownership: the old stream's broker ends it after the worker moved its leases."""
+    task_id = await enqueue_one(tasks)
+    leased = await lease_one(tasks)
+    await tasks.resume("stream-2", [held(leased)])  # the worker moved it while STREAM was open
+
+    assert (await tasks.detach(STREAM, [held(leased)], "lease stream closed"))[0] == 0
+    assert await tasks.unlease(STREAM, [held(leased)]) == 0
+    assert (await tasks.get(task_id)).state is TaskState.LEASED
+
+
+async def test_resume_of_a_lease_that_is_no_longer_current_is_refused(tasks: TaskQueue) -> None:
+    acked_id, expired_id = await enqueue(tasks, request(b"a"), request(b"b"))
+    by_id = {x.task.ref.task_id: x for x in await lease(tasks, 2, lease_ms=50)}
+    await tasks.ack(acked_id, by_id[acked_id].lease_id, b"")
+    await asyncio.sleep(0.08)
+    assert await tasks.reclaim_expired(Q) == 1
+    again = await lease_one(tasks)  # the expired task, re-leased to someone else
+    assert again.task.ref.task_id == expired_id
+
+    results = await tasks.resume(
+        "stream-2",
+        [held(by_id[acked_id]), held(by_id[expired_id]), HeldLease(TaskRef(Q, "0" * 26), "0" * 32)],
+    )
+    assert [type(r) for r in results] == [LeaseStale, LeaseStale, TaskNotFound]
+    assert (await tasks.get(expired_id)).lease_id == again.lease_id
+
+
+async def test_unlease_returns_an_unsent_task_to_its_place_without_spending_an_attempt(
+    tasks: TaskQueue,
+) -> None:
+    first, second = await enqueue(tasks, request(b"1"), request(b"2"))
+    leased = await lease_one(tasks)
+    assert leased.task.ref.task_id == first
+
+    assert await tasks.unlease(STREAM, [held(leased)]) == 1
+    assert await tasks.unlease(STREAM, [held(leased)]) == 0
+
+    task = await tasks.get(first)
+    assert (task.state, task.attempt, task.lease_id, errors(task)) == (
+        TaskState.PENDING,
+        0,
+        "",
+        [],
+    )
+    s = await stats(tasks)
+    assert (s.pending, s.leased, s.reclaimed_total) == (2, 0, 0)
+    again = await lease_one(tasks)  # FIFO order is kept: it is first again
+    assert (again.task.ref.task_id, again.task.attempt) == (first, 1)
+    with pytest.raises(LeaseStale):
+        await tasks.ack(first, leased.lease_id, b"")
+    assert second != first
 
 
 # --- 6. priorities ----------------------------------------------------------------------------
@@ -454,7 +556,7 @@ async def test_delayed_task_is_not_leased_before_it_is_due(tasks: TaskQueue) -> 
     ready = await enqueue_one(tasks)
 
     assert (await lease_one(tasks)).task.ref.task_id == ready
-    batch = await tasks.lease(Q, [(new_lease_id(), LONG_LEASE_MS)])
+    batch = await tasks.lease(Q, [(new_lease_id(), LONG_LEASE_MS, STREAM)])
     assert batch.leases == []
     assert batch.next_due_ms == task.schedule_ms
     assert (await stats(tasks)).scheduled == 1
@@ -538,8 +640,10 @@ async def _dead_letter_all(tasks: TaskQueue, ids: Sequence[str]) -> None:
     by_id = {x.task.ref.task_id: x for x in await lease(tasks, len(ids))}
     assert sorted(by_id) == sorted(ids)
     for start in range(0, len(ids), 7):
-        chunk = [(by_id[t].task.ref, by_id[t].lease_id) for t in ids[start : start + 7]]
-        assert await tasks.release(chunk, "worker crashed") == len(chunk)
+        chunk = [held(by_id[t]) for t in ids[start : start + 7]]
+        assert (await tasks.detach(STREAM, chunk, "worker crashed"))[0] == len(chunk)
+    await asyncio.sleep(RESUME_WINDOW_MS / 1000 + 0.02)
+    assert await tasks.reclaim_expired(Q) == len(ids)
 
 
 async def test_dead_letters_page_redrive_and_delete(tasks: TaskQueue) -> None:
@@ -649,10 +753,14 @@ async def test_every_operation_works_after_script_flush(
     assert (await tasks.extend(acked, leases[acked].lease_id, 5_000)).status is SettleStatus.OK
     assert (await tasks.ack(acked, leases[acked].lease_id, b"r")).status is SettleStatus.OK
     await tasks.nack(nacked, leases[nacked].lease_id, "boom", None, False)
-    assert await tasks.release([(leases[released].task.ref, leases[released].lease_id)], "x") == 1
+    assert await tasks.unlease(STREAM, [held(leases[released])]) == 1
+    again = await lease_one(tasks)
+    assert again.task.ref.task_id == released
+    assert (await tasks.resume(STREAM, [held(again)]))[0].status is SettleStatus.OK  # type: ignore[union-attr]
+    assert (await tasks.detach(STREAM, [held(again)], "x"))[0] == 1
     await tasks.extend(expired, leases[expired].lease_id, 10)
-    await asyncio.sleep(0.03)
-    assert await tasks.reclaim_expired(Q) == 1
+    await asyncio.sleep(RESUME_WINDOW_MS / 1000 + 0.03)
+    assert await tasks.reclaim_expired(Q) == 2
     await sleep_until(tasks, (await tasks.get(delayed)).schedule_ms)
     assert (await tasks.promote_due(Q))[0] == 1
     await tasks.cancel(cancelled)

@@ -3,7 +3,9 @@
 --
 -- Task hash fields (tb:{q}:t:<id>):
 --   type payload hdr pri state att max lease_ms cur_ms bo_i bo_m ctime stime etime ftime
---   lid (current lease) slid/skind (last settled lease and how: 'a' ack, 'n' nack) errs res
+--   lid (current lease) sid (the Lease stream holding it, '' once its stream ended: detached)
+--   ereason (why a detached lease will end, if not resumed) slid/skind (last settled lease and
+--   how: 'a' ack, 'n' nack) errs res
 -- States match taskbroker.v1.TaskState.
 
 local SCHEDULED, PENDING, LEASED, SUCCEEDED, DEAD, CANCELLED = 1, 2, 3, 4, 5, 6
@@ -58,13 +60,20 @@ local function next_due(scheduled_key)
   return tonumber(first[2])
 end
 
--- A lease that ends without an ack (expired, or its stream closed): the attempt is spent, so the
--- task goes back to pending, or to dead letters when out of attempts. Returns 1 when dead-lettered.
+-- Fields that describe the current lease: cleared whenever a lease ends, however it ends.
+local function clear_lease(key)
+  redis.call('HDEL', key, 'lid', 'etime', 'sid', 'ereason')
+end
+
+-- A lease that ends without an ack (expired, or detached from its stream and not resumed): the
+-- attempt is spent, so the task goes back to pending, or to dead letters when out of attempts.
+-- A detached lease records its own reason ('lease stream closed'). Returns 1 when dead-lettered.
 local function end_lease(key, id, keys, now, reason)
-  local att = tonumber(redis.call('HGET', key, 'att') or '0')
-  local max = tonumber(redis.call('HGET', key, 'max') or '1')
+  local t = redis.call('HMGET', key, 'att', 'max', 'ereason')
+  local att, max = tonumber(t[1] or '0'), tonumber(t[2] or '1')
+  if t[3] then reason = t[3] end
   redis.call('ZREM', keys.leased, id)
-  redis.call('HDEL', key, 'lid', 'etime')
+  clear_lease(key)
   append_error(key, att, now, reason)
   redis.call('HINCRBY', keys.stats, 'reclaim', 1)
   if att >= max then

@@ -23,7 +23,7 @@ for i = 0, n - 1 do
     table.insert(reply, 'nf')
   elseif tonumber(current[1]) == LEASED and current[2] == lease_id then
     redis.call('ZREM', KEYS[1], id)
-    redis.call('HDEL', key, 'lid', 'etime')
+    clear_lease(key)
     redis.call('HSET', key, 'state', SUCCEEDED, 'ftime', now, 'slid', lease_id, 'skind', 'a')
     if result ~= '' then redis.call('HSET', key, 'res', result) end
     redis.call('ZADD', KEYS[2], now, id)

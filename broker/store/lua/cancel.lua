@@ -19,7 +19,7 @@ if state ~= SCHEDULED and state ~= PENDING and state ~= LEASED then return {'fin
 redis.call('ZREM', KEYS[2], id)
 redis.call('ZREM', KEYS[3], id)
 redis.call('ZREM', KEYS[4], id)
-redis.call('HDEL', KEYS[1], 'lid', 'etime')
+clear_lease(KEYS[1])
 redis.call('HSET', KEYS[1], 'state', CANCELLED, 'ftime', now)
 redis.call('ZADD', KEYS[5], now, id)
 redis.call('HINCRBY', KEYS[6], 'cancel', 1)

@@ -9,10 +9,13 @@
 -- ARGV[2]  wake channel, ARGV[3] queue name
 -- ARGV[4]  n; then 6 fields per nack: id lease_id error retry_delay_ms dead_letter jitter
 --          retry_delay_ms -1: use the task's backoff; dead_letter '1': skip retries;
---          jitter: a uniform draw in [0, 1) from the broker (full jitter).
+--          jitter: a uniform draw in [0, 1) from the broker.
 --
--- The backoff is evaluated here because only the script knows the attempt number atomically:
--- delay = jitter * min(bo_m, bo_i * 2^(attempt - 1)).
+-- The backoff is evaluated here because only the script knows the attempt number atomically.
+-- Equal jitter: never sooner than half the nominal delay, so retries still spread out but a
+-- dependency that is down for a while is not hammered at once (AWS architecture blog,
+-- "Exponential Backoff And Jitter"): nominal = min(bo_m, bo_i * 2^(attempt - 1)),
+-- delay = nominal / 2 + jitter * nominal / 2.
 -- Returns {now, r_1, .. r_n}; r_i = {'ok'|'again', state, retry_time_ms} or {'stale'} or {'nf'}.
 
 local now = now_ms()
@@ -31,7 +34,7 @@ for i = 0, n - 1 do
   elseif tonumber(t[1]) == LEASED and t[2] == lease_id then
     local att, max = tonumber(t[5]), tonumber(t[6])
     redis.call('ZREM', KEYS[1], id)
-    redis.call('HDEL', key, 'lid', 'etime')
+    clear_lease(key)
     redis.call('HSET', key, 'slid', lease_id, 'skind', 'n')
     append_error(key, att, now, err)
     redis.call('HINCRBY', KEYS[5], 'fail', 1)
@@ -44,7 +47,7 @@ for i = 0, n - 1 do
       local delay = retry_ms
       if delay < 0 then
         local cap = math.min(tonumber(t[8]), tonumber(t[7]) * math.pow(2, att - 1))
-        delay = math.floor(jitter * cap)
+        delay = math.floor(cap / 2 + jitter * cap / 2)
       end
       local due = now + delay
       if delay > 0 then

@@ -104,6 +104,8 @@ class LeaseStream:
         self.drained = asyncio.Event()
         #: Set when the stream has ended, for whatever reason.
         self.ended = asyncio.Event()
+        #: The broker's answers to the open frame's resume entries, in order.
+        self.resumed: list[lease_pb2.SettleResult] = []
         self.closing = False
         self.error: BaseException | None = None
 
@@ -141,6 +143,7 @@ class LeaseStream:
             self._call.cancel()
             raise StreamLost("the broker ended the stream without opening it")
         self.stream_id = first.opened.stream_id
+        self.resumed = list(first.opened.resumed)
         self.lease_s = first.opened.lease_duration.ToTimedelta().total_seconds()
         self.unused_credits = frame.credits
         self._tasks = [

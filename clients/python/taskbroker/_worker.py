@@ -232,12 +232,16 @@ class _Connector:
             worker_id=self._options.worker_id,
             credits=self._capacity.opening_credits(),
             lease_duration=to_duration(self._options.lease_duration),
+            # Leases of handlers still running move to the new stream, so a broken connection
+            # or a broker's drain does not run their tasks a second time.
+            resume=self._session.held_leases(),
         )
 
     async def _open(self) -> LeaseStream | None:
         stream = LeaseStream(self._stub, self._session, self._capacity.grant)
+        frame = self._open_frame()
         try:
-            await stream.open(self._open_frame(), OPEN_TIMEOUT_S)
+            await stream.open(frame, OPEN_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in FATAL_OPEN_CODES:
                 raise error_from_rpc(exc) from None
@@ -252,6 +256,7 @@ class _Connector:
             ",".join(self._options.queues),
             stream.unused_credits,
         )
+        self._session.resumed(stream, frame.resume, stream.resumed)
         self.streams.add(stream)
         self.opened.set()
         return stream
@@ -346,6 +351,9 @@ class _LeaseKeeper:
         # Without a stream, retry this often rather than spin on an expired lease.
         self._floor_s = self._lease_s / 10
         self._expire_s = _epoch_s(run.delivery.lease_expire_time)
+
+    def renewed(self, expire_s: float) -> None:
+        self._expire_s = expire_s
 
     def _remaining_s(self) -> float:
         # The expiry is on the broker's (Redis) clock: clamping to the lease length bounds skew.
@@ -484,6 +492,11 @@ class _TaskRun:
         finally:
             self._stop_keeper()
             self._session.finished(self)
+
+    def lease_renewed(self, expire_s: float) -> None:
+        """The lease was moved to a new stream and its expiry renewed (epoch seconds)."""
+        if self._keeper is not None:
+            self._keeper.renewed(expire_s)
 
     def start_keeper(self) -> None:
         """Called by the keeper clock when the first extension is due."""
@@ -687,6 +700,48 @@ class _Session:
         for task in list(self._run_tasks):
             task.cancel()
         await asyncio.gather(*self._run_tasks, return_exceptions=True)
+
+    # --- lease resume -------------------------------------------------------------------------
+
+    def held_leases(self) -> list[lease_pb2.HeldLease]:
+        """The leases of the tasks this session still runs or settles, to move to a new stream."""
+        return [
+            lease_pb2.HeldLease(task_id=run.ctx.task_id, lease_id=lease_id)
+            for lease_id, run in self.runs.items()
+            if not run.revoked
+        ]
+
+    def resumed(
+        self,
+        stream: LeaseStream,
+        asked: Sequence[lease_pb2.HeldLease],
+        answers: Sequence[lease_pb2.SettleResult],
+    ) -> None:
+        """Applies the broker's answers to a resume: a lease it moved is now the new stream's;
+        a lease it refused was re-leased or settled elsewhere, so its handler is stopped and its
+        outcome is not sent (it would be refused)."""
+        for held, answer in zip(asked, answers, strict=False):
+            run = self.runs.get(held.lease_id)
+            if run is None:
+                continue
+            if answer.outcome == _OK:
+                run.origin.held.discard(held.lease_id)
+                run.origin = stream
+                stream.held.add(held.lease_id)
+                run.lease_renewed(_epoch_s(answer.lease_expire_time))
+            elif answer.outcome in (_STALE, _NOT_FOUND):
+                log.warning(
+                    "task %s: lease lost while reconnecting (%s); stopping its handler",
+                    run.ctx.task_id,
+                    answer.message or "stale",
+                )
+                run.revoke("lease lost")
+        if asked:
+            moved = sum(1 for a in answers if a.outcome == _OK)
+            log.info(
+                "lease stream %s: resumed %d of %d leases", stream.stream_id, moved, len(asked)
+            )
+            self.settled.set()  # a retiring stream may now hold nothing: it can close
 
     # --- StreamListener -----------------------------------------------------------------------
 

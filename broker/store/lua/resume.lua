@@ -1,0 +1,31 @@
+-- resume.lua: move leases a worker still holds onto its new Lease stream (after its old stream
+-- broke, or its broker drained). A lease is resumed only while it is current: same lease id,
+-- still LEASED. The lease id and attempt stay; the expiry moves to now + the lease's length.
+--
+-- KEYS[1]  tb:{q}:leased      zset  id -> lease expiry (ms)
+-- ARGV[1]  task key prefix tb:{q}:t:   (derived task keys, same hash tag)
+-- ARGV[2]  the new stream's id (becomes the lease's `sid`)
+-- ARGV[3]  n; then 2 fields per lease: id lease_id
+--
+-- Returns {now, r_1 .. r_n}; r_i = {'ok', new_expiry_ms} or {'stale'} or {'nf'}.
+
+local now = now_ms()
+local prefix, stream_id, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local reply = {now}
+for i = 0, n - 1 do
+  local id, lease_id = ARGV[4 + i * 2], ARGV[5 + i * 2]
+  local key = prefix .. id
+  local t = redis.call('HMGET', key, 'state', 'lid', 'cur_ms')
+  if not t[1] then
+    table.insert(reply, {'nf'})
+  elseif tonumber(t[1]) == LEASED and t[2] == lease_id then
+    local expire = now + tonumber(t[3])
+    redis.call('HSET', key, 'sid', stream_id, 'etime', expire)
+    redis.call('HDEL', key, 'ereason')
+    redis.call('ZADD', KEYS[1], expire, id)
+    table.insert(reply, {'ok', expire})
+  else
+    table.insert(reply, {'stale'})
+  end
+end
+return reply

@@ -1,0 +1,30 @@
+-- unlease.lua: undo leases whose tasks were never sent to the worker (its stream ended, or was cut
+-- for not reading, before the delivery was written): no attempt is spent and no error recorded;
+-- the task goes back to pending in the place it had (same priority and ready time).
+--
+-- KEYS[1]  tb:{q}:leased      zset  id -> lease expiry (ms)
+-- KEYS[2]  tb:{q}:pending     zset  id -> pending score
+-- ARGV[1]  task key prefix tb:{q}:t:   (derived task keys, same hash tag)
+-- ARGV[2]  wake channel, ARGV[3] queue name
+-- ARGV[4]  the stream the leases were made for: a lease no longer held by it is left alone
+-- ARGV[5]  n; then 2 fields per lease: id lease_id
+--
+-- Returns the number of leases undone.
+
+local prefix, stream_id, n = ARGV[1], ARGV[4], tonumber(ARGV[5])
+local undone = 0
+for i = 0, n - 1 do
+  local id, lease_id = ARGV[6 + i * 2], ARGV[7 + i * 2]
+  local key = prefix .. id
+  local t = redis.call('HMGET', key, 'state', 'lid', 'sid', 'pri', 'stime')
+  if t[1] and tonumber(t[1]) == LEASED and t[2] == lease_id and t[3] == stream_id then
+    redis.call('ZREM', KEYS[1], id)
+    clear_lease(key)
+    redis.call('HINCRBY', key, 'att', -1)
+    redis.call('HSET', key, 'state', PENDING)
+    redis.call('ZADD', KEYS[2], pending_score(tonumber(t[4] or '0'), tonumber(t[5])), id)
+    undone = undone + 1
+  end
+end
+if undone > 0 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+return undone
