@@ -127,6 +127,8 @@ class LeaseSession:
         #: Leases queued for this stream whose delivery has not been written yet.
         self._unsent: set[str] = set()
         self._failure: grpc.Status | None = None
+        #: Set when the stream was cut for not reading: nothing more can be sent on it.
+        self._cut = False
         self._settling: set[asyncio.Task[None]] = set()
         self._sub: Subscription | None = None
         self.closed = False
@@ -172,6 +174,10 @@ class LeaseSession:
             if reader is not None:
                 reader.cancel()
             self._hand_back()
+        if self._cut:
+            # Returning would make grpc send a status behind the stuck data, which fails; the
+            # call ends when the worker goes away or its connection closes.
+            await asyncio.Event().wait()
         if self._failure is not None:
             await self._context.abort_with_status(self._failure)
 
@@ -289,17 +295,17 @@ class LeaseSession:
             try:
                 await asyncio.wait_for(self._context.write(message.data), self._write_timeout_s)
             except TimeoutError:
+                # No status can reach a worker that does not read (it would queue behind the
+                # stuck data), so the session lets go: its tasks go back to the queue, and the
+                # call and its buffers end when the worker goes away or its connection closes
+                # (at the latest max_connection_age_s plus its grace later).
                 log.warning(
-                    "lease stream %s: the worker read nothing for %gs; cutting the stream",
+                    "lease stream %s of %r: the worker read nothing for %gs; the stream is cut",
                     self.stream_id,
+                    self.worker_id,
                     self._write_timeout_s,
                 )
-                self._failure = to_status(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the worker read nothing for {self._write_timeout_s:g} s: stream cut; "
-                    "tasks not sent went back to the queue",
-                    "STREAM_NOT_READING",
-                )
+                self._cut = True
                 return
             self._unsent.difference_update(message.lease_ids)
             self._outbox.written(message)

@@ -421,14 +421,16 @@ async def test_a_rolling_restart_of_two_replicas_moves_running_tasks_and_reruns_
     slow_attempts: list[int] = []
     try:
         slow = [await client.enqueue("jobs", "step", b"slow") for _ in range(4)]
-        worker = new_worker(client, slow_and_fast_steps(slow_attempts), concurrency=8)
+        worker = new_worker(client, slow_and_fast_steps(slow_attempts, slow_s=3.0), concurrency=8)
         async with worker:
             await eventually(lambda: len(slow_attempts) == 4)
             # Each replica in turn drains and stops while the slow handlers run: the worker moves
-            # its leases to the other replica at the drain notice.
+            # its leases to the other replica at the drain notice. As in a rolling deploy, the
+            # second replica stops once the first is back and reachable.
             await a.broker.stop(grace_s=0.3)
             fast = [await client.enqueue("jobs", "step", str(i).encode()) for i in range(5)]
             a = await start_broker(settings, listen=a.target)
+            await asyncio.sleep(0.5)
             await b.broker.stop(grace_s=0.3)
             tasks = [await wait_through_outage(client, i) for i in [*slow, *fast]]
             await worker.shutdown()

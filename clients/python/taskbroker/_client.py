@@ -72,6 +72,11 @@ DEFAULT_OPTIONS: Final[Mapping[str, Any]] = {
     # Pages of dead letters and leased tasks can carry many payloads of up to the broker's limit.
     "grpc.max_receive_message_length": -1,
     "grpc.primary_user_agent": "taskbroker-python",
+    # A replica that restarts (a rolling deploy) is reconnected within about 100 ms, not gRPC's
+    # default 1 s doubling to 2 min: a worker whose broker drains needs another replica at once
+    # to resume its leases on.
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 5_000,
 }
 
 
