@@ -18,8 +18,10 @@ from tests.support.redis_server import free_port
 class BrokerProcess:
     """A broker process started the way an operator starts it."""
 
-    def __init__(self, data_dir: Path, extra_env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(
+        self, data_dir: Path, extra_env: dict[str, str] | None = None, port: int | None = None
+    ) -> None:
+        self.port = free_port() if port is None else port
         env = {k: v for k, v in os.environ.items() if not k.startswith("TASKBROKER_")}
         env |= {
             "TASKBROKER_LISTEN": f"127.0.0.1:{self.port}",
