@@ -306,6 +306,7 @@ class LeaseSession:
                     self._write_timeout_s,
                 )
                 self._cut = True
+                self._outbox.close()  # answers waiting for room give up
                 return
             self._unsent.difference_update(message.lease_ids)
             self._outbox.written(message)

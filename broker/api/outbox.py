@@ -40,6 +40,7 @@ class Outbox:
         self._on_space = on_space
         self._queue: deque[Message | None] = deque()
         self._bytes = 0
+        self._closed = False
         self._ready = asyncio.Event()
         self._space = asyncio.Event()
         self._space.set()
@@ -47,10 +48,6 @@ class Outbox:
     @property
     def full(self) -> bool:
         return self._bytes >= self._limit
-
-    @property
-    def queued_bytes(self) -> int:
-        return self._bytes
 
     def put_nowait(self, message: Message) -> None:
         """Queues a frame whatever the bound (deliveries are bounded by `full` upstream)."""
@@ -61,13 +58,17 @@ class Outbox:
         self._ready.set()
 
     async def put(self, message: Message) -> None:
-        """Queues a frame once the outbox is below its bound (backpressure on answers)."""
-        while self.full:
+        """Queues a frame once the outbox is below its bound (backpressure on answers); once
+        the outbox is closed the frame is dropped (nobody will write it)."""
+        while self.full and not self._closed:
             await self._space.wait()
-        self.put_nowait(message)
+        if not self._closed:
+            self.put_nowait(message)
 
     def close(self) -> None:
-        """The writer stops after what is queued."""
+        """The writer stops after what is queued; frames put from now on are dropped."""
+        self._closed = True
+        self._space.set()  # waiters give up
         self._queue.append(None)
         self._ready.set()
 
@@ -100,7 +101,3 @@ class Outbox:
             self._space.set()
             if was_full:
                 self._on_space()
-
-    def unsent_lease_ids(self) -> list[str]:
-        """Leases in frames not yet taken by the writer."""
-        return [lid for m in self._queue if m is not None for lid in m.lease_ids]
