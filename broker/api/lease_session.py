@@ -14,7 +14,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from broker.api import convert
-from broker.api.outbox import MAX_MESSAGE_BYTES, Message, Outbox
+from broker.api.outbox import MAX_MESSAGE_BYTES, MERGEABLE, Message, Outbox
 from broker.api.status import error_status, to_status
 from broker.errors import BrokerError, InvalidArgument, LeaseStale, TaskNotFound
 from broker.ids import check_name
@@ -35,9 +35,16 @@ MAX_CREDITS = 10_000
 Frame = lease_pb2.LeaseResponse
 
 
+#: LeaseResponse field numbers of the frames the outbox merges.
+_FIELD_NUMBERS = {kind: Frame.DESCRIPTOR.fields_by_name[kind].number for kind in MERGEABLE}
+
+
 def _message(frame: Frame) -> Message:
+    """A frame for the outbox (a mergeable one as the encoding of its inner message)."""
     kind = frame.WhichOneof("frame")
     assert kind is not None
+    if kind in MERGEABLE:
+        return Message(kind, getattr(frame, kind).SerializeToString())
     return Message(kind, frame.SerializeToString())
 
 
@@ -122,7 +129,7 @@ class LeaseSession:
         settings = tasks.settings
         self._write_timeout_s = settings.stream_write_timeout_s
         self.stream_id = secrets.token_hex(8)
-        self._outbox = Outbox(settings.stream_outbox_bytes, self._receiving_again)
+        self._outbox = Outbox(settings.stream_outbox_bytes, self._receiving_again, _FIELD_NUMBERS)
         self._held: dict[str, TaskRef] = {}  # lease id -> task
         #: Leases queued for this stream whose delivery has not been written yet.
         self._unsent: set[str] = set()
@@ -291,9 +298,9 @@ class LeaseSession:
     # --- writing ------------------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
-        while (message := await self._outbox.get()) is not None:
+        while (write := await self._outbox.get()) is not None:
             try:
-                await asyncio.wait_for(self._context.write(message.data), self._write_timeout_s)
+                await asyncio.wait_for(self._context.write(write.data), self._write_timeout_s)
             except TimeoutError:
                 # No status can reach a worker that does not read (it would queue behind the
                 # stuck data), so the session lets go: its tasks go back to the queue, and the
@@ -308,8 +315,8 @@ class LeaseSession:
                 self._cut = True
                 self._outbox.close()  # answers waiting for room give up
                 return
-            self._unsent.difference_update(message.lease_ids)
-            self._outbox.written(message)
+            self._unsent.difference_update(write.lease_ids)
+            self._outbox.written(write)
 
     def _can_receive(self) -> bool:
         """More tasks for this stream only while its worker keeps up with reading."""
@@ -342,8 +349,8 @@ class LeaseSession:
         return True
 
     def _send_deliveries(self, deliveries: list[lease_pb2.Delivery], lease_ids: list[str]) -> None:
-        frame = Frame(deliveries=lease_pb2.Deliveries(deliveries=deliveries))
-        self._outbox.put_nowait(Message("deliveries", frame.SerializeToString(), lease_ids))
+        inner = lease_pb2.Deliveries(deliveries=deliveries).SerializeToString()
+        self._outbox.put_nowait(Message("deliveries", inner, lease_ids))
 
     def forget(self, lease_id: str) -> None:
         self._held.pop(lease_id, None)

@@ -1,9 +1,11 @@
 """Outbox: the frames waiting to be written to one Lease stream, counted in bytes.
 
-Frames are kept serialized. Frames of the same kind queued behind one another are written as one
-message by concatenating their encodings: protobuf merges a repeated embedded field that occurs
-twice, so `LeaseResponse{deliveries: A} + LeaseResponse{deliveries: B}` decodes as one frame with
-the deliveries of both (fewer, larger writes under load, and no re-encoding).
+Frames are kept encoded. Frames of a mergeable kind (deliveries, settle results) queued behind
+one another are written as one frame (fewer, larger writes under load) without re-encoding: each
+is kept as the encoding of its inner message (`Deliveries`, `SettleResults`), whose only field is
+repeated, so the encodings concatenate into one valid inner message, which is then wrapped once
+in the `LeaseResponse` field. (Concatenating whole `LeaseResponse` frames would rely on parsers
+merging a oneof message field that occurs twice; protobufjs, for one, keeps only the last.)
 """
 
 from __future__ import annotations
@@ -23,11 +25,36 @@ MERGEABLE: Final = frozenset({"deliveries", "settle_results"})
 
 @dataclass(slots=True)
 class Message:
-    """One write: a frame's kind, its encoding, and the leases it delivers (if any)."""
+    """One frame to write: its kind, its encoding (for a mergeable kind, the encoding of the
+    inner message only), and the leases it delivers (if any)."""
 
     kind: str
     data: bytes
     lease_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Write:
+    """What the writer sends: the frame's bytes on the wire, the bytes it counted for in the
+    outbox, and the leases it delivers."""
+
+    data: bytes
+    size: int
+    lease_ids: list[str]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def wrap(field_number: int, inner: bytes) -> bytes:
+    """The encoding of a message whose only field set is `field_number`, holding `inner`."""
+    return _varint(field_number << 3 | 2) + _varint(len(inner)) + inner
 
 
 class Outbox:
@@ -35,8 +62,12 @@ class Outbox:
     the stream is not offered more tasks (`full`) and answers wait (`put`) until the worker
     reads. `on_space` is called when a full outbox drains below the bound."""
 
-    def __init__(self, limit_bytes: int, on_space: Callable[[], None]) -> None:
+    def __init__(
+        self, limit_bytes: int, on_space: Callable[[], None], field_numbers: dict[str, int]
+    ) -> None:
         self._limit = limit_bytes
+        #: The LeaseResponse field of each mergeable kind, to wrap merged inner messages in.
+        self._field_numbers = field_numbers
         self._on_space = on_space
         self._queue: deque[Message | None] = deque()
         self._bytes = 0
@@ -72,15 +103,17 @@ class Outbox:
         self._queue.append(None)
         self._ready.set()
 
-    async def get(self) -> Message | None:
+    async def get(self) -> Write | None:
         """The next write: a frame, merged with the frames of its kind right behind it; None
         once closed."""
         while not self._queue:
             self._ready.clear()
             await self._ready.wait()
         first = self._queue.popleft()
-        if first is None or first.kind not in MERGEABLE:
-            return first
+        if first is None:
+            return None
+        if first.kind not in MERGEABLE:
+            return Write(first.data, len(first.data), first.lease_ids)
         parts, lease_ids, size = [first.data], list(first.lease_ids), len(first.data)
         while self._queue and (nxt := self._queue[0]) is not None and nxt.kind == first.kind:
             if size + len(nxt.data) > MAX_MESSAGE_BYTES:
@@ -89,14 +122,13 @@ class Outbox:
             parts.append(nxt.data)
             lease_ids += nxt.lease_ids
             size += len(nxt.data)
-        if len(parts) == 1:
-            return first
-        return Message(first.kind, b"".join(parts), lease_ids)
+        inner = parts[0] if len(parts) == 1 else b"".join(parts)
+        return Write(wrap(self._field_numbers[first.kind], inner), size, lease_ids)
 
-    def written(self, message: Message) -> None:
+    def written(self, write: Write) -> None:
         """A write finished: its bytes no longer count."""
         was_full = self.full
-        self._bytes -= len(message.data)
+        self._bytes -= write.size
         if not self.full:
             self._space.set()
             if was_full:
