@@ -123,7 +123,8 @@ export class LeaseStream {
         this.end();
       });
       const timer = setTimeout(() => {
-        reject(Object.assign(new Error('no answer to open in time'), { code: grpc.status.DEADLINE_EXCEEDED }));
+        const late = new Error('no answer to open in time');
+        reject(Object.assign(late, { code: grpc.status.DEADLINE_EXCEEDED }));
       }, timeoutMs);
       timer.unref();
     });

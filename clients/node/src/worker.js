@@ -508,6 +508,8 @@ class Session {
     return new Promise((resolve) => {
       const done = () => {
         clearTimeout(timer);
+        const i = this.closeWaiters.indexOf(done);
+        if (i >= 0) this.closeWaiters.splice(i, 1);
         resolve(undefined);
       };
       const timer = setTimeout(done, ms);
@@ -551,7 +553,8 @@ class Session {
 
   /** @param {LeaseStream} stream the stream */
   onDrain(stream) {
-    this.log.info(`lease stream ${stream.streamId}: the broker is draining; moving to a new stream`);
+    const id = stream.streamId;
+    this.log.info(`lease stream ${id}: the broker is draining; moving to a new stream`);
     this.changed();
   }
 
