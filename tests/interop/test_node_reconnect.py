@@ -7,9 +7,9 @@ backoff), send again what a dead stream left unanswered, and stop only on a fata
 
 The tests marked `needs_lease_resume` also need the broker side of lease resume (issue 11, §2:
 `LeaseOpen.resume` answered in `LeaseOpened.resumed`, a broken stream's leases waiting the
-resume window). Until that is merged they fail (a task running across the event is released,
-runs a second time and its first ack is refused); the mark is a strict xfail, so they fail the
-run once the broker resumes leases, and the mark must then be removed.
+resume window). On a broker without it they are expected to fail (a task running across the
+event is released, runs a second time and its first ack is refused): a strict xfail, which
+turns into a plain run once `Settings.resume_window_s` exists.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Final
 
@@ -30,8 +31,12 @@ from tests.interop.node_process import QUEUE, WAIT_S, NodeWorker
 from tests.support.fault_proxy import FaultProxy
 from tests.support.redis_server import free_port
 
+#: The broker resumes leases once it has this setting (issue 11 §2). Delete this mark (and the
+#: condition) once that is merged: the tests must then pass.
+BROKER_RESUMES: Final = "resume_window_s" in {f.name for f in fields(Settings)}
 needs_lease_resume: Final = pytest.mark.xfail(
-    reason="needs the broker side of lease resume (issue 11 §2); remove this mark once merged",
+    not BROKER_RESUMES,
+    reason="needs the broker side of lease resume (issue 11 §2)",
     strict=True,
 )
 #: A log line of the worker's for each stream it opens.
@@ -235,6 +240,40 @@ async def test_a_task_running_across_a_connection_reset_runs_once(
         assert "resumed 1 of 1 leases" in log
         assert worker.count(r"attempt 1: ack$") == 1, log
         assert "1 leases resumed, 0 lost, 0 stale settlements" in log
+    finally:
+        await worker.close()
+
+
+@needs_lease_resume
+async def test_a_lease_given_back_while_disconnected_stops_its_handler(
+    node: str, proxy: FaultProxy, client: Client, tmp_path: Path
+) -> None:
+    """The worker stays cut off for longer than the resume window, so its lease goes back to
+    the queue. When it reconnects, the resume is answered stale: the handler is aborted (its
+    signal says "lease lost") and its outcome is never sent; the task's next attempt runs."""
+    worker = await NodeWorker.start(node, proxy.address, tmp_path / "worker.log")
+    try:
+        task_id = await client.enqueue(QUEUE, "sleep", b"2000")
+        await until_leased(client, task_id)
+        proxy.reset()
+        proxy.half_open()  # new connections are reset: the worker cannot come back yet
+
+        async def given_back() -> bool:
+            return (await client.get_task(task_id)).state is TaskState.PENDING
+
+        await eventually(given_back, WAIT_S, "the lease given back after the resume window")
+        proxy.pass_through()
+        task = await client.wait(task_id, timeout=WAIT_S)
+        assert (task.state, task.attempt, task.result) == (
+            TaskState.SUCCEEDED,
+            2,
+            b"slept 2000 ms",
+        ), worker.text()
+        log = await stop(worker)
+        assert "resumed 0 of 1 leases" in log
+        assert worker.count(r"lease lost .*stopping its handler") == 1, log
+        assert worker.count(r"attempt 1: (ack|nack)") == 0, log  # the outcome was not sent
+        assert "0 leases resumed, 1 lost, 0 stale settlements" in log
     finally:
         await worker.close()
 
