@@ -18,10 +18,11 @@ import signal
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Final
 
 import pytest
 
-from taskbroker import Client, NonRetryable, TaskContext, TaskState, Worker, handler
+from taskbroker import Client, NewTask, NonRetryable, TaskContext, TaskState, Worker, handler
 from tests.conftest import RunningBroker
 from tests.faults.observe import eventually
 from tests.interop.node_process import NODE, NODE_DIR, QUEUE, WAIT_S, NodeWorker
@@ -144,6 +145,58 @@ async def test_sigterm_lets_the_node_worker_finish_its_task(
         # It stopped crediting: the task enqueued after SIGTERM was never leased to it.
         task = await client.get_task(queued)
         assert (task.state, task.attempt) == (TaskState.PENDING, 0)
+    finally:
+        await worker.close()
+
+
+#: Encodes two Lease frames of each mergeable kind, concatenated as the broker writes frames
+#: of one kind queued behind one another, and decodes them with the client's Lease decoder.
+MERGED_FRAMES_JS: Final = """
+import { taskbrokerV1 } from './src/index.js';
+const lease = taskbrokerV1().BrokerService.service.Lease;
+const both = (a, b) => lease.responseDeserialize(
+  Buffer.concat([lease.responseSerialize(a), lease.responseSerialize(b)]));
+const deliveries = both(
+  { deliveries: { deliveries: [{ lease_id: 'a', task: { id: 'q:1' } }] } },
+  { deliveries: { deliveries: [{ lease_id: 'b', task: { id: 'q:2' } }] } },
+).deliveries.deliveries.map((d) => d.lease_id);
+const results = both(
+  { settle_results: { results: [{ lease_id: 'c', kind: 'SETTLE_KIND_ACK' }] } },
+  { settle_results: { results: [{ lease_id: 'd', kind: 'SETTLE_KIND_ACK' }] } },
+).settle_results.results.map((r) => r.lease_id);
+process.stdout.write(JSON.stringify({ deliveries, results }));
+"""
+
+
+async def test_node_client_decodes_frames_the_broker_merged(node: str) -> None:
+    """The broker may write several frames of one kind as one message (their encodings
+    concatenated). protobuf merges the repeated occurrences; protobufjs alone keeps only the
+    last one, which would drop deliveries and settle results without a trace."""
+    process = await asyncio.create_subprocess_exec(
+        node, "--input-type=module", "-e", MERGED_FRAMES_JS,
+        cwd=NODE_DIR, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), WAIT_S)
+    assert process.returncode == 0, err.decode(errors="replace")
+    assert json.loads(out) == {"deliveries": ["a", "b"], "results": ["c", "d"]}
+
+
+async def test_node_worker_takes_a_burst_of_tasks(
+    node: str, running: RunningBroker, client: Client, tmp_path: Path
+) -> None:
+    """200 tasks at once to 64 slots: every delivery arrives and every ack is answered."""
+    worker = await NodeWorker.start(node, running.target, tmp_path / "worker.log", concurrency=64)
+    try:
+        burst = [NewTask(QUEUE, "echo", f"burst {i}".encode()) for i in range(200)]
+        ids = [result.task_id for result in await client.enqueue_many(burst)]
+        for task_id in ids:
+            task = await client.wait(task_id, timeout=WAIT_S)
+            assert (task.state, task.attempt) == (TaskState.SUCCEEDED, 1), worker.text()
+        worker.process.send_signal(signal.SIGTERM)
+        assert await worker.wait_exit() == 0, worker.text()
+        assert "stopped after 200 tasks" in worker.text()
+        assert "0 stale settlements" in worker.text()
     finally:
         await worker.close()
 
