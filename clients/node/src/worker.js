@@ -267,8 +267,9 @@ export class Worker {
  * @property {LeaseStream} stream the stream the broker holds its lease for, as far as the
  *   worker knows: the one that delivered it, or the one it was resumed on
  * @property {'running' | 'settling' | 'dropped' | 'finished'} state running: the handler runs
- *   and the lease is extended; settling: its outcome is on the way; dropped: nothing more will
- *   be sent for it (revoked, lost, given up) and its slot frees when the handler returns
+ *   and the lease is extended; settling: its outcome (or, at shutdown, the nack that gives it
+ *   up) is on the way; dropped: the lease is not the worker's any more (revoked, lost), nothing
+ *   more is sent for it, and its slot frees when the handler returns
  * @property {number} expireMs when its lease expires (broker's clock, epoch ms)
  * @property {NodeJS.Timeout | undefined} timer the next extension, while one is scheduled
  * @property {boolean} extending an extension is waiting for its answer
