@@ -1,7 +1,8 @@
 """The Node.js client (clients/node) against an in-process broker, next to the Python SDK.
 
 Python producer → broker → Node worker (results, a retry, a dead letter, a lease the worker
-extends, graceful SIGTERM, the broker's drain), and Node producer → broker → Python worker.
+extends, graceful SIGTERM), and Node producer → broker → Python worker. Reconnects, drains and
+lease resume are in test_node_reconnect.py.
 The Node programs run as subprocesses (`bin/worker.js`, `bin/produce.js`), started with
 asyncio so the broker, which runs on the test's event loop, keeps serving them.
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
@@ -22,70 +22,14 @@ from typing import Final
 
 import pytest
 
-from broker.config import Settings
-from taskbroker import Client, NonRetryable, TaskContext, TaskState, Worker, handler
-from tests.conftest import RunningBroker, start_broker
+from taskbroker import Client, NewTask, NonRetryable, TaskContext, TaskState, Worker, handler
+from tests.conftest import RunningBroker
 from tests.faults.observe import eventually
-
-NODE: Final = shutil.which("node")
-NODE_DIR: Final = Path(__file__).resolve().parents[2] / "clients" / "node"
-QUEUE: Final = "interop"
-#: Long enough for a Node process to start and finish a short task on a loaded machine.
-WAIT_S: Final = 8.0
+from tests.interop.node_process import NODE, NODE_DIR, QUEUE, WAIT_S, NodeWorker
 
 pytestmark = pytest.mark.skipif(
     NODE is None, reason="node is not installed: the Node.js interop tests need it on PATH"
 )
-
-
-@pytest.fixture(scope="module")
-def node() -> str:
-    """The node binary, once clients/node's dependencies are installed."""
-    assert NODE is not None
-    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        pytest.fail(
-            "clients/node/node_modules is missing: run `make install` (it runs `npm ci` in "
-            "clients/node)",
-            pytrace=False,
-        )
-    return NODE
-
-
-class NodeWorker:
-    """`node bin/worker.js` as a subprocess, its log in a file."""
-
-    def __init__(self, process: asyncio.subprocess.Process, log: Path) -> None:
-        self.process = process
-        self.log = log
-
-    @classmethod
-    async def start(
-        cls, node: str, target: str, log: Path, *, lease_ms: int = 30_000, concurrency: int = 4
-    ) -> NodeWorker:
-        args = [
-            "bin/worker.js", "--target", target, "--queue", QUEUE,
-            "--worker-id", "node-worker", "--concurrency", str(concurrency),
-            "--lease-ms", str(lease_ms), "--grace-ms", "5000",
-        ]  # fmt: skip
-        with log.open("wb") as out:
-            process = await asyncio.create_subprocess_exec(
-                node, *args, cwd=NODE_DIR, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out
-            )
-        return cls(process, log)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    async def wait_exit(self, timeout_s: float = WAIT_S) -> int:
-        try:
-            return await asyncio.wait_for(self.process.wait(), timeout_s)
-        except TimeoutError:
-            raise AssertionError(f"node worker still running:\n{self.text()}") from None
-
-    async def close(self) -> None:
-        if self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
 
 
 @pytest.fixture
@@ -205,28 +149,56 @@ async def test_sigterm_lets_the_node_worker_finish_its_task(
         await worker.close()
 
 
-async def test_node_worker_finishes_its_task_when_the_broker_drains(
-    node: str, settings: Settings, tmp_path: Path
+#: Encodes two Lease frames of each mergeable kind, concatenated as the broker writes frames
+#: of one kind queued behind one another, and decodes them with the client's Lease decoder.
+MERGED_FRAMES_JS: Final = """
+import { taskbrokerV1 } from './src/index.js';
+const lease = taskbrokerV1().BrokerService.service.Lease;
+const both = (a, b) => lease.responseDeserialize(
+  Buffer.concat([lease.responseSerialize(a), lease.responseSerialize(b)]));
+const deliveries = both(
+  { deliveries: { deliveries: [{ lease_id: 'a', task: { id: 'q:1' } }] } },
+  { deliveries: { deliveries: [{ lease_id: 'b', task: { id: 'q:2' } }] } },
+).deliveries.deliveries.map((d) => d.lease_id);
+const results = both(
+  { settle_results: { results: [{ lease_id: 'c', kind: 'SETTLE_KIND_ACK' }] } },
+  { settle_results: { results: [{ lease_id: 'd', kind: 'SETTLE_KIND_ACK' }] } },
+).settle_results.results.map((r) => r.lease_id);
+process.stdout.write(JSON.stringify({ deliveries, results }));
+"""
+
+
+async def test_node_client_decodes_frames_the_broker_merged(node: str) -> None:
+    """The broker may write several frames of one kind as one message (their encodings
+    concatenated). protobuf merges the repeated occurrences; protobufjs alone keeps only the
+    last one, which would drop deliveries and settle results without a trace."""
+    process = await asyncio.create_subprocess_exec(
+        node, "--input-type=module", "-e", MERGED_FRAMES_JS,
+        cwd=NODE_DIR, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), WAIT_S)
+    assert process.returncode == 0, err.decode(errors="replace")
+    assert json.loads(out) == {"deliveries": ["a", "b"], "results": ["c", "d"]}
+
+
+async def test_node_worker_takes_a_burst_of_tasks(
+    node: str, running: RunningBroker, client: Client, tmp_path: Path
 ) -> None:
-    first = await start_broker(settings)
-    worker = await NodeWorker.start(node, first.target, tmp_path / "worker.log")
+    """200 tasks at once to 64 slots: every delivery arrives and every ack is answered."""
+    worker = await NodeWorker.start(node, running.target, tmp_path / "worker.log", concurrency=64)
     try:
-        async with Client(first.target) as client:
-            task_id = await client.enqueue(QUEUE, "sleep", b"500")
-            await until_leased(client, task_id)
-        await first.broker.stop(grace_s=5)  # drain: settlements accepted until the deadline
+        burst = [NewTask(QUEUE, "echo", f"burst {i}".encode()) for i in range(200)]
+        ids = [result.task_id for result in await client.enqueue_many(burst)]
+        for task_id in ids:
+            task = await client.wait(task_id, timeout=WAIT_S)
+            assert (task.state, task.attempt) == (TaskState.SUCCEEDED, 1), worker.text()
+        worker.process.send_signal(signal.SIGTERM)
         assert await worker.wait_exit() == 0, worker.text()
-        assert "the broker is draining" in worker.text()
+        assert "stopped after 200 tasks" in worker.text()
+        assert "0 stale settlements" in worker.text()
     finally:
         await worker.close()
-        await first.channel.close()
-    second = await start_broker(settings)  # the same Redis: read what the first one stored
-    try:
-        async with Client(second.target) as client:
-            task = await client.get_task(task_id)
-        assert (task.state, task.attempt, task.result) == (TaskState.SUCCEEDED, 1, b"slept 500 ms")
-    finally:
-        await second.close()
 
 
 # --- Node producer → broker → Python worker ---------------------------------------------------

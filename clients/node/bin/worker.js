@@ -7,8 +7,10 @@
  *
  * Handlers: `echo` returns the payload; `upper` returns it uppercased; `fail_once` fails its
  * first attempt and returns the payload on the next; `reject` fails for good (dead letter);
- * `sleep` sleeps for the payload's number of milliseconds. Logs go to stderr. Exits 0 after a
- * graceful shutdown (SIGTERM/SIGINT) or a broker drain, 1 when the stream fails.
+ * `sleep` sleeps for the payload's number of milliseconds (and stops early when its lease is
+ * lost or revoked). Logs go to stderr. The worker reconnects when its stream breaks and moves to
+ * a new stream when the broker drains; it exits 0 after a graceful shutdown (SIGTERM/SIGINT), 1
+ * when the broker refuses the stream for good (a bad queue name, for example).
  */
 
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -27,9 +29,9 @@ const handlers = {
   reject: async () => {
     throw new NonRetryableError('this task can never succeed');
   },
-  sleep: async (payload) => {
+  sleep: async (payload, ctx) => {
     const ms = Number(payload.toString('utf8'));
-    await sleep(ms);
+    await sleep(ms, undefined, { signal: ctx.signal });
     return `slept ${ms} ms`;
   },
 };
@@ -65,7 +67,11 @@ const worker = new Worker({
 
 try {
   await worker.run();
-  line('INFO')(`stopped after ${worker.processed} tasks`);
+  line('INFO')(
+    `stopped after ${worker.processed} tasks: ${worker.reconnects} reconnects, ` +
+      `${worker.resumedLeases} leases resumed, ${worker.lostLeases} lost, ` +
+      `${worker.staleSettlements} stale settlements`,
+  );
 } catch (error) {
   line('ERROR')(`worker failed: ${error instanceof Error ? error.message : error}`);
   process.exitCode = 1;
