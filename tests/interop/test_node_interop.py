@@ -18,7 +18,6 @@ import signal
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Final
 
 import pytest
 
@@ -147,39 +146,6 @@ async def test_sigterm_lets_the_node_worker_finish_its_task(
         assert (task.state, task.attempt) == (TaskState.PENDING, 0)
     finally:
         await worker.close()
-
-
-#: Encodes two Lease frames of each mergeable kind, concatenated as the broker writes frames
-#: of one kind queued behind one another, and decodes them with the client's Lease decoder.
-MERGED_FRAMES_JS: Final = """
-import { taskbrokerV1 } from './src/index.js';
-const lease = taskbrokerV1().BrokerService.service.Lease;
-const both = (a, b) => lease.responseDeserialize(
-  Buffer.concat([lease.responseSerialize(a), lease.responseSerialize(b)]));
-const deliveries = both(
-  { deliveries: { deliveries: [{ lease_id: 'a', task: { id: 'q:1' } }] } },
-  { deliveries: { deliveries: [{ lease_id: 'b', task: { id: 'q:2' } }] } },
-).deliveries.deliveries.map((d) => d.lease_id);
-const results = both(
-  { settle_results: { results: [{ lease_id: 'c', kind: 'SETTLE_KIND_ACK' }] } },
-  { settle_results: { results: [{ lease_id: 'd', kind: 'SETTLE_KIND_ACK' }] } },
-).settle_results.results.map((r) => r.lease_id);
-process.stdout.write(JSON.stringify({ deliveries, results }));
-"""
-
-
-async def test_node_client_decodes_frames_the_broker_merged(node: str) -> None:
-    """The broker may write several frames of one kind as one message (their encodings
-    concatenated). protobuf merges the repeated occurrences; protobufjs alone keeps only the
-    last one, which would drop deliveries and settle results without a trace."""
-    process = await asyncio.create_subprocess_exec(
-        node, "--input-type=module", "-e", MERGED_FRAMES_JS,
-        cwd=NODE_DIR, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), WAIT_S)
-    assert process.returncode == 0, err.decode(errors="replace")
-    assert json.loads(out) == {"deliveries": ["a", "b"], "results": ["c", "d"]}
 
 
 async def test_node_worker_takes_a_burst_of_tasks(

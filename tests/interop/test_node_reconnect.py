@@ -4,12 +4,8 @@ drain, and a configuration the broker refuses for good.
 
 The worker must reconnect on its own (at once after a stream that was up a while, then with
 backoff), send again what a dead stream left unanswered, and stop only on a fatal open status.
-
-The tests marked `needs_lease_resume` also need the broker side of lease resume (issue 11, §2:
-`LeaseOpen.resume` answered in `LeaseOpened.resumed`, a broken stream's leases waiting the
-resume window). On a broker without it they are expected to fail (a task running across the
-event is released, runs a second time and its first ack is refused): a strict xfail, which
-turns into a plain run once `Settings.resume_window_s` exists.
+Across a broken stream or a broker's drain, the leases of running handlers are resumed on the
+next stream (`LeaseOpen.resume`): such a task runs once.
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ import re
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import fields
 from pathlib import Path
 from typing import Final
 
@@ -33,14 +28,6 @@ from tests.interop.node_process import QUEUE, WAIT_S, NodeWorker
 from tests.support.fault_proxy import FaultProxy
 from tests.support.redis_server import free_port
 
-#: The broker resumes leases once it has this setting (issue 11 §2). Delete this mark (and the
-#: condition) once that is merged: the tests must then pass.
-BROKER_RESUMES: Final = "resume_window_s" in {f.name for f in fields(Settings)}
-needs_lease_resume: Final = pytest.mark.xfail(
-    not BROKER_RESUMES,
-    reason="needs the broker side of lease resume (issue 11 §2)",
-    strict=True,
-)
 #: A log line of the worker's for each stream it opens.
 OPENED: Final = r"lease stream \w+ open on"
 
@@ -217,7 +204,6 @@ async def test_node_worker_stops_when_the_broker_refuses_its_stream_for_good(
 # --- lease resume (needs the broker side) -----------------------------------------------------
 
 
-@needs_lease_resume
 async def test_a_task_running_across_a_connection_reset_runs_once(
     node: str, proxy: FaultProxy, client: Client, tmp_path: Path
 ) -> None:
@@ -246,7 +232,6 @@ async def test_a_task_running_across_a_connection_reset_runs_once(
         await worker.close()
 
 
-@needs_lease_resume
 async def test_tasks_running_through_repeated_resets_each_run_once(
     node: str, proxy: FaultProxy, client: Client, tmp_path: Path
 ) -> None:
@@ -276,7 +261,6 @@ async def test_tasks_running_through_repeated_resets_each_run_once(
         await worker.close()
 
 
-@needs_lease_resume
 async def test_a_lease_given_back_while_disconnected_stops_its_handler(
     node: str, proxy: FaultProxy, client: Client, tmp_path: Path
 ) -> None:
@@ -310,7 +294,6 @@ async def test_a_lease_given_back_while_disconnected_stops_its_handler(
         await worker.close()
 
 
-@needs_lease_resume
 async def test_a_task_running_across_a_broker_drain_runs_once(
     node: str, settings: Settings, tmp_path: Path
 ) -> None:
