@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,7 +52,7 @@ class DocBroker:
         return f"127.0.0.1:{self.process.port}"
 
     def new_task_id(self) -> str:
-        stub = broker_service_pb2_grpc.BrokerServiceStub(self.process.channel)  # type: ignore[no-untyped-call]
+        stub = broker_service_pb2_grpc.BrokerServiceStub(self.process.channel)
         spec = task_pb2.TaskSpec(queue="emails", type="send_welcome", payload=b"ada@example.com")
         reply = stub.Enqueue(broker_service_pb2.EnqueueRequest(tasks=[spec]), timeout=10)
         task_id: str = reply.results[0].task_id
@@ -173,14 +174,14 @@ def _run_page(page: Path, broker: DocBroker, scratch: Path) -> None:
             output = _run_block(block, command, env)
             _check_output(block, output)
     finally:
-        for block, process, log in background:
+        for _, process, _ in background:
             os.killpg(process.pid, signal.SIGINT)
         for block, process, log in background:
             try:
                 code = process.wait(BLOCK_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+                code = process.wait()
                 pytest.fail(f"{block.where}: still running {BLOCK_TIMEOUT_S:.0f} s after SIGINT")
             output = log.read_text()
             assert code == 0, f"{block.where}: exit {code} after SIGINT\n{output}"
@@ -210,3 +211,31 @@ def test_readme_is_the_short_user_path() -> None:
     shown = {b.marks.get("file") for b in doc_blocks(ROOT / "README.md")}
     assert {"examples/quickstart_worker.py", "examples/quickstart_producer.py"} <= shown
     assert "make test" in readme
+
+
+_LINK: Final = re.compile(r"\]\(([^)\s]+)\)")
+_HEADING: Final = re.compile(r"^#+\s+(.*)$", re.MULTILINE)
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors for the page's headings: lowercase, punctuation dropped, spaces as -."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINE | re.DOTALL)
+    return {
+        re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        for heading in _HEADING.findall(text)
+    }
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_links_lead_somewhere(page: Path) -> None:
+    broken = []
+    for link in _LINK.findall(page.read_text()):
+        if "://" in link:
+            continue
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        if not target.exists() or (
+            anchor and target.suffix == ".md" and anchor not in _anchors(target)
+        ):
+            broken.append(link)
+    assert not broken, f"{page.name}: links to nowhere: {broken}"
