@@ -107,7 +107,7 @@ class BenchEnv:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        # The Redis settings the README recommends (the embedded Redis runs with them too).
+        # The Redis settings docs/operations.md recommends (the embedded Redis runs with them too).
         self.redis_server = RedisServer(
             maxmemory_policy="noeviction",
             extra_args=["--hash-max-ziplist-value", str(RECOMMENDED_HASH_VALUE_BYTES)],

@@ -470,5 +470,5 @@ def test_example_worker_deployment_targets_the_broker_service() -> None:
     "name", ["docker-compose.yml", *sorted(p.name for p in KUBERNETES.glob("*.yaml"))]
 )
 def test_every_deployment_file_is_explained(name: str) -> None:
-    readmes = (REPO / "README.md").read_text() + (KUBERNETES / "README.md").read_text()
+    readmes = (REPO / "docs" / "operations.md").read_text() + (KUBERNETES / "README.md").read_text()
     assert name in readmes

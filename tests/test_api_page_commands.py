@@ -1,8 +1,8 @@
-"""Every `buf curl` command in README.md runs against a live broker and prints what it promises.
+"""Every `buf curl` command in docs/api.md runs against a live broker and prints what it promises.
 
-The commands are taken from the README's shell code blocks (continuation lines joined,
-comments dropped), the README's port 50051 is replaced with the test broker's and `<task-id>`
-with the id the README's last Enqueue printed. They run with the `buf` that `make install`
+The commands are taken from the page's shell code blocks (continuation lines joined,
+comments dropped), the page's port 50051 is replaced with the test broker's and `<task-id>`
+with the id the page's last Enqueue printed. They run with the `buf` that `make install`
 puts in `node_modules/.bin`, as subprocesses started with asyncio: the broker serves on this
 test's event loop. grpcurl lines are documentation only (grpcurl is not installable here).
 """
@@ -26,11 +26,11 @@ from tests.support.lease_stream import LeaseStream
 from tests.support.tasks import enqueue, spec
 
 ROOT: Final = Path(__file__).resolve().parents[1]
-README: Final = ROOT / "README.md"
+PAGE: Final = ROOT / "docs" / "api.md"
 BUF: Final = ROOT / "node_modules" / ".bin" / "buf"
-README_ADDRESS: Final = "127.0.0.1:50051"
+PAGE_ADDRESS: Final = "127.0.0.1:50051"
 TASK_ID_PLACEHOLDER: Final = "<task-id>"
-#: Methods the README must show with buf curl.
+#: Methods the page must show with buf curl.
 DOCUMENTED: Final = {
     "taskbroker.v1.BrokerService/Enqueue",
     "taskbroker.v1.BrokerService/GetTask",
@@ -44,7 +44,7 @@ _SHELL_BLOCK: Final = re.compile(r"^```(?:sh|bash|shell)\n(.*?)^```", re.MULTILI
 
 @dataclass(frozen=True)
 class BufCurl:
-    """One `buf curl` command of the README."""
+    """One `buf curl` command of docs/api.md."""
 
     args: list[str]  # after `buf curl`
     line: str  # as written, for messages
@@ -62,13 +62,15 @@ class BufCurl:
         return parsed
 
 
-def readme_commands(text: str) -> Iterator[BufCurl]:
-    """The `buf curl` (or `npx buf curl`) commands of the README's shell blocks, in order."""
+def page_commands(text: str) -> Iterator[BufCurl]:
+    """The `buf curl` (or `npx buf curl`) commands of the page's shell blocks, in order."""
     for block in _SHELL_BLOCK.findall(text):
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             words = shlex.split(line, comments=True)
             if words[:1] == ["npx"]:
                 words = words[1:]
+            if words[:1] == ["node_modules/.bin/buf"]:
+                words = ["buf", *words[1:]]
             if words[:2] == ["buf", "curl"]:
                 yield BufCurl(words[2:], line.strip())
 
@@ -111,15 +113,15 @@ def check_output(command: BufCurl, output: str, seen: Seen) -> None:
         (task,) = answer["tasks"]
         assert (task["id"], task["state"]) == (seen.dead_task_id, "TASK_STATE_DEAD"), answer
     else:
-        pytest.fail(f"README runs {method} with buf curl: add what it should print here")
+        pytest.fail(f"docs/api.md runs {method} with buf curl: add what it should print here")
 
 
-def test_readme_shows_buf_curl_for_the_main_calls() -> None:
-    commands = list(readme_commands(README.read_text()))
+def test_api_page_shows_buf_curl_for_the_main_calls() -> None:
+    commands = list(page_commands(PAGE.read_text()))
     methods = {c.method for c in commands}
-    assert methods >= DOCUMENTED, f"README lacks buf curl for {sorted(DOCUMENTED - methods)}"
+    assert methods >= DOCUMENTED, f"docs/api.md lacks buf curl for {sorted(DOCUMENTED - methods)}"
     for command in commands:
-        assert README_ADDRESS in command.line, f"not on port 50051: {command.line}"
+        assert PAGE_ADDRESS in command.line, f"not on port 50051: {command.line}"
 
 
 async def dead_letter(running: RunningBroker, queue: str) -> str:
@@ -153,13 +155,13 @@ async def run_buf(args: list[str]) -> tuple[int, str, str]:
     return process.returncode, out.decode(), err.decode()
 
 
-async def test_readme_buf_curl_commands_run(running: RunningBroker) -> None:
+async def test_api_page_buf_curl_commands_run(running: RunningBroker) -> None:
     if not BUF.exists():
         pytest.fail(f"{BUF.relative_to(ROOT)} is missing: run `make install`", pytrace=False)
-    commands = list(readme_commands(README.read_text()))
+    commands = list(page_commands(PAGE.read_text()))
     seen = Seen(dead_task_id=await dead_letter(running, "emails"))
     for command in commands:
-        args = [arg.replace(README_ADDRESS, running.target) for arg in command.args]
+        args = [arg.replace(PAGE_ADDRESS, running.target) for arg in command.args]
         if any(TASK_ID_PLACEHOLDER in arg for arg in args):
             assert seen.task_ids, f"{command.line}: no Enqueue before it printed a task id"
             args = [arg.replace(TASK_ID_PLACEHOLDER, seen.task_ids[-1]) for arg in args]
