@@ -34,7 +34,7 @@ class Settings:
     default_lease_s: float = 30.0
     #: Deliveries before a task is dead-lettered, when the task does not say.
     default_max_attempts: int = 5
-    #: Retry backoff defaults (full jitter, doubling from initial up to max).
+    #: Retry backoff defaults (equal jitter, doubling from initial up to max).
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 600.0
     #: How long an idempotency key deduplicates.
