@@ -51,6 +51,20 @@ class Settings:
     reap_interval_s: float = 0.25
     #: Redis socket timeout: a Redis call that takes longer fails with UNAVAILABLE.
     redis_timeout_s: float = 5.0
+    #: How often the broker pings a client's connection to find a dead worker or a dropped NAT
+    #: entry; a dead connection is closed within this plus keepalive_timeout_s.
+    keepalive_time_s: float = 30.0
+    #: How long the broker waits for a keepalive ping's answer before it closes the connection.
+    keepalive_timeout_s: float = 10.0
+    #: Shortest interval between client pings the broker accepts on a connection that carries
+    #: no data; a client that pings more often is cut off (GOAWAY too_many_pings). The SDK pings
+    #: every 20 s.
+    min_client_ping_interval_s: float = 5.0
+    #: Connections are closed gracefully (GOAWAY) after about this long, so clients spread over
+    #: new replicas after a scale-out; 0 keeps connections for ever.
+    max_connection_age_s: float = 1800.0
+    #: How long calls on a connection past its max age may continue before it is cut.
+    max_connection_age_grace_s: float = 60.0
     #: Python logging level.
     log_level: str = "INFO"
 
@@ -74,6 +88,7 @@ class Settings:
             problems.append("reap_interval_s must be 0.01 to 1 (leases are reclaimed within 1 s)")
         if self.redis_timeout_s <= 0:
             problems.append("redis_timeout_s must be positive")
+        problems += _keepalive_problems(self)
         problems += _http_listen_problems(self.http_listen)
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
@@ -85,6 +100,18 @@ class Settings:
     @property
     def listen_port(self) -> int:
         return int(self.listen.rsplit(":", 1)[1])
+
+
+def _keepalive_problems(s: Settings) -> list[str]:
+    """Keepalive and connection-age bounds: gRPC takes whole milliseconds in a C int."""
+    problems = []
+    for name in ("keepalive_time_s", "keepalive_timeout_s", "min_client_ping_interval_s"):
+        if not 0.001 <= getattr(s, name) <= 86400:
+            problems.append(f"{name} must be 0.001 to 86400")
+    for name in ("max_connection_age_s", "max_connection_age_grace_s"):
+        if not 0 <= getattr(s, name) <= 30 * 86400:
+            problems.append(f"{name} must be 0 to 2592000")
+    return problems
 
 
 def _http_listen_problems(text: str) -> list[str]:

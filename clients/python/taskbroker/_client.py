@@ -60,8 +60,8 @@ ENQUEUE_BACKOFF_MAX_S: Final = 2.0
 WAIT_POLL_MAX_S: Final = 1.0
 
 #: Channel options. Keepalive pings every 20 s find a dead broker or NAT drop on a quiet Lease
-#: stream well before a lease runs out; the broker accepts pings every 5 s
-#: (grpc.http2.min_recv_ping_interval_without_data_ms), so it will not answer with GOAWAY.
+#: stream well before a lease runs out; the broker accepts pings every 5 s by default
+#: (its min_client_ping_interval_s), so it will not answer with GOAWAY too_many_pings.
 DEFAULT_OPTIONS: Final[Mapping[str, Any]] = {
     "grpc.lb_policy_name": "round_robin",
     "grpc.keepalive_time_ms": 20_000,
