@@ -28,8 +28,9 @@ class Settings:
     redis_cluster: bool = False
     #: Where the embedded redis-server keeps its AOF and data.
     data_dir: Path = Path(".taskbroker-data")
-    #: Largest task payload (and ack result) accepted.
-    max_payload_bytes: int = 1 * MIB
+    #: Largest task accepted, counting its payload, header keys and values, type and idempotency
+    #: key together; also the largest ack result.
+    max_task_bytes: int = 1 * MIB
     #: Lease length when neither the worker nor the task gives one.
     default_lease_s: float = 30.0
     #: Deliveries before a task is dead-lettered, when the task does not say.
@@ -70,8 +71,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.max_payload_bytes <= 0 or self.max_payload_bytes > 64 * MIB:
-            problems.append("max_payload_bytes must be 1 B to 64 MiB")
+        if self.max_task_bytes <= 0 or self.max_task_bytes > 64 * MIB:
+            problems.append("max_task_bytes must be 1 B to 64 MiB")
         if not 0.01 <= self.default_lease_s <= 12 * 3600:
             problems.append("default_lease_s must be 0.01 to 43200")
         if not 1 <= self.default_max_attempts <= 1000:

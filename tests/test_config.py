@@ -21,13 +21,13 @@ def test_environment_variables_are_read() -> None:
         environ={
             "TASKBROKER_REDIS_URL": "redis://10.0.0.1:6380/0",
             "TASKBROKER_REDIS_CLUSTER": "true",
-            "TASKBROKER_MAX_PAYLOAD_BYTES": "2048",
+            "TASKBROKER_MAX_TASK_BYTES": "2048",
             "TASKBROKER_DEFAULT_LEASE_S": "12.5",
             "TASKBROKER_DATA_DIR": "/tmp/tb",
         },
     )
     assert settings.redis_url == "redis://10.0.0.1:6380/0" and settings.redis_cluster
-    assert settings.max_payload_bytes == 2048 and settings.default_lease_s == 12.5
+    assert settings.max_task_bytes == 2048 and settings.default_lease_s == 12.5
     assert settings.data_dir == Path("/tmp/tb")
 
 
@@ -43,7 +43,7 @@ def test_flags_override_environment() -> None:
 @pytest.mark.parametrize(
     ("argv", "environ", "message"),
     [
-        (["--max-payload-bytes", "lots"], {}, "--max-payload-bytes"),
+        (["--max-task-bytes", "lots"], {}, "--max-task-bytes"),
         ([], {"TASKBROKER_REDIS_CLUSTER": "maybe"}, "TASKBROKER_REDIS_CLUSTER"),
         ([], {"TASKBROKER_DEFAULT_MAX_ATTEMPTS": "0"}, "default_max_attempts"),
         (["--reap-interval-s", "5"], {}, "reap_interval_s"),

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 BROKER_SERVICE = broker_service_pb2.DESCRIPTOR.services_by_name["BrokerService"]
 ADMIN_SERVICE = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"]
 
-#: gRPC's own receive limit sits above the application payload limit, so an oversized payload
+#: gRPC's own receive limit sits above the application task size limit, so an oversized task
 #: gets our INVALID_ARGUMENT naming the field rather than the transport's RESOURCE_EXHAUSTED.
 TRANSPORT_SLACK_BYTES = 16 * 1024 * 1024
 
@@ -109,7 +109,7 @@ def _ms(seconds: float) -> int:
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     """The gRPC channel arguments the server runs with. gRPC ignores a name it does not know,
     silently: tests/api/test_grpc_options.py checks each against gRPC core's own list."""
-    limit = settings.max_payload_bytes + TRANSPORT_SLACK_BYTES
+    limit = settings.max_task_bytes + TRANSPORT_SLACK_BYTES
     options = [
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", limit),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Final, TypeAlias, cast
@@ -95,7 +96,17 @@ def _text(value: bytes | str | None) -> str:
 def _int(value: bytes | str | int | None, default: int = 0) -> int:
     if value is None or value == b"":
         return default
-    return int(value)
+    try:
+        return int(value)
+    except ValueError:  # Lua writes numbers past 2^53 in exponent form (4.6e+21)
+        return _float_int(value)
+
+
+def _float_int(value: bytes | str | int) -> int:
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {value!r}")
+    return int(number)
 
 
 def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:

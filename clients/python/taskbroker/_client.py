@@ -46,8 +46,8 @@ _Response = TypeVar("_Response")
 #: The broker refuses larger Enqueue, RedriveDeadTasks and DeleteDeadTasks calls (see the protos).
 MAX_TASKS_PER_CALL: Final = 1000
 #: Serialized size at which enqueue_many starts a new call. The broker's receive limit is its
-#: payload limit plus 16 MiB (broker/api/server.py), so 8 MiB per call stays well inside it while
-#: any single task the broker accepts (1 MiB payload, 256 KiB headers by default) still fits.
+#: task size limit plus 16 MiB (broker/api/server.py), so 8 MiB per call stays well inside it while
+#: any single task the broker accepts (1 MiB in all by default) still fits.
 MAX_BATCH_BYTES: Final = 8 * 1024 * 1024
 #: Retries of an UNAVAILABLE Enqueue whose tasks all carry idempotency keys (so a retry of a call
 #: that was in fact applied returns the same ids instead of storing the tasks twice).
