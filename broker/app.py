@@ -108,7 +108,7 @@ class Broker:
 
     async def _start(self, undo: contextlib.AsyncExitStack) -> int:
         s = self.settings
-        url = s.redis_url
+        url = s.read_redis_url()
         if url is None:
             self.embedded = EmbeddedRedis(s.data_dir)
             self.embedded.start()

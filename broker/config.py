@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 MIB = 1024 * 1024
@@ -22,8 +22,13 @@ class Settings:
     http_listen: str = "127.0.0.1:8080"
     #: Allow the dashboard's admin actions (pause/resume, redrive and delete dead letters).
     dashboard_admin: bool = False
-    #: Redis to use. Unset: start an embedded redis-server with its data in data_dir.
-    redis_url: str | None = None
+    #: Redis to use, as redis://[user:password@]host:port/db. Unset: start an embedded
+    #: redis-server with its data in data_dir. A flag is visible in the process list: give a
+    #: password through TASKBROKER_REDIS_URL or redis_url_file instead.
+    redis_url: str | None = field(default=None, repr=False)
+    #: A file holding the Redis URL (its first line), read at start, for example a mounted
+    #: secret. Not together with redis_url.
+    redis_url_file: Path | None = None
     #: The Redis URL points at a Redis Cluster node.
     redis_cluster: bool = False
     #: Where the embedded redis-server keeps its AOF and data.
@@ -79,7 +84,8 @@ class Settings:
             problems.append("default_max_attempts must be 1 to 1000")
         if not 0.001 <= self.backoff_initial_s <= self.backoff_max_s <= 7 * 86400:
             problems.append("need 0.001 <= backoff_initial_s <= backoff_max_s <= 604800")
-        for name in ("idempotency_window_s", "shutdown_grace_s", "open_timeout_s"):
+        positive = ("idempotency_window_s", "shutdown_grace_s", "open_timeout_s", "redis_timeout_s")
+        for name in positive:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         for name in ("finished_retention_s", "dead_retention_s"):
@@ -87,12 +93,31 @@ class Settings:
                 problems.append(f"{name} must not be negative")
         if not 0.01 <= self.reap_interval_s <= 1.0:
             problems.append("reap_interval_s must be 0.01 to 1 (leases are reclaimed within 1 s)")
-        if self.redis_timeout_s <= 0:
-            problems.append("redis_timeout_s must be positive")
         problems += _keepalive_problems(self)
+        if self.redis_url is not None and self.redis_url_file is not None:
+            problems.append("set redis_url or redis_url_file, not both")
         problems += _http_listen_problems(self.http_listen)
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
+
+    def read_redis_url(self) -> str | None:
+        """The Redis URL: redis_url, or the first line of redis_url_file; None: embedded.
+
+        Raises:
+            RuntimeError: the file cannot be read or holds no URL (the message never quotes it).
+        """
+        if self.redis_url_file is None:
+            return self.redis_url
+        try:
+            text = self.redis_url_file.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            path = self.redis_url_file
+            raise RuntimeError(f"cannot read redis_url_file {path}: {reason}") from None
+        lines = text.strip().splitlines()
+        if not lines or not lines[0].strip():
+            raise RuntimeError(f"redis_url_file {self.redis_url_file} is empty")
+        return lines[0].strip()
 
     @property
     def listen_host(self) -> str:

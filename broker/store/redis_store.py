@@ -33,6 +33,7 @@ from broker.models import (
     TaskState,
 )
 from broker.store.keys import QUEUES_KEY, REVOKE_CHANNEL, WAKE_CHANNEL, QueueKeys
+from broker.store.redis_errors import is_unavailable_reply, unavailable_message
 from broker.store.scripts import Scripts
 
 AnyRedis: TypeAlias = "aioredis.Redis | RedisCluster"
@@ -69,14 +70,14 @@ def _translate() -> Iterator[None]:
     try:
         yield
     except _UNAVAILABLE as exc:
-        raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
+        raise StoreUnavailable(unavailable_message(exc)) from exc
     except rex.OutOfMemoryError as exc:  # redis-py strips the "OOM" prefix from its text
         raise StoreFull(_FULL) from exc
     except rex.ResponseError as exc:
         if "OOM command not allowed" in str(exc):  # the same refusal, raised inside a script
             raise StoreFull(_FULL) from exc
-        if str(exc).startswith(("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")):
-            raise StoreUnavailable(f"redis unavailable: {str(exc).split()[0]}") from exc
+        if is_unavailable_reply(exc):
+            raise StoreUnavailable(unavailable_message(exc)) from exc
         raise
 
 
