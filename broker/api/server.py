@@ -10,9 +10,10 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf import descriptor, message_factory
 from google.protobuf.message import DecodeError, Message
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
+from broker.api.parsed_services import health_and_reflection
 from broker.api.status import error_status, to_status
 from broker.config import Settings
 from broker.errors import BrokerError
@@ -140,18 +141,18 @@ def build_server(
     """A server with BrokerService, AdminService, health and reflection registered; the
     interceptors (RPC metrics) see every call."""
     server = grpc.aio.server(interceptors=list(interceptors), options=server_options(settings))
-    server.add_generic_rpc_handlers(
-        (generic_handler(BROKER_SERVICE, broker), generic_handler(ADMIN_SERVICE, admin))
-    )
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
+    reflected = (
+        BROKER_SERVICE.full_name,
+        ADMIN_SERVICE.full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    server.add_generic_rpc_handlers(
         (
-            BROKER_SERVICE.full_name,
-            ADMIN_SERVICE.full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+            generic_handler(BROKER_SERVICE, broker),
+            generic_handler(ADMIN_SERVICE, admin),
+            *health_and_reflection(health_servicer, reflected),
+        )
     )
     return server, health_servicer
