@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
+from broker.settings_doc import env_name, flag_name, help_text, markdown_table
 
 MIB = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """The broker's configuration: flags override TASKBROKER_* variables, then defaults."""
+    """The broker's configuration: flags override TASKBROKER_* variables, then defaults.
+
+    Each field's `#:` comment is its --help text and its row in docs/configuration.md
+    (broker/settings_doc.py): one or more full sentences; times are in seconds.
+    """
 
     #: host:port to serve gRPC on; port 0 picks a free one.
     listen: str = "127.0.0.1:50051"
@@ -40,8 +49,10 @@ class Settings:
     default_lease_s: float = 30.0
     #: Deliveries before a task is dead-lettered, when the task does not say.
     default_max_attempts: int = 5
-    #: Retry backoff defaults (full jitter, doubling from initial up to max).
+    #: Delay before the first retry of a failed task that sets no retry policy; it doubles with
+    #: each failed attempt (with jitter) up to backoff_max_s.
     backoff_initial_s: float = 1.0
+    #: Longest delay between retries of a task that sets no retry policy.
     backoff_max_s: float = 600.0
     #: How long an idempotency key deduplicates.
     idempotency_window_s: float = 24 * 3600.0
@@ -71,7 +82,7 @@ class Settings:
     max_connection_age_s: float = 1800.0
     #: How long calls on a connection past its max age may continue before it is cut.
     max_connection_age_grace_s: float = 60.0
-    #: Python logging level.
+    #: Python logging level: DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -148,10 +159,6 @@ def _http_listen_problems(text: str) -> list[str]:
     return ["http_listen must be host:port (port 0 to 65535), or empty"]
 
 
-def _env_name(field_name: str) -> str:
-    return "TASKBROKER_" + field_name.upper()
-
-
 def _convert(raw: str, kind: str) -> object:
     if kind == "bool":
         if raw.lower() in ("1", "true", "yes", "on"):
@@ -176,6 +183,30 @@ def _kind(annotation: object) -> str:
     return "str"
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps help text at spaces only, so a path or a flag name is never split at its hyphen."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class _PrintSettingsTable(argparse.Action):
+    """--settings-table: prints the table the docs embed, so a person can regenerate it."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        sys.stdout.write(markdown_table(Settings))
+        parser.exit()
+
+
 def load_settings(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
@@ -186,22 +217,31 @@ def load_settings(
     """
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
-        prog="taskbroker-broker", description="Run the taskbroker gRPC broker."
+        prog="python -m broker",
+        formatter_class=_HelpFormatter,
+        description="Run the taskbroker gRPC broker. Each flag overrides its TASKBROKER_* "
+        "variable, which overrides the default; times are in seconds.",
     )
     for f in fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _kind(f.type)
-        if kind == "bool":
-            parser.add_argument(flag, dest=f.name, action="store_const", const="1", default=None)
+        flag, help_ = flag_name(f.name), help_text(Settings, f)
+        if _kind(f.type) == "bool":
+            parser.add_argument(
+                flag, dest=f.name, action="store_const", const="1", default=None, help=help_
+            )
         else:
-            parser.add_argument(flag, dest=f.name, default=None, help=f"env {_env_name(f.name)}")
+            parser.add_argument(flag, dest=f.name, default=None, help=help_)
+    parser.add_argument(
+        "--settings-table",
+        action=_PrintSettingsTable,
+        help="Print every setting as a Markdown table (as in docs/configuration.md) and exit.",
+    )
     args = parser.parse_args(argv)
     values: dict[str, object] = {}
     for f in fields(Settings):
         raw = getattr(args, f.name)
-        source = "--" + f.name.replace("_", "-")
-        if raw is None and _env_name(f.name) in environ:
-            raw, source = environ[_env_name(f.name)], _env_name(f.name)
+        source = flag_name(f.name)
+        if raw is None and env_name(f.name) in environ:
+            raw, source = environ[env_name(f.name)], env_name(f.name)
         if raw is None:
             continue
         try:
