@@ -151,6 +151,25 @@ def _keepalive_problems(s: Settings) -> list[str]:
     return problems
 
 
+#: TASKBROKER_* variables that are not broker settings: the SDK and CLI read them, often from the
+#: same shell.
+CLIENT_VARIABLES = frozenset({"TASKBROKER_TARGET"})
+#: Settings that were renamed: their old variable would otherwise be ignored without a word.
+RENAMED = {"TASKBROKER_MAX_PAYLOAD_BYTES": "TASKBROKER_MAX_TASK_BYTES"}
+
+
+def ignored_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each TASKBROKER_* variable that names no setting (a typo or an old name):
+    the broker ignores it."""
+    known = {env_name(f.name) for f in fields(Settings)} | CLIENT_VARIABLES
+    warnings = []
+    for name in sorted(environ):
+        if name.startswith("TASKBROKER_") and name not in known:
+            hint = f"renamed {RENAMED[name]}" if name in RENAMED else "see python -m broker --help"
+            warnings.append(f"{name} is not a broker setting and is ignored ({hint})")
+    return warnings
+
+
 def _http_listen_problems(text: str) -> list[str]:
     """http_listen is host:port, or '' (no HTTP server)."""
     host, sep, port = text.rpartition(":")

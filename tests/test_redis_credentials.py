@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -81,24 +80,13 @@ def test_the_url_file_is_read_at_start_and_the_password_is_never_logged(
     assert "serving" in log and SECRET not in log
 
 
-def _exit_code(broker: BrokerProcess) -> int | None:
-    """The code the broker exits with by itself within 30 s; None (and stopped) if it serves."""
-    try:
-        return broker.process.wait(30)
-    except subprocess.TimeoutExpired:
-        broker.terminate()
-        return None
-    finally:
-        broker.channel.close()
-
-
 def test_a_wrong_password_stops_the_broker_with_a_message_in_words(
     protected: RedisServer, tmp_path: Path
 ) -> None:
     wrong = "not-" + SECRET
     env = {"TASKBROKER_REDIS_URL": _url(protected, wrong), "TASKBROKER_LOG_LEVEL": "DEBUG"}
     broker = BrokerProcess(tmp_path / "data", env)
-    assert _exit_code(broker) == 2
+    assert broker.exit_code() == 2
     log = broker.log.read_text()
     assert "cannot start: Redis refused the broker's credentials" in log
     assert wrong not in log and "Traceback" not in log
@@ -107,7 +95,7 @@ def test_a_wrong_password_stops_the_broker_with_a_message_in_words(
 def test_an_unreadable_url_file_stops_the_broker_naming_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-file"
     broker = BrokerProcess(tmp_path / "data", {"TASKBROKER_REDIS_URL_FILE": str(missing)})
-    assert _exit_code(broker) == 2
+    assert broker.exit_code() == 2
     log = broker.log.read_text()
     assert f"cannot start: cannot read redis_url_file {missing}" in log
     assert "Traceback" not in log

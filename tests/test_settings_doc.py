@@ -12,6 +12,7 @@ import pytest
 
 from broker.config import Settings, load_settings
 from broker.settings_doc import default_of, default_text, field_docs, markdown_table
+from tests.support.broker_process import BrokerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 START = "<!-- settings-table:start -->"
@@ -78,3 +79,21 @@ def test_the_table_has_a_row_per_setting_and_the_command_prints_it() -> None:
         check=True,
     )
     assert printed.stdout == table
+
+
+def test_an_old_or_misspelt_variable_is_named_in_a_warning(tmp_path: Path) -> None:
+    env = {
+        "TASKBROKER_MAX_PAYLOAD_BYTES": "2048",
+        "TASKBROKER_REAP_INTERVAL": "0.1",
+        "TASKBROKER_TARGET": "127.0.0.1:50051",  # the SDK's, often exported in the same shell
+        "TASKBROKER_REDIS_URL_FILE": str(tmp_path / "missing"),  # then exit at once
+    }
+    broker = BrokerProcess(tmp_path / "data", env)
+    assert broker.exit_code() == 2
+    log = broker.log.read_text()
+    assert (
+        "TASKBROKER_MAX_PAYLOAD_BYTES is not a broker setting and is ignored "
+        "(renamed TASKBROKER_MAX_TASK_BYTES)"
+    ) in log
+    assert "TASKBROKER_REAP_INTERVAL is not a broker setting" in log
+    assert "TASKBROKER_TARGET" not in log
