@@ -12,18 +12,21 @@ from typing import Final
 import redis.exceptions as rex
 
 RETRY: Final = "; retry"
+_CREDENTIALS: Final = (
+    "Redis refused the broker's credentials; the broker's operator must correct its Redis URL"
+)
 
 #: Checked in order: subclasses before their bases.
 _BY_CLASS: Final[tuple[tuple[type[BaseException], str], ...]] = (
-    (rex.AuthenticationError, "Redis refused the broker's credentials (check the Redis URL)"),
-    (rex.AuthorizationError, "Redis refused the broker's credentials (check the Redis URL)"),
-    (rex.BusyLoadingError, "Redis is loading its data after a restart"),
-    (rex.MaxConnectionsError, "all of the broker's Redis connections are busy"),
-    (rex.ReadOnlyError, "Redis is a read-only replica (a failover may be under way)"),
-    (rex.MasterDownError, "the Redis primary is down (a failover may be under way)"),
-    (rex.ClusterDownError, "the Redis Cluster is down or failing over"),
-    (rex.TryAgainError, "the Redis Cluster is moving this queue's slot"),
-    (rex.TimeoutError, "Redis did not answer in time"),
+    (rex.AuthenticationError, _CREDENTIALS),
+    (rex.AuthorizationError, _CREDENTIALS),
+    (rex.BusyLoadingError, "Redis is loading its data after a restart" + RETRY),
+    (rex.MaxConnectionsError, "all of the broker's Redis connections are busy" + RETRY),
+    (rex.ReadOnlyError, "Redis is a read-only replica (a failover may be under way)" + RETRY),
+    (rex.MasterDownError, "the Redis primary is down (a failover may be under way)" + RETRY),
+    (rex.ClusterDownError, "the Redis Cluster is down or failing over" + RETRY),
+    (rex.TryAgainError, "the Redis Cluster is moving this queue's slot" + RETRY),
+    (rex.TimeoutError, "Redis did not answer in time" + RETRY),
 )
 
 #: The same conditions, when Redis reports them inside a script as an error reply.
@@ -40,7 +43,7 @@ def unavailable_message(exc: BaseException) -> str:
     """A sentence for a client whose call failed because Redis could not serve it."""
     for cls, text in _BY_CLASS:
         if isinstance(exc, cls):
-            return text + RETRY
+            return text
     text = str(exc)
     if isinstance(exc, rex.ResponseError):
         return _BY_PREFIX.get(text.split(" ", 1)[0], "Redis refused the call") + RETRY
