@@ -110,3 +110,25 @@ async def test_an_idle_lease_stream_whose_client_pings_often_stays_open(
     finally:
         await channel.close()
         await running.close()
+
+
+async def test_a_connection_past_its_max_age_is_closed_and_the_client_reconnects(
+    settings: Settings,
+) -> None:
+    """Connections rotate (so clients spread over replicas added later): a stream still open
+    when its connection's age and grace have passed ends, and the channel's next call goes over
+    a new connection."""
+    running = await start_broker(
+        replace(settings, max_connection_age_s=1.0, max_connection_age_grace_s=0.5)
+    )
+    channel = running.new_channel()
+    try:
+        stub = broker_service_pb2_grpc.BrokerServiceStub(channel)
+        worker = await LeaseStream(stub).open(["emails"], credits=1)
+        await asyncio.wait_for(worker.ended.wait(), 10)  # 1 s (+-10 %) + 0.5 s, on a busy machine
+        assert worker.error is not None
+        assert worker.error.code() == grpc.StatusCode.UNAVAILABLE
+        assert await enqueue(stub, spec())  # a new connection serves the next call
+    finally:
+        await channel.close()
+        await running.close()
