@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
 from broker.app import Broker, UnsafeRedis
-from broker.config import load_settings
+from broker.config import ignored_variables, load_settings
 from broker.errors import BrokerError
 
 
@@ -18,6 +19,8 @@ async def serve() -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for warning in ignored_variables(os.environ):
+        logging.getLogger("broker").warning("%s", warning)
     broker = Broker(settings)
     try:
         await broker.start()

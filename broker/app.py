@@ -108,7 +108,7 @@ class Broker:
 
     async def _start(self, undo: contextlib.AsyncExitStack) -> int:
         s = self.settings
-        url = s.redis_url
+        url = s.read_redis_url()
         if url is None:
             self.embedded = EmbeddedRedis(s.data_dir)
             self.embedded.start()
@@ -157,7 +157,7 @@ class Broker:
         self.http_port = await self.web.start()
         undo.push_async_callback(self.web.stop)
         self.server, self.health = build_server(
-            broker_service, AdminService(self.tasks), s.max_payload_bytes, interceptors
+            broker_service, AdminService(self.tasks), s, interceptors
         )
         try:
             self.port = self.server.add_insecure_port(s.listen)

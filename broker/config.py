@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
+from broker.settings_doc import env_name, flag_name, help_text, markdown_table
 
 MIB = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """The broker's configuration: flags override TASKBROKER_* variables, then defaults."""
+    """The broker's configuration: flags override TASKBROKER_* variables, then defaults.
+
+    Each field's `#:` comment is its --help text and its row in docs/configuration.md
+    (broker/settings_doc.py): one or more full sentences; times are in seconds.
+    """
 
     #: host:port to serve gRPC on; port 0 picks a free one.
     listen: str = "127.0.0.1:50051"
@@ -22,20 +31,28 @@ class Settings:
     http_listen: str = "127.0.0.1:8080"
     #: Allow the dashboard's admin actions (pause/resume, redrive and delete dead letters).
     dashboard_admin: bool = False
-    #: Redis to use. Unset: start an embedded redis-server with its data in data_dir.
-    redis_url: str | None = None
+    #: Redis to use, as redis://[user:password@]host:port/db. Unset: start an embedded
+    #: redis-server with its data in data_dir. A flag is visible in the process list: give a
+    #: password through TASKBROKER_REDIS_URL or redis_url_file instead.
+    redis_url: str | None = field(default=None, repr=False)
+    #: A file holding the Redis URL (its first line), read at start, for example a mounted
+    #: secret. Not together with redis_url.
+    redis_url_file: Path | None = None
     #: The Redis URL points at a Redis Cluster node.
     redis_cluster: bool = False
     #: Where the embedded redis-server keeps its AOF and data.
     data_dir: Path = Path(".taskbroker-data")
-    #: Largest task payload (and ack result) accepted.
-    max_payload_bytes: int = 1 * MIB
+    #: Largest task accepted, counting its payload, header keys and values, type and idempotency
+    #: key together; also the largest ack result.
+    max_task_bytes: int = 1 * MIB
     #: Lease length when neither the worker nor the task gives one.
     default_lease_s: float = 30.0
     #: Deliveries before a task is dead-lettered, when the task does not say.
     default_max_attempts: int = 5
-    #: Retry backoff defaults (equal jitter, doubling from initial up to max).
+    #: Delay before the first retry of a failed task that sets no retry policy; it doubles with
+    #: each failed attempt (equal jitter: never sooner than half of it) up to backoff_max_s.
     backoff_initial_s: float = 1.0
+    #: Longest delay between retries of a task that sets no retry policy.
     backoff_max_s: float = 600.0
     #: How long an idempotency key deduplicates.
     idempotency_window_s: float = 24 * 3600.0
@@ -61,13 +78,27 @@ class Settings:
     reap_interval_s: float = 0.25
     #: Redis socket timeout: a Redis call that takes longer fails with UNAVAILABLE.
     redis_timeout_s: float = 5.0
-    #: Python logging level.
+    #: How often the broker pings a client's connection to find a dead worker or a dropped NAT
+    #: entry; a dead connection is closed within this plus keepalive_timeout_s.
+    keepalive_time_s: float = 30.0
+    #: How long the broker waits for a keepalive ping's answer before it closes the connection.
+    keepalive_timeout_s: float = 10.0
+    #: Shortest interval between client pings the broker accepts on a connection that carries
+    #: no data; a client that pings more often is cut off (GOAWAY too_many_pings). The SDK pings
+    #: every 20 s.
+    min_client_ping_interval_s: float = 5.0
+    #: Connections are closed gracefully (GOAWAY) after about this long, so clients spread over
+    #: new replicas after a scale-out; 0 keeps connections for ever.
+    max_connection_age_s: float = 1800.0
+    #: How long calls on a connection past its max age may continue before it is cut.
+    max_connection_age_grace_s: float = 60.0
+    #: Python logging level: DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         problems = []
-        if self.max_payload_bytes <= 0 or self.max_payload_bytes > 64 * MIB:
-            problems.append("max_payload_bytes must be 1 B to 64 MiB")
+        if self.max_task_bytes <= 0 or self.max_task_bytes > 64 * MIB:
+            problems.append("max_task_bytes must be 1 B to 64 MiB")
         if not 0.01 <= self.default_lease_s <= 12 * 3600:
             problems.append("default_lease_s must be 0.01 to 43200")
         if not 1 <= self.default_max_attempts <= 1000:
@@ -75,12 +106,8 @@ class Settings:
         if not 0.001 <= self.backoff_initial_s <= self.backoff_max_s <= 7 * 86400:
             problems.append("need 0.001 <= backoff_initial_s <= backoff_max_s <= 604800")
         problems += self._stream_problems()
-        for name in (
-            "idempotency_window_s",
-            "shutdown_grace_s",
-            "open_timeout_s",
-            "stream_write_timeout_s",
-        ):
+        positive = ("idempotency_window_s", "shutdown_grace_s", "open_timeout_s", "redis_timeout_s")
+        for name in (*positive, "stream_write_timeout_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         for name in ("finished_retention_s", "dead_retention_s"):
@@ -88,8 +115,9 @@ class Settings:
                 problems.append(f"{name} must not be negative")
         if not 0.01 <= self.reap_interval_s <= 1.0:
             problems.append("reap_interval_s must be 0.01 to 1 (leases are reclaimed within 1 s)")
-        if self.redis_timeout_s <= 0:
-            problems.append("redis_timeout_s must be positive")
+        problems += _keepalive_problems(self)
+        if self.redis_url is not None and self.redis_url_file is not None:
+            problems.append("set redis_url or redis_url_file, not both")
         problems += _http_listen_problems(self.http_listen)
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
@@ -102,6 +130,25 @@ class Settings:
             problems.append("stream_outbox_bytes must be at least 65536")
         return problems
 
+    def read_redis_url(self) -> str | None:
+        """The Redis URL: redis_url, or the first line of redis_url_file; None: embedded.
+
+        Raises:
+            RuntimeError: the file cannot be read or holds no URL (the message never quotes it).
+        """
+        if self.redis_url_file is None:
+            return self.redis_url
+        try:
+            text = self.redis_url_file.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            path = self.redis_url_file
+            raise RuntimeError(f"cannot read redis_url_file {path}: {reason}") from None
+        lines = text.strip().splitlines()
+        if not lines or not lines[0].strip():
+            raise RuntimeError(f"redis_url_file {self.redis_url_file} is empty")
+        return lines[0].strip()
+
     @property
     def listen_host(self) -> str:
         return self.listen.rsplit(":", 1)[0]
@@ -111,16 +158,43 @@ class Settings:
         return int(self.listen.rsplit(":", 1)[1])
 
 
+def _keepalive_problems(s: Settings) -> list[str]:
+    """Keepalive and connection-age bounds: gRPC takes whole milliseconds in a C int."""
+    problems = []
+    for name in ("keepalive_time_s", "keepalive_timeout_s", "min_client_ping_interval_s"):
+        if not 0.001 <= getattr(s, name) <= 86400:
+            problems.append(f"{name} must be 0.001 to 86400")
+    for name in ("max_connection_age_s", "max_connection_age_grace_s"):
+        if not 0 <= getattr(s, name) <= 30 * 86400:
+            problems.append(f"{name} must be 0 to 2592000")
+    return problems
+
+
+#: TASKBROKER_* variables that are not broker settings: the SDK and CLI read them, often from the
+#: same shell.
+CLIENT_VARIABLES = frozenset({"TASKBROKER_TARGET"})
+#: Settings that were renamed: their old variable would otherwise be ignored without a word.
+RENAMED = {"TASKBROKER_MAX_PAYLOAD_BYTES": "TASKBROKER_MAX_TASK_BYTES"}
+
+
+def ignored_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each TASKBROKER_* variable that names no setting (a typo or an old name):
+    the broker ignores it."""
+    known = {env_name(f.name) for f in fields(Settings)} | CLIENT_VARIABLES
+    warnings = []
+    for name in sorted(environ):
+        if name.startswith("TASKBROKER_") and name not in known:
+            hint = f"renamed {RENAMED[name]}" if name in RENAMED else "see python -m broker --help"
+            warnings.append(f"{name} is not a broker setting and is ignored ({hint})")
+    return warnings
+
+
 def _http_listen_problems(text: str) -> list[str]:
     """http_listen is host:port, or '' (no HTTP server)."""
     host, sep, port = text.rpartition(":")
     if not text or (sep and host and port.isdigit() and int(port) <= 65535):
         return []
     return ["http_listen must be host:port (port 0 to 65535), or empty"]
-
-
-def _env_name(field_name: str) -> str:
-    return "TASKBROKER_" + field_name.upper()
 
 
 def _convert(raw: str, kind: str) -> object:
@@ -147,6 +221,30 @@ def _kind(annotation: object) -> str:
     return "str"
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps help text at spaces only, so a path or a flag name is never split at its hyphen."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class _PrintSettingsTable(argparse.Action):
+    """--settings-table: prints the table the docs embed, so a person can regenerate it."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        sys.stdout.write(markdown_table(Settings))
+        parser.exit()
+
+
 def load_settings(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
@@ -157,22 +255,31 @@ def load_settings(
     """
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
-        prog="taskbroker-broker", description="Run the taskbroker gRPC broker."
+        prog="python -m broker",
+        formatter_class=_HelpFormatter,
+        description="Run the taskbroker gRPC broker. Each flag overrides its TASKBROKER_* "
+        "variable, which overrides the default; times are in seconds.",
     )
     for f in fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _kind(f.type)
-        if kind == "bool":
-            parser.add_argument(flag, dest=f.name, action="store_const", const="1", default=None)
+        flag, help_ = flag_name(f.name), help_text(Settings, f)
+        if _kind(f.type) == "bool":
+            parser.add_argument(
+                flag, dest=f.name, action="store_const", const="1", default=None, help=help_
+            )
         else:
-            parser.add_argument(flag, dest=f.name, default=None, help=f"env {_env_name(f.name)}")
+            parser.add_argument(flag, dest=f.name, default=None, help=help_)
+    parser.add_argument(
+        "--settings-table",
+        action=_PrintSettingsTable,
+        help="Print every setting as a Markdown table (as in docs/configuration.md) and exit.",
+    )
     args = parser.parse_args(argv)
     values: dict[str, object] = {}
     for f in fields(Settings):
         raw = getattr(args, f.name)
-        source = "--" + f.name.replace("_", "-")
-        if raw is None and _env_name(f.name) in environ:
-            raw, source = environ[_env_name(f.name)], _env_name(f.name)
+        source = flag_name(f.name)
+        if raw is None and env_name(f.name) in environ:
+            raw, source = environ[env_name(f.name)], env_name(f.name)
         if raw is None:
             continue
         try:

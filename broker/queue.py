@@ -7,6 +7,7 @@ import hashlib
 import json
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -78,6 +79,50 @@ class TaskRequest:
     backoff_max_ms: int | None = None
 
 
+def _check_size(f: str, request: TaskRequest, header_bytes: int, limit: int) -> None:
+    """One limit on everything a task stores, so headers cannot carry what payload may not."""
+    key_bytes = len(request.idempotency_key.encode())
+    total = len(request.payload) + header_bytes + len(request.type) + key_bytes
+    if total > limit:
+        raise InvalidArgument(
+            f,
+            f"the task is {total} bytes (payload {len(request.payload)}, headers {header_bytes}, "
+            f"type and idempotency key {len(request.type) + key_bytes}); "
+            f"the limit is {limit} (max_task_bytes)",
+        )
+
+
+def _header_bytes(f: str, headers: dict[str, str]) -> int:
+    """Checks the headers; returns the bytes of their keys and values."""
+    if len(headers) > MAX_HEADERS:
+        raise InvalidArgument(f"{f}.headers", f"more than {MAX_HEADERS} entries")
+    total = 0
+    for name, value in headers.items():
+        check_name(f"{f}.headers key", name)
+        value_bytes = len(value.encode())
+        if value_bytes > MAX_HEADER_VALUE_BYTES:
+            raise InvalidArgument(
+                f"{f}.headers[{name}]", f"value over {MAX_HEADER_VALUE_BYTES} bytes"
+            )
+        total += len(name) + value_bytes  # names are ASCII (check_name)
+    return total
+
+
+def _check_start(f: str, delay_ms: int | None, schedule_ms: int | None) -> None:
+    """delay and schedule_time: at most one, and neither more than MAX_DELAY_MS ahead."""
+    if delay_ms is not None and schedule_ms is not None:
+        raise InvalidArgument(f"{f}.delay", "set delay or schedule_time, not both")
+    if delay_ms is not None:
+        _check_range(f"{f}.delay", delay_ms, 0, MAX_DELAY_MS, " ms")
+    if schedule_ms is not None:
+        if schedule_ms < 0:
+            raise InvalidArgument(f"{f}.schedule_time", "before 1970")
+        if schedule_ms > time.time() * 1000 + MAX_DELAY_MS:
+            raise InvalidArgument(
+                f"{f}.schedule_time", f"more than {MAX_DELAY_MS // 86_400_000} days ahead of now"
+            )
+
+
 def _check_range(name: str, value: int, low: int, high: int, unit: str = "") -> int:
     if not low <= value <= high:
         raise InvalidArgument(name, f"must be {low}{unit} to {high}{unit}, got {value}{unit}")
@@ -116,26 +161,9 @@ class TaskQueue:
         f = f"tasks[{index}]"
         queue = check_name(f"{f}.queue", request.queue)
         check_name(f"{f}.type", request.type)
-        if len(request.payload) > s.max_payload_bytes:
-            raise InvalidArgument(
-                f"{f}.payload",
-                f"{len(request.payload)} bytes exceeds the limit of {s.max_payload_bytes}",
-            )
-        if len(request.headers) > MAX_HEADERS:
-            raise InvalidArgument(f"{f}.headers", f"more than {MAX_HEADERS} entries")
-        for name, value in request.headers.items():
-            check_name(f"{f}.headers key", name)
-            if len(value.encode()) > MAX_HEADER_VALUE_BYTES:
-                raise InvalidArgument(
-                    f"{f}.headers[{name}]", f"value over {MAX_HEADER_VALUE_BYTES} bytes"
-                )
+        _check_size(f, request, _header_bytes(f, request.headers), s.max_task_bytes)
         _check_range(f"{f}.priority", request.priority, -MAX_PRIORITY, MAX_PRIORITY)
-        if request.delay_ms is not None and request.schedule_ms is not None:
-            raise InvalidArgument(f"{f}.delay", "set delay or schedule_time, not both")
-        if request.delay_ms is not None:
-            _check_range(f"{f}.delay", request.delay_ms, 0, MAX_DELAY_MS, " ms")
-        if request.schedule_ms is not None and request.schedule_ms < 0:
-            raise InvalidArgument(f"{f}.schedule_time", "before 1970")
+        _check_start(f, request.delay_ms, request.schedule_ms)
         max_attempts = request.max_attempts or s.default_max_attempts
         _check_range(f"{f}.max_attempts", max_attempts, 1, MAX_ATTEMPTS)
         lease_ms = 0
@@ -251,9 +279,10 @@ class TaskQueue:
         """Checks an ack. Raises InvalidArgument."""
         ref = self.ref("task_id", task_id)
         self._check_lease_id(lease_id)
-        if len(result) > self._settings.max_payload_bytes:
+        limit = self._settings.max_task_bytes
+        if len(result) > limit:
             raise InvalidArgument(
-                "result", f"exceeds the limit of {self._settings.max_payload_bytes}"
+                "result", f"{len(result)} bytes exceeds the limit of {limit} (max_task_bytes)"
             )
         return AckItem(ref, lease_id, result)
 

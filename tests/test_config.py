@@ -21,13 +21,13 @@ def test_environment_variables_are_read() -> None:
         environ={
             "TASKBROKER_REDIS_URL": "redis://10.0.0.1:6380/0",
             "TASKBROKER_REDIS_CLUSTER": "true",
-            "TASKBROKER_MAX_PAYLOAD_BYTES": "2048",
+            "TASKBROKER_MAX_TASK_BYTES": "2048",
             "TASKBROKER_DEFAULT_LEASE_S": "12.5",
             "TASKBROKER_DATA_DIR": "/tmp/tb",
         },
     )
     assert settings.redis_url == "redis://10.0.0.1:6380/0" and settings.redis_cluster
-    assert settings.max_payload_bytes == 2048 and settings.default_lease_s == 12.5
+    assert settings.max_task_bytes == 2048 and settings.default_lease_s == 12.5
     assert settings.data_dir == Path("/tmp/tb")
 
 
@@ -43,10 +43,19 @@ def test_flags_override_environment() -> None:
 @pytest.mark.parametrize(
     ("argv", "environ", "message"),
     [
-        (["--max-payload-bytes", "lots"], {}, "--max-payload-bytes"),
+        (["--max-task-bytes", "lots"], {}, "--max-task-bytes"),
         ([], {"TASKBROKER_REDIS_CLUSTER": "maybe"}, "TASKBROKER_REDIS_CLUSTER"),
         ([], {"TASKBROKER_DEFAULT_MAX_ATTEMPTS": "0"}, "default_max_attempts"),
         (["--reap-interval-s", "5"], {}, "reap_interval_s"),
+        (["--keepalive-time-s", "0"], {}, "keepalive_time_s"),
+        ([], {"TASKBROKER_MIN_CLIENT_PING_INTERVAL_S": "-1"}, "min_client_ping_interval_s"),
+        (["--max-connection-age-s", "-5"], {}, "max_connection_age_s"),
+        (["--max-task-bytes", "0"], {}, "max_task_bytes"),
+        (
+            ["--redis-url-file", "/run/secrets/redis"],
+            {"TASKBROKER_REDIS_URL": "redis://x:1"},
+            "redis_url or redis_url_file, not both",
+        ),
     ],
 )
 def test_bad_values_stop_the_broker_with_a_message_naming_them(
@@ -56,3 +65,23 @@ def test_bad_values_stop_the_broker_with_a_message_naming_them(
         load_settings(argv, environ=environ)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_keepalive_and_connection_age_settings_are_read() -> None:
+    settings = load_settings(
+        ["--min-client-ping-interval-s", "0.5", "--max-connection-age-s", "0"],
+        environ={"TASKBROKER_KEEPALIVE_TIME_S": "15", "TASKBROKER_MAX_CONNECTION_AGE_GRACE_S": "5"},
+    )
+    assert settings.min_client_ping_interval_s == 0.5 and settings.keepalive_time_s == 15
+    assert settings.max_connection_age_s == 0 and settings.max_connection_age_grace_s == 5
+
+
+def test_the_redis_url_comes_from_its_file_and_never_shows_in_the_settings(
+    tmp_path: Path,
+) -> None:
+    url_file = tmp_path / "redis-url"
+    url_file.write_text("redis://:hunter2@10.0.0.1:6379/0\n")
+    settings = load_settings(["--redis-url-file", str(url_file)], environ={})
+    assert settings.read_redis_url() == "redis://:hunter2@10.0.0.1:6379/0"
+    inline = load_settings([], environ={"TASKBROKER_REDIS_URL": "redis://:hunter2@h:1/0"})
+    assert "hunter2" not in repr(inline) and inline.read_redis_url() == "redis://:hunter2@h:1/0"

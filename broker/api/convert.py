@@ -24,16 +24,25 @@ def optional_duration_ms(message: object, field: str) -> int | None:
     return duration_ms(getattr(message, field))
 
 
+#: A Timestamp's valid range, 0001-01-01 to 9999-12-31 (google/protobuf/timestamp.proto): a
+#: time stored outside it (written before enqueue bounded schedule_time) is answered clamped,
+#: never as an error, and every client library can turn it into a date.
+MIN_TIMESTAMP_MS = -62_135_596_800_000
+MAX_TIMESTAMP_MS = 253_402_300_799_999
+#: A Duration's valid range, +-10,000 years.
+MAX_DURATION_MS = 315_576_000_000_000
+
+
 def timestamp_ms(t: timestamp_pb2.Timestamp) -> int:
     return t.seconds * 1000 + t.nanos // 1_000_000
 
 
 def to_timestamp(ms: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+    return timestamp_pb2.Timestamp(**_ts(ms))
 
 
 def to_duration(ms: int) -> duration_pb2.Duration:
-    return duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+    return duration_pb2.Duration(**_dur(ms))
 
 
 def task_request(spec: task_pb2.TaskSpec) -> TaskRequest:
@@ -57,10 +66,14 @@ def task_request(spec: task_pb2.TaskSpec) -> TaskRequest:
 def _ts(ms: int) -> dict[str, int]:
     """A Timestamp as constructor input: upb builds a sub-message from a dict about three times
     faster than from a message object, and these run for every delivery."""
+    ms = min(max(ms, MIN_TIMESTAMP_MS), MAX_TIMESTAMP_MS)
     return {"seconds": ms // 1000, "nanos": (ms % 1000) * 1_000_000}
 
 
-_dur = _ts  # a Duration has the same two fields
+def _dur(ms: int) -> dict[str, int]:
+    """A Duration as constructor input (see _ts). Durations here are never negative."""
+    ms = min(max(ms, 0), MAX_DURATION_MS)
+    return {"seconds": ms // 1000, "nanos": (ms % 1000) * 1_000_000}
 
 
 def task_to_proto(task: Task) -> task_pb2.Task:

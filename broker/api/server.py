@@ -10,10 +10,12 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf import descriptor, message_factory
 from google.protobuf.message import DecodeError, Message
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
+from broker.api.parsed_services import health_and_reflection
 from broker.api.status import error_status, to_status
+from broker.config import Settings
 from broker.errors import BrokerError
 from taskbroker.v1 import admin_service_pb2, broker_service_pb2
 
@@ -22,7 +24,7 @@ log = logging.getLogger(__name__)
 BROKER_SERVICE = broker_service_pb2.DESCRIPTOR.services_by_name["BrokerService"]
 ADMIN_SERVICE = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"]
 
-#: gRPC's own receive limit sits above the application payload limit, so an oversized payload
+#: gRPC's own receive limit sits above the application task size limit, so an oversized task
 #: gets our INVALID_ARGUMENT naming the field rather than the transport's RESOURCE_EXHAUSTED.
 TRANSPORT_SLACK_BYTES = 16 * 1024 * 1024
 
@@ -101,40 +103,56 @@ def generic_handler(service: descriptor.ServiceDescriptor, impl: object) -> grpc
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC channel arguments the server runs with. gRPC ignores a name it does not know,
+    silently: tests/api/test_grpc_options.py checks each against gRPC core's own list."""
+    limit = settings.max_task_bytes + TRANSPORT_SLACK_BYTES
+    options = [
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        # Find dead workers well inside the shortest useful lease (RELIABILITY.md 3.5).
+        ("grpc.keepalive_time_ms", _ms(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(settings.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Workers ping an idle Lease stream (the SDK every 20 s): pings at least this far apart
+        # are welcome; faster ones earn strikes and, past max_ping_strikes, GOAWAY.
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(settings.min_client_ping_interval_s)),
+    ]
+    if settings.max_connection_age_s > 0:
+        # gRPC adds +-10 % jitter, so a fleet's connections do not all rotate at once.
+        options += [
+            ("grpc.max_connection_age_ms", _ms(settings.max_connection_age_s)),
+            ("grpc.max_connection_age_grace_ms", round(settings.max_connection_age_grace_s * 1000)),
+        ]
+    return options
+
+
 def build_server(
     broker: object,
     admin: object,
-    max_payload_bytes: int,
+    settings: Settings,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A server with BrokerService, AdminService, health and reflection registered; the
     interceptors (RPC metrics) see every call."""
-    limit = max_payload_bytes + TRANSPORT_SLACK_BYTES
-    server = grpc.aio.server(
-        interceptors=list(interceptors),
-        options=[
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            # Find dead workers well inside the shortest useful lease (RELIABILITY.md 3.5).
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-        ],
+    server = grpc.aio.server(interceptors=list(interceptors), options=server_options(settings))
+    health_servicer = health.aio.HealthServicer()
+    reflected = (
+        BROKER_SERVICE.full_name,
+        ADMIN_SERVICE.full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
     )
     server.add_generic_rpc_handlers(
-        (generic_handler(BROKER_SERVICE, broker), generic_handler(ADMIN_SERVICE, admin))
-    )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
         (
-            BROKER_SERVICE.full_name,
-            ADMIN_SERVICE.full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+            generic_handler(BROKER_SERVICE, broker),
+            generic_handler(ADMIN_SERVICE, admin),
+            *health_and_reflection(health_servicer, reflected),
+        )
     )
     return server, health_servicer

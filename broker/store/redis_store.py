@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Final, TypeAlias, cast
@@ -32,6 +33,7 @@ from broker.models import (
     TaskState,
 )
 from broker.store.keys import QUEUES_KEY, REVOKE_CHANNEL, WAKE_CHANNEL, QueueKeys
+from broker.store.redis_errors import is_unavailable_reply, unavailable_message
 from broker.store.scripts import Scripts
 
 AnyRedis: TypeAlias = "aioredis.Redis | RedisCluster"
@@ -70,14 +72,14 @@ def _translate() -> Iterator[None]:
     try:
         yield
     except _UNAVAILABLE as exc:
-        raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
+        raise StoreUnavailable(unavailable_message(exc)) from exc
     except rex.OutOfMemoryError as exc:  # redis-py strips the "OOM" prefix from its text
         raise StoreFull(_FULL) from exc
     except rex.ResponseError as exc:
         if "OOM command not allowed" in str(exc):  # the same refusal, raised inside a script
             raise StoreFull(_FULL) from exc
-        if str(exc).startswith(("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")):
-            raise StoreUnavailable(f"redis unavailable: {str(exc).split()[0]}") from exc
+        if is_unavailable_reply(exc):
+            raise StoreUnavailable(unavailable_message(exc)) from exc
         raise
 
 
@@ -97,7 +99,17 @@ def _text(value: bytes | str | None) -> str:
 def _int(value: bytes | str | int | None, default: int = 0) -> int:
     if value is None or value == b"":
         return default
-    return int(value)
+    try:
+        return int(value)
+    except ValueError:  # Lua writes numbers past 2^53 in exponent form (4.6e+21)
+        return _float_int(value)
+
+
+def _float_int(value: bytes | str | int) -> int:
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {value!r}")
+    return int(number)
 
 
 def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:

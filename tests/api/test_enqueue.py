@@ -119,7 +119,12 @@ BAD_SPECS = [
     (spec(idempotency_key="k" * 257), "tasks[0].idempotency_key"),
     (spec(headers={"bad key": "v"}), "tasks[0].headers"),
     (spec(headers={f"h{i}": "v" for i in range(65)}), "tasks[0].headers"),
-    (spec(payload=b"x" * (1024 * 1024 + 1)), "tasks[0].payload"),
+    (spec(payload=b"x" * (1024 * 1024 + 1)), "tasks[0]: the task is 1048581 bytes"),
+    # One limit on the whole task: headers and the idempotency key count with the payload.
+    (spec(payload=b"x" * (1024 * 1024 - 100), headers={"h": "v" * 4000}), "max_task_bytes"),
+    (spec(payload=b"x" * (1024 * 1024 - 100), idempotency_key="k" * 200), "max_task_bytes"),
+    (spec(schedule_time=timestamp_pb2.Timestamp(seconds=2**62)), "tasks[0].schedule_time"),
+    (spec(schedule_time=timestamp_pb2.Timestamp(seconds=-1)), "tasks[0].schedule_time"),
 ]
 
 

@@ -246,8 +246,8 @@ async def test_bad_credits_in_a_settlements_frame_end_the_stream(stub: Stub) -> 
 async def test_large_tasks_are_delivered_in_frames_within_the_message_limit(
     running: RunningBroker,
 ) -> None:
-    # 20 tasks of 1 MiB: one frame would exceed the broker's send limit (payload limit + 16 MiB).
-    big = [spec(payload=bytes([i]) * (1024 * 1024)) for i in range(20)]
+    # 20 tasks of 1 MiB: one frame would exceed the broker's send limit (task limit + 16 MiB).
+    big = [spec(payload=bytes([i]) * (1024 * 1024 - 16)) for i in range(20)]
     for start in range(0, 20, 4):  # an Enqueue request has the same limit
         await enqueue(running.stub, *big[start : start + 4])
     worker = await LeaseStream(running.stub).open(["emails"], credits=20)

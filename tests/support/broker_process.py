@@ -57,3 +57,14 @@ class BrokerProcess:
         self.channel.close()
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(20)
+
+    def exit_code(self, timeout_s: float = 30.0) -> int | None:
+        """The code the broker exits with by itself within the timeout; None if it is still
+        running then (it is stopped, so a failing test leaves no broker behind)."""
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.terminate()
+            return None
+        finally:
+            self.channel.close()

@@ -46,8 +46,8 @@ _Response = TypeVar("_Response")
 #: The broker refuses larger Enqueue, RedriveDeadTasks and DeleteDeadTasks calls (see the protos).
 MAX_TASKS_PER_CALL: Final = 1000
 #: Serialized size at which enqueue_many starts a new call. The broker's receive limit is its
-#: payload limit plus 16 MiB (broker/api/server.py), so 8 MiB per call stays well inside it while
-#: any single task the broker accepts (1 MiB payload, 256 KiB headers by default) still fits.
+#: task size limit plus 16 MiB (broker/api/server.py), so 8 MiB per call stays well inside it while
+#: any single task the broker accepts (1 MiB in all by default) still fits.
 MAX_BATCH_BYTES: Final = 8 * 1024 * 1024
 #: Retries of an UNAVAILABLE Enqueue whose tasks all carry idempotency keys (so a retry of a call
 #: that was in fact applied returns the same ids instead of storing the tasks twice).
@@ -60,8 +60,8 @@ ENQUEUE_BACKOFF_MAX_S: Final = 2.0
 WAIT_POLL_MAX_S: Final = 1.0
 
 #: Channel options. Keepalive pings every 20 s find a dead broker or NAT drop on a quiet Lease
-#: stream well before a lease runs out; the broker accepts pings every 5 s
-#: (grpc.http2.min_recv_ping_interval_without_data_ms), so it will not answer with GOAWAY.
+#: stream well before a lease runs out; the broker accepts pings every 5 s by default
+#: (its min_client_ping_interval_s), so it will not answer with GOAWAY too_many_pings.
 DEFAULT_OPTIONS: Final[Mapping[str, Any]] = {
     "grpc.lb_policy_name": "round_robin",
     "grpc.keepalive_time_ms": 20_000,
