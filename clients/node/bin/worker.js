@@ -9,12 +9,15 @@
  * first attempt and returns the payload on the next; `reject` fails for good (dead letter);
  * `sleep` sleeps for the payload's number of milliseconds. Logs go to stderr. Exits 0 after a
  * graceful shutdown (SIGTERM/SIGINT) or a broker drain, 1 when the stream fails.
+ *
+ * With TASKBROKER_ENCRYPTION_KEYS (or TASKBROKER_ENCRYPTION_KEYS_FILE) set, payloads are
+ * decrypted and results encrypted (docs/encryption.md).
  */
 
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 
-import { NonRetryableError, Worker } from '../src/index.js';
+import { AesGcmCodec, Keyring, NonRetryableError, Worker } from '../src/index.js';
 
 /** @type {Record<string, import('../src/worker.js').Handler>} */
 const handlers = {
@@ -46,6 +49,9 @@ const { values } = parseArgs({
 });
 
 const workerId = values['worker-id'];
+/** @returns {boolean} whether the environment holds a keyring */
+const encrypting = () =>
+  Boolean(process.env.TASKBROKER_ENCRYPTION_KEYS || process.env.TASKBROKER_ENCRYPTION_KEYS_FILE);
 /** @param {string} level @returns {(message: string) => void} a line logger on stderr */
 const line = (level) => (message) =>
   process.stderr.write(
@@ -61,6 +67,7 @@ const worker = new Worker({
   shutdownGraceMs: Number(values['grace-ms']),
   workerId,
   logger: { info: line('INFO'), warn: line('WARN'), error: line('ERROR') },
+  codec: encrypting() ? new AesGcmCodec(Keyring.fromEnv()) : undefined,
 });
 
 try {
