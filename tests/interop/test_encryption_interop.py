@@ -157,7 +157,9 @@ async def test_node_producer_to_python_worker_encrypted(
 
 
 async def test_the_envelope_is_the_same_in_both_languages(node_bin: str) -> None:
-    """Node decrypts the documented vector, and Python decrypts what Node compressed."""
+    """Node decrypts the documented vector, Python decrypts what Node compressed, and both
+    derive the same nonce for a payload with an idempotency key (so a resend from either
+    language is a duplicate)."""
     script = """
         import { AesGcmCodec, Keyring } from './src/index.js';
         const ring = Keyring.parse(process.env.KEYS);
@@ -166,7 +168,11 @@ async def test_the_envelope_is_the_same_in_both_languages(node_bin: str) -> None
         const vector = codec.decode(Buffer.from(process.env.VECTOR, 'hex'), ctx);
         const result = { purpose: 'result', queue: 'billing', type: 'charge', taskId: 'billing:X' };
         const sealed = codec.encode(Buffer.from('abc'.repeat(100)), result);
-        console.log(JSON.stringify({ vector: vector.toString(), sealed: sealed.toString('hex') }));
+        const order = { ...ctx, idempotencyKey: 'order-1' };
+        const derived = codec.encode(Buffer.from('{"amount":42}'), order);
+        const hex = (buffer) => buffer.toString('hex');
+        const line = { vector: `${vector}`, sealed: hex(sealed), derived: hex(derived) };
+        console.log(JSON.stringify(line));
     """
     vector = (
         "895442450100026b31000102030405060708090a0b3c20b776aa90ac6faf7ba3b9cca62ba9bc139d"
@@ -184,6 +190,8 @@ async def test_the_envelope_is_the_same_in_both_languages(node_bin: str) -> None
     assert line["vector"] == '{"amount":42}'
     sealed = bytes.fromhex(line["sealed"])
     assert parse_header(sealed).compressed
-    codec = AesGcmCodec(Keyring({"k1": bytes(range(32))}))
+    codec = AesGcmCodec(Keyring({"k1": bytes(range(32))}), compress_min_bytes=1)
     context = CodecContext.result("billing", "charge", "billing:X")
     assert codec.decode(sealed, context) == b"abc" * 100
+    order = CodecContext.payload("billing", "charge", "order-1")
+    assert bytes.fromhex(line["derived"]) == codec.encode(b'{"amount":42}', order)

@@ -190,3 +190,15 @@ async def test_enqueue_many_and_the_sync_client_encrypt_too(
     for task_id in ids:
         stored = (await plain.get_task(task_id)).payload
         assert stored.startswith(MAGIC) and SECRET not in stored
+
+
+async def test_resending_a_task_with_its_idempotency_key_is_still_a_duplicate(
+    running: RunningBroker,
+) -> None:
+    async with Client(running.target, codec=codec({"k1": K1})) as client:
+        first = await client.enqueue("billing", "charge", SECRET, idempotency_key="order-1")
+        again = await client.enqueue("billing", "charge", SECRET, idempotency_key="order-1")
+        (result,) = await client.enqueue_many(
+            [NewTask("billing", "charge", SECRET, idempotency_key="order-1")]
+        )
+    assert again == first and (result.task_id, result.duplicate) == (first, True)

@@ -55,6 +55,27 @@ def test_every_value_gets_a_fresh_nonce() -> None:
     assert c.encode(SECRET, PAYLOAD) != c.encode(SECRET, PAYLOAD)
 
 
+def test_with_an_idempotency_key_a_resend_encrypts_to_the_same_bytes() -> None:
+    c = codec(compress_min_bytes=1)
+    order = CodecContext.payload("billing", "charge", "order-1")
+
+    sealed = c.encode(SECRET, order)
+    assert c.encode(SECRET, order) == sealed  # the broker's duplicate check matches
+    assert c.decode(sealed, PAYLOAD) == SECRET  # the key is not needed to decode
+    # Another key, payload, queue or encryption key: another nonce.
+    nonces = {
+        v[9:21]  # after the 9-byte header of key id "k1" or "k2"
+        for v in (
+            sealed,
+            c.encode(SECRET, CodecContext.payload("billing", "charge", "order-2")),
+            c.encode(SECRET + b" ", order),
+            c.encode(SECRET, CodecContext.payload("refunds", "charge", "order-1")),
+            codec(active="k2").encode(SECRET, order),
+        )
+    }
+    assert len(nonces) == 5
+
+
 def test_empty_values_are_enveloped_too() -> None:
     sealed = codec().encode(b"", PAYLOAD)
     assert len(sealed) == 37

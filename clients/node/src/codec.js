@@ -11,7 +11,7 @@
  * @module
  */
 
-import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createHmac, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { deflateSync, inflateSync } from 'node:zlib';
 
@@ -35,6 +35,8 @@ export const DEFAULT_MAX_PLAINTEXT_BYTES = 64 * 1024 * 1024;
  * @property {string} queue the task's queue
  * @property {string} type the task's type
  * @property {string} [taskId] the task's id, for results only
+ * @property {string} [idempotencyKey] a payload's idempotency key (not in the associated data):
+ *   with one, the nonce is derived, so a resend encrypts to the same bytes
  */
 
 /**
@@ -44,6 +46,28 @@ export const DEFAULT_MAX_PLAINTEXT_BYTES = 64 * 1024 * 1024;
  * @property {(data: Buffer, context: CodecContext) => Buffer} encode
  * @property {(data: Buffer, context: CodecContext) => Buffer} decode throws a `CodecError`
  */
+
+/** Keys the HMAC that derives nonces (the AES key itself never keys HMAC). */
+const NONCE_KEY_LABEL = Buffer.from('taskbroker envelope v1 nonce key');
+
+/**
+ * The nonce of a value with an idempotency key (docs/encryption.md, "Derived nonces"), as the
+ * Python SDK derives it.
+ *
+ * @param {Buffer} key the AES key
+ * @param {Buffer} ad the value's associated data
+ * @param {string} idempotencyKey the task's idempotency key
+ * @param {Buffer} plaintext the (maybe compressed) plaintext
+ * @returns {Buffer} 12 bytes
+ */
+export function derivedNonce(key, ad, idempotencyKey, plaintext) {
+  const nonceKey = createHmac('sha256', key).update(NONCE_KEY_LABEL).digest();
+  const idem = Buffer.from(idempotencyKey, 'utf8');
+  const length = Buffer.alloc(2);
+  length.writeUInt16BE(idem.length);
+  const mac = createHmac('sha256', nonceKey).update(ad).update(length).update(idem);
+  return mac.update(plaintext).digest().subarray(0, NONCE_BYTES);
+}
 
 /** A payload or result could not be encoded or decoded; never holds plaintext or keys. */
 export class CodecError extends Error {
@@ -210,7 +234,10 @@ export class Keyring {
   }
 }
 
-/** AES-256-GCM envelopes with a random 96-bit nonce per value (a `PayloadCodec`). */
+/**
+ * AES-256-GCM envelopes with a random 96-bit nonce per value (derived from the value for a
+ * payload with an idempotency key, so a resend is byte-identical): a `PayloadCodec`.
+ */
 export class AesGcmCodec {
   /**
    * @param {Keyring} keyring the keys; new values use its active key
@@ -252,10 +279,13 @@ export class AesGcmCodec {
     const keyId = this.keyring.active;
     const id = Buffer.from(keyId, 'ascii');
     const header = Buffer.concat([MAGIC, Buffer.from([VERSION, flags, id.length]), id]);
-    const nonce = randomBytes(NONCE_BYTES);
     const key = /** @type {Buffer} */ (this.keyring.keys.get(keyId)); // the keyring checked it
+    const ad = associatedData(header, context);
+    const nonce = context.idempotencyKey
+      ? derivedNonce(key, ad, context.idempotencyKey, plaintext)
+      : randomBytes(NONCE_BYTES);
     const cipher = createCipheriv('aes-256-gcm', key, nonce);
-    cipher.setAAD(associatedData(header, context));
+    cipher.setAAD(ad);
     const sealed = Buffer.concat([cipher.update(plaintext), cipher.final()]);
     return Buffer.concat([header, nonce, sealed, cipher.getAuthTag()]);
   }
@@ -324,10 +354,11 @@ export class AesGcmCodec {
 /**
  * @param {string} queue the task's queue
  * @param {string} type the task's type
+ * @param {string} [idempotencyKey] the task's idempotency key, when encoding
  * @returns {CodecContext} a payload's context
  */
-export function payloadContext(queue, type) {
-  return { purpose: 'payload', queue, type };
+export function payloadContext(queue, type, idempotencyKey = '') {
+  return { purpose: 'payload', queue, type, idempotencyKey };
 }
 
 /**

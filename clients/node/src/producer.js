@@ -79,7 +79,10 @@ export class Producer {
       queue,
       type,
       payload: this.codec
-        ? this.codec.encode(Buffer.from(payload), payloadContext(queue, type))
+        ? this.codec.encode(
+            Buffer.from(payload),
+            payloadContext(queue, type, options.idempotencyKey),
+          )
         : Buffer.from(payload),
       headers: options.headers ?? {},
       priority: options.priority ?? 0,

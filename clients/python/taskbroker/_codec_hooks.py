@@ -24,7 +24,8 @@ def encode_specs(codec: PayloadCodec | None, specs: Sequence[task_pb2.TaskSpec])
     if codec is None:
         return
     for spec in specs:
-        spec.payload = codec.encode(spec.payload, CodecContext.payload(spec.queue, spec.type))
+        context = CodecContext.payload(spec.queue, spec.type, spec.idempotency_key)
+        spec.payload = codec.encode(spec.payload, context)
 
 
 def decode_task(codec: PayloadCodec | None, task: Task) -> Task:

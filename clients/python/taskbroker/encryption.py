@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import os
+import struct
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,6 +51,20 @@ KEYS_FILE_ENV: Final = "TASKBROKER_ENCRYPTION_KEYS_FILE"
 #: Decompressed plaintexts larger than this are refused (a small envelope must not inflate into
 #: gigabytes in a worker's memory).
 DEFAULT_MAX_PLAINTEXT_BYTES: Final = 64 * 1024 * 1024
+#: Derives the per-key secret of derived nonces (key separation: the AES key itself never
+#: keys HMAC).
+NONCE_KEY_LABEL: Final = b"taskbroker envelope v1 nonce key"
+
+
+def derived_nonce(key: bytes, ad: bytes, idempotency_key: str, plaintext: bytes) -> bytes:
+    """The nonce of a value with an idempotency key (docs/encryption.md, "Derived nonces"):
+    HMAC-SHA256(HMAC-SHA256(key, label), ad | len16 + idempotency key | plaintext), first 12
+    bytes. The same nonce only ever encrypts the same plaintext under the same AD, so GCM's
+    rule (never two plaintexts under one key and nonce) holds; a resend is byte-identical."""
+    nonce_key = hmac.new(key, NONCE_KEY_LABEL, hashlib.sha256).digest()
+    idem = idempotency_key.encode("utf-8")
+    message = ad + struct.pack(">H", len(idem)) + idem + plaintext
+    return hmac.new(nonce_key, message, hashlib.sha256).digest()[:NONCE_BYTES]
 
 
 @runtime_checkable
@@ -152,7 +169,8 @@ class Keyring:
 
 
 class AesGcmCodec:
-    """AES-256-GCM envelopes (docs/encryption.md), with a random 96-bit nonce per value.
+    """AES-256-GCM envelopes (docs/encryption.md), with a random 96-bit nonce per value (derived
+    from the value for a payload with an idempotency key, so a resend is byte-identical).
 
     Args:
         keyring: The keys; new values use its active key.
@@ -212,9 +230,14 @@ class AesGcmCodec:
         cipher = self._cipher(key_id)
         assert cipher is not None  # the keyring checked that the active key exists
         header = build_header(key_id, flags)
-        nonce = os.urandom(NONCE_BYTES)
-        sealed = cipher.encrypt(nonce, plaintext, associated_data(header, context))
-        return header + nonce + sealed
+        ad = associated_data(header, context)
+        if context.idempotency_key:
+            key = self.keyring.key(key_id)
+            assert key is not None
+            nonce = derived_nonce(key, ad, context.idempotency_key, plaintext)
+        else:
+            nonce = os.urandom(NONCE_BYTES)
+        return header + nonce + cipher.encrypt(nonce, plaintext, ad)
 
     def decode(self, data: bytes, context: CodecContext) -> bytes:
         """Decrypts an envelope (or passes plaintext through, if allowed).

@@ -81,16 +81,20 @@ class CodecContext:
         type: The task's type.
         task_id: The task's id, for results only: a producer encrypts the payload before the
             broker has assigned an id, so payloads are bound to queue and type alone.
+        idempotency_key: The task's idempotency key, for payloads (not part of the associated
+            data): with one, the nonce is derived rather than random, so that resending the
+            same task encrypts to the same bytes and the broker's duplicate check matches.
     """
 
     purpose: Literal["payload", "result"]
     queue: str
     type: str
     task_id: str = ""
+    idempotency_key: str = ""
 
     @classmethod
-    def payload(cls, queue: str, type: str) -> CodecContext:
-        return cls("payload", queue, type)
+    def payload(cls, queue: str, type: str, idempotency_key: str = "") -> CodecContext:
+        return cls("payload", queue, type, idempotency_key=idempotency_key)
 
     @classmethod
     def result(cls, queue: str, type: str, task_id: str) -> CodecContext:
