@@ -854,7 +854,7 @@ class Worker:
     the broker drains the stream (it is shutting down), the worker opens another one.
 
     Args:
-        client: The client whose channel the worker uses.
+        client: The client whose channel (and payload codec, if any) the worker uses.
         queues: Queues to take tasks from (1 to 64).
         handlers: One handler per task type; a task of another type is dead-lettered.
         concurrency: Most tasks run at once (1 to 10,000); sync handlers get as many threads.

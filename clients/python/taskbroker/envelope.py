@@ -103,11 +103,9 @@ class CodecContext:
     def describe(self) -> str:
         """For error messages: no payload bytes, only where the value belongs."""
         where = f"queue {self.queue!r}, type {self.type!r}"
-        return (
-            f"the {self.purpose} of task {self.task_id} ({where})"
-            if self.task_id
-            else (f"a {self.purpose} ({where})")
-        )
+        if self.task_id:
+            return f"the {self.purpose} of task {self.task_id} ({where})"
+        return f"a {self.purpose} ({where})"
 
 
 @dataclass(frozen=True, slots=True)
