@@ -7,16 +7,20 @@ import taskbroker
 
 def test_public_api_is_exactly_these_names() -> None:
     assert set(taskbroker.__all__) == {
+        "AesGcmCodec",
         "AlreadyExistsError",
         "AttemptError",
         "Client",
+        "CodecError",
         "EnqueueResult",
         "FailedPreconditionError",
         "Handler",
         "InvalidArgumentError",
+        "Keyring",
         "LeaseStaleError",
         "NewTask",
         "NonRetryable",
+        "PayloadCodec",
         "QueueStats",
         "RetryLater",
         "SyncClient",

@@ -7,12 +7,15 @@
  *
  * With `--wait` it then polls GetTask until the task has finished and adds `state`, `attempt`
  * and `result` (as UTF-8) to the line. Exits 1 (message on stderr) when a call fails.
+ *
+ * With TASKBROKER_ENCRYPTION_KEYS (or TASKBROKER_ENCRYPTION_KEYS_FILE) set, the payload is
+ * encrypted and the result decrypted (docs/encryption.md).
  */
 
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 
-import { Producer } from '../src/index.js';
+import { AesGcmCodec, Keyring, Producer } from '../src/index.js';
 
 const FINISHED = new Set(['TASK_STATE_SUCCEEDED', 'TASK_STATE_DEAD', 'TASK_STATE_CANCELLED']);
 
@@ -32,7 +35,9 @@ if (!values.queue || !values.type) {
   process.exit(2);
 }
 
-const producer = new Producer(values.target);
+const { TASKBROKER_ENCRYPTION_KEYS: keys, TASKBROKER_ENCRYPTION_KEYS_FILE: keyFile } = process.env;
+const codec = keys || keyFile ? new AesGcmCodec(Keyring.fromEnv()) : undefined;
+const producer = new Producer(values.target, { codec });
 try {
   const { taskId, duplicate } = await producer.enqueue(values.queue, values.type, values.payload, {
     maxAttempts: values['max-attempts'] === undefined ? undefined : Number(values['max-attempts']),

@@ -11,12 +11,15 @@
  * lost or revoked). Logs go to stderr. The worker reconnects when its stream breaks and moves to
  * a new stream when the broker drains; it exits 0 after a graceful shutdown (SIGTERM/SIGINT), 1
  * when the broker refuses the stream for good (a bad queue name, for example).
+ *
+ * With TASKBROKER_ENCRYPTION_KEYS (or TASKBROKER_ENCRYPTION_KEYS_FILE) set, payloads are
+ * decrypted and results encrypted (docs/encryption.md).
  */
 
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 
-import { NonRetryableError, Worker } from '../src/index.js';
+import { AesGcmCodec, Keyring, NonRetryableError, Worker } from '../src/index.js';
 
 /** @type {Record<string, import('../src/worker.js').Handler>} */
 const handlers = {
@@ -48,6 +51,9 @@ const { values } = parseArgs({
 });
 
 const workerId = values['worker-id'];
+/** @returns {boolean} whether the environment holds a keyring */
+const encrypting = () =>
+  Boolean(process.env.TASKBROKER_ENCRYPTION_KEYS || process.env.TASKBROKER_ENCRYPTION_KEYS_FILE);
 /** @param {string} level @returns {(message: string) => void} a line logger on stderr */
 const line = (level) => (message) =>
   process.stderr.write(
@@ -63,6 +69,7 @@ const worker = new Worker({
   shutdownGraceMs: Number(values['grace-ms']),
   workerId,
   logger: { info: line('INFO'), warn: line('WARN'), error: line('ERROR') },
+  codec: encrypting() ? new AesGcmCodec(Keyring.fromEnv()) : undefined,
 });
 
 try {

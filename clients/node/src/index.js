@@ -5,6 +5,7 @@
  * @module
  */
 
+export { AesGcmCodec, CodecError, Keyring, isEnvelope, parseHeader } from './codec.js';
 export { Producer } from './producer.js';
 export { NonRetryableError, Worker } from './worker.js';
 export { PROTO_DIR, taskbrokerV1, toDuration, toMillis } from './proto.js';

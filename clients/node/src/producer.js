@@ -6,6 +6,7 @@
 
 import * as grpc from '@grpc/grpc-js';
 
+import { decodeTask, payloadContext } from './codec.js';
 import { taskbrokerV1, toDuration } from './proto.js';
 
 /**
@@ -50,15 +51,18 @@ export class Producer {
    * @param {object} [options]
    * @param {grpc.ChannelCredentials} [options.credentials] default: plaintext
    * @param {number} [options.timeoutMs] per-call deadline (default 10 s)
+   * @param {import('./codec.js').PayloadCodec} [options.codec] encodes payloads on enqueue and
+   *   decodes payloads and results on getTask (see codec.js)
    */
   constructor(
     target,
-    { credentials = grpc.credentials.createInsecure(), timeoutMs = 10_000 } = {},
+    { credentials = grpc.credentials.createInsecure(), timeoutMs = 10_000, codec } = {},
   ) {
     const { BrokerService } = taskbrokerV1();
     /** @type {any} */
     this.client = new BrokerService(target, credentials);
     this.timeoutMs = timeoutMs;
+    this.codec = codec;
   }
 
   /**
@@ -74,7 +78,12 @@ export class Producer {
     const spec = {
       queue,
       type,
-      payload: Buffer.from(payload),
+      payload: this.codec
+        ? this.codec.encode(
+            Buffer.from(payload),
+            payloadContext(queue, type, options.idempotencyKey),
+          )
+        : Buffer.from(payload),
       headers: options.headers ?? {},
       priority: options.priority ?? 0,
       max_attempts: options.maxAttempts ?? 0,
@@ -96,7 +105,7 @@ export class Producer {
    */
   async getTask(taskId) {
     const response = await unary(this.client, 'GetTask', { task_id: taskId }, this.timeoutMs);
-    return response.task;
+    return decodeTask(this.codec, response.task);
   }
 
   /** Closes the channel. */

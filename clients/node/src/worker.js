@@ -36,6 +36,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import * as grpc from '@grpc/grpc-js';
 
+import { CodecError, openPayload, sealResult } from './codec.js';
 import { LeaseStream, StreamLost } from './lease_stream.js';
 import { taskbrokerV1, toDuration, toMillis } from './proto.js';
 
@@ -80,6 +81,8 @@ import { taskbrokerV1, toDuration, toMillis } from './proto.js';
  * @property {string} [workerId] names the worker in the broker's logs (default `host:pid`)
  * @property {grpc.ChannelCredentials} [credentials] default: plaintext
  * @property {Pick<Console, 'info' | 'warn' | 'error'>} [logger] default: `console`
+ * @property {import('./codec.js').PayloadCodec} [codec] decodes payloads before the handler
+ *   (one it cannot decode is dead-lettered) and encodes results (see codec.js)
  */
 
 /** Thrown by a handler to dead-letter its task at once, without further attempts. */
@@ -198,6 +201,7 @@ export class Worker {
       workerId: options.workerId ?? `${os.hostname()}:${process.pid}`,
       credentials: options.credentials ?? grpc.credentials.createInsecure(),
       logger: options.logger ?? console,
+      codec: options.codec,
     };
     /** Tasks finished with (any outcome). */
     this.processed = 0;
@@ -640,11 +644,14 @@ class Session {
         const types = Object.keys(this.options.handlers).join(', ');
         throw new NonRetryableError(`no handler for task type ${task.type} (handles ${types})`);
       }
-      frame = { result: toBytes(await handler(task.payload, ctx)) };
+      const result = toBytes(await handler(openPayload(this.options.codec, task), ctx));
+      frame = { result: sealResult(this.options.codec, task, result) };
     } catch (thrown) {
       kind = 'nack';
       error = thrown instanceof Error ? thrown.message : String(thrown);
-      frame = { error, dead_letter: thrown instanceof NonRetryableError };
+      // A payload no attempt could decode (unknown key id, failed tag) is dead-lettered too.
+      const deadLetter = thrown instanceof NonRetryableError || thrown instanceof CodecError;
+      frame = { error, dead_letter: deadLetter };
     }
     clearTimeout(run.timer);
     run.timer = undefined;

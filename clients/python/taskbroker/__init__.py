@@ -19,18 +19,23 @@ from taskbroker._models import AttemptError, QueueStats, Task, TaskState
 from taskbroker._sync import SyncClient
 from taskbroker._worker import Worker
 from taskbroker.codec import from_json, json_payload
+from taskbroker.encryption import AesGcmCodec, CodecError, Keyring, PayloadCodec
 
 __all__ = [
+    "AesGcmCodec",
     "AlreadyExistsError",
     "AttemptError",
     "Client",
+    "CodecError",
     "EnqueueResult",
     "FailedPreconditionError",
     "Handler",
     "InvalidArgumentError",
+    "Keyring",
     "LeaseStaleError",
     "NewTask",
     "NonRetryable",
+    "PayloadCodec",
     "QueueStats",
     "RetryLater",
     "SyncClient",

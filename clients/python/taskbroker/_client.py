@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
 import grpc
 
+from taskbroker._codec_hooks import decode_task, encode_specs
 from taskbroker._convert import stats_from_proto, task_from_proto, to_duration, to_timestamp
 from taskbroker._models import QueueStats, Task
 from taskbroker._status import error_from_rpc
@@ -37,6 +38,7 @@ from taskbroker.v1 import (
 if TYPE_CHECKING:  # the async stubs exist only in the generated .pyi files
     from opentelemetry.trace import TracerProvider
 
+    from taskbroker.encryption import PayloadCodec
     from taskbroker.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
     from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub
 
@@ -224,6 +226,8 @@ class Client:
         tracer_provider: The OpenTelemetry tracer provider for the `send` spans of enqueue
             calls (and of the workers using this client). None: the global one; while no
             provider is configured nothing is traced.
+        codec: Encodes payloads on enqueue and decodes payloads and results on get_task and
+            wait (and, in workers using this client, the reverse); see taskbroker.encryption.
 
     Raises:
         ValueError: The target list cannot be expressed as one gRPC target.
@@ -236,7 +240,9 @@ class Client:
         timeout: float = 10.0,
         options: Sequence[tuple[str, Any]] = (),
         tracer_provider: TracerProvider | None = None,
+        codec: PayloadCodec | None = None,
     ) -> None:
+        self.codec = codec
         self._target = channel_target(target)
         self._tracing = Tracing(tracer_provider)
         self._timeout = timeout
@@ -390,6 +396,7 @@ class Client:
     async def _send(self, specs: list[task_pb2.TaskSpec]) -> list[EnqueueResult]:
         """Enqueues the tasks in a `send` span (one per call, a batch too) when tracing is on:
         each task's headers and each Enqueue call's metadata carry its context."""
+        encode_specs(self.codec, specs)
         tracer = self._tracing.tracer()
         if tracer is None or not specs:
             return await self._enqueue_chunks(specs, None)
@@ -458,7 +465,7 @@ class Client:
         response = await self._unary(
             self.stub.GetTask, broker_service_pb2.GetTaskRequest(task_id=task_id)
         )
-        return task_from_proto(response.task)
+        return decode_task(self.codec, task_from_proto(response.task))
 
     async def cancel(self, task_id: str) -> Task:
         """Cancels a task that has not finished; a worker holding it has its lease revoked.

@@ -12,6 +12,7 @@ from typing import Any, Self, TypeVar
 
 from taskbroker._client import Client, EnqueueResult, NewTask
 from taskbroker._models import QueueStats, Task
+from taskbroker.encryption import PayloadCodec
 
 _T = TypeVar("_T")
 
@@ -28,6 +29,7 @@ class SyncClient:
         target: "host:port", any gRPC target string, or a list of "ip:port" addresses.
         timeout: Deadline in seconds for each unary call.
         options: Extra gRPC channel options; they override the client's defaults.
+        codec: Encodes payloads and decodes results, as in `Client`.
 
     Raises:
         ValueError: The target list cannot be expressed as one gRPC target.
@@ -39,8 +41,9 @@ class SyncClient:
         *,
         timeout: float = 10.0,
         options: Sequence[tuple[str, Any]] = (),
+        codec: PayloadCodec | None = None,
     ) -> None:
-        self._client = Client(target, timeout=timeout, options=options)
+        self._client = Client(target, timeout=timeout, options=options, codec=codec)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="taskbroker-sync-client", daemon=True

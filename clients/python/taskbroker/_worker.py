@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Final, Self
@@ -29,6 +29,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 from opentelemetry import context as otel_context
 
+from taskbroker._codec_hooks import open_payload, seal_outcome
 from taskbroker._convert import to_duration
 from taskbroker._handler import (
     ExceptionTypes,
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Tracer, TracerProvider
 
     from taskbroker._client import Client
+    from taskbroker.encryption import PayloadCodec
     from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub
 
 log = logging.getLogger("taskbroker.worker")
@@ -118,6 +120,7 @@ class _Options:
     shutdown_grace: timedelta
     non_retryable: ExceptionTypes
     trace_parent: TraceParent = "child"
+    codec: PayloadCodec | None = None
 
 
 @dataclass(slots=True)
@@ -524,6 +527,8 @@ class _TaskRun:
                     error=f"no handler for task type {self.ctx.type!r} on worker "
                     f"{session.options.worker_id!r} (handles {sorted(session.handlers)})",
                 )
+            if (undecodable := open_payload(session.options.codec, self.ctx)) is not None:
+                return undecodable
             self._handler_running = True
             try:
                 tracer = session.tracer
@@ -778,6 +783,7 @@ class _Session:
     # --- settling -----------------------------------------------------------------------------
 
     async def settle(self, run: _TaskRun, outcome: HandlerOutcome) -> None:
+        outcome = seal_outcome(self.options.codec, run.ctx, outcome)
         result = await self.settler.send(run.origin, _settle_request(run.delivery, outcome))
         if outcome.kind == "ack" and result.outcome == _INVALID:
             # For example a result over the broker's size limit: fail the attempt instead of
@@ -848,7 +854,7 @@ class Worker:
     the broker drains the stream (it is shutting down), the worker opens another one.
 
     Args:
-        client: The client whose channel the worker uses.
+        client: The client whose channel (and payload codec, if any) the worker uses.
         queues: Queues to take tasks from (1 to 64).
         handlers: One handler per task type; a task of another type is dead-lettered.
         concurrency: Most tasks run at once (1 to 10,000); sync handlers get as many threads.
@@ -884,7 +890,7 @@ class Worker:
     ) -> None:
         self._client = client
         self._handlers = _handler_map(handlers)
-        self._options = _options(
+        options = _options(
             queues,
             concurrency,
             lease_duration,
@@ -893,6 +899,7 @@ class Worker:
             tuple(non_retryable),
             trace_parent,
         )
+        self._options = replace(options, codec=client.codec)  # payloads decoded as the client's
         self._tracing = Tracing(
             client.tracer_provider if tracer_provider is None else tracer_provider
         )
