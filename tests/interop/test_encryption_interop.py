@@ -23,7 +23,8 @@ from taskbroker import AesGcmCodec, Client, Keyring, TaskContext, TaskState, Wor
 from taskbroker.encryption import CodecContext
 from taskbroker.envelope import MAGIC, parse_header
 from tests.conftest import RunningBroker
-from tests.interop.test_node_interop import NODE, NODE_DIR, QUEUE, WAIT_S, NodeWorker, produce
+from tests.interop.node_process import NODE, NODE_DIR, QUEUE, WAIT_S, NodeWorker
+from tests.interop.test_node_interop import produce
 
 K1: Final = os.urandom(32)
 K2: Final = os.urandom(32)
