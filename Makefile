@@ -59,7 +59,10 @@ format: $(BIN)/.installed $(BUF)
 typecheck: proto
 	$(BIN)/mypy broker clients/python/taskbroker tests examples scripts bench
 
-test: proto
+# Everything the tests need is a prerequisite, so `make test` alone works on a fresh clone:
+# the venv and generated code, buf (tests/test_readme_commands.py) and the Node client's
+# node_modules (tests/interop).
+test: proto $(BUF) $(NODE_CLIENT)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 # Builds the Dockerfile with buildah (no Docker engine; root) on a local Debian base image made by
