@@ -12,7 +12,7 @@ BUF    := node_modules/.bin/buf
 BREAKING_AGAINST ?= main
 NODE_CLIENT := clients/node/node_modules/.installed
 
-.PHONY: all install proto lint format typecheck test test-container run demo soak bench screenshot clean
+.PHONY: all install proto lint format typecheck test test-packages test-container run demo soak bench screenshot clean
 
 all: lint typecheck test
 
@@ -64,6 +64,13 @@ typecheck: proto
 # node_modules (tests/interop).
 test: proto $(BUF) $(NODE_CLIENT)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# The SDK and the Node client as users install them (tests/packages/check.py): wheel, sdist,
+# source directory and git URL each into a fresh venv outside the repo, and the npm tarball into
+# an empty directory, each running a worker and a producer against a live broker. Downloads
+# from PyPI and npm, so it is not part of `make test`. ARGS="--only wheel,node" for a subset.
+test-packages: proto
+	$(BIN)/python -m tests.packages.check $(ARGS)
 
 # Builds the Dockerfile with buildah (no Docker engine; root) on a local Debian base image made by
 # debootstrap and cached in /var/lib/taskbroker-test, then runs the images (tests/container).
