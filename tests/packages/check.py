@@ -14,6 +14,7 @@ of `make test`.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import signal
@@ -158,18 +159,17 @@ def checks(only: set[str], work: Path, target: str) -> list[tuple[str, Callable[
             env=env,
             timeout=INSTALL_TIMEOUT_S,
         )
-    specs = {
+    specs: dict[str, Callable[[], str]] = {
         "wheel": lambda: str(next(dist.glob("*.whl"))),
         "sdist": lambda: str(next(dist.glob("*.tar.gz"))),
         "path": lambda: str(SDK_DIR),
-        # pip clones the repository's HEAD: in CI, the commit under test.
-        "git": lambda: f"taskbroker @ git+file://{ROOT}#subdirectory=clients/python",
+        # pip clones the repository's HEAD: in CI, the commit under test. file://localhost/...,
+        # because pip 23 (Python 3.11's venv) rejects `name @ git+file:///...` as invalid.
+        "git": lambda: f"taskbroker @ git+file://localhost{ROOT}#subdirectory=clients/python",
     }
     for kind, spec in specs.items():
         if kind in only:
-            chosen.append(
-                (kind, lambda kind=kind, spec=spec: check_python(kind, spec(), work, target))
-            )
+            chosen.append((kind, functools.partial(check_python, kind, spec(), work, target)))
     if "node" in only:
         chosen.append(("node", lambda: check_node(work, target)))
     return chosen
