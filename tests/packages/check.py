@@ -5,10 +5,12 @@ when the repository is a git clone) into a fresh venv outside the repository, an
 application's worker and producer (tests/packages/python_app) from there against a live broker
 (`python -m broker` from the repo venv, with its embedded Redis). The same for the Node client:
 `npm pack`, the tarball installed into an empty directory, tests/packages/node_app run there.
+And the TypeScript client generated from proto/ (make proto-ts): type-checked and compiled by
+tsc, its worker and producer (clients/ts/src) run.
 This needs PyPI and npm (the installs resolve the packages' dependencies), so it is not part
 of `make test`.
 
-    python -m tests.packages.check [--only wheel,sdist,path,git,node]
+    python -m tests.packages.check [--only wheel,sdist,path,git,node,ts]
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ NODE_DIR: Final = ROOT / "clients" / "node"
 INSTALL_TIMEOUT_S: Final = 900
 #: The producer waits for five tasks; a worker needs a few seconds to start.
 RUN_TIMEOUT_S: Final = 120
-KINDS: Final = ("wheel", "sdist", "path", "git", "node")
+TS_DIR: Final = ROOT / "clients" / "ts"
+KINDS: Final = ("wheel", "sdist", "path", "git", "node", "ts")
 
 
 class CheckFailed(Exception):
@@ -147,6 +150,19 @@ def check_node(work: Path, target: str) -> None:
     run_app(["node", "worker.mjs"], ["node", "producer.mjs"], app, env)
 
 
+def check_ts(work: Path, target: str) -> None:
+    """The TypeScript client generated from proto/ (make proto-ts) type-checks with tsc, and its
+    worker and producer (clients/ts/src) run."""
+    env = user_env(target, "packages-ts")
+    if not (TS_DIR / "src" / "gen").is_dir():
+        raise CheckFailed("clients/ts/src/gen is missing: run `make proto-ts`")
+    run([TS_DIR / "node_modules" / ".bin" / "tsc", "-p", TS_DIR], cwd=TS_DIR, env=env, timeout=300)
+    app = work / "app-ts"
+    app.mkdir()
+    dist = TS_DIR / "dist"
+    run_app(["node", dist / "worker.js"], ["node", dist / "producer.js"], app, env)
+
+
 def checks(only: set[str], work: Path, target: str) -> list[tuple[str, Callable[[], None]]]:
     """The checks to run, by name, with the SDK's wheel and sdist built when one needs them."""
     chosen: list[tuple[str, Callable[[], None]]] = []
@@ -171,7 +187,9 @@ def checks(only: set[str], work: Path, target: str) -> list[tuple[str, Callable[
         if kind in only:
             chosen.append((kind, functools.partial(check_python, kind, spec(), work, target)))
     if "node" in only:
-        chosen.append(("node", lambda: check_node(work, target)))
+        chosen.append(("node", functools.partial(check_node, work, target)))
+    if "ts" in only:
+        chosen.append(("ts", functools.partial(check_ts, work, target)))
     return chosen
 
 
