@@ -71,7 +71,7 @@ async def client(running: RunningBroker) -> AsyncIterator[Client]:
 
 async def dead_letters(running: RunningBroker, client: Client, queue: str, n: int) -> list[str]:
     """Enqueues n tasks and dead-letters them through a raw Lease stream."""
-    ids = [await client.enqueue(queue, "run", f'{{"n":{i}}}'.encode()) for i in range(n)]
+    ids: list[str] = [await client.enqueue(queue, "run", f'{{"n":{i}}}'.encode()) for i in range(n)]
     stream = await LeaseStream(running.stub).open([queue], credits=n)
     for delivery in await stream.take(n):
         await stream.nack(delivery, error="bad input", dead_letter=True)
