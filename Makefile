@@ -11,8 +11,11 @@ BUF    := node_modules/.bin/buf
 # `buf breaking` compares the API with this branch: no breaking change inside taskbroker.v1.
 BREAKING_AGAINST ?= main
 NODE_CLIENT := clients/node/node_modules/.installed
+TS      := clients/ts
+TS_DEPS := $(TS)/node_modules/.installed
+TS_GEN  := $(TS)/src/gen/taskbroker/v1/broker_service_pb.ts
 
-.PHONY: all install proto lint format typecheck test test-container run demo soak bench screenshot clean
+.PHONY: all install proto proto-ts lint format typecheck test test-packages test-container run demo soak bench screenshot clean
 
 all: lint typecheck test
 
@@ -44,6 +47,18 @@ $(GEN)/__init__.py: $(PROTOS) $(BIN)/.installed
 
 proto: $(GEN)/__init__.py
 
+# The TypeScript example's dependencies: the protobuf-es runtime, Connect's gRPC transport for
+# Node, protoc-gen-es (the code generator) and tsc, all pinned in clients/ts/package-lock.json.
+$(TS_DEPS): $(TS)/package.json $(TS)/package-lock.json
+	cd $(TS) && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed
+
+# The TypeScript client generated from proto/ into clients/ts/src/gen (not committed), by
+# `buf generate` with buf.gen.yaml's local plugin protoc-gen-es.
+$(TS_GEN): $(PROTOS) buf.gen.yaml $(BUF) $(TS_DEPS)
+	$(BUF) generate
+
+proto-ts: $(TS_GEN)
+
 lint: proto $(BUF)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -59,8 +74,19 @@ format: $(BIN)/.installed $(BUF)
 typecheck: proto
 	$(BIN)/mypy broker clients/python/taskbroker tests examples scripts bench
 
-test: proto
+# Everything the tests need is a prerequisite, so `make test` alone works on a fresh clone:
+# the venv and generated code, buf (tests/test_readme_commands.py) and the Node client's
+# node_modules (tests/interop).
+test: proto $(BUF) $(NODE_CLIENT)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# The SDK and the Node client as users install them (tests/packages/check.py): wheel, sdist,
+# source directory and git URL each into a fresh venv outside the repo, and the npm tarball into
+# an empty directory, and the generated TypeScript client (type-checked by tsc), each running a
+# worker and a producer against a live broker. Downloads from PyPI and npm, so it is not part
+# of `make test`. ARGS="--only wheel,node,ts" for a subset.
+test-packages: proto proto-ts
+	$(BIN)/python -m tests.packages.check $(ARGS)
 
 # Builds the Dockerfile with buildah (no Docker engine; root) on a local Debian base image made by
 # debootstrap and cached in /var/lib/taskbroker-test, then runs the images (tests/container).
@@ -89,4 +115,4 @@ screenshot: proto
 	$(BIN)/python scripts/screenshot.py $(ARGS)
 
 clean:
-	rm -rf $(GEN) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(GEN) $(TS)/src/gen $(TS)/dist .mypy_cache .ruff_cache .pytest_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -70,7 +71,7 @@ async def client(running: RunningBroker) -> AsyncIterator[Client]:
 
 async def dead_letters(running: RunningBroker, client: Client, queue: str, n: int) -> list[str]:
     """Enqueues n tasks and dead-letters them through a raw Lease stream."""
-    ids = [await client.enqueue(queue, "run", f'{{"n":{i}}}'.encode()) for i in range(n)]
+    ids: list[str] = [await client.enqueue(queue, "run", f'{{"n":{i}}}'.encode()) for i in range(n)]
     stream = await LeaseStream(running.stub).open([queue], credits=n)
     for delivery in await stream.take(n):
         await stream.nack(delivery, error="bad input", dead_letter=True)
@@ -225,15 +226,39 @@ async def test_stats_table_and_json_show_counts_per_queue(
     assert table.code == 0, table.stderr
     (row,) = [line for line in table.stdout.splitlines() if "emails" in line]
     cells = row.split()
-    assert cells[:5] == ["emails", "3", "1", "0", "0"]  # pending, scheduled, leased, dead
+    # pending, scheduled, leased, dead; enqueued, succeeded, failed
+    assert cells[:8] == ["emails", "3", "1", "0", "0", "4", "0", "0"]
     assert cells[-1] == "paused"
     assert "scheduled" in table.stdout and "lettered" in table.stdout
+    assert "enqueued" in table.stdout and "failed" in table.stdout
     assert as_json.code == 0, as_json.stderr
     doc = as_json.json()
     assert isinstance(doc, dict)
     (emails,) = doc["queues"]
     assert (emails["queue"], emails["pending"], emails["scheduled"]) == ("emails", 3, 1)
     assert emails["paused"] is True and emails["oldest_pending_age_s"] >= 0
+    assert (emails["enqueued_total"], emails["failed_total"]) == (4, 0)
+
+
+async def test_stats_counts_failed_attempts(running: RunningBroker, client: Client) -> None:
+    await dead_letters(running, client, "jobs", 2)
+
+    table = await run_cli(running.target, "stats", "jobs")
+
+    assert table.code == 0, table.stderr
+    (row,) = [line for line in table.stdout.splitlines() if "jobs" in line]
+    # pending, scheduled, leased, dead; enqueued, succeeded, failed
+    assert row.split()[:8] == ["jobs", "0", "0", "0", "2", "2", "0", "2"]
+
+
+async def test_empty_lists_say_so_instead_of_empty_tables(running: RunningBroker) -> None:
+    dead = await run_cli(running.target, "dead", "list", "jobs")
+    queues = await run_cli(running.target, "queue", "list")
+    stats = await run_cli(running.target, "stats")
+
+    assert (dead.code, dead.stdout) == (0, "no dead letters in jobs\n")
+    assert (queues.code, queues.stdout) == (0, "no queues\n")
+    assert (stats.code, stats.stdout) == (0, "no queues\n")
 
 
 async def test_stats_watch_streams_json_lines_until_interrupted(
@@ -293,6 +318,45 @@ async def test_dead_list_redrive_and_delete(running: RunningBroker, client: Clie
     assert [t async for t in client.dead_letters("jobs")] == []
 
 
+async def test_dead_redrive_of_ids_gives_each_skipped_id_its_reason(
+    running: RunningBroker, client: Client
+) -> None:
+    (dead_id,) = await dead_letters(running, client, "jobs", 1)
+    pending_id = await client.enqueue("jobs", "run")
+    other_id = await client.enqueue("mail", "send")
+    unknown_id = "jobs:01J0000000000000000000000A"
+
+    redriven = await run_cli(
+        running.target, "dead", "redrive", "jobs", dead_id, pending_id, unknown_id, other_id
+    )
+
+    assert redriven.code == 1
+    assert redriven.stdout == "1 dead letter of jobs redriven\n"
+    assert redriven.stderr.splitlines() == [
+        f"{pending_id}: not redriven: not dead (PENDING)",
+        f"{unknown_id}: not redriven: not found",
+        f"{other_id}: not redriven: a task of queue mail, not jobs",
+    ]
+    assert (await client.get_task(dead_id)).state is TaskState.PENDING
+    assert (await client.get_task(other_id)).state is TaskState.PENDING
+
+
+async def test_dead_delete_with_json_lists_the_skipped_ids(
+    running: RunningBroker, client: Client
+) -> None:
+    pending_id = await client.enqueue("jobs", "run")
+
+    deleted = await run_cli(running.target, "--json", "dead", "delete", "jobs", pending_id)
+
+    assert deleted.code == 1
+    assert deleted.json() == {
+        "queue": "jobs",
+        "deleted": 0,
+        "skipped": [{"id": pending_id, "reason": "not dead (PENDING)"}],
+    }
+    assert (await client.get_task(pending_id)).state is TaskState.PENDING
+
+
 async def test_dead_redrive_needs_ids_or_all_but_not_both(running: RunningBroker) -> None:
     neither = await run_cli(running.target, "dead", "redrive", "jobs")
     both = await run_cli(running.target, "dead", "delete", "jobs", UNKNOWN_ID, "--all")
@@ -320,7 +384,40 @@ async def test_queue_pause_resume_and_list(running: RunningBroker, client: Clien
     assert resumed.json() == {"queue": "emails", "paused": False}
     assert not (await client.stats("emails"))[0].paused
     assert listed.stdout.split() == ["emails", "sms"]
-    assert listed_json.json() == {"queues": ["emails", "sms"]}
+    assert listed_json.json() == {"queues": ["emails", "sms"], "paused": []}
+
+
+async def test_queue_list_shows_which_queues_are_paused(
+    running: RunningBroker, client: Client
+) -> None:
+    await client.enqueue("emails", "send")
+    await client.enqueue("sms", "send")
+    await client.pause("sms")
+
+    listed = await run_cli(running.target, "queue", "list")
+    listed_json = await run_cli(running.target, "--json", "queue", "list")
+
+    assert listed.stdout.splitlines() == ["emails", "sms paused"]
+    assert listed_json.json() == {"queues": ["emails", "sms"], "paused": ["sms"]}
+
+
+async def test_pausing_or_resuming_an_unknown_queue_is_refused_unless_create(
+    running: RunningBroker, client: Client
+) -> None:
+    await client.enqueue("emails", "send")
+
+    typo = await run_cli(running.target, "queue", "pause", "emials")
+    resume = await run_cli(running.target, "--json", "queue", "resume", "emials")
+    known_after_typo = await client.queues()
+    created = await run_cli(running.target, "queue", "pause", "emials", "--create")
+
+    assert (typo.code, typo.stdout) == (1, "")
+    assert typo.stderr.startswith("error: unknown queue 'emials' (give --create")
+    assert "known queues: emails" in typo.stderr
+    assert resume.code == 1 and "unknown queue 'emials'" in json.loads(resume.stderr)["error"]
+    assert known_after_typo == ["emails"]
+    assert (created.code, created.stdout) == (0, "emials paused\n")
+    assert (await client.stats("emials"))[0].paused
 
 
 # --- usage errors and failures --------------------------------------------------------------
@@ -337,6 +434,15 @@ async def test_bad_option_values_are_usage_errors_naming_the_option(
         assert result.code == 2, result.stderr
         assert f"Invalid value for '{option}'" in result.stderr
         assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+async def test_duration_options_give_their_format_in_help() -> None:
+    enqueue_help = await run_cli("127.0.0.1:1", "enqueue", "--help")
+    stats_help = await run_cli("127.0.0.1:1", "stats", "--help")
+
+    for result in (enqueue_help, stats_help):
+        assert result.code == 0, result.stderr
+        assert "250ms, 30s, 5m, 2h, 1d" in " ".join(result.stdout.split())
 
 
 async def test_unreachable_broker_is_an_error_without_traceback() -> None:
@@ -376,9 +482,22 @@ async def shout(ctx: TaskContext, payload: bytes) -> bytes:
     return payload.upper()
 
 
+@handler("broken")
+async def broken(ctx: TaskContext, payload: bytes) -> bytes:
+    return undefined_name  # noqa: F821
+
+
 def make(client):
-    return Worker(client, queues=["words"], handlers=[shout], shutdown_grace=timedelta(seconds=1))
+    return Worker(
+        client,
+        queues=["words"],
+        handlers=[shout, broken],
+        concurrency=3,
+        shutdown_grace=timedelta(seconds=1),
+    )
 """
+#: A log line's leading timestamp, as logging's default asctime writes it.
+TIMESTAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
 
 
 async def test_worker_runs_a_factory_from_the_current_directory_until_sigterm(
@@ -401,9 +520,50 @@ async def test_worker_runs_a_factory_from_the_current_directory_until_sigterm(
     try:
         task_id = await client.enqueue("words", "shout", b"hello")
         task = await client.wait(task_id, timeout=10)
+        broken_id = await client.enqueue("words", "broken", max_attempts=1)
+        broken = await client.wait(broken_id, timeout=10)
     finally:
         process.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(process.communicate(), 10)
 
     assert (task.state, task.result) == (TaskState.SUCCEEDED, b"HELLO")
+    assert broken.state is TaskState.DEAD
     assert process.returncode == 0, stderr.decode()
+    # The worker says what it runs and what each task came to, with timestamps.
+    log = stderr.decode()
+    starting = rf"{TIMESTAMP} INFO taskbroker.worker: worker \S+ starting: broker {running.target}"
+    assert re.search(rf"{starting}, queues words, concurrency 3, handlers broken,shout\n", log)
+    ack = rf"{TIMESTAMP} INFO taskbroker.worker: task {task_id} \(shout\) attempt 1: ack\n"
+    assert re.search(ack, log), log
+    failed = rf"{TIMESTAMP} WARNING taskbroker.worker: task {broken_id} \(broken\) attempt 1: "
+    assert re.search(rf"{failed}error \(NameError: name 'undefined_name' is not defined\)", log)
+
+
+async def test_log_level_option_quiets_the_worker(
+    running: RunningBroker, client: Client, tmp_path: Path
+) -> None:
+    (tmp_path / "words_app.py").write_text(WORKER_MODULE)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskbroker.cli",
+        "--log-level",
+        "warning",
+        "worker",
+        "words_app:make",
+        "--target",
+        running.target,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli_env(),
+        cwd=tmp_path,
+    )
+    try:
+        task = await client.wait(await client.enqueue("words", "shout", b"hi"), timeout=10)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 10)
+
+    assert task.state is TaskState.SUCCEEDED
+    assert process.returncode == 0, stderr.decode()
+    assert " INFO " not in stderr.decode()

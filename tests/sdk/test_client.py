@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import pickle
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -112,6 +114,21 @@ async def test_idempotency_key_repeat_returns_the_first_task(client: Client) -> 
     assert batch == EnqueueResult(task_id=first, duplicate=True)
     (stats,) = await client.stats("emails")
     assert stats.pending == 1 and stats.enqueued_total == 1
+
+
+async def test_enqueue_returns_a_str_id_that_tells_a_duplicate(client: Client) -> None:
+    first = await client.enqueue("emails", "send", b"x", idempotency_key="order-7")
+    again = await client.enqueue("emails", "send", b"x", idempotency_key="order-7")
+    unkeyed = await client.enqueue("emails", "send", b"x")
+
+    assert (first.duplicate, again.duplicate, unkeyed.duplicate) == (False, True, False)
+    # Still the plain id wherever a str goes: equality, hashing, formatting, JSON, pickle.
+    assert type(again).__mro__[1:] == (str, object)
+    assert again == first and {first: 1}[again] == 1
+    assert f"{again}" == str(again) == first and json.dumps([again]) == json.dumps([str(first)])
+    assert (await client.get_task(again)).id == first
+    copied = pickle.loads(pickle.dumps(again))
+    assert copied == first and copied.duplicate is True
 
 
 async def test_enqueue_many_keeps_order_and_splits_past_1000(client: Client) -> None:
@@ -375,7 +392,9 @@ async def test_sync_client_serves_four_threads_at_once(running: RunningBroker) -
     client = SyncClient(running.target)
 
     def produce(thread: int) -> list[str]:
-        ids = [client.enqueue("emails", "send", f"{thread}-{i}".encode()) for i in range(25)]
+        ids: list[str] = [
+            client.enqueue("emails", "send", f"{thread}-{i}".encode()) for i in range(25)
+        ]
         ids += [r.task_id for r in client.enqueue_many(NewTask("sms", "send") for _ in range(5))]
         for task_id in ids[:3]:
             assert client.get_task(task_id).state is TaskState.PENDING
@@ -410,6 +429,15 @@ async def test_sync_client_wait_blocks_until_the_task_finishes(running: RunningB
         other = await asyncio.to_thread(client.enqueue, "emails", "send")
         with pytest.raises(TimeoutError):
             await asyncio.to_thread(client.wait, other, timeout=0.2)
+
+
+async def test_sync_client_enqueue_tells_a_duplicate(running: RunningBroker) -> None:
+    with SyncClient(running.target) as client:
+        first = await asyncio.to_thread(client.enqueue, "emails", "send", idempotency_key="k")
+        again = await asyncio.to_thread(client.enqueue, "emails", "send", idempotency_key="k")
+
+    assert again == first
+    assert (first.duplicate, again.duplicate) == (False, True)
 
 
 # --- codec ----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ def test_public_api_is_exactly_these_names() -> None:
         "SyncClient",
         "Task",
         "TaskContext",
+        "TaskId",
         "TaskNotFoundError",
         "TaskState",
         "TaskbrokerError",

@@ -136,3 +136,28 @@ async def test_admin_buttons_are_disabled_with_an_explanation_when_admin_is_off(
     ).to_be_disabled()
     await expect(page.locator("#dead-redrive-all")).to_be_disabled()
     assert problems == []
+
+
+async def test_charts_show_the_last_15_minutes_from_the_first_visit(
+    running: RunningBroker, browser: Browser
+) -> None:
+    page, problems = await open_page(browser, running)
+    await page.wait_for_function("() => state.charts.throughput !== null", timeout=UI_TIMEOUT_MS)
+
+    scales = await page.evaluate(
+        """() => Object.values(state.charts).map((chart) => ({
+            x: [chart.scales.x.min, chart.scales.x.max],
+            y: [chart.scales.y.min, chart.scales.y.max],
+            empty: chart.root.parentElement.querySelector(".chart-empty")?.hidden === false,
+        }))"""
+    )
+    now_s, points = await page.evaluate("() => [Date.now() / 1000, state.history.t.length]")
+
+    assert len(scales) == 2
+    for chart in scales:
+        start, end = chart["x"]
+        assert end - start == pytest.approx(15 * 60)  # not a span of years
+        assert abs(end - now_s) < 60
+        assert chart["y"][0] == 0 and chart["y"][1] > 0
+        assert chart["empty"] is (points == 0)  # "no data yet" until the first point
+    assert problems == []

@@ -221,17 +221,37 @@ function renderWorkers(workers) {
 
 // --- charts ---------------------------------------------------------------------------------
 
+// The charts show the last HISTORY_S seconds, as the broker keeps (broker/web/sampler.py).
+const HISTORY_S = 15 * 60;
+
+// The time axis always spans the last HISTORY_S seconds, ending now (or at the newest point,
+// should the broker's clock run ahead of the browser's). Left to itself, uPlot picks a range
+// from the data, and with none yet it shows a meaningless span of years.
+function timeRange(_u, _min, max) {
+  const end = Math.max(Date.now() / 1000, Number.isFinite(max) ? max : 0);
+  return [end - HISTORY_S, end];
+}
+
+// Rates and waits are never negative: start at 0, with 0 to 1 before there is any data.
+function valueRange(_u, _min, max) {
+  return [0, Number.isFinite(max) && max > 0 ? max * 1.1 : 1];
+}
+
 function makeChart(id, series) {
   const container = $(id);
   const options = {
     width: Math.max(container.clientWidth, 300),
     height: 180,
-    scales: { x: { time: true } },
+    scales: { x: { time: true, range: timeRange }, y: { range: valueRange } },
     axes: [{}, { size: 56 }],
     series: [{}, ...series],
   };
   const data = [[], ...series.map(() => [])];
-  return new uPlot(options, data, container);
+  const chart = new uPlot(options, data, container);
+  container.append(
+    el("p", { class: "muted chart-empty", hidden: true }, "No data yet: the chart fills in as tasks flow."),
+  );
+  return chart;
 }
 
 function renderCharts(points) {
@@ -244,7 +264,7 @@ function renderCharts(points) {
     h.p95.push(p.wait_p95_s);
     state.historySince = Math.max(state.historySince, p.time_ms);
   }
-  const cutoff = Date.now() / 1000 - 15 * 60;
+  const cutoff = Date.now() / 1000 - HISTORY_S;
   while (h.t.length && h.t[0] < cutoff) {
     for (const key of Object.keys(h)) h[key].shift();
   }
@@ -261,6 +281,9 @@ function renderCharts(points) {
   }
   state.charts.throughput.setData([h.t, h.enq, h.done]);
   state.charts.wait.setData([h.t, h.mean, h.p95]);
+  for (const chart of Object.values(state.charts)) {
+    chart.root.parentElement.querySelector(".chart-empty").hidden = h.t.length > 0;
+  }
 }
 
 window.addEventListener("resize", () => {

@@ -1,19 +1,24 @@
 /**
- * Loads the taskbroker API from the repository's `proto/` directory at runtime, so this client
- * has no copy of the protocol of its own: a change to a `.proto` file is picked up on the next
- * start.
- * Also converts between milliseconds and `google.protobuf.Duration` / `Timestamp`.
+ * Loads the taskbroker API from the `.proto` files at runtime: in the repository, from its
+ * `proto/` directory, so a change to a `.proto` file is picked up on the next start; installed
+ * from the npm tarball, from the `proto/` copy that `npm pack` puts into the package. Also
+ * converts between milliseconds and `google.protobuf.Duration` / `Timestamp`.
  *
  * @module
  */
 
+import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 
-/** The repository's `proto/` directory (this file is `clients/node/src/proto.js`). */
-export const PROTO_DIR = fileURLToPath(new URL('../../../proto', import.meta.url));
+/** The package's own copy (made by `npm pack`'s prepack script), else the repository's `proto/`. */
+const PACKED_PROTO_DIR = fileURLToPath(new URL('../proto', import.meta.url));
+/** The `proto/` directory the API is loaded from (this file is `clients/node/src/proto.js`). */
+export const PROTO_DIR = existsSync(PACKED_PROTO_DIR)
+  ? PACKED_PROTO_DIR
+  : fileURLToPath(new URL('../../../proto', import.meta.url));
 
 /**
  * How messages look in JavaScript: field names as in the `.proto` files (`task_id`), enums as

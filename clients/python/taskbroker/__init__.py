@@ -15,7 +15,7 @@ from taskbroker._errors import (
     UnavailableError,
 )
 from taskbroker._handler import Handler, TaskContext, handler
-from taskbroker._models import AttemptError, QueueStats, Task, TaskState
+from taskbroker._models import AttemptError, QueueStats, Task, TaskId, TaskState
 from taskbroker._sync import SyncClient
 from taskbroker._worker import Worker
 from taskbroker.codec import from_json, json_payload
@@ -41,6 +41,7 @@ __all__ = [
     "SyncClient",
     "Task",
     "TaskContext",
+    "TaskId",
     "TaskNotFoundError",
     "TaskState",
     "TaskbrokerError",

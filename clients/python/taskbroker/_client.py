@@ -15,7 +15,7 @@ import grpc
 
 from taskbroker._codec_hooks import decode_task, encode_specs
 from taskbroker._convert import stats_from_proto, task_from_proto, to_duration, to_timestamp
-from taskbroker._models import QueueStats, Task
+from taskbroker._models import QueueStats, Task, TaskId
 from taskbroker._status import error_from_rpc
 from taskbroker._tracing import (
     MESSAGING_MESSAGE_ID,
@@ -322,7 +322,7 @@ class Client:
         headers: Mapping[str, str] | None = None,
         retry_initial: timedelta | None = None,
         retry_max: timedelta | None = None,
-    ) -> str:
+    ) -> TaskId:
         """Enqueues one task.
 
         With an idempotency key, a call that fails UNAVAILABLE is retried (up to 3 times, with
@@ -346,7 +346,8 @@ class Client:
             retry_max: Largest backoff cap. None: the broker default (10 min).
 
         Returns:
-            The task's id (the earlier task's id when the idempotency key was a repeat).
+            The task's id, a `str` (`TaskId`). With an idempotency key that matched an earlier
+            task, it is that task's id and `.duplicate` is True: nothing new was enqueued.
 
         Raises:
             InvalidArgumentError: An option is out of range; the message names the field.
@@ -369,7 +370,7 @@ class Client:
             retry_max=retry_max,
         )
         (result,) = await self._send([task_spec(new)])
-        return result.task_id
+        return TaskId(result.task_id, duplicate=result.duplicate)
 
     async def enqueue_many(self, tasks: Iterable[NewTask]) -> list[EnqueueResult]:
         """Enqueues tasks in as few calls as the broker's limits allow (1,000 tasks per call).
@@ -382,7 +383,8 @@ class Client:
             tasks: The tasks, in the order their results are wanted.
 
         Returns:
-            One result per task, in the order given.
+            One result per task, in the order given; `duplicate` marks a task whose idempotency
+            key matched an earlier task (its id is returned and nothing new was stored).
 
         Raises:
             InvalidArgumentError: A task is malformed; the message names the field, indexed

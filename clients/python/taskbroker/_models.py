@@ -7,6 +7,37 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 
+class TaskId(str):
+    """A task's id as `Client.enqueue` returns it: a `str`, which also tells whether the call
+    was a duplicate.
+
+    It compares, hashes, formats and serializes (JSON, pickle) as the plain id, so code that
+    treats the result as a `str` keeps working.
+
+    ```python
+    task_id = await client.enqueue("emails", "send", b"42", idempotency_key="welcome-42")
+    if task_id.duplicate:
+        ...  # nothing new was enqueued: this is the earlier task's id
+    ```
+
+    Attributes:
+        duplicate: True when the idempotency key matched an earlier task within the broker's
+            window (default 24 h): nothing new was stored, and the id is that earlier task's,
+            whatever state it is in now (it may have finished or be dead). False for a new task.
+    """
+
+    duplicate: bool
+
+    def __new__(cls, value: str, *, duplicate: bool = False) -> TaskId:
+        task_id = super().__new__(cls, value)
+        task_id.duplicate = duplicate
+        return task_id
+
+    def __getnewargs_ex__(self) -> tuple[tuple[str], dict[str, bool]]:
+        # Pickle and copy rebuild it with its flag.
+        return (str(self),), {"duplicate": self.duplicate}
+
+
 class TaskState(enum.IntEnum):
     """Where a task is in its life (taskbroker.v1.TaskState)."""
 

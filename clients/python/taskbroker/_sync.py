@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from taskbroker._client import Client, EnqueueResult, NewTask
-from taskbroker._models import QueueStats, Task
+from taskbroker._models import QueueStats, Task, TaskId
 from taskbroker.encryption import PayloadCodec
 
 _T = TypeVar("_T")
@@ -81,11 +81,12 @@ class SyncClient:
         headers: Mapping[str, str] | None = None,
         retry_initial: timedelta | None = None,
         retry_max: timedelta | None = None,
-    ) -> str:
+    ) -> TaskId:
         """Enqueues one task; see `Client.enqueue` for the options and errors.
 
         Returns:
-            The task's id.
+            The task's id, a `str` whose `.duplicate` is True when the idempotency key matched
+            an earlier task (that task's id is returned; nothing new was enqueued).
         """
         return self._run(
             self._client.enqueue(

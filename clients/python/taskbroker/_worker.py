@@ -798,7 +798,10 @@ class _Session:
     ) -> None:
         ctx = run.ctx
         if result.outcome == _OK:
-            log.info(
+            # A handler that failed is worth a warning; a retry it asked for (RetryLater) is not.
+            failed = outcome.kind in ("error", "dead")
+            log.log(
+                logging.WARNING if failed else logging.INFO,
                 "task %s (%s) attempt %d: %s%s",
                 ctx.task_id,
                 ctx.type,
@@ -931,6 +934,15 @@ class Worker:
         return self._session
 
     async def _serve(self, session: _Session) -> None:
+        options = self._options
+        log.info(
+            "worker %s starting: broker %s, queues %s, concurrency %d, handlers %s",
+            options.worker_id,
+            self._client.target,
+            ",".join(options.queues),
+            options.concurrency,
+            ",".join(sorted(self._handlers)),
+        )
         try:
             await session.run()
         finally:

@@ -13,6 +13,7 @@ import asyncio
 import importlib
 import inspect
 import json
+import logging
 import os
 import re
 import sys
@@ -31,8 +32,13 @@ from rich.table import Table
 from rich.text import Text
 
 from taskbroker._client import MAX_TASKS_PER_CALL, Client, EnqueueResult, NewTask
-from taskbroker._errors import TaskbrokerError, UnavailableError
-from taskbroker._models import QueueStats, Task
+from taskbroker._errors import (
+    InvalidArgumentError,
+    TaskbrokerError,
+    TaskNotFoundError,
+    UnavailableError,
+)
+from taskbroker._models import QueueStats, Task, TaskState
 from taskbroker.codec import json_payload
 
 T = TypeVar("T")
@@ -44,6 +50,14 @@ PIPE_WIDTH: Final = 160
 COMPACT_BELOW: Final = 100
 #: Bytes of a binary payload or result shown (as hex) in a table; --json shows them all.
 HEX_PREVIEW_BYTES: Final = 32
+#: How duration options are written, for their help texts.
+DURATION_FORMAT: Final = "250ms, 30s, 5m, 2h, 1d, sums such as 1h30m, or plain seconds"
+#: Log records as `taskbroker worker` prints them: time, level, logger, message.
+LOG_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: Most GetTask calls in flight at once when explaining which ids a dead-letter command skipped.
+LOOKUP_CONCURRENCY: Final = 32
+#: Queue names listed when a queue command is refused for an unknown name.
+KNOWN_SHOWN: Final = 10
 
 # --- option types ---------------------------------------------------------------------------
 
@@ -167,6 +181,14 @@ class App:
         if self.json:
             doc = {"error": message, "code": err.code.name, "reason": err.reason}
             click.echo(json.dumps(doc), err=True)
+        else:
+            click.echo(f"error: {message}", err=True)
+        sys.exit(1)
+
+    def refuse(self, message: str) -> NoReturn:
+        """Reports a request the command will not carry out on stderr and exits 1."""
+        if self.json:
+            click.echo(json.dumps({"error": message}), err=True)
         else:
             click.echo(f"error: {message}", err=True)
         sys.exit(1)
@@ -324,6 +346,7 @@ def stats_doc(stats: QueueStats) -> dict[str, object]:
         "paused": stats.paused,
         "enqueued_total": stats.enqueued_total,
         "succeeded_total": stats.succeeded_total,
+        "failed_total": stats.failed_total,
         "retried_total": stats.retried_total,
         "reclaimed_total": stats.reclaimed_total,
         "dead_lettered_total": stats.dead_lettered_total,
@@ -339,7 +362,9 @@ _STATS_COLUMNS: Final = (
     "scheduled",
     "leased",
     "dead",
+    "enqueued",
     "succeeded",
+    "failed",
     "retried",
     "dead-\nlettered",
     "oldest\npending",
@@ -355,7 +380,13 @@ def _stats_table(all_stats: Sequence[QueueStats], width: int) -> Table:
     table.add_column("paused", vertical="bottom")
     for s in all_stats:
         counts = (s.pending, s.scheduled, s.leased, s.dead)
-        totals = (s.succeeded_total, s.retried_total, s.dead_lettered_total)
+        totals = (
+            s.enqueued_total,
+            s.succeeded_total,
+            s.failed_total,
+            s.retried_total,
+            s.dead_lettered_total,
+        )
         age = _age_cell(s.oldest_pending_age)
         paused = Text("paused", style="yellow") if s.paused else Text("-")
         table.add_row(Text(s.queue), *(str(n) for n in counts + totals), age, paused)
@@ -394,13 +425,29 @@ def _dead_table(tasks: Sequence[Task]) -> Table:
     type=DURATION,
     default="10s",
     show_default=True,
-    help="Deadline of each call to the broker.",
+    help=f"Deadline of each call to the broker: {DURATION_FORMAT}.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default=None,
+    help="Print log records of this level and above on stderr, with timestamps. "
+    "Default: info for `worker` (its start and every task's outcome), warning otherwise.",
 )
 @click.pass_context
-def cli(ctx: click.Context, target: str, json_output: bool, timeout: timedelta) -> None:
+def cli(
+    ctx: click.Context,
+    target: str,
+    json_output: bool,
+    timeout: timedelta,
+    log_level: str | None,
+) -> None:
     """Enqueue and inspect tasks, administer queues and run workers of a taskbroker broker."""
     if timeout <= timedelta(0):
         raise click.BadParameter("must be positive", ctx, param_hint="'--timeout'")
+    if log_level is None:
+        log_level = "info" if ctx.invoked_subcommand == "worker" else "warning"
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     out, err = _consoles()
     ctx.obj = App(target, json_output, timeout.total_seconds(), out, err)
 
@@ -409,7 +456,12 @@ def cli(ctx: click.Context, target: str, json_output: bool, timeout: timedelta) 
 @click.argument("queue")
 @click.argument("type_", metavar="TYPE")
 @click.option("--payload", type=PayloadType(), default=None, help="JSON value, or @path for bytes.")
-@click.option("--delay", type=DURATION, default=None, help="Run no earlier than this from now.")
+@click.option(
+    "--delay",
+    type=DURATION,
+    default=None,
+    help=f"Run no earlier than this long from now: {DURATION_FORMAT}.",
+)
 @click.option("--priority", type=click.IntRange(-1000, 1000), default=0, show_default=True)
 @click.option("--count", type=click.IntRange(min=1), default=1, help="Enqueue this many copies.")
 @click.option("--max-attempts", type=click.IntRange(1, 1000), default=None)
@@ -491,7 +543,13 @@ def task(app: App, task_id: str) -> None:
 @cli.command()
 @click.argument("queues", nargs=-1)
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
-@click.option("--interval", type=DURATION, default="1s", show_default=True)
+@click.option(
+    "--interval",
+    type=DURATION,
+    default="1s",
+    show_default=True,
+    help=f"Time between refreshes with --watch: {DURATION_FORMAT}.",
+)
 @click.pass_obj
 def stats(app: App, queues: tuple[str, ...], watch: bool, interval: timedelta) -> None:
     """Shows counts and totals of QUEUES (default: every queue)."""
@@ -515,6 +573,8 @@ def stats(app: App, queues: tuple[str, ...], watch: bool, interval: timedelta) -
 def _show_stats(app: App, all_stats: Sequence[QueueStats]) -> None:
     if app.json:
         app.emit({"queues": [stats_doc(s) for s in all_stats]})
+    elif not all_stats:
+        app.show("no queues")
     else:
         app.show(_stats_table(all_stats, app.out.width))
 
@@ -547,6 +607,8 @@ def dead_list(app: App, queue: str, limit: int) -> None:
     tasks = app.run(lambda c: _dead_letters(c, queue, limit))
     if app.json:
         app.emit({"tasks": [task_doc(t) for t in tasks]})
+    elif not tasks:
+        click.echo(f"no dead letters in {queue}")
     else:
         app.show(_dead_table(tasks))
 
@@ -576,21 +638,62 @@ def _settle_dead(
     op: Callable[[Client], _DeadOp],
     done: str,
 ) -> None:
-    """Redrives or deletes dead letters (op picks the Client method) and reports how many."""
+    """Redrives or deletes dead letters (op picks the Client method) and reports how many.
+
+    Named ids that are not dead letters of the queue are left out, each with its reason (on
+    stderr, or under "skipped" with --json), and the command then exits 1.
+    """
     if bool(ids) == every:
         raise click.UsageError("name the dead letters' IDS, or give --all (not both)")
+    ids = tuple(dict.fromkeys(ids))  # each id once, in the order given
 
-    async def call(client: Client) -> int:
+    async def call(client: Client) -> tuple[int, dict[str, str]]:
+        skipped = {} if every else await _not_dead(client, queue, ids)
+        chosen = [task_id for task_id in ids if task_id not in skipped]
+        if not every and not chosen:
+            return 0, skipped
         with app.progress(f"{done} {queue}", None, enabled=every) as advance:
-            count = await op(client)(queue, ids, all=every)
+            count = await op(client)(queue, chosen, all=every)
             advance(count)
-            return count
+        if count < len(chosen):  # some changed state between the lookup and the call
+            missed = len(chosen) - count
+            skipped[f"{missed} of the others"] = "no longer dead letters when the call came"
+        return count, skipped
 
-    count = app.run(call)
+    count, skipped = app.run(call)
     if app.json:
-        app.emit({"queue": queue, done: count})
+        doc: dict[str, object] = {"queue": queue, done: count}
+        if not every:
+            doc["skipped"] = [{"id": k, "reason": v} for k, v in skipped.items()]
+        app.emit(doc)
     else:
         click.echo(f"{count} dead letter{'' if count == 1 else 's'} of {queue} {done}")
+        for task_id, reason in skipped.items():
+            click.echo(f"{task_id}: not {done}: {reason}", err=True)
+    if skipped:
+        sys.exit(1)
+
+
+async def _not_dead(client: Client, queue: str, ids: Sequence[str]) -> dict[str, str]:
+    """Why each of the ids that is not a dead letter of the queue cannot be settled, by id."""
+    limit = asyncio.Semaphore(LOOKUP_CONCURRENCY)
+
+    async def reason(task_id: str) -> str | None:
+        try:
+            async with limit:
+                task = await client.get_task(task_id)
+        except TaskNotFoundError:
+            return "not found"
+        except InvalidArgumentError as err:
+            return f"not a task id ({err})"
+        if task.queue != queue:
+            return f"a task of queue {task.queue}, not {queue}"
+        if task.state is not TaskState.DEAD:
+            return f"not dead ({task.state.name})"
+        return None
+
+    reasons = await asyncio.gather(*(reason(task_id) for task_id in ids))
+    return {task_id: r for task_id, r in zip(ids, reasons, strict=True) if r is not None}
 
 
 @dead.command("redrive")
@@ -624,31 +727,57 @@ def queue() -> None:
 @queue.command("list")
 @click.pass_obj
 def queue_list(app: App) -> None:
-    """Lists the queues the broker knows."""
-    names = app.run(lambda c: c.queues())
+    """Lists the queues the broker knows, marking the paused ones."""
+    all_stats = app.run(lambda c: c.stats())
+    names = sorted(s.queue for s in all_stats)
+    paused = sorted(s.queue for s in all_stats if s.paused)
     if app.json:
-        app.emit({"queues": names})
+        app.emit({"queues": names, "paused": paused})
         return
+    if not names:
+        click.echo("no queues")
     for name in names:
-        click.echo(name)
+        click.echo(f"{name} paused" if name in paused else name)
 
 
 @queue.command("pause")
 @click.argument("name", metavar="QUEUE")
+@click.option(
+    "--create",
+    is_flag=True,
+    help="Pause QUEUE even when the broker does not know it yet (no task was ever enqueued).",
+)
 @click.pass_obj
-def queue_pause(app: App, name: str) -> None:
-    """Stops leasing from QUEUE (enqueues are still accepted)."""
-    app.run(lambda c: c.pause(name))
-    _report_paused(app, name, paused=True)
+def queue_pause(app: App, name: str, create: bool) -> None:
+    """Stops leasing from QUEUE (enqueues are still accepted). QUEUE must exist unless --create."""
+    _change_pause(app, name, paused=True, create=create)
 
 
 @queue.command("resume")
 @click.argument("name", metavar="QUEUE")
 @click.pass_obj
 def queue_resume(app: App, name: str) -> None:
-    """Resumes leasing from QUEUE."""
-    app.run(lambda c: c.resume(name))
-    _report_paused(app, name, paused=False)
+    """Resumes leasing from QUEUE, which must exist."""
+    _change_pause(app, name, paused=False, create=False)
+
+
+def _change_pause(app: App, name: str, *, paused: bool, create: bool) -> None:
+    """Pauses or resumes a queue; an unknown name (a typo, most likely) is refused."""
+
+    async def change(client: Client) -> list[str] | None:
+        if not create and name not in (known := await client.queues()):
+            return known
+        await (client.pause(name) if paused else client.resume(name))
+        return None
+
+    known = app.run(change)
+    if known is not None:
+        hint = " (give --create to pause it before its first task)" if paused else ""
+        listing = ", ".join(known[:KNOWN_SHOWN]) if known else "none"
+        if len(known) > KNOWN_SHOWN:
+            listing += f" and {len(known) - KNOWN_SHOWN} more"
+        app.refuse(f"unknown queue {name!r}{hint}; known queues: {listing}")
+    _report_paused(app, name, paused=paused)
 
 
 def _report_paused(app: App, name: str, *, paused: bool) -> None:
