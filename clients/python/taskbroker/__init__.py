@@ -1,25 +1,68 @@
 """taskbroker: the Python SDK. A producer client, a worker runtime and a CLI for the taskbroker
-gRPC broker. The generated taskbroker.v1 API lives in taskbroker.v1."""
+gRPC broker. The generated taskbroker.v1 API lives in taskbroker.v1.
 
-from taskbroker import testing
-from taskbroker._client import Client, EnqueueResult, NewTask
-from taskbroker._errors import (
-    AlreadyExistsError,
-    FailedPreconditionError,
-    InvalidArgumentError,
-    LeaseStaleError,
-    NonRetryable,
-    RetryLater,
-    TaskbrokerError,
-    TaskNotFoundError,
-    UnavailableError,
-)
-from taskbroker._handler import Handler, TaskContext, handler
-from taskbroker._models import AttemptError, QueueStats, Task, TaskId, TaskState
-from taskbroker._sync import SyncClient
-from taskbroker._worker import Worker
-from taskbroker.codec import from_json, json_payload
-from taskbroker.encryption import AesGcmCodec, CodecError, Keyring, PayloadCodec
+The public names load on first use (PEP 562): importing the generated `taskbroker.v1`, as the
+broker does, runs this module without loading the client, the worker or their dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from taskbroker import testing
+    from taskbroker._client import Client, EnqueueResult, NewTask
+    from taskbroker._errors import (
+        AlreadyExistsError,
+        FailedPreconditionError,
+        InvalidArgumentError,
+        LeaseStaleError,
+        NonRetryable,
+        RetryLater,
+        TaskbrokerError,
+        TaskNotFoundError,
+        UnavailableError,
+    )
+    from taskbroker._handler import Handler, TaskContext, handler
+    from taskbroker._models import AttemptError, QueueStats, Task, TaskId, TaskState
+    from taskbroker._sync import SyncClient
+    from taskbroker._worker import Worker
+    from taskbroker.codec import from_json, json_payload
+    from taskbroker.encryption import AesGcmCodec, CodecError, Keyring, PayloadCodec
+
+#: Where each public name is defined.
+_MODULES: dict[str, str] = {
+    "AesGcmCodec": "taskbroker.encryption",
+    "AlreadyExistsError": "taskbroker._errors",
+    "AttemptError": "taskbroker._models",
+    "Client": "taskbroker._client",
+    "CodecError": "taskbroker.encryption",
+    "EnqueueResult": "taskbroker._client",
+    "FailedPreconditionError": "taskbroker._errors",
+    "Handler": "taskbroker._handler",
+    "InvalidArgumentError": "taskbroker._errors",
+    "Keyring": "taskbroker.encryption",
+    "LeaseStaleError": "taskbroker._errors",
+    "NewTask": "taskbroker._client",
+    "NonRetryable": "taskbroker._errors",
+    "PayloadCodec": "taskbroker.encryption",
+    "QueueStats": "taskbroker._models",
+    "RetryLater": "taskbroker._errors",
+    "SyncClient": "taskbroker._sync",
+    "Task": "taskbroker._models",
+    "TaskContext": "taskbroker._handler",
+    "TaskId": "taskbroker._models",
+    "TaskNotFoundError": "taskbroker._errors",
+    "TaskState": "taskbroker._models",
+    "TaskbrokerError": "taskbroker._errors",
+    "UnavailableError": "taskbroker._errors",
+    "Worker": "taskbroker._worker",
+    "from_json": "taskbroker.codec",
+    "handler": "taskbroker._handler",
+    "json_payload": "taskbroker.codec",
+    "testing": "taskbroker.testing",
+}
 
 __all__ = [
     "AesGcmCodec",
@@ -52,3 +95,17 @@ __all__ = [
     "json_payload",
     "testing",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'taskbroker' has no attribute {name!r}")
+    loaded = importlib.import_module(module)
+    value = loaded if name == "testing" else getattr(loaded, name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
