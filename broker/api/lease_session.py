@@ -307,6 +307,7 @@ class LeaseSession:
                     self._fail_invalid("frame", "not a valid LeaseRequest")
                     return
                 self._handle(request)
+                await self._settle_room()
             # The worker half-closed: no more deliveries; answer what it sent, then end.
             if self._sub is not None:
                 self._sub.close()
@@ -338,6 +339,9 @@ class LeaseSession:
             self._settle_frames([("extend", request.extend)])
         elif kind == "settlements":
             batch = request.settlements
+            if problem := self._frame_problem(batch):
+                self._fail_invalid(*problem)
+                return
             frames: list[tuple[str, _SettleFrame]] = [("ack", m) for m in batch.acks]
             frames += [("nack", m) for m in batch.nacks]
             frames += [("extend", m) for m in batch.extends]
@@ -363,20 +367,68 @@ class LeaseSession:
             return
         self._sub.add_credits(n)
 
+    def _frame_problem(self, batch: lease_pb2.Settlements) -> tuple[str, str] | None:
+        """Why a settlements frame is refused whole: too many items, or too many queues (its
+        cost would starve other clients)."""
+        limits = self._tasks.settings
+        count = len(batch.acks) + len(batch.nacks) + len(batch.extends)
+        if count > limits.max_settlements_per_frame:
+            return (
+                "settlements",
+                f"{count} acks, nacks and extensions in one frame; at most "
+                f"{limits.max_settlements_per_frame} (setting max_settlements_per_frame)",
+            )
+        queues = {m.task_id.rpartition(":")[0] for m in batch.acks}
+        queues.update(m.task_id.rpartition(":")[0] for m in batch.nacks)
+        queues.update(m.task_id.rpartition(":")[0] for m in batch.extends)
+        if len(queues) > limits.max_queues_per_settlements_frame:
+            return (
+                "settlements",
+                f"tasks of {len(queues)} queues in one frame; at most "
+                f"{limits.max_queues_per_settlements_frame} "
+                "(setting max_queues_per_settlements_frame)",
+            )
+        return None
+
     def _settle_frames(self, frames: list[tuple[str, _SettleFrame]]) -> None:
         task = asyncio.create_task(self._settle(frames))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
+    async def _settle_room(self) -> None:
+        """Backpressure: while the stream has its maximum of settlement frames being applied,
+        the next frame is not read (the worker's writes wait on HTTP/2 flow control)."""
+        while len(self._settling) >= self._tasks.settings.max_settle_batches_per_stream:
+            await asyncio.wait(set(self._settling), return_when=asyncio.FIRST_COMPLETED)
+
     async def _settle(self, frames: list[tuple[str, _SettleFrame]]) -> None:
-        """Applies a frame's settlements together and answers each, in order, in one frame."""
+        """Applies a frame's settlements and answers each, in order, in one frame.
+
+        A large frame is applied in chunks, one after the other (_SETTLE_CHUNK_ITEMS items of at
+        most _SETTLE_CHUNK_GROUPS queue and kind groups): the event loop and the Redis pool are
+        never held by one frame for long, so other clients are served in between."""
         answers = [
             lease_pb2.SettleResult(task_id=msg.task_id, lease_id=msg.lease_id, kind=_KINDS[kind])
             for kind, msg in frames
         ]
+        start = 0
+        while start < len(frames):
+            end = _chunk_end(frames, start)
+            await self._settle_chunk(frames, answers, start, end)
+            start = end
+        self._outbox.put_nowait(Frame(settle_results=lease_pb2.SettleResults(results=answers)))
+
+    async def _settle_chunk(
+        self,
+        frames: list[tuple[str, _SettleFrame]],
+        answers: list[lease_pb2.SettleResult],
+        start: int,
+        end: int,
+    ) -> None:
         items: list[SettleItem] = []
         checked: list[int] = []
-        for i, (kind, msg) in enumerate(frames):
+        for i in range(start, end):
+            kind, msg = frames[i]
             try:
                 items.append(self._check(kind, msg))
                 checked.append(i)
@@ -391,7 +443,8 @@ class LeaseSession:
             outcomes = [BrokerError("internal error; retry")] * len(items)
         for i, item, outcome in zip(checked, items, outcomes, strict=True):
             self._answer(answers[i], item, outcome)
-        self._outbox.put_nowait(Frame(settle_results=lease_pb2.SettleResults(results=answers)))
+        if not items:
+            await asyncio.sleep(0)  # an all-invalid chunk still lets others run
 
     def _check(self, kind: str, msg: _SettleFrame) -> SettleItem:
         if isinstance(msg, lease_pb2.AckRequest):
@@ -435,6 +488,27 @@ class LeaseSession:
 _SettleFrame: TypeAlias = (
     lease_pb2.AckRequest | lease_pb2.NackRequest | lease_pb2.ExtendLeaseRequest
 )
+
+#: One chunk of a settlements frame: at most this many items ...
+_SETTLE_CHUNK_ITEMS = 1000
+#: ... of at most this many (kind, queue) groups, each one script call at a time.
+_SETTLE_CHUNK_GROUPS = 16
+
+
+def _chunk_end(frames: list[tuple[str, _SettleFrame]], start: int) -> int:
+    """Where the chunk of frames beginning at start ends (exclusive)."""
+    groups: set[tuple[str, str]] = set()
+    end = start
+    while end < len(frames) and end - start < _SETTLE_CHUNK_ITEMS:
+        kind, msg = frames[end]
+        group = (kind, msg.task_id.rpartition(":")[0])
+        if group not in groups:
+            if len(groups) == _SETTLE_CHUNK_GROUPS:
+                break
+            groups.add(group)
+        end += 1
+    return end
+
 
 _KINDS = {
     "ack": lease_pb2.SETTLE_KIND_ACK,
