@@ -57,6 +57,10 @@ MAX_ERROR_BYTES = 4096
 MAX_IDS_PER_CALL = 1000
 #: Items per script call: 1,000 keeps one call to a few ms, so Redis stays responsive.
 MAX_BATCH_ITEMS = 1000
+#: Payload bytes per enqueue script call (one call's tasks may exceed it, alone): concurrent
+#: calls of large tasks are not merged into one huge command that holds copies of them all and
+#: outlasts the Redis socket timeout.
+MAX_BATCH_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +95,7 @@ class TaskQueue:
         self._settings = settings
         self._ids = IdGenerator()
         self._enqueue = Batcher[tuple[NewTask, ...], list[EnqueueOutcome]](
-            self._flush_enqueue, MAX_BATCH_ITEMS, len
+            self._flush_enqueue, MAX_BATCH_ITEMS, _enqueue_cost
         )
         self._acks = Batcher[AckItem, SettleResult](self._store.ack, MAX_BATCH_ITEMS, _one)
         self._nacks = Batcher[NackItem, SettleResult](self._store.nack, MAX_BATCH_ITEMS, _one)
@@ -472,6 +476,13 @@ _DeadOp: TypeAlias = Callable[[str, Sequence[str]], Awaitable[int]]
 
 def _one(_: object) -> int:
     return 1
+
+
+def _enqueue_cost(call: tuple[NewTask, ...]) -> int:
+    """An Enqueue call's share of a batch: its tasks, or its payload bytes in units of
+    MAX_BATCH_BYTES / MAX_BATCH_ITEMS, whichever is more."""
+    size = sum(len(t.payload) for t in call)
+    return max(len(call), -(-size * MAX_BATCH_ITEMS // MAX_BATCH_BYTES))
 
 
 #: Acks, nacks and extensions, checked and ready for the store.
