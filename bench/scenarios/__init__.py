@@ -15,6 +15,7 @@ from bench.scenarios import (
     idle_streams,
     latency,
     memory,
+    noisy_neighbour,
     pipeline,
     recovery,
     unary,
@@ -40,6 +41,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     # 1,000 streams from one client process: above the default max_streams_per_client.
     Scenario("idle_streams", idle_streams.run, {"TASKBROKER_MAX_STREAMS_PER_CLIENT": "1000"}),
     Scenario("big_enqueue", big_enqueue.run),
+    Scenario("noisy_neighbour", noisy_neighbour.run),
     Scenario("ceiling", ceiling.run),
 )
 
