@@ -53,8 +53,10 @@ async def _drain(call: Any) -> None:
         pass
 
 
-async def _settler(stub: BrokerServiceAsyncStub, queue: str, counts: Counter[str]) -> None:
-    """One stream after another: frames at the limit, then one past it (the stream fails)."""
+async def _settler(
+    stub: BrokerServiceAsyncStub, queue: str, counts: Counter[str], at: int, past: bool
+) -> None:
+    """One stream after another: `at` frames at the limit, then one past it (the stream fails)."""
     at_limit, past_limit = _frame(*AT_LIMIT), _frame(*PAST_LIMIT)
     while True:
         try:
@@ -65,11 +67,14 @@ async def _settler(stub: BrokerServiceAsyncStub, queue: str, counts: Counter[str
             continue
         reader = asyncio.create_task(_drain(call))
         try:
-            for _ in range(5):
+            for _ in range(at):
                 await call.write(at_limit)
                 counts["frames at limit"] += 1
-            await call.write(past_limit)
-            counts["frames past limit"] += 1
+            if past:
+                await call.write(past_limit)
+                counts["frames past limit"] += 1
+            else:
+                await call.done_writing()
             await reader
         except grpc.aio.AioRpcError as exc:
             counts[f"stream ended {exc.code().name}"] += 1
@@ -115,7 +120,8 @@ async def main(args: argparse.Namespace) -> None:
     counts: Counter[str] = Counter()
     jobs = [asyncio.create_task(_stream_hog(hog, args.queue, counts)) for _ in range(args.hogs)]
     jobs += [
-        asyncio.create_task(_settler(settle, args.queue, counts)) for _ in range(args.settlers)
+        asyncio.create_task(_settler(settle, args.queue, counts, args.frames, args.past > 0))
+        for _ in range(args.settlers)
     ]
     jobs += [
         asyncio.create_task(_enqueuer(produce, args.queue, counts)) for _ in range(args.enqueuers)
@@ -137,6 +143,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hogs", type=int, default=1)
     p.add_argument("--settlers", type=int, default=4)
     p.add_argument("--enqueuers", type=int, default=8)
+    p.add_argument("--frames", type=int, default=5, help="frames at the limit per stream")
+    p.add_argument("--past", type=int, default=1, help="1: end each stream with a frame past it")
     return p.parse_args()
 
 

@@ -8,7 +8,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
@@ -55,6 +55,8 @@ class SessionRegistry:
         self._background: set[asyncio.Task[None]] = set()
         #: Set whenever a held lease is settled, so shutdown can wait for the last one.
         self.settled = asyncio.Event()
+        #: Lanes for large settlements frames (LeaseSession._settle_batch), shared by all streams.
+        self.settle_lanes = asyncio.Semaphore(SETTLE_LANES)
 
     def held(self, lease_id: str, session: LeaseSession) -> None:
         self._holder[lease_id] = session
@@ -339,14 +341,17 @@ class LeaseSession:
             self._settle_frames([("extend", request.extend)])
         elif kind == "settlements":
             batch = request.settlements
-            if problem := self._frame_problem(batch):
-                self._fail_invalid(*problem)
+            count = len(batch.acks) + len(batch.nacks) + len(batch.extends)
+            limit = self._tasks.settings.max_settlements_per_frame
+            if count > limit:
+                self._fail_invalid(
+                    "settlements",
+                    f"{count} acks, nacks and extensions in one frame; at most {limit} "
+                    "(setting max_settlements_per_frame)",
+                )
                 return
-            frames: list[tuple[str, _SettleFrame]] = [("ack", m) for m in batch.acks]
-            frames += [("nack", m) for m in batch.nacks]
-            frames += [("extend", m) for m in batch.extends]
-            if frames:
-                self._settle_frames(frames)
+            if count:
+                self._start_settling(self._settle_batch(batch, count))
             if batch.credits:
                 self._credit("settlements.credits", batch.credits)
         elif kind == "open":
@@ -367,33 +372,52 @@ class LeaseSession:
             return
         self._sub.add_credits(n)
 
-    def _frame_problem(self, batch: lease_pb2.Settlements) -> tuple[str, str] | None:
-        """Why a settlements frame is refused whole: too many items, or too many queues (its
-        cost would starve other clients)."""
-        limits = self._tasks.settings
-        count = len(batch.acks) + len(batch.nacks) + len(batch.extends)
-        if count > limits.max_settlements_per_frame:
-            return (
-                "settlements",
-                f"{count} acks, nacks and extensions in one frame; at most "
-                f"{limits.max_settlements_per_frame} (setting max_settlements_per_frame)",
-            )
-        queues = {m.task_id.rpartition(":")[0] for m in batch.acks}
-        queues.update(m.task_id.rpartition(":")[0] for m in batch.nacks)
-        queues.update(m.task_id.rpartition(":")[0] for m in batch.extends)
-        if len(queues) > limits.max_queues_per_settlements_frame:
-            return (
-                "settlements",
-                f"tasks of {len(queues)} queues in one frame; at most "
-                f"{limits.max_queues_per_settlements_frame} "
-                "(setting max_queues_per_settlements_frame)",
-            )
-        return None
-
     def _settle_frames(self, frames: list[tuple[str, _SettleFrame]]) -> None:
-        task = asyncio.create_task(self._settle(frames))
+        groups: dict[tuple[str, str], list[_SettleFrame]] = {}
+        for kind, msg in frames:
+            groups.setdefault((kind, msg.task_id.rpartition(":")[0]), []).append(msg)
+        self._start_settling(self._settle(groups))
+
+    def _start_settling(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
+
+    async def _settle_batch(self, batch: lease_pb2.Settlements, count: int) -> None:
+        """Applies a settlements frame. A frame of more than _LIGHT_FRAME_ITEMS items waits for
+        one of the broker's few lanes for large frames (SessionRegistry.settle_lanes): one
+        client's big frames take turns instead of filling the event loop, while the small
+        frames of a worker's usual traffic go straight through and keep their group commit."""
+        if count <= _LIGHT_FRAME_ITEMS:
+            await self._group_and_settle(batch)
+        else:
+            async with self._registry.settle_lanes:
+                await self._group_and_settle(batch)
+
+    async def _group_and_settle(self, batch: lease_pb2.Settlements) -> None:
+        """Groups a frame's items by kind and queue, a slice at a time (a large frame does not
+        hold the event loop), refuses it whole if it names too many queues, and applies it."""
+        groups: dict[tuple[str, str], list[_SettleFrame]] = {}
+        parts: tuple[tuple[str, Sequence[_SettleFrame]], ...] = (
+            ("ack", batch.acks),
+            ("nack", batch.nacks),
+            ("extend", batch.extends),
+        )
+        for kind, messages in parts:
+            for start in range(0, len(messages), _SCAN_SLICE):
+                for msg in messages[start : start + _SCAN_SLICE]:
+                    groups.setdefault((kind, msg.task_id.rpartition(":")[0]), []).append(msg)
+                await asyncio.sleep(0)
+        queues = len({queue for _, queue in groups})
+        limit = self._tasks.settings.max_queues_per_settlements_frame
+        if queues > limit:
+            self._fail_invalid(
+                "settlements",
+                f"tasks of {queues} queues in one frame; at most {limit} "
+                "(setting max_queues_per_settlements_frame)",
+            )
+            return
+        await self._settle(groups)
 
     async def _settle_room(self) -> None:
         """Backpressure: while the stream has its maximum of settlement frames being applied,
@@ -401,34 +425,33 @@ class LeaseSession:
         while len(self._settling) >= self._tasks.settings.max_settle_batches_per_stream:
             await asyncio.wait(set(self._settling), return_when=asyncio.FIRST_COMPLETED)
 
-    async def _settle(self, frames: list[tuple[str, _SettleFrame]]) -> None:
-        """Applies a frame's settlements and answers each, in order, in one frame.
+    async def _settle(self, groups: dict[tuple[str, str], list[_SettleFrame]]) -> None:
+        """Applies settlements grouped by kind and queue and answers each (answers match items
+        by lease and kind, so each chunk is answered as soon as it is applied).
 
-        A large frame is applied in chunks, one after the other (_SETTLE_CHUNK_ITEMS items of at
-        most _SETTLE_CHUNK_GROUPS queue and kind groups): the event loop and the Redis pool are
-        never held by one frame for long, so other clients are served in between."""
+        Chunks are applied one after the other, each of at most _SETTLE_CHUNK_ITEMS items and
+        _SETTLE_CHUNK_GROUPS groups (a script call each), so one frame never holds the event
+        loop or the Redis pool for long."""
+        chunk: list[tuple[str, _SettleFrame]] = []
+        in_chunk = 0  # groups with items in chunk
+        for (kind, _), messages in groups.items():
+            in_chunk += 1
+            for msg in messages:
+                if len(chunk) == _SETTLE_CHUNK_ITEMS or in_chunk > _SETTLE_CHUNK_GROUPS:
+                    await self._settle_chunk(chunk)
+                    chunk, in_chunk = [], 1
+                chunk.append((kind, msg))
+        if chunk:
+            await self._settle_chunk(chunk)
+
+    async def _settle_chunk(self, frames: list[tuple[str, _SettleFrame]]) -> None:
         answers = [
             lease_pb2.SettleResult(task_id=msg.task_id, lease_id=msg.lease_id, kind=_KINDS[kind])
             for kind, msg in frames
         ]
-        start = 0
-        while start < len(frames):
-            end = _chunk_end(frames, start)
-            await self._settle_chunk(frames, answers, start, end)
-            start = end
-        self._outbox.put_nowait(Frame(settle_results=lease_pb2.SettleResults(results=answers)))
-
-    async def _settle_chunk(
-        self,
-        frames: list[tuple[str, _SettleFrame]],
-        answers: list[lease_pb2.SettleResult],
-        start: int,
-        end: int,
-    ) -> None:
         items: list[SettleItem] = []
         checked: list[int] = []
-        for i in range(start, end):
-            kind, msg = frames[i]
+        for i, (kind, msg) in enumerate(frames):
             try:
                 items.append(self._check(kind, msg))
                 checked.append(i)
@@ -443,6 +466,7 @@ class LeaseSession:
             outcomes = [BrokerError("internal error; retry")] * len(items)
         for i, item, outcome in zip(checked, items, outcomes, strict=True):
             self._answer(answers[i], item, outcome)
+        self._outbox.put_nowait(Frame(settle_results=lease_pb2.SettleResults(results=answers)))
         if not items:
             await asyncio.sleep(0)  # an all-invalid chunk still lets others run
 
@@ -489,25 +513,16 @@ _SettleFrame: TypeAlias = (
     lease_pb2.AckRequest | lease_pb2.NackRequest | lease_pb2.ExtendLeaseRequest
 )
 
-#: One chunk of a settlements frame: at most this many items ...
-_SETTLE_CHUNK_ITEMS = 1000
+#: One chunk of settlements: at most this many items ...
+_SETTLE_CHUNK_ITEMS = 256
 #: ... of at most this many (kind, queue) groups, each one script call at a time.
 _SETTLE_CHUNK_GROUPS = 16
-
-
-def _chunk_end(frames: list[tuple[str, _SettleFrame]], start: int) -> int:
-    """Where the chunk of frames beginning at start ends (exclusive)."""
-    groups: set[tuple[str, str]] = set()
-    end = start
-    while end < len(frames) and end - start < _SETTLE_CHUNK_ITEMS:
-        kind, msg = frames[end]
-        group = (kind, msg.task_id.rpartition(":")[0])
-        if group not in groups:
-            if len(groups) == _SETTLE_CHUNK_GROUPS:
-                break
-            groups.add(group)
-        end += 1
-    return end
+#: Settlements frames larger than this wait for a lane (SessionRegistry.settle_lanes).
+_LIGHT_FRAME_ITEMS = 32
+#: Large settlements frames applied at once, broker-wide.
+SETTLE_LANES = 2
+#: A settlements frame is grouped this many items at a time, yielding to others in between.
+_SCAN_SLICE = 256
 
 
 _KINDS = {
