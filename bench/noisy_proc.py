@@ -38,6 +38,13 @@ def _frame(items: int, queues: int) -> lease_pb2.LeaseRequest:
     return lease_pb2.LeaseRequest(settlements=lease_pb2.Settlements(acks=acks))
 
 
+def _count(counts: Counter[str], what: str, exc: grpc.aio.AioRpcError) -> None:
+    """Counts an outcome by status code; an unexpected code is also reported with its details."""
+    counts[f"{what} {exc.code().name}"] += 1
+    if exc.code() not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT):
+        emit("unexpected", what=what, code=exc.code().name, details=exc.details())
+
+
 async def _open(stub: BrokerServiceAsyncStub, queue: str) -> Any:
     call = stub.Lease()
     await call.write(lease_pb2.LeaseRequest(open=lease_pb2.LeaseOpen(queues=[queue], credits=1)))
@@ -62,7 +69,7 @@ async def _settler(
         try:
             call = await _open(stub, queue)
         except grpc.aio.AioRpcError as exc:
-            counts[f"stream refused {exc.code().name}"] += 1
+            _count(counts, "stream refused", exc)
             await asyncio.sleep(0.05)
             continue
         reader = asyncio.create_task(_drain(call))
@@ -77,7 +84,7 @@ async def _settler(
                 await call.done_writing()
             await reader
         except grpc.aio.AioRpcError as exc:
-            counts[f"stream ended {exc.code().name}"] += 1
+            _count(counts, "stream ended", exc)
         finally:
             reader.cancel()
             call.cancel()
@@ -91,7 +98,7 @@ async def _stream_hog(stub: BrokerServiceAsyncStub, queue: str, counts: Counter[
             held.append(await _open(stub, queue))
             counts["streams held"] += 1
         except grpc.aio.AioRpcError as exc:
-            counts[f"stream refused {exc.code().name}"] += 1
+            _count(counts, "stream refused", exc)
             await asyncio.sleep(0.05)
 
 
@@ -105,7 +112,7 @@ async def _enqueuer(stub: BrokerServiceAsyncStub, queue: str, counts: Counter[st
             await stub.Enqueue(request, timeout=30)
             counts["enqueue accepted"] += 1
         except grpc.aio.AioRpcError as exc:
-            counts[f"enqueue {exc.code().name}"] += 1
+            _count(counts, "enqueue", exc)
             await asyncio.sleep(0.01)
 
 

@@ -61,9 +61,14 @@ class Settings:
     max_streams: int = 2000
     #: Unary calls (Enqueue, Ack, GetTask, ...) served at once; more get RESOURCE_EXHAUSTED.
     max_concurrent_unary_rpcs: int = 1000
+    #: Of max_concurrent_unary_rpcs, the calls one client (IP address) may have in progress
+    #: (at most max_concurrent_unary_rpcs).
+    max_concurrent_unary_rpcs_per_client: int = 500
     #: Request bytes of the unary calls being served; a call past it gets RESOURCE_EXHAUSTED
     #: (a single larger request is served when it is the only one).
     max_inflight_request_bytes: int = 64 * MIB
+    #: Of max_inflight_request_bytes, what one client's calls may hold (at most the total).
+    max_inflight_request_bytes_per_client: int = 32 * MIB
     #: Acks, nacks and extensions in one settlements frame; more fail the stream (INVALID_ARGUMENT).
     max_settlements_per_frame: int = 10_000
     #: Distinct queues the settlements of one frame may name; more fail the stream.
@@ -115,6 +120,7 @@ _COUNT_LIMITS = {
     "max_streams_per_client": 1_000_000,
     "max_streams": 1_000_000,
     "max_concurrent_unary_rpcs": 1_000_000,
+    "max_concurrent_unary_rpcs_per_client": 1_000_000,
     "max_settlements_per_frame": 1_000_000,
     "max_queues_per_settlements_frame": 100_000,
     "max_settle_batches_per_stream": 1_000,
@@ -130,8 +136,9 @@ def _limit_problems(s: Settings) -> list[str]:
     ]
     if not s.max_streams_per_connection <= s.max_streams_per_client <= s.max_streams:
         problems.append("need max_streams_per_connection <= max_streams_per_client <= max_streams")
-    if not MIB <= s.max_inflight_request_bytes <= 64 * 1024 * MIB:
-        problems.append("max_inflight_request_bytes must be 1 MiB to 64 GiB")
+    for name in ("max_inflight_request_bytes", "max_inflight_request_bytes_per_client"):
+        if not MIB <= getattr(s, name) <= 64 * 1024 * MIB:
+            problems.append(f"{name} must be 1 MiB to 64 GiB")
     return problems
 
 

@@ -3,6 +3,8 @@ and their request bytes in flight, so that no one client can exhaust the broker.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter
 from collections.abc import Callable
 from types import TracebackType
@@ -114,28 +116,58 @@ class StreamLimits:
 
 
 class UnaryLimits:
-    """Counts unary calls in flight and the bytes of their requests.
+    """Counts unary calls in flight and the bytes of their requests, in total and by client,
+    so that one client holding its share still leaves room for the others.
 
-    A request larger than the whole byte budget is admitted only when nothing else is in
-    flight, so that every request the transport accepts can be served.
+    A request larger than a byte budget is admitted only when nothing else is counted against
+    that budget, so that every request the transport accepts can be served.
 
     Args:
         max_calls: Unary calls served at once.
         max_bytes: Request bytes held by calls being served.
+        max_calls_per_client: Of max_calls, what one client may hold.
+        max_bytes_per_client: Of max_bytes, what one client may hold.
+        client_key: The client a peer belongs to (its IP address by default).
     """
 
-    def __init__(self, max_calls: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        max_calls: int,
+        max_bytes: int,
+        max_calls_per_client: int,
+        max_bytes_per_client: int,
+        client_key: Callable[[str], str] = client_of_peer,
+    ) -> None:
         self._max_calls = max_calls
         self._max_bytes = max_bytes
+        self._max_client_calls = max_calls_per_client
+        self._max_client_bytes = max_bytes_per_client
+        self._client_key = client_key
+        self._client_calls: Counter[str] = Counter()
+        self._client_bytes: Counter[str] = Counter()
         self.calls = 0
         self.bytes = 0
 
-    def admit(self, size: int) -> _Release:
-        """Counts one call with a request of size bytes, for use as a context manager.
+    def admit(self, peer: str, size: int) -> _Release:
+        """Counts one call from peer with a request of size bytes, for use as a context manager.
 
         Raises:
             LimitExceeded: a limit is reached; nothing was counted.
         """
+        client = self._client_key(peer)
+        held = self._client_bytes[client]
+        if self._client_calls[client] >= self._max_client_calls:
+            raise LimitExceeded(
+                f"this client has its maximum of {self._max_client_calls} calls in progress "
+                "(setting max_concurrent_unary_rpcs_per_client); retry with backoff"
+            )
+        if held and held + size > self._max_client_bytes:
+            raise LimitExceeded(
+                f"this client's requests in progress hold {held} bytes and this one has {size}: "
+                f"over the limit of {self._max_client_bytes} (setting "
+                "max_inflight_request_bytes_per_client); retry with backoff or send smaller "
+                "requests"
+            )
         if self.calls >= self._max_calls:
             raise LimitExceeded(
                 f"the broker is serving its maximum of {self._max_calls} concurrent calls "
@@ -149,15 +181,43 @@ class UnaryLimits:
             )
         self.calls += 1
         self.bytes += size
+        self._client_calls[client] += 1
+        self._client_bytes[client] += size
 
         def give_back() -> None:
             self.calls -= 1
             self.bytes -= size
+            _decrement(self._client_calls, client)
+            _decrement(self._client_bytes, client, size)
 
         return _Release(give_back)
 
 
-def _decrement(counter: Counter[str], key: str) -> None:
-    counter[key] -= 1
+def _decrement(counter: Counter[str], key: str, by: int = 1) -> None:
+    counter[key] -= by
     if counter[key] <= 0:
         del counter[key]
+
+
+class Pacer:
+    """Keeps one large piece of work (a big settlements frame) to a share of the event loop:
+    at each pause it rests in proportion to the time it has been busy since the last, so
+    other clients' calls find the loop, and the CPU, free.
+
+    Args:
+        share: Fraction of the time the work may be busy (0 < share <= 1).
+    """
+
+    def __init__(self, share: float) -> None:
+        self._rest_per_busy = (1 - share) / share
+        self._since = time.perf_counter()
+
+    async def pause(self) -> None:
+        """Yields to others, for longer the longer the work ran since the last pause."""
+        busy = time.perf_counter() - self._since
+        await asyncio.sleep(busy * self._rest_per_busy)
+        self.restart()
+
+    def restart(self) -> None:
+        """Starts counting busy time afresh (after waiting on something else, e.g. Redis)."""
+        self._since = time.perf_counter()

@@ -54,7 +54,7 @@ def _unary(
     async def handle(raw: bytes, context: Context) -> bytes:
         # Admitted before parsing: a call past the limits costs no more than its bytes.
         try:
-            admitted = limits.admit(len(raw))
+            admitted = limits.admit(context.peer(), len(raw))
         except BrokerError as exc:
             await context.abort_with_status(error_status(exc))
         with admitted:

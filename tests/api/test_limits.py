@@ -39,11 +39,11 @@ async def broker(settings: Settings, **overrides: object) -> AsyncIterator[Runni
 @contextmanager
 def redis_writes_paused(client: redis.Redis) -> Iterator[None]:
     """Holds every Redis write (and so every Enqueue and settlement) until the block ends."""
-    client.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+    client.client_pause(10_000, all=False)
     try:
         yield
     finally:
-        client.execute_command("CLIENT", "UNPAUSE")
+        client.client_unpause()
 
 
 async def until(condition: Callable[[], bool], what: str, wait_s: float = 5.0) -> None:
@@ -194,14 +194,35 @@ async def test_concurrent_unary_calls_are_capped_and_released_on_cancel(
 
 
 def test_one_request_larger_than_the_budget_is_served_alone() -> None:
-    limits = UnaryLimits(max_calls=10, max_bytes=100)
-    with limits.admit(500), pytest.raises(LimitExceeded, match="max_inflight_request_bytes"):
-        limits.admit(1)
-    with limits.admit(60):
+    limits = UnaryLimits(
+        max_calls=10, max_bytes=100, max_calls_per_client=10, max_bytes_per_client=100
+    )
+    with limits.admit("ipv4:10.0.0.1:1", 500), pytest.raises(LimitExceeded, match="max_inflight"):
+        limits.admit("ipv4:10.0.0.2:1", 1)
+    with limits.admit("ipv4:10.0.0.1:1", 60):
         with pytest.raises(LimitExceeded):
-            limits.admit(41)
-        with limits.admit(40):
+            limits.admit("ipv4:10.0.0.2:1", 41)
+        with limits.admit("ipv4:10.0.0.2:1", 40):
             assert (limits.calls, limits.bytes) == (2, 100)
+    assert (limits.calls, limits.bytes) == (0, 0)
+
+
+def test_one_client_cannot_take_the_whole_unary_budget() -> None:
+    limits = UnaryLimits(
+        max_calls=4, max_bytes=100, max_calls_per_client=2, max_bytes_per_client=50
+    )
+    noisy, victim = "ipv4:10.0.0.1:1", "ipv4:10.0.0.2:1"
+    held = [limits.admit(noisy, 30)]
+    with pytest.raises(LimitExceeded, match="max_inflight_request_bytes_per_client"):
+        limits.admit("ipv4:10.0.0.1:2", 30)  # another connection of the same client
+    held.append(limits.admit(noisy, 10))
+    with pytest.raises(LimitExceeded, match="max_concurrent_unary_rpcs_per_client"):
+        limits.admit(noisy, 1)
+    held += [limits.admit(victim, 50), limits.admit("ipv4:10.0.0.3:1", 10)]  # room for others
+    with pytest.raises(LimitExceeded, match=r"max_concurrent_unary_rpcs\)"):
+        limits.admit("ipv4:10.0.0.4:1", 1)
+    for release in held:
+        release.release()
     assert (limits.calls, limits.bytes) == (0, 0)
 
 
