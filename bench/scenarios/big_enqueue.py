@@ -24,7 +24,10 @@ MIB = 1024 * 1024
 #: The two brokers measured: the defaults, and no request-byte limit (the copies per byte).
 VARIANTS = {
     "default limits": {},
-    "no byte limit": {"TASKBROKER_MAX_INFLIGHT_REQUEST_BYTES": str(64 * 1024 * MIB)},
+    "no byte limit": {
+        "TASKBROKER_MAX_INFLIGHT_REQUEST_BYTES": str(64 * 1024 * MIB),
+        "TASKBROKER_MAX_INFLIGHT_REQUEST_BYTES_PER_CLIENT": str(64 * 1024 * MIB),
+    },
 }
 
 #: gRPC holds every arriving request before the broker can refuse it (about 1x what is sent
