@@ -532,7 +532,7 @@ _SETTLE_CHUNK_ITEMS = 256
 #: ... of at most this many (kind, queue) groups, each one script call at a time.
 _SETTLE_CHUNK_GROUPS = 16
 #: Settlements frames larger than this wait for a lane (SessionRegistry.settle_lanes).
-_LIGHT_FRAME_ITEMS = 32
+_LIGHT_FRAME_ITEMS = 1000
 #: Large settlements frames applied at once, broker-wide.
 SETTLE_LANES = 1
 #: A settlements frame is grouped this many items at a time, yielding to others in between.
