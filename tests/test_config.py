@@ -56,3 +56,23 @@ def test_bad_values_stop_the_broker_with_a_message_naming_them(
         load_settings(argv, environ=environ)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_resource_limits_are_settings_and_are_checked() -> None:
+    settings = load_settings(
+        ["--max-streams-per-connection", "4"],
+        environ={
+            "TASKBROKER_MAX_STREAMS_PER_CLIENT": "8",
+            "TASKBROKER_MAX_INFLIGHT_REQUEST_BYTES": str(8 * 1024 * 1024),
+            "TASKBROKER_MAX_SETTLEMENTS_PER_FRAME": "500",
+        },
+    )
+    assert (settings.max_streams_per_connection, settings.max_streams_per_client) == (4, 8)
+    assert settings.max_inflight_request_bytes == 8 * 1024 * 1024
+    assert settings.max_settlements_per_frame == 500
+    with pytest.raises(ValueError, match="max_streams_per_connection <= max_streams_per_client"):
+        Settings(max_streams_per_connection=10, max_streams_per_client=5)
+    with pytest.raises(ValueError, match="max_settle_batches_per_stream must be 1 to"):
+        Settings(max_settle_batches_per_stream=0)
+    with pytest.raises(ValueError, match="max_inflight_request_bytes must be 1 MiB"):
+        Settings(max_inflight_request_bytes=1000)
