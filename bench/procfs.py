@@ -47,3 +47,16 @@ def own_seconds() -> float:
     """CPU time of this process and of its children that have been waited for."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """VmHWM (the highest resident memory so far) of a live process, in bytes.
+
+    Raises:
+        OSError: The process is gone.
+        ValueError: /proc/<pid>/status has no VmHWM line.
+    """
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"no VmHWM for pid {pid}")

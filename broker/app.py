@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
@@ -17,6 +18,7 @@ from redis.retry import Retry
 from broker.api.admin_service import AdminService
 from broker.api.broker_service import BrokerService
 from broker.api.lease_session import SessionRegistry
+from broker.api.limits import StreamLimits, UnaryLimits, client_of_peer
 from broker.api.server import build_server
 from broker.config import Settings
 from broker.dispatch import Dispatcher
@@ -66,8 +68,17 @@ def redis_client(settings: Settings, url: str) -> AnyRedis:
         "health_check_interval": 10,
     }
     if settings.redis_cluster:
-        return RedisCluster.from_url(url, **common)
-    return aioredis.Redis.from_url(url, max_connections=256, **common)
+        return RedisCluster.from_url(url, max_connections=settings.redis_max_connections, **common)
+    # A caller finding every connection busy waits its turn (first come, first served) rather
+    # than failing with MaxConnectionsError: a burst from one client delays others a little
+    # instead of failing their calls.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_s,
+        **common,
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 class Broker:
@@ -77,12 +88,19 @@ class Broker:
         settings: The configuration.
         tracer_provider: Where RPC spans go. None: an OTLP exporter when the OTEL_* environment
             asks for one (broker/tracing.py), else no tracing.
+        client_key: The client a call's peer ("ipv4:ip:port") belongs to, for the per-client
+            limits; its IP address by default.
     """
 
     def __init__(
-        self, settings: Settings, *, tracer_provider: TracerProvider | None = None
+        self,
+        settings: Settings,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        client_key: Callable[[str], str] = client_of_peer,
     ) -> None:
         self.settings = settings
+        self._client_key = client_key
         self._tracer_provider = tracer_provider
         self._own_tracer_provider: SdkTracerProvider | None = None
         self.embedded: EmbeddedRedis | None = None
@@ -121,8 +139,23 @@ class Broker:
         self.dispatcher = Dispatcher(self.tasks)
         self.registry = SessionRegistry()
         default_lease_ms = round(s.default_lease_s * 1000)
+        self.streams = StreamLimits(
+            s.max_streams_per_connection, s.max_streams_per_client, s.max_streams, self._client_key
+        )
+        self.unary = UnaryLimits(
+            s.max_concurrent_unary_rpcs,
+            s.max_inflight_request_bytes,
+            min(s.max_concurrent_unary_rpcs_per_client, s.max_concurrent_unary_rpcs),
+            min(s.max_inflight_request_bytes_per_client, s.max_inflight_request_bytes),
+            self._client_key,
+        )
         broker_service = BrokerService(
-            self.tasks, self.dispatcher, self.registry, default_lease_ms, s.open_timeout_s
+            self.tasks,
+            self.dispatcher,
+            self.registry,
+            default_lease_ms,
+            s.open_timeout_s,
+            self.streams,
         )
         rpc_metrics = RpcMetrics() if s.http_listen else None
         interceptors: list[grpc.aio.ServerInterceptor] = [rpc_metrics] if rpc_metrics else []
@@ -157,7 +190,7 @@ class Broker:
         self.http_port = await self.web.start()
         undo.push_async_callback(self.web.stop)
         self.server, self.health = build_server(
-            broker_service, AdminService(self.tasks), s, interceptors
+            broker_service, AdminService(self.tasks), s, self.unary, interceptors
         )
         try:
             self.port = self.server.add_insecure_port(s.listen)

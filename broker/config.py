@@ -78,6 +78,31 @@ class Settings:
     reap_interval_s: float = 0.25
     #: Redis socket timeout: a Redis call that takes longer fails with UNAVAILABLE.
     redis_timeout_s: float = 5.0
+    #: Redis connections in the pool; a call finding none free waits up to redis_timeout_s.
+    redis_max_connections: int = 256
+    #: Lease streams open on one connection (one peer address and port).
+    max_streams_per_connection: int = 100
+    #: Lease streams open from one client (its IP address).
+    max_streams_per_client: int = 500
+    #: Lease streams open on this broker.
+    max_streams: int = 2000
+    #: Unary calls (Enqueue, Ack, GetTask, ...) served at once; more get RESOURCE_EXHAUSTED.
+    max_concurrent_unary_rpcs: int = 1000
+    #: Of max_concurrent_unary_rpcs, the calls one client (IP address) may have in progress
+    #: (at most max_concurrent_unary_rpcs).
+    max_concurrent_unary_rpcs_per_client: int = 500
+    #: Request bytes of the unary calls being served; a call past it gets RESOURCE_EXHAUSTED
+    #: (a single larger request is served when it is the only one).
+    max_inflight_request_bytes: int = 64 * MIB
+    #: Of max_inflight_request_bytes, what one client's calls may hold (at most the total).
+    max_inflight_request_bytes_per_client: int = 32 * MIB
+    #: Acks, nacks and extensions in one settlements frame; more fail the stream (INVALID_ARGUMENT).
+    max_settlements_per_frame: int = 10_000
+    #: Distinct queues the settlements of one frame may name; more fail the stream.
+    max_queues_per_settlements_frame: int = 100
+    #: Settlements frames one stream may have being applied; past it the broker stops reading
+    #: the stream until one is answered (backpressure).
+    max_settle_batches_per_stream: int = 4
     #: How often the broker pings a client's connection to find a dead worker or a dropped NAT
     #: entry; a dead connection is closed within this plus keepalive_timeout_s.
     keepalive_time_s: float = 30.0
@@ -118,6 +143,7 @@ class Settings:
         problems += _keepalive_problems(self)
         if self.redis_url is not None and self.redis_url_file is not None:
             problems.append("set redis_url or redis_url_file, not both")
+        problems += _limit_problems(self)
         problems += _http_listen_problems(self.http_listen)
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
@@ -187,6 +213,35 @@ def ignored_variables(environ: Mapping[str, str]) -> list[str]:
             hint = f"renamed {RENAMED[name]}" if name in RENAMED else "see python -m broker --help"
             warnings.append(f"{name} is not a broker setting and is ignored ({hint})")
     return warnings
+
+
+#: Count limits and their largest accepted values.
+_COUNT_LIMITS = {
+    "redis_max_connections": 10_000,
+    "max_streams_per_connection": 1_000_000,
+    "max_streams_per_client": 1_000_000,
+    "max_streams": 1_000_000,
+    "max_concurrent_unary_rpcs": 1_000_000,
+    "max_concurrent_unary_rpcs_per_client": 1_000_000,
+    "max_settlements_per_frame": 1_000_000,
+    "max_queues_per_settlements_frame": 100_000,
+    "max_settle_batches_per_stream": 1_000,
+}
+
+
+def _limit_problems(s: Settings) -> list[str]:
+    """The resource limits: counts in range, stream limits nested."""
+    problems = [
+        f"{name} must be 1 to {high}"
+        for name, high in _COUNT_LIMITS.items()
+        if not 1 <= getattr(s, name) <= high
+    ]
+    if not s.max_streams_per_connection <= s.max_streams_per_client <= s.max_streams:
+        problems.append("need max_streams_per_connection <= max_streams_per_client <= max_streams")
+    for name in ("max_inflight_request_bytes", "max_inflight_request_bytes_per_client"):
+        if not MIB <= getattr(s, name) <= 64 * 1024 * MIB:
+            problems.append(f"{name} must be 1 MiB to 64 GiB")
+    return problems
 
 
 def _http_listen_problems(text: str) -> list[str]:

@@ -59,6 +59,10 @@ MAX_ERROR_BYTES = 4096
 MAX_IDS_PER_CALL = 1000
 #: Items per script call: 1,000 keeps one call to a few ms, so Redis stays responsive.
 MAX_BATCH_ITEMS = 1000
+#: Payload bytes per enqueue script call (one call's tasks may exceed it, alone): concurrent
+#: calls of large tasks are not merged into one huge command that holds copies of them all and
+#: outlasts the Redis socket timeout.
+MAX_BATCH_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +141,7 @@ class TaskQueue:
         self._settings = settings
         self._ids = IdGenerator()
         self._enqueue = Batcher[tuple[NewTask, ...], list[EnqueueOutcome]](
-            self._flush_enqueue, MAX_BATCH_ITEMS, len
+            self._flush_enqueue, MAX_BATCH_ITEMS, _enqueue_cost
         )
         self._acks = Batcher[AckItem, SettleResult](self._store.ack, MAX_BATCH_ITEMS, _one)
         self._nacks = Batcher[NackItem, SettleResult](self._store.nack, MAX_BATCH_ITEMS, _one)
@@ -561,6 +565,13 @@ def _positions_by_queue(refs: Sequence[TaskRef]) -> dict[str, list[int]]:
 
 def _chunks(items: list[int], size: int) -> list[list[int]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def _enqueue_cost(call: tuple[NewTask, ...]) -> int:
+    """An Enqueue call's share of a batch: its tasks, or its payload bytes in units of
+    MAX_BATCH_BYTES / MAX_BATCH_ITEMS, whichever is more."""
+    size = sum(len(t.payload) for t in call)
+    return max(len(call), -(-size * MAX_BATCH_ITEMS // MAX_BATCH_BYTES))
 
 
 #: Acks, nacks and extensions, checked and ready for the store.

@@ -85,3 +85,23 @@ def test_the_redis_url_comes_from_its_file_and_never_shows_in_the_settings(
     assert settings.read_redis_url() == "redis://:hunter2@10.0.0.1:6379/0"
     inline = load_settings([], environ={"TASKBROKER_REDIS_URL": "redis://:hunter2@h:1/0"})
     assert "hunter2" not in repr(inline) and inline.read_redis_url() == "redis://:hunter2@h:1/0"
+
+
+def test_resource_limits_are_settings_and_are_checked() -> None:
+    settings = load_settings(
+        ["--max-streams-per-connection", "4"],
+        environ={
+            "TASKBROKER_MAX_STREAMS_PER_CLIENT": "8",
+            "TASKBROKER_MAX_INFLIGHT_REQUEST_BYTES": str(8 * 1024 * 1024),
+            "TASKBROKER_MAX_SETTLEMENTS_PER_FRAME": "500",
+        },
+    )
+    assert (settings.max_streams_per_connection, settings.max_streams_per_client) == (4, 8)
+    assert settings.max_inflight_request_bytes == 8 * 1024 * 1024
+    assert settings.max_settlements_per_frame == 500
+    with pytest.raises(ValueError, match="max_streams_per_connection <= max_streams_per_client"):
+        Settings(max_streams_per_connection=10, max_streams_per_client=5)
+    with pytest.raises(ValueError, match="max_settle_batches_per_stream must be 1 to"):
+        Settings(max_settle_batches_per_stream=0)
+    with pytest.raises(ValueError, match="max_inflight_request_bytes must be 1 MiB"):
+        Settings(max_inflight_request_bytes=1000)

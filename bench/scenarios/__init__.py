@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 
 from bench.context import Ctx
 from bench.scenarios import (
+    big_enqueue,
     ceiling,
     delayed,
     drain,
     idle_streams,
     latency,
     memory,
+    noisy_neighbour,
     pipeline,
     recovery,
     unary,
@@ -36,7 +38,10 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("memory", memory.run, memory.BROKER_ENV),
     Scenario("delayed", delayed.run),
     Scenario("recovery", recovery.run),
-    Scenario("idle_streams", idle_streams.run),
+    # 1,000 streams from one client process: above the default max_streams_per_client.
+    Scenario("idle_streams", idle_streams.run, {"TASKBROKER_MAX_STREAMS_PER_CLIENT": "1000"}),
+    Scenario("big_enqueue", big_enqueue.run),
+    Scenario("noisy_neighbour", noisy_neighbour.run),
     Scenario("ceiling", ceiling.run),
 )
 

@@ -8,6 +8,7 @@ import grpc
 
 from broker.api import convert
 from broker.api.lease_session import LeaseSession, SessionRegistry
+from broker.api.limits import StreamLimits
 from broker.errors import Draining
 from broker.models import TaskState
 from taskbroker.v1 import broker_service_pb2 as bs
@@ -30,12 +31,14 @@ class BrokerService:
         registry: SessionRegistry,
         default_lease_ms: int,
         open_timeout_s: float,
+        streams: StreamLimits,
     ) -> None:
         self._tasks = tasks
         self._dispatcher = dispatcher
         self._registry = registry
         self._default_lease_ms = default_lease_ms
         self._open_timeout_s = open_timeout_s
+        self._streams = streams
 
     async def Enqueue(self, request: bs.EnqueueRequest, context: Context) -> bs.EnqueueResponse:
         if self._dispatcher.draining:
@@ -51,15 +54,17 @@ class BrokerService:
     async def Lease(self, context: Context) -> None:
         if self._dispatcher.draining:
             raise Draining("the broker is shutting down; use another replica")
-        session = LeaseSession(
-            context,
-            self._tasks,
-            self._dispatcher,
-            self._registry,
-            self._open_timeout_s,
-            self._default_lease_ms,
-        )
-        await session.run()
+        # Counted before anything is built for the stream; given back however it ends.
+        with self._streams.admit(context.peer()):
+            session = LeaseSession(
+                context,
+                self._tasks,
+                self._dispatcher,
+                self._registry,
+                self._open_timeout_s,
+                self._default_lease_ms,
+            )
+            await session.run()
 
     async def Ack(self, request: lease_pb2.AckRequest, context: Context) -> bs.AckResponse:
         result = await self._tasks.ack(request.task_id, request.lease_id, request.result)

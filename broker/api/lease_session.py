@@ -7,13 +7,14 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from broker.api import convert
+from broker.api.limits import Pacer
 from broker.api.outbox import MAX_MESSAGE_BYTES, MERGEABLE, Message, Outbox
 from broker.api.status import error_status, to_status
 from broker.errors import BrokerError, InvalidArgument, LeaseStale, TaskNotFound
@@ -73,6 +74,8 @@ class SessionRegistry:
         self._background: set[asyncio.Task[None]] = set()
         #: Set whenever a held lease is settled, so shutdown can wait for the last one.
         self.settled = asyncio.Event()
+        #: Lanes for large settlements frames (LeaseSession._settle_batch), shared by all streams.
+        self.settle_lanes = asyncio.Semaphore(SETTLE_LANES)
 
     def held(self, lease_id: str, session: LeaseSession) -> None:
         """The session holds the lease now; a session of this replica that held it before (the
@@ -420,6 +423,7 @@ class LeaseSession:
                     self._fail_invalid("frame", "not a valid LeaseRequest")
                     return
                 self._handle(request)
+                await self._settle_room()
             # The worker half-closed: no more deliveries; answer what it sent, then end.
             if self._sub is not None:
                 self._sub.close()
@@ -451,11 +455,17 @@ class LeaseSession:
             self._settle_frames([("extend", request.extend)])
         elif kind == "settlements":
             batch = request.settlements
-            frames: list[tuple[str, _SettleFrame]] = [("ack", m) for m in batch.acks]
-            frames += [("nack", m) for m in batch.nacks]
-            frames += [("extend", m) for m in batch.extends]
-            if frames:
-                self._settle_frames(frames)
+            count = len(batch.acks) + len(batch.nacks) + len(batch.extends)
+            limit = self._tasks.settings.max_settlements_per_frame
+            if count > limit:
+                self._fail_invalid(
+                    "settlements",
+                    f"{count} acks, nacks and extensions in one frame; at most {limit} "
+                    "(setting max_settlements_per_frame)",
+                )
+                return
+            if count:
+                self._start_settling(self._settle_batch(batch, count))
             if batch.credits:
                 self._credit("settlements.credits", batch.credits)
         elif kind == "open":
@@ -477,36 +487,117 @@ class LeaseSession:
         self._sub.add_credits(n)
 
     def _settle_frames(self, frames: list[tuple[str, _SettleFrame]]) -> None:
-        task = asyncio.create_task(self._settle(frames))
+        groups: dict[tuple[str, str], list[_SettleFrame]] = {}
+        for kind, msg in frames:
+            groups.setdefault((kind, msg.task_id.rpartition(":")[0]), []).append(msg)
+        self._start_settling(self._settle(groups))
+
+    def _start_settling(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    async def _settle(self, frames: list[tuple[str, _SettleFrame]]) -> None:
-        """Applies a frame's settlements together and answers each, in order, in one frame."""
-        answers = [
-            lease_pb2.SettleResult(task_id=msg.task_id, lease_id=msg.lease_id, kind=_KINDS[kind])
-            for kind, msg in frames
-        ]
+    async def _settle_batch(self, batch: lease_pb2.Settlements, count: int) -> None:
+        """Applies a settlements frame. A frame of more than _LIGHT_FRAME_ITEMS items waits for
+        one of the broker's few lanes for large frames (SessionRegistry.settle_lanes): one
+        client's big frames take turns instead of filling the event loop, while the small
+        frames of a worker's usual traffic go straight through and keep their group commit."""
+        if count <= _LIGHT_FRAME_ITEMS:
+            await self._group_and_settle(batch, None)
+        else:
+            async with self._registry.settle_lanes:
+                await self._group_and_settle(batch, Pacer(_LANE_SHARE))
+
+    async def _group_and_settle(self, batch: lease_pb2.Settlements, pacer: Pacer | None) -> None:
+        """Groups a frame's items by kind and queue, a slice at a time (a large frame does not
+        hold the event loop), refuses it whole if it names too many queues, and applies it."""
+        groups: dict[tuple[str, str], list[_SettleFrame]] = {}
+        parts: tuple[tuple[str, Sequence[_SettleFrame]], ...] = (
+            ("ack", batch.acks),
+            ("nack", batch.nacks),
+            ("extend", batch.extends),
+        )
+        for kind, messages in parts:
+            for start in range(0, len(messages), _SCAN_SLICE):
+                for msg in messages[start : start + _SCAN_SLICE]:
+                    groups.setdefault((kind, msg.task_id.rpartition(":")[0]), []).append(msg)
+                await _pause(pacer)
+        queues = len({queue for _, queue in groups})
+        limit = self._tasks.settings.max_queues_per_settlements_frame
+        if queues > limit:
+            self._fail_invalid(
+                "settlements",
+                f"tasks of {queues} queues in one frame; at most {limit} "
+                "(setting max_queues_per_settlements_frame)",
+            )
+            return
+        await self._settle(groups, pacer)
+
+    async def _settle_room(self) -> None:
+        """Backpressure: while the stream has its maximum of settlement frames being applied,
+        the next frame is not read (the worker's writes wait on HTTP/2 flow control)."""
+        while len(self._settling) >= self._tasks.settings.max_settle_batches_per_stream:
+            await asyncio.wait(set(self._settling), return_when=asyncio.FIRST_COMPLETED)
+
+    async def _settle(
+        self, groups: dict[tuple[str, str], list[_SettleFrame]], pacer: Pacer | None = None
+    ) -> None:
+        """Applies settlements grouped by kind and queue and answers each (answers match items
+        by lease and kind, so each chunk is answered as soon as it is applied).
+
+        Chunks are applied one after the other, each of at most _SETTLE_CHUNK_ITEMS items and
+        _SETTLE_CHUNK_GROUPS groups (a script call each), so one frame never holds the event
+        loop or the Redis pool for long; a paced frame (pacer) rests between slices."""
+        chunk: list[tuple[str, _SettleFrame]] = []
+        in_chunk = 0  # groups with items in chunk
+        for (kind, _), messages in groups.items():
+            in_chunk += 1
+            for msg in messages:
+                if len(chunk) == _SETTLE_CHUNK_ITEMS or in_chunk > _SETTLE_CHUNK_GROUPS:
+                    await self._settle_chunk(chunk, pacer)
+                    chunk, in_chunk = [], 1
+                chunk.append((kind, msg))
+        if chunk:
+            await self._settle_chunk(chunk, pacer)
+
+    async def _settle_chunk(
+        self, frames: list[tuple[str, _SettleFrame]], pacer: Pacer | None
+    ) -> None:
+        """Checks a chunk, applies it in one settle call, and answers it; the Python work is
+        done _CPU_SLICE items at a time, letting others run in between."""
+        answers: list[lease_pb2.SettleResult] = []
         items: list[SettleItem] = []
         checked: list[int] = []
         for i, (kind, msg) in enumerate(frames):
+            if i and not i % _CPU_SLICE:
+                await _pause(pacer)
+            answer = lease_pb2.SettleResult(
+                task_id=msg.task_id, lease_id=msg.lease_id, kind=_KINDS[kind]
+            )
+            answers.append(answer)
             try:
                 items.append(self._check(kind, msg))
                 checked.append(i)
             except InvalidArgument as exc:
-                answers[i].outcome = lease_pb2.SETTLE_OUTCOME_INVALID_ARGUMENT
-                answers[i].message = str(exc)
+                answer.outcome = lease_pb2.SETTLE_OUTCOME_INVALID_ARGUMENT
+                answer.message = str(exc)
         outcomes: list[SettleResult | BrokerError] = []
         try:
             outcomes = await self._tasks.settle(items) if items else []
         except Exception:  # a bug: answer "outcome unknown" rather than leave the worker waiting
             log.exception("lease stream %s: settling %d items failed", self.stream_id, len(items))
             outcomes = [BrokerError("internal error; retry")] * len(items)
-        for i, item, outcome in zip(checked, items, outcomes, strict=True):
+        if pacer is not None:
+            pacer.restart()  # the wait on Redis was not this frame's busy time
+        for n, (i, item, outcome) in enumerate(zip(checked, items, outcomes, strict=True)):
+            if n and not n % _CPU_SLICE:
+                await _pause(pacer)
             self._answer(answers[i], item, outcome)
         await self._outbox.put(
             _message(Frame(settle_results=lease_pb2.SettleResults(results=answers)))
         )
+        if not items or pacer is not None:
+            await _pause(pacer)  # an all-invalid chunk still lets others run
 
     def _check(self, kind: str, msg: _SettleFrame) -> SettleItem:
         if isinstance(msg, lease_pb2.AckRequest):
@@ -550,6 +641,29 @@ class LeaseSession:
 _SettleFrame: TypeAlias = (
     lease_pb2.AckRequest | lease_pb2.NackRequest | lease_pb2.ExtendLeaseRequest
 )
+
+#: One chunk of settlements: at most this many items ...
+_SETTLE_CHUNK_ITEMS = 256
+#: ... of at most this many (kind, queue) groups, each one script call at a time.
+_SETTLE_CHUNK_GROUPS = 16
+#: Settlements frames larger than this wait for a lane (SessionRegistry.settle_lanes).
+_LIGHT_FRAME_ITEMS = 1000
+#: Large settlements frames applied at once, broker-wide.
+SETTLE_LANES = 1
+#: A settlements frame is grouped this many items at a time, yielding to others in between.
+_SCAN_SLICE = 128
+#: Settlements are checked and answered this many at a time, yielding to others in between.
+_CPU_SLICE = 32
+#: The share of the event loop a large frame in a lane may use (it rests the rest of the time).
+_LANE_SHARE = 0.5
+
+
+async def _pause(pacer: Pacer | None) -> None:
+    if pacer is None:
+        await asyncio.sleep(0)
+    else:
+        await pacer.pause()
+
 
 _KINDS = {
     "ack": lease_pb2.SETTLE_KIND_ACK,

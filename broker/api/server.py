@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
+from broker.api.limits import UnaryLimits
 from broker.api.parsed_services import health_and_reflection
 from broker.api.status import error_status, to_status
 from broker.config import Settings
@@ -46,11 +47,22 @@ async def _abort_for(exc: BaseException, context: Context, method: str) -> NoRet
     )
 
 
-def _unary(method: descriptor.MethodDescriptor, impl: Unary) -> grpc.RpcMethodHandler[bytes, bytes]:
+def _unary(
+    method: descriptor.MethodDescriptor, impl: Unary, limits: UnaryLimits
+) -> grpc.RpcMethodHandler[bytes, bytes]:
     request_class = message_factory.GetMessageClass(method.input_type)
     name = f"/{method.containing_service.full_name}/{method.name}"
 
     async def handle(raw: bytes, context: Context) -> bytes:
+        # Admitted before parsing: a call past the limits costs no more than its bytes.
+        try:
+            admitted = limits.admit(context.peer(), len(raw))
+        except BrokerError as exc:
+            await context.abort_with_status(error_status(exc))
+        with admitted:
+            return await serve(raw, context)
+
+    async def serve(raw: bytes, context: Context) -> bytes:
         try:
             request = request_class.FromString(raw)
         except DecodeError:
@@ -90,16 +102,19 @@ def _stream(
     return grpc.stream_stream_rpc_method_handler(handle)
 
 
-def generic_handler(service: descriptor.ServiceDescriptor, impl: object) -> grpc.GenericRpcHandler:
+def generic_handler(
+    service: descriptor.ServiceDescriptor, impl: object, limits: UnaryLimits
+) -> grpc.GenericRpcHandler:
     """Handlers for every method of a service, with requests parsed by us (so malformed bytes
-    are INVALID_ARGUMENT, not grpcio's UNKNOWN naming internal classes)."""
+    are INVALID_ARGUMENT, not grpcio's UNKNOWN naming internal classes), and unary calls
+    admitted by limits."""
     handlers = {}
     for method in service.methods:
         fn = getattr(impl, method.name)
         if method.client_streaming:
             handlers[method.name] = _stream(method, fn)
         else:
-            handlers[method.name] = _unary(method, fn)
+            handlers[method.name] = _unary(method, fn, limits)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
@@ -136,10 +151,11 @@ def build_server(
     broker: object,
     admin: object,
     settings: Settings,
+    unary_limits: UnaryLimits,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A server with BrokerService, AdminService, health and reflection registered; the
-    interceptors (RPC metrics) see every call."""
+    interceptors (RPC metrics) see every call, and unary_limits admit our unary calls."""
     server = grpc.aio.server(interceptors=list(interceptors), options=server_options(settings))
     health_servicer = health.aio.HealthServicer()
     reflected = (
@@ -150,8 +166,8 @@ def build_server(
     )
     server.add_generic_rpc_handlers(
         (
-            generic_handler(BROKER_SERVICE, broker),
-            generic_handler(ADMIN_SERVICE, admin),
+            generic_handler(BROKER_SERVICE, broker, unary_limits),
+            generic_handler(ADMIN_SERVICE, admin, unary_limits),
             *health_and_reflection(health_servicer, reflected),
         )
     )
