@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
+import redis
 
 from broker.config import Settings
 from taskbroker._client import Client, EnqueueResult, NewTask, channel_target
@@ -209,8 +210,12 @@ async def test_stale_lease_maps_to_lease_stale_error(
     await stream.close()
 
 
-async def test_deadline_exceeded_is_unavailable(running: RunningBroker) -> None:
-    async with Client(running.target, timeout=1e-6) as client:
+async def test_deadline_exceeded_is_unavailable(
+    running: RunningBroker, redis_client: redis.Redis
+) -> None:
+    async with Client(running.target, timeout=0.05) as client:
+        await client.stats()  # connected: only the slow answer below can miss the deadline
+        redis_client.client_pause(500)  # every Redis command waits: the answer comes late
         with pytest.raises(UnavailableError) as err:
             await client.stats()
     assert err.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
