@@ -49,6 +49,10 @@ class Settings:
     open_timeout_s: float = 5.0
     #: How often expired leases are looked for; a lease is reclaimed within this of its deadline.
     reap_interval_s: float = 0.25
+    #: The backstop sweep maintains every registered queue once per this period (paced, whatever
+    #: the due index says) and forgets queues that hold nothing; it bounds how late a due time
+    #: lost to a broker crash on a Redis Cluster can be handled.
+    due_sweep_s: float = 600.0
     #: Redis socket timeout: a Redis call that takes longer fails with UNAVAILABLE.
     redis_timeout_s: float = 5.0
     #: Python logging level.
@@ -70,8 +74,7 @@ class Settings:
         for name in ("finished_retention_s", "dead_retention_s"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
-        if not 0.01 <= self.reap_interval_s <= 1.0:
-            problems.append("reap_interval_s must be 0.01 to 1 (leases are reclaimed within 1 s)")
+        problems += _maintenance_problems(self.reap_interval_s, self.due_sweep_s)
         if self.redis_timeout_s <= 0:
             problems.append("redis_timeout_s must be positive")
         problems += _http_listen_problems(self.http_listen)
@@ -85,6 +88,15 @@ class Settings:
     @property
     def listen_port(self) -> int:
         return int(self.listen.rsplit(":", 1)[1])
+
+
+def _maintenance_problems(reap_interval_s: float, due_sweep_s: float) -> list[str]:
+    problems = []
+    if not 0.01 <= reap_interval_s <= 1.0:
+        problems.append("reap_interval_s must be 0.01 to 1 (leases are reclaimed within 1 s)")
+    if not 1.0 <= due_sweep_s <= 86400.0:
+        problems.append("due_sweep_s must be 1 to 86400")
+    return problems
 
 
 def _http_listen_problems(text: str) -> list[str]:

@@ -27,6 +27,7 @@ from broker.models import (
     DeadPage,
     EnqueueOutcome,
     ExtendItem,
+    Hint,
     LeaseBatch,
     NackItem,
     NewTask,
@@ -57,6 +58,12 @@ MAX_ERROR_BYTES = 4096
 MAX_IDS_PER_CALL = 1000
 #: Items per script call: 1,000 keeps one call to a few ms, so Redis stays responsive.
 MAX_BATCH_ITEMS = 1000
+#: Work of each kind per maintenance call on one queue, and queues taken per index shard per pass.
+MAINTAIN_LIMIT = 500
+#: A maintainer that takes a queue and dies delays it by at most this.
+DUE_CLAIM_MS = 500
+#: Finished tasks and dead letters are trimmed up to this late, so a busy queue's trims batch.
+TRIM_SLACK_MS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,8 +236,9 @@ class TaskQueue:
 
     # --- leases and settlements ------------------------------------------------------------
 
-    async def lease(self, queue: str, slots: Sequence[tuple[str, int]]) -> LeaseBatch:
-        """Leases up to len(slots) tasks; slot = (fresh lease id, lease ms for the worker)."""
+    async def lease(self, queue: str, slots: Sequence[tuple[str, int, str]]) -> LeaseBatch:
+        """Leases up to len(slots) tasks; slot = (fresh lease id, lease ms for the worker, id of
+        the stream that will hold the lease)."""
         batch = await self._store.lease(queue, slots)
         self.timings.leased(queue, batch)
         return batch
@@ -390,6 +398,46 @@ class TaskQueue:
             total += finished + dead
             if finished < 500 and dead < 500:
                 return total
+
+    async def maintain_due(self) -> int:
+        """One maintenance pass over the queues the due index says have work due: expired
+        leases reclaimed, due tasks promoted, retention trimmed; each queue's index entry is
+        then set to its next due time. Returns how much work was done."""
+        store = self._store
+        if store.unhinted:  # hints that failed after their state change succeeded
+            lost = list(store.unhinted)
+            store.unhinted.difference_update(lost)
+            try:
+                await store.hint([Hint(q, delay_ms=0) for q in lost])
+            except BrokerError:
+                store.unhinted.update(lost)
+                raise
+        entries = await store.take_due(MAINTAIN_LIMIT, DUE_CLAIM_MS)
+        if not entries:
+            return 0
+        done = await store.maintain([e.queue for e in entries], MAINTAIN_LIMIT, TRIM_SLACK_MS)
+        await store.settle_due([(e, d.next_due_ms) for e, d in zip(entries, done, strict=True)])
+        return sum(d.work for d in done)
+
+    async def sweep(self, cursor: int, count: int) -> tuple[int, int]:
+        """The backstop: maintains about `count` registered queues from `cursor` on, whatever
+        the index says, lowers their index entries to their real next due times, and forgets
+        queues that hold nothing. Returns (next cursor, 0 when the registry was covered; how
+        many queues were swept)."""
+        cursor, queues = await self._store.scan_queues(cursor, count)
+        if not queues:
+            return cursor, 0
+        done = await self._store.maintain(queues, MAINTAIN_LIMIT, TRIM_SLACK_MS)
+        hints = [Hint(d.queue, at_ms=d.next_due_ms) for d in done if d.next_due_ms >= 0]
+        if hints:
+            await self._store.hint(hints)
+        for d in done:
+            if d.empty:
+                await self._store.forget_queue(d.queue)
+        return cursor, len(queues)
+
+    async def count_queues(self) -> int:
+        return await self._store.count_queues()
 
     # --- reads and management --------------------------------------------------------------
 

@@ -139,7 +139,7 @@ async def enqueue_one(tasks: TaskQueue, payload: bytes = b"{}", **fields: Any) -
 async def lease(
     tasks: TaskQueue, n: int = 1, lease_ms: int = LONG_LEASE_MS, queue: str = Q
 ) -> list[Lease]:
-    batch = await tasks.lease(queue, [(new_lease_id(), lease_ms) for _ in range(n)])
+    batch = await tasks.lease(queue, [(new_lease_id(), lease_ms, "s1") for _ in range(n)])
     return batch.leases
 
 
@@ -454,7 +454,7 @@ async def test_delayed_task_is_not_leased_before_it_is_due(tasks: TaskQueue) -> 
     ready = await enqueue_one(tasks)
 
     assert (await lease_one(tasks)).task.ref.task_id == ready
-    batch = await tasks.lease(Q, [(new_lease_id(), LONG_LEASE_MS)])
+    batch = await tasks.lease(Q, [(new_lease_id(), LONG_LEASE_MS, "s1")])
     assert batch.leases == []
     assert batch.next_due_ms == task.schedule_ms
     assert (await stats(tasks)).scheduled == 1
@@ -705,7 +705,13 @@ async def test_each_queues_keys_share_one_slot(tasks: TaskQueue, topology: Topol
     by_node = await _all_keys(topology)
     keys = [k for node_keys in by_node.values() for k in node_keys]
 
-    assert [k for k in keys if not any(f"{{{q}}}" in k for q in queues)] == [QUEUES_KEY]
+    others = {k for k in keys if not any(f"{{{q}}}" in k for q in queues)}
+    # The registry and the due index's shards (each shard's keys share their own slot).
+    assert QUEUES_KEY in others
+    index = others - {QUEUES_KEY}
+    assert index and all(k.startswith("tb:{~due") for k in index)
+    for shard in {k.split("}")[0] for k in index}:
+        assert len({key_slot(k.encode()) for k in index if k.startswith(shard + "}")}) == 1
     for q in queues:
         mine = [k for k in keys if f"{{{q}}}" in k]
         kinds = {k.split(":")[2] for k in mine}

@@ -6,8 +6,9 @@
 -- KEYS[3]  tb:{q}:leased      zset  id -> lease expiry (ms)
 -- KEYS[4]  tb:{q}:meta        hash  queue settings (paused)
 -- ARGV[1]  task key prefix tb:{q}:t:   (task hashes are derived from popped ids: same hash tag)
--- ARGV[2]  n; then 2 fields per slot: a fresh random lease id, and the lease length (ms) for a
---          task without its own. Slots are filled in order, so the caller knows which worker
+-- ARGV[2]  n; then 3 fields per slot: a fresh random lease id, the lease length (ms) for a
+--          task without its own, and the id of the Lease stream that will hold the lease (stored
+--          as the task's `sid`). Slots are filled in order, so the caller knows which worker
 --          each leased task belongs to. Then the names of the task fields to return.
 --
 -- Returns {now, next_due, paused, id_1, fields_1, id_2, fields_2, ...}: next_due is the earliest
@@ -16,7 +17,7 @@
 
 local now = now_ms()
 local prefix, n = ARGV[1], tonumber(ARGV[2])
-local fields = {unpack(ARGV, 3 + 2 * n)}
+local fields = {unpack(ARGV, 3 + 3 * n)}
 if redis.call('HGET', KEYS[4], 'paused') == '1' then
   return {now, next_due(KEYS[2]), 1}
 end
@@ -31,13 +32,14 @@ for i = 1, #popped, 2 do
   local key = prefix .. id
   if redis.call('EXISTS', key) == 1 then
     used = used + 1
-    local lease_id = ARGV[1 + used * 2]
+    local lease_id, stream_id = ARGV[used * 3], ARGV[2 + used * 3]
     local own = tonumber(redis.call('HGET', key, 'lease_ms') or '0')
-    local ms = tonumber(ARGV[2 + used * 2])
+    local ms = tonumber(ARGV[1 + used * 3])
     if own > 0 then ms = own end
     local expire = now + ms
     redis.call('HINCRBY', key, 'att', 1)
-    redis.call('HSET', key, 'state', LEASED, 'lid', lease_id, 'etime', expire, 'cur_ms', ms)
+    redis.call('HSET', key, 'state', LEASED, 'lid', lease_id, 'sid', stream_id, 'etime', expire,
+      'cur_ms', ms)
     redis.call('ZADD', KEYS[3], expire, id)
     table.insert(reply, id)
     table.insert(reply, redis.call('HMGET', key, unpack(fields)))
