@@ -1,0 +1,73 @@
+"""The dispatcher: thousands of subscribed queues cost a bounded number of Redis connections, and
+nothing at all while idle; work still reaches the streams."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+
+from broker.config import Settings
+from broker.dispatch import LEASE_WORKERS, Dispatcher
+from broker.models import Lease
+from broker.queue import TaskQueue, TaskRequest
+from broker.store.redis_store import RedisStore
+from tests.support.redis_server import RedisServer
+
+STREAMS = 40
+QUEUES_PER_STREAM = 64  # 2,560 subscribed queues: ten times the Redis pool of 256
+
+
+@pytest.fixture
+async def tasks(redis_server: RedisServer, redis_client: redis.Redis) -> AsyncIterator[TaskQueue]:
+    import redis.asyncio as aioredis
+
+    store = RedisStore(aioredis.Redis.from_url(redis_server.url, max_connections=256))
+    yield TaskQueue(store, Settings(redis_url=redis_server.url))
+    await store.close()
+
+
+def _lease_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_many_idle_subscribed_queues_use_few_connections_and_no_calls(
+    tasks: TaskQueue, redis_client: redis.Redis
+) -> None:
+    dispatcher = Dispatcher(tasks)
+    got: list[Lease] = []
+    subs = []
+    for s in range(STREAMS):
+        queues = [f"q{s}-{i}" for i in range(QUEUES_PER_STREAM)]
+        sub = dispatcher.subscribe(queues, 10_000, lambda leases: got.extend(leases) or True)
+        sub.add_credits(10)
+        subs.append(sub)
+    try:
+        # Every queue is looked at once (nothing is known about it yet: a lease call and its
+        # due-index hint), then all goes quiet.
+        deadline = time.monotonic() + 30
+        while _lease_calls(redis_client) < 2 * STREAMS * QUEUES_PER_STREAM:
+            assert time.monotonic() < deadline, "the first look at each queue did not finish"
+            await asyncio.sleep(0.05)
+        clients = int(redis_client.info("clients")["connected_clients"])
+        assert clients <= LEASE_WORKERS + 4, f"{clients} connections for idle queues"
+
+        calls = _lease_calls(redis_client)
+        await asyncio.sleep(1.0)
+        assert _lease_calls(redis_client) - calls <= 2  # idle: (almost) nothing runs
+
+        await tasks.enqueue([TaskRequest("q17-33", "t")])
+        dispatcher.notify("q17-33")  # what the Pub/Sub wake does
+        deadline = time.monotonic() + 5
+        while not got:
+            assert time.monotonic() < deadline, "the woken queue's task was not delivered"
+            await asyncio.sleep(0.01)
+        assert [le.task.ref.queue for le in got] == ["q17-33"]
+    finally:
+        for sub in subs:
+            sub.close()
+        await dispatcher.stop()
