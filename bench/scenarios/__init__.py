@@ -13,6 +13,7 @@ from bench.scenarios import (
     drain,
     idle_streams,
     latency,
+    many_queues,
     memory,
     pipeline,
     recovery,
@@ -37,6 +38,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("delayed", delayed.run),
     Scenario("recovery", recovery.run),
     Scenario("idle_streams", idle_streams.run),
+    Scenario("many_queues", many_queues.run),
     Scenario("ceiling", ceiling.run),
 )
 

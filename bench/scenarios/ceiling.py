@@ -72,7 +72,9 @@ async def _lifecycle(
     deadline = started + CAP_S
     while done < total and time.perf_counter() < deadline:
         await tasks.enqueue(requests)
-        batch = await store.lease(queue, [(new_lease_id(), LEASE_MS, "bench") for _ in range(BATCH)])
+        batch = await store.lease(
+            queue, [(new_lease_id(), LEASE_MS, "bench") for _ in range(BATCH)]
+        )
         acks = [AckItem(lease.task.ref, lease.lease_id, b"") for lease in batch.leases]
         results = await store.ack(queue, acks)
         if len(results) != BATCH or any(r.status.value != "ok" for r in results):
