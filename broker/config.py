@@ -53,6 +53,9 @@ class Settings:
     #: the due index says) and forgets queues that hold nothing; it bounds how late a due time
     #: lost to a broker crash on a Redis Cluster can be handled.
     due_sweep_s: float = 600.0
+    #: Queues /metrics, /api/queues and the dashboard show one by one: those with the largest
+    #: backlog (pending + scheduled + leased + dead); totals over all queues are shown as well.
+    metrics_top_queues: int = 100
     #: Redis socket timeout: a Redis call that takes longer fails with UNAVAILABLE.
     redis_timeout_s: float = 5.0
     #: Python logging level.
@@ -75,6 +78,8 @@ class Settings:
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         problems += _maintenance_problems(self.reap_interval_s, self.due_sweep_s)
+        if not 1 <= self.metrics_top_queues <= 1000:
+            problems.append("metrics_top_queues must be 1 to 1000")
         if self.redis_timeout_s <= 0:
             problems.append("redis_timeout_s must be positive")
         problems += _http_listen_problems(self.http_listen)

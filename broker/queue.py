@@ -58,6 +58,9 @@ MAX_ERROR_BYTES = 4096
 MAX_IDS_PER_CALL = 1000
 #: Items per script call: 1,000 keeps one call to a few ms, so Redis stays responsive.
 MAX_BATCH_ITEMS = 1000
+#: Queues per Stats page (the RPC's documented cap) and per ListQueues page.
+MAX_STATS_PAGE = 1000
+MAX_QUEUE_PAGE = 10_000
 #: Work of each kind per maintenance call on one queue, and queues taken per index shard per pass.
 MAINTAIN_LIMIT = 500
 #: A maintainer that takes a queue and dies delays it by at most this.
@@ -461,12 +464,34 @@ class TaskQueue:
         return await self.get(task_id), str(detail)
 
     async def stats(self, queues: Sequence[str]) -> list[QueueStats]:
+        """The named queues' stats; none named: the first page of all (stats_page)."""
         if len(queues) > MAX_IDS_PER_CALL:
             raise InvalidArgument("queues", f"at most {MAX_IDS_PER_CALL}")
         for i, q in enumerate(queues):
             check_name(f"queues[{i}]", q)
-        names = list(queues) or await self._store.list_queues()
-        return [await self._store.stats(q) for q in names]
+        if not queues:
+            return (await self.stats_page(0, ""))[0]
+        return await self._store.stats_many(queues)
+
+    async def stats_page(self, page_size: int, after: str) -> tuple[list[QueueStats], str]:
+        """Stats of up to page_size (0: MAX_STATS_PAGE) queues by name, after the queue named
+        `after`. Returns them and the last name when there are more ('' otherwise)."""
+        names, last = await self.queue_page(min(page_size or MAX_STATS_PAGE, MAX_STATS_PAGE), after)
+        return await self._store.stats_many(names), last
+
+    async def queue_page(self, page_size: int, after: str) -> tuple[list[str], str]:
+        """Up to page_size (0: MAX_QUEUE_PAGE) registered queue names, sorted, after `after`.
+        Returns them and the last name when there are more ('' otherwise)."""
+        if page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
+        size = min(page_size or MAX_QUEUE_PAGE, MAX_QUEUE_PAGE)
+        names = [q for q in await self._store.list_queues() if q > after]
+        page = names[:size]
+        return page, page[-1] if len(names) > size else ""
+
+    async def all_stats(self) -> list[QueueStats]:
+        """Every registered queue's stats (pipelined): for the metrics census only."""
+        return await self._store.stats_many(await self._store.list_queues())
 
     async def set_paused(self, queue: str, paused: bool) -> None:
         check_name("queue", queue)

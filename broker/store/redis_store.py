@@ -549,29 +549,26 @@ class RedisStore:
         return decode_task(ref, h) if h else None
 
     async def stats(self, queue: str) -> QueueStats:
-        keys = QueueKeys(queue)
-        with _translate():
-            reply = await self._scripts["stats"](
-                keys=[keys.pending, keys.scheduled, keys.leased, keys.dead, keys.stats, keys.meta]
-            )
-        totals = {_text(k): int(v) for k, v in _pairs(reply[7]).items()}
-        return QueueStats(
-            queue=queue,
-            now_ms=int(reply[0]),
-            pending=int(reply[1]),
-            scheduled=int(reply[2]),
-            leased=int(reply[3]),
-            dead=int(reply[4]),
-            paused=bool(int(reply[5])),
-            oldest_ready_ms=int(reply[6]),
-            enqueued_total=totals.get("enq", 0),
-            succeeded_total=totals.get("ok", 0),
-            retried_total=totals.get("retry", 0),
-            reclaimed_total=totals.get("reclaim", 0),
-            dead_lettered_total=totals.get("dead", 0),
-            cancelled_total=totals.get("cancel", 0),
-            failed_total=totals.get("fail", 0),
-        )
+        [one] = await self.stats_many([queue])
+        return one
+
+    async def stats_many(self, queues: Sequence[str]) -> list[QueueStats]:
+        """Each queue's stats: pipelined on standalone Redis, concurrent calls on a Cluster."""
+        out: list[QueueStats] = []
+        for start in range(0, len(queues), MAINTAIN_CHUNK):
+            chunk = queues[start : start + MAINTAIN_CHUNK]
+            calls: list[tuple[Sequence[str], Sequence[Any]]] = []
+            for q in chunk:
+                k = QueueKeys(q)
+                calls.append(([k.pending, k.scheduled, k.leased, k.dead, k.stats, k.meta], []))
+            with _translate():
+                if self.is_cluster:
+                    script = self._scripts["stats"]
+                    replies = await asyncio.gather(*(script(keys=k, args=a) for k, a in calls))
+                else:
+                    replies = await self._evalsha_many("stats", calls)
+            out += [_queue_stats(q, r) for q, r in zip(chunk, replies, strict=True)]
+        return out
 
     # --- dead letters -----------------------------------------------------------------------
 
@@ -786,3 +783,24 @@ def _delayed_hint(queue: str, tasks: Sequence[NewTask]) -> Hint | None:
 def _auth(client: RedisCluster) -> dict[str, Any]:
     kwargs = client.get_connection_kwargs()
     return {k: v for k, v in kwargs.items() if k in ("username", "password", "ssl")}
+
+
+def _queue_stats(queue: str, reply: list[Any]) -> QueueStats:
+    totals = {_text(k): int(v) for k, v in _pairs(reply[7]).items()}
+    return QueueStats(
+        queue=queue,
+        now_ms=int(reply[0]),
+        pending=int(reply[1]),
+        scheduled=int(reply[2]),
+        leased=int(reply[3]),
+        dead=int(reply[4]),
+        paused=bool(int(reply[5])),
+        oldest_ready_ms=int(reply[6]),
+        enqueued_total=totals.get("enq", 0),
+        succeeded_total=totals.get("ok", 0),
+        retried_total=totals.get("retry", 0),
+        reclaimed_total=totals.get("reclaim", 0),
+        dead_lettered_total=totals.get("dead", 0),
+        cancelled_total=totals.get("cancel", 0),
+        failed_total=totals.get("fail", 0),
+    )
