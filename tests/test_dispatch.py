@@ -40,10 +40,15 @@ async def test_many_idle_subscribed_queues_use_few_connections_and_no_calls(
 ) -> None:
     dispatcher = Dispatcher(tasks)
     got: list[Lease] = []
+
+    def deliver(leases: list[Lease]) -> bool:
+        got.extend(leases)
+        return True
+
     subs = []
     for s in range(STREAMS):
         queues = [f"q{s}-{i}" for i in range(QUEUES_PER_STREAM)]
-        sub = dispatcher.subscribe(queues, 10_000, lambda leases: got.extend(leases) or True)
+        sub = dispatcher.subscribe(queues, 10_000, deliver)
         sub.add_credits(10)
         subs.append(sub)
     try:

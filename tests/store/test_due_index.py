@@ -10,9 +10,10 @@ import pytest
 
 from broker.config import Settings
 from broker.ids import new_lease_id
+from broker.loops.sweeper import Sweeper
 from broker.models import Hint, TaskState
 from broker.queue import TaskQueue, TaskRequest
-from broker.store.keys import QUEUES_KEY
+from broker.store.keys import QUEUES_KEY, DueKeys
 from broker.store.redis_store import RedisStore
 from tests.store.conftest import Topology
 
@@ -141,3 +142,26 @@ async def test_an_empty_queue_is_forgotten_and_an_enqueue_racing_it_wins(
     assert await store.client.sismember(QUEUES_KEY, "racing")
     await asyncio.sleep(0.25)
     assert await _due_queues(store) == ["racing"]
+
+
+async def test_the_sweep_covers_every_queue_once_per_period_in_shares(
+    tasks: TaskQueue, store: RedisStore
+) -> None:
+    """The backstop: a due time the index lost (here: deleted by hand) is found again within
+    one sweep period, in small paced shares."""
+    await _many_idle_queues(tasks)
+    await tasks.enqueue([TaskRequest("lost", "t", delay_ms=100)])
+    await tasks.enqueue([TaskRequest("later", "t", delay_ms=30_000)])
+    later_ms = await _now_ms(tasks, "later") + 30_000
+    for shard in range(store.due.shards):
+        await store.client.delete(DueKeys(shard).at)
+    await asyncio.sleep(0.15)
+    sweeper = Sweeper(tasks, period_s=1.0, interval_s=0.25)
+    shares = [await sweeper.run_once() for _ in range(4)]
+    assert all(0 < s <= (IDLE_QUEUES + 2) // 4 + 20 for s in shares[:3])
+    assert sum(shares) >= IDLE_QUEUES + 2  # one round: every queue once
+    assert await sweeper.run_once() == 0  # the next round waits for the period
+    (s,) = await tasks.stats(["lost"])
+    assert (s.pending, s.scheduled) == (1, 0)  # the sweep did what was due
+    at = await store.client.zscore(store.due.keys("later").at, "later")
+    assert at is not None and abs(at - later_ms) < 1000  # and indexed what is not yet

@@ -22,7 +22,7 @@ from broker.errors import IdempotencyConflict, LeaseStale, TaskFinished, TaskNot
 from broker.ids import new_lease_id
 from broker.models import Lease, QueueStats, SettleStatus, Task, TaskState
 from broker.queue import TaskQueue, TaskRequest
-from broker.store.keys import QUEUES_KEY
+from broker.store.keys import QUEUES_KEY, QueueKeys
 from broker.store.redis_store import RedisStore
 from tests.store.conftest import Topology
 
@@ -701,3 +701,18 @@ async def test_concurrent_enqueues_share_script_calls(tasks: TaskQueue, topology
     assert 0 < script_calls < 200, script_calls
     s = await stats(tasks)
     assert (s.enqueued_total, s.pending) == (200, 200)
+
+
+async def test_a_lease_records_the_stream_that_holds_it(
+    tasks: TaskQueue, store: RedisStore
+) -> None:
+    first, second = await enqueue(tasks, request(), request())
+    batch = await tasks.lease(
+        Q,
+        [(new_lease_id(), LONG_LEASE_MS, "stream-a"), (new_lease_id(), LONG_LEASE_MS, "stream-b")],
+    )
+    held = {le.task.ref.task_id: le for le in batch.leases}
+    for task_id, stream in ((first, "stream-a"), (second, "stream-b")):
+        key = QueueKeys(Q).task(tasks.ref("t", task_id).local_id)
+        assert await store.client.hget(key, "sid") == stream.encode()
+        assert await store.client.hget(key, "lid") == held[task_id].lease_id.encode()
