@@ -63,6 +63,8 @@ MAX_STATS_PAGE = 1000
 MAX_QUEUE_PAGE = 10_000
 #: Work of each kind per maintenance call on one queue, and queues taken per index shard per pass.
 MAINTAIN_LIMIT = 500
+#: Take-maintain-settle rounds per pass at most (a pass handles up to 4,000 due queues).
+MAINTAIN_ROUNDS = 8
 #: A maintainer that takes a queue and dies delays it by at most this.
 DUE_CLAIM_MS = 500
 #: Finished tasks and dead letters are trimmed up to this late, so a busy queue's trims batch.
@@ -415,12 +417,18 @@ class TaskQueue:
             except BrokerError:
                 store.unhinted.update(lost)
                 raise
-        entries = await store.take_due(MAINTAIN_LIMIT, DUE_CLAIM_MS)
-        if not entries:
-            return 0
-        done = await store.maintain([e.queue for e in entries], MAINTAIN_LIMIT, TRIM_SLACK_MS)
-        await store.settle_due([(e, d.next_due_ms) for e, d in zip(entries, done, strict=True)])
-        return sum(d.work for d in done)
+        work = 0
+        for _ in range(MAINTAIN_ROUNDS):  # more rounds only while many queues came due at once
+            entries = await store.take_due(MAINTAIN_LIMIT, DUE_CLAIM_MS)
+            if not entries:
+                break
+            done = await store.maintain([e.queue for e in entries], MAINTAIN_LIMIT, TRIM_SLACK_MS)
+            outcomes = [(e, d.next_due_ms) for e, d in zip(entries, done, strict=True)]
+            await store.settle_due(outcomes)
+            work += sum(d.work for d in done)
+            if len(entries) < MAINTAIN_LIMIT:
+                break
+        return work
 
     async def sweep(self, cursor: int, count: int) -> tuple[int, int]:
         """The backstop: maintains about `count` registered queues from `cursor` on, whatever
