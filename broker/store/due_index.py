@@ -21,6 +21,7 @@ Settings.due_sweep_s, which bounds that gap.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -65,15 +66,18 @@ class DueIndex:
 
     async def take(self, limit: int, claim_ms: int) -> list[DueEntry]:
         """Up to limit due queues per shard, each claimed for claim_ms."""
-        entries: list[DueEntry] = []
-        for shard in range(self.shards):
-            keys = DueKeys(shard)
-            reply = await self._scripts["take_due"](
-                keys=[keys.at, keys.gen], args=[limit, claim_ms]
+        script = self._scripts["take_due"]
+        replies = await asyncio.gather(
+            *(
+                script(keys=[DueKeys(n).at, DueKeys(n).gen], args=[limit, claim_ms])
+                for n in range(self.shards)
             )
-            for i in range(1, len(reply), 2):
-                entries.append(DueEntry(_text(reply[i]), _text(reply[i + 1])))
-        return entries
+        )
+        return [
+            DueEntry(_text(reply[i]), _text(reply[i + 1]))
+            for reply in replies
+            for i in range(1, len(reply), 2)
+        ]
 
     async def settle(self, outcomes: Sequence[tuple[DueEntry, int]]) -> int:
         """Sets each taken entry to its queue's next due time (-1: removes it) unless a hint
