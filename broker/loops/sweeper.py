@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 
 
 class Sweeper:
-    """Each pass sweeps the share of the registry that keeps one round per period."""
+    """Each pass sweeps the share of the registry that keeps one round per period. Passes are
+    frequent and small (a few queues every 50 ms), so no request waits long behind one."""
 
     name = "sweeper"
 
@@ -22,6 +23,13 @@ class Sweeper:
         self._interval_s = interval_s
         self._cursor = 0
         self._round_started: float | None = None
+        self._share = 1  # queues per pass in this round
+
+    def pause_s(self) -> float:
+        """How long until the next round, once this one is done (for Periodic)."""
+        if self._cursor != 0 or self._round_started is None:
+            return 0.0
+        return max(0.0, self._round_started + self._period_s - time.monotonic())
 
     async def run_once(self) -> int:
         """Returns how many queues were swept (0 while waiting for the next round)."""
@@ -30,8 +38,9 @@ class Sweeper:
             if self._round_started is not None and now - self._round_started < self._period_s:
                 return 0  # this round is done: the next starts one period after it began
             self._round_started = now
-        total = await self._tasks.count_queues()
-        share = max(1, math.ceil(total * self._interval_s / self._period_s))
+            total = await self._tasks.count_queues()
+            self._share = max(1, math.ceil(total * self._interval_s / self._period_s))
+        share = self._share
         swept = 0
         while swept < share:
             self._cursor, n = await self._tasks.sweep(self._cursor, share - swept)
