@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from broker.config import Settings
 from broker.dispatch import LEASE_WORKERS, Dispatcher
@@ -22,11 +23,23 @@ QUEUES_PER_STREAM = 64  # 2,560 subscribed queues: ten times the Redis pool of 2
 
 
 @pytest.fixture
-async def tasks(redis_server: RedisServer, redis_client: redis.Redis) -> AsyncIterator[TaskQueue]:
-    import redis.asyncio as aioredis
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of this test alone: its command counts see no other test's broker."""
+    with RedisServer() as server:
+        yield server
 
-    store = RedisStore(aioredis.Redis.from_url(redis_server.url, max_connections=256))
-    yield TaskQueue(store, Settings(redis_url=redis_server.url))
+
+@pytest.fixture
+def redis_client(own_redis: RedisServer) -> Iterator[redis.Redis]:
+    client = own_redis.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+async def tasks(own_redis: RedisServer) -> AsyncIterator[TaskQueue]:
+    store = RedisStore(aioredis.Redis.from_url(own_redis.url, max_connections=256))
+    yield TaskQueue(store, Settings(redis_url=own_redis.url))
     await store.close()
 
 
