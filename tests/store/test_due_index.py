@@ -165,3 +165,22 @@ async def test_the_sweep_covers_every_queue_once_per_period_in_shares(
     assert (s.pending, s.scheduled) == (1, 0)  # the sweep did what was due
     at = await store.client.zscore(store.due.keys("later").at, "later")
     assert at is not None and abs(at - later_ms) < 1000  # and indexed what is not yet
+
+
+async def test_after_redis_lost_everything_a_known_queue_is_registered_and_maintained(
+    tasks: TaskQueue, store: RedisStore, topology: Topology
+) -> None:
+    """Issue 11 §4 on both topologies: no cache in the broker outlives the Redis state."""
+    await tasks.enqueue([TaskRequest("known", "t")])
+    for client in topology.node_clients():
+        try:
+            await client.flushall()
+        finally:
+            await client.aclose()
+    (out,) = await tasks.enqueue([TaskRequest("known", "t")])
+    assert "known" in await tasks.queues()
+    [lease] = (await tasks.lease("known", [(new_lease_id(), 200, "s")])).leases
+    while (await tasks.get(out.task_id)).state is TaskState.LEASED:
+        assert await _now_ms(tasks, "known") < lease.expire_ms + 1000, "reclaimed late"
+        await tasks.maintain_due()
+        await asyncio.sleep(PASS_S)
