@@ -76,6 +76,13 @@ class Settings:
     stream_write_timeout_s: float = 30.0
     #: How often expired leases are looked for; a lease is reclaimed within this of its deadline.
     reap_interval_s: float = 0.25
+    #: The backstop sweep maintains every registered queue once per this period (paced, whatever
+    #: the due index says) and forgets queues that hold nothing; it bounds how late a due time
+    #: lost to a broker crash on a Redis Cluster can be handled.
+    due_sweep_s: float = 600.0
+    #: Queues /metrics, /api/queues and the dashboard show one by one: those with the largest
+    #: backlog (pending + scheduled + leased + dead); totals over all queues are shown as well.
+    metrics_top_queues: int = 100
     #: Redis socket timeout: a Redis call that takes longer fails with UNAVAILABLE.
     redis_timeout_s: float = 5.0
     #: Redis connections in the pool; a call finding none free waits up to redis_timeout_s.
@@ -138,8 +145,9 @@ class Settings:
         for name in ("finished_retention_s", "dead_retention_s"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
-        if not 0.01 <= self.reap_interval_s <= 1.0:
-            problems.append("reap_interval_s must be 0.01 to 1 (leases are reclaimed within 1 s)")
+        problems += _maintenance_problems(self.reap_interval_s, self.due_sweep_s)
+        if not 1 <= self.metrics_top_queues <= 1000:
+            problems.append("metrics_top_queues must be 1 to 1000")
         problems += _keepalive_problems(self)
         if self.redis_url is not None and self.redis_url_file is not None:
             problems.append("set redis_url or redis_url_file, not both")
@@ -241,6 +249,15 @@ def _limit_problems(s: Settings) -> list[str]:
     for name in ("max_inflight_request_bytes", "max_inflight_request_bytes_per_client"):
         if not MIB <= getattr(s, name) <= 64 * 1024 * MIB:
             problems.append(f"{name} must be 1 MiB to 64 GiB")
+    return problems
+
+
+def _maintenance_problems(reap_interval_s: float, due_sweep_s: float) -> list[str]:
+    problems = []
+    if not 0.01 <= reap_interval_s <= 1.0:
+        problems.append("reap_interval_s must be 0.01 to 1 (leases are reclaimed within 1 s)")
+    if not 1.0 <= due_sweep_s <= 86400.0:
+        problems.append("due_sweep_s must be 1 to 86400")
     return problems
 
 

@@ -207,3 +207,37 @@ class ServerInfo:
     appendfsync: str | None
     cluster: bool
     hash_value_bytes: int | None = None  # hash-max-listpack-value; None when CONFIG is refused
+
+
+@dataclass(frozen=True, slots=True)
+class Hint:
+    """Tells the due index a queue may have work due: at an absolute Redis time, or after a
+    delay from Redis's now (-1: not given); the earlier of the two counts."""
+
+    queue: str
+    at_ms: int = -1
+    delay_ms: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class DueEntry:
+    """A queue whose time to look has come, with the index generation read with it."""
+
+    queue: str
+    gen: str
+
+
+@dataclass(frozen=True, slots=True)
+class Maintained:
+    """What one maintenance call did to a queue."""
+
+    queue: str
+    reclaimed: int
+    promoted: int
+    trimmed: int
+    next_due_ms: int  # -1: nothing will come due
+    empty: bool  # no task at all, not paused
+
+    @property
+    def work(self) -> int:
+        return self.reclaimed + self.promoted + self.trimmed

@@ -29,6 +29,7 @@ from broker.models import (
     EnqueueOutcome,
     ExtendItem,
     HeldLease,
+    Hint,
     LeaseBatch,
     NackItem,
     NewTask,
@@ -63,6 +64,17 @@ MAX_BATCH_ITEMS = 1000
 #: calls of large tasks are not merged into one huge command that holds copies of them all and
 #: outlasts the Redis socket timeout.
 MAX_BATCH_BYTES = 8 * 1024 * 1024
+#: Queues per Stats page (the RPC's documented cap) and per ListQueues page.
+MAX_STATS_PAGE = 1000
+MAX_QUEUE_PAGE = 10_000
+#: Work of each kind per maintenance call on one queue, and queues taken per index shard per pass.
+MAINTAIN_LIMIT = 500
+#: Take-maintain-settle rounds per pass at most (a pass handles up to 4,000 due queues).
+MAINTAIN_ROUNDS = 8
+#: A maintainer that takes a queue and dies delays it by at most this.
+DUE_CLAIM_MS = 500
+#: Finished tasks and dead letters are trimmed up to this late, so a busy queue's trims batch.
+TRIM_SLACK_MS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,6 +474,52 @@ class TaskQueue:
             if finished < 500 and dead < 500:
                 return total
 
+    async def maintain_due(self) -> int:
+        """One maintenance pass over the queues the due index says have work due: expired
+        leases reclaimed, due tasks promoted, retention trimmed; each queue's index entry is
+        then set to its next due time. Returns how much work was done."""
+        store = self._store
+        if store.unhinted:  # hints that failed after their state change succeeded
+            lost = list(store.unhinted)
+            store.unhinted.difference_update(lost)
+            try:
+                await store.hint([Hint(q, delay_ms=0) for q in lost])
+            except BrokerError:
+                store.unhinted.update(lost)
+                raise
+        work = 0
+        for _ in range(MAINTAIN_ROUNDS):  # more rounds only while many queues came due at once
+            entries = await store.take_due(MAINTAIN_LIMIT, DUE_CLAIM_MS)
+            if not entries:
+                break
+            done = await store.maintain([e.queue for e in entries], MAINTAIN_LIMIT, TRIM_SLACK_MS)
+            outcomes = [(e, d.next_due_ms) for e, d in zip(entries, done, strict=True)]
+            await store.settle_due(outcomes)
+            work += sum(d.work for d in done)
+            if len(entries) < MAINTAIN_LIMIT:
+                break
+        return work
+
+    async def sweep(self, cursor: int, count: int) -> tuple[int, int]:
+        """The backstop: maintains about `count` registered queues from `cursor` on, whatever
+        the index says, lowers their index entries to their real next due times, and forgets
+        queues that hold nothing. Returns (next cursor, 0 when the registry was covered; how
+        many queues were swept)."""
+        cursor, queues = await self._store.scan_queues(cursor, count)
+        if not queues:
+            return cursor, 0
+        done = await self._store.maintain(queues, MAINTAIN_LIMIT, TRIM_SLACK_MS)
+        hints = [Hint(d.queue, at_ms=d.next_due_ms) for d in done if d.next_due_ms >= 0]
+        if hints:
+            await self._store.hint(hints)
+        for d in done:
+            if d.empty:
+                await self._store.forget_queue(d.queue)
+        return cursor, len(queues)
+
+    async def count_queues(self) -> int:
+        return await self._store.count_queues()
+
     # --- reads and management --------------------------------------------------------------
 
     async def get(self, task_id: str) -> Task:
@@ -484,12 +542,34 @@ class TaskQueue:
         return await self.get(task_id), str(detail)
 
     async def stats(self, queues: Sequence[str]) -> list[QueueStats]:
+        """The named queues' stats; none named: the first page of all (stats_page)."""
         if len(queues) > MAX_IDS_PER_CALL:
             raise InvalidArgument("queues", f"at most {MAX_IDS_PER_CALL}")
         for i, q in enumerate(queues):
             check_name(f"queues[{i}]", q)
-        names = list(queues) or await self._store.list_queues()
-        return [await self._store.stats(q) for q in names]
+        if not queues:
+            return (await self.stats_page(0, ""))[0]
+        return await self._store.stats_many(queues)
+
+    async def stats_page(self, page_size: int, after: str) -> tuple[list[QueueStats], str]:
+        """Stats of up to page_size (0: MAX_STATS_PAGE) queues by name, after the queue named
+        `after`. Returns them and the last name when there are more ('' otherwise)."""
+        names, last = await self.queue_page(min(page_size or MAX_STATS_PAGE, MAX_STATS_PAGE), after)
+        return await self._store.stats_many(names), last
+
+    async def queue_page(self, page_size: int, after: str) -> tuple[list[str], str]:
+        """Up to page_size (0: MAX_QUEUE_PAGE) registered queue names, sorted, after `after`.
+        Returns them and the last name when there are more ('' otherwise)."""
+        if page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
+        size = min(page_size or MAX_QUEUE_PAGE, MAX_QUEUE_PAGE)
+        names = [q for q in await self._store.list_queues() if q > after]
+        page = names[:size]
+        return page, page[-1] if len(names) > size else ""
+
+    async def all_stats(self) -> list[QueueStats]:
+        """Every registered queue's stats (pipelined): for the metrics census only."""
+        return await self._store.stats_many(await self._store.list_queues())
 
     async def set_paused(self, queue: str, paused: bool) -> None:
         check_name("queue", queue)

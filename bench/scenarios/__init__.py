@@ -14,6 +14,7 @@ from bench.scenarios import (
     drain,
     idle_streams,
     latency,
+    many_queues,
     memory,
     noisy_neighbour,
     pipeline,
@@ -42,6 +43,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("idle_streams", idle_streams.run, {"TASKBROKER_MAX_STREAMS_PER_CLIENT": "1000"}),
     Scenario("big_enqueue", big_enqueue.run),
     Scenario("noisy_neighbour", noisy_neighbour.run),
+    Scenario("many_queues", many_queues.run),
     Scenario("ceiling", ceiling.run),
 )
 

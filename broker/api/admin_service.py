@@ -23,6 +23,24 @@ def encode_page_token(cursor: tuple[int, str]) -> str:
     return base64.urlsafe_b64encode(f"{cursor[0]}:{cursor[1]}".encode()).decode()
 
 
+def encode_queue_token(last: str) -> str:
+    return base64.urlsafe_b64encode(f"q:{last}".encode()).decode() if last else ""
+
+
+def decode_queue_token(token: str) -> str:
+    """The queue name a queue page token continues after ('' for none); INVALID_ARGUMENT for
+    a token this API did not return."""
+    if not token:
+        return ""
+    try:
+        kind, _, last = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        if kind == "q" and last:
+            return last
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        pass
+    raise InvalidArgument("page_token", "not a token this API returned")
+
+
 def decode_page_token(token: str) -> tuple[int, str] | None:
     """Page tokens are opaque to clients (AIP-158); a malformed one is INVALID_ARGUMENT."""
     if not token:
@@ -45,7 +63,10 @@ class AdminService:
     async def ListQueues(
         self, request: admin.ListQueuesRequest, context: Context
     ) -> admin.ListQueuesResponse:
-        return admin.ListQueuesResponse(queues=await self._tasks.queues())
+        names, last = await self._tasks.queue_page(
+            request.page_size, decode_queue_token(request.page_token)
+        )
+        return admin.ListQueuesResponse(queues=names, next_page_token=encode_queue_token(last))
 
     async def ListDeadTasks(
         self, request: admin.ListDeadTasksRequest, context: Context

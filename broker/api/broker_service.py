@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING
 import grpc
 
 from broker.api import convert
+from broker.api.admin_service import decode_queue_token, encode_queue_token
 from broker.api.lease_session import LeaseSession, SessionRegistry
 from broker.api.limits import StreamLimits
-from broker.errors import Draining
+from broker.errors import Draining, InvalidArgument
 from broker.models import TaskState
 from taskbroker.v1 import broker_service_pb2 as bs
 from taskbroker.v1 import lease_pb2
@@ -111,5 +112,15 @@ class BrokerService:
         return bs.CancelTaskResponse(task=convert.task_to_proto(task))
 
     async def Stats(self, request: bs.StatsRequest, context: Context) -> bs.StatsResponse:
-        stats = await self._tasks.stats(list(request.queues))
-        return bs.StatsResponse(queues=[convert.stats_to_proto(s) for s in stats])
+        last = ""
+        if request.queues:
+            stats = await self._tasks.stats(list(request.queues))
+        else:
+            if request.page_size < 0:
+                raise InvalidArgument("page_size", "must not be negative")
+            after = decode_queue_token(request.page_token)
+            stats, last = await self._tasks.stats_page(request.page_size, after)
+        return bs.StatsResponse(
+            queues=[convert.stats_to_proto(s) for s in stats],
+            next_page_token=encode_queue_token(last),
+        )

@@ -159,7 +159,11 @@ class LeaseSession:
         try:
             resumed = await self._resume(opened.resume)
             self._sub = self._dispatcher.subscribe(
-                self.stream_id, opened.queues, opened.lease_ms, self._deliver, self._can_receive
+                opened.queues,
+                opened.lease_ms,
+                self._deliver,
+                stream_id=self.stream_id,
+                can_receive=self._can_receive,
             )
             reader = asyncio.create_task(self._read_loop(), name=f"lease {self.stream_id} reader")
             self._outbox.put_nowait(
@@ -327,7 +331,7 @@ class LeaseSession:
 
     def _receiving_again(self) -> None:
         if self._sub is not None:
-            self._sub.receiving_again()
+            self._sub.wake()
 
     def _deliver(self, leases: list[Lease]) -> bool:
         """Called by the queue pump with tasks leased for this stream."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from typing import Protocol
 
 from broker.cancellation import raise_if_cancelled
@@ -25,9 +26,13 @@ class Periodic:
     """Runs job.run_once() every interval_s (±10% jitter, so replicas drift apart). A failed
     pass is logged and the loop goes on; cancellation is never swallowed."""
 
-    def __init__(self, job: Job, interval_s: float) -> None:
+    def __init__(
+        self, job: Job, interval_s: float, pause: Callable[[], float] | None = None
+    ) -> None:
         self._job = job
         self._interval_s = interval_s
+        # Extra seconds to wait after a pass (a paced job with nothing to do for a while).
+        self._pause = pause
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -55,4 +60,5 @@ class Periodic:
                 raise_if_cancelled()
                 log.exception("%s: pass failed", self._job.name)
             raise_if_cancelled()
-            await asyncio.sleep(self._interval_s * random.uniform(0.9, 1.1))
+            extra = self._pause() if self._pause else 0.0
+            await asyncio.sleep(self._interval_s * random.uniform(0.9, 1.1) + extra)

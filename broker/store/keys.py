@@ -3,6 +3,7 @@ touches one Cluster slot."""
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Final
 
@@ -13,6 +14,30 @@ WAKE_CHANNEL: Final = "tb:wake"
 #: Pub/Sub channel announcing "<task id> <lease id>" leases revoked by a cancellation, so the
 #: replica whose stream holds the lease can tell its worker.
 REVOKE_CHANNEL: Final = "tb:revoke"
+#: Shards of the due index on a Redis Cluster, each under its own hash tag so they spread over
+#: the masters (a standalone Redis uses one).
+CLUSTER_DUE_SHARDS: Final = 16
+
+
+@dataclass(frozen=True, slots=True)
+class DueKeys:
+    """Key names of one shard of the due index (store/due_index.py). The tag holds '~', which
+    queue names may not, so no queue's keys can collide with it."""
+
+    shard: int
+
+    @property
+    def at(self) -> str:
+        return f"tb:{{~due{self.shard}}}:at"
+
+    @property
+    def gen(self) -> str:
+        return f"tb:{{~due{self.shard}}}:gen"
+
+
+def due_shard(queue: str, shards: int) -> int:
+    """The due-index shard that holds a queue (stable across processes: CRC-32, not hash())."""
+    return zlib.crc32(queue.encode()) % shards
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -18,10 +19,13 @@ from broker.models import (
     AckItem,
     AttemptError,
     DeadPage,
+    DueEntry,
     EnqueueOutcome,
     ExtendItem,
+    Hint,
     Lease,
     LeaseBatch,
+    Maintained,
     NackItem,
     NewTask,
     QueueStats,
@@ -32,6 +36,7 @@ from broker.models import (
     TaskRef,
     TaskState,
 )
+from broker.store.due_index import DueIndex
 from broker.store.keys import QUEUES_KEY, REVOKE_CHANNEL, WAKE_CHANNEL, QueueKeys
 from broker.store.redis_errors import is_unavailable_reply, unavailable_message
 from broker.store.scripts import Scripts
@@ -53,6 +58,12 @@ _UNAVAILABLE = (
     rex.MasterDownError,
     OSError,
 )
+
+#: Hints are sent this much early: the hint script reads Redis's clock a little after the state
+#: change's script did, and an early look costs one maintenance call, a late one a late reclaim.
+HINT_MARGIN_MS: Final = 100
+#: Maintenance calls pipelined (or run concurrently on a Cluster) at once.
+MAINTAIN_CHUNK: Final = 200
 
 
 class IdempotencyConflictAt(Exception):
@@ -173,10 +184,22 @@ def _settle(reply: list[bytes]) -> SettleResult:
 class RedisStore:
     """Atomic state changes of tasks, each one script on one queue's hash-tagged keys."""
 
-    def __init__(self, client: AnyRedis) -> None:
+    def __init__(
+        self,
+        client: AnyRedis,
+        *,
+        finished_retention_ms: int = 3_600_000,
+        dead_retention_ms: int = 14 * 86_400_000,
+    ) -> None:
         self._client = client
         self._scripts = Scripts(client)
-        self._known_queues: set[str] = set()
+        self.due = DueIndex(client, self._scripts, self.is_cluster)
+        # When trims come due: the hint an ack or a dead-lettering sends. No cache of Redis state
+        # lives here (issue 11 §4): every call reads or writes Redis.
+        self._finished_ms = finished_retention_ms
+        self._dead_ms = dead_retention_ms
+        #: Queues whose hint failed after their state change succeeded: the maintainer resends.
+        self.unhinted: set[str] = set()
 
     @property
     def client(self) -> AnyRedis:
@@ -229,12 +252,88 @@ class RedisStore:
     # --- queues ---------------------------------------------------------------------------
 
     async def register_queue(self, queue: str) -> None:
-        """Adds a queue to the cross-slot registry (once per process; SADD is idempotent)."""
-        if queue in self._known_queues:
-            return
+        """Adds a queue to the cross-slot registry. Written every time (SADD is idempotent): a
+        per-process cache would outlive a Redis that restarted empty."""
         with _translate():
             await self._client.sadd(QUEUES_KEY, queue)
-        self._known_queues.add(queue)
+
+    async def _run(
+        self,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        hint: Hint | None = None,
+        register: str | None = None,
+    ) -> Any:
+        """Runs one state change's script, then (if given) its due-index hint and the queue's
+        registration, in this order. Standalone: one pipeline, one write. Cluster: one after
+        the other, since a pipeline split across nodes may run them in any order (a hint run
+        before its script could be overtaken by a maintainer's raise)."""
+        after: list[tuple[str, Sequence[Any], Sequence[Any]]] = []
+        if hint is not None:
+            due = self.due.keys(hint.queue)
+            after.append(("hint_due", [due.at, due.gen], DueIndex.hint_args([hint])))
+        with _translate():
+            if self.is_cluster:
+                reply = await self._scripts[name](keys=keys, args=args)
+                await self._after(after, register)
+                return reply
+            calls = [(name, keys, args), *after]
+            return await self._pipeline(calls, register)
+
+    async def _after(
+        self, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]], register: str | None
+    ) -> None:
+        """Cluster: the hint and registration after a script that succeeded. A failed hint is
+        remembered for the maintainer to resend rather than failing a change already made."""
+        for name, keys, args in calls:
+            try:
+                await self._scripts[name](keys=keys, args=args)
+            except (*_UNAVAILABLE, rex.ResponseError) as exc:
+                self.unhinted.add(str(args[1]))
+                log.warning("due-index hint failed (resent by the maintainer): %s", exc)
+        if register is not None:
+            await self._client.sadd(QUEUES_KEY, register)
+
+    async def _pipeline(
+        self, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]], register: str | None
+    ) -> Any:
+        """Standalone: scripts by EVALSHA (and an SADD) in one pipeline; returns the first
+        script's reply. A script Redis lost (NOSCRIPT after a restart) is loaded, and the
+        commands from the first failed one on are sent again, in order."""
+        pending = list(calls)
+        first: Any = None
+        have_first = False
+        for _ in range(3):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for name, keys, args in pending:
+                    pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+                if register is not None:
+                    pipe.sadd(QUEUES_KEY, register)
+                results = await pipe.execute(raise_on_error=False)
+            lost = next(
+                (
+                    i
+                    for i, r in enumerate(results[: len(pending)])
+                    if isinstance(r, rex.NoScriptError)
+                ),
+                len(pending),
+            )
+            if not have_first and lost > 0:
+                first, have_first = results[0], True
+                if isinstance(first, Exception):
+                    raise first
+            for r, (name, _, args) in zip(results[:lost], pending[:lost], strict=True):
+                if isinstance(r, Exception) and r is not first:  # only a hint failed
+                    self.unhinted.add(str(args[1]))
+                    log.warning("%s failed (resent by the maintainer): %s", name, r)
+            if lost == len(pending):
+                if register is not None and isinstance(results[-1], Exception):
+                    log.warning("registering queue %s failed: %s", register, results[-1])
+                return first
+            pending = pending[lost:]
+            await self._client.script_load(self._scripts[pending[0][0]].script)
+        raise rex.NoScriptError("redis keeps losing the scripts")
 
     async def list_queues(self) -> list[str]:
         with _translate():
@@ -285,11 +384,15 @@ class RedisStore:
                 t.idempotency_key,
                 t.body_hash,
             ]
-        await self.register_queue(queue)
-        with _translate():
-            reply = await self._scripts["enqueue"](
-                keys=[keys.pending, keys.scheduled, keys.stats], args=args
-            )
+        # Registered after the script, in the same write: a queue being forgotten (emptiness
+        # re-checked after its removal, sweep_queues) either sees this task or is re-registered.
+        reply = await self._run(
+            "enqueue",
+            [keys.pending, keys.scheduled, keys.stats],
+            args,
+            hint=_delayed_hint(queue, tasks),
+            register=queue,
+        )
         if len(reply) > 1 and reply[1] == b"conflict":
             raise IdempotencyConflictAt([int(i) - 1 for i in reply[2:]])
         outcomes = []
@@ -308,25 +411,46 @@ class RedisStore:
         for lease_id, lease_ms, stream_id in slots:
             args += [lease_id, lease_ms, stream_id]
         args += TASK_FIELDS
-        with _translate():
-            reply = await self._scripts["lease"](
-                keys=[keys.pending, keys.scheduled, keys.leased, keys.meta], args=args
-            )
+        shortest = min((ms for _, ms, _ in slots), default=0)
+        reply = await self._run(
+            "lease",
+            [keys.pending, keys.scheduled, keys.leased, keys.meta],
+            args,
+            hint=Hint(queue, delay_ms=max(0, shortest - HINT_MARGIN_MS)) if slots else None,
+        )
         now, next_due, paused = int(reply[0]), int(reply[1]), bool(int(reply[2]))
         leases = []
         for i in range(3, len(reply), 2):
             ref = TaskRef(queue, _text(reply[i]))
             task = decode_fields(ref, reply[i + 1])
             leases.append(Lease(task=task, lease_id=task.lease_id, expire_ms=task.lease_expire_ms))
+        own = min((le.expire_ms for le in leases if le.task.lease_ms), default=-1)
+        if own >= 0 and own < now + shortest:
+            # A task's own lease is shorter than the hint sent with the script: hint again.
+            await self._hint_now(Hint(queue, at_ms=own - HINT_MARGIN_MS))
         return LeaseBatch(now_ms=now, next_due_ms=next_due, paused=paused, leases=leases)
+
+    async def _hint_now(self, hint: Hint) -> None:
+        """A hint on its own, after a reply showed a due time the pipelined hint missed (a broker
+        that dies before it is covered by the backstop sweep)."""
+        try:
+            with _translate():
+                await self.due.hint([hint])
+        except StoreUnavailable as exc:
+            self.unhinted.add(hint.queue)
+            log.warning("due-index hint failed (resent by the maintainer): %s", exc)
 
     async def ack(self, queue: str, items: Sequence[AckItem]) -> list[SettleResult]:
         keys = QueueKeys(queue)
         args: list[str | bytes | int] = [keys.task_prefix, len(items)]
         for item in items:
             args += [item.ref.local_id, item.lease_id, item.result]
-        with _translate():
-            reply = await self._scripts["ack"](keys=[keys.leased, keys.done, keys.stats], args=args)
+        reply = await self._run(
+            "ack",
+            [keys.leased, keys.done, keys.stats],
+            args,
+            hint=Hint(queue, delay_ms=max(0, self._finished_ms - HINT_MARGIN_MS)),
+        )
         return [SettleResult(SettleStatus(_text(r))) for r in reply[1:]]
 
     async def nack(self, queue: str, items: Sequence[NackItem]) -> list[SettleResult]:
@@ -341,10 +465,16 @@ class RedisStore:
                 "1" if item.dead_letter else "0",
                 repr(item.jitter),
             ]
-        with _translate():
-            reply = await self._scripts["nack"](
-                keys=[keys.leased, keys.scheduled, keys.pending, keys.dead, keys.stats], args=args
-            )
+        # The retry's due time depends on the attempt, known only to the script: look at once
+        # unless every nack names its delay (the maintainer sets the real time).
+        delays = [i.retry_delay_ms for i in items if not i.dead_letter]
+        delay = 0 if any(d < 0 for d in delays) else min(delays, default=self._dead_ms)
+        reply = await self._run(
+            "nack",
+            [keys.leased, keys.scheduled, keys.pending, keys.dead, keys.stats],
+            args,
+            hint=Hint(queue, delay_ms=max(0, min(delay, self._dead_ms) - HINT_MARGIN_MS)),
+        )
         return [_settle(r) for r in reply[1:]]
 
     async def extend(self, queue: str, items: Sequence[ExtendItem]) -> list[SettleResult]:
@@ -352,9 +482,18 @@ class RedisStore:
         args: list[str | bytes | int] = [keys.task_prefix, len(items)]
         for item in items:
             args += [item.ref.local_id, item.lease_id, item.duration_ms]
-        with _translate():
-            reply = await self._scripts["extend_lease"](keys=[keys.leased], args=args)
-        return [_settle(r) for r in reply[1:]]
+        explicit = [i.duration_ms for i in items if i.duration_ms >= 0]
+        hint = None
+        if explicit:
+            hint = Hint(queue, delay_ms=max(0, min(explicit) - HINT_MARGIN_MS))
+        reply = await self._run("extend_lease", [keys.leased], args, hint=hint)
+        results = [_settle(r) for r in reply[1:]]
+        if len(explicit) < len(items):
+            # An extension by the lease's own length may end before an earlier, longer one.
+            expiries = [r.time_ms for r in results if r.status is SettleStatus.OK]
+            if expiries:
+                await self._hint_now(Hint(queue, at_ms=min(expiries) - HINT_MARGIN_MS))
+        return results
 
     async def detach(
         self,
@@ -370,8 +509,13 @@ class RedisStore:
         args: list[str | int] = [keys.task_prefix, stream_id, window_ms, reason, len(leases)]
         for local_id, lease_id in leases:
             args += [local_id, lease_id]
-        with _translate():
-            count, earliest = await self._scripts["detach"](keys=[keys.leased], args=args)
+        # Each detached lease expires within the window: the due index must look by then.
+        count, earliest = await self._run(
+            "detach",
+            [keys.leased],
+            args,
+            hint=Hint(queue, delay_ms=max(0, window_ms - HINT_MARGIN_MS)),
+        )
         return int(count), int(earliest)
 
     async def resume(
@@ -382,9 +526,14 @@ class RedisStore:
         args: list[str | int] = [keys.task_prefix, stream_id, len(leases)]
         for local_id, lease_id in leases:
             args += [local_id, lease_id]
-        with _translate():
-            reply = await self._scripts["resume"](keys=[keys.leased], args=args)
-        return [_settle(r) for r in reply[1:]]
+        reply = await self._run("resume", [keys.leased], args)
+        results = [_settle(r) for r in reply[1:]]
+        # A resumed lease runs for its length from now, which may come before what the index
+        # holds for the queue (a lease extended past its length, then moved).
+        expiries = [r.time_ms for r in results if r.status is SettleStatus.OK]
+        if expiries:
+            await self._hint_now(Hint(queue, at_ms=min(expiries) - HINT_MARGIN_MS))
+        return results
 
     async def unlease(self, queue: str, stream_id: str, leases: Sequence[tuple[str, str]]) -> int:
         """Undoes (local_id, lease_id) leases never sent to the stream they were made for: no
@@ -393,17 +542,17 @@ class RedisStore:
         args: list[str | int] = [keys.task_prefix, WAKE_CHANNEL, queue, stream_id, len(leases)]
         for local_id, lease_id in leases:
             args += [local_id, lease_id]
-        with _translate():
-            return int(await self._scripts["unlease"](keys=[keys.leased, keys.pending], args=args))
+        return int(await self._run("unlease", [keys.leased, keys.pending], args))
 
     async def reclaim_expired(self, queue: str, limit: int) -> tuple[int, int]:
         """Reclaims up to limit expired leases. Returns (count, next expiry ms or -1)."""
         keys = QueueKeys(queue)
-        with _translate():
-            count, next_expiry = await self._scripts["reclaim_expired"](
-                keys=[keys.leased, keys.pending, keys.dead, keys.stats],
-                args=[keys.task_prefix, WAKE_CHANNEL, queue, limit],
-            )
+        count, next_expiry = await self._run(
+            "reclaim_expired",
+            [keys.leased, keys.pending, keys.dead, keys.stats],
+            [keys.task_prefix, WAKE_CHANNEL, queue, limit],
+            hint=Hint(queue, delay_ms=max(0, self._dead_ms - HINT_MARGIN_MS)),
+        )
         return int(count), int(next_expiry)
 
     async def promote_due(self, queue: str, limit: int) -> tuple[int, int]:
@@ -418,18 +567,13 @@ class RedisStore:
     async def cancel(self, ref: TaskRef) -> tuple[str, int | str]:
         """Returns ('ok', revoked lease id or ''), ('final', state) or ('nf', '')."""
         keys = QueueKeys(ref.queue)
-        with _translate():
-            reply = await self._scripts["cancel"](
-                keys=[
-                    keys.task(ref.local_id),
-                    keys.pending,
-                    keys.scheduled,
-                    keys.leased,
-                    keys.done,
-                    keys.stats,
-                ],
-                args=[ref.local_id],
-            )
+        reply = await self._run(
+            "cancel",
+            [keys.task(ref.local_id), keys.pending, keys.scheduled, keys.leased, keys.done,
+             keys.stats],
+            [ref.local_id],
+            hint=Hint(ref.queue, delay_ms=max(0, self._finished_ms - HINT_MARGIN_MS)),
+        )  # fmt: skip
         kind = _text(reply[0])
         if kind == "ok":
             return kind, _text(reply[1])
@@ -452,29 +596,26 @@ class RedisStore:
         return decode_task(ref, h) if h else None
 
     async def stats(self, queue: str) -> QueueStats:
-        keys = QueueKeys(queue)
-        with _translate():
-            reply = await self._scripts["stats"](
-                keys=[keys.pending, keys.scheduled, keys.leased, keys.dead, keys.stats, keys.meta]
-            )
-        totals = {_text(k): int(v) for k, v in _pairs(reply[7]).items()}
-        return QueueStats(
-            queue=queue,
-            now_ms=int(reply[0]),
-            pending=int(reply[1]),
-            scheduled=int(reply[2]),
-            leased=int(reply[3]),
-            dead=int(reply[4]),
-            paused=bool(int(reply[5])),
-            oldest_ready_ms=int(reply[6]),
-            enqueued_total=totals.get("enq", 0),
-            succeeded_total=totals.get("ok", 0),
-            retried_total=totals.get("retry", 0),
-            reclaimed_total=totals.get("reclaim", 0),
-            dead_lettered_total=totals.get("dead", 0),
-            cancelled_total=totals.get("cancel", 0),
-            failed_total=totals.get("fail", 0),
-        )
+        [one] = await self.stats_many([queue])
+        return one
+
+    async def stats_many(self, queues: Sequence[str]) -> list[QueueStats]:
+        """Each queue's stats: pipelined on standalone Redis, concurrent calls on a Cluster."""
+        out: list[QueueStats] = []
+        for start in range(0, len(queues), MAINTAIN_CHUNK):
+            chunk = queues[start : start + MAINTAIN_CHUNK]
+            calls: list[tuple[Sequence[str], Sequence[Any]]] = []
+            for q in chunk:
+                k = QueueKeys(q)
+                calls.append(([k.pending, k.scheduled, k.leased, k.dead, k.stats, k.meta], []))
+            with _translate():
+                if self.is_cluster:
+                    script = self._scripts["stats"]
+                    replies = await asyncio.gather(*(script(keys=k, args=a) for k, a in calls))
+                else:
+                    replies = await self._evalsha_many("stats", calls)
+            out += [_queue_stats(q, r) for q, r in zip(chunk, replies, strict=True)]
+        return out
 
     # --- dead letters -----------------------------------------------------------------------
 
@@ -554,6 +695,94 @@ class RedisStore:
             )
         return int(finished), int(dead)
 
+    # --- the due index and maintenance ----------------------------------------------------------
+
+    async def take_due(self, limit: int, claim_ms: int) -> list[DueEntry]:
+        """Queues whose time to look has come (up to limit per index shard), claimed."""
+        with _translate():
+            return await self.due.take(limit, claim_ms)
+
+    async def settle_due(self, outcomes: Sequence[tuple[DueEntry, int]]) -> int:
+        """Sets taken entries to their queues' next due times, unless hinted meanwhile."""
+        with _translate():
+            return await self.due.settle(outcomes)
+
+    async def hint(self, hints: Sequence[Hint]) -> None:
+        with _translate():
+            await self.due.hint(hints)
+
+    async def maintain(self, queues: Sequence[str], limit: int, slack_ms: int) -> list[Maintained]:
+        """Runs maintain.lua on each queue (pipelined; concurrently on a Cluster)."""
+        out: list[Maintained] = []
+        for start in range(0, len(queues), MAINTAIN_CHUNK):
+            chunk = queues[start : start + MAINTAIN_CHUNK]
+            calls = [self._maintain_call(q, limit, slack_ms) for q in chunk]
+            with _translate():
+                if self.is_cluster:
+                    script = self._scripts["maintain"]
+                    replies = await asyncio.gather(*(script(keys=k, args=a) for k, a in calls))
+                else:
+                    replies = await self._evalsha_many("maintain", calls)
+            for queue, r in zip(chunk, replies, strict=True):
+                out.append(Maintained(queue, int(r[0]), int(r[1]), int(r[2]), int(r[3]), r[4] == 1))
+        return out
+
+    async def _evalsha_many(
+        self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """Standalone: one idempotent script on many queues in one pipeline (loaded again
+        after NOSCRIPT, then the whole pipeline is sent again)."""
+        sha = self._scripts[name].sha
+        for attempt in range(2):
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for keys, args in calls:
+                        pipe.evalsha(sha, len(keys), *keys, *args)
+                    return list(await pipe.execute())
+            except rex.NoScriptError:
+                if attempt:
+                    raise
+                await self._client.script_load(self._scripts[name].script)
+        raise AssertionError("unreachable")
+
+    def _maintain_call(
+        self, queue: str, limit: int, slack_ms: int
+    ) -> tuple[list[str], list[str | int]]:
+        k = QueueKeys(queue)
+        keys = [k.leased, k.pending, k.dead, k.stats, k.scheduled, k.done, k.meta]
+        args: list[str | int] = [
+            k.task_prefix, WAKE_CHANNEL, queue, limit, self._finished_ms, self._dead_ms, slack_ms,
+        ]  # fmt: skip
+        return keys, args
+
+    async def scan_queues(self, cursor: int, count: int) -> tuple[int, list[str]]:
+        """One SSCAN step over the queue registry."""
+        with _translate():
+            next_cursor, members = await self._client.sscan(QUEUES_KEY, cursor, count=count)
+        return int(next_cursor), [_text(m) for m in members]
+
+    async def count_queues(self) -> int:
+        with _translate():
+            return int(await self._client.scard(QUEUES_KEY))
+
+    async def forget_queue(self, queue: str) -> bool:
+        """Forgets a queue found empty: out of the registry and the index, then its totals,
+        if it is still empty. An enqueue racing with this registers it again after its script
+        (enqueue), and one whose script ran before the re-check is seen by it: the queue is
+        put back. Returns whether it was forgotten."""
+        k = QueueKeys(queue)
+        with _translate():
+            await self._client.srem(QUEUES_KEY, queue)
+            await self.due.forget(queue)
+            gone = await self._scripts["forget_queue"](
+                keys=[k.pending, k.scheduled, k.leased, k.done, k.dead, k.meta, k.stats]
+            )
+            if int(gone) == 1:
+                return True
+            await self._client.sadd(QUEUES_KEY, queue)
+            await self.due.hint([Hint(queue, delay_ms=0)])
+        return False
+
     # --- wake-ups -----------------------------------------------------------------------------
 
     @asynccontextmanager
@@ -585,6 +814,40 @@ class RedisStore:
                     await node_client.aclose()
 
 
+def _delayed_hint(queue: str, tasks: Sequence[NewTask]) -> Hint | None:
+    """The hint for an enqueue: when its earliest delayed or scheduled task comes due."""
+    delays = [t.delay_ms for t in tasks if t.delay_ms > 0]
+    times = [t.schedule_ms for t in tasks if t.schedule_ms >= 0]
+    if not delays and not times:
+        return None
+    return Hint(
+        queue,
+        at_ms=min(times) - HINT_MARGIN_MS if times else -1,
+        delay_ms=max(0, min(delays) - HINT_MARGIN_MS) if delays else -1,
+    )
+
+
 def _auth(client: RedisCluster) -> dict[str, Any]:
     kwargs = client.get_connection_kwargs()
     return {k: v for k, v in kwargs.items() if k in ("username", "password", "ssl")}
+
+
+def _queue_stats(queue: str, reply: list[Any]) -> QueueStats:
+    totals = {_text(k): int(v) for k, v in _pairs(reply[7]).items()}
+    return QueueStats(
+        queue=queue,
+        now_ms=int(reply[0]),
+        pending=int(reply[1]),
+        scheduled=int(reply[2]),
+        leased=int(reply[3]),
+        dead=int(reply[4]),
+        paused=bool(int(reply[5])),
+        oldest_ready_ms=int(reply[6]),
+        enqueued_total=totals.get("enq", 0),
+        succeeded_total=totals.get("ok", 0),
+        retried_total=totals.get("retry", 0),
+        reclaimed_total=totals.get("reclaim", 0),
+        dead_lettered_total=totals.get("dead", 0),
+        cancelled_total=totals.get("cancel", 0),
+        failed_total=totals.get("fail", 0),
+    )

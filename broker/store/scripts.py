@@ -26,6 +26,11 @@ SCRIPT_NAMES: Final = (
     "delete_dead",
     "trim_finished",
     "stats",
+    "maintain",
+    "forget_queue",
+    "hint_due",
+    "take_due",
+    "settle_due",
 )
 
 

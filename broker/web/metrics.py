@@ -185,6 +185,22 @@ class BrokerCollector:
             paused.add_metric([s.queue], 1.0 if s.paused else 0.0)
         yield from (family for family, _ in totals)
         yield from (tasks, oldest, paused)
+        # Per-queue series cover the top queues by backlog (Settings.metrics_top_queues); these
+        # cover every queue, so dashboards can sum without 100,000 series.
+        every = GaugeMetricFamily(
+            "taskbroker_all_queues_tasks",
+            "Tasks of all queues together by state." + CLUSTER_NOTE,
+            labels=["state"],
+        )
+        for state in ("pending", "scheduled", "leased", "dead"):
+            every.add_metric([state], getattr(snapshot.totals, state))
+        count = GaugeMetricFamily(
+            "taskbroker_queues",
+            "Queues the broker knows (the per-queue series show the ones with the largest "
+            "backlog)." + CLUSTER_NOTE,
+        )
+        count.add_metric([], snapshot.queue_count)
+        yield from (every, count)
 
     def _histograms(self) -> Iterable[Metric]:
         timings = self._tasks.timings

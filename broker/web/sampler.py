@@ -1,9 +1,14 @@
-"""StatsSampler: the cached snapshot of every queue's counts and totals behind /metrics and the
-dashboard, with rates computed from successive snapshots and a short history for the charts.
+"""StatsSampler: the cached snapshot behind /metrics and the dashboard: the `top_n` queues with
+the largest backlog (tasks held: pending, scheduled, leased, dead) and totals over all queues,
+with rates computed from successive snapshots and a short history for the charts.
 
-A snapshot is one TaskQueue.stats call for all queues, taken only when someone asks (a scrape, a
-dashboard poll) and the last one is older than `max_age_s`: however many scrapers and browsers
-watch however many replicas, each replica reads Redis at most once per `max_age_s`.
+A snapshot is taken only when someone asks (a scrape, a dashboard poll) and the last one is
+older than `max_age_s`: however many scrapers and browsers watch however many replicas, each
+replica reads Redis at most once per `max_age_s`. It re-reads the top queues of the last
+snapshot; every queue (the census, which picks the top queues and sums the totals) is re-read
+at most once per `max_age_s` or per CENSUS_QUEUES_PER_S queues, whichever is longer, so 100,000
+queues cost a pipelined read every 100 s rather than every scrape. The totals of queues outside
+the top are therefore up to that old; nothing here outlives the next census.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ MAX_AGE_S: Final = 2.0
 RATE_WINDOW_S: Final = 10.0
 #: A reference snapshot older than this gives no rate: it would not say what happens now.
 RATE_HORIZON_S: Final = 300.0
+#: The census reads at most this many queues per second of its age (see the module docstring).
+CENSUS_QUEUES_PER_S: Final = 1000.0
+#: Queues shown by default (Settings.metrics_top_queues).
+TOP_N: Final = 100
 #: Chart history kept.
 HISTORY_S: Final = 15 * 60.0
 #: A gap between snapshots longer than this is drawn as a gap, not as an average.
@@ -58,7 +67,9 @@ class Snapshot:
 
     taken: float  # local monotonic time
     time_ms: int  # Redis time (ms) of the snapshot
-    queues: list[QueueStats]
+    queues: list[QueueStats]  # the top_n queues by backlog, by name
+    totals: QueueStats  # summed over every queue (queue ''; oldest_ready_ms: the oldest)
+    queue_count: int  # every registered queue
     rates: dict[str, QueueRates]
     wait: Buckets  # this replica's queue-wait histogram, all queues, at the time
 
@@ -70,6 +81,32 @@ def _completed(s: QueueStats) -> int:
     return s.succeeded_total + s.dead_lettered_total
 
 
+def _backlog(s: QueueStats) -> int:
+    return s.pending + s.scheduled + s.leased + s.dead
+
+
+def _sum(queues: list[QueueStats], now_ms: int) -> QueueStats:
+    """All queues as one: counts and totals summed, the oldest pending task of any."""
+    ages = [s.oldest_ready_ms for s in queues if s.oldest_ready_ms >= 0]
+    return QueueStats(
+        queue="",
+        now_ms=now_ms,
+        pending=sum(s.pending for s in queues),
+        scheduled=sum(s.scheduled for s in queues),
+        leased=sum(s.leased for s in queues),
+        dead=sum(s.dead for s in queues),
+        paused=False,
+        oldest_ready_ms=min(ages, default=-1),
+        enqueued_total=sum(s.enqueued_total for s in queues),
+        succeeded_total=sum(s.succeeded_total for s in queues),
+        retried_total=sum(s.retried_total for s in queues),
+        reclaimed_total=sum(s.reclaimed_total for s in queues),
+        dead_lettered_total=sum(s.dead_lettered_total for s in queues),
+        cancelled_total=sum(s.cancelled_total for s in queues),
+        failed_total=sum(s.failed_total for s in queues),
+    )
+
+
 def _rate(new: int, old: int, seconds: float) -> float | None:
     if new < old or seconds <= 0:  # totals went back: Redis lost them
         return None
@@ -79,15 +116,23 @@ def _rate(new: int, old: int, seconds: float) -> float | None:
 class StatsSampler:
     """Caches stats snapshots; one refresh at a time, at most one per `max_age_s`."""
 
-    def __init__(self, tasks: TaskQueue, max_age_s: float = MAX_AGE_S) -> None:
+    def __init__(self, tasks: TaskQueue, max_age_s: float = MAX_AGE_S, top_n: int = TOP_N) -> None:
         self._tasks = tasks
         self._max_age_s = max_age_s
+        self._top_n = top_n
+        self._census: dict[str, QueueStats] = {}
+        self._census_taken: float | None = None
         self._lock = asyncio.Lock()
         self._latest: Snapshot | None = None
         self._failed: tuple[float, str] | None = None  # (monotonic time, message)
         self._expired = False
+        self._expired_census = False
         self._recent: deque[Snapshot] = deque()  # references for rates
         self.history: deque[Point] = deque()
+
+    @property
+    def top_n(self) -> int:
+        return self._top_n
 
     @property
     def latest(self) -> Snapshot | None:
@@ -110,16 +155,30 @@ class StatsSampler:
                 return latest
             self._expired = False
             try:
-                queues = await self._tasks.stats([])
+                queues = await self._read(now)
             except BrokerError as exc:
                 self._failed = (time.monotonic(), str(exc))
                 raise
             self._failed = None
             return self._add(queues)
 
+    async def _read(self, now: float) -> list[QueueStats]:
+        """Every queue's stats as last read: all of them when the census is due, else the
+        last snapshot's top queues afresh (over the census)."""
+        age = max(self._max_age_s, len(self._census) / CENSUS_QUEUES_PER_S)
+        if self._census_taken is None or self._expired_census or now - self._census_taken >= age:
+            self._census = {s.queue: s for s in await self._tasks.all_stats()}
+            self._census_taken = now
+            self._expired_census = False
+        elif self._latest is not None and self._latest.queues:
+            fresh = await self._tasks.stats([s.queue for s in self._latest.queues])
+            self._census.update((s.queue, s) for s in fresh)
+        return list(self._census.values())
+
     def expire(self) -> None:
         """The next snapshot is taken afresh (after an admin action changed the counts)."""
         self._expired = True
+        self._expired_census = True
 
     def _add(self, queues: list[QueueStats]) -> Snapshot:
         taken = time.monotonic()
@@ -133,8 +192,10 @@ class StatsSampler:
         reference = self._recent[0] if self._recent else None
         if reference and taken - reference.taken > RATE_HORIZON_S:
             reference = None
-        rates = self._rates(queues, reference)
-        snapshot = Snapshot(taken, time_ms, queues, rates, wait)
+        top = sorted(queues, key=lambda q: (-_backlog(q), q.queue))[: self._top_n]
+        top.sort(key=lambda q: q.queue)
+        rates = self._rates(top, reference)
+        snapshot = Snapshot(taken, time_ms, top, _sum(queues, time_ms), len(queues), rates, wait)
         if self._latest is not None:
             self._chart(self._latest, snapshot)
         self._recent.append(snapshot)

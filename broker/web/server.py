@@ -95,7 +95,7 @@ class WebServer:
         self._settings = settings
         self._redis_up = redis_up
         self._draining = draining
-        self.sampler = StatsSampler(tasks)
+        self.sampler = StatsSampler(tasks, top_n=settings.metrics_top_queues)
         self.registry = build_registry(
             BrokerCollector(self.sampler, tasks, sessions, rpc, redis_up)
         )
@@ -193,6 +193,11 @@ class WebServer:
                 "queues": [
                     views.queue_json(s, snapshot.rates.get(s.queue)) for s in snapshot.queues
                 ],
+                # Capped: the queues above are the top metrics_top_queues by backlog; these
+                # cover every queue.
+                "all_queues": views.queue_json(snapshot.totals, None),
+                "queue_count": snapshot.queue_count,
+                "limit": self.sampler.top_n,
             }
         )
 

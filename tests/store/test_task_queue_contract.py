@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 import pytest
-import redis
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.crc import key_slot
 
 import broker.queue
@@ -33,9 +31,9 @@ from broker.models import (
     TaskState,
 )
 from broker.queue import TaskQueue, TaskRequest
-from broker.store.keys import QUEUES_KEY
-from broker.store.redis_store import AnyRedis, RedisStore
-from tests.support.redis_server import RedisCluster, RedisServer
+from broker.store.keys import QUEUES_KEY, QueueKeys
+from broker.store.redis_store import RedisStore
+from tests.store.conftest import Topology
 
 Q = "emails"
 #: The queue's retry backoff (Settings below): 50 ms, doubling, capped at 200 ms.
@@ -50,52 +48,6 @@ RESUME_WINDOW_MS = 100
 
 
 # --- fixtures ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Topology:
-    """Where the store under test runs: one standalone server, or every node of a cluster."""
-
-    name: str
-    url: str
-    node_urls: tuple[str, ...]
-
-    @property
-    def is_cluster(self) -> bool:
-        return self.name == "cluster"
-
-    def client(self) -> AnyRedis:
-        """The client a broker would use (bytes replies, as RedisStore expects)."""
-        if self.is_cluster:
-            return AsyncRedisCluster.from_url(self.url)
-        return aioredis.Redis.from_url(self.url)
-
-    def node_clients(self) -> list[aioredis.Redis]:
-        """One plain client per node, for commands that must reach every node."""
-        return [aioredis.Redis.from_url(url) for url in self.node_urls]
-
-
-@pytest.fixture(params=["standalone", "cluster"])
-def topology(request: pytest.FixtureRequest) -> Topology:
-    """The session's standalone server or cluster, with every node flushed for this test."""
-    name = cast("str", request.param)
-    if name == "cluster":
-        cluster = cast("RedisCluster", request.getfixturevalue("redis_cluster"))
-        topo = Topology(name, cluster.url, tuple(node.url for node in cluster.nodes))
-    else:
-        server = cast("RedisServer", request.getfixturevalue("redis_server"))
-        topo = Topology(name, server.url, (server.url,))
-    for url in topo.node_urls:
-        with redis.Redis.from_url(url) as client:
-            client.flushall()
-    return topo
-
-
-@pytest.fixture
-async def store(topology: Topology) -> AsyncIterator[RedisStore]:
-    store = RedisStore(topology.client())
-    yield store
-    await store.close()
 
 
 @pytest.fixture
@@ -813,7 +765,13 @@ async def test_each_queues_keys_share_one_slot(tasks: TaskQueue, topology: Topol
     by_node = await _all_keys(topology)
     keys = [k for node_keys in by_node.values() for k in node_keys]
 
-    assert [k for k in keys if not any(f"{{{q}}}" in k for q in queues)] == [QUEUES_KEY]
+    others = {k for k in keys if not any(f"{{{q}}}" in k for q in queues)}
+    # The registry and the due index's shards (each shard's keys share their own slot).
+    assert QUEUES_KEY in others
+    index = others - {QUEUES_KEY}
+    assert index and all(k.startswith("tb:{~due") for k in index)
+    for shard in {k.split("}")[0] for k in index}:
+        assert len({key_slot(k.encode()) for k in index if k.startswith(shard + "}")}) == 1
     for q in queues:
         mine = [k for k in keys if f"{{{q}}}" in k]
         kinds = {k.split(":")[2] for k in mine}
@@ -851,3 +809,18 @@ async def test_concurrent_enqueues_share_script_calls(tasks: TaskQueue, topology
     assert 0 < script_calls < 200, script_calls
     s = await stats(tasks)
     assert (s.enqueued_total, s.pending) == (200, 200)
+
+
+async def test_a_lease_records_the_stream_that_holds_it(
+    tasks: TaskQueue, store: RedisStore
+) -> None:
+    first, second = await enqueue(tasks, request(), request())
+    batch = await tasks.lease(
+        Q,
+        [(new_lease_id(), LONG_LEASE_MS, "stream-a"), (new_lease_id(), LONG_LEASE_MS, "stream-b")],
+    )
+    held = {le.task.ref.task_id: le for le in batch.leases}
+    for task_id, stream in ((first, "stream-a"), (second, "stream-b")):
+        key = QueueKeys(Q).task(tasks.ref("t", task_id).local_id)
+        assert await store.client.hget(key, "sid") == stream.encode()
+        assert await store.client.hget(key, "lid") == held[task_id].lease_id.encode()

@@ -464,6 +464,19 @@ async function showTask(taskId) {
   $("task-section").scrollIntoView({ behavior: "smooth" });
 }
 
+// Past the cap, the table holds the queues with the largest backlog; say so, with the totals.
+function renderCap(reply) {
+  const capped = reply.queue_count > reply.queues.length;
+  $("queues-capped").hidden = !capped;
+  if (capped) {
+    const all = reply.all_queues.counts;
+    $("queues-capped").textContent =
+      `Showing the ${reply.queues.length} of ${reply.queue_count} queues with the largest ` +
+      `backlog. All queues: ${all.pending} pending, ${all.scheduled} scheduled, ` +
+      `${all.leased} leased, ${all.dead} dead.`;
+  }
+}
+
 // --- polling --------------------------------------------------------------------------------
 
 async function refresh() {
@@ -474,6 +487,7 @@ async function refresh() {
       api(`/api/history?since_ms=${state.historySince}`),
     ]);
     renderQueues(queues.queues);
+    renderCap(queues);
     renderWorkers(workers.workers);
     renderCharts(history.points);
     $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;

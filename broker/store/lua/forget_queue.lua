@@ -1,0 +1,14 @@
+-- forget_queue.lua: the last step of forgetting an empty queue (the caller has already removed it
+-- from the registry): if the queue is still empty, its running totals go too.
+--
+-- KEYS[1..6]  tb:{q}:pending scheduled leased done dead   KEYS[6] tb:{q}:meta
+-- KEYS[7]     tb:{q}:stats
+--
+-- Returns 1 when forgotten, 0 when a task arrived meanwhile (the caller registers it again).
+
+for i = 1, 5 do
+  if redis.call('ZCARD', KEYS[i]) > 0 then return 0 end
+end
+if redis.call('HGET', KEYS[6], 'paused') == '1' then return 0 end
+redis.call('DEL', KEYS[7], KEYS[6])
+return 1

@@ -1,0 +1,75 @@
+-- maintain.lua: all time-driven work of one queue in one call: expired leases reclaimed, due
+-- scheduled and retrying tasks promoted, finished tasks and dead letters past retention deleted.
+-- Returns the queue's next due time, which the due index (settle_due.lua) keeps.
+--
+-- KEYS[1]  tb:{q}:leased      zset  id -> lease expiry (ms)
+-- KEYS[2]  tb:{q}:pending     zset  id -> pending score
+-- KEYS[3]  tb:{q}:dead        zset  id -> dead-letter time (ms)
+-- KEYS[4]  tb:{q}:stats       hash  running totals
+-- KEYS[5]  tb:{q}:scheduled   zset  id -> due time (ms)
+-- KEYS[6]  tb:{q}:done        zset  id -> finish time (ms)
+-- KEYS[7]  tb:{q}:meta        hash  queue settings (paused)
+-- ARGV[1]  task key prefix tb:{q}:t:   (derived task keys, same hash tag)
+-- ARGV[2]  wake channel, ARGV[3] queue name
+-- ARGV[4]  at most this many of each kind of work per call
+-- ARGV[5]  finished retention (ms), ARGV[6] dead-letter retention (ms)
+-- ARGV[7]  trim slack (ms): trimming waits this long past the retention, so a busy queue's
+--          trims are batched instead of one call per finished task
+--
+-- Returns {reclaimed, promoted, trimmed, next_due, empty}: next_due is the earliest time any
+-- work comes due (now when a limit was reached: call again; -1 when nothing will come due);
+-- empty is 1 when the queue holds no task at all and is not paused.
+
+local now = now_ms()
+local prefix, limit = ARGV[1], tonumber(ARGV[4])
+local finished_ms, dead_ms, slack = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local keys = {leased = KEYS[1], pending = KEYS[2], dead = KEYS[3], stats = KEYS[4]}
+
+local expired = redis.call('ZRANGE', KEYS[1], '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)
+for _, id in ipairs(expired) do
+  local key = prefix .. id
+  if redis.call('EXISTS', key) == 1 then
+    end_lease(key, id, keys, now, 'lease expired')
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+local promoted = promote_due(KEYS[5], KEYS[2], prefix, now, limit)
+if #expired > 0 or promoted > 0 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+
+local trimmed = 0
+local function trim(set_key, retention_ms)
+  local old = redis.call('ZRANGE', set_key, '-inf', now - retention_ms, 'BYSCORE', 'LIMIT', 0, limit)
+  for _, id in ipairs(old) do
+    redis.call('ZREM', set_key, id)
+    redis.call('DEL', prefix .. id)
+  end
+  trimmed = trimmed + #old
+  return #old
+end
+local full = #expired == limit or promoted == limit
+if trim(KEYS[6], finished_ms) == limit then full = true end
+if trim(KEYS[3], dead_ms) == limit then full = true end
+
+local next_due = -1
+local function consider(t)
+  if t >= 0 and (next_due < 0 or t < next_due) then next_due = t end
+end
+local function first(set_key)
+  local f = redis.call('ZRANGE', set_key, 0, 0, 'WITHSCORES')
+  if #f == 0 then return -1 end
+  return tonumber(f[2])
+end
+consider(first(KEYS[1]))
+consider(first(KEYS[5]))
+local oldest_done, oldest_dead = first(KEYS[6]), first(KEYS[3])
+if oldest_done >= 0 then consider(oldest_done + finished_ms + slack) end
+if oldest_dead >= 0 then consider(oldest_dead + dead_ms + slack) end
+if full then next_due = now end
+
+local empty = 0
+if next_due < 0 and redis.call('ZCARD', KEYS[2]) == 0
+    and redis.call('HGET', KEYS[7], 'paused') ~= '1' then
+  empty = 1
+end
+return {#expired, promoted, trimmed, next_due, empty}
