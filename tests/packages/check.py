@@ -76,16 +76,17 @@ def user_env(target: str, queue: str) -> dict[str, str]:
 
 def run_app(
     worker: Sequence[str | Path], producer: Sequence[str | Path], app: Path, env: dict[str, str]
-) -> None:
+) -> str:
     """Starts the worker, runs the producer to completion, then stops the worker with SIGTERM,
-    which must end it cleanly (exit 0)."""
+    which must end it cleanly (exit 0). Returns what the producer printed."""
     log = app / "worker.log"
     with log.open("w") as out:
         process = subprocess.Popen(
             [str(part) for part in worker], cwd=app, env=env, stdout=out, stderr=subprocess.STDOUT
         )
     try:
-        print(run(producer, cwd=app, env=env, timeout=RUN_TIMEOUT_S).rstrip(), flush=True)
+        output = run(producer, cwd=app, env=env, timeout=RUN_TIMEOUT_S)
+        print(output.rstrip(), flush=True)
     except CheckFailed as exc:
         raise CheckFailed(f"{exc}\nworker log:\n{log.read_text()}") from None
     finally:
@@ -98,6 +99,7 @@ def run_app(
             code = process.wait()
     if code != 0:
         raise CheckFailed(f"worker exited {code} after SIGTERM:\n{log.read_text()}")
+    return output
 
 
 def check_python(kind: str, spec: str, work: Path, target: str) -> None:
@@ -125,6 +127,16 @@ def check_python(kind: str, spec: str, work: Path, target: str) -> None:
         raise CheckFailed(f"taskbroker.v1 was imported from {where}, not from {venv}")
     run([venv / "bin" / "taskbroker", "--help"], cwd=app, env=env, timeout=60)
     run_app([python, "worker.py"], [python, "producer.py"], app, env)
+    # The README's quick-start files, unchanged, against the installed SDK.
+    quick = work / f"quickstart-{kind}"
+    quick.mkdir()
+    for name in ("quickstart_worker.py", "quickstart_producer.py"):
+        shutil.copy(ROOT / "examples" / name, quick / name)
+    printed = run_app(
+        [python, "quickstart_worker.py"], [python, "quickstart_producer.py"], quick, env
+    )
+    if "SUCCEEDED sent" not in printed:
+        raise CheckFailed(f"the quick-start producer printed {printed!r}")
 
 
 def check_node(work: Path, target: str) -> None:
