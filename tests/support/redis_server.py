@@ -355,14 +355,32 @@ class RedisServer:
         self.cleanup()
 
 
-class RedisCluster:
-    """A real Redis Cluster of N master-only :class:`RedisServer` nodes."""
+def _replica_not_synced(node: RedisServer) -> str:
+    """ "" unless the node is a replica whose link to its master is not up yet (a replica that
+    never synced cannot take over in a failover)."""
+    client = node.client(socket_timeout=1, retry=Retry(NoBackoff(), 0))
+    try:
+        info = client.info("replication")
+    except redis.RedisError as exc:
+        return f"{node.url}: {type(exc).__name__}: {exc}"
+    finally:
+        client.close()
+    if info.get("role") == "slave" and info.get("master_link_status") != "up":
+        return f"{node.url}: replica not synced with its master yet"
+    return ""
 
-    def __init__(self, masters: int = 3, *, extra_args: Sequence[str] = ()) -> None:
+
+class RedisCluster:
+    """A real Redis Cluster of N masters, each with R replicas (:class:`RedisServer` nodes)."""
+
+    def __init__(
+        self, masters: int = 3, *, replicas: int = 0, extra_args: Sequence[str] = ()
+    ) -> None:
         """Configure the cluster; nothing is started until :meth:`start`.
 
         Args:
             masters: Number of master nodes (redis-cli requires at least 3).
+            replicas: Replicas per master (for failover tests).
             extra_args: Extra ``redis-server`` arguments for every node.
 
         Raises:
@@ -370,7 +388,9 @@ class RedisCluster:
         """
         if masters < 3:
             raise ValueError("a Redis Cluster needs at least 3 masters")
-        self._nodes = [RedisServer(cluster=True, extra_args=extra_args) for _ in range(masters)]
+        self._replicas = replicas
+        count = masters * (1 + replicas)
+        self._nodes = [RedisServer(cluster=True, extra_args=extra_args) for _ in range(count)]
 
     @property
     def nodes(self) -> list[RedisServer]:
@@ -410,7 +430,7 @@ class RedisCluster:
             "create",
             *(f"{host}:{port}" for host, port in self.startup_nodes),
             "--cluster-replicas",
-            "0",
+            str(self._replicas),
             "--cluster-yes",
         ]
         try:
@@ -460,6 +480,8 @@ class RedisCluster:
             for key, want in expected.items():
                 if info.get(key) != want:
                     return f"{node.url}: {key}={info.get(key)!r} (want {want})"
+            if self._replicas and (reason := _replica_not_synced(node)):
+                return reason
         return ""
 
     def client(
