@@ -16,7 +16,6 @@ covered by waking every pump when it reconnects (loops/wake_listener.py).
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -120,8 +119,9 @@ class Dispatcher:
     def __init__(self, task_queue: TaskQueue, workers: int = LEASE_WORKERS) -> None:
         self._tasks = task_queue
         self._pumps: dict[str, QueuePump] = {}
-        self._runnable: collections.deque[QueuePump] = collections.deque()
-        self._has_runnable = asyncio.Event()
+        #: Pumps waiting for a lease worker. A queue wakes one waiting worker per pump (an
+        #: Event would wake every idle worker for each kick, only for all but one to sleep again).
+        self._runnable: asyncio.Queue[QueuePump] = asyncio.Queue()
         self._workers: list[asyncio.Task[None]] = []
         self._worker_count = workers
         self._background: set[asyncio.Task[None]] = set()
@@ -189,7 +189,7 @@ class Dispatcher:
         for pump in self._pumps.values():
             pump.set_timer(None)
         self._pumps.clear()
-        self._runnable.clear()
+        self._runnable = asyncio.Queue()
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
@@ -204,17 +204,12 @@ class Dispatcher:
         if pump.queued or pump.running or not pump.wants_lease():
             return
         pump.queued = True
-        self._runnable.append(pump)
-        self._has_runnable.set()
+        self._runnable.put_nowait(pump)
 
     async def _work(self) -> None:
         while True:
             raise_if_cancelled()
-            if not self._runnable:
-                self._has_runnable.clear()
-                await self._has_runnable.wait()
-                continue
-            pump = self._runnable.popleft()
+            pump = await self._runnable.get()
             pump.queued = False
             if not pump.wants_lease():
                 continue

@@ -44,10 +44,9 @@ class BrokerService:
     async def Enqueue(self, request: bs.EnqueueRequest, context: Context) -> bs.EnqueueResponse:
         if self._dispatcher.draining:
             raise Draining("the broker is shutting down; use another replica")
+        # No local wake-up here: enqueue.lua publishes one that reaches every replica's pumps,
+        # this one's included; waking them here too made a second, empty lease call per task.
         outcomes = await self._tasks.enqueue([convert.task_request(t) for t in request.tasks])
-        for outcome in outcomes:
-            if not outcome.duplicate:
-                self._dispatcher.notify(outcome.task_id.rpartition(":")[0])
         return bs.EnqueueResponse(
             results=[bs.EnqueueResult(task_id=o.task_id, duplicate=o.duplicate) for o in outcomes]
         )

@@ -85,3 +85,28 @@ local function end_lease(key, id, keys, now, reason)
   to_pending(key, id, keys.pending, now)
   return 0
 end
+
+-- Ends up to `limit` leases of a queue that expired by `now` (end_lease). Returns how many.
+local function reclaim_expired(keys, prefix, now, limit)
+  local expired = redis.call('ZRANGE', keys.leased, '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)
+  for _, id in ipairs(expired) do
+    local key = prefix .. id
+    if redis.call('EXISTS', key) == 1 then
+      end_lease(key, id, keys, now, 'lease expired')
+    else
+      redis.call('ZREM', keys.leased, id)
+    end
+  end
+  return #expired
+end
+
+-- Deletes up to `limit` tasks of a set of finished tasks (or dead letters) scored up to
+-- `cutoff` ms. Returns how many.
+local function trim_before(set_key, prefix, cutoff, limit)
+  local old = redis.call('ZRANGE', set_key, '-inf', cutoff, 'BYSCORE', 'LIMIT', 0, limit)
+  for _, id in ipairs(old) do
+    redis.call('ZREM', set_key, id)
+    redis.call('DEL', prefix .. id)
+  end
+  return #old
+end

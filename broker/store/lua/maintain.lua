@@ -25,31 +25,15 @@ local prefix, limit = ARGV[1], tonumber(ARGV[4])
 local finished_ms, dead_ms, slack = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local keys = {leased = KEYS[1], pending = KEYS[2], dead = KEYS[3], stats = KEYS[4]}
 
-local expired = redis.call('ZRANGE', KEYS[1], '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)
-for _, id in ipairs(expired) do
-  local key = prefix .. id
-  if redis.call('EXISTS', key) == 1 then
-    end_lease(key, id, keys, now, 'lease expired')
-  else
-    redis.call('ZREM', KEYS[1], id)
-  end
-end
+local reclaimed = reclaim_expired(keys, prefix, now, limit)
 local promoted = promote_due(KEYS[5], KEYS[2], prefix, now, limit)
-if #expired > 0 or promoted > 0 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+if reclaimed > 0 or promoted > 0 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
 
-local trimmed = 0
-local function trim(set_key, retention_ms)
-  local old = redis.call('ZRANGE', set_key, '-inf', now - retention_ms, 'BYSCORE', 'LIMIT', 0, limit)
-  for _, id in ipairs(old) do
-    redis.call('ZREM', set_key, id)
-    redis.call('DEL', prefix .. id)
-  end
-  trimmed = trimmed + #old
-  return #old
-end
-local full = #expired == limit or promoted == limit
-if trim(KEYS[6], finished_ms) == limit then full = true end
-if trim(KEYS[3], dead_ms) == limit then full = true end
+local full = reclaimed == limit or promoted == limit
+local trimmed_done = trim_before(KEYS[6], prefix, now - finished_ms, limit)
+local trimmed_dead = trim_before(KEYS[3], prefix, now - dead_ms, limit)
+local trimmed = trimmed_done + trimmed_dead
+if trimmed_done == limit or trimmed_dead == limit then full = true end
 
 local next_due = -1
 local function consider(t)
@@ -72,4 +56,4 @@ if next_due < 0 and redis.call('ZCARD', KEYS[2]) == 0
     and redis.call('HGET', KEYS[7], 'paused') ~= '1' then
   empty = 1
 end
-return {#expired, promoted, trimmed, next_due, empty}
+return {reclaimed, promoted, trimmed, next_due, empty}

@@ -14,17 +14,9 @@
 local now = now_ms()
 local prefix = ARGV[1]
 local keys = {leased = KEYS[1], pending = KEYS[2], dead = KEYS[3], stats = KEYS[4]}
-local expired = redis.call('ZRANGE', KEYS[1], '-inf', now, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[4]))
-for _, id in ipairs(expired) do
-  local key = prefix .. id
-  if redis.call('EXISTS', key) == 1 then
-    end_lease(key, id, keys, now, 'lease expired')
-  else
-    redis.call('ZREM', KEYS[1], id)
-  end
-end
-if #expired > 0 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+local reclaimed = reclaim_expired(keys, prefix, now, tonumber(ARGV[4]))
+if reclaimed > 0 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local next_expiry = -1
 if #first > 0 then next_expiry = tonumber(first[2]) end
-return {#expired, next_expiry}
+return {reclaimed, next_expiry}

@@ -11,12 +11,5 @@
 
 local now = now_ms()
 local prefix, limit = ARGV[1], tonumber(ARGV[4])
-local function trim(set_key, retention_ms)
-  local old = redis.call('ZRANGE', set_key, '-inf', now - retention_ms, 'BYSCORE', 'LIMIT', 0, limit)
-  for _, id in ipairs(old) do
-    redis.call('ZREM', set_key, id)
-    redis.call('DEL', prefix .. id)
-  end
-  return #old
-end
-return {trim(KEYS[1], tonumber(ARGV[2])), trim(KEYS[2], tonumber(ARGV[3]))}
+return {trim_before(KEYS[1], prefix, now - tonumber(ARGV[2]), limit),
+  trim_before(KEYS[2], prefix, now - tonumber(ARGV[3]), limit)}
