@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 #: Tasks per lease call: 100 keeps one script call around a millisecond (asynq's forwarder bound).
 MAX_LEASE_BATCH = 100
+#: A lease call after a batch that was not full asks for this many tasks at most; each full
+#: batch doubles it up to MAX_LEASE_BATCH. A queue that a wake-up says has "some" work mostly
+#: has one or two tasks: reserving every credit would send Redis hundreds of unused slots.
+FIRST_LEASE_BATCH = 8
 #: Lease calls in flight at once, over all queues: bounds the Redis connections pumps use.
 LEASE_WORKERS = 16
 #: Backoff while Redis is unreachable.
@@ -100,6 +104,7 @@ class QueuePump:
         self.retired = False  # no subscribers left
         self.failures = 0
         self.rr = 0  # round-robin start, so streams share a scarce queue fairly
+        self.batch = FIRST_LEASE_BATCH  # slots for the next lease call (see FIRST_LEASE_BATCH)
 
     def ready(self) -> list[Subscription]:
         return [s for s in self.subscribers if s.active and s.credits > 0 and s.can_receive()]
@@ -267,10 +272,10 @@ class Dispatcher:
         start = pump.rr % len(ready)
         pump.rr += 1
         order = ready[start:] + ready[:start]
-        while len(slots) < MAX_LEASE_BATCH:
+        while len(slots) < pump.batch:
             progressed = False
             for sub in order:
-                if shares[id(sub)] > 0 and sub.credits > 0 and len(slots) < MAX_LEASE_BATCH:
+                if shares[id(sub)] > 0 and sub.credits > 0 and len(slots) < pump.batch:
                     shares[id(sub)] -= 1
                     sub.credits -= 1
                     slots.append(sub)
@@ -310,6 +315,9 @@ class Dispatcher:
                 self._release_orphans(sub.stream_id, leases)
         if len(batch.leases) == len(slots) and not batch.paused:
             pump.may_have_work = True  # a full batch: there may be more
+            pump.batch = min(MAX_LEASE_BATCH, pump.batch * 2)
+        else:
+            pump.batch = FIRST_LEASE_BATCH
         if batch.next_due_ms >= 0 and not pump.retired:
             delay = max(0, batch.next_due_ms - batch.now_ms) / 1000
             self._due_later(pump, max(0.0, received + delay - loop.time()))
