@@ -210,6 +210,10 @@ class Broker:
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {s.listen}")
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        # Redis answered moments ago (_check_redis): serving from the first call on, rather than
+        # NOT_FOUND for every service until the health monitor's first pass has run.
+        await self._set_serving(True)
+        self.monitor.serving = True
         self.wake_listener.start()
         for loop in self.loops:
             loop.start()

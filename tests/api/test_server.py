@@ -45,6 +45,24 @@ async def test_health_is_serving(running: RunningBroker) -> None:
     )
 
 
+async def test_health_is_serving_as_soon_as_start_returns(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A readiness probe right after start sees SERVING, not NOT_FOUND, even while the health
+    monitor's first pass waits for Redis (held here by CLIENT PAUSE)."""
+    broker = Broker(replace(settings, listen="127.0.0.1:0"))
+    await broker.start()
+    redis_client.client_pause(300)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "taskbroker.v1.BrokerService", "taskbroker.v1.AdminService"):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+    finally:
+        await broker.stop(grace_s=0.1)
+
+
 def _reflected_services(target: str) -> list[str]:
     with grpc.insecure_channel(target) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
