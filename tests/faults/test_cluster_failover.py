@@ -11,11 +11,12 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 
+import grpc
 import pytest
 import redis
 
 from taskbroker.v1 import task_pb2
-from tests.conftest import TEST_SETTINGS, start_broker
+from tests.conftest import TEST_SETTINGS, RunningBroker, start_broker
 from tests.support.lease_stream import LeaseStream
 from tests.support.redis_server import RedisCluster, RedisServer
 from tests.support.tasks import enqueue, get, spec
@@ -65,6 +66,19 @@ async def wait_promoted(cluster: RedisCluster, dead: RedisServer, key: str) -> f
     return time.monotonic() - started
 
 
+async def get_retrying(running: RunningBroker, task_id: str, deadline: float) -> task_pb2.Task:
+    """GetTask as a client does it: UNAVAILABLE ("retry") is retried until the deadline. Nodes
+    learn of a promotion by gossip, so for a moment after one node reports it, the broker may
+    still be told the old topology by another and find the dead master."""
+    while True:
+        try:
+            return await get(running.stub, task_id)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
 async def test_the_broker_follows_a_cluster_failover(cluster: RedisCluster) -> None:
     settings = replace(TEST_SETTINGS, redis_url=cluster.url, redis_cluster=True)
     running = await start_broker(settings)
@@ -85,7 +99,7 @@ async def test_the_broker_follows_a_cluster_failover(cluster: RedisCluster) -> N
         # The lease ran out during the failover: the broker reclaims it from the new master
         # within a few maintenance passes, and delivers it again.
         deadline = time.monotonic() + 5
-        while (task := await get(running.stub, held_id)).state == task_pb2.TASK_STATE_LEASED:
+        while (task := await get_retrying(running, held_id, deadline)).state == task_pb2.TASK_STATE_LEASED:
             assert time.monotonic() < deadline, "the expired lease was not reclaimed"
             await asyncio.sleep(0.05)
         await worker.credit(2)
