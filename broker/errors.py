@@ -6,6 +6,8 @@ BrokerError
 ├── LeaseStale             the lease is not current             → FAILED_PRECONDITION (LEASE_STALE)
 ├── TaskFinished           the task already finished            → FAILED_PRECONDITION
 ├── IdempotencyConflict    key reused for a different task      → ALREADY_EXISTS
+├── Unauthenticated        missing or unknown credentials       → UNAUTHENTICATED
+├── PermissionDenied       the principal lacks a role on a queue → PERMISSION_DENIED
 ├── LimitExceeded          too many streams, credits, ...       → RESOURCE_EXHAUSTED
 │   └── StoreFull          Redis reached its maxmemory          → RESOURCE_EXHAUSTED (STORE_FULL)
 ├── StoreUnavailable       Redis unreachable or failing over    → UNAVAILABLE
@@ -70,6 +72,26 @@ class IdempotencyConflict(BrokerError):
         super().__init__(
             f"tasks[{index}].idempotency_key: already used for a different task within the window"
         )
+
+
+class Unauthenticated(BrokerError):
+    """The call carries no credential the policy knows. The message never echoes the
+    credential."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(BrokerError):
+    """The caller is known but lacks the role the call needs on a queue; nothing was done."""
+
+    reason = "PERMISSION_DENIED"
+
+    def __init__(self, principal: str, role: str, queue: str, action: str) -> None:
+        super().__init__(f"{principal} may not {action} on queue {queue!r}: needs role {role!r}")
+        self.principal = principal
+        self.role = role
+        self.queue = queue
+        self.action = action
 
 
 class LimitExceeded(BrokerError):
