@@ -1,0 +1,62 @@
+"""Constants that live in more than one place (proto, server, SDK, Lua) are the same in each:
+a copy that drifts fails here, not in production (issue 14 §6)."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+
+from broker import models, queue
+from broker.api import lease_session
+from taskbroker import _client, _models, _worker
+from taskbroker.v1 import task_pb2
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTO = ROOT / "proto" / "taskbroker" / "v1"
+
+
+def proto_task_states() -> dict[str, int]:
+    return {
+        name.removeprefix("TASK_STATE_"): number
+        for name, number in task_pb2.TaskState.items()
+        if name != "TASK_STATE_UNSPECIFIED"
+    }
+
+
+def lua_task_states() -> dict[str, int]:
+    prelude = (ROOT / "broker" / "store" / "lua" / "_prelude.lua").read_text()
+    found = re.search(r"^local ([A-Z, ]+) = ([0-9, ]+)$", prelude, re.MULTILINE)
+    assert found, "the prelude no longer declares the task states on one line"
+    names = [n.strip() for n in found.group(1).split(",")]
+    numbers = [int(n) for n in found.group(2).split(",")]
+    return dict(zip(names, numbers, strict=True))
+
+
+def test_task_states_are_the_same_in_the_proto_the_server_the_sdk_and_lua() -> None:
+    expected = proto_task_states()
+    assert {s.name: s.value for s in models.TaskState} == expected
+    assert {s.name: s.value for s in _models.TaskState} == expected
+    assert lua_task_states() == expected
+
+
+def proto_text() -> str:
+    return "\n".join(p.read_text() for p in sorted(PROTO.glob("*.proto")))
+
+
+def test_credit_limit_is_the_proto_s_in_the_server_and_the_sdk() -> None:
+    assert lease_session.MAX_CREDITS == _worker.MAX_CREDITS == 10_000
+    assert "0 to 10,000" in proto_text() and "1 to 10,000" in proto_text()
+
+
+def test_lease_bounds_are_the_proto_s_in_the_server_and_the_sdk() -> None:
+    assert timedelta(milliseconds=queue.MIN_LEASE_MS) == _worker.MIN_LEASE
+    assert timedelta(milliseconds=queue.MAX_LEASE_MS) == _worker.MAX_LEASE
+    assert (queue.MIN_LEASE_MS, queue.MAX_LEASE_MS) == (10, 12 * 3600 * 1000)
+    assert proto_text().count("10 ms to 12 h") >= 2
+
+
+def test_enqueue_batch_limits_are_the_same_in_the_server_and_the_sdk() -> None:
+    assert queue.MAX_TASKS_PER_CALL == _client.MAX_TASKS_PER_CALL == 1000
+    assert "up to 1,000 tasks" in proto_text()
+    assert queue.MAX_BATCH_BYTES == _client.MAX_BATCH_BYTES
