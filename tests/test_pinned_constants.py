@@ -7,9 +7,9 @@ import re
 from datetime import timedelta
 from pathlib import Path
 
-from broker import models, queue
+from broker import envelope_header, models, queue
 from broker.api import lease_session
-from taskbroker import _client, _models, _worker
+from taskbroker import _client, _models, _worker, envelope
 from taskbroker.v1 import task_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,3 +60,10 @@ def test_enqueue_batch_limits_are_the_same_in_the_server_and_the_sdk() -> None:
     assert queue.MAX_TASKS_PER_CALL == _client.MAX_TASKS_PER_CALL == 1000
     assert "up to 1,000 tasks" in proto_text()
     assert queue.MAX_BATCH_BYTES == _client.MAX_BATCH_BYTES
+
+
+def test_the_broker_reads_envelope_headers_as_the_sdk_writes_them() -> None:
+    assert envelope_header.MAGIC == envelope.MAGIC
+    assert envelope_header.VERSION == envelope.VERSION
+    sealed = envelope.MAGIC + bytes([envelope.VERSION, 0, 2]) + b"k2" + bytes(28)
+    assert envelope.parse_header(sealed).key_id == envelope_header.envelope_key_id(sealed) == "k2"

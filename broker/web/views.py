@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 
 from broker.api.status import code_for
+from broker.envelope_header import envelope_key_id
 from broker.errors import BrokerError, InvalidArgument
 from broker.models import QueueStats, Task
 
@@ -175,13 +176,18 @@ def task_json(task: Task, *, detail: bool) -> Json:
         ],
         "payload_size": len(task.payload),
         "result_size": len(task.result),
+        # Encrypted by an SDK codec: the key id is all the broker can tell of the contents.
+        "payload_key_id": envelope_key_id(task.payload),
+        "result_key_id": envelope_key_id(task.result),
     }
     if detail:
-        encoding, text = _preview(task.result)
         out["headers"] = dict(task.headers)
-        out["result_preview"] = {
-            "encoding": encoding,
-            "text": text,
-            "truncated": len(task.result) > RESULT_PREVIEW_BYTES,
-        }
+        out["result_preview"] = None  # ciphertext previews nothing
+        if out["result_key_id"] is None:
+            encoding, text = _preview(task.result)
+            out["result_preview"] = {
+                "encoding": encoding,
+                "text": text,
+                "truncated": len(task.result) > RESULT_PREVIEW_BYTES,
+            }
     return out

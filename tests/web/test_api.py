@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import time
 from dataclasses import replace
 from datetime import timedelta
@@ -14,6 +15,7 @@ import pytest
 
 from broker.app import Broker
 from broker.config import Settings
+from taskbroker import AesGcmCodec, Client, Keyring, TaskContext, Worker, handler
 from taskbroker.v1 import admin_service_pb2 as ad
 from taskbroker.v1 import broker_service_pb2 as bs
 from taskbroker.v1 import task_pb2
@@ -416,3 +418,28 @@ async def test_an_empty_http_address_serves_no_http(settings: Settings) -> None:
         assert await enqueue(quiet.stub, spec("emails"))
     finally:
         await quiet.close()
+
+
+async def test_an_encrypted_task_shows_its_key_id_and_sizes_never_a_preview(
+    running: RunningBroker, http: aiohttp.ClientSession
+) -> None:
+    codec = AesGcmCodec(Keyring({"k1": os.urandom(32), "k2": os.urandom(32)}, "k2"))
+
+    @handler("charge")
+    async def charge(ctx: TaskContext, payload: bytes) -> bytes:
+        return b"charged " + payload
+
+    async with Client(running.target, codec=codec) as client:
+        task_id = await client.enqueue("billing", "charge", b"card 4111")
+        worker = Worker(client, queues=["billing"], handlers=[charge], concurrency=1)
+        assert await worker.run_until_idle() == 1
+
+    status, body = await call(http, "GET", f"/api/tasks/{task_id}")
+    task = body["task"]
+    assert (status, task["payload_key_id"], task["result_key_id"]) == (200, "k2", "k2")
+    assert task["payload_size"] > len(b"card 4111") and task["result_preview"] is None
+    assert "card 4111" not in str(body)
+
+    (plain_id,) = await enqueue(running.stub, spec("emails", "send", b"\x89TBE but not sealed"))
+    _, body = await call(http, "GET", f"/api/tasks/{plain_id}")
+    assert (body["task"]["payload_key_id"], body["task"]["result_key_id"]) == (None, None)

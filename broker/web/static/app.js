@@ -444,24 +444,30 @@ async function showTask(taskId) {
     ["ready / due", fmtTime(t.schedule_time_ms)],
     ["lease expires", fmtTime(t.lease_expire_time_ms)],
     ["finished", fmtTime(t.finish_time_ms)],
-    ["payload", `${t.payload_size} bytes`],
-    ["result", `${t.result_size} bytes`],
+    ["payload", sizeText(t.payload_size, t.payload_key_id)],
+    ["result", sizeText(t.result_size, t.result_key_id)],
   ];
   for (const [name, value] of Object.entries(t.headers || {})) rows.push([`header ${name}`, value]);
   $("task-fields").replaceChildren(
     ...rows.flatMap(([name, value]) => [el("dt", {}, name), el("dd", {}, value)]),
   );
   $("task-errors").replaceChildren(...errorList(t.errors).childNodes);
-  const preview = t.result_preview;
-  $("task-result").textContent = preview.text;
-  $("task-result").hidden = t.result_size === 0;
+  const preview = t.result_preview; // null for an encrypted result
+  $("task-result").textContent = preview ? preview.text : "";
+  $("task-result").hidden = t.result_size === 0 || !preview;
   const notes = [];
   if (t.result_size === 0) notes.push("(empty)");
-  if (preview.encoding === "hex") notes.push("(binary, as hex)");
-  if (preview.truncated) notes.push("(first 1 KiB)");
+  if (!preview) notes.push(`(encrypted with key ${t.result_key_id}: the broker cannot read it)`);
+  if (preview && preview.encoding === "hex") notes.push("(binary, as hex)");
+  if (preview && preview.truncated) notes.push("(first 1 KiB)");
   $("task-result-note").textContent = notes.join(" ");
   $("task-detail").hidden = false;
   $("task-section").scrollIntoView({ behavior: "smooth" });
+}
+
+// An SDK codec's envelope names its key in clear; the contents stay sealed.
+function sizeText(size, keyId) {
+  return keyId ? `encrypted, key ${keyId}, ${size} bytes` : `${size} bytes`;
 }
 
 // Past the cap, the table holds the queues with the largest backlog; say so, with the totals.
