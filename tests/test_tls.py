@@ -1,0 +1,262 @@
+"""TLS and mutual TLS on both ports of an in-process broker: handshakes, refusals, certificate
+rotation without a restart, and the SDK's producer and worker over TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import ssl
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from broker.config import Settings
+from broker.tls import CertificateFiles, TlsError
+from taskbroker import (
+    Client,
+    TaskContext,
+    TaskState,
+    TlsConfig,
+    UnavailableError,
+    Worker,
+    handler,
+)
+from tests.conftest import RunningBroker, start_broker
+from tests.support.certs import CA, CertPair, make_ca
+
+
+@dataclass
+class Pki:
+    ca: CA
+    other_ca: CA  # a CA the broker does not trust
+    server: CertPair
+    directory: Path
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    ca = make_ca(tmp_path / "ca")
+    other = make_ca(tmp_path / "other", "some other CA")
+    return Pki(ca, other, ca.issue_server(tmp_path / "server"), tmp_path)
+
+
+@pytest.fixture
+async def tls_broker(settings: Settings, pki: Pki) -> AsyncIterator[RunningBroker]:
+    running = await start_broker(settings, tls_cert=pki.server.cert, tls_key=pki.server.key)
+    yield running
+    await running.close()
+
+
+@pytest.fixture
+async def mtls_broker(settings: Settings, pki: Pki) -> AsyncIterator[RunningBroker]:
+    running = await start_broker(
+        settings, tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca.cert
+    )
+    yield running
+    await running.close()
+
+
+def peer_common_name(
+    port: int, ca: Path, client: tuple[Path, Path] | None = None, grpc_port: bool = True
+) -> str:
+    """Handshakes with the port and returns the common name of the certificate it presents."""
+    context = ssl.create_default_context(cafile=str(ca))
+    if client is not None:
+        context.load_cert_chain(*client)
+    if grpc_port:
+        context.set_alpn_protocols(["h2"])  # gRPC insists on HTTP/2
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+        context.wrap_socket(sock, server_hostname="localhost") as tls,
+    ):
+        cert = tls.getpeercert()
+    assert cert is not None
+    names = [attr[1] for rdn in cert["subject"] for attr in rdn if attr[0] == "commonName"]
+    return str(names[0])
+
+
+async def health(channel: grpc.aio.Channel) -> int:
+    reply = await health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(), timeout=5
+    )
+    return int(reply.status)
+
+
+def tls_channel(port: int, ca: Path, client: tuple[Path, Path] | None = None) -> grpc.aio.Channel:
+    key, cert = (client[1].read_bytes(), client[0].read_bytes()) if client else (None, None)
+    credentials = grpc.ssl_channel_credentials(ca.read_bytes(), key, cert)
+    return grpc.aio.secure_channel(f"localhost:{port}", credentials)
+
+
+def rotate(pair: CertPair, new: CertPair) -> None:
+    """Overwrites the served files in place, as a secret update or cert renewal does."""
+    shutil.copyfile(new.key, pair.key)
+    shutil.copyfile(new.cert, pair.cert)
+
+
+# --- gRPC -----------------------------------------------------------------------------------
+
+
+async def test_grpc_serves_tls_and_refuses_a_plaintext_client(
+    tls_broker: RunningBroker, pki: Pki
+) -> None:
+    port = tls_broker.broker.port
+    async with tls_channel(port, pki.ca.cert) as channel:
+        assert await health(channel) == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await health(tls_broker.channel)  # the fixture's plaintext channel
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_mtls_refuses_clients_without_a_certificate_or_with_a_foreign_one(
+    mtls_broker: RunningBroker, pki: Pki
+) -> None:
+    port = mtls_broker.broker.port
+    good = pki.ca.issue_client(pki.directory / "clients", "worker-a")
+    foreign = pki.other_ca.issue_client(pki.directory / "clients", "intruder")
+    async with tls_channel(port, pki.ca.cert, good) as channel:
+        assert await health(channel) == health_pb2.HealthCheckResponse.SERVING
+    for client in (None, foreign):
+        async with tls_channel(port, pki.ca.cert, client) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await health(channel)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_rotated_certificate_is_served_on_the_next_handshake_of_both_ports(
+    mtls_broker: RunningBroker, pki: Pki
+) -> None:
+    broker = mtls_broker.broker
+    client = pki.ca.issue_client(pki.directory / "clients", "worker-a")
+    for port, is_grpc in ((broker.port, True), (broker.http_port, False)):
+        name = await asyncio.to_thread(peer_common_name, port, pki.ca.cert, client, is_grpc)
+        assert name == "taskbroker"
+
+    renewed = pki.ca.issue_server(pki.directory / "renewed", common_name="taskbroker-renewed")
+    rotate(pki.server, renewed)
+    for port, is_grpc in ((broker.port, True), (broker.http_port, False)):
+        name = await asyncio.to_thread(peer_common_name, port, pki.ca.cert, client, is_grpc)
+        assert name == "taskbroker-renewed"
+    # A connection opened after the rotation still works end to end.
+    async with tls_channel(broker.port, pki.ca.cert, client) as channel:
+        assert await health(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_broken_rotation_keeps_the_certificate_in_use(
+    tls_broker: RunningBroker, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = tls_broker.broker.port
+    other = pki.ca.issue_server(pki.directory / "other", common_name="mismatched")
+    shutil.copyfile(other.key, pki.server.key)  # the key changed, the certificate not yet
+    assert await asyncio.to_thread(peer_common_name, port, pki.ca.cert) == "taskbroker"
+    assert "TLS files not reloaded" in caplog.text
+    shutil.copyfile(other.cert, pki.server.cert)  # now both: the pair is served
+    assert await asyncio.to_thread(peer_common_name, port, pki.ca.cert) == "mismatched"
+
+
+# --- HTTP -----------------------------------------------------------------------------------
+
+
+def get(url: str, context: ssl.SSLContext | None) -> bytes:
+    with urllib.request.urlopen(url, timeout=5, context=context) as response:
+        return bytes(response.read())
+
+
+async def test_http_serves_healthz_over_tls_only(tls_broker: RunningBroker, pki: Pki) -> None:
+    url = f"https://localhost:{tls_broker.broker.http_port}/healthz"
+    context = ssl.create_default_context(cafile=str(pki.ca.cert))
+    assert b'"serving"' in await asyncio.to_thread(get, url, context)
+    plain = url.replace("https:", "http:")
+    with pytest.raises(OSError):  # the server answers a plaintext request with a TLS alert
+        await asyncio.to_thread(get, plain, None)
+
+
+async def test_http_with_a_client_ca_requires_a_client_certificate(
+    mtls_broker: RunningBroker, pki: Pki
+) -> None:
+    url = f"https://localhost:{mtls_broker.broker.http_port}/healthz"
+    foreign = pki.other_ca.issue_client(pki.directory / "clients", "intruder")
+    for client in (None, foreign):
+        context = ssl.create_default_context(cafile=str(pki.ca.cert))
+        if client is not None:
+            context.load_cert_chain(*client)
+        # TLS 1.3: the client's handshake ends before the server checks its certificate, so
+        # the refusal (an alert) arrives on the first read.
+        with pytest.raises(OSError):
+            await asyncio.to_thread(get, url, context)
+    context = ssl.create_default_context(cafile=str(pki.ca.cert))
+    context.load_cert_chain(*pki.ca.issue_client(pki.directory / "clients", "viewer"))
+    assert b'"serving"' in await asyncio.to_thread(get, url, context)
+
+
+# --- start-up errors ------------------------------------------------------------------------
+
+
+def test_unusable_files_are_named_in_a_clear_error(pki: Pki) -> None:
+    other = pki.ca.issue_server(pki.directory / "other")
+    missing = pki.directory / "missing.pem"
+    cases = [
+        (pki.server.cert, missing, None, f"cannot read tls_key {missing}"),
+        (pki.server.cert, other.key, None, "do not load together: key values mismatch"),
+        (pki.server.key, pki.server.key, None, "do not load together"),
+        (pki.server.cert, pki.server.key, pki.server.key, "tls_client_ca"),
+    ]
+    for cert, key, client_ca, message in cases:
+        with pytest.raises(TlsError, match=message) as error:
+            CertificateFiles(cert, key, client_ca)
+        assert "PRIVATE KEY" not in str(error.value)
+
+
+async def test_the_broker_refuses_to_start_with_a_mismatched_key(
+    settings: Settings, pki: Pki
+) -> None:
+    other = pki.ca.issue_server(pki.directory / "other")
+    with pytest.raises(TlsError, match="do not load together"):
+        await start_broker(settings, tls_cert=pki.server.cert, tls_key=other.key)
+
+
+# --- the SDK --------------------------------------------------------------------------------
+
+
+@handler("shout")
+async def shout(ctx: TaskContext, payload: bytes) -> bytes:
+    return payload.upper()
+
+
+async def round_trip(client: Client) -> None:
+    task_id = await client.enqueue("tls", "shout", b"over tls")
+    worker = Worker(client, queues=["tls"], handlers=[shout], worker_id="tls-worker")
+    assert await worker.run_until_idle() == 1
+    task = await client.get_task(task_id)
+    assert (task.state, task.result) == (TaskState.SUCCEEDED, b"OVER TLS")
+
+
+async def test_sdk_producer_and_worker_round_trip_a_task_over_tls(
+    tls_broker: RunningBroker, pki: Pki
+) -> None:
+    tls = TlsConfig(ca_file=pki.ca.cert)
+    async with Client(f"localhost:{tls_broker.broker.port}", tls=tls) as client:
+        await round_trip(client)
+
+
+async def test_sdk_over_mtls_with_a_server_name_override(
+    mtls_broker: RunningBroker, pki: Pki
+) -> None:
+    # The certificate names localhost and 127.0.0.1 only: dialling 127.0.0.1 while verifying
+    # "localhost" is what a client behind a proxy or with an IP target does.
+    cert, key = pki.ca.issue_client(pki.directory / "clients", "worker-a")
+    tls = TlsConfig(ca_file=pki.ca.cert, cert_file=cert, key_file=key, server_name="localhost")
+    target = f"127.0.0.1:{mtls_broker.broker.port}"
+    async with Client(target, tls=tls, token="a-token-the-broker-ignores-for-now") as client:
+        await round_trip(client)
+    async with Client(
+        f"127.0.0.1:{mtls_broker.broker.port}", tls=TlsConfig(ca_file=pki.ca.cert), timeout=2
+    ) as client:
+        with pytest.raises(UnavailableError):
+            await client.enqueue("tls", "shout", b"no client certificate")
