@@ -267,7 +267,18 @@ def _keepalive_problems(s: Settings) -> list[str]:
 
 #: TASKBROKER_* variables that are not broker settings: the SDK and CLI read them, often from the
 #: same shell.
-CLIENT_VARIABLES = frozenset({"TASKBROKER_TARGET"})
+CLIENT_VARIABLES = frozenset(
+    {
+        "TASKBROKER_TARGET",
+        "TASKBROKER_TLS",
+        "TASKBROKER_TLS_CA",
+        "TASKBROKER_TLS_CLIENT_CERT",
+        "TASKBROKER_TLS_CLIENT_KEY",
+        "TASKBROKER_TLS_SERVER_NAME",
+        "TASKBROKER_TOKEN",
+        "TASKBROKER_TOKEN_FILE",
+    }
+)
 #: Settings that were renamed: their old variable would otherwise be ignored without a word.
 RENAMED = {"TASKBROKER_MAX_PAYLOAD_BYTES": "TASKBROKER_MAX_TASK_BYTES"}
 

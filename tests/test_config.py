@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import Settings, load_settings
+from broker.config import Settings, ignored_variables, load_settings
 
 
 def test_defaults_serve_on_loopback_with_an_embedded_redis() -> None:
@@ -152,3 +152,9 @@ def test_tls_files_come_in_pairs(tmp_path: Path) -> None:
         },
     )
     assert settings.tls and settings.tls_client_ca == Path("/run/tls/ca.crt")
+
+
+def test_the_clients_tls_and_token_variables_are_not_reported_as_unknown() -> None:
+    environ = {"TASKBROKER_TLS_CA": "/ca.pem", "TASKBROKER_TOKEN": "t", "TASKBROKER_TLSCA": "x"}
+    (warning,) = ignored_variables(environ)
+    assert warning.startswith("TASKBROKER_TLSCA is not a broker setting")

@@ -4,9 +4,14 @@ rotation without a restart, and the SDK's producer and worker over TLS."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shutil
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -260,3 +265,98 @@ async def test_sdk_over_mtls_with_a_server_name_override(
     ) as client:
         with pytest.raises(UnavailableError):
             await client.enqueue("tls", "shout", b"no client certificate")
+
+
+# --- the CLI --------------------------------------------------------------------------------
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TASKBROKER_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskbroker.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**clean, **(env or {})},
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_cli_over_mtls_with_files_from_flags_and_environment(
+    mtls_broker: RunningBroker, pki: Pki
+) -> None:
+    target = f"localhost:{mtls_broker.broker.port}"
+    cert, key = pki.ca.issue_client(pki.directory / "clients", "operator")
+    env = {
+        "TASKBROKER_TLS_CLIENT_CERT": str(cert),
+        "TASKBROKER_TLS_CLIENT_KEY": str(key),
+        "TASKBROKER_TOKEN": "cli-token-not-logged",
+    }
+    code, out, err = await run_cli(
+        "--target", target, "--tls-ca", str(pki.ca.cert), "--json", "enqueue", "ops", "t", env=env
+    )
+    assert code == 0, err
+    (task_id,) = json.loads(out)["task_ids"]
+    assert task_id.startswith("ops:")
+    code, out, err = await run_cli("--target", target, "--json", "stats", "ops", env=env)
+    assert code == 1 and "unavailable" in err  # plaintext to a TLS port
+    code, out, err = await run_cli(
+        "--target", target, "--tls-ca", str(pki.directory / "nope.pem"), "stats", env=env
+    )
+    assert code == 1 and "cannot read TLS CA file" in err and "Traceback" not in err
+    assert "cli-token-not-logged" not in out + err
+
+
+# --- the broker process ---------------------------------------------------------------------
+
+
+def broker_process(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TASKBROKER_")}
+    clean |= {"TASKBROKER_DATA_DIR": str(tmp_path / "data"), "TASKBROKER_HTTP_LISTEN": ""}
+    return subprocess.Popen(
+        [sys.executable, "-m", "broker", *args],
+        env={**clean, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_the_broker_refuses_a_reachable_address_without_tls_and_policy(tmp_path: Path) -> None:
+    process = broker_process(tmp_path, "--listen", "0.0.0.0:0")
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert "0.0.0.0:0 can be reached from other hosts" in output
+    assert "--insecure" in output and "Traceback" not in output
+
+
+def test_insecure_starts_on_a_reachable_address_and_warns(tmp_path: Path) -> None:
+    process = broker_process(tmp_path, "--listen", "0.0.0.0:0", "--insecure")
+    lines: list[str] = []
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if "taskbroker serving on" in line:
+                break
+        assert any("WARNING" in line and "INSECURE" in line for line in lines), lines
+        assert any("taskbroker serving on 0.0.0.0:" in line for line in lines), lines
+    finally:
+        process.send_signal(signal.SIGTERM)  # maybe before its handler is in: no exit code check
+        process.communicate(timeout=30)
+
+
+def test_the_broker_process_names_a_mismatched_key_and_exits(tmp_path: Path, pki: Pki) -> None:
+    other = pki.ca.issue_server(pki.directory / "other")
+    args = ("--tls-cert", str(pki.server.cert), "--tls-key", str(other.key))
+    process = broker_process(tmp_path, *args)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert "cannot start" in output and "do not load together" in output
+    assert "Traceback" not in output and "embedded redis-server" not in output
