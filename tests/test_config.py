@@ -129,7 +129,8 @@ def test_a_reachable_port_needs_tls_and_a_policy_file_or_insecure(
         Settings(**base, **tls)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"no TLS \(tls_cert, tls_key\):"):
         Settings(**base, policy_file=tmp_path / "policy.toml")  # type: ignore[arg-type]
-    assert Settings(**base, **tls, policy_file=tmp_path / "p.toml")  # type: ignore[arg-type]
+    secured = Settings(**base, **tls, policy_file=tmp_path / "p.toml")  # type: ignore[arg-type]
+    assert secured.exposed_addresses and secured.tls
     assert Settings(**base, insecure=True).insecure  # type: ignore[arg-type]
 
 
