@@ -13,8 +13,6 @@ import ssl
 import subprocess
 import sys
 import urllib.request
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -33,38 +31,8 @@ from taskbroker import (
     handler,
 )
 from tests.conftest import RunningBroker, start_broker
-from tests.support.certs import CA, CertPair, make_ca
-
-
-@dataclass
-class Pki:
-    ca: CA
-    other_ca: CA  # a CA the broker does not trust
-    server: CertPair
-    directory: Path
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    ca = make_ca(tmp_path / "ca")
-    other = make_ca(tmp_path / "other", "some other CA")
-    return Pki(ca, other, ca.issue_server(tmp_path / "server"), tmp_path)
-
-
-@pytest.fixture
-async def tls_broker(settings: Settings, pki: Pki) -> AsyncIterator[RunningBroker]:
-    running = await start_broker(settings, tls_cert=pki.server.cert, tls_key=pki.server.key)
-    yield running
-    await running.close()
-
-
-@pytest.fixture
-async def mtls_broker(settings: Settings, pki: Pki) -> AsyncIterator[RunningBroker]:
-    running = await start_broker(
-        settings, tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca.cert
-    )
-    yield running
-    await running.close()
+from tests.support.certs import CertPair
+from tests.support.tls import Pki
 
 
 def peer_common_name(

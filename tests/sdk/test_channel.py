@@ -4,9 +4,7 @@ plaintext loopback only, from an argument, a file that rotates, or the environme
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -15,43 +13,7 @@ from taskbroker import Client, SyncClient, TaskbrokerError, TlsConfig
 from taskbroker._channel import BearerToken, ChannelConfigError, is_local_target
 from taskbroker.v1 import lease_pb2
 from tests.support.certs import make_ca
-
-ENQUEUE = "/taskbroker.v1.BrokerService/Enqueue"
-LEASE = "/taskbroker.v1.BrokerService/Lease"
-
-
-class Recorder(grpc.GenericRpcHandler):
-    """A real gRPC server that records each call's `authorization` metadata and refuses it."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, str | None]] = []
-
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any]:
-        auth = dict(details.invocation_metadata).get("authorization")
-        self.seen.append((details.method, None if auth is None else str(auth)))
-
-        async def unary(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "recorded")
-
-        async def stream(
-            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
-        ) -> AsyncIterator[bytes]:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "recorded")
-            yield b""  # type: ignore[unreachable]  # makes this a generator
-
-        if details.method == LEASE:
-            return grpc.stream_stream_rpc_method_handler(stream)
-        return grpc.unary_unary_rpc_method_handler(unary)
-
-
-@pytest.fixture
-async def recorder() -> AsyncIterator[tuple[Recorder, int]]:
-    handler = Recorder()
-    server = grpc.aio.server(handlers=[handler])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield handler, port
-    await server.stop(None)
+from tests.support.tls import ENQUEUE, LEASE, Recorder
 
 
 async def calls_with(client: Client) -> None:
