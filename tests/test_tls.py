@@ -328,3 +328,23 @@ def test_the_broker_process_names_a_mismatched_key_and_exits(tmp_path: Path, pki
     assert process.returncode == 2
     assert "cannot start" in output and "do not load together" in output
     assert "Traceback" not in output and "embedded redis-server" not in output
+
+
+async def test_a_changed_client_ca_is_picked_up_on_both_ports(
+    mtls_broker: RunningBroker, pki: Pki
+) -> None:
+    """The broker's tls_client_ca is pki.ca.cert; appending another CA to it admits that CA's
+    clients from the next handshake on."""
+    broker = mtls_broker.broker
+    newcomer = pki.other_ca.issue_client(pki.directory / "clients", "newcomer")
+    trust = pki.directory / "trust.crt"  # what the client verifies the broker with: unchanged
+    shutil.copyfile(pki.ca.cert, trust)
+    context = ssl.create_default_context(cafile=str(trust))
+    context.load_cert_chain(*newcomer)
+    url = f"https://localhost:{broker.http_port}/healthz"
+    with pytest.raises(OSError):
+        await asyncio.to_thread(get, url, context)
+    pki.ca.cert.write_bytes(trust.read_bytes() + pki.other_ca.cert.read_bytes())
+    assert b'"serving"' in await asyncio.to_thread(get, url, context)
+    async with tls_channel(broker.port, trust, newcomer) as channel:
+        assert await health(channel) == health_pb2.HealthCheckResponse.SERVING
