@@ -30,6 +30,7 @@ from broker.loops.sweeper import Sweeper
 from broker.loops.wake_listener import WakeListener
 from broker.queue import TaskQueue
 from broker.store.redis_store import AnyRedis, RedisStore
+from broker.tls import CertificateFiles
 from broker.tracing import RpcTracing, shutdown_provider, tracer_provider_from_env
 from broker.web.metrics import RpcMetrics
 from broker.web.server import WebServer
@@ -111,6 +112,8 @@ class Broker:
         self.web: WebServer | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        #: The TLS certificate both ports serve; None: plaintext.
+        self.certificates: CertificateFiles | None = None
 
     async def start(self) -> int:
         """Starts serving. Returns the bound port.
@@ -128,6 +131,9 @@ class Broker:
 
     async def _start(self, undo: contextlib.AsyncExitStack) -> int:
         s = self.settings
+        self._warn_if_exposed()
+        if s.tls_cert is not None and s.tls_key is not None:
+            self.certificates = CertificateFiles(s.tls_cert, s.tls_key, s.tls_client_ca)
         url = s.read_redis_url()
         if url is None:
             self.embedded = EmbeddedRedis(s.data_dir)
@@ -191,6 +197,7 @@ class Broker:
             rpc_metrics,
             lambda: self.monitor.serving is not False,  # start() has just reached Redis
             lambda: self._stopping,
+            self.certificates,
         )
         # HTTP binds first: once gRPC serves, nothing else may fail.
         self.http_port = await self.web.start()
@@ -199,7 +206,11 @@ class Broker:
             broker_service, AdminService(self.tasks), s, self.unary, interceptors
         )
         try:
-            self.port = self.server.add_insecure_port(s.listen)
+            if self.certificates is None:
+                self.port = self.server.add_insecure_port(s.listen)
+            else:
+                credentials = self.certificates.grpc_credentials()
+                self.port = self.server.add_secure_port(s.listen, credentials)
         except RuntimeError:  # grpcio raises on a bind failure (older releases returned 0)
             self.port = 0
         # Started even when the bind failed: grpc.aio stops and frees only a started server, and
@@ -218,8 +229,30 @@ class Broker:
         for loop in self.loops:
             loop.start()
         host = s.listen_host
-        log.info("taskbroker serving on %s:%d", host, self.port)
+        tls = "" if self.certificates is None else " (mutual TLS)" if s.tls_client_ca else " (TLS)"
+        log.info("taskbroker serving on %s:%d%s", host, self.port, tls)
         return self.port
+
+    def _warn_if_exposed(self) -> None:
+        """Settings refuse a reachable port without TLS and a policy file unless `insecure`
+        is set; then say loudly what is exposed."""
+        s = self.settings
+        if not s.insecure:
+            return
+        exposed = s.exposed_addresses
+        missing = [
+            *([] if s.tls else ["TLS"]),
+            *([] if s.policy_file is not None else ["authentication"]),
+        ]
+        if exposed and missing:
+            log.warning(
+                "INSECURE (--insecure): %s reachable from other hosts without %s: anyone who "
+                "can reach it can read and change every queue",
+                " and ".join(exposed),
+                " or ".join(missing),
+            )
+        else:
+            log.warning("--insecure is set; it changes nothing (no port is exposed without it)")
 
     async def _check_redis(self) -> None:
         info = await self.store.server_info()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 import textwrap
@@ -29,6 +30,20 @@ class Settings:
     #: host:port of the HTTP server (/metrics, /healthz, the dashboard); port 0 picks a free one,
     #: an empty string serves no HTTP at all.
     http_listen: str = "127.0.0.1:8080"
+    #: PEM certificate chain the gRPC and HTTP ports serve TLS with; with tls_key. Re-read when
+    #: the file changes (checked at each new connection): certificates rotate without a restart.
+    tls_cert: Path | None = None
+    #: PEM private key of tls_cert (keep it readable by the broker only).
+    tls_key: Path | None = None
+    #: PEM CA certificates that client certificates must chain to: set, both ports require a
+    #: client certificate (mutual TLS). Needs tls_cert.
+    tls_client_ca: Path | None = None
+    #: The identities-and-roles policy file (who may call, with which roles on which queues).
+    policy_file: Path | None = None
+    #: Serve a non-loopback address without TLS or without a policy_file (a trusted network,
+    #: or TLS ended in front of the broker); the broker logs a warning at start. Without it the
+    #: broker refuses to start so.
+    insecure: bool = False
     #: Allow the dashboard's admin actions (pause/resume, redrive and delete dead letters).
     dashboard_admin: bool = False
     #: Redis to use, as redis://[user:password@]host:port/db. Unset: start an embedded
@@ -153,6 +168,7 @@ class Settings:
             problems.append("set redis_url or redis_url_file, not both")
         problems += _limit_problems(self)
         problems += _http_listen_problems(self.http_listen)
+        problems += _exposure_problems(self)
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 
@@ -184,12 +200,57 @@ class Settings:
         return lines[0].strip()
 
     @property
+    def tls(self) -> bool:
+        """The ports serve TLS."""
+        return self.tls_cert is not None and self.tls_key is not None
+
+    @property
+    def exposed_addresses(self) -> list[str]:
+        """The listen addresses (gRPC, HTTP) other hosts may reach: not loopback."""
+        addresses = [self.listen, *([self.http_listen] if self.http_listen else [])]
+        return [a for a in addresses if not is_loopback_host(a.rpartition(":")[0])]
+
+    @property
     def listen_host(self) -> str:
         return self.listen.rsplit(":", 1)[0]
 
     @property
     def listen_port(self) -> int:
         return int(self.listen.rsplit(":", 1)[1])
+
+
+def is_loopback_host(host: str) -> bool:
+    """`localhost` or a loopback IP literal ([::1] too). Other names are not resolved: they may
+    name a public interface, so they count as reachable from other hosts."""
+    host = host.removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _exposure_problems(s: Settings) -> list[str]:
+    """TLS files given in pairs, and secure by default: a port other hosts can reach needs TLS
+    and a policy file, unless `insecure` says otherwise."""
+    problems = []
+    if (s.tls_cert is None) != (s.tls_key is None):
+        problems.append("set tls_cert and tls_key together")
+    if s.tls_client_ca is not None and s.tls_cert is None:
+        problems.append("tls_client_ca needs tls_cert and tls_key")
+    exposed = s.exposed_addresses
+    if exposed and not s.insecure and not (s.tls and s.policy_file is not None):
+        missing = [
+            *([] if s.tls else ["TLS (tls_cert, tls_key)"]),
+            *([] if s.policy_file is not None else ["authentication (policy_file)"]),
+        ]
+        problems.append(
+            f"{' and '.join(exposed)} can be reached from other hosts, and there is no "
+            f"{' and no '.join(missing)}: configure them, listen on loopback (127.0.0.1), "
+            "or start with --insecure (TASKBROKER_INSECURE=1) to serve without them"
+        )
+    return problems
 
 
 def _keepalive_problems(s: Settings) -> list[str]:
@@ -206,7 +267,18 @@ def _keepalive_problems(s: Settings) -> list[str]:
 
 #: TASKBROKER_* variables that are not broker settings: the SDK and CLI read them, often from the
 #: same shell.
-CLIENT_VARIABLES = frozenset({"TASKBROKER_TARGET"})
+CLIENT_VARIABLES = frozenset(
+    {
+        "TASKBROKER_TARGET",
+        "TASKBROKER_TLS",
+        "TASKBROKER_TLS_CA",
+        "TASKBROKER_TLS_CLIENT_CERT",
+        "TASKBROKER_TLS_CLIENT_KEY",
+        "TASKBROKER_TLS_SERVER_NAME",
+        "TASKBROKER_TOKEN",
+        "TASKBROKER_TOKEN_FILE",
+    }
+)
 #: Settings that were renamed: their old variable would otherwise be ignored without a word.
 RENAMED = {"TASKBROKER_MAX_PAYLOAD_BYTES": "TASKBROKER_MAX_TASK_BYTES"}
 

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+#: Fixtures of the TLS and credentials tests: pki, tls_broker, mtls_broker, recorder.
+pytest_plugins = ["tests.support.tls"]
+
 UNSTOPPED_SERVERS = UnstoppedServerGuard()
 UNSTOPPED_SERVERS.install()
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import Settings, load_settings
+from broker.config import Settings, ignored_variables, load_settings
 
 
 def test_defaults_serve_on_loopback_with_an_embedded_redis() -> None:
@@ -33,7 +33,7 @@ def test_environment_variables_are_read() -> None:
 
 def test_flags_override_environment() -> None:
     settings = load_settings(
-        ["--listen", "0.0.0.0:6000", "--redis-url", "redis://a:1"],
+        ["--listen", "0.0.0.0:6000", "--redis-url", "redis://a:1", "--insecure"],
         environ={"TASKBROKER_LISTEN": "127.0.0.1:7000", "TASKBROKER_REDIS_URL": "redis://b:2"},
     )
     assert (settings.listen, settings.redis_url) == ("0.0.0.0:6000", "redis://a:1")
@@ -105,3 +105,57 @@ def test_resource_limits_are_settings_and_are_checked() -> None:
         Settings(max_settle_batches_per_stream=0)
     with pytest.raises(ValueError, match="max_inflight_request_bytes must be 1 MiB"):
         Settings(max_inflight_request_bytes=1000)
+
+
+@pytest.mark.parametrize(
+    ("listen", "http_listen"),
+    [
+        ("0.0.0.0:50051", "127.0.0.1:8080"),
+        ("127.0.0.1:50051", "0.0.0.0:8080"),
+        ("[::]:50051", ""),
+        ("10.1.2.3:50051", ""),
+        ("broker.example:50051", ""),
+    ],
+)
+def test_a_reachable_port_needs_tls_and_a_policy_file_or_insecure(
+    listen: str, http_listen: str, tmp_path: Path
+) -> None:
+    base = {"listen": listen, "http_listen": http_listen}
+    with pytest.raises(ValueError, match="can be reached from other hosts") as refused:
+        Settings(**base)  # type: ignore[arg-type]
+    assert "--insecure" in str(refused.value)
+    tls = {"tls_cert": tmp_path / "c.pem", "tls_key": tmp_path / "k.pem"}
+    with pytest.raises(ValueError, match=r"no authentication \(policy_file\)"):
+        Settings(**base, **tls)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"no TLS \(tls_cert, tls_key\):"):
+        Settings(**base, policy_file=tmp_path / "policy.toml")  # type: ignore[arg-type]
+    secured = Settings(**base, **tls, policy_file=tmp_path / "p.toml")  # type: ignore[arg-type]
+    assert secured.exposed_addresses and secured.tls
+    assert Settings(**base, insecure=True).insecure  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "[::1]"])
+def test_loopback_needs_neither_tls_nor_a_policy(host: str) -> None:
+    assert Settings(listen=f"{host}:0", http_listen=f"{host}:0").exposed_addresses == []
+
+
+def test_tls_files_come_in_pairs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="set tls_cert and tls_key together"):
+        Settings(tls_cert=tmp_path / "c.pem")
+    with pytest.raises(ValueError, match="tls_client_ca needs tls_cert and tls_key"):
+        Settings(tls_client_ca=tmp_path / "ca.pem")
+    settings = load_settings(
+        [],
+        environ={
+            "TASKBROKER_TLS_CERT": "/run/tls/tls.crt",
+            "TASKBROKER_TLS_KEY": "/run/tls/tls.key",
+            "TASKBROKER_TLS_CLIENT_CA": "/run/tls/ca.crt",
+        },
+    )
+    assert settings.tls and settings.tls_client_ca == Path("/run/tls/ca.crt")
+
+
+def test_the_clients_tls_and_token_variables_are_not_reported_as_unknown() -> None:
+    environ = {"TASKBROKER_TLS_CA": "/ca.pem", "TASKBROKER_TOKEN": "t", "TASKBROKER_TLSCA": "x"}
+    (warning,) = ignored_variables(environ)
+    assert warning.startswith("TASKBROKER_TLSCA is not a broker setting")

@@ -14,6 +14,7 @@ import pytest
 from broker.healthcheck import check, default_target, main
 from tests.conftest import TEST_SETTINGS, RunningBroker, start_broker
 from tests.support.redis_server import RedisServer, free_port
+from tests.support.tls import Pki
 
 
 async def _run_module(*args: str, env: dict[str, str]) -> tuple[int, str]:
@@ -96,3 +97,38 @@ def test_a_server_that_never_answers_is_unhealthy_within_the_timeout() -> None:
 def test_default_target(listen: str | None, target: str) -> None:
     environ = {} if listen is None else {"TASKBROKER_LISTEN": listen}
     assert default_target(environ) == target
+
+
+async def test_a_tls_broker_is_checked_over_tls(tls_broker: RunningBroker, pki: Pki) -> None:
+    target = f"127.0.0.1:{tls_broker.broker.port}"
+    env = {
+        "TASKBROKER_TLS_CERT": str(pki.server.cert),
+        "TASKBROKER_TLS_KEY": str(pki.server.key),
+        "TASKBROKER_TLS_CA": str(pki.ca.cert),
+    }
+    assert await asyncio.to_thread(check, target, environ=env) == (0, f"{target}: SERVING")
+    # Plaintext (the broker's TLS not known) and an unknown CA both fail.
+    assert (await asyncio.to_thread(check, target, environ={}))[0] == 1
+    unknown = {**env, "TASKBROKER_TLS_CA": str(pki.other_ca.cert)}
+    assert (await asyncio.to_thread(check, target, environ=unknown))[0] == 1
+    missing = {**env, "TASKBROKER_TLS_CA": "/nonexistent/ca.crt"}
+    code, message = await asyncio.to_thread(check, target, environ=missing)
+    assert code == 1 and "cannot read TASKBROKER_TLS_CA /nonexistent/ca.crt" in message
+
+
+async def test_a_mtls_broker_is_checked_with_a_client_certificate(
+    mtls_broker: RunningBroker, pki: Pki
+) -> None:
+    target = f"127.0.0.1:{mtls_broker.broker.port}"
+    cert, key = pki.ca.issue_client(pki.directory / "clients", "healthcheck")
+    env = {
+        "TASKBROKER_TLS_CERT": str(pki.server.cert),
+        "TASKBROKER_TLS_KEY": str(pki.server.key),
+        "TASKBROKER_TLS_CLIENT_CA": str(pki.ca.cert),
+        "TASKBROKER_TLS_CA": str(pki.ca.cert),
+        "TASKBROKER_TLS_SERVER_NAME": "localhost",
+    }
+    # The server certificate allows server authentication only: not accepted as a client's.
+    assert (await asyncio.to_thread(check, target, environ=env))[0] == 1
+    env |= {"TASKBROKER_TLS_CLIENT_CERT": str(cert), "TASKBROKER_TLS_CLIENT_KEY": str(key)}
+    assert await asyncio.to_thread(check, target, environ=env) == (0, f"{target}: SERVING")

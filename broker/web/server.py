@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from broker.api.lease_session import SessionRegistry
     from broker.config import Settings
     from broker.queue import TaskQueue
+    from broker.tls import CertificateFiles
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +90,14 @@ class WebServer:
         rpc: RpcMetrics | None,
         redis_up: Callable[[], bool],
         draining: Callable[[], bool],
+        certificates: CertificateFiles | None = None,
     ) -> None:
         self._tasks = tasks
         self._sessions = sessions
         self._settings = settings
         self._redis_up = redis_up
         self._draining = draining
+        self._certificates = certificates
         self.sampler = StatsSampler(tasks, top_n=settings.metrics_top_queues)
         self.registry = build_registry(
             BrokerCollector(self.sampler, tasks, sessions, rpc, redis_up)
@@ -134,19 +137,21 @@ class WebServer:
         if not listen:
             return 0
         host, _, port = listen.rpartition(":")
+        tls = None if self._certificates is None else self._certificates.ssl_context()
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         assert runner.server is not None  # set up above
         try:
             listener = await asyncio.get_running_loop().create_server(
-                runner.server, host.strip("[]"), int(port)
+                runner.server, host.strip("[]"), int(port), ssl=tls
             )
         except OSError as exc:
             await runner.cleanup()
             raise RuntimeError(f"http: cannot listen on {listen}: {exc.strerror or exc}") from None
         self._runner, self._listener = runner, listener
         self.port = int(listener.sockets[0].getsockname()[1])
-        log.info("http (metrics, health, dashboard) on http://%s:%d/", host, self.port)
+        scheme = "http" if tls is None else "https"
+        log.info("http (metrics, health, dashboard) on %s://%s:%d/", scheme, host, self.port)
         return self.port
 
     async def stop(self) -> None:

@@ -7,6 +7,7 @@ it; its log goes to a file the assertions read.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 from pathlib import Path
@@ -36,6 +37,7 @@ class NodeWorker:
         lease_ms: int = 30_000,
         concurrency: int = 4,
         queue: str = QUEUE,
+        env: dict[str, str] | None = None,
     ) -> NodeWorker:
         args = [
             "bin/worker.js", "--target", target, "--queue", queue,
@@ -44,8 +46,9 @@ class NodeWorker:
         ]  # fmt: skip
         with log.open("wb") as out:
             process = await asyncio.create_subprocess_exec(
-                node, *args, cwd=NODE_DIR, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out
-            )
+                node, *args, cwd=NODE_DIR, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                env=None if env is None else {**os.environ, **env},
+            )  # fmt: skip
         return cls(process, log)
 
     def text(self) -> str:

@@ -33,6 +33,7 @@ def test_public_api_is_exactly_these_names() -> None:
         "TaskNotFoundError",
         "TaskState",
         "TaskbrokerError",
+        "TlsConfig",
         "UnavailableError",
         "Worker",
         "from_json",

@@ -88,7 +88,11 @@ def test_http_settings_come_from_the_environment_and_are_checked() -> None:
     assert (Settings().http_listen, Settings().dashboard_admin) == ("127.0.0.1:8080", False)
     settings = load_settings(
         [],
-        environ={"TASKBROKER_HTTP_LISTEN": "0.0.0.0:9100", "TASKBROKER_DASHBOARD_ADMIN": "1"},
+        environ={
+            "TASKBROKER_HTTP_LISTEN": "0.0.0.0:9100",
+            "TASKBROKER_DASHBOARD_ADMIN": "1",
+            "TASKBROKER_INSECURE": "1",
+        },
     )
     assert (settings.http_listen, settings.dashboard_admin) == ("0.0.0.0:9100", True)
     assert load_settings([], environ={"TASKBROKER_HTTP_LISTEN": ""}).http_listen == ""

@@ -9,13 +9,15 @@
  * and `result` (as UTF-8) to the line. Exits 1 (message on stderr) when a call fails.
  *
  * With TASKBROKER_ENCRYPTION_KEYS (or TASKBROKER_ENCRYPTION_KEYS_FILE) set, the payload is
- * encrypted and the result decrypted (docs/encryption.md).
+ * encrypted and the result decrypted (docs/encryption.md). TLS and a bearer token come from
+ * TASKBROKER_TLS_CA, TASKBROKER_TLS_CLIENT_CERT, TASKBROKER_TLS_CLIENT_KEY,
+ * TASKBROKER_TLS_SERVER_NAME, TASKBROKER_TOKEN or TASKBROKER_TOKEN_FILE (src/credentials.js).
  */
 
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 
-import { AesGcmCodec, Keyring, Producer } from '../src/index.js';
+import { AesGcmCodec, Keyring, Producer, connectionOptionsFromEnv } from '../src/index.js';
 
 const FINISHED = new Set(['TASK_STATE_SUCCEEDED', 'TASK_STATE_DEAD', 'TASK_STATE_CANCELLED']);
 
@@ -37,7 +39,13 @@ if (!values.queue || !values.type) {
 
 const { TASKBROKER_ENCRYPTION_KEYS: keys, TASKBROKER_ENCRYPTION_KEYS_FILE: keyFile } = process.env;
 const codec = keys || keyFile ? new AesGcmCodec(Keyring.fromEnv()) : undefined;
-const producer = new Producer(values.target, { codec });
+let producer;
+try {
+  producer = new Producer(values.target, { codec, connection: connectionOptionsFromEnv() });
+} catch (error) {
+  process.stderr.write(`${/** @type {Error} */ (error).message}\n`); // a TLS or token file
+  process.exit(2);
+}
 try {
   const { taskId, duplicate } = await producer.enqueue(values.queue, values.type, values.payload, {
     maxAttempts: values['max-attempts'] === undefined ? undefined : Number(values['max-attempts']),

@@ -13,13 +13,20 @@
  * when the broker refuses the stream for good (a bad queue name, for example).
  *
  * With TASKBROKER_ENCRYPTION_KEYS (or TASKBROKER_ENCRYPTION_KEYS_FILE) set, payloads are
- * decrypted and results encrypted (docs/encryption.md).
+ * decrypted and results encrypted (docs/encryption.md). TLS and a bearer token come from the
+ * TASKBROKER_TLS_* and TASKBROKER_TOKEN(_FILE) variables, as for bin/produce.js.
  */
 
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 
-import { AesGcmCodec, Keyring, NonRetryableError, Worker } from '../src/index.js';
+import {
+  AesGcmCodec,
+  Keyring,
+  NonRetryableError,
+  Worker,
+  connectionOptionsFromEnv,
+} from '../src/index.js';
 
 /** @type {Record<string, import('../src/worker.js').Handler>} */
 const handlers = {
@@ -60,17 +67,29 @@ const line = (level) => (message) =>
     `${new Date().toISOString()} ${workerId ?? 'node-worker'} ${level} ${message}\n`,
   );
 
-const worker = new Worker({
-  target: values.target,
-  queues: values.queue ?? ['default'],
-  handlers,
-  concurrency: Number(values.concurrency),
-  leaseMs: Number(values['lease-ms']),
-  shutdownGraceMs: Number(values['grace-ms']),
-  workerId,
-  logger: { info: line('INFO'), warn: line('WARN'), error: line('ERROR') },
-  codec: encrypting() ? new AesGcmCodec(Keyring.fromEnv()) : undefined,
-});
+/** @param {unknown} error @returns {never} */
+function refuse(error) {
+  process.stderr.write(`${/** @type {Error} */ (error).message}\n`);
+  process.exit(2);
+}
+
+let worker;
+try {
+  worker = new Worker({
+    connection: connectionOptionsFromEnv(),
+    target: values.target,
+    queues: values.queue ?? ['default'],
+    handlers,
+    concurrency: Number(values.concurrency),
+    leaseMs: Number(values['lease-ms']),
+    shutdownGraceMs: Number(values['grace-ms']),
+    workerId,
+    logger: { info: line('INFO'), warn: line('WARN'), error: line('ERROR') },
+    codec: encrypting() ? new AesGcmCodec(Keyring.fromEnv()) : undefined,
+  });
+} catch (error) {
+  refuse(error); // a TLS or token file that cannot be used
+}
 
 try {
   await worker.run();

@@ -6,6 +6,7 @@
  */
 
 export { AesGcmCodec, CodecError, Keyring, isEnvelope, parseHeader } from './codec.js';
+export { connection, connectionOptionsFromEnv, isLocalTarget } from './credentials.js';
 export { Producer } from './producer.js';
 export { NonRetryableError, Worker } from './worker.js';
 export { PROTO_DIR, taskbrokerV1, toDuration, toMillis } from './proto.js';

@@ -7,6 +7,7 @@
 import * as grpc from '@grpc/grpc-js';
 
 import { decodeTask, payloadContext } from './codec.js';
+import { connection } from './credentials.js';
 import { taskbrokerV1, toDuration } from './proto.js';
 
 /**
@@ -49,18 +50,25 @@ export class Producer {
   /**
    * @param {string} target the broker's `host:port`
    * @param {object} [options]
+   * @param {import('./credentials.js').ConnectionOptions} [options.connection] TLS and a bearer
+   *   token (see credentials.js); overrides credentials and clientOptions
    * @param {grpc.ChannelCredentials} [options.credentials] default: plaintext
+   * @param {grpc.ClientOptions} [options.clientOptions] channel options and interceptors
    * @param {number} [options.timeoutMs] per-call deadline (default 10 s)
    * @param {import('./codec.js').PayloadCodec} [options.codec] encodes payloads on enqueue and
    *   decodes payloads and results on getTask (see codec.js)
    */
-  constructor(
-    target,
-    { credentials = grpc.credentials.createInsecure(), timeoutMs = 10_000, codec } = {},
-  ) {
+  constructor(target, options = {}) {
+    const { timeoutMs = 10_000, codec } = options;
+    const { credentials, clientOptions } = options.connection
+      ? connection(target, options.connection)
+      : {
+          credentials: options.credentials ?? grpc.credentials.createInsecure(),
+          clientOptions: options.clientOptions ?? {},
+        };
     const { BrokerService } = taskbrokerV1();
     /** @type {any} */
-    this.client = new BrokerService(target, credentials);
+    this.client = new BrokerService(target, credentials, clientOptions);
     this.timeoutMs = timeoutMs;
     this.codec = codec;
   }

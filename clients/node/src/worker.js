@@ -37,6 +37,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import * as grpc from '@grpc/grpc-js';
 
 import { CodecError, openPayload, sealResult } from './codec.js';
+import { connection } from './credentials.js';
 import { LeaseStream, StreamLost } from './lease_stream.js';
 import { taskbrokerV1, toDuration, toMillis } from './proto.js';
 
@@ -79,7 +80,10 @@ import { taskbrokerV1, toDuration, toMillis } from './proto.js';
  * @property {number} [shutdownGraceMs] how long running tasks get to finish at shutdown before
  *   they are nacked for a retry (default 10 s)
  * @property {string} [workerId] names the worker in the broker's logs (default `host:pid`)
+ * @property {import('./credentials.js').ConnectionOptions} [connection] TLS and a bearer token
+ *   (see credentials.js); overrides credentials and clientOptions
  * @property {grpc.ChannelCredentials} [credentials] default: plaintext
+ * @property {grpc.ClientOptions} [clientOptions] more channel options, and interceptors
  * @property {Pick<Console, 'info' | 'warn' | 'error'>} [logger] default: `console`
  * @property {import('./codec.js').PayloadCodec} [codec] decodes payloads before the handler
  *   (one it cannot decode is dead-lettered) and encodes results (see codec.js)
@@ -199,7 +203,12 @@ export class Worker {
       leaseMs,
       shutdownGraceMs,
       workerId: options.workerId ?? `${os.hostname()}:${process.pid}`,
-      credentials: options.credentials ?? grpc.credentials.createInsecure(),
+      ...(options.connection
+        ? connection(options.target, options.connection)
+        : {
+            credentials: options.credentials ?? grpc.credentials.createInsecure(),
+            clientOptions: options.clientOptions ?? {},
+          }),
       logger: options.logger ?? console,
       codec: options.codec,
     };
@@ -318,7 +327,10 @@ class Session {
   /** @returns {Promise<void>} see Worker.run */
   async run() {
     const { BrokerService } = taskbrokerV1();
-    this.client = new BrokerService(this.options.target, this.options.credentials, CHANNEL_OPTIONS);
+    this.client = new BrokerService(this.options.target, this.options.credentials, {
+      ...CHANNEL_OPTIONS,
+      ...this.options.clientOptions,
+    });
     try {
       await this.loop();
       if (this.stopped) await this.stopped;

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from taskbroker import testing
+    from taskbroker._channel import TlsConfig
     from taskbroker._client import Client, EnqueueResult, NewTask
     from taskbroker._errors import (
         AlreadyExistsError,
@@ -56,6 +57,7 @@ _MODULES: dict[str, str] = {
     "TaskNotFoundError": "taskbroker._errors",
     "TaskState": "taskbroker._models",
     "TaskbrokerError": "taskbroker._errors",
+    "TlsConfig": "taskbroker._channel",
     "UnavailableError": "taskbroker._errors",
     "Worker": "taskbroker._worker",
     "from_json": "taskbroker.codec",
@@ -88,6 +90,7 @@ __all__ = [
     "TaskNotFoundError",
     "TaskState",
     "TaskbrokerError",
+    "TlsConfig",
     "UnavailableError",
     "Worker",
     "from_json",

@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import random
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
 import grpc
 
+from taskbroker._channel import (
+    DEFAULT_TARGET,
+    ENV_TARGET,
+    ENV_TOKEN,
+    ENV_TOKEN_FILE,
+    BearerToken,
+    ChannelConfigError,
+    TlsConfig,
+    channel_credentials,
+    open_channel,
+    tls_options,
+)
 from taskbroker._codec_hooks import decode_task, encode_specs
 from taskbroker._convert import stats_from_proto, task_from_proto, to_duration, to_timestamp
 from taskbroker._models import QueueStats, Task, TaskId
@@ -228,9 +242,15 @@ class Client:
             provider is configured nothing is traced.
         codec: Encodes payloads on enqueue and decodes payloads and results on get_task and
             wait (and, in workers using this client, the reverse); see taskbroker.encryption.
+        tls: Connect with TLS (and a client certificate, if it names one). None: plaintext.
+        token: A bearer token sent as `authorization: Bearer <token>` on every call. Sent
+            only over TLS or to a loopback address.
+        token_file: A file holding the token instead (re-read when it changes).
 
     Raises:
-        ValueError: The target list cannot be expressed as one gRPC target.
+        ValueError: The target list cannot be expressed as one gRPC target, a TLS or token
+            file cannot be read (ChannelConfigError), or a token would go in the clear to
+            another host.
     """
 
     def __init__(
@@ -241,16 +261,46 @@ class Client:
         options: Sequence[tuple[str, Any]] = (),
         tracer_provider: TracerProvider | None = None,
         codec: PayloadCodec | None = None,
+        tls: TlsConfig | None = None,
+        token: str | None = None,
+        token_file: str | Path | None = None,
     ) -> None:
         self.codec = codec
         self._target = channel_target(target)
         self._tracing = Tracing(tracer_provider)
         self._timeout = timeout
-        self._options = list({**DEFAULT_OPTIONS, **dict(options)}.items())
+        self._options = list({**DEFAULT_OPTIONS, **dict(tls_options(tls)), **dict(options)}.items())
+        bearer = None if token is None and token_file is None else BearerToken(token, token_file)
+        self._credentials = channel_credentials(self._target, tls, bearer)
         self._channel: grpc.aio.Channel | None = None
         self._stub: BrokerServiceAsyncStub | None = None
         self._admin: AdminServiceAsyncStub | None = None
         self._closed = False
+
+    @classmethod
+    def from_env(
+        cls,
+        target: str | Sequence[str] | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """A client configured by the environment, as the CLI is: TASKBROKER_TARGET (unless
+        `target` is given; default 127.0.0.1:50051), TASKBROKER_TLS_CA,
+        TASKBROKER_TLS_CLIENT_CERT, TASKBROKER_TLS_CLIENT_KEY, TASKBROKER_TLS_SERVER_NAME (or
+        TASKBROKER_TLS=1 for the system's CAs), and TASKBROKER_TOKEN or TASKBROKER_TOKEN_FILE.
+        Other arguments are as for `Client`.
+
+        Raises:
+            ValueError: as `Client`, or both TASKBROKER_TOKEN and TASKBROKER_TOKEN_FILE are set.
+        """
+        env = os.environ if environ is None else environ
+        if env.get(ENV_TOKEN) and env.get(ENV_TOKEN_FILE):
+            raise ChannelConfigError(f"set {ENV_TOKEN} or {ENV_TOKEN_FILE}, not both")
+        kwargs.setdefault("tls", TlsConfig.from_env(env))
+        kwargs.setdefault("token", env.get(ENV_TOKEN) or None)
+        kwargs.setdefault("token_file", env.get(ENV_TOKEN_FILE) or None)
+        return cls(target or env.get(ENV_TARGET) or DEFAULT_TARGET, **kwargs)
 
     # --- plumbing the worker runtime shares --------------------------------------------------
 
@@ -279,7 +329,7 @@ class Client:
         if self._closed:
             raise RuntimeError("the taskbroker client is closed")
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self._target, options=self._options)
+            self._channel = open_channel(self._target, self._options, self._credentials)
         return self._channel
 
     @property

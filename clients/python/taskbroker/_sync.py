@@ -7,9 +7,11 @@ import concurrent.futures
 import threading
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from taskbroker._channel import TlsConfig
 from taskbroker._client import Client, EnqueueResult, NewTask
 from taskbroker._models import QueueStats, Task, TaskId
 from taskbroker.encryption import PayloadCodec
@@ -30,9 +32,13 @@ class SyncClient:
         timeout: Deadline in seconds for each unary call.
         options: Extra gRPC channel options; they override the client's defaults.
         codec: Encodes payloads and decodes results, as in `Client`.
+        tls: TLS to the broker, as in `Client`. None: plaintext.
+        token: A bearer token for every call, as in `Client`.
+        token_file: A file holding the token instead, as in `Client`.
 
     Raises:
-        ValueError: The target list cannot be expressed as one gRPC target.
+        ValueError: The target list cannot be expressed as one gRPC target, or the TLS or
+            token settings cannot be used (as in `Client`).
     """
 
     def __init__(
@@ -42,8 +48,19 @@ class SyncClient:
         timeout: float = 10.0,
         options: Sequence[tuple[str, Any]] = (),
         codec: PayloadCodec | None = None,
+        tls: TlsConfig | None = None,
+        token: str | None = None,
+        token_file: str | Path | None = None,
     ) -> None:
-        self._client = Client(target, timeout=timeout, options=options, codec=codec)
+        self._client = Client(
+            target,
+            timeout=timeout,
+            options=options,
+            codec=codec,
+            tls=tls,
+            token=token,
+            token_file=token_file,
+        )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="taskbroker-sync-client", daemon=True

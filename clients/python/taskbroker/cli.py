@@ -19,7 +19,7 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Final, NoReturn, Protocol, TypeVar, cast
 
@@ -31,6 +31,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from taskbroker._channel import (
+    ENV_TLS,
+    ENV_TLS_CA,
+    ENV_TLS_CLIENT_CERT,
+    ENV_TLS_CLIENT_KEY,
+    ENV_TLS_SERVER_NAME,
+    ENV_TOKEN,
+    ENV_TOKEN_FILE,
+    ChannelConfigError,
+    TlsConfig,
+)
 from taskbroker._client import MAX_TASKS_PER_CALL, Client, EnqueueResult, NewTask
 from taskbroker._errors import (
     InvalidArgumentError,
@@ -155,6 +166,9 @@ class App:
     timeout: float
     out: Console
     err: Console
+    tls: TlsConfig | None = None
+    token: str | None = field(default=None, repr=False)
+    token_file: str | None = None
 
     @property
     def interactive(self) -> bool:
@@ -164,8 +178,19 @@ class App:
     def run(self, work: Callable[[Client], Awaitable[T]]) -> T:
         """Runs `work` with a connected Client; an SDK error ends the command (exit 1)."""
 
+        try:
+            client = Client(
+                self.target,
+                timeout=self.timeout,
+                tls=self.tls,
+                token=self.token,
+                token_file=self.token_file,
+            )
+        except ChannelConfigError as err:  # names a file, never a token
+            self.refuse(str(err))
+
         async def with_client() -> T:
-            async with Client(self.target, timeout=self.timeout) as client:
+            async with client:
                 return await work(client)
 
         try:
@@ -419,6 +444,50 @@ def _dead_table(tasks: Sequence[Task]) -> Table:
     show_envvar=True,
     help="Broker address (host:port or any gRPC target).",
 )
+@click.option(
+    "--tls",
+    "tls_on",
+    is_flag=True,
+    envvar=ENV_TLS,
+    show_envvar=True,
+    help="Connect with TLS, verifying the broker against the system's CA certificates "
+    "(implied by any --tls-* option).",
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(dir_okay=False),
+    envvar=ENV_TLS_CA,
+    show_envvar=True,
+    help="PEM CA certificates to verify the broker with (TLS).",
+)
+@click.option(
+    "--tls-client-cert",
+    type=click.Path(dir_okay=False),
+    envvar=ENV_TLS_CLIENT_CERT,
+    show_envvar=True,
+    help="PEM client certificate, for a broker that requires one (mutual TLS).",
+)
+@click.option(
+    "--tls-client-key",
+    type=click.Path(dir_okay=False),
+    envvar=ENV_TLS_CLIENT_KEY,
+    show_envvar=True,
+    help="PEM private key of --tls-client-cert.",
+)
+@click.option(
+    "--tls-server-name",
+    envvar=ENV_TLS_SERVER_NAME,
+    show_envvar=True,
+    help="Name to verify the broker's certificate against, when the target's host is not in it.",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    envvar=ENV_TOKEN_FILE,
+    show_envvar=True,
+    help=f"File holding the bearer token sent on every call. A token itself is read from "
+    f"{ENV_TOKEN} only, never a flag (flags show in the process list).",
+)
 @click.option("--json", "json_output", is_flag=True, help="Machine output: JSON on stdout.")
 @click.option(
     "--timeout",
@@ -438,6 +507,12 @@ def _dead_table(tasks: Sequence[Task]) -> Table:
 def cli(
     ctx: click.Context,
     target: str,
+    tls_on: bool,
+    tls_ca: str | None,
+    tls_client_cert: str | None,
+    tls_client_key: str | None,
+    tls_server_name: str | None,
+    token_file: str | None,
     json_output: bool,
     timeout: timedelta,
     log_level: str | None,
@@ -445,11 +520,20 @@ def cli(
     """Enqueue and inspect tasks, administer queues and run workers of a taskbroker broker."""
     if timeout <= timedelta(0):
         raise click.BadParameter("must be positive", ctx, param_hint="'--timeout'")
+    tls = None
+    if tls_on or tls_ca or tls_client_cert or tls_client_key or tls_server_name:
+        try:
+            tls = TlsConfig(tls_ca, tls_client_cert, tls_client_key, tls_server_name)
+        except ChannelConfigError as exc:
+            raise click.UsageError(f"{exc} (--tls-client-cert, --tls-client-key)") from None
+    token = os.environ.get(ENV_TOKEN) or None
+    if token is not None and token_file is not None:
+        raise click.UsageError(f"give {ENV_TOKEN} or --token-file ({ENV_TOKEN_FILE}), not both")
     if log_level is None:
         log_level = "info" if ctx.invoked_subcommand == "worker" else "warning"
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     out, err = _consoles()
-    ctx.obj = App(target, json_output, timeout.total_seconds(), out, err)
+    ctx.obj = App(target, json_output, timeout.total_seconds(), out, err, tls, token, token_file)
 
 
 @cli.command()
