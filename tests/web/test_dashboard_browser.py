@@ -161,3 +161,17 @@ async def test_charts_show_the_last_15_minutes_from_the_first_visit(
         assert chart["y"][0] == 0 and chart["y"][1] > 0
         assert chart["empty"] is (points == 0)  # "no data yet" until the first point
     assert problems == []
+
+
+async def test_an_encrypted_task_says_which_key_sealed_it(
+    running: RunningBroker, browser: Browser
+) -> None:
+    sealed = b"\x89TBE" + bytes([1, 0, 2]) + b"k2" + bytes(40)  # an envelope's clear header
+    (task_id,) = await enqueue(running.stub, spec("billing", "charge", sealed))
+    page, problems = await open_page(browser, running)
+    await page.locator("#task-id").fill(task_id)
+    await page.locator("#task-form button").click()
+    await expect(page.locator("#task-fields")).to_contain_text(
+        f"encrypted, key k2, {len(sealed)} bytes", timeout=UI_TIMEOUT_MS
+    )
+    assert problems == []
