@@ -105,3 +105,13 @@ def test_resource_limits_are_settings_and_are_checked() -> None:
         Settings(max_settle_batches_per_stream=0)
     with pytest.raises(ValueError, match="max_inflight_request_bytes must be 1 MiB"):
         Settings(max_inflight_request_bytes=1000)
+
+
+def test_policy_file_and_reflection_are_read_and_reflection_can_be_turned_off() -> None:
+    assert load_settings([], {}).reflection is True
+    assert load_settings([], {}).policy_file is None
+    settings = load_settings(["--policy-file", "/etc/tb/policy.toml"], {})
+    assert settings.policy_file == Path("/etc/tb/policy.toml")
+    assert load_settings(["--no-reflection"], {}).reflection is False
+    assert load_settings([], {"TASKBROKER_REFLECTION": "0"}).reflection is False
+    assert load_settings(["--reflection"], {"TASKBROKER_REFLECTION": "0"}).reflection is True

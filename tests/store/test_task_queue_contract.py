@@ -105,7 +105,7 @@ async def enqueue_one(tasks: TaskQueue, payload: bytes = b"{}", **fields: Any) -
 async def lease(
     tasks: TaskQueue, n: int = 1, lease_ms: int = LONG_LEASE_MS, queue: str = Q
 ) -> list[Lease]:
-    batch = await tasks.lease(queue, [(new_lease_id(), lease_ms, STREAM) for _ in range(n)])
+    batch = await tasks.lease(queue, [(new_lease_id(), lease_ms, STREAM, "") for _ in range(n)])
     return batch.leases
 
 
@@ -508,7 +508,7 @@ async def test_delayed_task_is_not_leased_before_it_is_due(tasks: TaskQueue) -> 
     ready = await enqueue_one(tasks)
 
     assert (await lease_one(tasks)).task.ref.task_id == ready
-    batch = await tasks.lease(Q, [(new_lease_id(), LONG_LEASE_MS, STREAM)])
+    batch = await tasks.lease(Q, [(new_lease_id(), LONG_LEASE_MS, STREAM, "")])
     assert batch.leases == []
     assert batch.next_due_ms == task.schedule_ms
     assert (await stats(tasks)).scheduled == 1
@@ -817,7 +817,10 @@ async def test_a_lease_records_the_stream_that_holds_it(
     first, second = await enqueue(tasks, request(), request())
     batch = await tasks.lease(
         Q,
-        [(new_lease_id(), LONG_LEASE_MS, "stream-a"), (new_lease_id(), LONG_LEASE_MS, "stream-b")],
+        [
+            (new_lease_id(), LONG_LEASE_MS, "stream-a", ""),
+            (new_lease_id(), LONG_LEASE_MS, "stream-b", ""),
+        ],
     )
     held = {le.task.ref.task_id: le for le in batch.leases}
     for task_id, stream in ((first, "stream-a"), (second, "stream-b")):
