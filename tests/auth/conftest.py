@@ -59,14 +59,14 @@ class _Bearer:
         return details._replace(metadata=metadata)
 
 
-class _UnaryBearer(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class _UnaryBearer(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(
         self, continuation: Callable[..., Awaitable[Any]], details: Any, request: Any
     ) -> Any:
         return await continuation(self._with_token(details), request)
 
 
-class _StreamBearer(_Bearer, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+class _StreamBearer(_Bearer, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(
         self, continuation: Callable[..., Awaitable[Any]], details: Any, requests: Any
     ) -> Any:
@@ -83,7 +83,10 @@ class Caller:
 
     def __init__(self, target: str, token: str | None) -> None:
         interceptors = bearer(token) if token is not None else []
-        self.channel = grpc.aio.insecure_channel(target, interceptors=interceptors)
+        # A connection of its own (gRPC shares one between channels to a target otherwise).
+        self.channel = grpc.aio.insecure_channel(
+            target, options=[("grpc.use_local_subchannel_pool", 1)], interceptors=interceptors
+        )
         self.stub: BrokerServiceAsyncStub = broker_service_pb2_grpc.BrokerServiceStub(self.channel)
         self.admin: AdminServiceAsyncStub = admin_service_pb2_grpc.AdminServiceStub(self.channel)
 
