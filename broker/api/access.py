@@ -62,7 +62,6 @@ RULES: Final[dict[str, Rule]] = {
     "BrokerService/Nack": Rule((CONSUME,), "nack", _task_queue),
     "BrokerService/ExtendLease": Rule((CONSUME,), "extend a lease", _task_queue),
     "BrokerService/GetTask": Rule((PRODUCE, READ), "read tasks", _task_queue),
-    "BrokerService/WatchTask": Rule((PRODUCE, READ), "watch tasks", _task_queue),
     "BrokerService/CancelTask": Rule((PRODUCE,), "cancel tasks", _task_queue),
     "BrokerService/Stats": Rule((READ,), "read stats", _stats_queues),
     # Any role on a queue shows it; the service filters.

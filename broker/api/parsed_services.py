@@ -112,14 +112,29 @@ Gate: TypeAlias = Callable[[Context], Awaitable[None]]
 
 
 def _gated(handler: Handler, gate: Gate) -> Handler:
-    """The stream-stream handler, run only for calls the gate lets through (before any request
-    is read)."""
+    """The stream-stream handler, run only for calls the gate lets through.
+
+    The first request is received (not parsed) before the gate may refuse the call: a client
+    still sending it when the refusal arrives would otherwise see its own send fail (grpcio's
+    request-iterator clients report INTERNAL) rather than the refusal."""
     assert handler.stream_stream is not None, "only reflection's stream-stream method is gated"
     behaviour: Behaviour = handler.stream_stream
 
     async def gated(requests: AsyncIterable[bytes], context: Context) -> AsyncIterator[Any]:
+        raws = aiter(requests)
+        try:
+            first = [await anext(raws)]
+        except StopAsyncIteration:
+            first = []
         await gate(context)
-        async for response in behaviour(requests, context):
+
+        async def again() -> AsyncIterator[bytes]:
+            for raw in first:
+                yield raw
+            async for raw in raws:
+                yield raw
+
+        async for response in behaviour(again(), context):
             yield response
 
     return grpc.stream_stream_rpc_method_handler(
