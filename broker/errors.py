@@ -8,7 +8,7 @@ BrokerError
 ├── IdempotencyConflict    key reused for a different task      → ALREADY_EXISTS
 ├── Unauthenticated        missing or unknown credentials       → UNAUTHENTICATED
 ├── PermissionDenied       the principal lacks a role on a queue → PERMISSION_DENIED
-│   └── ForeignLease       the lease is another principal's    → PERMISSION_DENIED (LEASE_FOREIGN)
+│   └── ForeignLease       the lease is another principal's     → PERMISSION_DENIED (LEASE_FOREIGN)
 ├── LimitExceeded          too many streams, credits, ...       → RESOURCE_EXHAUSTED
 │   └── StoreFull          Redis reached its maxmemory          → RESOURCE_EXHAUSTED (STORE_FULL)
 ├── StoreUnavailable       Redis unreachable or failing over    → UNAVAILABLE
