@@ -19,7 +19,8 @@ from broker.api.admin_service import AdminService
 from broker.api.broker_service import BrokerService
 from broker.api.lease_session import SessionRegistry
 from broker.api.limits import StreamLimits, UnaryLimits, client_of_peer
-from broker.api.server import build_server
+from broker.api.server import Gate, build_server
+from broker.auth.policy_file import PolicyFile
 from broker.config import Settings
 from broker.dispatch import Dispatcher
 from broker.embedded_redis import RECOMMENDED_HASH_VALUE_BYTES, EmbeddedRedis
@@ -119,6 +120,7 @@ class Broker:
         """Starts serving. Returns the bound port.
 
         Raises:
+            PolicyError: the policy file cannot be read or is malformed.
             UnsafeRedis: Redis evicts keys under memory pressure.
             RuntimeError: Redis or the listen address cannot be used.
         """
@@ -132,6 +134,9 @@ class Broker:
     async def _start(self, undo: contextlib.AsyncExitStack) -> int:
         s = self.settings
         self._warn_if_exposed()
+        # First: a broken policy or certificate stops the start before anything is made.
+        self.policy = PolicyFile(s.policy_file) if s.policy_file is not None else None
+        gate = Gate(self.policy)
         if s.tls_cert is not None and s.tls_key is not None:
             self.certificates = CertificateFiles(s.tls_cert, s.tls_key, s.tls_client_ca)
         url = s.read_redis_url()
@@ -168,6 +173,7 @@ class Broker:
             default_lease_ms,
             s.open_timeout_s,
             self.streams,
+            gate.authorizer,
         )
         rpc_metrics = RpcMetrics() if s.http_listen else None
         interceptors: list[grpc.aio.ServerInterceptor] = [rpc_metrics] if rpc_metrics else []
@@ -203,7 +209,12 @@ class Broker:
         self.http_port = await self.web.start()
         undo.push_async_callback(self.web.stop)
         self.server, self.health = build_server(
-            broker_service, AdminService(self.tasks), s, self.unary, interceptors
+            broker_service,
+            AdminService(self.tasks, gate.authorizer),
+            s,
+            self.unary,
+            gate,
+            interceptors,
         )
         try:
             if self.certificates is None:

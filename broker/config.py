@@ -38,14 +38,19 @@ class Settings:
     #: PEM CA certificates that client certificates must chain to: set, both ports require a
     #: client certificate (mutual TLS). Needs tls_cert.
     tls_client_ca: Path | None = None
-    #: The identities-and-roles policy file (who may call, with which roles on which queues).
-    policy_file: Path | None = None
     #: Serve a non-loopback address without TLS or without a policy_file (a trusted network,
     #: or TLS ended in front of the broker); the broker logs a warning at start. Without it the
     #: broker refuses to start so.
     insecure: bool = False
     #: Allow the dashboard's admin actions (pause/resume, redrive and delete dead letters).
     dashboard_admin: bool = False
+    #: The identities-and-roles policy file (TOML: principals with token digests or certificate
+    #: names, and grants of roles on queue patterns; docs/security.md), re-read when it changes.
+    #: Unset: no authentication, every caller may do everything.
+    policy_file: Path | None = None
+    #: Serve gRPC server reflection (grpcurl, buf curl); with a policy file, only to principals
+    #: holding `read` on some queue. Turn off with --no-reflection or TASKBROKER_REFLECTION=0.
+    reflection: bool = True
     #: Redis to use, as redis://[user:password@]host:port/db. Unset: start an embedded
     #: redis-server with its data in data_dir. A flag is visible in the process list: give a
     #: password through TASKBROKER_REDIS_URL or redis_url_file instead.
@@ -410,6 +415,14 @@ def load_settings(
             parser.add_argument(
                 flag, dest=f.name, action="store_const", const="1", default=None, help=help_
             )
+            if f.default is True:  # a flag that is on by default needs a way to turn it off
+                parser.add_argument(
+                    f"--no-{flag[2:]}",
+                    dest=f.name,
+                    action="store_const",
+                    const="0",
+                    help=argparse.SUPPRESS,
+                )
         else:
             parser.add_argument(flag, dest=f.name, default=None, help=help_)
     parser.add_argument(

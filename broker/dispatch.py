@@ -16,6 +16,7 @@ covered by waking every pump when it reconnects (loops/wake_listener.py).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -49,6 +50,8 @@ class Subscription:
 
     Args:
         stream_id: The stream's id, stored with each lease it is given (the task's `sid`).
+        holder: The principal the stream's leases are bound to (the task's `lp`; '' without a
+            policy): only it may settle, extend or resume them.
         can_receive: False while the stream cannot take more deliveries (its outbox is full):
             pumps skip it until the session calls wake().
     """
@@ -61,8 +64,10 @@ class Subscription:
         deliver: Callable[[list[Lease]], bool],
         stream_id: str = "",
         can_receive: Callable[[], bool] = _always,
+        holder: str = "",
     ) -> None:
         self._dispatcher = dispatcher
+        self.holder = holder
         self.queues = tuple(queues)
         self.lease_ms = lease_ms
         self.credits = 0  # granted and not yet used or reserved by a pump
@@ -140,13 +145,18 @@ class Dispatcher:
         *,
         stream_id: str = "",
         can_receive: Callable[[], bool] = _always,
+        holder: str = "",
     ) -> Subscription:
         if not self._workers:
             self._workers = [
-                asyncio.create_task(self._work(), name=f"lease worker {i}")
+                # A fresh context: the workers serve every stream, not the principal of the
+                # call that happened to start them.
+                asyncio.create_task(
+                    self._work(), name=f"lease worker {i}", context=contextvars.Context()
+                )
                 for i in range(self._worker_count)
             ]
-        sub = Subscription(self, queues, lease_ms, deliver, stream_id, can_receive)
+        sub = Subscription(self, queues, lease_ms, deliver, stream_id, can_receive, holder)
         for queue in sub.queues:
             pump = self._pumps.get(queue)
             if pump is None:
@@ -300,7 +310,8 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         try:
             batch = await self._tasks.lease(
-                pump.queue, [(new_lease_id(), sub.lease_ms, sub.stream_id) for sub in slots]
+                pump.queue,
+                [(new_lease_id(), sub.lease_ms, sub.stream_id, sub.holder) for sub in slots],
             )
         except BaseException:
             self._give_back(slots)

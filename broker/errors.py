@@ -8,6 +8,7 @@ BrokerError
 ├── IdempotencyConflict    key reused for a different task      → ALREADY_EXISTS
 ├── Unauthenticated        missing or unknown credentials       → UNAUTHENTICATED
 ├── PermissionDenied       the principal lacks a role on a queue → PERMISSION_DENIED
+│   └── ForeignLease       the lease is another principal's     → PERMISSION_DENIED (LEASE_FOREIGN)
 ├── LimitExceeded          too many streams, credits, ...       → RESOURCE_EXHAUSTED
 │   └── StoreFull          Redis reached its maxmemory          → RESOURCE_EXHAUSTED (STORE_FULL)
 ├── StoreUnavailable       Redis unreachable or failing over    → UNAVAILABLE
@@ -92,6 +93,22 @@ class PermissionDenied(BrokerError):
         self.role = role
         self.queue = queue
         self.action = action
+
+
+class ForeignLease(PermissionDenied):
+    """A current lease id presented by a principal other than the one that leased the task:
+    a leaked lease id is not a capability. The holder is not named."""
+
+    reason = "LEASE_FOREIGN"
+
+    def __init__(self, task_id: str) -> None:
+        BrokerError.__init__(
+            self, f"the lease of task {task_id} belongs to another principal; nothing was done"
+        )
+        self.principal = ""
+        self.role = ""
+        self.queue = task_id.rpartition(":")[0]
+        self.action = "settle or extend a lease"
 
 
 class LimitExceeded(BrokerError):

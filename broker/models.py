@@ -119,6 +119,7 @@ class SettleStatus(enum.Enum):
     AGAIN = "again"  #: a repeat of a settlement already applied with this lease
     STALE = "stale"  #: the lease is not current: refused
     NOT_FOUND = "nf"  #: no such task
+    FOREIGN = "foreign"  #: the lease is current but another principal holds it: refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +129,9 @@ class AckItem:
     ref: TaskRef
     lease_id: str
     result: bytes
+    #: The principal presenting the lease ('' without a policy): a current lease held by
+    #: another principal is refused (SettleStatus.FOREIGN).
+    holder: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +144,9 @@ class NackItem:
     retry_delay_ms: int  # -1: the task's backoff
     dead_letter: bool
     jitter: float  # uniform in [0, 1): the equal-jitter draw of the backoff (nack.lua)
+    #: The principal presenting the lease ('' without a policy): a current lease held by
+    #: another principal is refused (SettleStatus.FOREIGN).
+    holder: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +164,9 @@ class ExtendItem:
     ref: TaskRef
     lease_id: str
     duration_ms: int  # -1: the length the task was leased with
+    #: The principal presenting the lease ('' without a policy): a current lease held by
+    #: another principal is refused (SettleStatus.FOREIGN).
+    holder: str = ""
 
 
 @dataclass(frozen=True, slots=True)

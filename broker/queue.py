@@ -16,6 +16,7 @@ from broker.batching import Batcher
 from broker.config import Settings
 from broker.errors import (
     BrokerError,
+    ForeignLease,
     IdempotencyConflict,
     InvalidArgument,
     LeaseStale,
@@ -145,6 +146,10 @@ def _check_range(name: str, value: int, low: int, high: int, unit: str = "") -> 
     return value
 
 
+def _every(_: str) -> bool:
+    return True
+
+
 class TaskQueue:
     """Operations on tasks in domain terms. Knows the rules; knows nothing of gRPC or Redis keys."""
 
@@ -167,8 +172,9 @@ class TaskQueue:
 
     # --- enqueue ------------------------------------------------------------------------------
 
-    def validate(self, index: int, request: TaskRequest) -> NewTask:
-        """Checks one task and fills in its defaults.
+    def validate(self, index: int, request: TaskRequest, scope: str = "") -> NewTask:
+        """Checks one task and fills in its defaults; its idempotency key is `scope`'s
+        (Principal.scope: keys of different principals never meet).
 
         Raises:
             InvalidArgument: naming the field, as tasks[index].<field>.
@@ -211,14 +217,16 @@ class TaskQueue:
             backoff_max_ms=cap,
             delay_ms=-1 if request.delay_ms is None else request.delay_ms,
             schedule_ms=-1 if request.schedule_ms is None else request.schedule_ms,
-            idempotency_key=_hash_key(queue, request.idempotency_key),
+            idempotency_key=_hash_key(queue, request.idempotency_key, scope),
             # Only a keyed task is ever compared (a JSON dump and a SHA-256 saved per task).
             body_hash=_body_hash(request) if request.idempotency_key else "",
         )
 
-    async def enqueue(self, requests: Sequence[TaskRequest]) -> list[EnqueueOutcome]:
+    async def enqueue(
+        self, requests: Sequence[TaskRequest], scope: str = ""
+    ) -> list[EnqueueOutcome]:
         """Validates every task first (all or nothing), then stores each queue's tasks in one
-        group-committed script call.
+        group-committed script call. Idempotency keys are `scope`'s (validate).
 
         Raises:
             InvalidArgument: nothing was stored.
@@ -229,7 +237,7 @@ class TaskQueue:
             raise InvalidArgument("tasks", "at least one task is required")
         if len(requests) > MAX_TASKS_PER_CALL:
             raise InvalidArgument("tasks", f"at most {MAX_TASKS_PER_CALL} tasks per call")
-        tasks = [self.validate(i, r) for i, r in enumerate(requests)]
+        tasks = [self.validate(i, r, scope) for i, r in enumerate(requests)]
         by_queue: dict[str, list[int]] = {}
         for i, task in enumerate(tasks):
             by_queue.setdefault(task.ref.queue, []).append(i)
@@ -291,8 +299,8 @@ class TaskQueue:
         if not _LEASE_ID.fullmatch(lease_id):
             raise InvalidArgument("lease_id", "not a lease id (32 hex characters)")
 
-    def ack_item(self, task_id: str, lease_id: str, result: bytes) -> AckItem:
-        """Checks an ack. Raises InvalidArgument."""
+    def ack_item(self, task_id: str, lease_id: str, result: bytes, holder: str = "") -> AckItem:
+        """Checks an ack by `holder` (Principal.scope). Raises InvalidArgument."""
         ref = self.ref("task_id", task_id)
         self._check_lease_id(lease_id)
         limit = self._settings.max_task_bytes
@@ -300,12 +308,18 @@ class TaskQueue:
             raise InvalidArgument(
                 "result", f"{len(result)} bytes exceeds the limit of {limit} (max_task_bytes)"
             )
-        return AckItem(ref, lease_id, result)
+        return AckItem(ref, lease_id, result, holder)
 
     def nack_item(
-        self, task_id: str, lease_id: str, error: str, retry_delay_ms: int | None, dead_letter: bool
+        self,
+        task_id: str,
+        lease_id: str,
+        error: str,
+        retry_delay_ms: int | None,
+        dead_letter: bool,
+        holder: str = "",
     ) -> NackItem:
-        """Checks a nack. Raises InvalidArgument."""
+        """Checks a nack by `holder` (Principal.scope). Raises InvalidArgument."""
         ref = self.ref("task_id", task_id)
         self._check_lease_id(lease_id)
         if retry_delay_ms is not None:
@@ -317,32 +331,45 @@ class TaskQueue:
             retry_delay_ms=-1 if retry_delay_ms is None else retry_delay_ms,
             dead_letter=dead_letter,
             jitter=random.random(),  # equal jitter, applied in nack.lua
+            holder=holder,
         )
 
-    def extend_item(self, task_id: str, lease_id: str, duration_ms: int | None) -> ExtendItem:
-        """Checks an extension. Raises InvalidArgument."""
+    def extend_item(
+        self, task_id: str, lease_id: str, duration_ms: int | None, holder: str = ""
+    ) -> ExtendItem:
+        """Checks an extension by `holder` (Principal.scope). Raises InvalidArgument."""
         ref = self.ref("task_id", task_id)
         self._check_lease_id(lease_id)
         if duration_ms is not None:
             _check_range("lease_duration", duration_ms, MIN_LEASE_MS, MAX_LEASE_MS, " ms")
-        return ExtendItem(ref, lease_id, -1 if duration_ms is None else duration_ms)
+        return ExtendItem(ref, lease_id, -1 if duration_ms is None else duration_ms, holder)
 
-    async def ack(self, task_id: str, lease_id: str, result: bytes) -> SettleResult:
-        """Settles a lease as succeeded; a repeat with the same lease answers AGAIN."""
-        return _raise_or_return(await self.settle([self.ack_item(task_id, lease_id, result)]))
-
-    async def nack(
-        self, task_id: str, lease_id: str, error: str, retry_delay_ms: int | None, dead_letter: bool
+    async def ack(
+        self, task_id: str, lease_id: str, result: bytes, holder: str = ""
     ) -> SettleResult:
-        """Settles a lease as failed: retried after the backoff (or retry_delay_ms), or dead."""
-        item = self.nack_item(task_id, lease_id, error, retry_delay_ms, dead_letter)
+        """Settles a lease as succeeded; a repeat with the same lease answers AGAIN."""
+        item = self.ack_item(task_id, lease_id, result, holder)
         return _raise_or_return(await self.settle([item]))
 
-    async def extend(self, task_id: str, lease_id: str, duration_ms: int | None) -> SettleResult:
+    async def nack(
+        self,
+        task_id: str,
+        lease_id: str,
+        error: str,
+        retry_delay_ms: int | None,
+        dead_letter: bool,
+        holder: str = "",
+    ) -> SettleResult:
+        """Settles a lease as failed: retried after the backoff (or retry_delay_ms), or dead."""
+        item = self.nack_item(task_id, lease_id, error, retry_delay_ms, dead_letter, holder)
+        return _raise_or_return(await self.settle([item]))
+
+    async def extend(
+        self, task_id: str, lease_id: str, duration_ms: int | None, holder: str = ""
+    ) -> SettleResult:
         """Pushes a lease's expiry to now + duration (default: its original length)."""
-        return _raise_or_return(
-            await self.settle([self.extend_item(task_id, lease_id, duration_ms)])
-        )
+        item = self.extend_item(task_id, lease_id, duration_ms, holder)
+        return _raise_or_return(await self.settle([item]))
 
     async def settle(self, items: Sequence[SettleItem]) -> list[SettleResult | BrokerError]:
         """Applies checked acks, nacks and extensions: concurrent callers' items share one
@@ -395,17 +422,18 @@ class TaskQueue:
         return HeldLease(ref, lease_id)
 
     async def resume(
-        self, stream_id: str, leases: Sequence[HeldLease]
+        self, stream_id: str, leases: Sequence[HeldLease], holder: str = ""
     ) -> list[SettleResult | BrokerError]:
-        """Moves leases still current to the stream (same lease id and attempt, expiry renewed).
-        Each gets its result, or LeaseStale, TaskNotFound or the store's error, in order."""
+        """Moves leases still current to the stream (same lease id and attempt, expiry renewed),
+        if `holder` (Principal.scope) is the principal that leased them. Each gets its result,
+        or LeaseStale, ForeignLease, TaskNotFound or the store's error, in order."""
         results: list[SettleResult | BrokerError | None] = [None] * len(leases)
         for queue, positions in _positions_by_queue([h.ref for h in leases]).items():
             for chunk in _chunks(positions, MAX_BATCH_ITEMS):
                 items = [(leases[i].ref.local_id, leases[i].lease_id) for i in chunk]
                 try:
                     outcomes: Sequence[SettleResult | BrokerError] = await self._store.resume(
-                        queue, stream_id, items
+                        queue, stream_id, items, holder
                     )
                 except BrokerError as exc:
                     outcomes = [exc] * len(chunk)
@@ -551,19 +579,26 @@ class TaskQueue:
             return (await self.stats_page(0, ""))[0]
         return await self._store.stats_many(queues)
 
-    async def stats_page(self, page_size: int, after: str) -> tuple[list[QueueStats], str]:
+    async def stats_page(
+        self, page_size: int, after: str, keep: Callable[[str], bool] = _every
+    ) -> tuple[list[QueueStats], str]:
         """Stats of up to page_size (0: MAX_STATS_PAGE) queues by name, after the queue named
-        `after`. Returns them and the last name when there are more ('' otherwise)."""
-        names, last = await self.queue_page(min(page_size or MAX_STATS_PAGE, MAX_STATS_PAGE), after)
+        `after`, of those `keep` keeps. Returns them and the last name when there are more
+        ('' otherwise)."""
+        size = min(page_size or MAX_STATS_PAGE, MAX_STATS_PAGE)
+        names, last = await self.queue_page(size, after, keep)
         return await self._store.stats_many(names), last
 
-    async def queue_page(self, page_size: int, after: str) -> tuple[list[str], str]:
-        """Up to page_size (0: MAX_QUEUE_PAGE) registered queue names, sorted, after `after`.
-        Returns them and the last name when there are more ('' otherwise)."""
+    async def queue_page(
+        self, page_size: int, after: str, keep: Callable[[str], bool] = _every
+    ) -> tuple[list[str], str]:
+        """Up to page_size (0: MAX_QUEUE_PAGE) registered queue names, sorted, after `after`,
+        of those `keep` keeps (the caller's permitted queues: a page is never short of them
+        because of others). Returns them and the last name when there are more ('' otherwise)."""
         if page_size < 0:
             raise InvalidArgument("page_size", "must not be negative")
         size = min(page_size or MAX_QUEUE_PAGE, MAX_QUEUE_PAGE)
-        names = [q for q in await self._store.list_queues() if q > after]
+        names = [q for q in await self._store.list_queues() if q > after and keep(q)]
         page = names[:size]
         return page, page[-1] if len(names) > size else ""
 
@@ -626,13 +661,16 @@ def _one(_: object) -> int:
 
 
 def _fenced(ref: TaskRef, outcome: SettleResult | BrokerError) -> SettleResult | BrokerError:
-    """A refused fence as its error: the lease is not current, or the task does not exist."""
+    """A refused fence as its error: the lease is not current, is another principal's, or
+    the task does not exist."""
     if isinstance(outcome, BrokerError):
         return outcome
     if outcome.status is SettleStatus.STALE:
         return LeaseStale(ref.task_id)
     if outcome.status is SettleStatus.NOT_FOUND:
         return TaskNotFoundError(ref.task_id)
+    if outcome.status is SettleStatus.FOREIGN:
+        return ForeignLease(ref.task_id)
     return outcome
 
 
@@ -670,9 +708,17 @@ def _truncate(text: str, limit: int) -> str:
     return text if len(data) <= limit else data[:limit].decode(errors="ignore") + "…"
 
 
-def _hash_key(queue: str, key: str) -> str:
-    """Idempotency keys are hashed: any string is safe in a key name, and the length is fixed."""
-    return hashlib.sha256(f"{queue}\0{key}".encode()).hexdigest()[:32] if key else ""
+def _hash_key(queue: str, key: str, scope: str = "") -> str:
+    """Idempotency keys are hashed: any string is safe in a key name, and the length is fixed.
+
+    A key is a queue's and, with a policy in force, a principal's (scope): one principal
+    cannot squat another's key. Without one (scope '') the hash is what it always was, so an
+    upgrade keeps deduplicating keys stored before. A scoped input starts with NUL, which no
+    queue name does, so it never meets an unscoped one."""
+    if not key:
+        return ""
+    text = f"\0{scope}\0{queue}\0{key}" if scope else f"{queue}\0{key}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _body_hash(r: TaskRequest) -> str:

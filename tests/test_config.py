@@ -159,3 +159,13 @@ def test_the_clients_tls_and_token_variables_are_not_reported_as_unknown() -> No
     environ = {"TASKBROKER_TLS_CA": "/ca.pem", "TASKBROKER_TOKEN": "t", "TASKBROKER_TLSCA": "x"}
     (warning,) = ignored_variables(environ)
     assert warning.startswith("TASKBROKER_TLSCA is not a broker setting")
+
+
+def test_policy_file_and_reflection_are_read_and_reflection_can_be_turned_off() -> None:
+    assert load_settings([], {}).reflection is True
+    assert load_settings([], {}).policy_file is None
+    settings = load_settings(["--policy-file", "/etc/tb/policy.toml"], {})
+    assert settings.policy_file == Path("/etc/tb/policy.toml")
+    assert load_settings(["--no-reflection"], {}).reflection is False
+    assert load_settings([], {"TASKBROKER_REFLECTION": "0"}).reflection is False
+    assert load_settings(["--reflection"], {"TASKBROKER_REFLECTION": "0"}).reflection is True

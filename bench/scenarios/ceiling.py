@@ -73,7 +73,7 @@ async def _lifecycle(
     while done < total and time.perf_counter() < deadline:
         await tasks.enqueue(requests)
         batch = await store.lease(
-            queue, [(new_lease_id(), LEASE_MS, "bench") for _ in range(BATCH)]
+            queue, [(new_lease_id(), LEASE_MS, "bench", "") for _ in range(BATCH)]
         )
         acks = [AckItem(lease.task.ref, lease.lease_id, b"") for lease in batch.leases]
         results = await store.ack(queue, acks)

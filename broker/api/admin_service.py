@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from broker.api import convert
+from broker.auth.authorize import Authorizer
 from broker.errors import InvalidArgument
 from broker.ids import LOCAL_ID_PATTERN
 from taskbroker.v1 import admin_service_pb2 as admin
@@ -57,14 +58,16 @@ def decode_page_token(token: str) -> tuple[int, str] | None:
 class AdminService:
     """Management RPCs."""
 
-    def __init__(self, tasks: TaskQueue) -> None:
+    def __init__(self, tasks: TaskQueue, authorizer: Authorizer) -> None:
         self._tasks = tasks
+        self._authorizer = authorizer
 
     async def ListQueues(
         self, request: admin.ListQueuesRequest, context: Context
     ) -> admin.ListQueuesResponse:
+        # Only the queues the caller holds some role on (access.py checks nothing here).
         names, last = await self._tasks.queue_page(
-            request.page_size, decode_queue_token(request.page_token)
+            request.page_size, decode_queue_token(request.page_token), self._authorizer.permitted
         )
         return admin.ListQueuesResponse(queues=names, next_page_token=encode_queue_token(last))
 

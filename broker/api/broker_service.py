@@ -9,7 +9,9 @@ import grpc
 from broker.api import convert
 from broker.api.admin_service import decode_queue_token, encode_queue_token
 from broker.api.lease_session import LeaseSession, SessionRegistry
-from broker.api.limits import StreamLimits
+from broker.api.limits import StreamLimits, client_of_principal
+from broker.auth.authorize import Authorizer
+from broker.auth.principal import Role, current_principal
 from broker.errors import Draining, InvalidArgument
 from broker.models import TaskState
 from taskbroker.v1 import broker_service_pb2 as bs
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from broker.queue import TaskQueue
 
 Context = grpc.aio.ServicerContext[bytes, bytes]
+READ = (Role.READ,)
 
 
 class BrokerService:
@@ -33,6 +36,7 @@ class BrokerService:
         default_lease_ms: int,
         open_timeout_s: float,
         streams: StreamLimits,
+        authorizer: Authorizer,
     ) -> None:
         self._tasks = tasks
         self._dispatcher = dispatcher
@@ -40,13 +44,16 @@ class BrokerService:
         self._default_lease_ms = default_lease_ms
         self._open_timeout_s = open_timeout_s
         self._streams = streams
+        self._authorizer = authorizer
 
     async def Enqueue(self, request: bs.EnqueueRequest, context: Context) -> bs.EnqueueResponse:
         if self._dispatcher.draining:
             raise Draining("the broker is shutting down; use another replica")
         # No local wake-up here: enqueue.lua publishes one that reaches every replica's pumps,
         # this one's included; waking them here too made a second, empty lease call per task.
-        outcomes = await self._tasks.enqueue([convert.task_request(t) for t in request.tasks])
+        outcomes = await self._tasks.enqueue(
+            [convert.task_request(t) for t in request.tasks], current_principal.get().scope
+        )
         return bs.EnqueueResponse(
             results=[bs.EnqueueResult(task_id=o.task_id, duplicate=o.duplicate) for o in outcomes]
         )
@@ -55,7 +62,8 @@ class BrokerService:
         if self._dispatcher.draining:
             raise Draining("the broker is shutting down; use another replica")
         # Counted before anything is built for the stream; given back however it ends.
-        with self._streams.admit(context.peer()):
+        client = client_of_principal(current_principal.get())
+        with self._streams.admit(context.peer(), client):
             session = LeaseSession(
                 context,
                 self._tasks,
@@ -63,11 +71,13 @@ class BrokerService:
                 self._registry,
                 self._open_timeout_s,
                 self._default_lease_ms,
+                self._authorizer,
             )
             await session.run()
 
     async def Ack(self, request: lease_pb2.AckRequest, context: Context) -> bs.AckResponse:
-        result = await self._tasks.ack(request.task_id, request.lease_id, request.result)
+        holder = current_principal.get().scope
+        result = await self._tasks.ack(request.task_id, request.lease_id, request.result, holder)
         self._registry.forget(request.lease_id)
         return bs.AckResponse(already_settled=result.status.value == "again")
 
@@ -78,6 +88,7 @@ class BrokerService:
             request.error,
             convert.optional_duration_ms(request, "retry_delay"),
             request.dead_letter,
+            current_principal.get().scope,
         )
         self._registry.forget(request.lease_id)
         response = bs.NackResponse(
@@ -95,6 +106,7 @@ class BrokerService:
             request.task_id,
             request.lease_id,
             convert.optional_duration_ms(request, "lease_duration"),
+            current_principal.get().scope,
         )
         return bs.ExtendLeaseResponse(lease_expire_time=convert.to_timestamp(result.time_ms))
 
@@ -118,7 +130,10 @@ class BrokerService:
             if request.page_size < 0:
                 raise InvalidArgument("page_size", "must not be negative")
             after = decode_queue_token(request.page_token)
-            stats, last = await self._tasks.stats_page(request.page_size, after)
+            # Named queues were checked (access.py); a page shows only the readable ones.
+            stats, last = await self._tasks.stats_page(
+                request.page_size, after, lambda queue: self._authorizer.permitted(queue, READ)
+            )
         return bs.StatsResponse(
             queues=[convert.stats_to_proto(s) for s in stats],
             next_page_token=encode_queue_token(last),

@@ -17,7 +17,16 @@ from broker.api import convert
 from broker.api.limits import Pacer
 from broker.api.outbox import MAX_MESSAGE_BYTES, MERGEABLE, Message, Outbox
 from broker.api.status import error_status, to_status
-from broker.errors import BrokerError, InvalidArgument, LeaseStale, TaskNotFound
+from broker.auth.authorize import Authorizer
+from broker.auth.principal import Role, current_principal
+from broker.errors import (
+    BrokerError,
+    ForeignLease,
+    InvalidArgument,
+    LeaseStale,
+    PermissionDenied,
+    TaskNotFound,
+)
 from broker.ids import check_name
 from broker.models import ExtendItem, HeldLease, Lease, SettleResult, SettleStatus, TaskRef
 from broker.queue import MAX_LEASE_MS, MIN_LEASE_MS, SettleItem
@@ -122,8 +131,12 @@ class LeaseSession:
         registry: SessionRegistry,
         open_timeout_s: float,
         default_lease_ms: int,
+        authorizer: Authorizer,
     ) -> None:
         self._context = context
+        self._authorizer = authorizer
+        #: Whom the stream's leases are bound to (the task's `lp`): only it may settle them.
+        self._holder = current_principal.get().scope
         self._tasks = tasks
         self._dispatcher = dispatcher
         self._registry = registry
@@ -164,6 +177,7 @@ class LeaseSession:
                 self._deliver,
                 stream_id=self.stream_id,
                 can_receive=self._can_receive,
+                holder=self._holder,
             )
             reader = asyncio.create_task(self._read_loop(), name=f"lease {self.stream_id} reader")
             self._outbox.put_nowait(
@@ -211,9 +225,11 @@ class LeaseSession:
             await self._abort_invalid("open", "the first frame must be open")
             return None
         try:
-            return self._check_open(request.open)
-        except InvalidArgument as exc:
+            opened = self._check_open(request.open)
+            self._authorizer.require(Role.CONSUME, opened.queues, "lease")
+        except (InvalidArgument, PermissionDenied) as exc:
             await self._context.abort_with_status(error_status(exc))  # raises
+        return opened
 
     def _check_open(self, frame: lease_pb2.LeaseOpen) -> _Open:
         if not frame.queues:
@@ -257,15 +273,17 @@ class LeaseSession:
         valid: list[tuple[int, HeldLease]] = []
         for i, entry in enumerate(entries):
             try:
-                valid.append(
-                    (i, self._tasks.held_lease(f"open.resume[{i}]", entry.task_id, entry.lease_id))
-                )
-            except InvalidArgument as exc:
-                answers[i].outcome = lease_pb2.SETTLE_OUTCOME_INVALID_ARGUMENT
+                held = self._tasks.held_lease(f"open.resume[{i}]", entry.task_id, entry.lease_id)
+                self._authorizer.require(Role.CONSUME, [held.ref.queue], "resume a lease")
+                valid.append((i, held))
+            except (InvalidArgument, PermissionDenied) as exc:
+                answers[i].outcome = _OUTCOMES[type(exc)]
                 answers[i].message = str(exc)
         if not valid:
             return answers
-        outcomes = await self._tasks.resume(self.stream_id, [held for _, held in valid])
+        outcomes = await self._tasks.resume(
+            self.stream_id, [held for _, held in valid], self._holder
+        )
         resumed = 0
         for (i, held), outcome in zip(valid, outcomes, strict=True):
             answer = answers[i]
@@ -582,8 +600,8 @@ class LeaseSession:
             try:
                 items.append(self._check(kind, msg))
                 checked.append(i)
-            except InvalidArgument as exc:
-                answer.outcome = lease_pb2.SETTLE_OUTCOME_INVALID_ARGUMENT
+            except (InvalidArgument, PermissionDenied) as exc:
+                answer.outcome = _OUTCOMES[type(exc)]
                 answer.message = str(exc)
         outcomes: list[SettleResult | BrokerError] = []
         try:
@@ -604,19 +622,29 @@ class LeaseSession:
             await _pause(pacer)  # an all-invalid chunk still lets others run
 
     def _check(self, kind: str, msg: _SettleFrame) -> SettleItem:
+        """The checked item; InvalidArgument, or PermissionDenied without consume on its queue
+        (a stream's open frame names its queues, a settlement may name any task)."""
+        item: SettleItem
         if isinstance(msg, lease_pb2.AckRequest):
-            return self._tasks.ack_item(msg.task_id, msg.lease_id, msg.result)
-        if isinstance(msg, lease_pb2.NackRequest):
-            return self._tasks.nack_item(
+            item = self._tasks.ack_item(msg.task_id, msg.lease_id, msg.result, self._holder)
+        elif isinstance(msg, lease_pb2.NackRequest):
+            item = self._tasks.nack_item(
                 msg.task_id,
                 msg.lease_id,
                 msg.error,
                 convert.optional_duration_ms(msg, "retry_delay"),
                 msg.dead_letter,
+                self._holder,
             )
-        return self._tasks.extend_item(
-            msg.task_id, msg.lease_id, convert.optional_duration_ms(msg, "lease_duration")
-        )
+        else:
+            item = self._tasks.extend_item(
+                msg.task_id,
+                msg.lease_id,
+                convert.optional_duration_ms(msg, "lease_duration"),
+                self._holder,
+            )
+        self._authorizer.require(Role.CONSUME, [item.ref.queue], kind)
+        return item
 
     def _answer(
         self,
@@ -679,4 +707,6 @@ _OUTCOMES: dict[type[BrokerError], lease_pb2.SettleOutcome.ValueType] = {
     LeaseStale: lease_pb2.SETTLE_OUTCOME_LEASE_STALE,
     TaskNotFound: lease_pb2.SETTLE_OUTCOME_NOT_FOUND,
     InvalidArgument: lease_pb2.SETTLE_OUTCOME_INVALID_ARGUMENT,
+    PermissionDenied: lease_pb2.SETTLE_OUTCOME_PERMISSION_DENIED,
+    ForeignLease: lease_pb2.SETTLE_OUTCOME_PERMISSION_DENIED,
 }

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable
 from types import TracebackType
 
+from broker.auth.principal import Principal
 from broker.errors import LimitExceeded
 
 
@@ -16,12 +17,20 @@ def client_of_peer(peer: str) -> str:
     """The client a connection belongs to: its IP address ("ipv4:10.0.0.7:51234" → "ipv4:10.0.0.7",
     "ipv6:[::1]:51234" → "ipv6:[::1]"); other peers ("unix:...") are their own client.
 
-    Workers behind one NAT share a key; a later authenticated principal replaces this function.
+    Workers behind one NAT share a key; with a policy in force, clients are principals instead
+    (client_of_principal).
     """
     kind, _, address = peer.partition(":")
     if kind in ("ipv4", "ipv6") and ":" in address:
         return f"{kind}:{address.rpartition(':')[0]}"
     return peer
+
+
+def client_of_principal(principal: Principal) -> str | None:
+    """With a policy in force, the per-client limits count per principal (one tenant's clients,
+    wherever they connect from, share one allowance, and tenants behind one NAT do not); None
+    for ANONYMOUS: count by the peer's address (client_of_peer)."""
+    return None if principal.is_anonymous else f"principal:{principal.name}"
 
 
 class _Release:
@@ -74,14 +83,15 @@ class StreamLimits:
         self._by_client: Counter[str] = Counter()
         self.open = 0
 
-    def admit(self, peer: str) -> _Release:
+    def admit(self, peer: str, client: str | None = None) -> _Release:
         """Counts one more stream from peer; use the result as a context manager around the
-        stream's whole life.
+        stream's whole life. `client`: who the stream counts against (client_of_principal);
+        None: client_key(peer).
 
         Raises:
             LimitExceeded: a limit is reached; nothing was counted.
         """
-        client = self._client_key(peer)
+        client = self._client_key(peer) if client is None else client
         if self._by_connection[peer] >= self._per_connection:
             raise LimitExceeded(
                 f"too many Lease streams on this connection (limit {self._per_connection}, "
@@ -148,13 +158,14 @@ class UnaryLimits:
         self.calls = 0
         self.bytes = 0
 
-    def admit(self, peer: str, size: int) -> _Release:
+    def admit(self, peer: str, size: int, client: str | None = None) -> _Release:
         """Counts one call from peer with a request of size bytes, for use as a context manager.
+        `client`: who the call counts against (client_of_principal); None: client_key(peer).
 
         Raises:
             LimitExceeded: a limit is reached; nothing was counted.
         """
-        client = self._client_key(peer)
+        client = self._client_key(peer) if client is None else client
         held = self._client_bytes[client]
         if self._client_calls[client] >= self._max_client_calls:
             raise LimitExceeded(

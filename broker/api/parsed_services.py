@@ -9,7 +9,7 @@ malformed bytes answer INVALID_ARGUMENT with our message, for every service the 
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeAlias
 
 import grpc
@@ -107,23 +107,66 @@ def _parsed(handler: Handler) -> Handler:
     )
 
 
-def _generic(registrations: _Registrations) -> list[grpc.GenericRpcHandler]:
-    return [
-        grpc.method_handlers_generic_handler(
-            service, {name: _parsed(h) for name, h in handlers.items()}
-        )
-        for service, handlers in registrations.services.items()
-    ]
+#: Lets a call through, or aborts it (with UNAUTHENTICATED or PERMISSION_DENIED).
+Gate: TypeAlias = Callable[[Context], Awaitable[None]]
+
+
+def _gated(handler: Handler, gate: Gate) -> Handler:
+    """The stream-stream handler, run only for calls the gate lets through.
+
+    The first request is received (not parsed) before the gate may refuse the call: a client
+    still sending it when the refusal arrives would otherwise see its own send fail (grpcio's
+    request-iterator clients report INTERNAL) rather than the refusal."""
+    assert handler.stream_stream is not None, "only reflection's stream-stream method is gated"
+    behaviour: Behaviour = handler.stream_stream
+
+    async def gated(requests: AsyncIterable[bytes], context: Context) -> AsyncIterator[Any]:
+        raws = aiter(requests)
+        try:
+            first = [await anext(raws)]
+        except StopAsyncIteration:
+            first = []
+        await gate(context)
+
+        async def again() -> AsyncIterator[bytes]:
+            for raw in first:
+                yield raw
+            async for raw in raws:
+                yield raw
+
+        async for response in behaviour(again(), context):
+            yield response
+
+    return grpc.stream_stream_rpc_method_handler(
+        gated, response_serializer=handler.response_serializer
+    )
+
+
+def _generic(
+    registrations: _Registrations, gates: Mapping[str, Gate]
+) -> list[grpc.GenericRpcHandler]:
+    generic = []
+    for service, handlers in registrations.services.items():
+        parsed = {name: _parsed(h) for name, h in handlers.items()}
+        if service in gates:
+            parsed = {name: _gated(h, gates[service]) for name, h in parsed.items()}
+        generic.append(grpc.method_handlers_generic_handler(service, parsed))
+    return generic
 
 
 def health_and_reflection(
-    servicer: health.aio.HealthServicer, reflected: tuple[str, ...]
+    servicer: health.aio.HealthServicer,
+    reflected: tuple[str, ...] | None,
+    reflection_gate: Gate | None = None,
 ) -> list[grpc.GenericRpcHandler]:
-    """Handlers for grpc.health.v1.Health (served by `servicer`) and server reflection
-    (listing `reflected`), with requests parsed by us."""
+    """Handlers for grpc.health.v1.Health (served by `servicer`, open to every caller: probes
+    carry no credentials) and server reflection (listing `reflected`; None: not served),
+    with requests parsed by us; `reflection_gate` decides who may use reflection."""
     registrations = _Registrations()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, registrations)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-        reflection.aio.ReflectionServicer(reflected), registrations
-    )
-    return _generic(registrations)
+    if reflected is not None:
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(reflected), registrations
+        )
+    gates = {reflection.SERVICE_NAME: reflection_gate} if reflection_gate is not None else {}
+    return _generic(registrations, gates)

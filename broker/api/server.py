@@ -13,11 +13,16 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
-from broker.api.limits import UnaryLimits
+from broker.api.access import Rule, rule_for
+from broker.api.limits import UnaryLimits, client_of_principal
 from broker.api.parsed_services import health_and_reflection
 from broker.api.status import error_status, to_status
+from broker.auth.authenticate import Authenticator
+from broker.auth.authorize import Authorizer
+from broker.auth.policy_file import PolicyFile
+from broker.auth.principal import Principal, Role, current_principal
 from broker.config import Settings
-from broker.errors import BrokerError
+from broker.errors import BrokerError, PermissionDenied
 from taskbroker.v1 import admin_service_pb2, broker_service_pb2
 
 log = logging.getLogger(__name__)
@@ -47,20 +52,50 @@ async def _abort_for(exc: BaseException, context: Context, method: str) -> NoRet
     )
 
 
+class Gate:
+    """Who a call is (Authenticator) and what they may do (Authorizer), under one policy."""
+
+    def __init__(self, policy: PolicyFile | None) -> None:
+        self.authenticator = Authenticator(policy)
+        self.authorizer = Authorizer(policy)
+
+    def principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        """The caller, from its metadata and TLS auth context. Raises Unauthenticated."""
+        return self.authenticator.authenticate(
+            context.invocation_metadata() or (), context.auth_context()
+        )
+
+    async def admit_reflection(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Server reflection describes every RPC: with a policy, only for principals that
+        hold `read` on some queue."""
+        try:
+            principal = self.principal(context)
+            if not self.authorizer.may_somewhere(principal, Role.READ):
+                raise PermissionDenied(principal.name, "read", "*", "use server reflection")
+        except BrokerError as exc:
+            await context.abort_with_status(error_status(exc))
+
+
 def _unary(
-    method: descriptor.MethodDescriptor, impl: Unary, limits: UnaryLimits
+    method: descriptor.MethodDescriptor, impl: Unary, limits: UnaryLimits, gate: Gate, rule: Rule
 ) -> grpc.RpcMethodHandler[bytes, bytes]:
     request_class = message_factory.GetMessageClass(method.input_type)
     name = f"/{method.containing_service.full_name}/{method.name}"
 
     async def handle(raw: bytes, context: Context) -> bytes:
-        # Admitted before parsing: a call past the limits costs no more than its bytes.
+        # Authenticated and admitted before parsing: a call refused costs no more than its
+        # bytes. With a policy, limits count per principal rather than per address.
         try:
-            admitted = limits.admit(context.peer(), len(raw))
+            principal = gate.principal(context)
+            admitted = limits.admit(context.peer(), len(raw), client_of_principal(principal))
         except BrokerError as exc:
             await context.abort_with_status(error_status(exc))
-        with admitted:
-            return await serve(raw, context)
+        token = current_principal.set(principal)
+        try:
+            with admitted:
+                return await serve(raw, context)
+        finally:
+            current_principal.reset(token)
 
     async def serve(raw: bytes, context: Context) -> bytes:
         try:
@@ -74,6 +109,7 @@ def _unary(
                 )
             )
         try:
+            rule.check(gate.authorizer, request)  # before anything is done
             remaining = context.time_remaining()
             async with asyncio.timeout(remaining):
                 response = await impl(request, context)
@@ -87,34 +123,49 @@ def _unary(
 
 
 def _stream(
-    method: descriptor.MethodDescriptor, impl: Callable[[Context], Awaitable[None]]
+    method: descriptor.MethodDescriptor, impl: Callable[[Context], Awaitable[None]], gate: Gate
 ) -> grpc.RpcMethodHandler[bytes, bytes]:
     name = f"/{method.containing_service.full_name}/{method.name}"
 
     async def handle(requests: object, context: Context) -> None:
+        # Authenticated before the first frame is read; the frames are checked as they come.
+        try:
+            principal = gate.principal(context)
+        except BrokerError as exc:
+            await context.abort_with_status(error_status(exc))
+        token = current_principal.set(principal)
         try:
             await impl(context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
             await _abort_for(exc, context, name)
+        finally:
+            current_principal.reset(token)
 
     return grpc.stream_stream_rpc_method_handler(handle)
 
 
 def generic_handler(
-    service: descriptor.ServiceDescriptor, impl: object, limits: UnaryLimits
+    service: descriptor.ServiceDescriptor, impl: object, limits: UnaryLimits, gate: Gate
 ) -> grpc.GenericRpcHandler:
-    """Handlers for every method of a service, with requests parsed by us (so malformed bytes
-    are INVALID_ARGUMENT, not grpcio's UNKNOWN naming internal classes), and unary calls
-    admitted by limits."""
+    """Handlers for every method of a service: each call authenticated (gate), requests parsed
+    by us (so malformed bytes are INVALID_ARGUMENT, not grpcio's UNKNOWN naming internal
+    classes) and checked against the method's access rule, and unary calls admitted by limits.
+
+    Raises:
+        LookupError: a method has no access rule (broker/api/access.py).
+    """
     handlers = {}
     for method in service.methods:
         fn = getattr(impl, method.name)
         if method.client_streaming:
-            handlers[method.name] = _stream(method, fn)
+            rule_for(service.name, method.name)
+            handlers[method.name] = _stream(method, fn, gate)
         else:
-            handlers[method.name] = _unary(method, fn, limits)
+            handlers[method.name] = _unary(
+                method, fn, limits, gate, rule_for(service.name, method.name)
+            )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
@@ -152,10 +203,13 @@ def build_server(
     admin: object,
     settings: Settings,
     unary_limits: UnaryLimits,
+    gate: Gate,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A server with BrokerService, AdminService, health and reflection registered; the
-    interceptors (RPC metrics) see every call, and unary_limits admit our unary calls."""
+    """A server with BrokerService, AdminService, health and (unless settings turn it off)
+    reflection registered; the interceptors (RPC metrics) see every call, gate authenticates
+    and authorizes our calls and reflection (health stays open to probes), and unary_limits
+    admit our unary calls."""
     server = grpc.aio.server(interceptors=list(interceptors), options=server_options(settings))
     health_servicer = health.aio.HealthServicer()
     reflected = (
@@ -166,9 +220,13 @@ def build_server(
     )
     server.add_generic_rpc_handlers(
         (
-            generic_handler(BROKER_SERVICE, broker, unary_limits),
-            generic_handler(ADMIN_SERVICE, admin, unary_limits),
-            *health_and_reflection(health_servicer, reflected),
+            generic_handler(BROKER_SERVICE, broker, unary_limits, gate),
+            generic_handler(ADMIN_SERVICE, admin, unary_limits, gate),
+            *health_and_reflection(
+                health_servicer,
+                reflected if settings.reflection else None,
+                gate.admit_reflection if gate.authorizer.enforced else None,
+            ),
         )
     )
     return server, health_servicer

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 from broker.auth.policy_file import PolicyFile
 from broker.auth.principal import ANONYMOUS, Principal
@@ -28,8 +28,8 @@ class Authenticator:
 
     def authenticate(
         self,
-        metadata: Sequence[tuple[str, str | bytes]],
-        auth_context: Mapping[str, Sequence[bytes]],
+        metadata: Iterable[tuple[str, str | bytes]],
+        auth_context: Mapping[str, Iterable[bytes]],
     ) -> Principal:
         if self._policy is None:
             return ANONYMOUS
@@ -52,7 +52,7 @@ class Authenticator:
         )
 
 
-def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
     """The token of an `authorization: Bearer <token>` entry; Unauthenticated for another
     scheme (the value is not echoed)."""
     for key, value in metadata:

@@ -31,6 +31,12 @@ class Principal:
     def is_anonymous(self) -> bool:
         return self.via == "none"
 
+    @property
+    def scope(self) -> str:
+        """What leases and idempotency keys are bound to: the name, or '' for ANONYMOUS, so
+        a broker without a policy stores exactly what it stored before policies existed."""
+        return "" if self.is_anonymous else self.name
+
 
 #: Every caller when the broker runs without a policy file (loopback development, or
 #: --insecure): no credential is asked for and every role is granted.

@@ -42,8 +42,9 @@ from broker.store.redis_errors import is_unavailable_reply, unavailable_message
 from broker.store.scripts import Scripts
 
 AnyRedis: TypeAlias = "aioredis.Redis | RedisCluster"
-#: One lease to make: (fresh lease id, lease ms for a task without its own, stream id).
-LeaseSlot: TypeAlias = tuple[str, int, str]
+#: One lease to make: (fresh lease id, lease ms for a task without its own, stream id, the
+#: principal the lease is bound to or '' without a policy).
+LeaseSlot: TypeAlias = tuple[str, int, str, str]
 
 log = logging.getLogger(__name__)
 
@@ -405,13 +406,14 @@ class RedisStore:
 
     async def lease(self, queue: str, slots: Sequence[LeaseSlot]) -> LeaseBatch:
         """Leases up to len(slots) tasks of one queue; slot i is (lease id, lease ms for a task
-        without its own, id of the stream it is for), and the i-th leased task fills slot i."""
+        without its own, id of the stream it is for, principal it is bound to), and the i-th
+        leased task fills slot i."""
         keys = QueueKeys(queue)
         args: list[str | int] = [keys.task_prefix, len(slots)]
-        for lease_id, lease_ms, stream_id in slots:
-            args += [lease_id, lease_ms, stream_id]
+        for lease_id, lease_ms, stream_id, holder in slots:
+            args += [lease_id, lease_ms, stream_id, holder]
         args += TASK_FIELDS
-        shortest = min((ms for _, ms, _ in slots), default=0)
+        shortest = min((slot[1] for slot in slots), default=0)
         reply = await self._run(
             "lease",
             [keys.pending, keys.scheduled, keys.leased, keys.meta],
@@ -444,7 +446,7 @@ class RedisStore:
         keys = QueueKeys(queue)
         args: list[str | bytes | int] = [keys.task_prefix, len(items)]
         for item in items:
-            args += [item.ref.local_id, item.lease_id, item.result]
+            args += [item.ref.local_id, item.lease_id, item.result, item.holder]
         reply = await self._run(
             "ack",
             [keys.leased, keys.done, keys.stats],
@@ -464,6 +466,7 @@ class RedisStore:
                 item.retry_delay_ms,
                 "1" if item.dead_letter else "0",
                 repr(item.jitter),
+                item.holder,
             ]
         # The retry's due time depends on the attempt, known only to the script: look at once
         # unless every nack names its delay (the maintainer sets the real time).
@@ -481,7 +484,7 @@ class RedisStore:
         keys = QueueKeys(queue)
         args: list[str | bytes | int] = [keys.task_prefix, len(items)]
         for item in items:
-            args += [item.ref.local_id, item.lease_id, item.duration_ms]
+            args += [item.ref.local_id, item.lease_id, item.duration_ms, item.holder]
         explicit = [i.duration_ms for i in items if i.duration_ms >= 0]
         hint = None
         if explicit:
@@ -519,11 +522,12 @@ class RedisStore:
         return int(count), int(earliest)
 
     async def resume(
-        self, queue: str, stream_id: str, leases: Sequence[tuple[str, str]]
+        self, queue: str, stream_id: str, leases: Sequence[tuple[str, str]], holder: str = ""
     ) -> list[SettleResult]:
-        """Moves (local_id, lease_id) leases that are still current to the stream."""
+        """Moves (local_id, lease_id) leases that are still current, and `holder`'s, to the
+        stream."""
         keys = QueueKeys(queue)
-        args: list[str | int] = [keys.task_prefix, stream_id, len(leases)]
+        args: list[str | int] = [keys.task_prefix, stream_id, holder, len(leases)]
         for local_id, lease_id in leases:
             args += [local_id, lease_id]
         reply = await self._run("resume", [keys.leased], args)

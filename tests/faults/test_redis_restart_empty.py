@@ -55,7 +55,9 @@ async def test_an_expired_lease_is_reclaimed_on_time_after_redis_restarted_empty
             assert plain.dbsize() == 0, "redis came back with data"
 
         [task_id] = await _retrying(lambda: enqueue(running.stub, spec("seen")))
-        batch = await running.broker.tasks.lease("seen", [(new_lease_id(), 1000, "gone-worker")])
+        batch = await running.broker.tasks.lease(
+            "seen", [(new_lease_id(), 1000, "gone-worker", "")]
+        )
         [lease] = batch.leases
 
         while (task := await _retrying(lambda: get(running.stub, task_id))).state == LEASED:

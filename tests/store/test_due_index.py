@@ -54,7 +54,7 @@ async def test_an_expiring_lease_among_many_queues_is_reclaimed_on_time(
 ) -> None:
     await _many_idle_queues(tasks)
     (out,) = await tasks.enqueue([TaskRequest("busy", "t")])
-    batch = await tasks.lease("busy", [(new_lease_id(), 300, "stream-1")])
+    batch = await tasks.lease("busy", [(new_lease_id(), 300, "stream-1", "")])
     [lease] = batch.leases
     assert await _due_queues(store) == []  # nothing is due: a pass touches no queue
 
@@ -100,7 +100,7 @@ async def test_a_hint_during_a_pass_is_not_hidden_by_its_raise(
     [maintained] = await store.maintain(["q"], 100, 0)
     assert maintained.next_due_ms > await _now_ms(tasks, "q") + 3_000_000
 
-    batch = await tasks.lease("q", [(new_lease_id(), 200, "stream-1")])  # hints, in between
+    batch = await tasks.lease("q", [(new_lease_id(), 200, "stream-1", "")])  # hints, in between
     [lease] = batch.leases
     assert await store.settle_due([(entry, maintained.next_due_ms)]) == 0  # refused
 
@@ -115,7 +115,7 @@ async def test_an_empty_queue_is_forgotten_and_an_enqueue_racing_it_wins(
     tasks: TaskQueue, store: RedisStore, topology: Topology
 ) -> None:
     await tasks.enqueue([TaskRequest("gone", "t")])
-    [lease] = (await tasks.lease("gone", [(new_lease_id(), 10_000, "s")])).leases
+    [lease] = (await tasks.lease("gone", [(new_lease_id(), 10_000, "s", "")])).leases
     await tasks.ack(lease.task.ref.task_id, lease.lease_id, b"")
     no_retention = TaskQueue(store, Settings(finished_retention_s=0))
     store_fast = RedisStore(topology.client(), finished_retention_ms=0)
@@ -179,7 +179,7 @@ async def test_after_redis_lost_everything_a_known_queue_is_registered_and_maint
             await client.aclose()
     (out,) = await tasks.enqueue([TaskRequest("known", "t")])
     assert "known" in await tasks.queues()
-    [lease] = (await tasks.lease("known", [(new_lease_id(), 200, "s")])).leases
+    [lease] = (await tasks.lease("known", [(new_lease_id(), 200, "s", "")])).leases
     while (await tasks.get(out.task_id)).state is TaskState.LEASED:
         assert await _now_ms(tasks, "known") < lease.expire_ms + 1000, "reclaimed late"
         await tasks.maintain_due()

@@ -18,7 +18,7 @@ from redis.crc import key_slot
 
 import broker.queue
 from broker.config import Settings
-from broker.errors import IdempotencyConflict, LeaseStale, TaskFinished, TaskNotFound
+from broker.errors import ForeignLease, IdempotencyConflict, LeaseStale, TaskFinished, TaskNotFound
 from broker.ids import new_lease_id
 from broker.models import (
     HeldLease,
@@ -105,7 +105,7 @@ async def enqueue_one(tasks: TaskQueue, payload: bytes = b"{}", **fields: Any) -
 async def lease(
     tasks: TaskQueue, n: int = 1, lease_ms: int = LONG_LEASE_MS, queue: str = Q
 ) -> list[Lease]:
-    batch = await tasks.lease(queue, [(new_lease_id(), lease_ms, STREAM) for _ in range(n)])
+    batch = await tasks.lease(queue, [(new_lease_id(), lease_ms, STREAM, "") for _ in range(n)])
     return batch.leases
 
 
@@ -508,7 +508,7 @@ async def test_delayed_task_is_not_leased_before_it_is_due(tasks: TaskQueue) -> 
     ready = await enqueue_one(tasks)
 
     assert (await lease_one(tasks)).task.ref.task_id == ready
-    batch = await tasks.lease(Q, [(new_lease_id(), LONG_LEASE_MS, STREAM)])
+    batch = await tasks.lease(Q, [(new_lease_id(), LONG_LEASE_MS, STREAM, "")])
     assert batch.leases == []
     assert batch.next_due_ms == task.schedule_ms
     assert (await stats(tasks)).scheduled == 1
@@ -817,10 +817,47 @@ async def test_a_lease_records_the_stream_that_holds_it(
     first, second = await enqueue(tasks, request(), request())
     batch = await tasks.lease(
         Q,
-        [(new_lease_id(), LONG_LEASE_MS, "stream-a"), (new_lease_id(), LONG_LEASE_MS, "stream-b")],
+        [
+            (new_lease_id(), LONG_LEASE_MS, "stream-a", ""),
+            (new_lease_id(), LONG_LEASE_MS, "stream-b", ""),
+        ],
     )
     held = {le.task.ref.task_id: le for le in batch.leases}
     for task_id, stream in ((first, "stream-a"), (second, "stream-b")):
         key = QueueKeys(Q).task(tasks.ref("t", task_id).local_id)
         assert await store.client.hget(key, "sid") == stream.encode()
         assert await store.client.hget(key, "lid") == held[task_id].lease_id.encode()
+
+
+async def test_a_lease_bound_to_a_principal_is_settled_only_by_it(tasks: TaskQueue) -> None:
+    task_id = await enqueue_one(tasks)
+    batch = await tasks.lease(Q, [(new_lease_id(), LONG_LEASE_MS, STREAM, "x")])
+    [leased] = batch.leases
+    lease_id = leased.lease_id
+    with pytest.raises(ForeignLease):
+        await tasks.ack(task_id, lease_id, b"forged", holder="y")
+    with pytest.raises(ForeignLease):
+        await tasks.nack(task_id, lease_id, "forged", None, True, holder="y")
+    with pytest.raises(ForeignLease):
+        await tasks.extend(task_id, lease_id, None, holder="y")
+    [refused] = await tasks.resume("stream-2", [held(leased)], holder="y")
+    assert isinstance(refused, ForeignLease)
+    assert (await tasks.get(task_id)).state is TaskState.LEASED
+    [resumed] = await tasks.resume("stream-2", [held(leased)], holder="x")
+    assert isinstance(resumed, SettleResult)
+    assert (await tasks.ack(task_id, lease_id, b"ok", holder="x")).status is SettleStatus.OK
+    # A repeat by anyone answers AGAIN: the lease is no longer current, nothing can be done.
+    assert (await tasks.ack(task_id, lease_id, b"ok", holder="y")).status is SettleStatus.AGAIN
+
+
+async def test_a_lease_made_or_presented_without_a_policy_is_unbound(tasks: TaskQueue) -> None:
+    first, second = await enqueue(tasks, request(), request())
+    batch = await tasks.lease(
+        Q,
+        [(new_lease_id(), LONG_LEASE_MS, STREAM, ""), (new_lease_id(), LONG_LEASE_MS, STREAM, "x")],
+    )
+    by_id = {le.task.ref.task_id: le.lease_id for le in batch.leases}
+    # Leased before a policy: any principal settles it (an upgrade strands no lease).
+    assert (await tasks.ack(first, by_id[first], b"", holder="y")).status is SettleStatus.OK
+    # Presented after the policy was removed: anonymous settles it, as before policies.
+    assert (await tasks.ack(second, by_id[second], b"", holder="")).status is SettleStatus.OK

@@ -41,8 +41,11 @@ class LeaseStream:
         credits: int,
         lease: timedelta | None = None,
         worker_id: str = "test-worker",
+        resume: list[lease_pb2.HeldLease] | None = None,
     ) -> LeaseStream:
-        frame = lease_pb2.LeaseOpen(queues=queues, credits=credits, worker_id=worker_id)
+        frame = lease_pb2.LeaseOpen(
+            queues=queues, credits=credits, worker_id=worker_id, resume=resume or []
+        )
         if lease is not None:
             frame.lease_duration.CopyFrom(duration(lease))
         await self.call.write(lease_pb2.LeaseRequest(open=frame))

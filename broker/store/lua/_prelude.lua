@@ -4,6 +4,8 @@
 -- Task hash fields (tb:{q}:t:<id>):
 --   type payload hdr pri state att max lease_ms cur_ms bo_i bo_m ctime stime etime ftime
 --   lid (current lease) sid (the Lease stream holding it, '' once its stream ended: detached)
+--   lp (the principal that leased it last, absent without a policy: only it may settle, extend
+--   or resume the lease)
 --   ereason (why a detached lease will end, if not resumed) slid/skind (last settled lease and
 --   how: 'a' ack, 'n' nack) errs res
 -- States match taskbroker.v1.TaskState.
@@ -58,6 +60,22 @@ local function next_due(scheduled_key)
   local first = redis.call('ZRANGE', scheduled_key, 0, 0, 'WITHSCORES')
   if #first == 0 then return -1 end
   return tonumber(first[2])
+end
+
+-- Whether a current lease is bound to a principal other than `holder`. Binding applies only when
+-- both are named: a lease made without a policy, or presented without one, is anyone's (as
+-- before policies existed).
+local function foreign(lp, holder)
+  return lp ~= false and lp ~= '' and holder ~= '' and lp ~= holder
+end
+
+-- Binds a fresh lease to its principal ('' without a policy: unbound).
+local function bind_lease(key, holder)
+  if holder == '' then
+    redis.call('HDEL', key, 'lp')
+  else
+    redis.call('HSET', key, 'lp', holder)
+  end
 end
 
 -- Fields that describe the current lease: cleared whenever a lease ends, however it ends.

@@ -4,23 +4,28 @@
 -- KEYS[2]  tb:{q}:done        zset  id -> finish time (ms), trimmed after the retention
 -- KEYS[3]  tb:{q}:stats       hash  running totals
 -- ARGV[1]  task key prefix tb:{q}:t:   (derived task keys, same hash tag)
--- ARGV[2]  n; then 3 fields per ack: id lease_id result
+-- ARGV[2]  n; then 4 fields per ack: id lease_id result holder (the presenting principal, ''
+--          without a policy; a current lease bound to another is refused)
 --
 -- Lease identity is the fence: an ack that arrives after the deadline but before any replica
 -- reclaimed the task is accepted, since nobody else holds the task.
 -- Returns {now, r_1 .. r_n}, r_i = 'ok', 'again' (this lease was already acked: a harmless repeat),
--- 'stale' (the lease is not current) or 'nf' (no such task).
+-- 'stale' (the lease is not current), 'foreign' (current, but another principal's) or 'nf'
+-- (no such task).
 
 local now = now_ms()
 local prefix, n = ARGV[1], tonumber(ARGV[2])
 local reply = {now}
 local acked = 0
 for i = 0, n - 1 do
-  local id, lease_id, result = ARGV[3 + i * 3], ARGV[4 + i * 3], ARGV[5 + i * 3]
+  local b = 3 + i * 4
+  local id, lease_id, result, holder = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
   local key = prefix .. id
-  local current = redis.call('HMGET', key, 'state', 'lid', 'slid', 'skind')
+  local current = redis.call('HMGET', key, 'state', 'lid', 'slid', 'skind', 'lp')
   if not current[1] then
     table.insert(reply, 'nf')
+  elseif tonumber(current[1]) == LEASED and current[2] == lease_id and foreign(current[5], holder) then
+    table.insert(reply, 'foreign')
   elseif tonumber(current[1]) == LEASED and current[2] == lease_id then
     redis.call('ZREM', KEYS[1], id)
     clear_lease(key)

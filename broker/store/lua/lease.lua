@@ -6,9 +6,10 @@
 -- KEYS[3]  tb:{q}:leased      zset  id -> lease expiry (ms)
 -- KEYS[4]  tb:{q}:meta        hash  queue settings (paused)
 -- ARGV[1]  task key prefix tb:{q}:t:   (task hashes are derived from popped ids: same hash tag)
--- ARGV[2]  n; then 3 fields per slot: a fresh random lease id, the lease length (ms) for a task
---          without its own, and the id of the Lease stream the slot belongs to (stored as `sid`:
---          the stream that holds the lease). Slots are filled in order, so the caller knows which
+-- ARGV[2]  n; then 4 fields per slot: a fresh random lease id, the lease length (ms) for a task
+--          without its own, the id of the Lease stream the slot belongs to (stored as `sid`:
+--          the stream that holds the lease), and the principal the lease is bound to (stored
+--          as `lp`; '' without a policy). Slots are filled in order, so the caller knows which
 --          stream each leased task belongs to. Then the names of the task fields to return.
 --
 -- Returns {now, next_due, paused, id_1, fields_1, id_2, fields_2, ...}: next_due is the earliest
@@ -17,7 +18,7 @@
 
 local now = now_ms()
 local prefix, n = ARGV[1], tonumber(ARGV[2])
-local fields = {unpack(ARGV, 3 + 3 * n)}
+local fields = {unpack(ARGV, 3 + 4 * n)}
 if redis.call('HGET', KEYS[4], 'paused') == '1' then
   return {now, next_due(KEYS[2]), 1}
 end
@@ -32,7 +33,7 @@ for i = 1, #popped, 2 do
   local key = prefix .. id
   if redis.call('EXISTS', key) == 1 then
     used = used + 1
-    local slot = 3 * used
+    local slot = 4 * used - 1
     local lease_id, ms, stream_id = ARGV[slot], tonumber(ARGV[slot + 1]), ARGV[slot + 2]
     local own = tonumber(redis.call('HGET', key, 'lease_ms') or '0')
     if own > 0 then ms = own end
@@ -40,6 +41,7 @@ for i = 1, #popped, 2 do
     redis.call('HINCRBY', key, 'att', 1)
     redis.call('HSET', key, 'state', LEASED, 'lid', lease_id, 'etime', expire, 'cur_ms', ms,
       'sid', stream_id)
+    bind_lease(key, ARGV[slot + 3])
     redis.call('ZADD', KEYS[3], expire, id)
     table.insert(reply, id)
     table.insert(reply, redis.call('HMGET', key, unpack(fields)))

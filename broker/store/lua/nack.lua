@@ -7,30 +7,34 @@
 -- KEYS[5]  tb:{q}:stats       hash  running totals
 -- ARGV[1]  task key prefix tb:{q}:t:   (derived task keys, same hash tag)
 -- ARGV[2]  wake channel, ARGV[3] queue name
--- ARGV[4]  n; then 6 fields per nack: id lease_id error retry_delay_ms dead_letter jitter
+-- ARGV[4]  n; then 7 fields per nack: id lease_id error retry_delay_ms dead_letter jitter holder
 --          retry_delay_ms -1: use the task's backoff; dead_letter '1': skip retries;
---          jitter: a uniform draw in [0, 1) from the broker.
+--          jitter: a uniform draw in [0, 1) from the broker; holder: the presenting principal
+--          ('' without a policy; a current lease bound to another is refused).
 --
 -- The backoff is evaluated here because only the script knows the attempt number atomically.
 -- Equal jitter: never sooner than half the nominal delay, so retries still spread out but a
 -- dependency that is down for a while is not hammered at once (AWS architecture blog,
 -- "Exponential Backoff And Jitter"): nominal = min(bo_m, bo_i * 2^(attempt - 1)),
 -- delay = nominal / 2 + jitter * nominal / 2.
--- Returns {now, r_1, .. r_n}; r_i = {'ok'|'again', state, retry_time_ms} or {'stale'} or {'nf'}.
+-- Returns {now, r_1, .. r_n}; r_i = {'ok'|'again', state, retry_time_ms} or {'stale'},
+-- {'foreign'} (current, but another principal's) or {'nf'}.
 
 local now = now_ms()
 local prefix, n = ARGV[1], tonumber(ARGV[4])
 local reply = {now}
 local woke = false
 for i = 0, n - 1 do
-  local b = 5 + i * 6
+  local b = 5 + i * 7
   local id, lease_id, err = ARGV[b], ARGV[b + 1], ARGV[b + 2]
   local retry_ms, dead_letter, jitter = tonumber(ARGV[b + 3]), ARGV[b + 4], tonumber(ARGV[b + 5])
   local key = prefix .. id
   local t = redis.call('HMGET', key, 'state', 'lid', 'slid', 'skind', 'att', 'max', 'bo_i', 'bo_m',
-    'stime')
+    'stime', 'lp')
   if not t[1] then
     table.insert(reply, {'nf'})
+  elseif tonumber(t[1]) == LEASED and t[2] == lease_id and foreign(t[10], ARGV[b + 6]) then
+    table.insert(reply, {'foreign'})
   elseif tonumber(t[1]) == LEASED and t[2] == lease_id then
     local att, max = tonumber(t[5]), tonumber(t[6])
     redis.call('ZREM', KEYS[1], id)

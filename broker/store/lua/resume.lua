@@ -5,19 +5,23 @@
 -- KEYS[1]  tb:{q}:leased      zset  id -> lease expiry (ms)
 -- ARGV[1]  task key prefix tb:{q}:t:   (derived task keys, same hash tag)
 -- ARGV[2]  the new stream's id (becomes the lease's `sid`)
--- ARGV[3]  n; then 2 fields per lease: id lease_id
+-- ARGV[3]  the principal resuming ('' without a policy): a lease bound to another is refused
+-- ARGV[4]  n; then 2 fields per lease: id lease_id
 --
--- Returns {now, r_1 .. r_n}; r_i = {'ok', new_expiry_ms} or {'stale'} or {'nf'}.
+-- Returns {now, r_1 .. r_n}; r_i = {'ok', new_expiry_ms} or {'stale'}, {'foreign'} (current, but
+-- another principal's) or {'nf'}.
 
 local now = now_ms()
-local prefix, stream_id, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local prefix, stream_id, holder, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local reply = {now}
 for i = 0, n - 1 do
-  local id, lease_id = ARGV[4 + i * 2], ARGV[5 + i * 2]
+  local id, lease_id = ARGV[5 + i * 2], ARGV[6 + i * 2]
   local key = prefix .. id
-  local t = redis.call('HMGET', key, 'state', 'lid', 'cur_ms')
+  local t = redis.call('HMGET', key, 'state', 'lid', 'cur_ms', 'lp')
   if not t[1] then
     table.insert(reply, {'nf'})
+  elseif tonumber(t[1]) == LEASED and t[2] == lease_id and foreign(t[4], holder) then
+    table.insert(reply, {'foreign'})
   elseif tonumber(t[1]) == LEASED and t[2] == lease_id then
     local expire = now + tonumber(t[3])
     redis.call('HSET', key, 'sid', stream_id, 'etime', expire)
