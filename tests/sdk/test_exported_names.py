@@ -35,6 +35,8 @@ def test_public_api_is_exactly_these_names() -> None:
         "TaskbrokerError",
         "TlsConfig",
         "UnavailableError",
+        "UnauthenticatedError",
+        "PermissionDeniedError",
         "Worker",
         "from_json",
         "handler",

@@ -36,6 +36,16 @@ class AlreadyExistsError(TaskbrokerError):
     """An idempotency key was reused for a different task."""
 
 
+class UnauthenticatedError(TaskbrokerError):
+    """The broker requires credentials and the call had none it knows (a token or a client
+    certificate named in its policy)."""
+
+
+class PermissionDeniedError(TaskbrokerError):
+    """The caller's principal lacks the role the call needs on a queue (the message names
+    both), or presented a lease another principal holds; nothing was done."""
+
+
 class UnavailableError(TaskbrokerError):
     """The broker or its Redis is unreachable; the call may be retried."""
 

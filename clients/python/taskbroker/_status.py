@@ -13,8 +13,10 @@ from taskbroker._errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     LeaseStaleError,
+    PermissionDeniedError,
     TaskbrokerError,
     TaskNotFoundError,
+    UnauthenticatedError,
     UnavailableError,
 )
 
@@ -26,6 +28,8 @@ ERROR_BY_CODE: Final[dict[grpc.StatusCode, type[TaskbrokerError]]] = {
     grpc.StatusCode.NOT_FOUND: TaskNotFoundError,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     # The call may or may not have been applied; like UNAVAILABLE it is worth retrying.
     grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
