@@ -60,14 +60,12 @@ ENTRYPOINT ["taskbroker", "worker", "examples.worker:make_worker"]
 
 # The broker: the default (last) stage.
 FROM runtime AS broker
-# Both ports listen on every interface of the container, so the broker would refuse to start
-# without TLS and a policy file (docs/security.md); TASKBROKER_INSECURE=1 says to serve without
-# them and logs a warning. For now the image ships so: TLS and credentials wired from secrets
-# come with the policy work. Set TASKBROKER_TLS_CERT, TASKBROKER_TLS_KEY and
-# TASKBROKER_POLICY_FILE and TASKBROKER_INSECURE=0 to run it secured.
+# Both ports listen on every interface of the container, so the broker refuses to start without
+# TLS and a policy file (docs/security.md): mount them and set TASKBROKER_TLS_CERT,
+# TASKBROKER_TLS_KEY and TASKBROKER_POLICY_FILE (docker-compose.yml and deploy/kubernetes show
+# how), or say TASKBROKER_INSECURE=1 on a network you trust (it logs a warning).
 ENV TASKBROKER_LISTEN=0.0.0.0:50051 \
     TASKBROKER_HTTP_LISTEN=0.0.0.0:8080 \
-    TASKBROKER_INSECURE=1 \
     TASKBROKER_DATA_DIR=/data
 WORKDIR /data
 VOLUME ["/data"]

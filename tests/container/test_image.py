@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ import pytest
 
 from broker.config import Settings, load_settings
 from broker.healthcheck import check
-from taskbroker import SyncClient, TaskState
+from taskbroker import SyncClient, TaskState, TlsConfig, UnauthenticatedError
 from tests.container.buildah import (
     Buildah,
     Container,
@@ -167,7 +168,9 @@ def test_broker_image_config(buildah: Buildah, broker_image: str) -> None:
     env = dict(item.split("=", 1) for item in config["Env"])
     names = {"TASKBROKER_" + f.name.upper() for f in fields(Settings)}
     assert {k for k in env if k.startswith("TASKBROKER_")} <= names
-    settings = load_settings([], environ=env)
+    assert "TASKBROKER_INSECURE" not in env  # secure by default: TLS and a policy, or no start
+    secured = {"TASKBROKER_TLS_CERT": "c", "TASKBROKER_TLS_KEY": "k", "TASKBROKER_POLICY_FILE": "p"}
+    settings = load_settings([], environ={**env, **secured})
     assert (settings.listen, settings.http_listen) == ("0.0.0.0:50051", "0.0.0.0:8080")
     assert str(settings.data_dir) == "/data"
 
@@ -276,3 +279,53 @@ def test_example_worker_image_runs_tasks(
                 assert (task.state, task.result) == (TaskState.SUCCEEDED, b"sent"), worker.tail()
                 assert _stop(worker) == 0
             assert _stop(broker) == 0
+
+
+def _secured_data_dir(tmp_path: Path) -> tuple[Path, Path, str]:
+    """A /data holding what scripts/dev-secrets.sh makes (TLS pair, CA, policy, tokens), readable
+    by the image's user; returns it, the CA on the host, and the admin token."""
+    data = _data_dir(tmp_path)
+    secrets = data / "secrets"
+    subprocess.run(
+        [str(REPO / "scripts" / "dev-secrets.sh"), str(secrets)], check=True, capture_output=True
+    )
+    for path in [secrets, *secrets.iterdir()]:
+        os.chown(path, IMAGE_UID, IMAGE_UID)
+    return data, secrets / "ca.crt", (secrets / "admin.token").read_text()
+
+
+def test_broker_image_serves_a_reachable_port_only_with_tls_and_a_token(
+    buildah: Buildah, broker_image: str, tmp_path: Path
+) -> None:
+    data, ca, token = _secured_data_dir(tmp_path)
+    port, http_port = free_port(), free_port()
+    env = {"TASKBROKER_LISTEN": f"0.0.0.0:{port}", "TASKBROKER_HTTP_LISTEN": f"0.0.0.0:{http_port}"}
+
+    # The image as shipped: a reachable port without TLS or a policy is refused, exit 2.
+    with Container(buildah, broker_image, data_dir=data, log=tmp_path / "1.log", env=env) as bare:
+        assert bare.wait(30) == 2
+        assert "can be reached from other hosts" in bare.tail()
+
+    secured = {
+        **env,
+        "TASKBROKER_TLS_CERT": "/data/secrets/server.crt",
+        "TASKBROKER_TLS_KEY": "/data/secrets/server.key",
+        "TASKBROKER_POLICY_FILE": "/data/secrets/policy.toml",
+        "TASKBROKER_TLS_CA": "/data/secrets/ca.crt",  # for the image's HEALTHCHECK
+    }
+    target = f"127.0.0.1:{port}"
+    with Container(
+        buildah, broker_image, data_dir=data, log=tmp_path / "2.log", env=secured
+    ) as broker:
+        deadline = time.monotonic() + 60
+        while broker.exec(broker.config["Healthcheck"]["Test"][1:])[0] != 0:
+            assert broker.running() and time.monotonic() < deadline, broker.tail()
+            time.sleep(0.5)
+        tls = TlsConfig(ca_file=ca)
+        with SyncClient(target, tls=tls, token=token) as client:
+            task_id = client.enqueue("emails", "send_email", b"over TLS")
+            assert client.get_task(task_id).state == TaskState.PENDING
+        with SyncClient(target, tls=tls) as anonymous, pytest.raises(UnauthenticatedError):
+            anonymous.get_task(task_id)
+        assert _stop(broker) == 0
+        assert token not in broker.tail(400)

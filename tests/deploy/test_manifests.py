@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import shlex
+import subprocess
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -21,6 +22,8 @@ import pytest
 import yaml
 
 from broker.app import LIVENESS_SERVICE
+from broker.auth.policy import read_policy
+from broker.auth.principal import Role
 from broker.config import Settings, load_settings
 from taskbroker import Worker
 from taskbroker.cli import cli
@@ -31,6 +34,15 @@ GRPC_PORT = 50051
 HTTP_PORT = 8080
 
 SETTINGS_ENV = {"TASKBROKER_" + f.name.upper() for f in fields(Settings)}
+#: What the image's health checker (python -m broker.healthcheck) reads besides the settings:
+#: how to verify the broker's certificate.
+HEALTHCHECK_ENV = {"TASKBROKER_TLS_CA", "TASKBROKER_TLS_SERVER_NAME"}
+#: Settings a broker reachable from other hosts needs (or it refuses to start).
+SECURED = {
+    "TASKBROKER_TLS_CERT": "/s/tls.crt",
+    "TASKBROKER_TLS_KEY": "/s/tls.key",
+    "TASKBROKER_POLICY_FILE": "/s/policy.toml",
+}
 
 
 def _cli_env() -> set[str]:
@@ -175,7 +187,11 @@ def test_dockerfile_broker_stage_runs_as_non_root_with_valid_settings() -> None:
 
     env = broker.env()
     assert {k for k in env if k.startswith("TASKBROKER_")} <= SETTINGS_ENV
-    settings = _settings(env)
+    # Secure by default: the image alone refuses to serve its reachable ports in the clear.
+    assert "TASKBROKER_INSECURE" not in env
+    with pytest.raises(SystemExit):
+        _settings(env)
+    settings = _settings({**env, **SECURED})
     exposed = {int(port) for port in broker.last("EXPOSE").split()}
     assert (
         exposed == {_port(settings.listen), _port(settings.http_listen)} == {GRPC_PORT, HTTP_PORT}
@@ -255,8 +271,10 @@ def test_compose_runs_two_broker_replicas_on_the_shared_redis() -> None:
     published: list[str] = []
     for name, broker in brokers.items():
         env = _compose_env(broker)
-        assert set(env) <= SETTINGS_ENV, name
+        assert set(env) <= SETTINGS_ENV | HEALTHCHECK_ENV, name
         settings = _container_settings(env)
+        assert settings.tls and settings.policy_file is not None and not settings.insecure
+        _assert_secrets_mounted(broker, env)
         assert settings.redis_url is not None and urlsplit(settings.redis_url).hostname == "redis"
         assert broker["depends_on"]["redis"]["condition"] == "service_healthy"
         container_ports = {}
@@ -271,6 +289,30 @@ def test_compose_runs_two_broker_replicas_on_the_shared_redis() -> None:
     assert len(published) == len(set(published)), "two services publish one host port"
 
 
+def _assert_secrets_mounted(service: dict[str, Any], env: dict[str, str]) -> None:
+    """Every file a variable names is one of the service's compose secrets."""
+    files = {v for k, v in env.items() if k.endswith(("_CERT", "_KEY", "_FILE", "_CA"))}
+    assert files and files <= {f"/run/secrets/{name}" for name in service["secrets"]}
+
+
+def test_compose_secrets_are_what_dev_secrets_makes_and_grant_the_worker_consume(
+    tmp_path: Path,
+) -> None:
+    secrets = yaml.safe_load((REPO / "docker-compose.yml").read_text())["secrets"]
+    made = tmp_path / ".dev-secrets"
+    subprocess.run(
+        [str(REPO / "scripts" / "dev-secrets.sh"), str(made)], check=True, capture_output=True
+    )
+    for name, secret in secrets.items():
+        assert secret["file"] == f".dev-secrets/{name}" and (made / name).is_file(), name
+    policy = read_policy(made / "policy.toml")
+    worker = policy.principal_for_token((made / "worker.token").read_text())
+    assert worker is not None and policy.allows(worker, Role.CONSUME, "emails")
+    assert not policy.allows(worker, Role.PRODUCE, "emails")
+    assert "token_sha256" in (made / "policy.toml").read_text()
+    assert (made / "worker.token").read_text() not in (made / "policy.toml").read_text()
+
+
 def test_compose_example_worker_targets_the_brokers() -> None:
     _, stages = _dockerfile()
     services = _compose()
@@ -278,6 +320,8 @@ def test_compose_example_worker_targets_the_brokers() -> None:
     _stage(stages, worker["build"]["target"])
     env = _compose_env(worker)
     assert set(env) <= CLI_ENV
+    assert {"TASKBROKER_TLS_CA", "TASKBROKER_TOKEN_FILE"} <= set(env)
+    _assert_secrets_mounted(worker, env)
     target = env["TASKBROKER_TARGET"]
     brokers = _compose_brokers()
     aliases = {
@@ -379,15 +423,18 @@ def test_broker_deployment() -> None:
     assert ports == {"grpc": GRPC_PORT, "http": HTTP_PORT}
 
     names, values = _k8s_env(container, objects)
-    assert names <= SETTINGS_ENV and names == set(values)
+    assert names <= SETTINGS_ENV | HEALTHCHECK_ENV and names == set(values)
     settings = _container_settings(values)
     assert (_port(settings.listen), _port(settings.http_listen)) == (GRPC_PORT, HTTP_PORT)
+    assert settings.tls and settings.policy_file is not None and not settings.insecure
 
+    # Kubernetes' gRPC probe speaks no TLS: the image's checker asks, over TLS.
+    check = ["python", "-m", "broker.healthcheck"]
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = container[kind]
-        service = {"service": LIVENESS_SERVICE} if kind == "livenessProbe" else {}
-        assert probe["grpc"] == {"port": GRPC_PORT, **service}, kind
-        assert set(probe) - {"grpc"} <= {
+        service = ["--service", LIVENESS_SERVICE] if kind == "livenessProbe" else []
+        assert probe["exec"]["command"] == check + service, kind
+        assert set(probe) - {"exec"} <= {
             "periodSeconds",
             "timeoutSeconds",
             "failureThreshold",
@@ -406,8 +453,17 @@ def test_broker_deployment() -> None:
     assert pod["securityContext"]["runAsUser"] == uid
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert set(mounts) == {"/tmp", str(settings.data_dir)}
-    assert all("emptyDir" in volumes[name] for name in mounts.values())
+    secret_files = {
+        str(settings.tls_cert): "taskbroker-tls",
+        str(settings.tls_key): "taskbroker-tls",
+        values["TASKBROKER_TLS_CA"]: "taskbroker-tls",
+        str(settings.policy_file): "taskbroker-policy",
+    }
+    for path, secret in secret_files.items():
+        volume = volumes[mounts[str(Path(path).parent)]]
+        assert volume["secret"]["secretName"] == secret, path
+    assert {"/tmp", str(settings.data_dir)} <= set(mounts)
+    assert all("emptyDir" in volumes[mounts[path]] for path in ("/tmp", str(settings.data_dir)))
 
 
 def test_broker_service_exposes_grpc_and_http() -> None:
@@ -462,8 +518,11 @@ def test_example_worker_deployment_targets_the_broker_service() -> None:
     grpc_port = {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"]
     assert _port(target) == grpc_port
     assert _pod(worker)["terminationGracePeriodSeconds"] > WORKER_GRACE_S
-    mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert mounts == {"/tmp"}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in _pod(worker)["volumes"]}
+    for variable in ("TASKBROKER_TLS_CA", "TASKBROKER_TOKEN_FILE"):
+        volume = volumes[mounts[str(Path(values[variable]).parent)]]
+        assert volume["secret"]["secretName"] == "taskbroker-worker", variable
 
 
 @pytest.mark.parametrize(
