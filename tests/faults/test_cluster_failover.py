@@ -99,7 +99,9 @@ async def test_the_broker_follows_a_cluster_failover(cluster: RedisCluster) -> N
         # The lease ran out during the failover: the broker reclaims it from the new master
         # within a few maintenance passes, and delivers it again.
         deadline = time.monotonic() + 5
-        while (task := await get_retrying(running, held_id, deadline)).state == task_pb2.TASK_STATE_LEASED:
+        while (
+            task := await get_retrying(running, held_id, deadline)
+        ).state == task_pb2.TASK_STATE_LEASED:
             assert time.monotonic() < deadline, "the expired lease was not reclaimed"
             await asyncio.sleep(0.05)
         await worker.credit(2)
