@@ -9,6 +9,7 @@ import signal
 import sys
 
 from broker.app import Broker, UnsafeRedis
+from broker.auth.policy import PolicyError
 from broker.config import ignored_variables, load_settings
 from broker.errors import BrokerError
 
@@ -24,7 +25,7 @@ async def serve() -> int:
     broker = Broker(settings)
     try:
         await broker.start()
-    except (UnsafeRedis, RuntimeError, BrokerError) as exc:
+    except (UnsafeRedis, RuntimeError, BrokerError, PolicyError) as exc:
         logging.getLogger("broker").error("cannot start: %s", exc)
         return 2
     loop = asyncio.get_running_loop()

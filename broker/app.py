@@ -20,6 +20,8 @@ from broker.api.broker_service import BrokerService
 from broker.api.lease_session import SessionRegistry
 from broker.api.limits import StreamLimits, UnaryLimits, client_of_peer
 from broker.api.server import build_server
+from broker.audit import AuditTrail
+from broker.auth.policy_file import PolicyFile
 from broker.config import Settings
 from broker.dispatch import Dispatcher
 from broker.embedded_redis import RECOMMENDED_HASH_VALUE_BYTES, EmbeddedRedis
@@ -29,6 +31,7 @@ from broker.loops.periodic import Periodic
 from broker.loops.sweeper import Sweeper
 from broker.loops.wake_listener import WakeListener
 from broker.queue import TaskQueue
+from broker.store.audit_log import AuditLog
 from broker.store.redis_store import AnyRedis, RedisStore
 from broker.tracing import RpcTracing, shutdown_provider, tracer_provider_from_env
 from broker.web.metrics import RpcMetrics
@@ -128,6 +131,8 @@ class Broker:
 
     async def _start(self, undo: contextlib.AsyncExitStack) -> int:
         s = self.settings
+        # Read first: a broken policy file stops the start before anything is made.
+        self.policy = PolicyFile(s.policy_file) if s.policy_file is not None else None
         url = s.read_redis_url()
         if url is None:
             self.embedded = EmbeddedRedis(s.data_dir)
@@ -141,6 +146,9 @@ class Broker:
         )
         undo.push_async_callback(self.store.close)
         await self._check_redis()
+        self.audit = AuditTrail(AuditLog(self.store.client, s.audit_max_records))
+        self.audit.start()
+        undo.push_async_callback(self.audit.stop)
         self.tasks = TaskQueue(self.store, s)
         self.dispatcher = Dispatcher(self.tasks)
         self.registry = SessionRegistry()
@@ -191,12 +199,14 @@ class Broker:
             rpc_metrics,
             lambda: self.monitor.serving is not False,  # start() has just reached Redis
             lambda: self._stopping,
+            self.audit,
+            self.policy,
         )
         # HTTP binds first: once gRPC serves, nothing else may fail.
         self.http_port = await self.web.start()
         undo.push_async_callback(self.web.stop)
         self.server, self.health = build_server(
-            broker_service, AdminService(self.tasks), s, self.unary, interceptors
+            broker_service, AdminService(self.tasks, self.audit), s, self.unary, interceptors
         )
         try:
             self.port = self.server.add_insecure_port(s.listen)
@@ -294,6 +304,7 @@ class Broker:
         await self.dispatcher.stop()
         if self.web:
             await self.web.stop()
+        await self.audit.stop()
         await self.store.close()
         if self.embedded:
             self.embedded.stop()

@@ -31,6 +31,10 @@ class Settings:
     http_listen: str = "127.0.0.1:8080"
     #: Allow the dashboard's admin actions (pause/resume, redrive and delete dead letters).
     dashboard_admin: bool = False
+    #: The identities-and-roles policy file (TOML: principals with token digests or certificate
+    #: names, and grants of roles on queue patterns; docs/security.md), re-read when it changes.
+    #: Unset: no authentication, every caller may do everything.
+    policy_file: Path | None = None
     #: Redis to use, as redis://[user:password@]host:port/db. Unset: start an embedded
     #: redis-server with its data in data_dir. A flag is visible in the process list: give a
     #: password through TASKBROKER_REDIS_URL or redis_url_file instead.
@@ -124,6 +128,9 @@ class Settings:
     max_connection_age_s: float = 1800.0
     #: How long calls on a connection past its max age may continue before it is cut.
     max_connection_age_grace_s: float = 60.0
+    #: Records the audit trail keeps in Redis (admin actions, denials, authentication failures;
+    #: docs/security.md), about: older ones are trimmed.
+    audit_max_records: int = 100_000
     #: Python logging level: DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
 
@@ -234,6 +241,7 @@ _COUNT_LIMITS = {
     "max_settlements_per_frame": 1_000_000,
     "max_queues_per_settlements_frame": 100_000,
     "max_settle_batches_per_stream": 1_000,
+    "audit_max_records": 100_000_000,
 }
 
 

@@ -20,6 +20,7 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from broker.api.admin_service import decode_page_token, encode_page_token
+from broker.auth.principal import ANONYMOUS
 from broker.errors import BrokerError, InvalidArgument
 from broker.web import views
 from broker.web.metrics import BrokerCollector, RpcMetrics, build_registry
@@ -27,6 +28,8 @@ from broker.web.sampler import StatsSampler
 
 if TYPE_CHECKING:
     from broker.api.lease_session import SessionRegistry
+    from broker.audit import AuditTrail
+    from broker.auth.policy_file import PolicyFile
     from broker.config import Settings
     from broker.queue import TaskQueue
 
@@ -89,8 +92,12 @@ class WebServer:
         rpc: RpcMetrics | None,
         redis_up: Callable[[], bool],
         draining: Callable[[], bool],
+        audit: AuditTrail,
+        policy: PolicyFile | None = None,
     ) -> None:
         self._tasks = tasks
+        self._audit = audit
+        self._policy = policy
         self._sessions = sessions
         self._settings = settings
         self._redis_up = redis_up
@@ -116,6 +123,7 @@ class WebServer:
         get("/api/workers", self._workers)
         get("/api/tasks/{task_id}", self._task)
         get("/api/queues/{queue}/dead", self._dead)
+        get("/api/audit", self._audit_records)
         post("/api/queues/{queue}/pause", self._pause)
         post("/api/queues/{queue}/resume", self._resume)
         post("/api/queues/{queue}/dead/redrive", self._redrive)
@@ -226,6 +234,12 @@ class WebServer:
             }
         )
 
+    async def _audit_records(self, request: web.Request) -> web.Response:
+        query = request.query
+        size = views.query_int(query.get("page_size"), "page_size", DEFAULT_PAGE_SIZE, 1, 1000)
+        records, token = await self._audit.page(size, query.get("page_token", ""))
+        return _json({"records": [views.audit_json(r) for r in records], "next_page_token": token})
+
     # --- admin actions ----------------------------------------------------------------------
 
     def _check_admin(self, request: web.Request) -> None:
@@ -246,7 +260,12 @@ class WebServer:
     async def _set_paused(self, request: web.Request, paused: bool) -> web.Response:
         self._check_admin(request)
         queue = request.match_info["queue"]
-        await self._tasks.set_paused(queue, paused)
+        await self._audit.admin_action(
+            "dashboard.pause" if paused else "dashboard.resume",
+            queue,
+            lambda: self._tasks.set_paused(queue, paused),
+            principal=ANONYMOUS,
+        )
         self.sampler.expire()
         return _json({"queue": queue, "paused": paused})
 
@@ -254,7 +273,14 @@ class WebServer:
         self._check_admin(request)
         queue = request.match_info["queue"]
         task_ids, every = await _dead_selection(request)
-        count = await self._tasks.redrive_dead(queue, task_ids, every)
+        count = await self._audit.admin_action(
+            "dashboard.redrive",
+            queue,
+            lambda: self._tasks.redrive_dead(queue, task_ids, every),
+            detail="all" if every else f"task_ids={len(task_ids)}",
+            describe=lambda n: f"redriven={n}",
+            principal=ANONYMOUS,
+        )
         self.sampler.expire()
         return _json({"redriven": count})
 
@@ -262,7 +288,14 @@ class WebServer:
         self._check_admin(request)
         queue = request.match_info["queue"]
         task_ids, every = await _dead_selection(request)
-        count = await self._tasks.delete_dead(queue, task_ids, every)
+        count = await self._audit.admin_action(
+            "dashboard.delete",
+            queue,
+            lambda: self._tasks.delete_dead(queue, task_ids, every),
+            detail="all" if every else f"task_ids={len(task_ids)}",
+            describe=lambda n: f"deleted={n}",
+            principal=ANONYMOUS,
+        )
         self.sampler.expire()
         return _json({"deleted": count})
 

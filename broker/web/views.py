@@ -13,7 +13,7 @@ import grpc
 
 from broker.api.status import code_for
 from broker.errors import BrokerError, InvalidArgument
-from broker.models import QueueStats, Task
+from broker.models import AuditRecord, QueueStats, Task
 
 if TYPE_CHECKING:
     from broker.api.lease_session import LeaseSession
@@ -185,3 +185,14 @@ def task_json(task: Task, *, detail: bool) -> Json:
             "truncated": len(task.result) > RESULT_PREVIEW_BYTES,
         }
     return out
+
+
+def audit_json(record: AuditRecord) -> Json:
+    return {
+        "time_ms": record.time_ms,
+        "principal": record.principal,
+        "action": record.action,
+        "target": record.target,
+        "outcome": record.outcome,
+        "detail": record.detail,
+    }

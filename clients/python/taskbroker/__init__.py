@@ -25,7 +25,14 @@ if TYPE_CHECKING:
         UnavailableError,
     )
     from taskbroker._handler import Handler, TaskContext, handler
-    from taskbroker._models import AttemptError, QueueStats, Task, TaskId, TaskState
+    from taskbroker._models import (
+        AttemptError,
+        AuditRecord,
+        QueueStats,
+        Task,
+        TaskId,
+        TaskState,
+    )
     from taskbroker._sync import SyncClient
     from taskbroker._worker import Worker
     from taskbroker.codec import from_json, json_payload
@@ -36,6 +43,7 @@ _MODULES: dict[str, str] = {
     "AesGcmCodec": "taskbroker.encryption",
     "AlreadyExistsError": "taskbroker._errors",
     "AttemptError": "taskbroker._models",
+    "AuditRecord": "taskbroker._models",
     "Client": "taskbroker._client",
     "CodecError": "taskbroker.encryption",
     "EnqueueResult": "taskbroker._client",
@@ -68,6 +76,7 @@ __all__ = [
     "AesGcmCodec",
     "AlreadyExistsError",
     "AttemptError",
+    "AuditRecord",
     "Client",
     "CodecError",
     "EnqueueResult",
