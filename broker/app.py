@@ -33,6 +33,7 @@ from broker.loops.wake_listener import WakeListener
 from broker.queue import TaskQueue
 from broker.store.audit_log import AuditLog
 from broker.store.redis_store import AnyRedis, RedisStore
+from broker.store.web_sessions import WebSessions
 from broker.tracing import RpcTracing, shutdown_provider, tracer_provider_from_env
 from broker.web.metrics import RpcMetrics
 from broker.web.server import WebServer
@@ -200,6 +201,7 @@ class Broker:
             lambda: self.monitor.serving is not False,  # start() has just reached Redis
             lambda: self._stopping,
             self.audit,
+            WebSessions(self.store.client, s.dashboard_session_s),
             self.policy,
         )
         # HTTP binds first: once gRPC serves, nothing else may fail.

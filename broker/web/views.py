@@ -42,12 +42,14 @@ HTTP_STATUS: Final = {
 #: HTTP status → the status name an error body carries, for errors raised by the web layer.
 STATUS_NAME: Final = {
     400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
     403: "PERMISSION_DENIED",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
     409: "ALREADY_EXISTS",
     413: "PAYLOAD_TOO_LARGE",
     415: "UNSUPPORTED_MEDIA_TYPE",
+    421: "MISDIRECTED_REQUEST",
     429: "RESOURCE_EXHAUSTED",
     503: "UNAVAILABLE",
 }
