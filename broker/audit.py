@@ -101,6 +101,9 @@ class AuditTrail:
         self._buffer_size = buffer_size
         self._flush_interval_s = flush_interval_s
         self._wake = asyncio.Event()
+        # One flush at a time: a flush() returns after every record buffered before it is
+        # written, even those a flush under way had already taken.
+        self._flushing = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Future[None]] = set()
         self._dropped_since_flush = 0
@@ -159,24 +162,31 @@ class AuditTrail:
         missing role (action: the RPC or endpoint, target: the queue, reason: the refusal's
         message). None for the principal means the caller was not authenticated. Never blocks
         and never raises; in a flood, records past the buffer are dropped and counted."""
+        if self._dropping():
+            return
         who = UNAUTHENTICATED if principal is None else principal.name
-        self._buffer_record(_new_record(who, action, target, "PERMISSION_DENIED", reason))
+        self._buffer.append(_new_record(who, action, target, "PERMISSION_DENIED", reason))
+        self._wake.set()
 
     def unauthenticated(self, peer: str, reason: str, action: str = "authenticate") -> None:
         """Records an authentication failure without waiting (peer: the caller's address, as
         grpc's context.peer() or the HTTP remote; reason: the refusal's message, which never
         quotes the credential). Never blocks and never raises, as denied()."""
-        detail = f"peer={peer} {reason}"
-        self._buffer_record(_new_record(UNAUTHENTICATED, action, "", "UNAUTHENTICATED", detail))
-
-    def _buffer_record(self, record: AuditRecord) -> None:
-        if len(self._buffer) >= self._buffer_size:
-            self.dropped += 1
-            self._dropped_since_flush += 1
-            self._dropped_since_warning += 1
+        if self._dropping():
             return
-        self._buffer.append(record)
+        detail = f"peer={peer} {reason}"
+        self._buffer.append(_new_record(UNAUTHENTICATED, action, "", "UNAUTHENTICATED", detail))
         self._wake.set()
+
+    def _dropping(self) -> bool:
+        """Whether the buffer is full; counts the record dropped. Checked before a record is
+        built, so a dropped one costs a comparison and three additions."""
+        if len(self._buffer) < self._buffer_size:
+            return False
+        self.dropped += 1
+        self._dropped_since_flush += 1
+        self._dropped_since_warning += 1
+        return True
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -214,6 +224,10 @@ class AuditTrail:
 
     async def flush(self) -> None:
         """Writes out the buffered records and a note of those dropped since the last flush."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         self._wake.clear()
         batch = list(self._buffer)
         self._buffer.clear()

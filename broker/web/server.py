@@ -99,6 +99,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         response = _json(views.error_body(exc.status, exc.reason), exc.status)
+        if "WWW-Authenticate" in exc.headers:  # tells a scraper which scheme to use
+            response.headers["WWW-Authenticate"] = exc.headers["WWW-Authenticate"]
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         response = _json(views.error_body(500, "internal error"), 500)
