@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -16,8 +16,9 @@ import redis
 
 from broker.auth.tokens import new_token, policy_entry
 from broker.config import Settings
-from broker.store.keys import AUDIT_KEY, WEB_SESSION_PREFIX
+from broker.store.keys import WEB_SESSION_PREFIX
 from tests.conftest import RunningBroker, start_broker
+from tests.support.audit import audit_entries
 from tests.support.tasks import enqueue, spec
 from tests.web.conftest import base_url, make_dead
 
@@ -103,10 +104,10 @@ async def test_login_sets_a_strict_httponly_cookie_kept_in_redis_and_logout_ends
             csrf = (await response.json())["csrf_token"]
         assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["path"] == "/"
         assert not cookie["secure"]  # plain HTTP here; Secure is set when served over TLS
-        keys = redis_client.keys(WEB_SESSION_PREFIX + "*")
+        keys = cast(list[bytes], redis_client.keys(WEB_SESSION_PREFIX + "*"))
         assert len(keys) == 1 and cookie.value not in keys[0].decode()  # stored by digest
         assert 0 < redis_client.ttl(keys[0]) <= 8 * 3600
-        assert TOKENS["ops"].encode() not in redis_client.get(keys[0])
+        assert TOKENS["ops"].encode() not in cast(bytes, redis_client.get(keys[0]))
 
         async with http.get("/api/info") as response:
             info = await response.json()
@@ -136,10 +137,10 @@ async def test_a_wrong_token_is_401_and_recorded_without_the_token(
         assert (status, body["error"]["status"]) == (401, "UNAUTHENTICATED")
         assert "Set-Cookie" not in response.headers
     await dashboard.running.broker.audit.flush()
-    (_, record), *_ = redis_client.xrevrange(AUDIT_KEY, count=1)
+    record = audit_entries(redis_client, newest_first=True)[0]
     assert record[b"action"] == b"dashboard.login" and record[b"outcome"] == b"UNAUTHENTICATED"
     assert b"peer=127.0.0.1" in record[b"detail"]
-    everything = str(redis_client.xrange(AUDIT_KEY)) + caplog.text
+    everything = str(audit_entries(redis_client)) + caplog.text
     assert wrong not in everything
 
 
@@ -160,8 +161,8 @@ async def test_a_post_without_the_session_csrf_token_is_refused(
             assert response.status == 200
     stats = await dashboard.running.broker.tasks.stats(["billing-a"])
     assert stats[0].paused
-    records = redis_client.xrevrange(AUDIT_KEY)
-    assert (records[0][1][b"principal"], records[0][1][b"action"]) == (b"ops", b"dashboard.pause")
+    newest = audit_entries(redis_client, newest_first=True)[0]
+    assert (newest[b"principal"], newest[b"action"]) == (b"ops", b"dashboard.pause")
 
 
 async def test_roles_filter_the_views_and_gate_the_actions(
@@ -214,7 +215,7 @@ async def test_roles_filter_the_views_and_gate_the_actions(
     await dashboard.running.broker.audit.flush()
     denials = [
         (e[b"principal"], e[b"action"], e[b"target"])
-        for _, e in redis_client.xrange(AUDIT_KEY)
+        for e in audit_entries(redis_client)
         if e[b"outcome"] == b"PERMISSION_DENIED"
     ]
     assert (b"viewer", b"dashboard.pause", b"billing-a") in denials
