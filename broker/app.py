@@ -20,6 +20,7 @@ from broker.api.broker_service import BrokerService
 from broker.api.lease_session import SessionRegistry
 from broker.api.limits import StreamLimits, UnaryLimits, client_of_peer
 from broker.api.server import Gate, build_server
+from broker.audit import AuditTrail
 from broker.auth.policy_file import PolicyFile
 from broker.config import Settings
 from broker.dispatch import Dispatcher
@@ -30,7 +31,9 @@ from broker.loops.periodic import Periodic
 from broker.loops.sweeper import Sweeper
 from broker.loops.wake_listener import WakeListener
 from broker.queue import TaskQueue
+from broker.store.audit_log import AuditLog
 from broker.store.redis_store import AnyRedis, RedisStore
+from broker.store.web_sessions import WebSessions
 from broker.tls import CertificateFiles
 from broker.tracing import RpcTracing, shutdown_provider, tracer_provider_from_env
 from broker.web.metrics import RpcMetrics
@@ -152,6 +155,9 @@ class Broker:
         )
         undo.push_async_callback(self.store.close)
         await self._check_redis()
+        self.audit = AuditTrail(AuditLog(self.store.client, s.audit_max_records))
+        self.audit.start()
+        undo.push_async_callback(self.audit.stop)
         self.tasks = TaskQueue(self.store, s)
         self.dispatcher = Dispatcher(self.tasks)
         self.registry = SessionRegistry()
@@ -203,6 +209,9 @@ class Broker:
             rpc_metrics,
             lambda: self.monitor.serving is not False,  # start() has just reached Redis
             lambda: self._stopping,
+            self.audit,
+            WebSessions(self.store.client, s.dashboard_session_s),
+            self.policy,
             self.certificates,
         )
         # HTTP binds first: once gRPC serves, nothing else may fail.
@@ -210,7 +219,7 @@ class Broker:
         undo.push_async_callback(self.web.stop)
         self.server, self.health = build_server(
             broker_service,
-            AdminService(self.tasks, gate.authorizer),
+            AdminService(self.tasks, gate.authorizer, self.audit),
             s,
             self.unary,
             gate,
@@ -338,6 +347,7 @@ class Broker:
         await self.dispatcher.stop()
         if self.web:
             await self.web.stop()
+        await self.audit.stop()
         await self.store.close()
         if self.embedded:
             self.embedded.stop()

@@ -103,6 +103,16 @@ class Settings:
     #: Queues /metrics, /api/queues and the dashboard show one by one: those with the largest
     #: backlog (pending + scheduled + leased + dead); totals over all queues are shown as well.
     metrics_top_queues: int = 100
+    #: Host names (comma-separated) the HTTP server answers to, on any port; a request naming
+    #: another Host gets 421, which stops DNS-rebinding pages. Empty: localhost, 127.0.0.1, ::1
+    #: and the http_listen host. "*": any Host (only behind a proxy that checks it). /healthz
+    #: answers any Host, and so does /metrics when metrics_token_file is set.
+    http_allowed_hosts: str = ""
+    #: A file holding the bearer token /metrics requires (its first line), read at start;
+    #: Prometheus sends it as Authorization: Bearer. Unset: /metrics asks for no token.
+    metrics_token_file: Path | None = None
+    #: How long a dashboard login lasts (with policy_file set); then the page asks again.
+    dashboard_session_s: float = 8 * 3600.0
     #: Redis socket timeout: a Redis call that takes longer fails with UNAVAILABLE.
     redis_timeout_s: float = 5.0
     #: Redis connections in the pool; a call finding none free waits up to redis_timeout_s.
@@ -144,6 +154,9 @@ class Settings:
     max_connection_age_s: float = 1800.0
     #: How long calls on a connection past its max age may continue before it is cut.
     max_connection_age_grace_s: float = 60.0
+    #: Records the audit trail keeps in Redis (admin actions, denials, authentication failures;
+    #: docs/security.md), about: older ones are trimmed.
+    audit_max_records: int = 100_000
     #: Python logging level: DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
 
@@ -172,7 +185,7 @@ class Settings:
         if self.redis_url is not None and self.redis_url_file is not None:
             problems.append("set redis_url or redis_url_file, not both")
         problems += _limit_problems(self)
-        problems += _http_listen_problems(self.http_listen)
+        problems += _http_problems(self)
         problems += _exposure_problems(self)
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
@@ -214,6 +227,36 @@ class Settings:
         """The listen addresses (gRPC, HTTP) other hosts may reach: not loopback."""
         addresses = [self.listen, *([self.http_listen] if self.http_listen else [])]
         return [a for a in addresses if not is_loopback_host(a.rpartition(":")[0])]
+
+    @property
+    def allowed_hosts(self) -> frozenset[str] | None:
+        """The Host names the HTTP server answers to, lowercase and without brackets; None:
+        any."""
+        hosts = _host_list(self.http_allowed_hosts)
+        if hosts == ["*"]:
+            return None
+        if not hosts:
+            listen_host = self.http_listen.rpartition(":")[0]
+            hosts = ["localhost", "127.0.0.1", "::1", *([listen_host] if listen_host else [])]
+        return frozenset(h.strip("[]").lower() for h in hosts)
+
+    def read_metrics_token(self) -> str | None:
+        """The token /metrics requires (None: none).
+
+        Raises:
+            RuntimeError: the file cannot be read or is empty (the message never quotes it).
+        """
+        path = self.metrics_token_file
+        if path is None:
+            return None
+        try:
+            lines = path.read_text().strip().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise RuntimeError(f"cannot read metrics_token_file {path}: {reason}") from None
+        if not lines or not lines[0].strip():
+            raise RuntimeError(f"metrics_token_file {path} is empty")
+        return lines[0].strip()
 
     @property
     def listen_host(self) -> str:
@@ -311,6 +354,7 @@ _COUNT_LIMITS = {
     "max_settlements_per_frame": 1_000_000,
     "max_queues_per_settlements_frame": 100_000,
     "max_settle_batches_per_stream": 1_000,
+    "audit_max_records": 100_000_000,
 }
 
 
@@ -335,6 +379,19 @@ def _maintenance_problems(reap_interval_s: float, due_sweep_s: float) -> list[st
         problems.append("reap_interval_s must be 0.01 to 1 (leases are reclaimed within 1 s)")
     if not 1.0 <= due_sweep_s <= 86400.0:
         problems.append("due_sweep_s must be 1 to 86400")
+    return problems
+
+
+def _host_list(text: str) -> list[str]:
+    return [h.strip() for h in text.split(",")] if text.strip() else []
+
+
+def _http_problems(s: Settings) -> list[str]:
+    problems = _http_listen_problems(s.http_listen)
+    if not 60 <= s.dashboard_session_s <= 30 * 86400:
+        problems.append("dashboard_session_s must be 60 to 2592000")
+    if any(not h or "/" in h or " " in h for h in _host_list(s.http_allowed_hosts)):
+        problems.append("http_allowed_hosts must be host names separated by commas, or *")
     return problems
 
 

@@ -251,3 +251,18 @@ class Maintained:
     @property
     def work(self) -> int:
         return self.reclaimed + self.promoted + self.trimmed
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One entry of the audit trail (broker/audit.py): who did or tried what, on what, and how
+    it ended. Never a payload, a header or a credential."""
+
+    time_ms: int
+    principal: str
+    action: str
+    target: str
+    outcome: str
+    detail: str = ""
+    #: The Redis stream entry id ("" before it is stored); pages continue after it.
+    record_id: str = ""

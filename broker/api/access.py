@@ -52,6 +52,10 @@ def _none(request: Any) -> list[str]:
     return []
 
 
+def _every_queue(request: Any) -> list[str]:
+    return ["*"]  # the trail spans every queue: admin granted on "*" itself
+
+
 PRODUCE, CONSUME, READ, ADMIN = Role.PRODUCE, Role.CONSUME, Role.READ, Role.ADMIN
 
 #: Method name ("Service/Method" without the package) → what it needs.
@@ -71,6 +75,7 @@ RULES: Final[dict[str, Rule]] = {
     "AdminService/DeleteDeadTasks": Rule((ADMIN,), "delete dead letters", _named),
     "AdminService/PauseQueue": Rule((ADMIN,), "pause queues", _named),
     "AdminService/ResumeQueue": Rule((ADMIN,), "resume queues", _named),
+    "AdminService/ListAuditRecords": Rule((ADMIN,), "read the audit trail", _every_queue),
 }
 
 

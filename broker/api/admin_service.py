@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import grpc
 
 from broker.api import convert
+from broker.audit import AuditTrail
 from broker.auth.authorize import Authorizer
 from broker.errors import InvalidArgument
 from broker.ids import LOCAL_ID_PATTERN
 from taskbroker.v1 import admin_service_pb2 as admin
 
 if TYPE_CHECKING:
+    from broker.models import AuditRecord
     from broker.queue import TaskQueue
 
 Context = grpc.aio.ServicerContext[bytes, bytes]
@@ -55,12 +58,18 @@ def decode_page_token(token: str) -> tuple[int, str] | None:
     raise InvalidArgument("page_token", "not a token this API returned")
 
 
-class AdminService:
-    """Management RPCs."""
+def _selection(task_ids: Sequence[str], every: bool) -> str:
+    """An audit record's account of which dead letters: all, or how many ids (not the ids)."""
+    return "all" if every else f"task_ids={len(task_ids)}"
 
-    def __init__(self, tasks: TaskQueue, authorizer: Authorizer) -> None:
+
+class AdminService:
+    """Management RPCs. Every action that changes something is recorded in the audit trail."""
+
+    def __init__(self, tasks: TaskQueue, authorizer: Authorizer, audit: AuditTrail) -> None:
         self._tasks = tasks
         self._authorizer = authorizer
+        self._audit = audit
 
     async def ListQueues(
         self, request: admin.ListQueuesRequest, context: Context
@@ -85,23 +94,61 @@ class AdminService:
     async def RedriveDeadTasks(
         self, request: admin.RedriveDeadTasksRequest, context: Context
     ) -> admin.RedriveDeadTasksResponse:
-        count = await self._tasks.redrive_dead(request.queue, list(request.task_ids), request.all)
+        ids = list(request.task_ids)
+        count = await self._audit.admin_action(
+            "RedriveDeadTasks",
+            request.queue,
+            lambda: self._tasks.redrive_dead(request.queue, ids, request.all),
+            detail=_selection(ids, request.all),
+            describe=lambda n: f"redriven={n}",
+        )
         return admin.RedriveDeadTasksResponse(redriven_count=count)
 
     async def DeleteDeadTasks(
         self, request: admin.DeleteDeadTasksRequest, context: Context
     ) -> admin.DeleteDeadTasksResponse:
-        count = await self._tasks.delete_dead(request.queue, list(request.task_ids), request.all)
+        ids = list(request.task_ids)
+        count = await self._audit.admin_action(
+            "DeleteDeadTasks",
+            request.queue,
+            lambda: self._tasks.delete_dead(request.queue, ids, request.all),
+            detail=_selection(ids, request.all),
+            describe=lambda n: f"deleted={n}",
+        )
         return admin.DeleteDeadTasksResponse(deleted_count=count)
 
     async def PauseQueue(
         self, request: admin.PauseQueueRequest, context: Context
     ) -> admin.PauseQueueResponse:
-        await self._tasks.set_paused(request.queue, True)
+        await self._audit.admin_action(
+            "PauseQueue", request.queue, lambda: self._tasks.set_paused(request.queue, True)
+        )
         return admin.PauseQueueResponse()
 
     async def ResumeQueue(
         self, request: admin.ResumeQueueRequest, context: Context
     ) -> admin.ResumeQueueResponse:
-        await self._tasks.set_paused(request.queue, False)
+        await self._audit.admin_action(
+            "ResumeQueue", request.queue, lambda: self._tasks.set_paused(request.queue, False)
+        )
         return admin.ResumeQueueResponse()
+
+    async def ListAuditRecords(
+        self, request: admin.ListAuditRecordsRequest, context: Context
+    ) -> admin.ListAuditRecordsResponse:
+        records, token = await self._audit.page(request.page_size, request.page_token)
+        return admin.ListAuditRecordsResponse(
+            records=[_audit_to_proto(r) for r in records], next_page_token=token
+        )
+
+
+def _audit_to_proto(record: AuditRecord) -> admin.AuditRecord:
+    proto = admin.AuditRecord(
+        principal=record.principal,
+        action=record.action,
+        target=record.target,
+        outcome=record.outcome,
+        detail=record.detail,
+    )
+    proto.time.FromMilliseconds(record.time_ms)
+    return proto

@@ -88,3 +88,10 @@ class QueueKeys:
 
     def task(self, local_id: str) -> str:
         return self.task_prefix + local_id
+
+
+#: The audit trail: one capped stream (store/audit_log.py). Its tag holds '~', as the due
+#: index's do, so no queue's keys share its slot by name.
+AUDIT_KEY: Final = "tb:{~audit}:log"
+#: Dashboard sessions, one key each (store/web_sessions.py), under one tag.
+WEB_SESSION_PREFIX: Final = "tb:{~web}:session:"

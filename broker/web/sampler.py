@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final
 
 from broker.errors import BrokerError, StoreUnavailable
@@ -174,6 +175,21 @@ class StatsSampler:
             fresh = await self._tasks.stats([s.queue for s in self._latest.queues])
             self._census.update((s.queue, s) for s in fresh)
         return list(self._census.values())
+
+    def visible_to(self, snapshot: Snapshot, visible: Callable[[str], bool]) -> Snapshot:
+        """The snapshot as seen by a principal who may read only some queues: the top of
+        those queues (from the census, so a small queue is not hidden behind others' big
+        ones) and totals over those only."""
+        queues = [s for s in self._census.values() if visible(s.queue)]
+        top = sorted(queues, key=lambda q: (-_backlog(q), q.queue))[: self._top_n]
+        top.sort(key=lambda q: q.queue)
+        return replace(
+            snapshot,
+            queues=top,
+            totals=_sum(queues, snapshot.time_ms),
+            queue_count=len(queues),
+            rates={q.queue: r for q in top if (r := snapshot.rates.get(q.queue)) is not None},
+        )
 
     def expire(self) -> None:
         """The next snapshot is taken afresh (after an admin action changed the counts)."""

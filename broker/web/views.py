@@ -14,7 +14,7 @@ import grpc
 from broker.api.status import code_for
 from broker.envelope_header import envelope_key_id
 from broker.errors import BrokerError, InvalidArgument
-from broker.models import QueueStats, Task
+from broker.models import AuditRecord, QueueStats, Task
 
 if TYPE_CHECKING:
     from broker.api.lease_session import LeaseSession
@@ -43,12 +43,14 @@ HTTP_STATUS: Final = {
 #: HTTP status → the status name an error body carries, for errors raised by the web layer.
 STATUS_NAME: Final = {
     400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
     403: "PERMISSION_DENIED",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
     409: "ALREADY_EXISTS",
     413: "PAYLOAD_TOO_LARGE",
     415: "UNSUPPORTED_MEDIA_TYPE",
+    421: "MISDIRECTED_REQUEST",
     429: "RESOURCE_EXHAUSTED",
     503: "UNAVAILABLE",
 }
@@ -191,3 +193,14 @@ def task_json(task: Task, *, detail: bool) -> Json:
                 "truncated": len(task.result) > RESULT_PREVIEW_BYTES,
             }
     return out
+
+
+def audit_json(record: AuditRecord) -> Json:
+    return {
+        "time_ms": record.time_ms,
+        "principal": record.principal,
+        "action": record.action,
+        "target": record.target,
+        "outcome": record.outcome,
+        "detail": record.detail,
+    }

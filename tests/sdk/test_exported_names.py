@@ -13,6 +13,7 @@ def test_public_api_is_exactly_these_names() -> None:
         "AesGcmCodec",
         "AlreadyExistsError",
         "AttemptError",
+        "AuditRecord",
         "Client",
         "CodecError",
         "EnqueueResult",

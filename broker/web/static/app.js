@@ -5,8 +5,12 @@
 const POLL_MS = 2500; // the server refreshes its stats snapshot at most every 2 s
 const DEAD_PAGE_SIZE = 20;
 
+const AUDIT_PAGE_SIZE = 50;
+
 const state = {
   admin: false,
+  csrf: "", // the session's CSRF token (with a policy file), sent on every POST
+  audit: false,
   queues: new Map(), // queue name -> latest queue JSON
   rows: new Map(), // queue name -> <tr>
   historySince: 0,
@@ -72,6 +76,9 @@ function notice(text) {
 
 async function api(path, options = {}) {
   const response = await fetch(path, options);
+  if (response.status === 401 && path !== "/api/logout") {
+    window.location.assign("/login"); // the session ended (expired, logged out, token revoked)
+  }
   let body = null;
   try {
     body = await response.json();
@@ -88,7 +95,7 @@ async function api(path, options = {}) {
 function post(path, body = {}) {
   return api(path, {
     method: "POST",
-    headers: { "Content-Type": "application/json" },
+    headers: { "Content-Type": "application/json", "X-CSRF-Token": state.csrf },
     body: JSON.stringify(body),
   });
 }
@@ -483,6 +490,34 @@ function renderCap(reply) {
   }
 }
 
+// --- audit trail ------------------------------------------------------------------------------
+
+async function loadAudit() {
+  if (!state.audit) return;
+  let page;
+  try {
+    page = await api(`/api/audit?page_size=${AUDIT_PAGE_SIZE}`);
+  } catch (error) {
+    showMessage(error.message);
+    return;
+  }
+  $("audit").tBodies[0].replaceChildren(
+    ...page.records.map((r) =>
+      el(
+        "tr",
+        {},
+        el("td", {}, fmtTime(r.time_ms)),
+        el("td", {}, r.principal),
+        el("td", {}, r.action),
+        el("td", {}, r.target),
+        el("td", { class: r.outcome === "ok" ? "" : "paused" }, r.outcome),
+        el("td", {}, r.detail),
+      ),
+    ),
+  );
+  $("no-audit").hidden = page.records.length > 0;
+}
+
 // --- polling --------------------------------------------------------------------------------
 
 async function refresh() {
@@ -497,6 +532,7 @@ async function refresh() {
     renderWorkers(workers.workers);
     renderCharts(history.points);
     $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+    await loadAudit();
   } catch (error) {
     $("updated").textContent = `update failed: ${error.message}`;
   }
@@ -513,10 +549,25 @@ async function refresh() {
 
 async function main() {
   try {
-    state.admin = (await api("/api/info")).admin_enabled;
+    const info = await api("/api/info");
+    state.admin = info.admin_enabled;
+    state.csrf = info.csrf_token || "";
+    state.audit = info.audit_visible !== false;
+    if (info.principal) {
+      $("principal").textContent = info.principal;
+      $("whoami").hidden = false;
+    }
   } catch (_) {
     state.admin = false;
   }
+  $("audit-section").hidden = !state.audit;
+  $("logout").addEventListener("click", async () => {
+    try {
+      await post("/api/logout");
+    } finally {
+      window.location.assign("/login");
+    }
+  });
   $("readonly").hidden = state.admin;
   document.body.classList.toggle("readonly", !state.admin);
   for (const button of document.querySelectorAll("button.admin")) applyAdmin(button);

@@ -28,7 +28,14 @@ if TYPE_CHECKING:
         UnavailableError,
     )
     from taskbroker._handler import Handler, TaskContext, handler
-    from taskbroker._models import AttemptError, QueueStats, Task, TaskId, TaskState
+    from taskbroker._models import (
+        AttemptError,
+        AuditRecord,
+        QueueStats,
+        Task,
+        TaskId,
+        TaskState,
+    )
     from taskbroker._sync import SyncClient
     from taskbroker._worker import Worker
     from taskbroker.codec import from_json, json_payload
@@ -39,6 +46,7 @@ _MODULES: dict[str, str] = {
     "AesGcmCodec": "taskbroker.encryption",
     "AlreadyExistsError": "taskbroker._errors",
     "AttemptError": "taskbroker._models",
+    "AuditRecord": "taskbroker._models",
     "Client": "taskbroker._client",
     "CodecError": "taskbroker.encryption",
     "EnqueueResult": "taskbroker._client",
@@ -74,6 +82,7 @@ __all__ = [
     "AesGcmCodec",
     "AlreadyExistsError",
     "AttemptError",
+    "AuditRecord",
     "Client",
     "CodecError",
     "EnqueueResult",

@@ -28,8 +28,14 @@ from taskbroker._channel import (
     tls_options,
 )
 from taskbroker._codec_hooks import decode_task, encode_specs
-from taskbroker._convert import stats_from_proto, task_from_proto, to_duration, to_timestamp
-from taskbroker._models import QueueStats, Task, TaskId
+from taskbroker._convert import (
+    audit_record_from_proto,
+    stats_from_proto,
+    task_from_proto,
+    to_duration,
+    to_timestamp,
+)
+from taskbroker._models import AuditRecord, QueueStats, Task, TaskId
 from taskbroker._status import error_from_rpc
 from taskbroker._tracing import (
     MESSAGING_MESSAGE_ID,
@@ -699,6 +705,28 @@ class Client:
             UnavailableError: The broker or its Redis could not be reached.
         """
         await self._unary(self.admin.ResumeQueue, admin_service_pb2.ResumeQueueRequest(queue=queue))
+
+    async def audit_records(self, *, page_size: int = 100) -> AsyncIterator[AuditRecord]:
+        """Yields the broker's audit trail (admin actions, permission denials, authentication
+        failures), newest first, fetching a page at a time.
+
+        Args:
+            page_size: Records per call, 1 to 1,000.
+
+        Raises:
+            UnavailableError: The broker or its Redis could not be reached.
+        """
+        token = ""
+        while True:
+            request = admin_service_pb2.ListAuditRecordsRequest(
+                page_size=page_size, page_token=token
+            )
+            response = await self._unary(self.admin.ListAuditRecords, request)
+            for record in response.records:
+                yield audit_record_from_proto(record)
+            token = response.next_page_token
+            if not token:
+                return
 
     # --- lifetime ---------------------------------------------------------------------------
 

@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from taskbroker._models import AttemptError, QueueStats, Task, TaskState
-from taskbroker.v1 import broker_service_pb2, task_pb2
+from taskbroker._models import AttemptError, AuditRecord, QueueStats, Task, TaskState
+from taskbroker.v1 import admin_service_pb2, broker_service_pb2, task_pb2
 
 
 def to_timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -88,4 +88,15 @@ def stats_from_proto(pb: broker_service_pb2.QueueStats) -> QueueStats:
         oldest_pending_age=(
             from_duration(pb.oldest_pending_age) if pb.HasField("oldest_pending_age") else None
         ),
+    )
+
+
+def audit_record_from_proto(pb: admin_service_pb2.AuditRecord) -> AuditRecord:
+    return AuditRecord(
+        time=from_timestamp(pb.time),
+        principal=pb.principal,
+        action=pb.action,
+        target=pb.target,
+        outcome=pb.outcome,
+        detail=pb.detail,
     )

@@ -102,3 +102,16 @@ class QueueStats:
     cancelled_total: int
     failed_total: int
     oldest_pending_age: timedelta | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One entry of the broker's audit trail: an admin action, a permission denial or an
+    authentication failure. `outcome` is "ok" or the reason it failed or was refused."""
+
+    time: datetime
+    principal: str
+    action: str
+    target: str
+    outcome: str
+    detail: str

@@ -49,7 +49,7 @@ from taskbroker._errors import (
     TaskNotFoundError,
     UnavailableError,
 )
-from taskbroker._models import QueueStats, Task, TaskState
+from taskbroker._models import AuditRecord, QueueStats, Task, TaskState
 from taskbroker.codec import json_payload
 
 T = TypeVar("T")
@@ -798,6 +798,61 @@ def dead_redrive(app: App, queue: str, ids: tuple[str, ...], every: bool) -> Non
 def dead_delete(app: App, queue: str, ids: tuple[str, ...], every: bool) -> None:
     """Deletes dead letters of QUEUE for good."""
     _settle_dead(app, queue, ids, every, lambda c: c.delete_dead, "deleted")
+
+
+# --- audit trail ----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
+@click.pass_obj
+def audit(app: App, limit: int) -> None:
+    """Lists the audit trail, newest first: admin actions, permission denials and
+    authentication failures, each with its principal, target and outcome."""
+    records = app.run(lambda c: _audit_records(c, limit))
+    if app.json:
+        app.emit({"records": [audit_doc(r) for r in records]})
+    elif not records:
+        click.echo("no audit records")
+    else:
+        app.show(_audit_table(records))
+
+
+async def _audit_records(client: Client, limit: int) -> list[AuditRecord]:
+    records: list[AuditRecord] = []
+    async for record in client.audit_records(page_size=min(limit, 1000)):
+        records.append(record)
+        if len(records) == limit:
+            break
+    return records
+
+
+def audit_doc(record: AuditRecord) -> dict[str, object]:
+    return {
+        "time": _iso(record.time),
+        "principal": record.principal,
+        "action": record.action,
+        "target": record.target,
+        "outcome": record.outcome,
+        "detail": record.detail,
+    }
+
+
+def _audit_table(records: Sequence[AuditRecord]) -> Table:
+    table = Table()
+    for column in ("time", "principal", "action", "target", "outcome", "detail"):
+        table.add_column(column)
+    for r in records:
+        # Text, not markup: a queue name or message in brackets is shown as it is.
+        table.add_row(
+            _time_cell(r.time),
+            Text(r.principal),
+            Text(r.action),
+            Text(r.target),
+            Text(r.outcome),
+            Text(r.detail),
+        )
+    return table
 
 
 # --- queues ---------------------------------------------------------------------------------
