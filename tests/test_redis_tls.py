@@ -28,7 +28,8 @@ BROKER_ACL: Final = (
     "+get +set +del +exists "
     "+hget +hmget +hgetall +hset +hdel +hincrby "
     "+sadd +srem +smembers +scard +sscan "
-    "+zadd +zrem +zrange +zcard +zpopmin"
+    "+zadd +zrem +zrange +zcard +zpopmin "
+    "+xadd +xrevrange +xlen"
 )
 
 
