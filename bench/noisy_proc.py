@@ -136,10 +136,12 @@ async def main(args: argparse.Namespace) -> None:
     await asyncio.sleep(1.0)
     emit("ready")
     await asyncio.to_thread(sys.stdin.read)  # until the parent closes stdin or kills us
+    # The counts go out first: winding down calls stuck behind flow control may take a while,
+    # and the parent needs only the counts (it kills us if we linger).
+    emit("done", counts=dict(counts))
     for job in jobs:
         job.cancel()
     await asyncio.gather(*jobs, return_exceptions=True)
-    emit("done", counts=dict(counts))
     await asyncio.gather(*(c.close() for c in channels))
 
 

@@ -44,12 +44,17 @@ async def _victim(stub: Any, n: int) -> list[float]:
 async def _events(proc: asyncio.subprocess.Process, until: str) -> list[dict[str, Any]]:
     """The noisy client's events up to and including the first called `until`."""
     assert proc.stdout is not None
-    events = []
-    while line := await asyncio.wait_for(proc.stdout.readline(), 60):
+    events: list[dict[str, Any]] = []
+    while True:
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        except TimeoutError:
+            raise AssertionError(f"no {until!r} from the noisy client in 60 s: {events}") from None
+        if not line:
+            raise AssertionError(f"noisy client exited without {until!r}: {events}")
         events.append(json.loads(line))
         if events[-1]["event"] == until:
             return events
-    raise AssertionError(f"noisy client exited without {until!r}")
 
 
 async def test_a_noisy_client_is_refused_while_a_victim_is_served(settings: Settings) -> None:
@@ -84,7 +89,6 @@ async def test_a_noisy_client_is_refused_while_a_victim_is_served(settings: Sett
             proc.stdin.close()
             events += await _events(proc, "done")
             counts = events[-1]["counts"]
-            await proc.wait()
             stats = await stub.Stats(bs.StatsRequest(queues=["victim"]))
     finally:
         if proc is not None and proc.returncode is None:
