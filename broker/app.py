@@ -139,7 +139,6 @@ class Broker:
         self._warn_if_exposed()
         # First: a broken policy or certificate stops the start before anything is made.
         self.policy = PolicyFile(s.policy_file) if s.policy_file is not None else None
-        gate = Gate(self.policy)
         if s.tls_cert is not None and s.tls_key is not None:
             self.certificates = CertificateFiles(s.tls_cert, s.tls_key, s.tls_client_ca)
         url = s.read_redis_url()
@@ -158,6 +157,7 @@ class Broker:
         self.audit = AuditTrail(AuditLog(self.store.client, s.audit_max_records))
         self.audit.start()
         undo.push_async_callback(self.audit.stop)
+        gate = Gate(self.policy, self.audit)
         self.tasks = TaskQueue(self.store, s)
         self.dispatcher = Dispatcher(self.tasks)
         self.registry = SessionRegistry()

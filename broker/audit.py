@@ -101,6 +101,7 @@ class AuditTrail:
         self._buffer_size = buffer_size
         self._flush_interval_s = flush_interval_s
         self._wake = asyncio.Event()
+        self._closing = asyncio.Event()
         # One flush at a time: a flush() returns after every record buffered before it is
         # written, even those a flush under way had already taken.
         self._flushing = asyncio.Lock()
@@ -202,25 +203,32 @@ class AuditTrail:
 
     def start(self) -> None:
         if self._flusher is None:
+            self._closing.clear()
             self._flusher = asyncio.create_task(self._flush_loop(), name="audit-flusher")
 
     async def stop(self) -> None:
-        """Stops the flusher and writes out what is buffered (and the awaited writes)."""
+        """Stops the flusher and writes out what is buffered (and the awaited writes).
+
+        The flusher is asked to end, not cancelled: a cancel that lands inside a Redis call
+        can be lost there (redis-py handles it on the connection), and the flusher would then
+        wait for the next record forever."""
         if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+            self._closing.set()
+            self._wake.set()
+            await self._flusher
             self._flusher = None
         await self.flush()
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
 
     async def _flush_loop(self) -> None:
-        while True:
+        while not self._closing.is_set():
             await self._wake.wait()
             await self.flush()
-            # Paced: in a flood, one write a flush interval, never a busy loop.
-            await asyncio.sleep(self._flush_interval_s)
+            # Paced: in a flood, one write a flush interval, never a busy loop; stop() ends
+            # the pause at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self._flush_interval_s)
 
     async def flush(self) -> None:
         """Writes out the buffered records and a note of those dropped since the last flush."""

@@ -294,8 +294,7 @@ class LeaseSession:
                 self._registry.held(held.lease_id, self)
                 resumed += 1
             else:
-                answer.outcome = _OUTCOMES.get(type(outcome), lease_pb2.SETTLE_OUTCOME_UNAVAILABLE)
-                answer.message = str(outcome)
+                self._refuse(answer, outcome)
         log.info("lease stream %s: resumed %d of %d leases", self.stream_id, resumed, len(entries))
         return answers
 
@@ -646,6 +645,13 @@ class LeaseSession:
         self._authorizer.require(Role.CONSUME, [item.ref.queue], kind)
         return item
 
+    def _refuse(self, answer: lease_pb2.SettleResult, error: BrokerError) -> None:
+        """An item's refusal; one for another principal's lease goes to the audit trail."""
+        if isinstance(error, ForeignLease):
+            self._authorizer.denied(error)
+        answer.outcome = _OUTCOMES.get(type(error), lease_pb2.SETTLE_OUTCOME_UNAVAILABLE)
+        answer.message = str(error)
+
     def _answer(
         self,
         answer: lease_pb2.SettleResult,
@@ -660,8 +666,7 @@ class LeaseSession:
                 answer.lease_expire_time.CopyFrom(convert.to_timestamp(outcome.time_ms))
                 return
         else:
-            answer.outcome = _OUTCOMES.get(type(outcome), lease_pb2.SETTLE_OUTCOME_UNAVAILABLE)
-            answer.message = str(outcome)
+            self._refuse(answer, outcome)
             if not isinstance(outcome, LeaseStale):
                 return
         # Settled, or no longer this stream's to settle: forget it.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from google.protobuf import descriptor, message_factory
@@ -22,8 +22,11 @@ from broker.auth.authorize import Authorizer
 from broker.auth.policy_file import PolicyFile
 from broker.auth.principal import Principal, Role, current_principal
 from broker.config import Settings
-from broker.errors import BrokerError, PermissionDenied
+from broker.errors import BrokerError, ForeignLease, PermissionDenied, Unauthenticated
 from taskbroker.v1 import admin_service_pb2, broker_service_pb2
+
+if TYPE_CHECKING:
+    from broker.audit import AuditTrail
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +56,38 @@ async def _abort_for(exc: BaseException, context: Context, method: str) -> NoRet
 
 
 class Gate:
-    """Who a call is (Authenticator) and what they may do (Authorizer), under one policy."""
+    """Who a call is (Authenticator) and what they may do (Authorizer), under one policy;
+    every authentication failure and permission denial goes to the audit trail."""
 
-    def __init__(self, policy: PolicyFile | None) -> None:
+    def __init__(self, policy: PolicyFile | None, audit: AuditTrail | None = None) -> None:
         self.authenticator = Authenticator(policy)
-        self.authorizer = Authorizer(policy)
+        self.authorizer = Authorizer(policy, self._record_denial)
+        self._audit = audit
 
-    def principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+    def principal(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> Principal:
         """The caller, from its metadata and TLS auth context. Raises Unauthenticated."""
-        return self.authenticator.authenticate(
-            context.invocation_metadata() or (), context.auth_context()
-        )
+        try:
+            return self.authenticator.authenticate(
+                context.invocation_metadata() or (), context.auth_context()
+            )
+        except Unauthenticated as exc:
+            if self._audit is not None:
+                self._audit.unauthenticated(context.peer(), str(exc), method)
+            raise
+
+    def _record_denial(self, principal: Principal, error: PermissionDenied) -> None:
+        if self._audit is not None:
+            self._audit.denied(principal, error.action, error.queue, str(error))
 
     async def admit_reflection(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Server reflection describes every RPC: with a policy, only for principals that
         hold `read` on some queue."""
         try:
-            principal = self.principal(context)
+            principal = self.principal(context, "use server reflection")
             if not self.authorizer.may_somewhere(principal, Role.READ):
-                raise PermissionDenied(principal.name, "read", "*", "use server reflection")
+                denial = PermissionDenied(principal.name, "read", "*", "use server reflection")
+                self._record_denial(principal, denial)
+                raise denial
         except BrokerError as exc:
             await context.abort_with_status(error_status(exc))
 
@@ -86,7 +102,7 @@ def _unary(
         # Authenticated and admitted before parsing: a call refused costs no more than its
         # bytes. With a policy, limits count per principal rather than per address.
         try:
-            principal = gate.principal(context)
+            principal = gate.principal(context, name)
             admitted = limits.admit(context.peer(), len(raw), client_of_principal(principal))
         except BrokerError as exc:
             await context.abort_with_status(error_status(exc))
@@ -116,6 +132,8 @@ def _unary(
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
+            if isinstance(exc, ForeignLease):  # the fence decided it, not the authorizer
+                gate.authorizer.denied(exc)
             await _abort_for(exc, context, name)
         return response.SerializeToString()
 
@@ -130,7 +148,7 @@ def _stream(
     async def handle(requests: object, context: Context) -> None:
         # Authenticated before the first frame is read; the frames are checked as they come.
         try:
-            principal = gate.principal(context)
+            principal = gate.principal(context, name)
         except BrokerError as exc:
             await context.abort_with_status(error_status(exc))
         token = current_principal.set(principal)

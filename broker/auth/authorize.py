@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from broker.auth.policy_file import PolicyFile
 from broker.auth.principal import Principal, Role, current_principal
@@ -11,10 +11,16 @@ from broker.errors import PermissionDenied
 
 class Authorizer:
     """Answers for the principal of the call being served (`current_principal`). Without a
-    policy every check passes and every filter keeps everything, as before policies existed."""
+    policy every check passes and every filter keeps everything, as before policies existed.
+    Every refusal goes to `on_denied` (the audit trail) before it is raised."""
 
-    def __init__(self, policy: PolicyFile | None) -> None:
+    def __init__(
+        self,
+        policy: PolicyFile | None,
+        on_denied: Callable[[Principal, PermissionDenied], None] | None = None,
+    ) -> None:
         self._policy = policy
+        self._on_denied = on_denied
 
     @property
     def enforced(self) -> bool:
@@ -33,9 +39,18 @@ class Authorizer:
         principal = current_principal.get()
         for queue in queues:
             if not any(policy.allows(principal, role, queue) for role in wanted):
-                raise PermissionDenied(
-                    principal.name, " or ".join(r.value for r in wanted), queue, action
+                raise self.denied(
+                    PermissionDenied(
+                        principal.name, " or ".join(r.value for r in wanted), queue, action
+                    )
                 )
+
+    def denied(self, error: PermissionDenied) -> PermissionDenied:
+        """Reports a refusal of the current principal (to be raised or answered) and returns
+        it; for refusals decided elsewhere too (a lease held by another principal)."""
+        if self._on_denied is not None:
+            self._on_denied(current_principal.get(), error)
+        return error
 
     def permitted(self, queue: str, roles: Iterable[Role] = tuple(Role)) -> bool:
         """Whether the principal holds one of `roles` (by default: any role) on the queue; for
