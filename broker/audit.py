@@ -209,9 +209,9 @@ class AuditTrail:
     async def stop(self) -> None:
         """Stops the flusher and writes out what is buffered (and the awaited writes).
 
-        The flusher is asked to end, not cancelled: a cancel that lands inside a Redis call
-        can be lost there (redis-py handles it on the connection), and the flusher would then
-        wait for the next record forever."""
+        The flusher is asked to end, not cancelled: a cancel that landed during a flush was
+        seen lost (the task went on to wait for the next record, and shutdown hung), and a
+        flush under way should finish anyway."""
         if self._flusher is not None:
             self._closing.set()
             self._wake.set()
