@@ -1,16 +1,21 @@
-"""docs/security.md stays true: its policy example parses, and its role table names every RPC
-the access table checks."""
+"""docs/security.md and SECURITY.md stay true: the policy example parses, the role table names
+every RPC the access table checks, and every setting SECURITY.md explains exists."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 from broker.api.access import RULES
 from broker.auth.policy import parse_policy
 from broker.auth.principal import Principal, Role
+from broker.config import Settings
 from tests.support.doc_blocks import doc_blocks
 
-PAGE = Path(__file__).resolve().parents[2] / "docs" / "security.md"
+ROOT = Path(__file__).resolve().parents[2]
+PAGE = ROOT / "docs" / "security.md"
+POLICY = ROOT / "SECURITY.md"
 
 
 def test_the_policy_example_parses_and_grants_what_the_page_says() -> None:
@@ -33,3 +38,14 @@ def test_the_role_table_names_every_checked_rpc() -> None:
     table = section[: section.index("\n\n", section.index("| Call |"))]
     for name in RULES:
         assert f"`{name.split('/')[1]}`" in table or f"`{name}`" in table, name
+
+
+def test_security_md_explains_only_settings_that_exist() -> None:
+    text = POLICY.read_text()
+    section = text[text.index("## What each setting protects") : text.index("## Rotating")]
+    named = set(re.findall(r"^\| `([a-z_]+)`", section, re.M))
+    named |= set(re.findall(r", `([a-z_]+)`", section))
+    assert len(named) >= 12, named
+    assert named <= {f.name for f in dataclasses.fields(Settings)}, named
+    for setting in ("tls_cert", "tls_client_ca", "policy_file", "insecure", "http_allowed_hosts"):
+        assert setting in named
