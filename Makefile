@@ -62,6 +62,7 @@ proto-ts: $(TS_GEN)
 lint: proto $(BUF)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports  # the layers and import rules in pyproject.toml
 	$(BUF) lint
 	$(BUF) format -d --exit-code
 	$(BUF) breaking --against '.git#branch=$(BREAKING_AGAINST)'

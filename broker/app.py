@@ -7,13 +7,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2
-from redis.asyncio.cluster import RedisCluster
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from broker.api.admin_service import AdminService
 from broker.api.broker_service import BrokerService
@@ -32,11 +28,12 @@ from broker.loops.sweeper import Sweeper
 from broker.loops.wake_listener import WakeListener
 from broker.queue import TaskQueue
 from broker.store.audit_log import AuditLog
-from broker.store.redis_store import AnyRedis, RedisStore
+from broker.store.connect import redis_client
+from broker.store.redis_store import RedisStore
 from broker.store.web_sessions import WebSessions
+from broker.telemetry.rpc_metrics import RpcMetrics
+from broker.telemetry.tracing import RpcTracing, shutdown_provider, tracer_provider_from_env
 from broker.tls import CertificateFiles
-from broker.tracing import RpcTracing, shutdown_provider, tracer_provider_from_env
-from broker.web.metrics import RpcMetrics
 from broker.web.server import WebServer
 
 if TYPE_CHECKING:
@@ -65,36 +62,13 @@ class UnsafeRedis(RuntimeError):
     """Redis is configured so that acknowledged tasks could be lost: the broker refuses it."""
 
 
-def redis_client(settings: Settings, url: str) -> AnyRedis:
-    # One quick retry for a dropped connection; an outage beyond that is UNAVAILABLE at once
-    # rather than a call hanging in redis-py's default backoff.
-    common: dict[str, Any] = {
-        "socket_timeout": settings.redis_timeout_s,
-        "socket_connect_timeout": min(2.0, settings.redis_timeout_s),
-        "retry": Retry(ExponentialBackoff(cap=0.1, base=0.02), 1),
-        "health_check_interval": 10,
-    }
-    if settings.redis_cluster:
-        return RedisCluster.from_url(url, max_connections=settings.redis_max_connections, **common)
-    # A caller finding every connection busy waits its turn (first come, first served) rather
-    # than failing with MaxConnectionsError: a burst from one client delays others a little
-    # instead of failing their calls.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=settings.redis_max_connections,
-        timeout=settings.redis_timeout_s,
-        **common,
-    )
-    return aioredis.Redis.from_pool(pool)
-
-
 class Broker:
     """One broker replica: gRPC server, dispatcher, and maintenance loops over one Redis.
 
     Args:
         settings: The configuration.
         tracer_provider: Where RPC spans go. None: an OTLP exporter when the OTEL_* environment
-            asks for one (broker/tracing.py), else no tracing.
+            asks for one (broker/telemetry/tracing.py), else no tracing.
         client_key: The client a call's peer ("ipv4:ip:port") belongs to, for the per-client
             limits; its IP address by default.
     """
@@ -191,7 +165,7 @@ class Broker:
         if tracer_provider is not None:
             interceptors.insert(0, RpcTracing(tracer_provider))
         self.wake_listener = WakeListener(
-            self.store,
+            self.tasks,
             self.dispatcher,
             lambda task_id, lease_id: self.registry.revoke(task_id, lease_id, "cancelled"),
         )

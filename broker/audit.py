@@ -16,8 +16,6 @@ failing) is logged and given up: it never fails the call whose action was alread
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import json
 import logging
@@ -29,7 +27,8 @@ from typing import TYPE_CHECKING, Final, TypeVar
 from broker.auth.principal import ANONYMOUS, Principal, Role, current_principal
 from broker.errors import BrokerError, InvalidArgument
 from broker.models import AuditRecord
-from broker.store.audit_log import ENTRY_ID, AuditLog
+from broker.page_tokens import decode_audit_token, encode_audit_token
+from broker.store.audit_log import AuditLog
 
 if TYPE_CHECKING:
     from broker.auth.policy import Policy
@@ -61,24 +60,6 @@ def may_read_audit(policy: Policy | None, principal: Principal) -> bool:
     """Whether a principal may read the audit trail: it spans every queue, so it takes `admin`
     on every queue (a grant with queues = ["*"]); without a policy, everyone may."""
     return policy is None or policy.allows(principal, Role.ADMIN, "*")
-
-
-def encode_audit_token(record_id: str) -> str:
-    return base64.urlsafe_b64encode(f"a:{record_id}".encode()).decode()
-
-
-def decode_audit_token(token: str) -> str | None:
-    """The stream id a page token continues before (None: the newest); INVALID_ARGUMENT for a
-    token this API did not return."""
-    if not token:
-        return None
-    try:
-        kind, _, record_id = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind == "a" and ENTRY_ID.fullmatch(record_id):
-            return record_id
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        pass
-    raise InvalidArgument("page_token", "not a token this API returned")
 
 
 def _cut(text: str, limit: int = MAX_FIELD_CHARS) -> str:

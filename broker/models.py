@@ -266,3 +266,18 @@ class AuditRecord:
     detail: str = ""
     #: The Redis stream entry id ("" before it is stored); pages continue after it.
     record_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """A replica announced work on a queue (an enqueue, a retry come due, a resume)."""
+
+    queue: str
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    """A replica cancelled a leased task: the stream holding the lease should stop its handler."""
+
+    task_id: str
+    lease_id: str

@@ -9,6 +9,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -41,7 +42,7 @@ from broker.models import (
     TaskRef,
     TaskState,
 )
-from broker.store.redis_store import IdempotencyConflictAt, LeaseSlot, RedisStore
+from broker.store.redis_store import IdempotencyConflictAt, LeaseSlot, RedisStore, WakeEvents
 from broker.timings import TaskTimings
 
 MAX_TASKS_PER_CALL = 1000
@@ -468,6 +469,10 @@ class TaskQueue:
         return undone
 
     # --- maintenance (called by loops) ---------------------------------------------------------
+
+    def wake_events(self) -> AbstractAsyncContextManager[WakeEvents]:
+        """Every replica's wake and revoke announcements (Pub/Sub: lost while disconnected)."""
+        return self._store.wake_events()
 
     async def queues(self) -> list[str]:
         return await self._store.list_queues()

@@ -13,11 +13,11 @@ from bench.context import Ctx
 from bench.results import ScenarioResult
 from bench.scenarios.common import PAYLOAD
 from bench.worker_proc import TASK_TYPE
-from broker.app import redis_client
 from broker.config import Settings
 from broker.ids import new_lease_id
 from broker.models import AckItem
 from broker.queue import TaskQueue, TaskRequest
+from broker.store.connect import redis_client
 from broker.store.redis_store import RedisStore
 
 BATCH = 100

@@ -1,1 +1,2 @@
-"""The gRPC API: the only package that imports grpc and taskbroker.v1."""
+"""The gRPC API: the server, its services and the Lease stream; the only package that imports
+the generated taskbroker.v1 code."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -12,8 +10,12 @@ import grpc
 from broker.api import convert
 from broker.audit import AuditTrail
 from broker.auth.authorize import Authorizer
-from broker.errors import InvalidArgument
-from broker.ids import LOCAL_ID_PATTERN
+from broker.page_tokens import (
+    decode_page_token,
+    decode_queue_token,
+    encode_page_token,
+    encode_queue_token,
+)
 from taskbroker.v1 import admin_service_pb2 as admin
 
 if TYPE_CHECKING:
@@ -21,41 +23,6 @@ if TYPE_CHECKING:
     from broker.queue import TaskQueue
 
 Context = grpc.aio.ServicerContext[bytes, bytes]
-
-
-def encode_page_token(cursor: tuple[int, str]) -> str:
-    return base64.urlsafe_b64encode(f"{cursor[0]}:{cursor[1]}".encode()).decode()
-
-
-def encode_queue_token(last: str) -> str:
-    return base64.urlsafe_b64encode(f"q:{last}".encode()).decode() if last else ""
-
-
-def decode_queue_token(token: str) -> str:
-    """The queue name a queue page token continues after ('' for none); INVALID_ARGUMENT for
-    a token this API did not return."""
-    if not token:
-        return ""
-    try:
-        kind, _, last = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind == "q" and last:
-            return last
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        pass
-    raise InvalidArgument("page_token", "not a token this API returned")
-
-
-def decode_page_token(token: str) -> tuple[int, str] | None:
-    """Page tokens are opaque to clients (AIP-158); a malformed one is INVALID_ARGUMENT."""
-    if not token:
-        return None
-    try:
-        ms, _, local_id = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if int(ms) >= 0 and LOCAL_ID_PATTERN.fullmatch(local_id):
-            return int(ms), local_id
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        pass
-    raise InvalidArgument("page_token", "not a token this API returned")
 
 
 def _selection(task_ids: Sequence[str], every: bool) -> str:

@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING
 import grpc
 
 from broker.api import convert
-from broker.api.admin_service import decode_queue_token, encode_queue_token
 from broker.api.lease_session import LeaseSession, SessionRegistry
 from broker.api.limits import StreamLimits, client_of_principal
 from broker.auth.authorize import Authorizer
 from broker.auth.principal import Role, current_principal
 from broker.errors import Draining, InvalidArgument
 from broker.models import TaskState
+from broker.page_tokens import decode_queue_token, encode_queue_token
 from taskbroker.v1 import broker_service_pb2 as bs
 from taskbroker.v1 import lease_pb2
 

@@ -1,4 +1,5 @@
-"""BrokerError → gRPC status, one table, with an AIP-193 ErrorInfo on every error."""
+"""BrokerError → gRPC status (the code from broker/status_codes.py), with an AIP-193 ErrorInfo on
+every error."""
 
 from __future__ import annotations
 
@@ -10,28 +11,9 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from broker import errors
+from broker.status_codes import code_for
 
 DOMAIN: Final = "taskbroker.v1"
-
-STATUS_BY_ERROR: Final[dict[type[errors.BrokerError], grpc.StatusCode]] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.TaskNotFound: grpc.StatusCode.NOT_FOUND,
-    errors.LeaseStale: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.TaskFinished: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.IdempotencyConflict: grpc.StatusCode.ALREADY_EXISTS,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.Draining: grpc.StatusCode.UNAVAILABLE,
-}
-
-
-def code_for(error: errors.BrokerError) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        if cls in STATUS_BY_ERROR:
-            return STATUS_BY_ERROR[cls]
-    return grpc.StatusCode.INTERNAL
 
 
 def to_status(code: grpc.StatusCode, message: str, reason: str, field: str = "") -> grpc.Status:

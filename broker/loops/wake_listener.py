@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 from broker.cancellation import raise_if_cancelled
 from broker.errors import BrokerError
-from broker.store.keys import REVOKE_CHANNEL
+from broker.models import Revoke
 
 if TYPE_CHECKING:
     from broker.dispatch import Dispatcher
-    from broker.store.redis_store import RedisStore
+    from broker.queue import TaskQueue
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +24,9 @@ class WakeListener:
     costs less: the worker learns at its next extension or ack.)"""
 
     def __init__(
-        self, store: RedisStore, dispatcher: Dispatcher, revoke: Callable[[str, str], None]
+        self, tasks: TaskQueue, dispatcher: Dispatcher, revoke: Callable[[str, str], None]
     ) -> None:
-        self._store = store
+        self._tasks = tasks
         self._dispatcher = dispatcher
         self._revoke = revoke
         self._task: asyncio.Task[None] | None = None
@@ -40,29 +40,22 @@ class WakeListener:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def _dispatch(self, channel: bytes | str, data: bytes | str) -> None:
-        text = data.decode() if isinstance(data, bytes) else data
-        name = channel.decode() if isinstance(channel, bytes) else channel
-        if name == REVOKE_CHANNEL:
-            task_id, _, lease_id = text.partition(" ")
-            self._revoke(task_id, lease_id)
-        else:
-            self._dispatcher.notify(text)
-
     async def _run(self) -> None:
         delay = 0.05
         while True:
             try:
-                async with self._store.wake_subscription() as pubsub:
+                async with self._tasks.wake_events() as events:
                     self.connected.set()
                     self._dispatcher.notify_all()
                     delay = 0.05
                     while True:
                         raise_if_cancelled()
                         # A bounded wait, so a quiet channel is not mistaken for a dead socket.
-                        message = await pubsub.get_message(timeout=1.0)
-                        if message and message.get("type") == "message":
-                            self._dispatch(message["channel"], message["data"])
+                        event = await events.next(timeout_s=1.0)
+                        if isinstance(event, Revoke):
+                            self._revoke(event.task_id, event.lease_id)
+                        elif event is not None:
+                            self._dispatcher.notify(event.queue)
             except asyncio.CancelledError:
                 raise
             except (BrokerError, OSError, ConnectionError) as exc:

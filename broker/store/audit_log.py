@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -10,8 +9,6 @@ from broker.models import AuditRecord
 from broker.store.keys import AUDIT_KEY
 from broker.store.redis_store import AnyRedis, _translate
 
-#: A stream entry id, "<ms>-<seq>": what a page token carries.
-ENTRY_ID: Final = re.compile(r"\d{1,20}-\d{1,20}")
 FIELDS: Final = ("time_ms", "principal", "action", "target", "outcome", "detail")
 
 

@@ -29,12 +29,14 @@ from broker.models import (
     NackItem,
     NewTask,
     QueueStats,
+    Revoke,
     ServerInfo,
     SettleResult,
     SettleStatus,
     Task,
     TaskRef,
     TaskState,
+    Wake,
 )
 from broker.store.due_index import DueIndex
 from broker.store.keys import QUEUES_KEY, REVOKE_CHANNEL, WAKE_CHANNEL, QueueKeys
@@ -790,10 +792,10 @@ class RedisStore:
     # --- wake-ups -----------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def wake_subscription(self) -> AsyncIterator[aioredis.client.PubSub]:
-        """A Pub/Sub connection subscribed to the wake and revoke channels. On a Cluster every
-        node hears
-        every PUBLISH, so one node's connection serves."""
+    async def wake_events(self) -> AsyncIterator[WakeEvents]:
+        """The wake and revoke announcements of every replica, on a Pub/Sub connection of
+        their own. On a Cluster every node hears every PUBLISH, so one node's connection
+        serves."""
         node_client: aioredis.Redis | None = None
         if isinstance(self._client, RedisCluster):
             node = self._client.get_random_node()
@@ -809,13 +811,36 @@ class RedisStore:
         try:
             with _translate():
                 await pubsub.subscribe(WAKE_CHANNEL, REVOKE_CHANNEL)
-            yield pubsub
+            yield WakeEvents(pubsub)
         finally:
             try:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
             finally:
                 if node_client is not None:
                     await node_client.aclose()
+
+
+class WakeEvents:
+    """One subscription's announcements, as models."""
+
+    def __init__(self, pubsub: aioredis.client.PubSub) -> None:
+        self._pubsub = pubsub
+
+    async def next(self, timeout_s: float) -> Wake | Revoke | None:
+        """The next announcement, or None after timeout_s without one.
+
+        Raises:
+            StoreUnavailable: the connection broke.
+        """
+        with _translate():
+            message = await self._pubsub.get_message(timeout=timeout_s)
+        if not message or message.get("type") != "message":
+            return None
+        data = _text(message["data"])
+        if _text(message["channel"]) == REVOKE_CHANNEL:
+            task_id, _, lease_id = data.partition(" ")
+            return Revoke(task_id, lease_id)
+        return Wake(data)
 
 
 def _delayed_hint(queue: str, tasks: Sequence[NewTask]) -> Hint | None:

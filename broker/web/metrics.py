@@ -1,5 +1,5 @@
-"""Prometheus metrics: one collector that renders everything at scrape time, and the gRPC server
-interceptor that times every RPC.
+"""Prometheus metrics: one collector that renders everything at scrape time (the RPC timings come
+from broker/telemetry/rpc_metrics.py).
 
 Two kinds of series (README, "Metrics"):
 - Redis-derived (task totals, counts by state, oldest pending age, paused) come from the cached
@@ -13,12 +13,9 @@ method names and status codes.
 
 from __future__ import annotations
 
-import inspect
-import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Final
 
-import grpc
 from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -28,12 +25,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import CollectorRegistry
 
-from broker.api.interceptor import CallStatus, Handler, HandlerInterceptor, ending_status
-from broker.timings import RPC_BUCKETS, Buckets
-
 if TYPE_CHECKING:
-    from broker.api.lease_session import SessionRegistry
+    from broker.live_streams import LiveStreams
     from broker.queue import TaskQueue
+    from broker.telemetry.rpc_metrics import RpcMetrics
     from broker.web.sampler import StatsSampler
 
 #: (metric name without _total, QueueStats field, help): the stats hash totals (stats.lua).
@@ -52,74 +47,6 @@ TOTALS: Final = (
 CLUSTER_NOTE: Final = " Cluster-wide (from Redis): aggregate across replicas with max."
 
 
-class RpcMetrics(HandlerInterceptor):
-    """Times every RPC by method and final status code; for the Lease stream, its lifetime.
-
-    Unknown methods are passed through untimed, so a client cannot grow the label set.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.durations: dict[tuple[str, str], Buckets] = {}
-
-    def _observe(self, method: str, code: str, started: float) -> None:
-        key = (method, code)
-        buckets = self.durations.get(key)
-        if buckets is None:
-            buckets = self.durations[key] = Buckets(RPC_BUCKETS)
-        buckets.observe(time.perf_counter() - started)
-
-    def wrap(self, method: str, handler: Handler) -> Handler:
-        serializers = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            wrapped = self._wrap(method, handler.unary_unary)
-            return grpc.unary_unary_rpc_method_handler(wrapped, **serializers)
-        if handler.unary_stream is not None:
-            wrapped = self._wrap(method, handler.unary_stream)
-            return grpc.unary_stream_rpc_method_handler(wrapped, **serializers)
-        if handler.stream_unary is not None:
-            wrapped = self._wrap(method, handler.stream_unary)
-            return grpc.stream_unary_rpc_method_handler(wrapped, **serializers)
-        if handler.stream_stream is not None:
-            wrapped = self._wrap(method, handler.stream_stream)
-            return grpc.stream_stream_rpc_method_handler(wrapped, **serializers)
-        return handler
-
-    def _wrap(self, method: str, behavior: Callable[..., Any]) -> Any:
-        """The behavior, timed: a coroutine function (unary responses, and streams written
-        through the context, as Lease is) or an async generator (streams that yield)."""
-        observe = self._observe
-
-        if inspect.isasyncgenfunction(behavior):
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                started = time.perf_counter()
-                status = CallStatus()
-                try:
-                    with ending_status(context) as status:
-                        responses: AsyncIterator[Any] = behavior(request, context)
-                        async for response in responses:
-                            yield response
-                finally:
-                    observe(method, status.code.name, started)
-
-            return stream
-
-        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            started = time.perf_counter()
-            status = CallStatus()
-            try:
-                with ending_status(context) as status:
-                    return await behavior(request, context)
-            finally:
-                observe(method, status.code.name, started)
-
-        return call
-
-
 class BrokerCollector:
     """Renders every taskbroker_ series at scrape time from state already in memory: the
     sampler's cached snapshot, the in-process histograms and the live sessions."""
@@ -128,7 +55,7 @@ class BrokerCollector:
         self,
         sampler: StatsSampler,
         tasks: TaskQueue,
-        sessions: SessionRegistry,
+        sessions: LiveStreams,
         rpc: RpcMetrics | None,
         redis_up: Callable[[], bool],
     ) -> None:

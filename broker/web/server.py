@@ -25,22 +25,23 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from broker.api.admin_service import decode_page_token, encode_page_token
 from broker.audit import may_read_audit
 from broker.auth.policy import token_digest
 from broker.auth.principal import ANONYMOUS, Principal, Role
 from broker.errors import BrokerError, InvalidArgument, PermissionDenied, Unauthenticated
+from broker.page_tokens import decode_page_token, encode_page_token
 from broker.store.web_sessions import WebSession, WebSessions
+from broker.telemetry.rpc_metrics import RpcMetrics
 from broker.web import access, views
-from broker.web.metrics import BrokerCollector, RpcMetrics, build_registry
+from broker.web.metrics import BrokerCollector, build_registry
 from broker.web.sampler import StatsSampler
 
 if TYPE_CHECKING:
-    from broker.api.lease_session import SessionRegistry
     from broker.audit import AuditTrail
     from broker.auth.policy import Policy
     from broker.auth.policy_file import PolicyFile
     from broker.config import Settings
+    from broker.live_streams import LiveStreams
     from broker.queue import TaskQueue
     from broker.tls import CertificateFiles
 
@@ -116,7 +117,7 @@ class WebServer:
     def __init__(
         self,
         tasks: TaskQueue,
-        sessions: SessionRegistry,
+        sessions: LiveStreams,
         settings: Settings,
         rpc: RpcMetrics | None,
         redis_up: Callable[[], bool],

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
-from broker.api.status import code_for
 from broker.envelope_header import envelope_key_id
 from broker.errors import BrokerError, InvalidArgument
 from broker.models import AuditRecord, QueueStats, Task
+from broker.status_codes import code_for
 
 if TYPE_CHECKING:
-    from broker.api.lease_session import LeaseSession
+    from broker.live_streams import LiveStream
     from broker.web.sampler import Point, QueueRates
 
 Json = dict[str, Any]
@@ -134,7 +134,7 @@ def point_json(p: Point) -> Json:
     }
 
 
-def worker_json(session: LeaseSession) -> Json:
+def worker_json(session: LiveStream) -> Json:
     return {
         "stream_id": session.stream_id,
         "worker_id": session.worker_id,

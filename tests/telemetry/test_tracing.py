@@ -29,7 +29,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from broker.app import Broker
 from broker.config import Settings
-from broker.tracing import tracer_provider_from_env
+from broker.telemetry.tracing import tracer_provider_from_env
 from taskbroker import Client, NewTask, TaskContext, TaskState, Worker, handler
 from taskbroker.v1 import broker_service_pb2
 from tests.conftest import RunningBroker

@@ -20,7 +20,7 @@ from opentelemetry import propagate
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from broker.api.interceptor import CallStatus, Handler, HandlerInterceptor, ending_status
+from broker.telemetry.interceptor import CallStatus, Handler, HandlerInterceptor, ending_status
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
