@@ -1,4 +1,5 @@
-"""AdminService: queues and dead letters."""
+"""AdminService: the queue list, dead letters (list, redrive, delete), pause and resume, and the
+audit trail; every change is recorded in the audit trail."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Prometheus metrics: one collector that renders everything at scrape time (the RPC timings come
 from broker/telemetry/rpc_metrics.py).
 
-Two kinds of series (README, "Metrics"):
+Two kinds of series (docs/observability.md, "Metrics"):
 - Redis-derived (task totals, counts by state, oldest pending age, paused) come from the cached
   StatsSampler snapshot and describe the whole cluster: every replica reports the same values,
   so aggregate them across replicas with max, never sum.

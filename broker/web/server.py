@@ -1,5 +1,5 @@
-"""WebServer: the broker's HTTP side on its own asyncio loop (aiohttp): /healthz, /metrics, the
-dashboard page and its JSON API. Routes and behaviour are listed in README, "Operations".
+"""WebServer: the broker's HTTP side (aiohttp, on the broker's event loop): /healthz, /metrics,
+the dashboard page and its JSON API. Routes and behaviour: docs/observability.md.
 
 Admin actions (POST) are refused with 403 unless `dashboard_admin` is set, and they must send
 `Content-Type: application/json` from the page's own origin: a cross-site form or script cannot

@@ -1,4 +1,5 @@
-"""JSON shapes of the dashboard API (README, "Dashboard"), built from the broker's models.
+"""JSON shapes of the dashboard API (docs/observability.md, "The dashboard's JSON API"), built
+from the broker's models.
 
 Times are epoch milliseconds (`*_ms`), durations seconds (`*_s`). A task's payload is shown by
 its size only; its result is shown as a preview of at most RESULT_PREVIEW_BYTES.

@@ -2,8 +2,9 @@
 semantic conventions) and W3C trace context carried in task headers.
 
 The SDK uses the OpenTelemetry API only and never configures a tracer provider: the application
-does (README, "Tracing"). While none is configured nothing is recorded or injected: a worker
-checks once when it starts running (then one attribute test per task), a producer once per call.
+does (docs/observability.md, "Tracing"). While none is configured nothing is recorded or
+injected: a worker checks once when it starts running (then one attribute test per task), a
+producer once per call.
 """
 
 from __future__ import annotations
