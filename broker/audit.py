@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Final, TypeVar
 
 from broker.auth.principal import ANONYMOUS, Principal, Role, current_principal
@@ -138,6 +138,28 @@ class AuditTrail:
         outcome_detail = describe(result) if describe is not None else ""
         await self.record(who, action, target, OK, _join(detail, outcome_detail))
         return result
+
+    async def dead_letter_action(
+        self,
+        action: str,
+        queue: str,
+        run: Callable[[], Awaitable[int]],
+        selection: tuple[Sequence[str], bool],
+        counted: str,
+        principal: Principal | None = None,
+    ) -> int:
+        """Runs a redrive or a delete of dead letters (`selection`: the task ids, or every one)
+        and records it as admin_action() does, with which (all, or how many ids: never the
+        ids) and how many were `counted` ("redriven=3")."""
+        task_ids, every = selection
+        return await self.admin_action(
+            action,
+            queue,
+            run,
+            detail="all" if every else f"task_ids={len(task_ids)}",
+            describe=lambda n: f"{counted}={n}",
+            principal=principal,
+        )
 
     def denied(self, principal: Principal | None, action: str, target: str, reason: str) -> None:
         """Records a permission denial without waiting: call it where a call is refused for a
@@ -266,9 +288,9 @@ def _join(*parts: str) -> str:
     return " ".join(p for p in parts if p)
 
 
-def _log_line(record: AuditRecord) -> None:
-    # JSON escapes newlines and control characters: one line whatever a queue name holds.
-    fields = {
+def record_fields(record: AuditRecord) -> dict[str, int | str]:
+    """A record as its log line and the HTTP API show it (the stream entry id aside)."""
+    return {
         "time_ms": record.time_ms,
         "principal": record.principal,
         "action": record.action,
@@ -276,4 +298,8 @@ def _log_line(record: AuditRecord) -> None:
         "outcome": record.outcome,
         "detail": record.detail,
     }
-    log.info("audit %s", json.dumps(fields, ensure_ascii=True))
+
+
+def _log_line(record: AuditRecord) -> None:
+    # JSON escapes newlines and control characters: one line whatever a queue name holds.
+    log.info("audit %s", json.dumps(record_fields(record), ensure_ascii=True))

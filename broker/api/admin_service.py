@@ -3,7 +3,6 @@ audit trail; every change is recorded in the audit trail."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -24,11 +23,6 @@ if TYPE_CHECKING:
     from broker.queue import TaskQueue
 
 Context = grpc.aio.ServicerContext[bytes, bytes]
-
-
-def _selection(task_ids: Sequence[str], every: bool) -> str:
-    """An audit record's account of which dead letters: all, or how many ids (not the ids)."""
-    return "all" if every else f"task_ids={len(task_ids)}"
 
 
 class AdminService:
@@ -63,12 +57,12 @@ class AdminService:
         self, request: admin.RedriveDeadTasksRequest, context: Context
     ) -> admin.RedriveDeadTasksResponse:
         ids = list(request.task_ids)
-        count = await self._audit.admin_action(
+        count = await self._audit.dead_letter_action(
             "RedriveDeadTasks",
             request.queue,
             lambda: self._tasks.redrive_dead(request.queue, ids, request.all),
-            detail=_selection(ids, request.all),
-            describe=lambda n: f"redriven={n}",
+            (ids, request.all),
+            "redriven",
         )
         return admin.RedriveDeadTasksResponse(redriven_count=count)
 
@@ -76,12 +70,12 @@ class AdminService:
         self, request: admin.DeleteDeadTasksRequest, context: Context
     ) -> admin.DeleteDeadTasksResponse:
         ids = list(request.task_ids)
-        count = await self._audit.admin_action(
+        count = await self._audit.dead_letter_action(
             "DeleteDeadTasks",
             request.queue,
             lambda: self._tasks.delete_dead(request.queue, ids, request.all),
-            detail=_selection(ids, request.all),
-            describe=lambda n: f"deleted={n}",
+            (ids, request.all),
+            "deleted",
         )
         return admin.DeleteDeadTasksResponse(deleted_count=count)
 

@@ -452,13 +452,13 @@ class WebServer:
         queue = request.match_info["queue"]
         self._check_admin(request, queue, "dashboard.redrive")
         task_ids, every = await _dead_selection(request)
-        count = await self._audit.admin_action(
+        count = await self._audit.dead_letter_action(
             "dashboard.redrive",
             queue,
             lambda: self._tasks.redrive_dead(queue, task_ids, every),
-            detail="all" if every else f"task_ids={len(task_ids)}",
-            describe=lambda n: f"redriven={n}",
-            principal=_principal(request),
+            (task_ids, every),
+            "redriven",
+            _principal(request),
         )
         self.sampler.expire()
         return _json({"redriven": count})
@@ -467,13 +467,13 @@ class WebServer:
         queue = request.match_info["queue"]
         self._check_admin(request, queue, "dashboard.delete")
         task_ids, every = await _dead_selection(request)
-        count = await self._audit.admin_action(
+        count = await self._audit.dead_letter_action(
             "dashboard.delete",
             queue,
             lambda: self._tasks.delete_dead(queue, task_ids, every),
-            detail="all" if every else f"task_ids={len(task_ids)}",
-            describe=lambda n: f"deleted={n}",
-            principal=_principal(request),
+            (task_ids, every),
+            "deleted",
+            _principal(request),
         )
         self.sampler.expire()
         return _json({"deleted": count})

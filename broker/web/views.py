@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
+from broker.audit import record_fields
 from broker.envelope_header import envelope_key_id
 from broker.errors import BrokerError, InvalidArgument
 from broker.models import AuditRecord, QueueStats, Task
@@ -197,11 +198,4 @@ def task_json(task: Task, *, detail: bool) -> Json:
 
 
 def audit_json(record: AuditRecord) -> Json:
-    return {
-        "time_ms": record.time_ms,
-        "principal": record.principal,
-        "action": record.action,
-        "target": record.target,
-        "outcome": record.outcome,
-        "detail": record.detail,
-    }
+    return dict(record_fields(record))
