@@ -38,7 +38,7 @@ from typing import Final, Literal, TypeAlias, get_args
 
 from taskbroker import Client, Handler, TaskContext, Worker, handler
 from taskbroker._handler import HandlerOutcome
-from taskbroker._worker import _Session, _TaskRun
+from taskbroker._task_run import TaskRun, TaskRunner
 from taskbroker.v1 import lease_pb2
 from tests.support.history import HistoryWriter, SettleKind, SettleOutcome
 
@@ -263,12 +263,14 @@ def _settle_outcome(result: lease_pb2.SettleResult) -> SettleOutcome:
 def _record_settlements(writer: HistoryWriter, worker_id: str, ended_ns: dict[str, int]) -> None:
     """Wraps the SDK's per-settlement report (private) to record each SettleResult, with the
     time its handler ended (from `ended_ns`, by lease id)."""
-    report = getattr(_Session, "_report", None)
+    report = getattr(TaskRunner, "_report", None)
     if report is None:
-        raise RuntimeError("taskbroker._worker._Session._report is gone: cannot record settlements")
+        raise RuntimeError(
+            "taskbroker._task_run.TaskRunner._report is gone: cannot record settlements"
+        )
 
     def recording_report(
-        self: _Session, run: _TaskRun, outcome: HandlerOutcome, result: lease_pb2.SettleResult
+        self: TaskRunner, run: TaskRun, outcome: HandlerOutcome, result: lease_pb2.SettleResult
     ) -> None:
         report(self, run, outcome, result)
         kind: SettleKind = "ack" if outcome.kind == "ack" else "nack"
@@ -282,7 +284,7 @@ def _record_settlements(writer: HistoryWriter, worker_id: str, ended_ns: dict[st
             ended_ns.pop(lease_id, None),
         )
 
-    setattr(_Session, "_report", recording_report)  # noqa: B010 (a method, mypy refuses =)
+    setattr(TaskRunner, "_report", recording_report)  # noqa: B010 (a method, mypy refuses =)
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:

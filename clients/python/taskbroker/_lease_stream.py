@@ -8,7 +8,9 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Final, Protocol, TypeAlias
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, ClassVar, Final, Protocol, TypeAlias
 
 import grpc
 
@@ -18,13 +20,6 @@ if TYPE_CHECKING:
     from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub
 
 log = logging.getLogger("taskbroker.worker")
-
-#: Which SettleResult.kind answers which LeaseRequest frame.
-SETTLE_KINDS: Final = {
-    "ack": lease_pb2.SETTLE_KIND_ACK,
-    "nack": lease_pb2.SETTLE_KIND_NACK,
-    "extend": lease_pb2.SETTLE_KIND_EXTEND,
-}
 
 
 class StreamLost(Exception):
@@ -44,26 +39,46 @@ class StreamListener(Protocol):
         """The broker behind the stream is shutting down."""
 
 
-class _Marker:
-    """An outbox entry that is not a frame."""
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Settle a lease as succeeded."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    request: lease_pb2.AckRequest
+    #: The SettleResult.kind that answers it.
+    kind: ClassVar[lease_pb2.SettleKind.ValueType] = lease_pb2.SETTLE_KIND_ACK
 
 
-#: Ask the grant callback for credits and send them (queued at most once at a time).
-_CREDIT: Final = _Marker("credit")
-#: Half-close the stream (done_writing).
-_HALF_CLOSE: Final = _Marker("half-close")
+@dataclass(frozen=True, slots=True)
+class Nack:
+    """Settle a lease as failed (retried later, or dead-lettered)."""
 
-_Key = tuple[str, int]  # (lease id, SettleKind)
-#: One ack, nack or extension as the worker hands it to the stream: (kind, message).
-Settlement: TypeAlias = tuple[
-    str, lease_pb2.AckRequest | lease_pb2.NackRequest | lease_pb2.ExtendLeaseRequest
-]
+    request: lease_pb2.NackRequest
+    kind: ClassVar[lease_pb2.SettleKind.ValueType] = lease_pb2.SETTLE_KIND_NACK
 
-#: Where each settlement goes in a Settlements frame.
-_BATCH_FIELDS: Final = {"ack": "acks", "nack": "nacks", "extend": "extends"}
+
+@dataclass(frozen=True, slots=True)
+class Extend:
+    """Extend a lease."""
+
+    request: lease_pb2.ExtendLeaseRequest
+    kind: ClassVar[lease_pb2.SettleKind.ValueType] = lease_pb2.SETTLE_KIND_EXTEND
+
+
+#: One ack, nack or extension as the worker hands it to the stream.
+Settlement: TypeAlias = Ack | Nack | Extend
+
+
+class _Signal(Enum):
+    """An outbox entry that is not a settlement."""
+
+    #: Ask the grant callback for credits and send them (queued at most once at a time).
+    CREDIT = "credit"
+    #: Half-close the stream (done_writing).
+    HALF_CLOSE = "half-close"
+
+
+_Key = tuple[str, lease_pb2.SettleKind.ValueType]  # (lease id, SettleResult.kind)
+
 #: A settlements frame stops growing here (the broker accepts 16 MiB beyond its payload limit).
 MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
 
@@ -88,7 +103,7 @@ class LeaseStream:
         self._listener = listener
         self._grant = grant
         self._call: grpc.aio.StreamStreamCall[lease_pb2.LeaseRequest, lease_pb2.LeaseResponse]
-        self._outbox: asyncio.Queue[Settlement | _Marker] = asyncio.Queue()
+        self._outbox: asyncio.Queue[Settlement | _Signal] = asyncio.Queue()
         self._pending: dict[_Key, deque[asyncio.Future[lease_pb2.SettleResult]]] = {}
         self._credit_queued = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -157,15 +172,14 @@ class LeaseStream:
         """Asks the writer to top up the broker's credits (requests made meanwhile merge)."""
         if not self._credit_queued and self.usable and self._tasks:
             self._credit_queued = True
-            self._outbox.put_nowait(_CREDIT)
+            self._outbox.put_nowait(_Signal.CREDIT)
 
     async def settle(self, settlement: Settlement) -> lease_pb2.SettleResult:
         """Sends an ack, nack or extension (in the next settlements frame) and waits for its
         SettleResult.
 
         Args:
-            settlement: ("ack", AckRequest), ("nack", NackRequest) or ("extend",
-                ExtendLeaseRequest).
+            settlement: An Ack, Nack or Extend.
 
         Returns:
             The broker's answer.
@@ -175,8 +189,7 @@ class LeaseStream:
         """
         if not self.usable:
             raise StreamLost(f"lease stream {self.stream_id} has ended")
-        kind, message = settlement
-        key: _Key = (message.lease_id, SETTLE_KINDS[kind])
+        key: _Key = (settlement.request.lease_id, settlement.kind)
         future: asyncio.Future[lease_pb2.SettleResult] = asyncio.get_running_loop().create_future()
         waiting = self._pending.setdefault(key, deque())
         waiting.append(future)
@@ -193,7 +206,7 @@ class LeaseStream:
         """Tells the broker nothing more will be sent; it answers what it got, then ends."""
         if self.usable:
             self.closing = True
-            self._outbox.put_nowait(_HALF_CLOSE)
+            self._outbox.put_nowait(_Signal.HALF_CLOSE)
 
     def cancel(self) -> None:
         """Drops the stream; the broker gives back the leases it still holds for it."""
@@ -232,21 +245,21 @@ class LeaseStream:
             log.debug("lease stream %s: write failed: %r", self.stream_id, exc)
             self._call.cancel()
 
-    def _next_frame(self, first: object) -> tuple[lease_pb2.LeaseRequest | None, bool]:
+    def _next_frame(
+        self, first: Settlement | _Signal
+    ) -> tuple[lease_pb2.LeaseRequest | None, bool]:
         """Gathers everything queued since the last write into one settlements frame (no
         timer: while a write is in flight the next batch builds up). Returns the frame (None:
         nothing to send) and whether to half-close after it."""
         batch = lease_pb2.Settlements()
         credit, size, item = False, 0, first
         while True:
-            if item is _HALF_CLOSE:
+            if item is _Signal.HALF_CLOSE:
                 break
-            if item is _CREDIT:
+            if item is _Signal.CREDIT:
                 credit = True
-            elif isinstance(item, tuple):
-                kind, message = item
-                getattr(batch, _BATCH_FIELDS[kind]).append(message)
-                size += message.ByteSize()
+            else:
+                size += _add(batch, item)
             if size >= MAX_FRAME_BYTES or self._outbox.empty():
                 break
             item = self._outbox.get_nowait()
@@ -254,7 +267,9 @@ class LeaseStream:
             self._credit_queued = False
             batch.credits = max(0, self._grant(self))
         has_any = batch.credits or batch.acks or batch.nacks or batch.extends
-        return (lease_pb2.LeaseRequest(settlements=batch) if has_any else None), item is _HALF_CLOSE
+        return (lease_pb2.LeaseRequest(settlements=batch) if has_any else None), (
+            item is _Signal.HALF_CLOSE
+        )
 
     async def _read_loop(self) -> None:
         try:
@@ -311,3 +326,15 @@ class LeaseStream:
         for task in self._tasks:
             if task is not asyncio.current_task():
                 task.cancel()
+
+
+def _add(batch: lease_pb2.Settlements, settlement: Settlement) -> int:
+    """Puts a settlement in its place in a Settlements frame; returns its size in bytes."""
+    match settlement:
+        case Ack(request):
+            batch.acks.append(request)
+        case Nack(request):
+            batch.nacks.append(request)
+        case Extend(request):
+            batch.extends.append(request)
+    return settlement.request.ByteSize()
