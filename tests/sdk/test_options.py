@@ -6,18 +6,20 @@ from __future__ import annotations
 import dataclasses
 import pydoc
 from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
 
 from taskbroker import Client, NewTask, SyncClient
-from taskbroker._options import TaskOptions
+from taskbroker._options import RENAMED, TaskOptions
 
 
 def test_new_task_has_an_attribute_per_option() -> None:
     names = [f.name for f in dataclasses.fields(NewTask)]
 
     assert names[:3] == ["queue", "type", "payload"]
-    assert set(names[3:]) == TaskOptions.__optional_keys__
+    assert set(names[3:]) == TaskOptions.__optional_keys__ - RENAMED.keys()
+    assert set(RENAMED.values()) <= set(names)
 
 
 def test_new_task_defaults_and_equality_are_those_of_a_dataclass() -> None:
@@ -46,3 +48,23 @@ def test_help_shows_every_option_where_it_is_taken(taker: Callable[..., object])
 
     for name in TaskOptions.__optional_keys__:
         assert f"{name}: " in text
+
+
+def test_new_task_takes_the_deprecated_retry_names_with_a_warning() -> None:
+    wanted = NewTask("jobs", "run", initial_backoff=timedelta(seconds=2), max_backoff=None)
+
+    with pytest.warns(DeprecationWarning, match="retry_initial is deprecated: use initial_backoff"):
+        task = NewTask("jobs", "run", retry_initial=timedelta(seconds=2))
+    with pytest.warns(DeprecationWarning, match="retry_max is deprecated: use max_backoff") as w:
+        assert task.retry_max is None
+
+    assert task == wanted
+    assert w[0].filename == __file__  # the warning points at the caller's line
+
+
+def test_an_option_under_both_names_is_a_type_error() -> None:
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="give max_backoff"):
+        NewTask("jobs", "run", max_backoff=timedelta(1), retry_max=timedelta(2))
+    with pytest.warns(DeprecationWarning):  # None is an option left out
+        task = NewTask("jobs", "run", max_backoff=timedelta(1), retry_max=None)
+    assert task.max_backoff == timedelta(1)

@@ -36,7 +36,7 @@ from taskbroker._convert import (
     to_timestamp,
 )
 from taskbroker._models import AuditRecord, QueueStats, Task, TaskId
-from taskbroker._options import TaskOptions, checked_options, with_options_doc
+from taskbroker._options import TaskOptions, checked_options, warn_renamed, with_options_doc
 from taskbroker._status import error_from_rpc
 from taskbroker._tracing import (
     MESSAGING_MESSAGE_ID,
@@ -126,8 +126,8 @@ class NewTask:
     lease_duration: timedelta | None = None
     idempotency_key: str | None = None
     headers: Mapping[str, str] | None = None
-    retry_initial: timedelta | None = None
-    retry_max: timedelta | None = None
+    initial_backoff: timedelta | None = None
+    max_backoff: timedelta | None = None
 
     def __init__(
         self, queue: str, type: str, payload: bytes = b"", **options: Unpack[TaskOptions]
@@ -136,6 +136,18 @@ class NewTask:
         given.update(checked_options(options))
         for spec in fields(self):  # frozen: the dataclass's own __init__ would do the same
             object.__setattr__(self, spec.name, given.get(spec.name, spec.default))
+
+    @property
+    def retry_initial(self) -> timedelta | None:
+        """Deprecated name of initial_backoff."""
+        warn_renamed("retry_initial")
+        return self.initial_backoff
+
+    @property
+    def retry_max(self) -> timedelta | None:
+        """Deprecated name of max_backoff."""
+        warn_renamed("retry_max")
+        return self.max_backoff
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,10 +181,10 @@ def task_spec(task: NewTask) -> task_pb2.TaskSpec:
         spec.schedule_time.CopyFrom(to_timestamp(task.schedule_time))
     if task.lease_duration is not None:
         spec.lease_duration.CopyFrom(to_duration(task.lease_duration))
-    if task.retry_initial is not None:
-        spec.retry_policy.initial_backoff.CopyFrom(to_duration(task.retry_initial))
-    if task.retry_max is not None:
-        spec.retry_policy.max_backoff.CopyFrom(to_duration(task.retry_max))
+    if task.initial_backoff is not None:
+        spec.retry_policy.initial_backoff.CopyFrom(to_duration(task.initial_backoff))
+    if task.max_backoff is not None:
+        spec.retry_policy.max_backoff.CopyFrom(to_duration(task.max_backoff))
     return spec
 
 
@@ -392,7 +404,8 @@ class Client:
             ValueError: schedule_time is a naive datetime.
             TypeError: An option's name is unknown.
         """
-        (result,) = await self._send([task_spec(NewTask(queue, type, payload, **options))])
+        new = NewTask(queue, type, payload, **checked_options(options))  # warns from here
+        (result,) = await self._send([task_spec(new)])
         return TaskId(result.task_id, duplicate=result.duplicate)
 
     async def enqueue_many(self, tasks: Iterable[NewTask]) -> list[EnqueueResult]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import inspect
 import textwrap
+import warnings
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Final, TypedDict, TypeVar
+from typing import Final, TypedDict, TypeVar, cast
 
 _T = TypeVar("_T")
 
@@ -28,8 +29,12 @@ class TaskOptions(TypedDict, total=False):
         idempotency_key: Deduplicates retries within the broker's window (default 24 h):
             a repeat returns the first task's id. At most 256 characters.
         headers: Free-form metadata returned with every delivery (for example traceparent).
-        retry_initial: Backoff cap for the first retry. None: the broker default (1 s).
-        retry_max: Largest backoff cap. None: the broker default (10 min).
+        initial_backoff: Backoff cap for the first retry, 1 ms to 7 days. None: the broker
+            default (1 s).
+        max_backoff: Largest backoff cap, at least initial_backoff, at most 7 days. None: the
+            broker default (10 min).
+        retry_initial: Deprecated name of initial_backoff (warns).
+        retry_max: Deprecated name of max_backoff (warns).
     """
 
     priority: int
@@ -39,27 +44,62 @@ class TaskOptions(TypedDict, total=False):
     lease_duration: timedelta | None
     idempotency_key: str | None
     headers: Mapping[str, str] | None
+    initial_backoff: timedelta | None
+    max_backoff: timedelta | None
+    # Kept so that code written for the first names still type-checks; they warn at run time.
     retry_initial: timedelta | None
     retry_max: timedelta | None
 
+
+#: Options renamed to the words of the API (taskbroker.v1.RetryPolicy): old name -> new name.
+#: The old names keep working, with a DeprecationWarning.
+RENAMED: Final[Mapping[str, str]] = {
+    "retry_initial": "initial_backoff",
+    "retry_max": "max_backoff",
+}
 
 #: The line of a docstring under which `with_options_doc` writes the options' documentation.
 OPTIONS_LINE: Final = "**options:"
 
 
 def checked_options(options: TaskOptions) -> TaskOptions:
-    """The options as given, once every name is known to be an option.
+    """The options under their current names, once every name is known to be an option.
 
     `**options: Unpack[TaskOptions]` is checked by type checkers only; at run time this keeps
     the TypeError that a misspelt keyword argument raised when the options were parameters.
+    Call it from the function that takes the options, so that the DeprecationWarning of an
+    old name points at its caller.
 
     Raises:
-        TypeError: A name is not an option.
+        TypeError: A name is not an option, or an option has a value under both its old and
+            its new name.
     """
     unknown = sorted(options.keys() - TaskOptions.__optional_keys__)
     if unknown:
         raise TypeError(f"unexpected keyword argument {unknown[0]!r} (not a task option)")
-    return options
+    if options.keys().isdisjoint(RENAMED):
+        return options
+    current: dict[str, object] = dict(options)
+    for old, new in RENAMED.items():
+        if old not in current:
+            continue
+        warn_renamed(old, stacklevel=4)
+        value = current.pop(old)
+        if value is not None and current.get(new) is not None:
+            raise TypeError(f"give {new} only ({old} is its deprecated name)")
+        if value is not None:
+            current[new] = value
+    return cast(TaskOptions, current)
+
+
+def warn_renamed(old: str, *, stacklevel: int = 3) -> None:
+    """Warns that the option `old` has a new name. The default stacklevel points at the caller
+    of the function that calls this one."""
+    warnings.warn(
+        f"{old} is deprecated: use {RENAMED[old]}, the name in taskbroker.v1.RetryPolicy",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def with_options_doc(target: _T) -> _T:
