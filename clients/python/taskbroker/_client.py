@@ -134,7 +134,7 @@ class NewTask:
     ) -> None:
         given: dict[str, object] = {"queue": queue, "type": type, "payload": payload}
         given.update(checked_options(options))
-        for spec in fields(self):  # frozen: the dataclass's own __init__ would do the same
+        for spec in fields(self):  # as a frozen dataclass's own __init__ sets its fields
             object.__setattr__(self, spec.name, given.get(spec.name, spec.default))
 
     @property

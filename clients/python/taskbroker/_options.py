@@ -110,9 +110,11 @@ def with_options_doc(target: _T) -> _T:
     Raises:
         ValueError: The docstring has no such line.
     """
-    lines = (target.__doc__ or "").splitlines()
+    if target.__doc__ is None or TaskOptions.__doc__ is None:  # python -OO drops docstrings
+        return target
+    lines = target.__doc__.splitlines()
     options_doc = textwrap.dedent(
-        inspect.cleandoc(TaskOptions.__doc__ or "").partition("Attributes:\n")[2]
+        inspect.cleandoc(TaskOptions.__doc__).partition("Attributes:\n")[2]
     )
     for index, line in enumerate(lines):
         if line.lstrip().startswith(OPTIONS_LINE):
