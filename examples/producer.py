@@ -17,8 +17,8 @@ async def produce(client: Client, time_scale: float) -> list[str]:
             json_payload({"to": f"user{i}@example.com", "template": "welcome"}),
             priority=10 if i % 10 == 0 else 0,
             max_attempts=5,
-            retry_initial=timedelta(milliseconds=200 * time_scale),
-            retry_max=timedelta(seconds=5 * time_scale),
+            initial_backoff=timedelta(milliseconds=200 * time_scale),
+            max_backoff=timedelta(seconds=5 * time_scale),
         )
         for i in range(100)
     ]
@@ -30,7 +30,7 @@ async def produce(client: Client, time_scale: float) -> list[str]:
             # "Delayed by up to a few minutes", scaled down for the demo.
             delay=timedelta(seconds=random.uniform(0, 180) * time_scale),
             max_attempts=3,
-            retry_initial=timedelta(milliseconds=200 * time_scale),
+            initial_backoff=timedelta(milliseconds=200 * time_scale),
         )
         for i in range(10)
     ]

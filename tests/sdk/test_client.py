@@ -80,8 +80,8 @@ async def test_enqueue_with_every_option_is_stored_as_given(client: Client) -> N
         lease_duration=timedelta(seconds=45),
         idempotency_key="opt-1",
         headers={"traceparent": "00-ab-cd-01"},
-        retry_initial=timedelta(seconds=2),
-        retry_max=timedelta(minutes=1),
+        initial_backoff=timedelta(seconds=2),
+        max_backoff=timedelta(minutes=1),
     )
 
     task = await client.get_task(task_id)
@@ -94,6 +94,34 @@ async def test_enqueue_with_every_option_is_stored_as_given(client: Client) -> N
     assert raw.lease_duration.ToTimedelta() == timedelta(seconds=45)
     assert raw.retry_policy.initial_backoff.ToTimedelta() == timedelta(seconds=2)
     assert raw.retry_policy.max_backoff.ToTimedelta() == timedelta(minutes=1)
+
+
+async def raw_retry_policy(client: Client, task_id: str) -> tuple[timedelta, timedelta]:
+    policy = (await client.stub.GetTask(bs.GetTaskRequest(task_id=task_id))).task.retry_policy
+    return policy.initial_backoff.ToTimedelta(), policy.max_backoff.ToTimedelta()
+
+
+async def test_the_deprecated_retry_names_still_work_and_warn(
+    client: Client, running: RunningBroker
+) -> None:
+    first, most = timedelta(seconds=2), timedelta(minutes=1)
+
+    with pytest.warns(DeprecationWarning) as caught:
+        task_id = await client.enqueue("emails", "send", retry_initial=first, retry_max=most)
+        with SyncClient(running.target) as sync:
+            sync_id = await asyncio.to_thread(
+                lambda: sync.enqueue("emails", "send", retry_initial=first, retry_max=most)
+            )
+
+    assert [str(w.message).split(":")[0] for w in caught] == [
+        "retry_initial is deprecated",
+        "retry_max is deprecated",
+    ] * 2
+    assert "use initial_backoff" in str(caught[0].message)
+    assert "use max_backoff" in str(caught[1].message)
+    assert {w.filename for w in caught} == {__file__}  # each points at the caller's line
+    assert await raw_retry_policy(client, task_id) == (first, most)
+    assert await raw_retry_policy(client, sync_id) == (first, most)
 
 
 async def test_delay_schedules_the_task_that_long_after_it_was_accepted(client: Client) -> None:

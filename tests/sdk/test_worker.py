@@ -119,7 +119,7 @@ async def test_other_exceptions_are_retried_with_the_broker_backoff(client: Clie
         return b"third time lucky"
 
     task_id = await client.enqueue(
-        "jobs", "flaky", retry_initial=QUICK_RETRY, retry_max=QUICK_RETRY
+        "jobs", "flaky", initial_backoff=QUICK_RETRY, max_backoff=QUICK_RETRY
     )
     async with new_worker(client, flaky):
         task = await finished(client, task_id)
@@ -149,7 +149,7 @@ async def test_configured_exceptions_dead_letter_at_once(
 
     h = handler("lookup", **handler_options)(lookup)  # type: ignore[arg-type]
     task_id = await client.enqueue(
-        "jobs", "lookup", retry_initial=QUICK_RETRY, retry_max=QUICK_RETRY
+        "jobs", "lookup", initial_backoff=QUICK_RETRY, max_backoff=QUICK_RETRY
     )
     async with new_worker(client, h, **worker_options):
         task = await finished(client, task_id)
@@ -166,7 +166,7 @@ async def test_a_handler_over_its_timeout_is_cancelled_and_nacked(client: Client
         await asyncio.sleep(10)
 
     task_id = await client.enqueue(
-        "jobs", "slow", max_attempts=2, retry_initial=QUICK_RETRY, retry_max=QUICK_RETRY
+        "jobs", "slow", max_attempts=2, initial_backoff=QUICK_RETRY, max_backoff=QUICK_RETRY
     )
     started = time.monotonic()
     async with new_worker(client, slow):
@@ -349,7 +349,7 @@ async def test_shutdown_lets_short_tasks_finish_and_nacks_the_rest(client: Clien
 
     short = [await client.enqueue("jobs", "work", b"short") for _ in range(3)]
     long = await client.enqueue(
-        "jobs", "work", b"long", retry_initial=QUICK_RETRY, retry_max=QUICK_RETRY
+        "jobs", "work", b"long", initial_backoff=QUICK_RETRY, max_backoff=QUICK_RETRY
     )
     worker = new_worker(client, work, concurrency=4, shutdown_grace=timedelta(milliseconds=600))
     async with worker:

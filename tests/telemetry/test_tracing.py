@@ -122,7 +122,7 @@ async def test_a_retried_task_gives_one_send_span_and_a_child_process_span_per_a
         return b"sent"
 
     task_id = await traced.client.enqueue(
-        "jobs", "flaky", retry_initial=QUICK_RETRY, retry_max=QUICK_RETRY
+        "jobs", "flaky", initial_backoff=QUICK_RETRY, max_backoff=QUICK_RETRY
     )
     async with new_worker(traced.client, flaky):
         task = await traced.client.wait(task_id, timeout=5)
@@ -335,8 +335,8 @@ async def test_no_payload_result_or_header_value_reaches_spans_logs_or_metrics(
         "private",
         b"payload-7f3a9c",
         headers={"x-user": "alice@example.com", "authorization": "token-e29a41"},
-        retry_initial=QUICK_RETRY,
-        retry_max=QUICK_RETRY,
+        initial_backoff=QUICK_RETRY,
+        max_backoff=QUICK_RETRY,
     )
     async with new_worker(traced.client, private):
         task = await traced.client.wait(task_id, timeout=5)

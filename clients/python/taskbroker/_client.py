@@ -7,11 +7,11 @@ import ipaddress
 import os
 import random
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar, Unpack
 
 import grpc
 
@@ -36,6 +36,7 @@ from taskbroker._convert import (
     to_timestamp,
 )
 from taskbroker._models import AuditRecord, QueueStats, Task, TaskId
+from taskbroker._options import TaskOptions, checked_options, warn_renamed, with_options_doc
 from taskbroker._status import error_from_rpc
 from taskbroker._tracing import (
     MESSAGING_MESSAGE_ID,
@@ -102,29 +103,22 @@ DEFAULT_OPTIONS: Final[Mapping[str, Any]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@with_options_doc
+@dataclass(frozen=True, slots=True, init=False)
 class NewTask:
-    """A task to enqueue with `Client.enqueue_many`; the fields mirror `Client.enqueue`.
+    """A task to enqueue with `Client.enqueue_many`: `NewTask(queue, type, payload, **options)`,
+    with the options of `Client.enqueue`.
 
     Attributes:
         queue: Queue name, 1-128 characters of [A-Za-z0-9_.-].
         type: Task type, which picks the worker's handler; same alphabet as queue.
         payload: Opaque bytes handed to the handler unchanged.
-        priority: -1000 to 1000; higher runs first.
-        delay: Run no earlier than this long after the broker accepts the task.
-        schedule_time: Run no earlier than this (timezone-aware) instant. Not with delay.
-        max_attempts: Deliveries before the task is dead-lettered, 1-1000. None: broker default.
-        lease_duration: Lease length for this task, overriding the worker's.
-        idempotency_key: Deduplicates producer retries within the broker's window.
-        headers: Free-form metadata returned with every delivery (for example traceparent).
-        retry_initial: Backoff cap for the first retry. None: broker default.
-        retry_max: Largest backoff cap. None: broker default.
+        **options: The options (`TaskOptions`), each an attribute (None or 0 when left out):
     """
 
     queue: str
     type: str
     payload: bytes = b""
-    _: KW_ONLY
     priority: int = 0
     delay: timedelta | None = None
     schedule_time: datetime | None = None
@@ -132,8 +126,28 @@ class NewTask:
     lease_duration: timedelta | None = None
     idempotency_key: str | None = None
     headers: Mapping[str, str] | None = None
-    retry_initial: timedelta | None = None
-    retry_max: timedelta | None = None
+    initial_backoff: timedelta | None = None
+    max_backoff: timedelta | None = None
+
+    def __init__(
+        self, queue: str, type: str, payload: bytes = b"", **options: Unpack[TaskOptions]
+    ) -> None:
+        given: dict[str, object] = {"queue": queue, "type": type, "payload": payload}
+        given.update(checked_options(options))
+        for spec in fields(self):  # as a frozen dataclass's own __init__ sets its fields
+            object.__setattr__(self, spec.name, given.get(spec.name, spec.default))
+
+    @property
+    def retry_initial(self) -> timedelta | None:
+        """Deprecated name of initial_backoff."""
+        warn_renamed("retry_initial")
+        return self.initial_backoff
+
+    @property
+    def retry_max(self) -> timedelta | None:
+        """Deprecated name of max_backoff."""
+        warn_renamed("retry_max")
+        return self.max_backoff
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,10 +181,10 @@ def task_spec(task: NewTask) -> task_pb2.TaskSpec:
         spec.schedule_time.CopyFrom(to_timestamp(task.schedule_time))
     if task.lease_duration is not None:
         spec.lease_duration.CopyFrom(to_duration(task.lease_duration))
-    if task.retry_initial is not None:
-        spec.retry_policy.initial_backoff.CopyFrom(to_duration(task.retry_initial))
-    if task.retry_max is not None:
-        spec.retry_policy.max_backoff.CopyFrom(to_duration(task.retry_max))
+    if task.initial_backoff is not None:
+        spec.retry_policy.initial_backoff.CopyFrom(to_duration(task.initial_backoff))
+    if task.max_backoff is not None:
+        spec.retry_policy.max_backoff.CopyFrom(to_duration(task.max_backoff))
     return spec
 
 
@@ -363,21 +377,9 @@ class Client:
 
     # --- producing --------------------------------------------------------------------------
 
+    @with_options_doc
     async def enqueue(
-        self,
-        queue: str,
-        type: str,
-        payload: bytes = b"",
-        *,
-        priority: int = 0,
-        delay: timedelta | None = None,
-        schedule_time: datetime | None = None,
-        max_attempts: int | None = None,
-        lease_duration: timedelta | None = None,
-        idempotency_key: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        retry_initial: timedelta | None = None,
-        retry_max: timedelta | None = None,
+        self, queue: str, type: str, payload: bytes = b"", **options: Unpack[TaskOptions]
     ) -> TaskId:
         """Enqueues one task.
 
@@ -389,17 +391,7 @@ class Client:
             queue: Queue name, 1-128 characters of [A-Za-z0-9_.-].
             type: Task type, which picks the worker's handler; same alphabet as queue.
             payload: Opaque bytes handed to the handler unchanged (see `taskbroker.codec`).
-            priority: -1000 to 1000; higher runs first, FIFO within one priority.
-            delay: Run no earlier than this long after the broker accepts the task.
-            schedule_time: Run no earlier than this timezone-aware instant. Not with delay.
-            max_attempts: Deliveries before the task is dead-lettered, 1-1000. None: the broker
-                default (5).
-            lease_duration: Lease length for this task, overriding the worker's; 10 ms to 12 h.
-            idempotency_key: Deduplicates retries within the broker's window (default 24 h):
-                a repeat returns the first task's id. At most 256 characters.
-            headers: Free-form metadata returned with every delivery (for example traceparent).
-            retry_initial: Backoff cap for the first retry. None: the broker default (1 s).
-            retry_max: Largest backoff cap. None: the broker default (10 min).
+            **options: The task's options (`TaskOptions`), keyword-only:
 
         Returns:
             The task's id, a `str` (`TaskId`). With an idempotency key that matched an earlier
@@ -410,21 +402,9 @@ class Client:
             AlreadyExistsError: The idempotency key was used for a different task.
             UnavailableError: The broker or its Redis could not be reached.
             ValueError: schedule_time is a naive datetime.
+            TypeError: An option's name is unknown.
         """
-        new = NewTask(
-            queue,
-            type,
-            payload,
-            priority=priority,
-            delay=delay,
-            schedule_time=schedule_time,
-            max_attempts=max_attempts,
-            lease_duration=lease_duration,
-            idempotency_key=idempotency_key,
-            headers=headers,
-            retry_initial=retry_initial,
-            retry_max=retry_max,
-        )
+        new = NewTask(queue, type, payload, **checked_options(options))  # warns from here
         (result,) = await self._send([task_spec(new)])
         return TaskId(result.task_id, duplicate=result.duplicate)
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Coroutine, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, Unpack
 
 from taskbroker._channel import TlsConfig
 from taskbroker._client import Client, EnqueueResult, NewTask
 from taskbroker._models import QueueStats, Task, TaskId
+from taskbroker._options import TaskOptions, checked_options, with_options_doc
 from taskbroker.encryption import PayloadCodec
 
 _T = TypeVar("_T")
@@ -83,44 +83,24 @@ class SyncClient:
             future.cancel()  # interrupted (KeyboardInterrupt): do not leave the call running
             raise
 
+    @with_options_doc
     def enqueue(
-        self,
-        queue: str,
-        type: str,
-        payload: bytes = b"",
-        *,
-        priority: int = 0,
-        delay: timedelta | None = None,
-        schedule_time: datetime | None = None,
-        max_attempts: int | None = None,
-        lease_duration: timedelta | None = None,
-        idempotency_key: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        retry_initial: timedelta | None = None,
-        retry_max: timedelta | None = None,
+        self, queue: str, type: str, payload: bytes = b"", **options: Unpack[TaskOptions]
     ) -> TaskId:
-        """Enqueues one task; see `Client.enqueue` for the options and errors.
+        """Enqueues one task; see `Client.enqueue` for the errors.
+
+        Args:
+            queue: Queue name, 1-128 characters of [A-Za-z0-9_.-].
+            type: Task type, which picks the worker's handler; same alphabet as queue.
+            payload: Opaque bytes handed to the handler unchanged (see `taskbroker.codec`).
+            **options: The task's options (`TaskOptions`), keyword-only:
 
         Returns:
             The task's id, a `str` whose `.duplicate` is True when the idempotency key matched
             an earlier task (that task's id is returned; nothing new was enqueued).
         """
-        return self._run(
-            self._client.enqueue(
-                queue,
-                type,
-                payload,
-                priority=priority,
-                delay=delay,
-                schedule_time=schedule_time,
-                max_attempts=max_attempts,
-                lease_duration=lease_duration,
-                idempotency_key=idempotency_key,
-                headers=headers,
-                retry_initial=retry_initial,
-                retry_max=retry_max,
-            )
-        )
+        options = checked_options(options)  # a misspelt name fails here, not on the loop
+        return self._run(self._client.enqueue(queue, type, payload, **options))
 
     def enqueue_many(self, tasks: Iterable[NewTask]) -> list[EnqueueResult]:
         """Enqueues tasks, 1,000 per call; see `Client.enqueue_many`.

@@ -1,10 +1,11 @@
-"""The `taskbroker` command line: enqueue and inspect tasks, watch queues, manage dead letters,
-pause queues and run workers.
+"""The `taskbroker` command line: its commands and their arguments, to enqueue and inspect
+tasks, watch queues, manage dead letters, pause queues and run workers.
 
 Every command talks to the broker through the async `Client`; `App.run` runs one coroutine with
 a client and turns SDK errors into `error: ...` on stderr and exit status 1. Usage errors (a bad
 option value) exit 2, as click does. With `--json` each command writes one JSON document to
 stdout (`stats --watch --json` writes one per refresh, a line each) and errors are JSON on stderr.
+How tasks, queues, stats and audit records look, as tables and as JSON, is in `_cli_render`.
 """
 
 from __future__ import annotations
@@ -20,16 +21,13 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Final, NoReturn, Protocol, TypeVar, cast
 
 import click
-from rich import box
 from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
 
 from taskbroker._channel import (
     ENV_TLS,
@@ -41,6 +39,18 @@ from taskbroker._channel import (
     ENV_TOKEN_FILE,
     ChannelConfigError,
     TlsConfig,
+)
+from taskbroker._cli_render import (
+    audit_doc,
+    audit_table,
+    consoles,
+    dead_table,
+    enqueued_table,
+    errors_table,
+    stats_doc,
+    stats_table,
+    task_doc,
+    task_view,
 )
 from taskbroker._client import MAX_TASKS_PER_CALL, Client, EnqueueResult, NewTask
 from taskbroker._errors import (
@@ -54,13 +64,6 @@ from taskbroker.codec import json_payload
 
 T = TypeVar("T")
 
-#: Width of tables written to a pipe or file (unless COLUMNS says otherwise): wide enough that
-#: the stats table is never squeezed, which rich would otherwise do at its default of 80.
-PIPE_WIDTH: Final = 160
-#: Console width below which the stats table drops its cell padding.
-COMPACT_BELOW: Final = 100
-#: Bytes of a binary payload or result shown (as hex) in a table; --json shows them all.
-HEX_PREVIEW_BYTES: Final = 32
 #: How duration options are written, for their help texts.
 DURATION_FORMAT: Final = "250ms, 30s, 5m, 2h, 1d, sums such as 1h30m, or plain seconds"
 #: Log records as `taskbroker worker` prints them: time, level, logger, message.
@@ -243,195 +246,6 @@ class App:
             yield lambda n: bar.advance(task, n)
 
 
-def _consoles() -> tuple[Console, Console]:
-    out = Console(highlight=False)
-    if not out.is_terminal and "COLUMNS" not in os.environ:
-        out = Console(highlight=False, width=PIPE_WIDTH)
-    return out, Console(stderr=True, highlight=False)
-
-
-# --- formatting -----------------------------------------------------------------------------
-
-
-def _printable(data: bytes) -> str | None:
-    """The bytes as text when they are UTF-8 made of printable characters (and whitespace)."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return text if all(c.isprintable() or c in "\n\r\t" for c in text) else None
-
-
-def _bytes_cell(data: bytes) -> Text:
-    if not data:
-        return Text("(empty)", style="dim")
-    text = _printable(data)
-    if text is not None:
-        return Text(text)
-    more = "…" if len(data) > HEX_PREVIEW_BYTES else ""
-    return Text(f"<{len(data)} bytes> {data[:HEX_PREVIEW_BYTES].hex(' ')}{more}")
-
-
-def _bytes_doc(data: bytes) -> dict[str, object]:
-    text = _printable(data)
-    return (
-        {"size": len(data), "text": text}
-        if text is not None
-        else {"size": len(data), "hex": data.hex()}
-    )
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
-def _time_cell(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC" if value is not None else "-"
-
-
-def _age_cell(age: timedelta | None) -> str:
-    if age is None:
-        return "-"
-    seconds = age.total_seconds()
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
-def task_doc(task: Task) -> dict[str, object]:
-    """A task as a JSON object (times in ISO 8601, bytes as {"size", "text" | "hex"})."""
-    return {
-        "id": task.id,
-        "queue": task.queue,
-        "type": task.type,
-        "state": task.state.name,
-        "priority": task.priority,
-        "attempt": task.attempt,
-        "max_attempts": task.max_attempts,
-        "headers": task.headers,
-        "create_time": _iso(task.create_time),
-        "schedule_time": _iso(task.schedule_time),
-        "lease_expire_time": _iso(task.lease_expire_time),
-        "finish_time": _iso(task.finish_time),
-        "last_error": task.last_error,
-        "errors": [
-            {"attempt": e.attempt, "message": e.message, "time": _iso(e.time)} for e in task.errors
-        ],
-        "payload": _bytes_doc(task.payload),
-        "result": _bytes_doc(task.result),
-    }
-
-
-def _task_view(task: Task) -> Table:
-    grid = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
-    grid.add_column(style="bold")
-    grid.add_column()
-    rows: list[tuple[str, str | Text]] = [
-        ("id", Text(task.id)),
-        ("queue", Text(task.queue)),
-        ("type", Text(task.type)),
-        ("state", task.state.name),
-        ("priority", str(task.priority)),
-        ("attempt", f"{task.attempt} of {task.max_attempts}"),
-        ("created", _time_cell(task.create_time)),
-        ("scheduled", _time_cell(task.schedule_time)),
-        ("lease expires", _time_cell(task.lease_expire_time)),
-        ("finished", _time_cell(task.finish_time)),
-        ("headers", Text(", ".join(f"{k}={v}" for k, v in sorted(task.headers.items())) or "-")),
-        ("last error", Text(task.last_error or "-")),
-        ("payload", _bytes_cell(task.payload)),
-        ("result", _bytes_cell(task.result)),
-    ]
-    for name, value in rows:
-        grid.add_row(name, value)
-    return grid
-
-
-def _errors_table(task: Task) -> Table:
-    table = Table(title="errors", title_justify="left")
-    table.add_column("attempt", justify="right")
-    table.add_column("time")
-    table.add_column("error")
-    for error in task.errors:
-        table.add_row(str(error.attempt), _time_cell(error.time), Text(error.message))
-    return table
-
-
-def stats_doc(stats: QueueStats) -> dict[str, object]:
-    """A queue's stats as a JSON object."""
-    age = stats.oldest_pending_age
-    return {
-        "queue": stats.queue,
-        "pending": stats.pending,
-        "scheduled": stats.scheduled,
-        "leased": stats.leased,
-        "dead": stats.dead,
-        "paused": stats.paused,
-        "enqueued_total": stats.enqueued_total,
-        "succeeded_total": stats.succeeded_total,
-        "failed_total": stats.failed_total,
-        "retried_total": stats.retried_total,
-        "reclaimed_total": stats.reclaimed_total,
-        "dead_lettered_total": stats.dead_lettered_total,
-        "cancelled_total": stats.cancelled_total,
-        "oldest_pending_age_s": age.total_seconds() if age is not None else None,
-    }
-
-
-#: Counts, totals and the age of the oldest pending task. Two-line headers, and no padding on
-#: terminals narrower than COMPACT_BELOW, keep the table within 80 columns for short queue names.
-_STATS_COLUMNS: Final = (
-    "pending",
-    "scheduled",
-    "leased",
-    "dead",
-    "enqueued",
-    "succeeded",
-    "failed",
-    "retried",
-    "dead-\nlettered",
-    "oldest\npending",
-)
-
-
-def _stats_table(all_stats: Sequence[QueueStats], width: int) -> Table:
-    padding = (0, 0) if width < COMPACT_BELOW else (0, 1)
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=padding)
-    table.add_column("queue", no_wrap=True, vertical="bottom")
-    for column in _STATS_COLUMNS:
-        table.add_column(column, justify="right", vertical="bottom")
-    table.add_column("paused", vertical="bottom")
-    for s in all_stats:
-        counts = (s.pending, s.scheduled, s.leased, s.dead)
-        totals = (
-            s.enqueued_total,
-            s.succeeded_total,
-            s.failed_total,
-            s.retried_total,
-            s.dead_lettered_total,
-        )
-        age = _age_cell(s.oldest_pending_age)
-        paused = Text("paused", style="yellow") if s.paused else Text("-")
-        table.add_row(Text(s.queue), *(str(n) for n in counts + totals), age, paused)
-    return table
-
-
-def _dead_table(tasks: Sequence[Task]) -> Table:
-    table = Table()
-    table.add_column("task id", no_wrap=True)
-    table.add_column("type")
-    table.add_column("attempts", justify="right")
-    table.add_column("dead since")
-    table.add_column("last error")
-    for task in tasks:
-        attempts = f"{task.attempt}/{task.max_attempts}"
-        since = _time_cell(task.finish_time)
-        table.add_row(Text(task.id), Text(task.type), attempts, since, Text(task.last_error))
-    return table
-
-
 # --- commands -------------------------------------------------------------------------------
 
 
@@ -532,7 +346,7 @@ def cli(
     if log_level is None:
         log_level = "info" if ctx.invoked_subcommand == "worker" else "warning"
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
-    out, err = _consoles()
+    out, err = consoles()
     ctx.obj = App(target, json_output, timeout.total_seconds(), out, err, tls, token, token_file)
 
 
@@ -585,7 +399,7 @@ def enqueue(
     if app.json:
         app.emit({"task_ids": [r.task_id for r in results]})
     elif app.out.is_terminal:
-        app.show(_enqueued_table(results))
+        app.show(enqueued_table(results))
     else:
         for result in results:
             click.echo(result.task_id)
@@ -601,15 +415,6 @@ async def _enqueue_copies(app: App, client: Client, tasks: list[NewTask]) -> lis
     return results
 
 
-def _enqueued_table(results: Sequence[EnqueueResult]) -> Table:
-    table = Table()
-    table.add_column("task id", no_wrap=True)
-    table.add_column("duplicate")
-    for result in results:
-        table.add_row(Text(result.task_id), "yes (idempotency key)" if result.duplicate else "-")
-    return table
-
-
 @cli.command()
 @click.argument("task_id", metavar="ID")
 @click.pass_obj
@@ -619,9 +424,9 @@ def task(app: App, task_id: str) -> None:
     if app.json:
         app.emit(task_doc(found))
         return
-    app.show(_task_view(found))
+    app.show(task_view(found))
     if found.errors:
-        app.show(_errors_table(found))
+        app.show(errors_table(found))
 
 
 @cli.command()
@@ -647,7 +452,7 @@ def stats(app: App, queues: tuple[str, ...], watch: bool, interval: timedelta) -
         with Live(console=app.out, auto_refresh=False) as live:
 
             def show(all_stats: list[QueueStats]) -> None:
-                live.update(_stats_table(all_stats, app.out.width), refresh=True)
+                live.update(stats_table(all_stats, app.out.width), refresh=True)
 
             app.run(lambda c: _watch(c, queues, interval, show))
     except KeyboardInterrupt:  # Ctrl-C is how a watch ends
@@ -660,7 +465,7 @@ def _show_stats(app: App, all_stats: Sequence[QueueStats]) -> None:
     elif not all_stats:
         app.show("no queues")
     else:
-        app.show(_stats_table(all_stats, app.out.width))
+        app.show(stats_table(all_stats, app.out.width))
 
 
 async def _watch(
@@ -694,7 +499,7 @@ def dead_list(app: App, queue: str, limit: int) -> None:
     elif not tasks:
         click.echo(f"no dead letters in {queue}")
     else:
-        app.show(_dead_table(tasks))
+        app.show(dead_table(tasks))
 
 
 async def _dead_letters(client: Client, queue: str, limit: int) -> list[Task]:
@@ -815,7 +620,7 @@ def audit(app: App, limit: int) -> None:
     elif not records:
         click.echo("no audit records")
     else:
-        app.show(_audit_table(records))
+        app.show(audit_table(records))
 
 
 async def _audit_records(client: Client, limit: int) -> list[AuditRecord]:
@@ -825,34 +630,6 @@ async def _audit_records(client: Client, limit: int) -> list[AuditRecord]:
         if len(records) == limit:
             break
     return records
-
-
-def audit_doc(record: AuditRecord) -> dict[str, object]:
-    return {
-        "time": _iso(record.time),
-        "principal": record.principal,
-        "action": record.action,
-        "target": record.target,
-        "outcome": record.outcome,
-        "detail": record.detail,
-    }
-
-
-def _audit_table(records: Sequence[AuditRecord]) -> Table:
-    table = Table()
-    for column in ("time", "principal", "action", "target", "outcome", "detail"):
-        table.add_column(column)
-    for r in records:
-        # Text, not markup: a queue name or message in brackets is shown as it is.
-        table.add_row(
-            _time_cell(r.time),
-            Text(r.principal),
-            Text(r.action),
-            Text(r.target),
-            Text(r.outcome),
-            Text(r.detail),
-        )
-    return table
 
 
 # --- queues ---------------------------------------------------------------------------------
