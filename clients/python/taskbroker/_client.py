@@ -27,6 +27,7 @@ from taskbroker._channel import (
     open_channel,
     tls_options,
 )
+from taskbroker._coalescer import EnqueueCoalescer, Metadata
 from taskbroker._codec_hooks import decode_task, encode_specs
 from taskbroker._convert import (
     audit_record_from_proto,
@@ -289,6 +290,7 @@ class Client:
         self._target = channel_target(target)
         self._tracing = Tracing(tracer_provider)
         self._timeout = timeout
+        self._coalescer = EnqueueCoalescer[EnqueueResult](self._enqueue_batch, self._enqueue_one)
         self._options = list({**DEFAULT_OPTIONS, **dict(tls_options(tls)), **dict(options)}.items())
         bearer = None if token is None and token_file is None else BearerToken(token, token_file)
         self._credentials = channel_credentials(self._target, tls, bearer)
@@ -383,6 +385,9 @@ class Client:
     ) -> TaskId:
         """Enqueues one task.
 
+        Calls made at the same time on one Client share Enqueue calls to the broker (one per
+        queue, up to 1,000 tasks), and each gets its own task's answer, as if sent alone.
+
         With an idempotency key, a call that fails UNAVAILABLE is retried (up to 3 times, with
         jittered backoff): the key makes a repeat of an applied call harmless. Without one, the
         outcome is unknown and UnavailableError is raised at once.
@@ -405,7 +410,7 @@ class Client:
             TypeError: An option's name is unknown.
         """
         new = NewTask(queue, type, payload, **checked_options(options))  # warns from here
-        (result,) = await self._send([task_spec(new)])
+        (result,) = await self._send([task_spec(new)], coalesce=True)
         return TaskId(result.task_id, duplicate=result.duplicate)
 
     async def enqueue_many(self, tasks: Iterable[NewTask]) -> list[EnqueueResult]:
@@ -431,13 +436,17 @@ class Client:
         """
         return await self._send([task_spec(t) for t in tasks])
 
-    async def _send(self, specs: list[task_pb2.TaskSpec]) -> list[EnqueueResult]:
+    async def _send(
+        self, specs: list[task_pb2.TaskSpec], coalesce: bool = False
+    ) -> list[EnqueueResult]:
         """Enqueues the tasks in a `send` span (one per call, a batch too) when tracing is on:
-        each task's headers and each Enqueue call's metadata carry its context."""
+        each task's headers and each Enqueue call's metadata carry its context. `coalesce`: one
+        task, which may share an Enqueue call with other callers' (EnqueueCoalescer; the call
+        then carries the first one's trace context, each task its own in its headers)."""
         encode_specs(self.codec, specs)
         tracer = self._tracing.tracer()
         if tracer is None or not specs:
-            return await self._enqueue_chunks(specs, None)
+            return await self._enqueue(specs, None, coalesce)
         span = start_send(tracer, [spec.queue for spec in specs])
         error: BaseException | None = None
         try:
@@ -445,7 +454,7 @@ class Client:
             for spec in specs:
                 add_trace_headers(spec.headers, carrier)
             with use_span(span):  # client-side gRPC instrumentation, if any, nests under it
-                results = await self._enqueue_chunks(specs, tuple(carrier.items()))
+                results = await self._enqueue(specs, tuple(carrier.items()), coalesce)
             if len(results) == 1:
                 span.set_attribute(MESSAGING_MESSAGE_ID, results[0].task_id)
             return results
@@ -455,16 +464,28 @@ class Client:
         finally:
             end_span(span, error)
 
-    async def _enqueue_chunks(
-        self, specs: list[task_pb2.TaskSpec], metadata: tuple[tuple[str, str], ...] | None
+    async def _enqueue(
+        self, specs: list[task_pb2.TaskSpec], metadata: Metadata, coalesce: bool
     ) -> list[EnqueueResult]:
+        if coalesce:
+            return [await self._coalescer.enqueue(specs[0], metadata)]
         results: list[EnqueueResult] = []
         for chunk in _chunks(specs):
             results.extend(await self._enqueue_call(chunk, metadata))
         return results
 
+    async def _enqueue_one(self, spec: task_pb2.TaskSpec, metadata: Metadata) -> EnqueueResult:
+        (result,) = await self._enqueue_call([spec], metadata)
+        return result
+
+    async def _enqueue_batch(
+        self, specs: list[task_pb2.TaskSpec], metadata: Metadata
+    ) -> list[EnqueueResult]:
+        # No retry of its own: the coalescer resends what a failed batch leaves unknown.
+        return await self._enqueue_call(specs, metadata, retries=0)
+
     async def _enqueue_call(
-        self, specs: list[task_pb2.TaskSpec], metadata: tuple[tuple[str, str], ...] | None
+        self, specs: list[task_pb2.TaskSpec], metadata: Metadata, retries: int = ENQUEUE_RETRIES
     ) -> list[EnqueueResult]:
         request = broker_service_pb2.EnqueueRequest(tasks=specs)
         retryable = all(spec.idempotency_key for spec in specs)
@@ -477,7 +498,7 @@ class Client:
             except grpc.RpcError as err:
                 error = error_from_rpc(err)
                 unavailable = error.code is grpc.StatusCode.UNAVAILABLE
-                if retryable and unavailable and retry < ENQUEUE_RETRIES:
+                if retryable and unavailable and retry < retries:
                     await asyncio.sleep(_enqueue_backoff_s(retry))
                     retry += 1
                     continue
