@@ -18,14 +18,15 @@ CHECK_INTERVAL_S = 1.0
 
 class PolicyFile:
     """Reads the policy at construction (a broken file stops the start: PolicyError), then
-    again whenever its size, mtime or inode changes. A broken edit keeps the policy in force
-    and logs why, so a typo never opens or closes the broker to everyone."""
+    again whenever its size, mtime or inode changes, or those of the JWT keys file it names.
+    A broken edit keeps the policy in force and logs why, so a typo never opens or closes the
+    broker to everyone."""
 
     def __init__(self, path: Path, check_interval_s: float = CHECK_INTERVAL_S) -> None:
         self._path = path
         self._check_interval_s = check_interval_s
-        self._signature = self._stat()
         self._policy = read_policy(path)
+        self._signature = self._stat()
         self._checked_at = time.monotonic()
 
     @property
@@ -50,12 +51,19 @@ class PolicyFile:
         except PolicyError as exc:
             log.error("policy file not reloaded, the previous policy stays in force: %s", exc)
             return False
+        self._signature = self._stat()  # the new policy may name other files
         log.info("policy file %s reloaded", self._path)
         return True
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self._path)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
+    def _stat(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """The file's identity, and that of each file it names (the JWT keys): an edit of any
+        of them reloads the policy."""
+        return tuple(_signature(p) for p in (self._path, *self._policy.depends_on))
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)

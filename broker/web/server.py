@@ -26,6 +26,7 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from broker.audit import may_read_audit
+from broker.auth.jwt_tokens import looks_like_jwt
 from broker.auth.policy import token_digest
 from broker.auth.principal import ANONYMOUS, Principal, Role
 from broker.errors import BrokerError, InvalidArgument, PermissionDenied, Unauthenticated
@@ -255,6 +256,8 @@ class WebServer:
         principal = policy.principal_for_token(token.strip())
         if principal is None:
             reason = "the token is not one the broker's policy knows"
+            if policy.jwt is not None and looks_like_jwt(token.strip()):
+                reason = "the dashboard takes a token of the policy file, not a JWT"
             self._audit.unauthenticated(_peer(request), reason, "dashboard.login")
             raise Unauthenticated(reason)
         session_id, session = await self._web_sessions.create(

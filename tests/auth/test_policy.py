@@ -59,7 +59,7 @@ def test_grants_apply_to_their_principals_roles_and_queue_globs() -> None:
     ("text", "complaint"),
     [
         ("[[principals]]\nname='a'\ntoken_sha256=['abc']", "64 lowercase hex"),
-        ("[[principals]]\nname='a'", "needs token_sha256 or certificate_names"),
+        ("[[principals]]\nname='a'", "needs token_sha256, certificate_names or jwt_subjects"),
         ("[[principals]]\nname='anonymous'\ncertificate_names=['x']", "reserved"),
         ("[[grants]]\nprincipals=['ghost']\nroles=['read']\nqueues=['*']", "no principal"),
         ("[[grants]]\nprincipals=['*']\nroles=['root']\nqueues=['*']", "'root' is not one of"),

@@ -4,8 +4,12 @@ every RPC the access table checks, and every setting SECURITY.md explains exists
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
 
 from broker.api.access import RULES
 from broker.auth.policy import parse_policy
@@ -19,7 +23,7 @@ POLICY = ROOT / "SECURITY.md"
 
 
 def test_the_policy_example_parses_and_grants_what_the_page_says() -> None:
-    [block] = [b for b in doc_blocks(PAGE) if b.language == "toml"]
+    [block] = [b for b in doc_blocks(PAGE) if b.language == "toml" and "[jwt]" not in b.code]
     policy = parse_policy(block.code, block.where)
     api = Principal("billing-api", "token")
     worker = Principal("billing-worker", "token")
@@ -49,3 +53,15 @@ def test_security_md_explains_only_settings_that_exist() -> None:
     assert named <= {f.name for f in dataclasses.fields(Settings)}, named
     for setting in ("tls_cert", "tls_client_ca", "policy_file", "insecure", "http_allowed_hosts"):
         assert setting in named
+
+
+def test_the_jwt_example_parses_with_a_keys_file(tmp_path: Path) -> None:
+    [block] = [b for b in doc_blocks(PAGE) if b.language == "toml" and "[jwt]" in b.code]
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "jwks.json").write_text(
+        json.dumps({"keys": [json.loads(ECAlgorithm.to_jwk(key.public_key()))]})
+    )
+    policy = parse_policy(block.code, block.where, tmp_path)
+    assert policy.jwt is not None and policy.jwt.issuer == "https://idp.example.com/"
+    worker = policy.principal_by_jwt_subject["system:serviceaccount:billing:worker"]
+    assert policy.allows(Principal(worker, "jwt"), Role.CONSUME, "billing-eu")
