@@ -44,8 +44,8 @@ class NewTask:
     priority: int
     max_attempts: int
     lease_ms: int  # 0: the worker's lease length
-    backoff_initial_ms: int
-    backoff_max_ms: int
+    initial_backoff_ms: int
+    max_backoff_ms: int
     delay_ms: int  # -1: no delay
     schedule_ms: int  # -1: no schedule time
     idempotency_key: str  # '' : none
@@ -89,8 +89,8 @@ class Task(NamedTuple):
     errors: tuple[AttemptError, ...]
     result: bytes
     lease_ms: int  # 0: the worker's lease length
-    backoff_initial_ms: int
-    backoff_max_ms: int
+    initial_backoff_ms: int
+    max_backoff_ms: int
     lease_id: str = ""
 
 

@@ -92,8 +92,8 @@ class TaskRequest:
     max_attempts: int = 0
     lease_ms: int | None = None
     idempotency_key: str = ""
-    backoff_initial_ms: int | None = None
-    backoff_max_ms: int | None = None
+    initial_backoff_ms: int | None = None
+    max_backoff_ms: int | None = None
 
 
 def _check_size(f: str, request: TaskRequest, header_bytes: int, limit: int) -> None:
@@ -197,11 +197,11 @@ class TaskQueue:
             raise InvalidArgument(
                 f"{f}.idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_LENGTH} characters"
             )
-        initial = request.backoff_initial_ms
+        initial = request.initial_backoff_ms
         if initial is None:
             initial = round(s.backoff_initial_s * 1000)
         _check_range(f"{f}.retry_policy.initial_backoff", initial, 1, MAX_BACKOFF_MS, " ms")
-        cap = request.backoff_max_ms
+        cap = request.max_backoff_ms
         if cap is None:
             cap = max(round(s.backoff_max_s * 1000), initial)
         _check_range(f"{f}.retry_policy.max_backoff", cap, initial, MAX_BACKOFF_MS, " ms")
@@ -213,8 +213,8 @@ class TaskQueue:
             priority=request.priority,
             max_attempts=max_attempts,
             lease_ms=lease_ms,
-            backoff_initial_ms=initial,
-            backoff_max_ms=cap,
+            initial_backoff_ms=initial,
+            max_backoff_ms=cap,
             delay_ms=-1 if request.delay_ms is None else request.delay_ms,
             schedule_ms=-1 if request.schedule_ms is None else request.schedule_ms,
             idempotency_key=_hash_key(queue, request.idempotency_key, scope),
@@ -727,7 +727,7 @@ def _body_hash(r: TaskRequest) -> str:
     # Trace context differs on every retry of the same enqueue: it is not part of the task.
     headers = sorted((k, v) for k, v in r.headers.items() if k not in TRACE_HEADERS)
     meta = [r.queue, r.type, headers, r.priority, r.delay_ms, r.schedule_ms,
-            r.max_attempts, r.lease_ms, r.backoff_initial_ms, r.backoff_max_ms]  # fmt: skip
+            r.max_attempts, r.lease_ms, r.initial_backoff_ms, r.max_backoff_ms]  # fmt: skip
     digest.update(json.dumps(meta).encode())
     digest.update(r.payload)
     return digest.hexdigest()[:32]

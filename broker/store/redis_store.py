@@ -128,12 +128,20 @@ def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
-#: The task hash fields a Task is built from, in the order `decode_fields` reads them (lease.lua
-#: returns them in this order with HMGET: no field names on the wire, no dict per task).
-TASK_FIELDS: Final = (
-    "type", "payload", "hdr", "pri", "state", "att", "max", "ctime", "stime",
-    "etime", "ftime", "lerr", "errs", "res", "lease_ms", "bo_i", "bo_m", "lid",
-)  # fmt: skip
+#: Each Task field (but ref) and the task hash field that stores it (lua/_prelude.lua). The
+#: hash's names are the persisted format, short to keep hashes small: never rename one (stored
+#: tasks must stay readable); this is the one place that says what they mean. The order is the
+#: one `decode_fields` reads (lease.lua returns the values in it with HMGET: no field names on
+#: the wire, no dict per task).
+TASK_HASH_FIELDS: Final = {
+    "type": "type", "payload": "payload", "headers": "hdr", "priority": "pri", "state": "state",
+    "attempt": "att", "max_attempts": "max", "create_ms": "ctime", "schedule_ms": "stime",
+    "lease_expire_ms": "etime", "finish_ms": "ftime", "last_error": "lerr", "errors": "errs",
+    "result": "res", "lease_ms": "lease_ms", "initial_backoff_ms": "bo_i",
+    "max_backoff_ms": "bo_m", "lease_id": "lid",
+}  # fmt: skip
+#: The stored names alone, in order.
+TASK_FIELDS: Final = tuple(TASK_HASH_FIELDS.values())
 _FIELD_KEYS: Final = tuple(f.encode() for f in TASK_FIELDS)
 
 
@@ -145,7 +153,7 @@ def decode_task(ref: TaskRef, h: dict[bytes, bytes]) -> Task:
 def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
     """Builds a Task from the values of TASK_FIELDS, in order (None: field absent)."""
     type_, payload, hdr, pri, state, att, max_, ctime, stime = v[:9]
-    etime, ftime, lerr, errs, res, lease_ms, bo_i, bo_m, lid = v[9:]
+    etime, ftime, lerr, errs, res, lease_ms, initial_backoff, max_backoff, lid = v[9:]
     errors = tuple(  # absent until an attempt fails: no JSON on the hot path
         AttemptError(attempt=int(a), time_ms=int(t), message=str(m))
         for a, t, m in (json.loads(errs) if errs else ())
@@ -167,8 +175,8 @@ def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
         errors=errors,
         result=res or b"",
         lease_ms=_int(lease_ms),
-        backoff_initial_ms=_int(bo_i),
-        backoff_max_ms=_int(bo_m),
+        initial_backoff_ms=_int(initial_backoff),
+        max_backoff_ms=_int(max_backoff),
         lease_id=_text(lid),
     )
 
@@ -378,8 +386,8 @@ class RedisStore:
                 t.priority,
                 t.max_attempts,
                 t.lease_ms,
-                t.backoff_initial_ms,
-                t.backoff_max_ms,
+                t.initial_backoff_ms,
+                t.max_backoff_ms,
                 t.delay_ms,
                 t.schedule_ms,
                 t.idempotency_key,

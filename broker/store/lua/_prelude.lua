@@ -1,8 +1,10 @@
 -- _prelude.lua: prepended to every script by scripts.py, so all scripts read the clock and
 -- shape task state the same way.
 --
--- Task hash fields (tb:{q}:t:<id>):
---   type payload hdr pri state att max lease_ms cur_ms bo_i bo_m ctime stime etime ftime
+-- Task hash fields (tb:{q}:t:<id>; stored names, never renamed: TASK_HASH_FIELDS in
+-- store/redis_store.py says which Task field each one holds):
+--   type payload hdr pri state att max lease_ms cur_ms ctime stime etime ftime
+--   bo_i bo_m (the retry policy's initial_backoff and max_backoff, ms)
 --   lid (current lease) sid (the Lease stream holding it, '' once its stream ended: detached)
 --   lp (the principal that leased it last, absent without a policy: only it may settle, extend
 --   or resume the lease)

@@ -15,7 +15,7 @@
 -- The backoff is evaluated here because only the script knows the attempt number atomically.
 -- Equal jitter: never sooner than half the nominal delay, so retries still spread out but a
 -- dependency that is down for a while is not hammered at once (AWS architecture blog,
--- "Exponential Backoff And Jitter"): nominal = min(bo_m, bo_i * 2^(attempt - 1)),
+-- "Exponential Backoff And Jitter"): nominal = min(max_backoff, initial_backoff * 2^(attempt - 1)),
 -- delay = nominal / 2 + jitter * nominal / 2.
 -- Returns {now, r_1, .. r_n}; r_i = {'ok'|'again', state, retry_time_ms} or {'stale'},
 -- {'foreign'} (current, but another principal's) or {'nf'}.
