@@ -10,7 +10,7 @@ from pathlib import Path
 
 from broker import envelope_header, models, queue
 from broker.api import lease_session
-from broker.store import redis_store
+from broker.store import argv, redis_store, scripts
 from taskbroker import _client, _models, _worker, envelope
 from taskbroker.v1 import task_pb2
 
@@ -84,3 +84,26 @@ def test_every_task_field_has_one_stored_hash_field() -> None:
     assert list(redis_store.TASK_HASH_FIELDS) == list(models.Task._fields[1:])  # all but ref
     stored = list(redis_store.TASK_HASH_FIELDS.values())
     assert len(set(stored)) == len(stored)
+
+
+LUA = ROOT / "broker" / "store" / "lua"
+_HEAD = re.compile(r"^local ([\w,\s]+?)\s*=\s*unpack\(ARGV, 1, (\d+)\)", re.MULTILINE)
+_ITEM = re.compile(r"^\s*local ([\w,\s]+?)\s*=\s*item\((\d+), (\d+), [^)]+\)", re.MULTILINE)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(","))
+
+
+def test_each_script_reads_argv_by_the_names_and_order_the_store_builds_it_with() -> None:
+    assert set(argv.LAYOUTS) == set(scripts.SCRIPT_NAMES)
+    for name, (head, item) in argv.LAYOUTS.items():
+        source = (LUA / f"{name}.lua").read_text()
+        assert "ARGV[" not in source, f"{name}.lua reads ARGV by position, not by name"
+        heads = [(_names(m[1]), int(m[2])) for m in _HEAD.finditer(source)]
+        assert heads == ([(head, len(head))] if head else []), name
+        items = [(_names(m[1]), int(m[2]), int(m[3])) for m in _ITEM.finditer(source)]
+        # Every item read names all the fields (enqueue reads them in two passes).
+        assert bool(items) == bool(item), name
+        for names, after, width in items:
+            assert (names, after, width) == (item, len(head), len(item)), name

@@ -36,6 +36,7 @@ from broker.models import (
     TaskRef,
     TaskState,
 )
+from broker.store import argv
 from broker.store.due_index import DueIndex
 from broker.store.keys import QUEUES_KEY, REVOKE_CHANNEL, WAKE_CHANNEL, QueueKeys
 from broker.store.redis_errors import is_unavailable_reply, unavailable_message
@@ -370,29 +371,31 @@ class RedisStore:
         """
         keys = QueueKeys(queue)
         args: list[str | bytes | int] = [
-            keys.task_prefix,
-            keys.idempotency_prefix,
-            idempotency_window_ms,
-            WAKE_CHANNEL,
-            queue,
-            len(tasks),
+            *argv.EnqueueArgs(
+                task_prefix=keys.task_prefix,
+                idempotency_prefix=keys.idempotency_prefix,
+                idempotency_window_ms=idempotency_window_ms,
+                wake_channel=WAKE_CHANNEL,
+                queue=queue,
+                n=len(tasks),
+            )
         ]
         for t in tasks:
-            args += [
-                t.ref.local_id,
-                t.type,
-                t.payload,
-                json.dumps(t.headers, sort_keys=True) if t.headers else "",
-                t.priority,
-                t.max_attempts,
-                t.lease_ms,
-                t.initial_backoff_ms,
-                t.max_backoff_ms,
-                t.delay_ms,
-                t.schedule_ms,
-                t.idempotency_key,
-                t.body_hash,
-            ]
+            args += argv.EnqueueItem(
+                id=t.ref.local_id,
+                task_type=t.type,
+                payload=t.payload,
+                headers=json.dumps(t.headers, sort_keys=True) if t.headers else "",
+                priority=t.priority,
+                max_attempts=t.max_attempts,
+                lease_ms=t.lease_ms,
+                initial_backoff_ms=t.initial_backoff_ms,
+                max_backoff_ms=t.max_backoff_ms,
+                delay_ms=t.delay_ms,
+                schedule_ms=t.schedule_ms,
+                idempotency_key=t.idempotency_key,
+                body_hash=t.body_hash,
+            )
         # Registered after the script, in the same write: a queue being forgotten (emptiness
         # re-checked after its removal, sweep_queues) either sees this task or is re-registered.
         reply = await self._run(
@@ -417,9 +420,11 @@ class RedisStore:
         without its own, id of the stream it is for, principal it is bound to), and the i-th
         leased task fills slot i."""
         keys = QueueKeys(queue)
-        args: list[str | int] = [keys.task_prefix, len(slots)]
+        args: list[str | int] = [*argv.LeaseArgs(task_prefix=keys.task_prefix, n=len(slots))]
         for lease_id, lease_ms, stream_id, holder in slots:
-            args += [lease_id, lease_ms, stream_id, holder]
+            args += argv.LeaseSlot(
+                lease_id=lease_id, lease_ms=lease_ms, stream_id=stream_id, holder=holder
+            )
         args += TASK_FIELDS
         shortest = min((slot[1] for slot in slots), default=0)
         reply = await self._run(
@@ -452,9 +457,11 @@ class RedisStore:
 
     async def ack(self, queue: str, items: Sequence[AckItem]) -> list[SettleResult]:
         keys = QueueKeys(queue)
-        args: list[str | bytes | int] = [keys.task_prefix, len(items)]
+        args: list[str | bytes | int] = [*argv.AckArgs(task_prefix=keys.task_prefix, n=len(items))]
         for item in items:
-            args += [item.ref.local_id, item.lease_id, item.result, item.holder]
+            args += argv.AckItem(
+                id=item.ref.local_id, lease_id=item.lease_id, result=item.result, holder=item.holder
+            )
         reply = await self._run(
             "ack",
             [keys.leased, keys.done, keys.stats],
@@ -465,17 +472,21 @@ class RedisStore:
 
     async def nack(self, queue: str, items: Sequence[NackItem]) -> list[SettleResult]:
         keys = QueueKeys(queue)
-        args: list[str | bytes | int | float] = [keys.task_prefix, WAKE_CHANNEL, queue, len(items)]
+        args: list[str | bytes | int] = [
+            *argv.NackArgs(
+                task_prefix=keys.task_prefix, wake_channel=WAKE_CHANNEL, queue=queue, n=len(items)
+            )
+        ]
         for item in items:
-            args += [
-                item.ref.local_id,
-                item.lease_id,
-                item.error,
-                item.retry_delay_ms,
-                "1" if item.dead_letter else "0",
-                repr(item.jitter),
-                item.holder,
-            ]
+            args += argv.NackItem(
+                id=item.ref.local_id,
+                lease_id=item.lease_id,
+                message=item.error,
+                retry_delay_ms=item.retry_delay_ms,
+                dead_letter="1" if item.dead_letter else "0",
+                jitter=repr(item.jitter),
+                holder=item.holder,
+            )
         # The retry's due time depends on the attempt, known only to the script: look at once
         # unless every nack names its delay (the maintainer sets the real time).
         delays = [i.retry_delay_ms for i in items if not i.dead_letter]
@@ -490,9 +501,16 @@ class RedisStore:
 
     async def extend(self, queue: str, items: Sequence[ExtendItem]) -> list[SettleResult]:
         keys = QueueKeys(queue)
-        args: list[str | bytes | int] = [keys.task_prefix, len(items)]
+        args: list[str | bytes | int] = [
+            *argv.ExtendArgs(task_prefix=keys.task_prefix, n=len(items))
+        ]
         for item in items:
-            args += [item.ref.local_id, item.lease_id, item.duration_ms, item.holder]
+            args += argv.ExtendItem(
+                id=item.ref.local_id,
+                lease_id=item.lease_id,
+                duration_ms=item.duration_ms,
+                holder=item.holder,
+            )
         explicit = [i.duration_ms for i in items if i.duration_ms >= 0]
         hint = None
         if explicit:
@@ -517,9 +535,17 @@ class RedisStore:
         """Detaches (local_id, lease_id) leases the ended stream still holds: each expires within
         window_ms unless resumed. Returns (how many, earliest new expiry ms or -1)."""
         keys = QueueKeys(queue)
-        args: list[str | int] = [keys.task_prefix, stream_id, window_ms, reason, len(leases)]
+        args: list[str | int] = [
+            *argv.DetachArgs(
+                task_prefix=keys.task_prefix,
+                stream_id=stream_id,
+                window_ms=window_ms,
+                reason=reason,
+                n=len(leases),
+            )
+        ]
         for local_id, lease_id in leases:
-            args += [local_id, lease_id]
+            args += argv.HeldItem(id=local_id, lease_id=lease_id)
         # Each detached lease expires within the window: the due index must look by then.
         count, earliest = await self._run(
             "detach",
@@ -535,9 +561,13 @@ class RedisStore:
         """Moves (local_id, lease_id) leases that are still current, and `holder`'s, to the
         stream."""
         keys = QueueKeys(queue)
-        args: list[str | int] = [keys.task_prefix, stream_id, holder, len(leases)]
+        args: list[str | int] = [
+            *argv.ResumeArgs(
+                task_prefix=keys.task_prefix, stream_id=stream_id, holder=holder, n=len(leases)
+            )
+        ]
         for local_id, lease_id in leases:
-            args += [local_id, lease_id]
+            args += argv.HeldItem(id=local_id, lease_id=lease_id)
         reply = await self._run("resume", [keys.leased], args)
         results = [_settle(r) for r in reply[1:]]
         # A resumed lease runs for its length from now, which may come before what the index
@@ -551,9 +581,17 @@ class RedisStore:
         """Undoes (local_id, lease_id) leases never sent to the stream they were made for: no
         attempt spent. Returns how many."""
         keys = QueueKeys(queue)
-        args: list[str | int] = [keys.task_prefix, WAKE_CHANNEL, queue, stream_id, len(leases)]
+        args: list[str | int] = [
+            *argv.UnleaseArgs(
+                task_prefix=keys.task_prefix,
+                wake_channel=WAKE_CHANNEL,
+                queue=queue,
+                stream_id=stream_id,
+                n=len(leases),
+            )
+        ]
         for local_id, lease_id in leases:
-            args += [local_id, lease_id]
+            args += argv.HeldItem(id=local_id, lease_id=lease_id)
         return int(await self._run("unlease", [keys.leased, keys.pending], args))
 
     async def reclaim_expired(self, queue: str, limit: int) -> tuple[int, int]:
@@ -562,7 +600,9 @@ class RedisStore:
         count, next_expiry = await self._run(
             "reclaim_expired",
             [keys.leased, keys.pending, keys.dead, keys.stats],
-            [keys.task_prefix, WAKE_CHANNEL, queue, limit],
+            argv.ReclaimArgs(
+                task_prefix=keys.task_prefix, wake_channel=WAKE_CHANNEL, queue=queue, limit=limit
+            ),
             hint=Hint(queue, delay_ms=max(0, self._dead_ms - HINT_MARGIN_MS)),
         )
         return int(count), int(next_expiry)
@@ -572,7 +612,8 @@ class RedisStore:
         keys = QueueKeys(queue)
         with _translate():
             count, next_due = await self._scripts["promote_due"](
-                keys=[keys.scheduled, keys.pending], args=[keys.task_prefix, limit]
+                keys=[keys.scheduled, keys.pending],
+                args=argv.PromoteArgs(task_prefix=keys.task_prefix, limit=limit),
             )
         return int(count), int(next_due)
 
@@ -583,7 +624,7 @@ class RedisStore:
             "cancel",
             [keys.task(ref.local_id), keys.pending, keys.scheduled, keys.leased, keys.done,
              keys.stats],
-            [ref.local_id],
+            argv.CancelArgs(id=ref.local_id),
             hint=Hint(ref.queue, delay_ms=max(0, self._finished_ms - HINT_MARGIN_MS)),
         )  # fmt: skip
         kind = _text(reply[0])
@@ -681,7 +722,12 @@ class RedisStore:
             return int(
                 await self._scripts["redrive"](
                     keys=[keys.dead, keys.pending],
-                    args=[keys.task_prefix, WAKE_CHANNEL, queue, *local_ids],
+                    args=[
+                        *argv.RedriveArgs(
+                            task_prefix=keys.task_prefix, wake_channel=WAKE_CHANNEL, queue=queue
+                        ),
+                        *local_ids,
+                    ],
                 )
             )
 
@@ -690,7 +736,8 @@ class RedisStore:
         with _translate():
             return int(
                 await self._scripts["delete_dead"](
-                    keys=[keys.dead], args=[keys.task_prefix, *local_ids]
+                    keys=[keys.dead],
+                    args=[*argv.DeleteDeadArgs(task_prefix=keys.task_prefix), *local_ids],
                 )
             )
 
@@ -703,7 +750,12 @@ class RedisStore:
         with _translate():
             finished, dead = await self._scripts["trim_finished"](
                 keys=[keys.done, keys.dead],
-                args=[keys.task_prefix, finished_retention_ms, dead_retention_ms, limit],
+                args=argv.TrimArgs(
+                    task_prefix=keys.task_prefix,
+                    finished_retention_ms=finished_retention_ms,
+                    dead_retention_ms=dead_retention_ms,
+                    limit=limit,
+                ),
             )
         return int(finished), int(dead)
 
@@ -759,12 +811,18 @@ class RedisStore:
 
     def _maintain_call(
         self, queue: str, limit: int, slack_ms: int
-    ) -> tuple[list[str], list[str | int]]:
+    ) -> tuple[list[str], argv.MaintainArgs]:
         k = QueueKeys(queue)
         keys = [k.leased, k.pending, k.dead, k.stats, k.scheduled, k.done, k.meta]
-        args: list[str | int] = [
-            k.task_prefix, WAKE_CHANNEL, queue, limit, self._finished_ms, self._dead_ms, slack_ms,
-        ]  # fmt: skip
+        args = argv.MaintainArgs(
+            task_prefix=k.task_prefix,
+            wake_channel=WAKE_CHANNEL,
+            queue=queue,
+            limit=limit,
+            finished_retention_ms=self._finished_ms,
+            dead_retention_ms=self._dead_ms,
+            slack_ms=slack_ms,
+        )
         return keys, args
 
     async def scan_queues(self, cursor: int, count: int) -> tuple[int, list[str]]:

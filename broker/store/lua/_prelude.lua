@@ -21,6 +21,15 @@ local BAND = 4398046511104
 -- Keep the most recent errors only, so a task that fails forever has bounded memory.
 local MAX_ERRORS = 32
 
+-- ARGV is a head of named values, then, in batch scripts, items of `width` fields each. A script
+-- names them once: `local a, b = unpack(ARGV, 1, 2)` for the head, `local x, y = item(2, 2, i)`
+-- for item i (from 0). RedisStore builds ARGV from the same names (store/argv.py), and
+-- tests/test_pinned_constants.py fails when the two drift.
+local function item(head, width, i)
+  local first = head + i * width + 1
+  return unpack(ARGV, first, first + width - 1)
+end
+
 -- Redis is the one clock: every expiry and due time is judged against this.
 local function now_ms()
   local t = redis.call('TIME')
