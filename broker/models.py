@@ -178,6 +178,23 @@ class SettleResult:
     time_ms: int = -1  # nack: retry time; extension: new expiry
 
 
+class CancelStatus(enum.Enum):
+    """How a cancel went (values: cancel.lua's reply)."""
+
+    CANCELLED = "ok"  #: cancelled now
+    FINISHED = "final"  #: already finished: refused
+    NOT_FOUND = "nf"  #: no such task
+
+
+@dataclass(frozen=True, slots=True)
+class CancelResult:
+    """The outcome of one cancel."""
+
+    status: CancelStatus
+    revoked_lease_id: str | None = None  # CANCELLED: the lease it revoked, if one was held
+    final_state: TaskState | None = None  # FINISHED: the state the task finished in
+
+
 @dataclass(frozen=True, slots=True)
 class QueueStats:
     """One queue's counts and totals."""

@@ -26,6 +26,7 @@ from broker.errors import TaskNotFound as TaskNotFoundError
 from broker.ids import IdGenerator, check_name, parse_task_id
 from broker.models import (
     AckItem,
+    CancelStatus,
     DeadPage,
     EnqueueOutcome,
     ExtendItem,
@@ -39,7 +40,6 @@ from broker.models import (
     SettleStatus,
     Task,
     TaskRef,
-    TaskState,
 )
 from broker.store.redis_store import IdempotencyConflictAt, LeaseSlot, RedisStore
 from broker.timings import TaskTimings
@@ -560,14 +560,16 @@ class TaskQueue:
     async def cancel(self, task_id: str) -> tuple[Task, str]:
         """Cancels an unfinished task. Returns it and the lease id it revoked ('' if none)."""
         ref = self.ref("task_id", task_id)
-        kind, detail = await self._store.cancel(ref)
-        if kind == "nf":
+        outcome = await self._store.cancel(ref)
+        if outcome.status is CancelStatus.NOT_FOUND:
             raise TaskNotFoundError(task_id)
-        if kind == "final":
-            raise TaskFinished(task_id, TaskState(int(detail)).name)
-        if detail:
-            await self._store.announce_revoked(task_id, str(detail))
-        return await self.get(task_id), str(detail)
+        if outcome.status is CancelStatus.FINISHED:
+            assert outcome.final_state is not None
+            raise TaskFinished(task_id, outcome.final_state.name)
+        revoked = outcome.revoked_lease_id
+        if revoked is not None:
+            await self._store.announce_revoked(task_id, revoked)
+        return await self.get(task_id), revoked or ""
 
     async def stats(self, queues: Sequence[str]) -> list[QueueStats]:
         """The named queues' stats; none named: the first page of all (stats_page)."""

@@ -18,6 +18,8 @@ from broker.errors import StoreFull, StoreUnavailable
 from broker.models import (
     AckItem,
     AttemptError,
+    CancelResult,
+    CancelStatus,
     DeadPage,
     DueEntry,
     EnqueueOutcome,
@@ -617,8 +619,8 @@ class RedisStore:
             )
         return int(count), int(next_due)
 
-    async def cancel(self, ref: TaskRef) -> tuple[str, int | str]:
-        """Returns ('ok', revoked lease id or ''), ('final', state) or ('nf', '')."""
+    async def cancel(self, ref: TaskRef) -> CancelResult:
+        """Cancels an unfinished task, revoking its lease if one is held."""
         keys = QueueKeys(ref.queue)
         reply = await self._run(
             "cancel",
@@ -627,12 +629,12 @@ class RedisStore:
             argv.CancelArgs(id=ref.local_id),
             hint=Hint(ref.queue, delay_ms=max(0, self._finished_ms - HINT_MARGIN_MS)),
         )  # fmt: skip
-        kind = _text(reply[0])
-        if kind == "ok":
-            return kind, _text(reply[1])
-        if kind == "final":
-            return kind, int(reply[1])
-        return kind, ""
+        status = CancelStatus(_text(reply[0]))
+        if status is CancelStatus.CANCELLED:  # {'ok', lease id or ''}
+            return CancelResult(status, revoked_lease_id=_text(reply[1]) or None)
+        if status is CancelStatus.FINISHED:  # {'final', state}
+            return CancelResult(status, final_state=TaskState(int(reply[1])))
+        return CancelResult(status)
 
     async def announce_revoked(self, task_id: str, lease_id: str) -> None:
         """Tells every replica that this lease was revoked (a hint: the fence is in Redis)."""
