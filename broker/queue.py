@@ -188,7 +188,7 @@ class TaskQueue:
         _check_start(f, request.delay_ms, request.schedule_ms)
         max_attempts = request.max_attempts or s.default_max_attempts
         _check_range(f"{f}.max_attempts", max_attempts, 1, MAX_ATTEMPTS)
-        lease_ms = 0
+        lease_ms = None
         if request.lease_ms is not None:
             lease_ms = _check_range(
                 f"{f}.lease_duration", request.lease_ms, MIN_LEASE_MS, MAX_LEASE_MS, " ms"
@@ -215,11 +215,11 @@ class TaskQueue:
             lease_ms=lease_ms,
             initial_backoff_ms=initial,
             max_backoff_ms=cap,
-            delay_ms=-1 if request.delay_ms is None else request.delay_ms,
-            schedule_ms=-1 if request.schedule_ms is None else request.schedule_ms,
+            delay_ms=request.delay_ms,
+            schedule_ms=request.schedule_ms,
             idempotency_key=_hash_key(queue, request.idempotency_key, scope),
             # Only a keyed task is ever compared (a JSON dump and a SHA-256 saved per task).
-            body_hash=_body_hash(request) if request.idempotency_key else "",
+            body_hash=_body_hash(request) if request.idempotency_key else None,
         )
 
     async def enqueue(
@@ -328,7 +328,7 @@ class TaskQueue:
             ref=ref,
             lease_id=lease_id,
             error=_truncate(error or "failed (no error message)", MAX_ERROR_BYTES),
-            retry_delay_ms=-1 if retry_delay_ms is None else retry_delay_ms,
+            retry_delay_ms=retry_delay_ms,
             dead_letter=dead_letter,
             jitter=random.random(),  # equal jitter, applied in nack.lua
             holder=holder,
@@ -342,7 +342,7 @@ class TaskQueue:
         self._check_lease_id(lease_id)
         if duration_ms is not None:
             _check_range("lease_duration", duration_ms, MIN_LEASE_MS, MAX_LEASE_MS, " ms")
-        return ExtendItem(ref, lease_id, -1 if duration_ms is None else duration_ms, holder)
+        return ExtendItem(ref, lease_id, duration_ms, holder)
 
     async def ack(
         self, task_id: str, lease_id: str, result: bytes, holder: str = ""
@@ -710,7 +710,7 @@ def _truncate(text: str, limit: int) -> str:
     return text if len(data) <= limit else data[:limit].decode(errors="ignore") + "…"
 
 
-def _hash_key(queue: str, key: str, scope: str = "") -> str:
+def _hash_key(queue: str, key: str, scope: str = "") -> str | None:
     """Idempotency keys are hashed: any string is safe in a key name, and the length is fixed.
 
     A key is a queue's and, with a policy in force, a principal's (scope): one principal
@@ -718,7 +718,7 @@ def _hash_key(queue: str, key: str, scope: str = "") -> str:
     upgrade keeps deduplicating keys stored before. A scoped input starts with NUL, which no
     queue name does, so it never meets an unscoped one."""
     if not key:
-        return ""
+        return None
     text = f"\0{scope}\0{queue}\0{key}" if scope else f"{queue}\0{key}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 

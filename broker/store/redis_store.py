@@ -390,13 +390,13 @@ class RedisStore:
                 headers=json.dumps(t.headers, sort_keys=True) if t.headers else "",
                 priority=t.priority,
                 max_attempts=t.max_attempts,
-                lease_ms=t.lease_ms,
+                lease_ms=t.lease_ms or 0,
                 initial_backoff_ms=t.initial_backoff_ms,
                 max_backoff_ms=t.max_backoff_ms,
-                delay_ms=t.delay_ms,
-                schedule_ms=t.schedule_ms,
-                idempotency_key=t.idempotency_key,
-                body_hash=t.body_hash,
+                delay_ms=-1 if t.delay_ms is None else t.delay_ms,
+                schedule_ms=-1 if t.schedule_ms is None else t.schedule_ms,
+                idempotency_key=t.idempotency_key or "",
+                body_hash=t.body_hash or "",
             )
         # Registered after the script, in the same write: a queue being forgotten (emptiness
         # re-checked after its removal, sweep_queues) either sees this task or is re-registered.
@@ -445,7 +445,9 @@ class RedisStore:
         if own >= 0 and own < now + shortest:
             # A task's own lease is shorter than the hint sent with the script: hint again.
             await self._hint_now(Hint(queue, at_ms=own - HINT_MARGIN_MS))
-        return LeaseBatch(now_ms=now, next_due_ms=next_due, paused=paused, leases=leases)
+        return LeaseBatch(
+            now_ms=now, next_due_ms=None if next_due < 0 else next_due, paused=paused, leases=leases
+        )
 
     async def _hint_now(self, hint: Hint) -> None:
         """A hint on its own, after a reply showed a due time the pipelined hint missed (a broker
@@ -484,7 +486,7 @@ class RedisStore:
                 id=item.ref.local_id,
                 lease_id=item.lease_id,
                 message=item.error,
-                retry_delay_ms=item.retry_delay_ms,
+                retry_delay_ms=-1 if item.retry_delay_ms is None else item.retry_delay_ms,
                 dead_letter="1" if item.dead_letter else "0",
                 jitter=repr(item.jitter),
                 holder=item.holder,
@@ -492,7 +494,8 @@ class RedisStore:
         # The retry's due time depends on the attempt, known only to the script: look at once
         # unless every nack names its delay (the maintainer sets the real time).
         delays = [i.retry_delay_ms for i in items if not i.dead_letter]
-        delay = 0 if any(d < 0 for d in delays) else min(delays, default=self._dead_ms)
+        explicit = [d for d in delays if d is not None]
+        delay = 0 if len(explicit) < len(delays) else min(explicit, default=self._dead_ms)
         reply = await self._run(
             "nack",
             [keys.leased, keys.scheduled, keys.pending, keys.dead, keys.stats],
@@ -510,10 +513,10 @@ class RedisStore:
             args += argv.ExtendItem(
                 id=item.ref.local_id,
                 lease_id=item.lease_id,
-                duration_ms=item.duration_ms,
+                duration_ms=-1 if item.duration_ms is None else item.duration_ms,
                 holder=item.holder,
             )
-        explicit = [i.duration_ms for i in items if i.duration_ms >= 0]
+        explicit = [i.duration_ms for i in items if i.duration_ms is not None]
         hint = None
         if explicit:
             hint = Hint(queue, delay_ms=max(0, min(explicit) - HINT_MARGIN_MS))
@@ -888,8 +891,8 @@ class RedisStore:
 
 def _delayed_hint(queue: str, tasks: Sequence[NewTask]) -> Hint | None:
     """The hint for an enqueue: when its earliest delayed or scheduled task comes due."""
-    delays = [t.delay_ms for t in tasks if t.delay_ms > 0]
-    times = [t.schedule_ms for t in tasks if t.schedule_ms >= 0]
+    delays = [t.delay_ms for t in tasks if t.delay_ms]
+    times = [t.schedule_ms for t in tasks if t.schedule_ms is not None]
     if not delays and not times:
         return None
     return Hint(
