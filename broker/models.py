@@ -239,11 +239,11 @@ class ServerInfo:
 @dataclass(frozen=True, slots=True)
 class Hint:
     """Tells the due index a queue may have work due: at an absolute Redis time, or after a
-    delay from Redis's now (-1: not given); the earlier of the two counts."""
+    delay from Redis's now (None: not given); the earlier of the two counts."""
 
     queue: str
-    at_ms: int = -1
-    delay_ms: int = -1
+    at_ms: int | None = None
+    delay_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,7 +53,11 @@ class DueIndex:
     def hint_args(hints: Sequence[Hint]) -> list[str | int]:
         args: list[str | int] = [*argv.HintArgs(n=len(hints))]
         for h in hints:
-            args += argv.HintItem(queue=h.queue, at_ms=h.at_ms, delay_ms=h.delay_ms)
+            args += argv.HintItem(
+                queue=h.queue,
+                at_ms=-1 if h.at_ms is None else h.at_ms,
+                delay_ms=-1 if h.delay_ms is None else h.delay_ms,
+            )
         return args
 
     async def hint(self, hints: Sequence[Hint]) -> None:

@@ -897,8 +897,8 @@ def _delayed_hint(queue: str, tasks: Sequence[NewTask]) -> Hint | None:
         return None
     return Hint(
         queue,
-        at_ms=min(times) - HINT_MARGIN_MS if times else -1,
-        delay_ms=max(0, min(delays) - HINT_MARGIN_MS) if delays else -1,
+        at_ms=min(times) - HINT_MARGIN_MS if times else None,
+        delay_ms=max(0, min(delays) - HINT_MARGIN_MS) if delays else None,
     )
 
 
