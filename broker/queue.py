@@ -481,8 +481,8 @@ class TaskQueue:
             if count < 100:
                 return total
 
-    async def promote_due(self, queue: str) -> tuple[int, int]:
-        """Promotes due tasks. Returns (count, next due ms or -1)."""
+    async def promote_due(self, queue: str) -> tuple[int, int | None]:
+        """Promotes due tasks. Returns (count, next due ms or None)."""
         total = 0
         while True:
             count, next_due = await self._store.promote_due(queue, 1000)

@@ -127,6 +127,12 @@ def _float_int(value: bytes | str | int) -> int:
     return int(number)
 
 
+def _time_or_none(value: bytes | int) -> int | None:
+    """A time from a script's reply, where -1 means none."""
+    ms = int(value)
+    return None if ms < 0 else ms
+
+
 def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
@@ -435,7 +441,7 @@ class RedisStore:
             args,
             hint=Hint(queue, delay_ms=max(0, shortest - HINT_MARGIN_MS)) if slots else None,
         )
-        now, next_due, paused = int(reply[0]), int(reply[1]), bool(int(reply[2]))
+        now, next_due, paused = int(reply[0]), reply[1], bool(int(reply[2]))
         leases = []
         for i in range(3, len(reply), 2):
             ref = TaskRef(queue, _text(reply[i]))
@@ -446,7 +452,7 @@ class RedisStore:
             # A task's own lease is shorter than the hint sent with the script: hint again.
             await self._hint_now(Hint(queue, at_ms=own - HINT_MARGIN_MS))
         return LeaseBatch(
-            now_ms=now, next_due_ms=None if next_due < 0 else next_due, paused=paused, leases=leases
+            now_ms=now, next_due_ms=_time_or_none(next_due), paused=paused, leases=leases
         )
 
     async def _hint_now(self, hint: Hint) -> None:
@@ -599,8 +605,8 @@ class RedisStore:
             args += argv.HeldItem(id=local_id, lease_id=lease_id)
         return int(await self._run("unlease", [keys.leased, keys.pending], args))
 
-    async def reclaim_expired(self, queue: str, limit: int) -> tuple[int, int]:
-        """Reclaims up to limit expired leases. Returns (count, next expiry ms or -1)."""
+    async def reclaim_expired(self, queue: str, limit: int) -> tuple[int, int | None]:
+        """Reclaims up to limit expired leases. Returns (count, next expiry ms or None)."""
         keys = QueueKeys(queue)
         count, next_expiry = await self._run(
             "reclaim_expired",
@@ -610,17 +616,17 @@ class RedisStore:
             ),
             hint=Hint(queue, delay_ms=max(0, self._dead_ms - HINT_MARGIN_MS)),
         )
-        return int(count), int(next_expiry)
+        return int(count), _time_or_none(next_expiry)
 
-    async def promote_due(self, queue: str, limit: int) -> tuple[int, int]:
-        """Moves up to limit due tasks to pending. Returns (count, next due ms or -1)."""
+    async def promote_due(self, queue: str, limit: int) -> tuple[int, int | None]:
+        """Moves up to limit due tasks to pending. Returns (count, next due ms or None)."""
         keys = QueueKeys(queue)
         with _translate():
             count, next_due = await self._scripts["promote_due"](
                 keys=[keys.scheduled, keys.pending],
                 args=argv.PromoteArgs(task_prefix=keys.task_prefix, limit=limit),
             )
-        return int(count), int(next_due)
+        return int(count), _time_or_none(next_due)
 
     async def cancel(self, ref: TaskRef) -> CancelResult:
         """Cancels an unfinished task, revoking its lease if one is held."""
