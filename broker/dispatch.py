@@ -329,7 +329,7 @@ class Dispatcher:
             pump.batch = min(MAX_LEASE_BATCH, pump.batch * 2)
         else:
             pump.batch = FIRST_LEASE_BATCH
-        if batch.next_due_ms >= 0 and not pump.retired:
+        if batch.next_due_ms is not None and not pump.retired:
             delay = max(0, batch.next_due_ms - batch.now_ms) / 1000
             self._due_later(pump, max(0.0, received + delay - loop.time()))
 

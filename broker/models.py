@@ -43,13 +43,13 @@ class NewTask:
     headers: dict[str, str]
     priority: int
     max_attempts: int
-    lease_ms: int  # 0: the worker's lease length
-    backoff_initial_ms: int
-    backoff_max_ms: int
-    delay_ms: int  # -1: no delay
-    schedule_ms: int  # -1: no schedule time
-    idempotency_key: str  # '' : none
-    body_hash: str
+    lease_ms: int | None  # None: the worker's lease length
+    initial_backoff_ms: int
+    max_backoff_ms: int
+    delay_ms: int | None  # None: no delay
+    schedule_ms: int | None  # None: no schedule time
+    idempotency_key: str | None  # None: none
+    body_hash: str | None  # None: no idempotency key, nothing to compare
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +89,8 @@ class Task(NamedTuple):
     errors: tuple[AttemptError, ...]
     result: bytes
     lease_ms: int  # 0: the worker's lease length
-    backoff_initial_ms: int
-    backoff_max_ms: int
+    initial_backoff_ms: int
+    max_backoff_ms: int
     lease_id: str = ""
 
 
@@ -107,7 +107,7 @@ class LeaseBatch:
     """The result of one lease call on one queue."""
 
     now_ms: int
-    next_due_ms: int  # -1: nothing scheduled
+    next_due_ms: int | None  # None: nothing scheduled
     paused: bool
     leases: list[Lease] = field(default_factory=list)
 
@@ -141,7 +141,7 @@ class NackItem:
     ref: TaskRef
     lease_id: str
     error: str
-    retry_delay_ms: int  # -1: the task's backoff
+    retry_delay_ms: int | None  # None: the task's backoff
     dead_letter: bool
     jitter: float  # uniform in [0, 1): the equal-jitter draw of the backoff (nack.lua)
     #: The principal presenting the lease ('' without a policy): a current lease held by
@@ -163,7 +163,7 @@ class ExtendItem:
 
     ref: TaskRef
     lease_id: str
-    duration_ms: int  # -1: the length the task was leased with
+    duration_ms: int | None  # None: the length the task was leased with
     #: The principal presenting the lease ('' without a policy): a current lease held by
     #: another principal is refused (SettleStatus.FOREIGN).
     holder: str = ""
@@ -176,6 +176,23 @@ class SettleResult:
     status: SettleStatus
     state: TaskState | None = None  # nack: where the task went
     time_ms: int = -1  # nack: retry time; extension: new expiry
+
+
+class CancelStatus(enum.Enum):
+    """How a cancel went (values: cancel.lua's reply)."""
+
+    CANCELLED = "ok"  #: cancelled now
+    FINISHED = "final"  #: already finished: refused
+    NOT_FOUND = "nf"  #: no such task
+
+
+@dataclass(frozen=True, slots=True)
+class CancelResult:
+    """The outcome of one cancel."""
+
+    status: CancelStatus
+    revoked_lease_id: str | None = None  # CANCELLED: the lease it revoked, if one was held
+    final_state: TaskState | None = None  # FINISHED: the state the task finished in
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,11 +239,11 @@ class ServerInfo:
 @dataclass(frozen=True, slots=True)
 class Hint:
     """Tells the due index a queue may have work due: at an absolute Redis time, or after a
-    delay from Redis's now (-1: not given); the earlier of the two counts."""
+    delay from Redis's now (None: not given); the earlier of the two counts."""
 
     queue: str
-    at_ms: int = -1
-    delay_ms: int = -1
+    at_ms: int | None = None
+    delay_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

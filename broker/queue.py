@@ -27,6 +27,7 @@ from broker.errors import TaskNotFound as TaskNotFoundError
 from broker.ids import IdGenerator, check_name, parse_task_id
 from broker.models import (
     AckItem,
+    CancelStatus,
     DeadPage,
     EnqueueOutcome,
     ExtendItem,
@@ -40,7 +41,6 @@ from broker.models import (
     SettleStatus,
     Task,
     TaskRef,
-    TaskState,
 )
 from broker.store.redis_store import IdempotencyConflictAt, LeaseSlot, RedisStore, WakeEvents
 from broker.timings import TaskTimings
@@ -93,8 +93,8 @@ class TaskRequest:
     max_attempts: int = 0
     lease_ms: int | None = None
     idempotency_key: str = ""
-    backoff_initial_ms: int | None = None
-    backoff_max_ms: int | None = None
+    initial_backoff_ms: int | None = None
+    max_backoff_ms: int | None = None
 
 
 def _check_size(f: str, request: TaskRequest, header_bytes: int, limit: int) -> None:
@@ -189,7 +189,7 @@ class TaskQueue:
         _check_start(f, request.delay_ms, request.schedule_ms)
         max_attempts = request.max_attempts or s.default_max_attempts
         _check_range(f"{f}.max_attempts", max_attempts, 1, MAX_ATTEMPTS)
-        lease_ms = 0
+        lease_ms = None
         if request.lease_ms is not None:
             lease_ms = _check_range(
                 f"{f}.lease_duration", request.lease_ms, MIN_LEASE_MS, MAX_LEASE_MS, " ms"
@@ -198,11 +198,11 @@ class TaskQueue:
             raise InvalidArgument(
                 f"{f}.idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_LENGTH} characters"
             )
-        initial = request.backoff_initial_ms
+        initial = request.initial_backoff_ms
         if initial is None:
             initial = round(s.backoff_initial_s * 1000)
         _check_range(f"{f}.retry_policy.initial_backoff", initial, 1, MAX_BACKOFF_MS, " ms")
-        cap = request.backoff_max_ms
+        cap = request.max_backoff_ms
         if cap is None:
             cap = max(round(s.backoff_max_s * 1000), initial)
         _check_range(f"{f}.retry_policy.max_backoff", cap, initial, MAX_BACKOFF_MS, " ms")
@@ -214,13 +214,13 @@ class TaskQueue:
             priority=request.priority,
             max_attempts=max_attempts,
             lease_ms=lease_ms,
-            backoff_initial_ms=initial,
-            backoff_max_ms=cap,
-            delay_ms=-1 if request.delay_ms is None else request.delay_ms,
-            schedule_ms=-1 if request.schedule_ms is None else request.schedule_ms,
+            initial_backoff_ms=initial,
+            max_backoff_ms=cap,
+            delay_ms=request.delay_ms,
+            schedule_ms=request.schedule_ms,
             idempotency_key=_hash_key(queue, request.idempotency_key, scope),
             # Only a keyed task is ever compared (a JSON dump and a SHA-256 saved per task).
-            body_hash=_body_hash(request) if request.idempotency_key else "",
+            body_hash=_body_hash(request) if request.idempotency_key else None,
         )
 
     async def enqueue(
@@ -329,7 +329,7 @@ class TaskQueue:
             ref=ref,
             lease_id=lease_id,
             error=_truncate(error or "failed (no error message)", MAX_ERROR_BYTES),
-            retry_delay_ms=-1 if retry_delay_ms is None else retry_delay_ms,
+            retry_delay_ms=retry_delay_ms,
             dead_letter=dead_letter,
             jitter=random.random(),  # equal jitter, applied in nack.lua
             holder=holder,
@@ -343,7 +343,7 @@ class TaskQueue:
         self._check_lease_id(lease_id)
         if duration_ms is not None:
             _check_range("lease_duration", duration_ms, MIN_LEASE_MS, MAX_LEASE_MS, " ms")
-        return ExtendItem(ref, lease_id, -1 if duration_ms is None else duration_ms, holder)
+        return ExtendItem(ref, lease_id, duration_ms, holder)
 
     async def ack(
         self, task_id: str, lease_id: str, result: bytes, holder: str = ""
@@ -486,8 +486,8 @@ class TaskQueue:
             if count < 100:
                 return total
 
-    async def promote_due(self, queue: str) -> tuple[int, int]:
-        """Promotes due tasks. Returns (count, next due ms or -1)."""
+    async def promote_due(self, queue: str) -> tuple[int, int | None]:
+        """Promotes due tasks. Returns (count, next due ms or None)."""
         total = 0
         while True:
             count, next_due = await self._store.promote_due(queue, 1000)
@@ -565,14 +565,16 @@ class TaskQueue:
     async def cancel(self, task_id: str) -> tuple[Task, str]:
         """Cancels an unfinished task. Returns it and the lease id it revoked ('' if none)."""
         ref = self.ref("task_id", task_id)
-        kind, detail = await self._store.cancel(ref)
-        if kind == "nf":
+        outcome = await self._store.cancel(ref)
+        if outcome.status is CancelStatus.NOT_FOUND:
             raise TaskNotFoundError(task_id)
-        if kind == "final":
-            raise TaskFinished(task_id, TaskState(int(detail)).name)
-        if detail:
-            await self._store.announce_revoked(task_id, str(detail))
-        return await self.get(task_id), str(detail)
+        if outcome.status is CancelStatus.FINISHED:
+            assert outcome.final_state is not None
+            raise TaskFinished(task_id, outcome.final_state.name)
+        revoked = outcome.revoked_lease_id
+        if revoked is not None:
+            await self._store.announce_revoked(task_id, revoked)
+        return await self.get(task_id), revoked or ""
 
     async def stats(self, queues: Sequence[str]) -> list[QueueStats]:
         """The named queues' stats; none named: the first page of all (stats_page)."""
@@ -713,7 +715,7 @@ def _truncate(text: str, limit: int) -> str:
     return text if len(data) <= limit else data[:limit].decode(errors="ignore") + "…"
 
 
-def _hash_key(queue: str, key: str, scope: str = "") -> str:
+def _hash_key(queue: str, key: str, scope: str = "") -> str | None:
     """Idempotency keys are hashed: any string is safe in a key name, and the length is fixed.
 
     A key is a queue's and, with a policy in force, a principal's (scope): one principal
@@ -721,7 +723,7 @@ def _hash_key(queue: str, key: str, scope: str = "") -> str:
     upgrade keeps deduplicating keys stored before. A scoped input starts with NUL, which no
     queue name does, so it never meets an unscoped one."""
     if not key:
-        return ""
+        return None
     text = f"\0{scope}\0{queue}\0{key}" if scope else f"{queue}\0{key}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -732,7 +734,7 @@ def _body_hash(r: TaskRequest) -> str:
     # Trace context differs on every retry of the same enqueue: it is not part of the task.
     headers = sorted((k, v) for k, v in r.headers.items() if k not in TRACE_HEADERS)
     meta = [r.queue, r.type, headers, r.priority, r.delay_ms, r.schedule_ms,
-            r.max_attempts, r.lease_ms, r.backoff_initial_ms, r.backoff_max_ms]  # fmt: skip
+            r.max_attempts, r.lease_ms, r.initial_backoff_ms, r.max_backoff_ms]  # fmt: skip
     digest.update(json.dumps(meta).encode())
     digest.update(r.payload)
     return digest.hexdigest()[:32]

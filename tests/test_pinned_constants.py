@@ -3,12 +3,14 @@ a copy that drifts fails here, not in production (issue 14 §6)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import timedelta
 from pathlib import Path
 
 from broker import envelope_header, models, queue
 from broker.api import lease_session
+from broker.store import argv, redis_store, scripts
 from taskbroker import _client, _models, _worker, envelope
 from taskbroker.v1 import task_pb2
 
@@ -67,3 +69,41 @@ def test_the_broker_reads_envelope_headers_as_the_sdk_writes_them() -> None:
     assert envelope_header.VERSION == envelope.VERSION
     sealed = envelope.MAGIC + bytes([envelope.VERSION, 0, 2]) + b"k2" + bytes(28)
     assert envelope.parse_header(sealed).key_id == envelope_header.envelope_key_id(sealed) == "k2"
+
+
+def test_retry_policy_fields_keep_the_proto_s_names_in_the_server() -> None:
+    # RetryPolicy's Durations become integer milliseconds at the API border: <name>_ms.
+    names = [f"{name}_ms" for name in task_pb2.RetryPolicy.DESCRIPTOR.fields_by_name]
+    assert names == ["initial_backoff_ms", "max_backoff_ms"]
+    assert set(names) <= set(models.Task._fields)
+    for model in (models.NewTask, queue.TaskRequest):
+        assert set(names) <= {f.name for f in dataclasses.fields(model)}, model
+
+
+def test_every_task_field_has_one_stored_hash_field() -> None:
+    assert list(redis_store.TASK_HASH_FIELDS) == list(models.Task._fields[1:])  # all but ref
+    stored = list(redis_store.TASK_HASH_FIELDS.values())
+    assert len(set(stored)) == len(stored)
+
+
+LUA = ROOT / "broker" / "store" / "lua"
+_HEAD = re.compile(r"^local ([\w,\s]+?)\s*=\s*unpack\(ARGV, 1, (\d+)\)", re.MULTILINE)
+_ITEM = re.compile(r"^\s*local ([\w,\s]+?)\s*=\s*item\((\d+), (\d+), [^)]+\)", re.MULTILINE)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(","))
+
+
+def test_each_script_reads_argv_by_the_names_and_order_the_store_builds_it_with() -> None:
+    assert set(argv.LAYOUTS) == set(scripts.SCRIPT_NAMES)
+    for name, (head, item) in argv.LAYOUTS.items():
+        source = (LUA / f"{name}.lua").read_text()
+        assert "ARGV[" not in source, f"{name}.lua reads ARGV by position, not by name"
+        heads = [(_names(m[1]), int(m[2])) for m in _HEAD.finditer(source)]
+        assert heads == ([(head, len(head))] if head else []), name
+        items = [(_names(m[1]), int(m[2]), int(m[3])) for m in _ITEM.finditer(source)]
+        # Every item read names all the fields (enqueue reads them in two passes).
+        assert bool(items) == bool(item), name
+        for names, after, width in items:
+            assert (names, after, width) == (item, len(head), len(item)), name

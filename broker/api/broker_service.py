@@ -12,7 +12,7 @@ from broker.api.limits import StreamLimits, client_of_principal
 from broker.auth.authorize import Authorizer
 from broker.auth.principal import Role, current_principal
 from broker.errors import Draining, InvalidArgument
-from broker.models import TaskState
+from broker.models import SettleStatus, TaskState
 from broker.page_tokens import decode_queue_token, encode_queue_token
 from taskbroker.v1 import broker_service_pb2 as bs
 from taskbroker.v1 import lease_pb2
@@ -79,7 +79,7 @@ class BrokerService:
         holder = current_principal.get().scope
         result = await self._tasks.ack(request.task_id, request.lease_id, request.result, holder)
         self._registry.forget(request.lease_id)
-        return bs.AckResponse(already_settled=result.status.value == "again")
+        return bs.AckResponse(already_settled=result.status is SettleStatus.AGAIN)
 
     async def Nack(self, request: lease_pb2.NackRequest, context: Context) -> bs.NackResponse:
         result = await self._tasks.nack(
@@ -92,7 +92,7 @@ class BrokerService:
         )
         self._registry.forget(request.lease_id)
         response = bs.NackResponse(
-            already_settled=result.status.value == "again",
+            already_settled=result.status is SettleStatus.AGAIN,
             state=int(result.state or TaskState.DEAD),  # type: ignore[arg-type]
         )
         if result.state is not TaskState.DEAD and result.time_ms >= 0:

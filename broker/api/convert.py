@@ -58,8 +58,8 @@ def task_request(spec: task_pb2.TaskSpec) -> TaskRequest:
         max_attempts=spec.max_attempts,
         lease_ms=optional_duration_ms(spec, "lease_duration"),
         idempotency_key=spec.idempotency_key,
-        backoff_initial_ms=optional_duration_ms(policy, "initial_backoff"),
-        backoff_max_ms=optional_duration_ms(policy, "max_backoff"),
+        initial_backoff_ms=optional_duration_ms(policy, "initial_backoff"),
+        max_backoff_ms=optional_duration_ms(policy, "max_backoff"),
     )
 
 
@@ -91,8 +91,8 @@ def task_to_proto(task: Task) -> task_pb2.Task:
         "last_error": task.last_error,
         "result": task.result,
         "retry_policy": {
-            "initial_backoff": _dur(task.backoff_initial_ms),
-            "max_backoff": _dur(task.backoff_max_ms),
+            "initial_backoff": _dur(task.initial_backoff_ms),
+            "max_backoff": _dur(task.max_backoff_ms),
         },
         "create_time": _ts(task.create_ms),
     }

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from broker.models import DueEntry, Hint
+from broker.store import argv
 from broker.store.keys import CLUSTER_DUE_SHARDS, DueKeys, due_shard
 
 if TYPE_CHECKING:
@@ -50,9 +51,13 @@ class DueIndex:
 
     @staticmethod
     def hint_args(hints: Sequence[Hint]) -> list[str | int]:
-        args: list[str | int] = [len(hints)]
+        args: list[str | int] = [*argv.HintArgs(n=len(hints))]
         for h in hints:
-            args += [h.queue, h.at_ms, h.delay_ms]
+            args += argv.HintItem(
+                queue=h.queue,
+                at_ms=-1 if h.at_ms is None else h.at_ms,
+                delay_ms=-1 if h.delay_ms is None else h.delay_ms,
+            )
         return args
 
     async def hint(self, hints: Sequence[Hint]) -> None:
@@ -69,7 +74,10 @@ class DueIndex:
         script = self._scripts["take_due"]
         replies = await asyncio.gather(
             *(
-                script(keys=[DueKeys(n).at, DueKeys(n).gen], args=[limit, claim_ms])
+                script(
+                    keys=[DueKeys(n).at, DueKeys(n).gen],
+                    args=argv.TakeDueArgs(limit=limit, claim_ms=claim_ms),
+                )
                 for n in range(self.shards)
             )
         )
@@ -82,18 +90,17 @@ class DueIndex:
     async def settle(self, outcomes: Sequence[tuple[DueEntry, int]]) -> int:
         """Sets each taken entry to its queue's next due time (-1: removes it) unless a hint
         moved its generation. Returns how many were set."""
-        by_shard: dict[int, list[str | int]] = {}
+        by_shard: dict[int, list[argv.SettleDueItem]] = {}
         for entry, next_due in outcomes:
-            args = by_shard.setdefault(due_shard(entry.queue, self.shards), [])
-            args += [entry.queue, entry.gen, next_due]
+            items = by_shard.setdefault(due_shard(entry.queue, self.shards), [])
+            items.append(argv.SettleDueItem(queue=entry.queue, gen=entry.gen, next_due_ms=next_due))
         done = 0
-        for shard, args in by_shard.items():
+        for shard, items in by_shard.items():
             keys = DueKeys(shard)
-            done += int(
-                await self._scripts["settle_due"](
-                    keys=[keys.at, keys.gen], args=[len(args) // 3, *args]
-                )
-            )
+            args: list[str | int] = [*argv.SettleDueArgs(n=len(items))]
+            for item in items:
+                args += item
+            done += int(await self._scripts["settle_due"](keys=[keys.at, keys.gen], args=args))
         return done
 
     async def forget(self, queue: str) -> None:

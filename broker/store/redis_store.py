@@ -18,6 +18,8 @@ from broker.errors import StoreFull, StoreUnavailable
 from broker.models import (
     AckItem,
     AttemptError,
+    CancelResult,
+    CancelStatus,
     DeadPage,
     DueEntry,
     EnqueueOutcome,
@@ -38,6 +40,7 @@ from broker.models import (
     TaskState,
     Wake,
 )
+from broker.store import argv
 from broker.store.due_index import DueIndex
 from broker.store.keys import QUEUES_KEY, REVOKE_CHANNEL, WAKE_CHANNEL, QueueKeys
 from broker.store.redis_errors import is_unavailable_reply, unavailable_message
@@ -126,16 +129,30 @@ def _float_int(value: bytes | str | int) -> int:
     return int(number)
 
 
+def _time_or_none(value: bytes | int) -> int | None:
+    """A time from a script's reply, where -1 means none."""
+    ms = int(value)
+    return None if ms < 0 else ms
+
+
 def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
-#: The task hash fields a Task is built from, in the order `decode_fields` reads them (lease.lua
-#: returns them in this order with HMGET: no field names on the wire, no dict per task).
-TASK_FIELDS: Final = (
-    "type", "payload", "hdr", "pri", "state", "att", "max", "ctime", "stime",
-    "etime", "ftime", "lerr", "errs", "res", "lease_ms", "bo_i", "bo_m", "lid",
-)  # fmt: skip
+#: Each Task field (but ref) and the task hash field that stores it (lua/_prelude.lua). The
+#: hash's names are the persisted format, short to keep hashes small: never rename one (stored
+#: tasks must stay readable); this is the one place that says what they mean. The order is the
+#: one `decode_fields` reads (lease.lua returns the values in it with HMGET: no field names on
+#: the wire, no dict per task).
+TASK_HASH_FIELDS: Final = {
+    "type": "type", "payload": "payload", "headers": "hdr", "priority": "pri", "state": "state",
+    "attempt": "att", "max_attempts": "max", "create_ms": "ctime", "schedule_ms": "stime",
+    "lease_expire_ms": "etime", "finish_ms": "ftime", "last_error": "lerr", "errors": "errs",
+    "result": "res", "lease_ms": "lease_ms", "initial_backoff_ms": "bo_i",
+    "max_backoff_ms": "bo_m", "lease_id": "lid",
+}  # fmt: skip
+#: The stored names alone, in order.
+TASK_FIELDS: Final = tuple(TASK_HASH_FIELDS.values())
 _FIELD_KEYS: Final = tuple(f.encode() for f in TASK_FIELDS)
 
 
@@ -147,7 +164,7 @@ def decode_task(ref: TaskRef, h: dict[bytes, bytes]) -> Task:
 def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
     """Builds a Task from the values of TASK_FIELDS, in order (None: field absent)."""
     type_, payload, hdr, pri, state, att, max_, ctime, stime = v[:9]
-    etime, ftime, lerr, errs, res, lease_ms, bo_i, bo_m, lid = v[9:]
+    etime, ftime, lerr, errs, res, lease_ms, initial_backoff, max_backoff, lid = v[9:]
     errors = tuple(  # absent until an attempt fails: no JSON on the hot path
         AttemptError(attempt=int(a), time_ms=int(t), message=str(m))
         for a, t, m in (json.loads(errs) if errs else ())
@@ -169,8 +186,8 @@ def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
         errors=errors,
         result=res or b"",
         lease_ms=_int(lease_ms),
-        backoff_initial_ms=_int(bo_i),
-        backoff_max_ms=_int(bo_m),
+        initial_backoff_ms=_int(initial_backoff),
+        max_backoff_ms=_int(max_backoff),
         lease_id=_text(lid),
     )
 
@@ -364,29 +381,31 @@ class RedisStore:
         """
         keys = QueueKeys(queue)
         args: list[str | bytes | int] = [
-            keys.task_prefix,
-            keys.idempotency_prefix,
-            idempotency_window_ms,
-            WAKE_CHANNEL,
-            queue,
-            len(tasks),
+            *argv.EnqueueArgs(
+                task_prefix=keys.task_prefix,
+                idempotency_prefix=keys.idempotency_prefix,
+                idempotency_window_ms=idempotency_window_ms,
+                wake_channel=WAKE_CHANNEL,
+                queue=queue,
+                n=len(tasks),
+            )
         ]
         for t in tasks:
-            args += [
-                t.ref.local_id,
-                t.type,
-                t.payload,
-                json.dumps(t.headers, sort_keys=True) if t.headers else "",
-                t.priority,
-                t.max_attempts,
-                t.lease_ms,
-                t.backoff_initial_ms,
-                t.backoff_max_ms,
-                t.delay_ms,
-                t.schedule_ms,
-                t.idempotency_key,
-                t.body_hash,
-            ]
+            args += argv.EnqueueItem(
+                id=t.ref.local_id,
+                task_type=t.type,
+                payload=t.payload,
+                headers=json.dumps(t.headers, sort_keys=True) if t.headers else "",
+                priority=t.priority,
+                max_attempts=t.max_attempts,
+                lease_ms=t.lease_ms or 0,
+                initial_backoff_ms=t.initial_backoff_ms,
+                max_backoff_ms=t.max_backoff_ms,
+                delay_ms=-1 if t.delay_ms is None else t.delay_ms,
+                schedule_ms=-1 if t.schedule_ms is None else t.schedule_ms,
+                idempotency_key=t.idempotency_key or "",
+                body_hash=t.body_hash or "",
+            )
         # Registered after the script, in the same write: a queue being forgotten (emptiness
         # re-checked after its removal, sweep_queues) either sees this task or is re-registered.
         reply = await self._run(
@@ -411,9 +430,11 @@ class RedisStore:
         without its own, id of the stream it is for, principal it is bound to), and the i-th
         leased task fills slot i."""
         keys = QueueKeys(queue)
-        args: list[str | int] = [keys.task_prefix, len(slots)]
+        args: list[str | int] = [*argv.LeaseArgs(task_prefix=keys.task_prefix, n=len(slots))]
         for lease_id, lease_ms, stream_id, holder in slots:
-            args += [lease_id, lease_ms, stream_id, holder]
+            args += argv.LeaseSlot(
+                lease_id=lease_id, lease_ms=lease_ms, stream_id=stream_id, holder=holder
+            )
         args += TASK_FIELDS
         shortest = min((slot[1] for slot in slots), default=0)
         reply = await self._run(
@@ -422,7 +443,7 @@ class RedisStore:
             args,
             hint=Hint(queue, delay_ms=max(0, shortest - HINT_MARGIN_MS)) if slots else None,
         )
-        now, next_due, paused = int(reply[0]), int(reply[1]), bool(int(reply[2]))
+        now, next_due, paused = int(reply[0]), reply[1], bool(int(reply[2]))
         leases = []
         for i in range(3, len(reply), 2):
             ref = TaskRef(queue, _text(reply[i]))
@@ -432,7 +453,9 @@ class RedisStore:
         if own >= 0 and own < now + shortest:
             # A task's own lease is shorter than the hint sent with the script: hint again.
             await self._hint_now(Hint(queue, at_ms=own - HINT_MARGIN_MS))
-        return LeaseBatch(now_ms=now, next_due_ms=next_due, paused=paused, leases=leases)
+        return LeaseBatch(
+            now_ms=now, next_due_ms=_time_or_none(next_due), paused=paused, leases=leases
+        )
 
     async def _hint_now(self, hint: Hint) -> None:
         """A hint on its own, after a reply showed a due time the pipelined hint missed (a broker
@@ -446,9 +469,11 @@ class RedisStore:
 
     async def ack(self, queue: str, items: Sequence[AckItem]) -> list[SettleResult]:
         keys = QueueKeys(queue)
-        args: list[str | bytes | int] = [keys.task_prefix, len(items)]
+        args: list[str | bytes | int] = [*argv.AckArgs(task_prefix=keys.task_prefix, n=len(items))]
         for item in items:
-            args += [item.ref.local_id, item.lease_id, item.result, item.holder]
+            args += argv.AckItem(
+                id=item.ref.local_id, lease_id=item.lease_id, result=item.result, holder=item.holder
+            )
         reply = await self._run(
             "ack",
             [keys.leased, keys.done, keys.stats],
@@ -459,21 +484,26 @@ class RedisStore:
 
     async def nack(self, queue: str, items: Sequence[NackItem]) -> list[SettleResult]:
         keys = QueueKeys(queue)
-        args: list[str | bytes | int | float] = [keys.task_prefix, WAKE_CHANNEL, queue, len(items)]
+        args: list[str | bytes | int] = [
+            *argv.NackArgs(
+                task_prefix=keys.task_prefix, wake_channel=WAKE_CHANNEL, queue=queue, n=len(items)
+            )
+        ]
         for item in items:
-            args += [
-                item.ref.local_id,
-                item.lease_id,
-                item.error,
-                item.retry_delay_ms,
-                "1" if item.dead_letter else "0",
-                repr(item.jitter),
-                item.holder,
-            ]
+            args += argv.NackItem(
+                id=item.ref.local_id,
+                lease_id=item.lease_id,
+                message=item.error,
+                retry_delay_ms=-1 if item.retry_delay_ms is None else item.retry_delay_ms,
+                dead_letter="1" if item.dead_letter else "0",
+                jitter=repr(item.jitter),
+                holder=item.holder,
+            )
         # The retry's due time depends on the attempt, known only to the script: look at once
         # unless every nack names its delay (the maintainer sets the real time).
         delays = [i.retry_delay_ms for i in items if not i.dead_letter]
-        delay = 0 if any(d < 0 for d in delays) else min(delays, default=self._dead_ms)
+        explicit = [d for d in delays if d is not None]
+        delay = 0 if len(explicit) < len(delays) else min(explicit, default=self._dead_ms)
         reply = await self._run(
             "nack",
             [keys.leased, keys.scheduled, keys.pending, keys.dead, keys.stats],
@@ -484,10 +514,17 @@ class RedisStore:
 
     async def extend(self, queue: str, items: Sequence[ExtendItem]) -> list[SettleResult]:
         keys = QueueKeys(queue)
-        args: list[str | bytes | int] = [keys.task_prefix, len(items)]
+        args: list[str | bytes | int] = [
+            *argv.ExtendArgs(task_prefix=keys.task_prefix, n=len(items))
+        ]
         for item in items:
-            args += [item.ref.local_id, item.lease_id, item.duration_ms, item.holder]
-        explicit = [i.duration_ms for i in items if i.duration_ms >= 0]
+            args += argv.ExtendItem(
+                id=item.ref.local_id,
+                lease_id=item.lease_id,
+                duration_ms=-1 if item.duration_ms is None else item.duration_ms,
+                holder=item.holder,
+            )
+        explicit = [i.duration_ms for i in items if i.duration_ms is not None]
         hint = None
         if explicit:
             hint = Hint(queue, delay_ms=max(0, min(explicit) - HINT_MARGIN_MS))
@@ -511,9 +548,17 @@ class RedisStore:
         """Detaches (local_id, lease_id) leases the ended stream still holds: each expires within
         window_ms unless resumed. Returns (how many, earliest new expiry ms or -1)."""
         keys = QueueKeys(queue)
-        args: list[str | int] = [keys.task_prefix, stream_id, window_ms, reason, len(leases)]
+        args: list[str | int] = [
+            *argv.DetachArgs(
+                task_prefix=keys.task_prefix,
+                stream_id=stream_id,
+                window_ms=window_ms,
+                reason=reason,
+                n=len(leases),
+            )
+        ]
         for local_id, lease_id in leases:
-            args += [local_id, lease_id]
+            args += argv.HeldItem(id=local_id, lease_id=lease_id)
         # Each detached lease expires within the window: the due index must look by then.
         count, earliest = await self._run(
             "detach",
@@ -529,9 +574,13 @@ class RedisStore:
         """Moves (local_id, lease_id) leases that are still current, and `holder`'s, to the
         stream."""
         keys = QueueKeys(queue)
-        args: list[str | int] = [keys.task_prefix, stream_id, holder, len(leases)]
+        args: list[str | int] = [
+            *argv.ResumeArgs(
+                task_prefix=keys.task_prefix, stream_id=stream_id, holder=holder, n=len(leases)
+            )
+        ]
         for local_id, lease_id in leases:
-            args += [local_id, lease_id]
+            args += argv.HeldItem(id=local_id, lease_id=lease_id)
         reply = await self._run("resume", [keys.leased], args)
         results = [_settle(r) for r in reply[1:]]
         # A resumed lease runs for its length from now, which may come before what the index
@@ -545,47 +594,58 @@ class RedisStore:
         """Undoes (local_id, lease_id) leases never sent to the stream they were made for: no
         attempt spent. Returns how many."""
         keys = QueueKeys(queue)
-        args: list[str | int] = [keys.task_prefix, WAKE_CHANNEL, queue, stream_id, len(leases)]
+        args: list[str | int] = [
+            *argv.UnleaseArgs(
+                task_prefix=keys.task_prefix,
+                wake_channel=WAKE_CHANNEL,
+                queue=queue,
+                stream_id=stream_id,
+                n=len(leases),
+            )
+        ]
         for local_id, lease_id in leases:
-            args += [local_id, lease_id]
+            args += argv.HeldItem(id=local_id, lease_id=lease_id)
         return int(await self._run("unlease", [keys.leased, keys.pending], args))
 
-    async def reclaim_expired(self, queue: str, limit: int) -> tuple[int, int]:
-        """Reclaims up to limit expired leases. Returns (count, next expiry ms or -1)."""
+    async def reclaim_expired(self, queue: str, limit: int) -> tuple[int, int | None]:
+        """Reclaims up to limit expired leases. Returns (count, next expiry ms or None)."""
         keys = QueueKeys(queue)
         count, next_expiry = await self._run(
             "reclaim_expired",
             [keys.leased, keys.pending, keys.dead, keys.stats],
-            [keys.task_prefix, WAKE_CHANNEL, queue, limit],
+            argv.ReclaimArgs(
+                task_prefix=keys.task_prefix, wake_channel=WAKE_CHANNEL, queue=queue, limit=limit
+            ),
             hint=Hint(queue, delay_ms=max(0, self._dead_ms - HINT_MARGIN_MS)),
         )
-        return int(count), int(next_expiry)
+        return int(count), _time_or_none(next_expiry)
 
-    async def promote_due(self, queue: str, limit: int) -> tuple[int, int]:
-        """Moves up to limit due tasks to pending. Returns (count, next due ms or -1)."""
+    async def promote_due(self, queue: str, limit: int) -> tuple[int, int | None]:
+        """Moves up to limit due tasks to pending. Returns (count, next due ms or None)."""
         keys = QueueKeys(queue)
         with _translate():
             count, next_due = await self._scripts["promote_due"](
-                keys=[keys.scheduled, keys.pending], args=[keys.task_prefix, limit]
+                keys=[keys.scheduled, keys.pending],
+                args=argv.PromoteArgs(task_prefix=keys.task_prefix, limit=limit),
             )
-        return int(count), int(next_due)
+        return int(count), _time_or_none(next_due)
 
-    async def cancel(self, ref: TaskRef) -> tuple[str, int | str]:
-        """Returns ('ok', revoked lease id or ''), ('final', state) or ('nf', '')."""
+    async def cancel(self, ref: TaskRef) -> CancelResult:
+        """Cancels an unfinished task, revoking its lease if one is held."""
         keys = QueueKeys(ref.queue)
         reply = await self._run(
             "cancel",
             [keys.task(ref.local_id), keys.pending, keys.scheduled, keys.leased, keys.done,
              keys.stats],
-            [ref.local_id],
+            argv.CancelArgs(id=ref.local_id),
             hint=Hint(ref.queue, delay_ms=max(0, self._finished_ms - HINT_MARGIN_MS)),
         )  # fmt: skip
-        kind = _text(reply[0])
-        if kind == "ok":
-            return kind, _text(reply[1])
-        if kind == "final":
-            return kind, int(reply[1])
-        return kind, ""
+        status = CancelStatus(_text(reply[0]))
+        if status is CancelStatus.CANCELLED:  # {'ok', lease id or ''}
+            return CancelResult(status, revoked_lease_id=_text(reply[1]) or None)
+        if status is CancelStatus.FINISHED:  # {'final', state}
+            return CancelResult(status, final_state=TaskState(int(reply[1])))
+        return CancelResult(status)
 
     async def announce_revoked(self, task_id: str, lease_id: str) -> None:
         """Tells every replica that this lease was revoked (a hint: the fence is in Redis)."""
@@ -675,7 +735,12 @@ class RedisStore:
             return int(
                 await self._scripts["redrive"](
                     keys=[keys.dead, keys.pending],
-                    args=[keys.task_prefix, WAKE_CHANNEL, queue, *local_ids],
+                    args=[
+                        *argv.RedriveArgs(
+                            task_prefix=keys.task_prefix, wake_channel=WAKE_CHANNEL, queue=queue
+                        ),
+                        *local_ids,
+                    ],
                 )
             )
 
@@ -684,7 +749,8 @@ class RedisStore:
         with _translate():
             return int(
                 await self._scripts["delete_dead"](
-                    keys=[keys.dead], args=[keys.task_prefix, *local_ids]
+                    keys=[keys.dead],
+                    args=[*argv.DeleteDeadArgs(task_prefix=keys.task_prefix), *local_ids],
                 )
             )
 
@@ -697,7 +763,12 @@ class RedisStore:
         with _translate():
             finished, dead = await self._scripts["trim_finished"](
                 keys=[keys.done, keys.dead],
-                args=[keys.task_prefix, finished_retention_ms, dead_retention_ms, limit],
+                args=argv.TrimArgs(
+                    task_prefix=keys.task_prefix,
+                    finished_retention_ms=finished_retention_ms,
+                    dead_retention_ms=dead_retention_ms,
+                    limit=limit,
+                ),
             )
         return int(finished), int(dead)
 
@@ -753,12 +824,18 @@ class RedisStore:
 
     def _maintain_call(
         self, queue: str, limit: int, slack_ms: int
-    ) -> tuple[list[str], list[str | int]]:
+    ) -> tuple[list[str], argv.MaintainArgs]:
         k = QueueKeys(queue)
         keys = [k.leased, k.pending, k.dead, k.stats, k.scheduled, k.done, k.meta]
-        args: list[str | int] = [
-            k.task_prefix, WAKE_CHANNEL, queue, limit, self._finished_ms, self._dead_ms, slack_ms,
-        ]  # fmt: skip
+        args = argv.MaintainArgs(
+            task_prefix=k.task_prefix,
+            wake_channel=WAKE_CHANNEL,
+            queue=queue,
+            limit=limit,
+            finished_retention_ms=self._finished_ms,
+            dead_retention_ms=self._dead_ms,
+            slack_ms=slack_ms,
+        )
         return keys, args
 
     async def scan_queues(self, cursor: int, count: int) -> tuple[int, list[str]]:
@@ -845,14 +922,14 @@ class WakeEvents:
 
 def _delayed_hint(queue: str, tasks: Sequence[NewTask]) -> Hint | None:
     """The hint for an enqueue: when its earliest delayed or scheduled task comes due."""
-    delays = [t.delay_ms for t in tasks if t.delay_ms > 0]
-    times = [t.schedule_ms for t in tasks if t.schedule_ms >= 0]
+    delays = [t.delay_ms for t in tasks if t.delay_ms]
+    times = [t.schedule_ms for t in tasks if t.schedule_ms is not None]
     if not delays and not times:
         return None
     return Hint(
         queue,
-        at_ms=min(times) - HINT_MARGIN_MS if times else -1,
-        delay_ms=max(0, min(delays) - HINT_MARGIN_MS) if delays else -1,
+        at_ms=min(times) - HINT_MARGIN_MS if times else None,
+        delay_ms=max(0, min(delays) - HINT_MARGIN_MS) if delays else None,
     )
 
 

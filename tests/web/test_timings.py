@@ -29,11 +29,11 @@ def leased(now_ms: int, *ready_ms: int, first_id: int = 0) -> LeaseBatch:
             errors=(),
             result=b"",
             lease_ms=0,
-            backoff_initial_ms=1,
-            backoff_max_ms=1,
+            initial_backoff_ms=1,
+            max_backoff_ms=1,
         )
         leases.append(Lease(task, f"lease-{first_id + i}", now_ms + 30_000))
-    return LeaseBatch(now_ms=now_ms, next_due_ms=-1, paused=False, leases=leases)
+    return LeaseBatch(now_ms=now_ms, next_due_ms=None, paused=False, leases=leases)
 
 
 def test_buckets_count_cumulatively_like_prometheus() -> None:

@@ -1,8 +1,10 @@
 -- _prelude.lua: prepended to every script by scripts.py, so all scripts read the clock and
 -- shape task state the same way.
 --
--- Task hash fields (tb:{q}:t:<id>):
---   type payload hdr pri state att max lease_ms cur_ms bo_i bo_m ctime stime etime ftime
+-- Task hash fields (tb:{q}:t:<id>; stored names, never renamed: TASK_HASH_FIELDS in
+-- store/redis_store.py says which Task field each one holds):
+--   type payload hdr pri state att max lease_ms cur_ms ctime stime etime ftime
+--   bo_i bo_m (the retry policy's initial_backoff and max_backoff, ms)
 --   lid (current lease) sid (the Lease stream holding it, '' once its stream ended: detached)
 --   lp (the principal that leased it last, absent without a policy: only it may settle, extend
 --   or resume the lease)
@@ -18,6 +20,15 @@ local SCHEDULED, PENDING, LEASED, SUCCEEDED, DEAD, CANCELLED = 1, 2, 3, 4, 5, 6
 local BAND = 4398046511104
 -- Keep the most recent errors only, so a task that fails forever has bounded memory.
 local MAX_ERRORS = 32
+
+-- ARGV is a head of named values, then, in batch scripts, items of `width` fields each. A script
+-- names them once: `local a, b = unpack(ARGV, 1, 2)` for the head, `local x, y = item(2, 2, i)`
+-- for item i (from 0). RedisStore builds ARGV from the same names (store/argv.py), and
+-- tests/test_pinned_constants.py fails when the two drift.
+local function item(head, width, i)
+  local first = head + i * width + 1
+  return unpack(ARGV, first, first + width - 1)
+end
 
 -- Redis is the one clock: every expiry and due time is judged against this.
 local function now_ms()

@@ -3,9 +3,10 @@
 -- KEYS[1]  tb:{q}:leased      zset  id -> lease expiry (ms)
 -- KEYS[2]  tb:{q}:done        zset  id -> finish time (ms), trimmed after the retention
 -- KEYS[3]  tb:{q}:stats       hash  running totals
--- ARGV[1]  task key prefix tb:{q}:t:   (derived task keys, same hash tag)
--- ARGV[2]  n; then 4 fields per ack: id lease_id result holder (the presenting principal, ''
---          without a policy; a current lease bound to another is refused)
+-- ARGV     (store/argv.py AckArgs, AckItem)
+--   task_prefix   tb:{q}:t:   (derived task keys, same hash tag)
+--   n; then n items: id lease_id result holder (the presenting principal, '' without a policy;
+--   a current lease bound to another is refused)
 --
 -- Lease identity is the fence: an ack that arrives after the deadline but before any replica
 -- reclaimed the task is accepted, since nobody else holds the task.
@@ -14,13 +15,13 @@
 -- (no such task).
 
 local now = now_ms()
-local prefix, n = ARGV[1], tonumber(ARGV[2])
+local task_prefix, n = unpack(ARGV, 1, 2)
+n = tonumber(n)
 local reply = {now}
 local acked = 0
 for i = 0, n - 1 do
-  local b = 3 + i * 4
-  local id, lease_id, result, holder = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
-  local key = prefix .. id
+  local id, lease_id, result, holder = item(2, 4, i)
+  local key = task_prefix .. id
   local current = redis.call('HMGET', key, 'state', 'lid', 'slid', 'skind', 'lp')
   if not current[1] then
     table.insert(reply, 'nf')

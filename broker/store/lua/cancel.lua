@@ -6,12 +6,13 @@
 -- KEYS[4]  tb:{q}:leased      zset
 -- KEYS[5]  tb:{q}:done        zset  id -> finish time (ms)
 -- KEYS[6]  tb:{q}:stats       hash
--- ARGV[1]  task id (local part)
+-- ARGV     (store/argv.py CancelArgs)
+--   id       task id (local part)
 --
 -- Returns {'ok', lease_id or ''} when cancelled, {'final', state} when already finished, {'nf'}.
 
 local now = now_ms()
-local id = ARGV[1]
+local id = unpack(ARGV, 1, 1)
 local t = redis.call('HMGET', KEYS[1], 'state', 'lid')
 if not t[1] then return {'nf'} end
 local state = tonumber(t[1])

@@ -3,22 +3,24 @@
 -- ends them as spent attempts with the recorded reason.
 --
 -- KEYS[1]  tb:{q}:leased      zset  id -> lease expiry (ms)
--- ARGV[1]  task key prefix tb:{q}:t:   (derived task keys, same hash tag)
--- ARGV[2]  the ended stream's id: only leases this stream still holds are detached, so a lease
---          that another stream (on any replica) has already resumed is left alone
--- ARGV[3]  resume window (ms): the lease expires at the earlier of its expiry and now + window
--- ARGV[4]  reason recorded as the attempt's error if the lease is not resumed
--- ARGV[5]  n; then 2 fields per lease: id lease_id
+-- ARGV     (store/argv.py DetachArgs, HeldItem)
+--   task_prefix   tb:{q}:t:   (derived task keys, same hash tag)
+--   stream_id     the ended stream's id: only leases this stream still holds are detached, so a
+--                 lease that another stream (on any replica) has already resumed is left alone
+--   window_ms     resume window: the lease expires at the earlier of its expiry and now + window
+--   reason        recorded as the attempt's error if the lease is not resumed
+--   n; then n items: id lease_id
 --
 -- Returns {count detached, earliest new expiry ms or -1}.
 
 local now = now_ms()
-local prefix, stream_id, window, reason = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local n = tonumber(ARGV[5])
+local task_prefix, stream_id, window_ms, reason, n = unpack(ARGV, 1, 5)
+local window = tonumber(window_ms)
+n = tonumber(n)
 local detached, earliest = 0, -1
 for i = 0, n - 1 do
-  local id, lease_id = ARGV[6 + i * 2], ARGV[7 + i * 2]
-  local key = prefix .. id
+  local id, lease_id = item(5, 2, i)
+  local key = task_prefix .. id
   local t = redis.call('HMGET', key, 'state', 'lid', 'sid', 'etime')
   if t[1] and tonumber(t[1]) == LEASED and t[2] == lease_id and t[3] == stream_id then
     local expire = math.min(tonumber(t[4]), now + window)

@@ -3,8 +3,9 @@
 --
 -- KEYS[1]  tb:{~dueN}:at      zset  queue -> when to look next (ms, Redis time)
 -- KEYS[2]  tb:{~dueN}:gen     hash  queue -> generation, bumped by every hint
--- ARGV[1]  n; then 3 fields per queue: name, absolute time ms (-1: none), delay ms from now
---          (-1: none). The entry's score becomes the earliest of both, and only ever moves
+-- ARGV     (store/argv.py HintArgs, HintItem)
+--   n; then n items: queue, at_ms (absolute time, -1: none), delay_ms (from now, -1: none).
+--          The entry's score becomes the earliest of both, and only ever moves
 --          earlier (ZADD LT): a hint never hides an earlier due time.
 --
 -- The generation bump makes a maintainer's raise of the entry (settle_due.lua) fail when a hint
@@ -12,9 +13,11 @@
 -- Returns n.
 
 local now = now_ms()
-local n = tonumber(ARGV[1])
+local n = unpack(ARGV, 1, 1)
+n = tonumber(n)
 for i = 0, n - 1 do
-  local queue, at, delay = ARGV[2 + i * 3], tonumber(ARGV[3 + i * 3]), tonumber(ARGV[4 + i * 3])
+  local queue, at_ms, delay_ms = item(1, 3, i)
+  local at, delay = tonumber(at_ms), tonumber(delay_ms)
   local score = at
   if delay >= 0 and (score < 0 or now + delay < score) then score = now + delay end
   if score >= 0 then

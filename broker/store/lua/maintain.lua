@@ -9,11 +9,12 @@
 -- KEYS[5]  tb:{q}:scheduled   zset  id -> due time (ms)
 -- KEYS[6]  tb:{q}:done        zset  id -> finish time (ms)
 -- KEYS[7]  tb:{q}:meta        hash  queue settings (paused)
--- ARGV[1]  task key prefix tb:{q}:t:   (derived task keys, same hash tag)
--- ARGV[2]  wake channel, ARGV[3] queue name
--- ARGV[4]  at most this many of each kind of work per call
--- ARGV[5]  finished retention (ms), ARGV[6] dead-letter retention (ms)
--- ARGV[7]  trim slack (ms): trimming waits this long past the retention, so a busy queue's
+-- ARGV     (store/argv.py MaintainArgs)
+--   task_prefix   tb:{q}:t:   (derived task keys, same hash tag)
+--   wake_channel, queue   published to when tasks go back to pending
+--   limit         at most this many of each kind of work per call
+--   finished_retention_ms, dead_retention_ms
+--   slack_ms      trimming waits this long past the retention, so a busy queue's
 --          trims are batched instead of one call per finished task
 --
 -- Returns {reclaimed, promoted, trimmed, next_due, empty}: next_due is the earliest time any
@@ -21,17 +22,20 @@
 -- empty is 1 when the queue holds no task at all and is not paused.
 
 local now = now_ms()
-local prefix, limit = ARGV[1], tonumber(ARGV[4])
-local finished_ms, dead_ms, slack = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local task_prefix, wake_channel, queue, limit, finished_retention_ms, dead_retention_ms,
+  slack_ms = unpack(ARGV, 1, 7)
+limit = tonumber(limit)
+local finished_ms, dead_ms = tonumber(finished_retention_ms), tonumber(dead_retention_ms)
+local slack = tonumber(slack_ms)
 local keys = {leased = KEYS[1], pending = KEYS[2], dead = KEYS[3], stats = KEYS[4]}
 
-local reclaimed = reclaim_expired(keys, prefix, now, limit)
-local promoted = promote_due(KEYS[5], KEYS[2], prefix, now, limit)
-if reclaimed > 0 or promoted > 0 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+local reclaimed = reclaim_expired(keys, task_prefix, now, limit)
+local promoted = promote_due(KEYS[5], KEYS[2], task_prefix, now, limit)
+if reclaimed > 0 or promoted > 0 then redis.call('PUBLISH', wake_channel, queue) end
 
 local full = reclaimed == limit or promoted == limit
-local trimmed_done = trim_before(KEYS[6], prefix, now - finished_ms, limit)
-local trimmed_dead = trim_before(KEYS[3], prefix, now - dead_ms, limit)
+local trimmed_done = trim_before(KEYS[6], task_prefix, now - finished_ms, limit)
+local trimmed_dead = trim_before(KEYS[3], task_prefix, now - dead_ms, limit)
 local trimmed = trimmed_done + trimmed_dead
 if trimmed_done == limit or trimmed_dead == limit then full = true end
 

@@ -5,9 +5,10 @@
 -- KEYS[3]  tb:{q}:pending     zset  id -> pending score
 -- KEYS[4]  tb:{q}:dead        zset  id -> dead-letter time (ms)
 -- KEYS[5]  tb:{q}:stats       hash  running totals
--- ARGV[1]  task key prefix tb:{q}:t:   (derived task keys, same hash tag)
--- ARGV[2]  wake channel, ARGV[3] queue name
--- ARGV[4]  n; then 7 fields per nack: id lease_id error retry_delay_ms dead_letter jitter holder
+-- ARGV     (store/argv.py NackArgs, NackItem)
+--   task_prefix   tb:{q}:t:   (derived task keys, same hash tag)
+--   wake_channel, queue   published to when a task is retried
+--   n; then n items: id lease_id message retry_delay_ms dead_letter jitter holder
 --          retry_delay_ms -1: use the task's backoff; dead_letter '1': skip retries;
 --          jitter: a uniform draw in [0, 1) from the broker; holder: the presenting principal
 --          ('' without a policy; a current lease bound to another is refused).
@@ -15,32 +16,32 @@
 -- The backoff is evaluated here because only the script knows the attempt number atomically.
 -- Equal jitter: never sooner than half the nominal delay, so retries still spread out but a
 -- dependency that is down for a while is not hammered at once (AWS architecture blog,
--- "Exponential Backoff And Jitter"): nominal = min(bo_m, bo_i * 2^(attempt - 1)),
+-- "Exponential Backoff And Jitter"): nominal = min(max_backoff, initial_backoff * 2^(attempt - 1)),
 -- delay = nominal / 2 + jitter * nominal / 2.
 -- Returns {now, r_1, .. r_n}; r_i = {'ok'|'again', state, retry_time_ms} or {'stale'},
 -- {'foreign'} (current, but another principal's) or {'nf'}.
 
 local now = now_ms()
-local prefix, n = ARGV[1], tonumber(ARGV[4])
+local task_prefix, wake_channel, queue, n = unpack(ARGV, 1, 4)
+n = tonumber(n)
 local reply = {now}
 local woke = false
 for i = 0, n - 1 do
-  local b = 5 + i * 7
-  local id, lease_id, err = ARGV[b], ARGV[b + 1], ARGV[b + 2]
-  local retry_ms, dead_letter, jitter = tonumber(ARGV[b + 3]), ARGV[b + 4], tonumber(ARGV[b + 5])
-  local key = prefix .. id
+  local id, lease_id, message, retry_delay_ms, dead_letter, jitter, holder = item(4, 7, i)
+  local retry_ms = tonumber(retry_delay_ms)
+  local key = task_prefix .. id
   local t = redis.call('HMGET', key, 'state', 'lid', 'slid', 'skind', 'att', 'max', 'bo_i', 'bo_m',
     'stime', 'lp')
   if not t[1] then
     table.insert(reply, {'nf'})
-  elseif tonumber(t[1]) == LEASED and t[2] == lease_id and foreign(t[10], ARGV[b + 6]) then
+  elseif tonumber(t[1]) == LEASED and t[2] == lease_id and foreign(t[10], holder) then
     table.insert(reply, {'foreign'})
   elseif tonumber(t[1]) == LEASED and t[2] == lease_id then
     local att, max = tonumber(t[5]), tonumber(t[6])
     redis.call('ZREM', KEYS[1], id)
     clear_lease(key)
     redis.call('HSET', key, 'slid', lease_id, 'skind', 'n')
-    append_error(key, att, now, err)
+    append_error(key, att, now, message)
     redis.call('HINCRBY', KEYS[5], 'fail', 1)
     if dead_letter == '1' or att >= max then
       redis.call('HSET', key, 'state', DEAD, 'ftime', now)
@@ -50,8 +51,9 @@ for i = 0, n - 1 do
     else
       local delay = retry_ms
       if delay < 0 then
-        local cap = math.min(tonumber(t[8]), tonumber(t[7]) * math.pow(2, att - 1))
-        delay = math.floor(cap / 2 + jitter * cap / 2)
+        local initial_backoff, max_backoff = tonumber(t[7]), tonumber(t[8])
+        local cap = math.min(max_backoff, initial_backoff * math.pow(2, att - 1))
+        delay = math.floor(cap / 2 + tonumber(jitter) * cap / 2)
       end
       local due = now + delay
       if delay > 0 then
@@ -74,5 +76,5 @@ for i = 0, n - 1 do
     table.insert(reply, {'stale'})
   end
 end
-if woke then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+if woke then redis.call('PUBLISH', wake_channel, queue) end
 return reply

@@ -3,11 +3,13 @@
 --
 -- KEYS[1]  tb:{q}:scheduled   zset  id -> due time (ms)
 -- KEYS[2]  tb:{q}:pending     zset  id -> pending score
--- ARGV[1]  task key prefix tb:{q}:t:   (derived task keys, same hash tag)
--- ARGV[2]  at most this many per call
+-- ARGV     (store/argv.py PromoteArgs)
+--   task_prefix   tb:{q}:t:   (derived task keys, same hash tag)
+--   limit         at most this many per call
 --
 -- Returns {count, next_due}: next_due is the earliest remaining due time (-1 if none).
 
 local now = now_ms()
-local moved = promote_due(KEYS[1], KEYS[2], ARGV[1], now, tonumber(ARGV[2]))
+local task_prefix, limit = unpack(ARGV, 1, 2)
+local moved = promote_due(KEYS[1], KEYS[2], task_prefix, now, tonumber(limit))
 return {moved, next_due(KEYS[1])}

@@ -3,19 +3,19 @@
 --
 -- KEYS[1]  tb:{q}:dead        zset  id -> dead-letter time (ms)
 -- KEYS[2]  tb:{q}:pending     zset  id -> pending score
--- ARGV[1]  task key prefix tb:{q}:t:   (derived task keys, same hash tag)
--- ARGV[2]  wake channel, ARGV[3] queue name
--- ARGV[4..] task ids (local part); ids that are not dead letters are skipped
+-- ARGV     (store/argv.py RedriveArgs)
+--   task_prefix   tb:{q}:t:   (derived task keys, same hash tag)
+--   wake_channel, queue   published to when tasks go back to pending
+--   then task ids (local part); ids that are not dead letters are skipped
 --
 -- Returns the number of tasks redriven.
 
 local now = now_ms()
-local prefix = ARGV[1]
+local task_prefix, wake_channel, queue = unpack(ARGV, 1, 3)
 local moved = 0
-for i = 4, #ARGV do
-  local id = ARGV[i]
+for _, id in ipairs({unpack(ARGV, 3 + 1)}) do
   if redis.call('ZREM', KEYS[1], id) == 1 then
-    local key = prefix .. id
+    local key = task_prefix .. id
     if redis.call('EXISTS', key) == 1 then
       redis.call('HSET', key, 'att', 0)
       redis.call('HDEL', key, 'ftime', 'slid', 'skind')
@@ -24,5 +24,5 @@ for i = 4, #ARGV do
     end
   end
 end
-if moved > 0 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+if moved > 0 then redis.call('PUBLISH', wake_channel, queue) end
 return moved

@@ -3,20 +3,23 @@
 -- still LEASED. The lease id and attempt stay; the expiry moves to now + the lease's length.
 --
 -- KEYS[1]  tb:{q}:leased      zset  id -> lease expiry (ms)
--- ARGV[1]  task key prefix tb:{q}:t:   (derived task keys, same hash tag)
--- ARGV[2]  the new stream's id (becomes the lease's `sid`)
--- ARGV[3]  the principal resuming ('' without a policy): a lease bound to another is refused
--- ARGV[4]  n; then 2 fields per lease: id lease_id
+-- ARGV     (store/argv.py ResumeArgs, HeldItem)
+--   task_prefix   tb:{q}:t:   (derived task keys, same hash tag)
+--   stream_id     the new stream's id (becomes the lease's `sid`)
+--   holder        the principal resuming ('' without a policy): a lease bound to another is
+--                 refused
+--   n; then n items: id lease_id
 --
 -- Returns {now, r_1 .. r_n}; r_i = {'ok', new_expiry_ms} or {'stale'}, {'foreign'} (current, but
 -- another principal's) or {'nf'}.
 
 local now = now_ms()
-local prefix, stream_id, holder, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local task_prefix, stream_id, holder, n = unpack(ARGV, 1, 4)
+n = tonumber(n)
 local reply = {now}
 for i = 0, n - 1 do
-  local id, lease_id = ARGV[5 + i * 2], ARGV[6 + i * 2]
-  local key = prefix .. id
+  local id, lease_id = item(4, 2, i)
+  local key = task_prefix .. id
   local t = redis.call('HMGET', key, 'state', 'lid', 'cur_ms', 'lp')
   if not t[1] then
     table.insert(reply, {'nf'})

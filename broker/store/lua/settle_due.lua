@@ -3,17 +3,20 @@
 --
 -- KEYS[1]  tb:{~dueN}:at      zset  queue -> when to look next (ms, Redis time)
 -- KEYS[2]  tb:{~dueN}:gen     hash  queue -> generation (bumped by every hint)
--- ARGV[1]  n; then 3 fields per queue: name, generation read by take_due.lua ('' for none),
---          next due time ms (-1: nothing due: the entry is removed)
+-- ARGV     (store/argv.py SettleDueArgs, SettleDueItem)
+--   n; then n items: queue, gen (the generation read by take_due.lua, '' for none),
+--   next_due_ms (-1: nothing due: the entry is removed)
 --
 -- A queue whose generation moved keeps its entry: the hint already lowered it, or the claim
 -- brings it back within the claim time, and the next pass looks again.
 -- Returns how many entries were set or removed.
 
-local n = tonumber(ARGV[1])
+local n = unpack(ARGV, 1, 1)
+n = tonumber(n)
 local done = 0
 for i = 0, n - 1 do
-  local queue, gen, at = ARGV[2 + i * 3], ARGV[3 + i * 3], tonumber(ARGV[4 + i * 3])
+  local queue, gen, next_due_ms = item(1, 3, i)
+  local at = tonumber(next_due_ms)
   if (redis.call('HGET', KEYS[2], queue) or '') == gen then
     if at < 0 then
       redis.call('ZREM', KEYS[1], queue)

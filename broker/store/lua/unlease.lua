@@ -4,18 +4,20 @@
 --
 -- KEYS[1]  tb:{q}:leased      zset  id -> lease expiry (ms)
 -- KEYS[2]  tb:{q}:pending     zset  id -> pending score
--- ARGV[1]  task key prefix tb:{q}:t:   (derived task keys, same hash tag)
--- ARGV[2]  wake channel, ARGV[3] queue name
--- ARGV[4]  the stream the leases were made for: a lease no longer held by it is left alone
--- ARGV[5]  n; then 2 fields per lease: id lease_id
+-- ARGV     (store/argv.py UnleaseArgs, HeldItem)
+--   task_prefix   tb:{q}:t:   (derived task keys, same hash tag)
+--   wake_channel, queue   published to when a task goes back to pending
+--   stream_id     the stream the leases were made for: a lease no longer held by it is left alone
+--   n; then n items: id lease_id
 --
 -- Returns the number of leases undone.
 
-local prefix, stream_id, n = ARGV[1], ARGV[4], tonumber(ARGV[5])
+local task_prefix, wake_channel, queue, stream_id, n = unpack(ARGV, 1, 5)
+n = tonumber(n)
 local undone = 0
 for i = 0, n - 1 do
-  local id, lease_id = ARGV[6 + i * 2], ARGV[7 + i * 2]
-  local key = prefix .. id
+  local id, lease_id = item(5, 2, i)
+  local key = task_prefix .. id
   local t = redis.call('HMGET', key, 'state', 'lid', 'sid', 'pri', 'stime')
   if t[1] and tonumber(t[1]) == LEASED and t[2] == lease_id and t[3] == stream_id then
     redis.call('ZREM', KEYS[1], id)
@@ -26,5 +28,5 @@ for i = 0, n - 1 do
     undone = undone + 1
   end
 end
-if undone > 0 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+if undone > 0 then redis.call('PUBLISH', wake_channel, queue) end
 return undone
