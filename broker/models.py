@@ -83,15 +83,15 @@ class Task(NamedTuple):
     max_attempts: int
     create_ms: int
     schedule_ms: int
-    lease_expire_ms: int  # 0 unless leased
-    finish_ms: int  # 0 until finished
+    lease_expire_ms: int | None  # None unless leased
+    finish_ms: int | None  # None until finished
     last_error: str
     errors: tuple[AttemptError, ...]
     result: bytes
-    lease_ms: int  # 0: the worker's lease length
+    lease_ms: int | None  # None: the worker's lease length
     initial_backoff_ms: int
     max_backoff_ms: int
-    lease_id: str = ""
+    lease_id: str | None = None  # None unless leased
 
 
 class Lease(NamedTuple):

@@ -562,8 +562,8 @@ class TaskQueue:
             raise TaskNotFoundError(task_id)
         return task
 
-    async def cancel(self, task_id: str) -> tuple[Task, str]:
-        """Cancels an unfinished task. Returns it and the lease id it revoked ('' if none)."""
+    async def cancel(self, task_id: str) -> tuple[Task, str | None]:
+        """Cancels an unfinished task. Returns it and the lease id it revoked (None if none)."""
         ref = self.ref("task_id", task_id)
         outcome = await self._store.cancel(ref)
         if outcome.status is CancelStatus.NOT_FOUND:
@@ -574,7 +574,7 @@ class TaskQueue:
         revoked = outcome.revoked_lease_id
         if revoked is not None:
             await self._store.announce_revoked(task_id, revoked)
-        return await self.get(task_id), revoked or ""
+        return await self.get(task_id), revoked
 
     async def stats(self, queues: Sequence[str]) -> list[QueueStats]:
         """The named queues' stats; none named: the first page of all (stats_page)."""

@@ -98,11 +98,11 @@ def task_to_proto(task: Task) -> task_pb2.Task:
     }
     if task.schedule_ms:
         fields["schedule_time"] = _ts(task.schedule_ms)
-    if task.lease_expire_ms:
+    if task.lease_expire_ms is not None:
         fields["lease_expire_time"] = _ts(task.lease_expire_ms)
-    if task.finish_ms:
+    if task.finish_ms is not None:
         fields["finish_time"] = _ts(task.finish_ms)
-    if task.lease_ms:
+    if task.lease_ms is not None:
         fields["lease_duration"] = _dur(task.lease_ms)
     if task.errors:
         fields["errors"] = [

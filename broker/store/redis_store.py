@@ -180,16 +180,22 @@ def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
         max_attempts=_int(max_, 1),
         create_ms=_int(ctime),
         schedule_ms=_int(stime),
-        lease_expire_ms=_int(etime),
-        finish_ms=_int(ftime),
+        lease_expire_ms=_int(etime) or None,  # the scripts store 0 for "not leased"
+        finish_ms=_int(ftime) or None,
         last_error=_text(lerr),
         errors=errors,
         result=res or b"",
-        lease_ms=_int(lease_ms),
+        lease_ms=_int(lease_ms) or None,
         initial_backoff_ms=_int(initial_backoff),
         max_backoff_ms=_int(max_backoff),
-        lease_id=_text(lid),
+        lease_id=_text(lid) or None,
     )
+
+
+def _leased(task: Task) -> Lease:
+    if task.lease_id is None or task.lease_expire_ms is None:  # lease.lua sets both
+        raise RuntimeError(f"lease script returned task {task.ref.task_id} without its lease")
+    return Lease(task=task, lease_id=task.lease_id, expire_ms=task.lease_expire_ms)
 
 
 def _settle(reply: list[bytes]) -> SettleResult:
@@ -447,8 +453,7 @@ class RedisStore:
         leases = []
         for i in range(3, len(reply), 2):
             ref = TaskRef(queue, _text(reply[i]))
-            task = decode_fields(ref, reply[i + 1])
-            leases.append(Lease(task=task, lease_id=task.lease_id, expire_ms=task.lease_expire_ms))
+            leases.append(_leased(decode_fields(ref, reply[i + 1])))
         own = min((le.expire_ms for le in leases if le.task.lease_ms), default=-1)
         if own >= 0 and own < now + shortest:
             # A task's own lease is shorter than the hint sent with the script: hint again.

@@ -172,8 +172,8 @@ def task_json(task: Task, *, detail: bool) -> Json:
         "priority": task.priority,
         "create_time_ms": task.create_ms,
         "schedule_time_ms": task.schedule_ms or None,
-        "finish_time_ms": task.finish_ms or None,
-        "lease_expire_time_ms": task.lease_expire_ms or None,
+        "finish_time_ms": task.finish_ms,
+        "lease_expire_time_ms": task.lease_expire_ms,
         "last_error": task.last_error,
         "errors": [
             {"attempt": e.attempt, "time_ms": e.time_ms, "message": e.message} for e in task.errors

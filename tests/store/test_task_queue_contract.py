@@ -154,8 +154,8 @@ async def test_ack_settles_task_and_a_repeated_ack_answers_again(tasks: TaskQueu
     assert repeat.status is SettleStatus.AGAIN
     task = await tasks.get(task_id)
     assert task.state is TaskState.SUCCEEDED
-    assert (task.result, task.attempt, task.lease_id) == (b"sent", 1, "")
-    assert task.finish_ms >= task.create_ms > 0
+    assert (task.result, task.attempt, task.lease_id) == (b"sent", 1, None)
+    assert task.finish_ms is not None and task.finish_ms >= task.create_ms > 0
     s = await stats(tasks)
     assert (s.enqueued_total, s.succeeded_total) == (1, 1)
     assert (s.pending, s.scheduled, s.leased, s.dead) == (0, 0, 0, 0)
@@ -274,7 +274,7 @@ async def test_nack_with_dead_letter_skips_remaining_attempts(tasks: TaskQueue) 
     assert result.state is TaskState.DEAD
     task = await tasks.get(task_id)
     assert (task.state, task.attempt, task.last_error) == (TaskState.DEAD, 1, "poison")
-    assert task.finish_ms > 0
+    assert task.finish_ms is not None and task.finish_ms > 0
     s = await stats(tasks)
     assert (s.dead, s.dead_lettered_total, s.retried_total, s.pending) == (1, 1, 0, 0)
 
@@ -382,7 +382,7 @@ async def test_detached_lease_ends_after_the_resume_window_spending_the_attempt(
     assert await tasks.reclaim_expired(Q) == 1
 
     task = await tasks.get(task_id)
-    assert (task.state, task.attempt, task.lease_id) == (TaskState.PENDING, 1, "")
+    assert (task.state, task.attempt, task.lease_id) == (TaskState.PENDING, 1, None)
     assert errors(task) == [(1, "lease stream closed")]
     # Detaching the same lease again does nothing; settling it is refused.
     assert (await tasks.detach(STREAM, [held(leased)], "lease stream closed"))[0] == 0
@@ -468,7 +468,7 @@ async def test_unlease_returns_an_unsent_task_to_its_place_without_spending_an_a
     assert (task.state, task.attempt, task.lease_id, errors(task)) == (
         TaskState.PENDING,
         0,
-        "",
+        None,
         [],
     )
     s = await stats(tasks)
@@ -527,7 +527,7 @@ async def test_cancelled_pending_task_is_never_leased(tasks: TaskQueue) -> None:
 
     task, revoked = await tasks.cancel(task_id)
 
-    assert (task.state, revoked) == (TaskState.CANCELLED, "")
+    assert (task.state, revoked) == (TaskState.CANCELLED, None)
     assert await lease(tasks) == []
     assert (await tasks.get(task_id)).state is TaskState.CANCELLED
     s = await stats(tasks)
