@@ -175,7 +175,14 @@ class SettleResult:
 
     status: SettleStatus
     state: TaskState | None = None  # nack: where the task went
-    time_ms: int = -1  # nack: retry time; extension: new expiry
+    time_ms: int | None = None  # nack: retry time (None when dead); extension: new expiry
+
+    @property
+    def expire_ms(self) -> int:
+        """An extension's or a resume's new lease expiry (their scripts always give one)."""
+        if self.time_ms is None:
+            raise ValueError(f"a {self.status.name} settlement result without an expiry")
+        return self.time_ms
 
 
 class CancelStatus(enum.Enum):
@@ -206,7 +213,7 @@ class QueueStats:
     leased: int
     dead: int
     paused: bool
-    oldest_ready_ms: int  # -1: nothing pending
+    oldest_ready_ms: int | None  # None: nothing pending
     enqueued_total: int
     succeeded_total: int
     retried_total: int
@@ -262,7 +269,7 @@ class Maintained:
     reclaimed: int
     promoted: int
     trimmed: int
-    next_due_ms: int  # -1: nothing will come due
+    next_due_ms: int | None  # None: nothing will come due
     empty: bool  # no task at all, not paused
 
     @property

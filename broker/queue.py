@@ -542,7 +542,7 @@ class TaskQueue:
         if not queues:
             return cursor, 0
         done = await self._store.maintain(queues, MAINTAIN_LIMIT, TRIM_SLACK_MS)
-        hints = [Hint(d.queue, at_ms=d.next_due_ms) for d in done if d.next_due_ms >= 0]
+        hints = [Hint(d.queue, at_ms=d.next_due_ms) for d in done if d.next_due_ms is not None]
         if hints:
             await self._store.hint(hints)
         for d in done:

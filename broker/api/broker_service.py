@@ -95,7 +95,7 @@ class BrokerService:
             already_settled=result.status is SettleStatus.AGAIN,
             state=int(result.state or TaskState.DEAD),  # type: ignore[arg-type]
         )
-        if result.state is not TaskState.DEAD and result.time_ms >= 0:
+        if result.state is not TaskState.DEAD and result.time_ms is not None:
             response.retry_time.CopyFrom(convert.to_timestamp(result.time_ms))
         return response
 
@@ -108,7 +108,7 @@ class BrokerService:
             convert.optional_duration_ms(request, "lease_duration"),
             current_principal.get().scope,
         )
-        return bs.ExtendLeaseResponse(lease_expire_time=convert.to_timestamp(result.time_ms))
+        return bs.ExtendLeaseResponse(lease_expire_time=convert.to_timestamp(result.expire_ms))
 
     async def GetTask(self, request: bs.GetTaskRequest, context: Context) -> bs.GetTaskResponse:
         task = await self._tasks.get(request.task_id)

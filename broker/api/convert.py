@@ -136,6 +136,6 @@ def stats_to_proto(s: QueueStats) -> bs.QueueStats:
         failed_total=s.failed_total,
         read_time=to_timestamp(s.now_ms),
     )
-    if s.oldest_ready_ms >= 0:
+    if s.oldest_ready_ms is not None:
         out.oldest_pending_age.CopyFrom(to_duration(max(0, s.now_ms - s.oldest_ready_ms)))
     return out

@@ -289,7 +289,7 @@ class LeaseSession:
             answer = answers[i]
             if isinstance(outcome, SettleResult):
                 answer.outcome = lease_pb2.SETTLE_OUTCOME_OK
-                answer.lease_expire_time.CopyFrom(convert.to_timestamp(outcome.time_ms))
+                answer.lease_expire_time.CopyFrom(convert.to_timestamp(outcome.expire_ms))
                 self._held[held.lease_id] = held.ref
                 self._registry.held(held.lease_id, self)
                 resumed += 1
@@ -663,7 +663,7 @@ class LeaseSession:
             answer.outcome = lease_pb2.SETTLE_OUTCOME_OK
             answer.already_settled = outcome.status is SettleStatus.AGAIN
             if isinstance(item, ExtendItem):
-                answer.lease_expire_time.CopyFrom(convert.to_timestamp(outcome.time_ms))
+                answer.lease_expire_time.CopyFrom(convert.to_timestamp(outcome.expire_ms))
                 return
         else:
             self._refuse(answer, outcome)

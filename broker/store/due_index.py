@@ -87,13 +87,16 @@ class DueIndex:
             for i in range(1, len(reply), 2)
         ]
 
-    async def settle(self, outcomes: Sequence[tuple[DueEntry, int]]) -> int:
-        """Sets each taken entry to its queue's next due time (-1: removes it) unless a hint
+    async def settle(self, outcomes: Sequence[tuple[DueEntry, int | None]]) -> int:
+        """Sets each taken entry to its queue's next due time (None: removes it) unless a hint
         moved its generation. Returns how many were set."""
         by_shard: dict[int, list[argv.SettleDueItem]] = {}
         for entry, next_due in outcomes:
             items = by_shard.setdefault(due_shard(entry.queue, self.shards), [])
-            items.append(argv.SettleDueItem(queue=entry.queue, gen=entry.gen, next_due_ms=next_due))
+            next_due_ms = -1 if next_due is None else next_due  # the script's 'nothing due'
+            items.append(
+                argv.SettleDueItem(queue=entry.queue, gen=entry.gen, next_due_ms=next_due_ms)
+            )
         done = 0
         for shard, items in by_shard.items():
             keys = DueKeys(shard)

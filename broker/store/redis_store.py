@@ -204,7 +204,7 @@ def _settle(reply: list[bytes]) -> SettleResult:
         return SettleResult(status)
     if len(reply) == 2:  # extension: {'ok', expiry}
         return SettleResult(status, time_ms=int(reply[1]))
-    return SettleResult(status, state=TaskState(int(reply[1])), time_ms=int(reply[2]))
+    return SettleResult(status, state=TaskState(int(reply[1])), time_ms=_time_or_none(reply[2]))
 
 
 class RedisStore:
@@ -537,7 +537,7 @@ class RedisStore:
         results = [_settle(r) for r in reply[1:]]
         if len(explicit) < len(items):
             # An extension by the lease's own length may end before an earlier, longer one.
-            expiries = [r.time_ms for r in results if r.status is SettleStatus.OK]
+            expiries = [r.expire_ms for r in results if r.status is SettleStatus.OK]
             if expiries:
                 await self._hint_now(Hint(queue, at_ms=min(expiries) - HINT_MARGIN_MS))
         return results
@@ -590,7 +590,7 @@ class RedisStore:
         results = [_settle(r) for r in reply[1:]]
         # A resumed lease runs for its length from now, which may come before what the index
         # holds for the queue (a lease extended past its length, then moved).
-        expiries = [r.time_ms for r in results if r.status is SettleStatus.OK]
+        expiries = [r.expire_ms for r in results if r.status is SettleStatus.OK]
         if expiries:
             await self._hint_now(Hint(queue, at_ms=min(expiries) - HINT_MARGIN_MS))
         return results
@@ -784,7 +784,7 @@ class RedisStore:
         with _translate():
             return await self.due.take(limit, claim_ms)
 
-    async def settle_due(self, outcomes: Sequence[tuple[DueEntry, int]]) -> int:
+    async def settle_due(self, outcomes: Sequence[tuple[DueEntry, int | None]]) -> int:
         """Sets taken entries to their queues' next due times, unless hinted meanwhile."""
         with _translate():
             return await self.due.settle(outcomes)
@@ -806,7 +806,11 @@ class RedisStore:
                 else:
                     replies = await self._evalsha_many("maintain", calls)
             for queue, r in zip(chunk, replies, strict=True):
-                out.append(Maintained(queue, int(r[0]), int(r[1]), int(r[2]), int(r[3]), r[4] == 1))
+                out.append(
+                    Maintained(
+                        queue, int(r[0]), int(r[1]), int(r[2]), _time_or_none(r[3]), r[4] == 1
+                    )
+                )
         return out
 
     async def _evalsha_many(
@@ -953,7 +957,7 @@ def _queue_stats(queue: str, reply: list[Any]) -> QueueStats:
         leased=int(reply[3]),
         dead=int(reply[4]),
         paused=bool(int(reply[5])),
-        oldest_ready_ms=int(reply[6]),
+        oldest_ready_ms=_time_or_none(reply[6]),
         enqueued_total=totals.get("enq", 0),
         succeeded_total=totals.get("ok", 0),
         retried_total=totals.get("retry", 0),

@@ -107,7 +107,7 @@ class BrokerCollector:
                 family.add_metric([s.queue], getattr(s, field))
             for state in ("pending", "scheduled", "leased", "dead"):
                 tasks.add_metric([s.queue, state], getattr(s, state))
-            age = (s.now_ms - s.oldest_ready_ms) / 1000 if s.oldest_ready_ms >= 0 else 0.0
+            age = (s.now_ms - s.oldest_ready_ms) / 1000 if s.oldest_ready_ms is not None else 0.0
             oldest.add_metric([s.queue], max(age, 0.0))
             paused.add_metric([s.queue], 1.0 if s.paused else 0.0)
         yield from (family for family, _ in totals)

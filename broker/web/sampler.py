@@ -88,7 +88,7 @@ def _backlog(s: QueueStats) -> int:
 
 def _sum(queues: list[QueueStats], now_ms: int) -> QueueStats:
     """All queues as one: counts and totals summed, the oldest pending task of any."""
-    ages = [s.oldest_ready_ms for s in queues if s.oldest_ready_ms >= 0]
+    ages = [s.oldest_ready_ms for s in queues if s.oldest_ready_ms is not None]
     return QueueStats(
         queue="",
         now_ms=now_ms,
@@ -97,7 +97,7 @@ def _sum(queues: list[QueueStats], now_ms: int) -> QueueStats:
         leased=sum(s.leased for s in queues),
         dead=sum(s.dead for s in queues),
         paused=False,
-        oldest_ready_ms=min(ages, default=-1),
+        oldest_ready_ms=min(ages, default=None),
         enqueued_total=sum(s.enqueued_total for s in queues),
         succeeded_total=sum(s.succeeded_total for s in queues),
         retried_total=sum(s.retried_total for s in queues),

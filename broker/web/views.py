@@ -121,7 +121,7 @@ def queue_json(s: QueueStats, rates: QueueRates | None) -> Json:
             "completed_per_s": rates.completed_per_s if rates else None,
         },
         "oldest_pending_age_s": (
-            max(s.now_ms - s.oldest_ready_ms, 0) / 1000 if s.oldest_ready_ms >= 0 else None
+            max(s.now_ms - s.oldest_ready_ms, 0) / 1000 if s.oldest_ready_ms is not None else None
         ),
     }
 

@@ -98,6 +98,7 @@ async def test_a_hint_during_a_pass_is_not_hidden_by_its_raise(
     await store.hint([Hint("q", delay_ms=0)])
     [entry] = await store.take_due(10, 500)
     [maintained] = await store.maintain(["q"], 100, 0)
+    assert maintained.next_due_ms is not None
     assert maintained.next_due_ms > await _now_ms(tasks, "q") + 3_000_000
 
     batch = await tasks.lease("q", [(new_lease_id(), 200, "stream-1", "")])  # hints, in between

@@ -326,8 +326,8 @@ async def test_extend_pushes_the_lease_out_past_its_first_expiry(tasks: TaskQueu
     result = await tasks.extend(task_id, leased.lease_id, 5_000)
 
     assert result.status is SettleStatus.OK
-    assert result.time_ms >= leased.expire_ms + 4_900
-    assert (await tasks.get(task_id)).lease_expire_ms == result.time_ms
+    assert result.expire_ms >= leased.expire_ms + 4_900
+    assert (await tasks.get(task_id)).lease_expire_ms == result.expire_ms
     await asyncio.sleep(0.08)  # past the first 50 ms deadline
     assert await tasks.reclaim_expired(Q) == 0
     assert (await tasks.ack(task_id, leased.lease_id, b"")).status is SettleStatus.OK
@@ -341,7 +341,7 @@ async def test_extend_without_duration_renews_the_original_length(tasks: TaskQue
     result = await tasks.extend(task_id, leased.lease_id, None)
 
     after = await redis_now_ms(tasks)
-    assert before + 2_000 <= result.time_ms <= after + 2_000
+    assert before + 2_000 <= result.expire_ms <= after + 2_000
 
 
 async def test_extend_with_a_stale_lease_is_refused(tasks: TaskQueue) -> None:
@@ -416,7 +416,7 @@ async def test_resume_keeps_the_lease_id_and_attempt_and_renews_the_expiry(
     before = await redis_now_ms(tasks)
     [result] = await tasks.resume("stream-2", [held(leased)])
     assert isinstance(result, SettleResult) and result.status is SettleStatus.OK
-    assert before + 1_000 <= result.time_ms <= await redis_now_ms(tasks) + 1_000
+    assert before + 1_000 <= result.expire_ms <= await redis_now_ms(tasks) + 1_000
     await asyncio.sleep(RESUME_WINDOW_MS / 1000 + 0.05)
     assert await tasks.reclaim_expired(Q) == 0  # resumed: the window no longer applies
 
