@@ -46,11 +46,12 @@ async def client(running: RunningBroker) -> AsyncIterator[Client]:
         yield client
 
 
-async def until_leased(client: Client, task_id: str) -> None:
-    async def leased() -> bool:
-        return (await client.get_task(task_id)).state is TaskState.LEASED
-
-    await eventually(leased, WAIT_S, f"task {task_id} is leased")
+async def until_running(worker: NodeWorker, task_id: str) -> None:
+    """Until the worker's handler runs the task: the broker shows a task LEASED as soon as it
+    is leased, while its delivery may still be on the way (a connection cut then would take
+    the delivery with it, and the worker would never have held the task)."""
+    started = re.escape(f"task {task_id} (sleep) attempt 1: started")
+    await eventually(lambda: worker.count(started) >= 1, WAIT_S, f"task {task_id} is running")
 
 
 async def until_opened(worker: NodeWorker, streams: int) -> None:
@@ -124,7 +125,7 @@ async def test_node_worker_finishes_its_task_and_follows_a_restarted_broker(
     try:
         async with Client(first.target) as client:
             in_flight = await client.enqueue(QUEUE, "sleep", b"500")
-            await until_leased(client, in_flight)
+            await until_running(worker, in_flight)
         await first.broker.stop(grace_s=5)
         await first.channel.close()
         assert "the broker is draining" in worker.text()
@@ -160,7 +161,7 @@ async def test_an_ack_whose_answer_died_with_its_stream_is_sent_again(
     worker = await NodeWorker.start(node, proxy.address, tmp_path / "worker.log")
     try:
         task_id = await client.enqueue(QUEUE, "sleep", b"300")
-        await until_leased(client, task_id)
+        await until_running(worker, task_id)
         proxy.drop_replies()
 
         async def succeeded() -> bool:
@@ -213,7 +214,7 @@ async def test_a_task_running_across_a_connection_reset_runs_once(
     worker = await NodeWorker.start(node, proxy.address, tmp_path / "worker.log", lease_ms=600)
     try:
         task_id = await client.enqueue(QUEUE, "sleep", b"2000")
-        await until_leased(client, task_id)
+        await until_running(worker, task_id)
         await asyncio.sleep(0.3)
         proxy.reset()
         task = await client.wait(task_id, timeout=WAIT_S)
@@ -270,7 +271,7 @@ async def test_a_lease_given_back_while_disconnected_stops_its_handler(
     worker = await NodeWorker.start(node, proxy.address, tmp_path / "worker.log")
     try:
         task_id = await client.enqueue(QUEUE, "sleep", b"2000")
-        await until_leased(client, task_id)
+        await until_running(worker, task_id)
         proxy.reset()
         proxy.half_open()  # new connections are reset: the worker cannot come back yet
 
@@ -310,7 +311,7 @@ async def test_a_task_running_across_a_broker_drain_runs_once(
             worker = await NodeWorker.start(node, target, tmp_path / "worker.log")
             try:
                 task_id = await client.enqueue(QUEUE, "sleep", b"3000")
-                await until_leased(client, task_id)
+                await until_running(worker, task_id)
                 to_staying.pass_through()
                 await eventually(
                     lambda: to_staying.active_connections >= 1, 10, "connected to staying"

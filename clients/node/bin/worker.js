@@ -41,6 +41,8 @@ const handlers = {
   },
   sleep: async (payload, ctx) => {
     const ms = Number(payload.toString('utf8'));
+    // Says the delivery arrived: a task the broker shows LEASED may still be on its way.
+    line('INFO')(`task ${ctx.taskId} (sleep) attempt ${ctx.attempt}: started`);
     await sleep(ms, undefined, { signal: ctx.signal });
     return `slept ${ms} ms`;
   },
