@@ -270,7 +270,9 @@ async def test_a_lease_given_back_while_disconnected_stops_its_handler(
     signal says "lease lost") and its outcome is never sent; the task's next attempt runs."""
     worker = await NodeWorker.start(node, proxy.address, tmp_path / "worker.log")
     try:
-        task_id = await client.enqueue(QUEUE, "sleep", b"2000")
+        # Long enough that the worker is back before the handler ends: by the time the lease
+        # is given back, its reconnect backoff has grown to 0.8-1.6 s (then up to 3.2 s).
+        task_id = await client.enqueue(QUEUE, "sleep", b"6000")
         await until_running(worker, task_id)
         proxy.reset()
         proxy.half_open()  # new connections are reset: the worker cannot come back yet
@@ -280,11 +282,11 @@ async def test_a_lease_given_back_while_disconnected_stops_its_handler(
 
         await eventually(given_back, WAIT_S, "the lease given back after the resume window")
         proxy.pass_through()
-        task = await client.wait(task_id, timeout=WAIT_S)
+        task = await client.wait(task_id, timeout=WAIT_S + 6)  # attempt 2 sleeps 6 s too
         assert (task.state, task.attempt, task.result) == (
             TaskState.SUCCEEDED,
             2,
-            b"slept 2000 ms",
+            b"slept 6000 ms",
         ), worker.text()
         log = await stop(worker)
         assert "resumed 0 of 1 leases" in log
