@@ -128,9 +128,12 @@ class EnqueueCoalescer(Generic[R]):
                 waiting.answer.set_result(result)
 
     async def _resend_alone(self, batch: list[_Waiting[R]], error: TaskbrokerError) -> None:
-        resend = [w for w in batch if error.code in NOTHING_STORED or w.spec.idempotency_key]
+        nothing_stored = error.code in NOTHING_STORED
+        resend: list[_Waiting[R]] = []
         for waiting in batch:
-            if waiting not in resend:
+            if nothing_stored or waiting.spec.idempotency_key:
+                resend.append(waiting)
+            else:
                 _fail(waiting, error)
         await asyncio.gather(*(_settle(w, self._send_one(w.spec, w.metadata)) for w in resend))
 
