@@ -86,6 +86,8 @@ def _code(block: DocBlock, broker: DocBroker) -> str:
     code = block.code.replace(GRPC_ADDRESS, broker.target).replace(HTTP_ADDRESS, broker.http)
     if TASK_ID_PLACEHOLDER in code:
         code = code.replace(TASK_ID_PLACEHOLDER, broker.new_task_id())
+    for port in block.marks.get("free ports", "").split():
+        code = code.replace(f":{port}", f":{free_port()}")
     return code
 
 

@@ -8,7 +8,10 @@ HTML comments on the lines right before a fence mark the block:
 - `<!-- file: examples/x.py -->`: the block is that file's text, character for character;
 - `<!-- background -->`: a worker, started and left running while the page's later blocks run
   (they go on once its Lease stream is open), then stopped with SIGINT: it must exit 0;
-- `<!-- expect: words -->`: its output must contain these words.
+- `<!-- expect: words -->`: its output must contain these words;
+- `<!-- free ports: 50443 50444 -->`: the block's own example ports, each replaced by a free
+  port when it runs (fixed ports may be taken on a shared machine, even by a client's
+  ephemeral source port).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class DocBlock:
                 f"{self.where}: a ```{self.language} block is neither run nor marked; "
                 "use ```python, ```sh or ```text, or put `<!-- not run: reason -->` before it"
             )
-        unknown = set(self.marks) - {"not run", "file", "background", "expect"}
+        unknown = set(self.marks) - {"not run", "file", "background", "expect", "free ports"}
         if unknown:
             return f"{self.where}: unknown marks {sorted(unknown)}"
         return None
