@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Final, TypeAlias, cast
 
@@ -190,6 +190,14 @@ def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
         max_backoff_ms=_int(max_backoff),
         lease_id=_text(lid) or None,
     )
+
+
+def _with_held(head: Iterable[str | int], leases: Sequence[tuple[str, str]]) -> list[str | int]:
+    """A script's head arguments, then one HeldItem per (local_id, lease_id)."""
+    args = list(head)
+    for local_id, lease_id in leases:
+        args += argv.HeldItem(id=local_id, lease_id=lease_id)
+    return args
 
 
 def _leased(task: Task) -> Lease:
@@ -553,17 +561,16 @@ class RedisStore:
         """Detaches (local_id, lease_id) leases the ended stream still holds: each expires within
         window_ms unless resumed. Returns (how many, earliest new expiry ms or -1)."""
         keys = QueueKeys(queue)
-        args: list[str | int] = [
-            *argv.DetachArgs(
+        args = _with_held(
+            argv.DetachArgs(
                 task_prefix=keys.task_prefix,
                 stream_id=stream_id,
                 window_ms=window_ms,
                 reason=reason,
                 n=len(leases),
-            )
-        ]
-        for local_id, lease_id in leases:
-            args += argv.HeldItem(id=local_id, lease_id=lease_id)
+            ),
+            leases,
+        )
         # Each detached lease expires within the window: the due index must look by then.
         count, earliest = await self._run(
             "detach",
@@ -579,13 +586,12 @@ class RedisStore:
         """Moves (local_id, lease_id) leases that are still current, and `holder`'s, to the
         stream."""
         keys = QueueKeys(queue)
-        args: list[str | int] = [
-            *argv.ResumeArgs(
+        args = _with_held(
+            argv.ResumeArgs(
                 task_prefix=keys.task_prefix, stream_id=stream_id, holder=holder, n=len(leases)
-            )
-        ]
-        for local_id, lease_id in leases:
-            args += argv.HeldItem(id=local_id, lease_id=lease_id)
+            ),
+            leases,
+        )
         reply = await self._run("resume", [keys.leased], args)
         results = [_settle(r) for r in reply[1:]]
         # A resumed lease runs for its length from now, which may come before what the index
@@ -599,17 +605,16 @@ class RedisStore:
         """Undoes (local_id, lease_id) leases never sent to the stream they were made for: no
         attempt spent. Returns how many."""
         keys = QueueKeys(queue)
-        args: list[str | int] = [
-            *argv.UnleaseArgs(
+        args = _with_held(
+            argv.UnleaseArgs(
                 task_prefix=keys.task_prefix,
                 wake_channel=WAKE_CHANNEL,
                 queue=queue,
                 stream_id=stream_id,
                 n=len(leases),
-            )
-        ]
-        for local_id, lease_id in leases:
-            args += argv.HeldItem(id=local_id, lease_id=lease_id)
+            ),
+            leases,
+        )
         return int(await self._run("unlease", [keys.leased, keys.pending], args))
 
     async def reclaim_expired(self, queue: str, limit: int) -> tuple[int, int | None]:
