@@ -17,6 +17,7 @@ from typing import Final, NamedTuple
 class EnqueueArgs(NamedTuple):
     task_prefix: str
     idempotency_prefix: str
+    stage_prefix: str
     idempotency_window_ms: int
     wake_channel: str
     queue: str
@@ -39,6 +40,7 @@ class EnqueueItem(NamedTuple):
     schedule_ms: int
     idempotency_key: str
     body_hash: str
+    staged: str  # '1': the payload waits at stage_prefix + id (payload is ''); '' otherwise
 
 
 class LeaseArgs(NamedTuple):

@@ -86,6 +86,11 @@ class QueueKeys:
     def idempotency_prefix(self) -> str:
         return self._base + "idem:"
 
+    @property
+    def stage_prefix(self) -> str:
+        """Large payloads written ahead of their enqueue script (RedisStore.enqueue)."""
+        return self._base + "stage:"
+
     def task(self, local_id: str) -> str:
         return self.task_prefix + local_id
 

@@ -1,0 +1,115 @@
+"""Large payloads are written ahead of their enqueue script (staged) and renamed into place by
+it: what users see is the same as for small ones, on standalone Redis and on a Redis Cluster, and
+nothing staged outlives the call (a staged payload that is not used expires)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import pytest
+
+from broker.config import Settings
+from broker.errors import IdempotencyConflict, StoreUnavailable
+from broker.ids import new_lease_id
+from broker.models import NewTask, TaskState
+from broker.queue import TaskQueue, TaskRequest
+from broker.store.keys import QueueKeys
+from broker.store.redis_store import STAGE_PAYLOAD_BYTES, STAGE_TTL_MS, RedisStore
+from tests.store.conftest import Topology
+
+Q = "uploads"
+BIG = STAGE_PAYLOAD_BYTES + 1
+
+
+@pytest.fixture
+def settings(topology: Topology) -> Settings:
+    return Settings(redis_url=topology.url, redis_cluster=topology.is_cluster)
+
+
+@pytest.fixture
+def tasks(store: RedisStore, settings: Settings) -> TaskQueue:
+    return TaskQueue(store, settings)
+
+
+async def stage_keys(topology: Topology) -> dict[bytes, int]:
+    """Every stage key on every node, with its remaining time to live (ms; -1: none)."""
+    found: dict[bytes, int] = {}
+    for client in topology.node_clients():
+        async with client:
+            async for key in client.scan_iter(match=QueueKeys(Q).stage_prefix + "*"):
+                found[key] = await client.pttl(key)
+    return found
+
+
+async def test_large_and_small_payloads_are_stored_whole_and_no_stage_key_is_left(
+    tasks: TaskQueue, topology: Topology
+) -> None:
+    payloads = [os.urandom(BIG), b"small", os.urandom(3 * BIG), os.urandom(STAGE_PAYLOAD_BYTES)]
+    outcomes = await tasks.enqueue([TaskRequest(Q, "resize", p) for p in payloads])
+    for outcome, payload in zip(outcomes, payloads, strict=True):
+        task = await tasks.get(outcome.task_id)
+        assert (task.state, task.payload) == (TaskState.PENDING, payload)
+    batch = await tasks.lease(Q, [(new_lease_id(), 10_000, "s", "") for _ in payloads])
+    assert sorted(lease.task.payload for lease in batch.leases) == sorted(payloads)
+    assert await stage_keys(topology) == {}
+
+
+async def test_a_duplicate_by_idempotency_key_drops_its_staged_payload(
+    tasks: TaskQueue, topology: Topology
+) -> None:
+    request = TaskRequest(Q, "resize", os.urandom(BIG), idempotency_key="photo-1")
+    [first] = await tasks.enqueue([request])
+    [again] = await tasks.enqueue([request])
+    assert (again.task_id, again.duplicate) == (first.task_id, True)
+    assert (await tasks.stats([Q]))[0].pending == 1
+    assert await stage_keys(topology) == {}
+
+
+async def test_a_call_refused_for_a_conflict_stores_nothing_and_its_stage_keys_expire(
+    tasks: TaskQueue, topology: Topology
+) -> None:
+    await tasks.enqueue([TaskRequest(Q, "resize", os.urandom(BIG), idempotency_key="photo-1")])
+    with pytest.raises(IdempotencyConflict):
+        await tasks.enqueue([TaskRequest(Q, "resize", os.urandom(BIG), idempotency_key="photo-1")])
+    assert (await tasks.stats([Q]))[0].pending == 1
+    left = await stage_keys(topology)
+    assert len(left) == 1
+    assert all(0 < ttl <= STAGE_TTL_MS for ttl in left.values()), left
+
+
+class LosingStore(RedisStore):
+    """A store whose first `losses` stagings write nothing, as when Redis restarted empty (or
+    failed over) between a payload's staging and its script."""
+
+    def __init__(self, store: RedisStore, losses: int) -> None:
+        super().__init__(store.client)
+        self.losses = losses
+        self.stagings = 0
+
+    async def _stage(self, queue: str, tasks: Sequence[NewTask]) -> None:
+        self.stagings += 1
+        if self.stagings > self.losses:
+            await super()._stage(queue, tasks)
+
+
+async def test_a_staged_payload_redis_lost_is_written_again(
+    store: RedisStore, settings: Settings
+) -> None:
+    losing = LosingStore(store, losses=1)
+    tasks = TaskQueue(losing, settings)
+    payload = os.urandom(BIG)
+    [outcome] = await tasks.enqueue([TaskRequest(Q, "resize", payload)])
+    assert (await tasks.get(outcome.task_id)).payload == payload
+    assert losing.stagings == 2
+
+
+async def test_staged_payloads_lost_twice_fail_the_call_and_store_nothing(
+    store: RedisStore, settings: Settings
+) -> None:
+    tasks = TaskQueue(LosingStore(store, losses=2), settings)
+    requests = [TaskRequest(Q, "resize", os.urandom(BIG)), TaskRequest(Q, "note", b"small")]
+    with pytest.raises(StoreUnavailable, match="nothing was stored"):
+        await tasks.enqueue(requests)
+    stats = (await tasks.stats([Q]))[0]
+    assert (stats.pending, stats.scheduled) == (0, 0)
