@@ -698,7 +698,6 @@ async def test_every_operation_works_after_script_flush(
     acked, nacked, released, expired, cancelled = await enqueue(
         tasks, *(request(max_attempts=1) for _ in range(5))
     )
-    delayed = await enqueue_one(tasks, delay_ms=100)
     leases = {x.task.ref.task_id: x for x in await lease(tasks, 4)}
     assert sorted(leases) == sorted([acked, nacked, released, expired])
     await _script_flush(topology)  # again, mid-lifecycle: settlements reload their scripts
@@ -710,6 +709,8 @@ async def test_every_operation_works_after_script_flush(
     assert again.task.ref.task_id == released
     assert (await tasks.resume(STREAM, [held(again)]))[0].status is SettleStatus.OK  # type: ignore[union-attr]
     assert (await tasks.detach(STREAM, [held(again)], "x"))[0] == 1
+    # Enqueued after the last lease: a lease call after its due time would promote it first.
+    delayed = await enqueue_one(tasks, delay_ms=100)
     await tasks.extend(expired, leases[expired].lease_id, 10)
     await asyncio.sleep(RESUME_WINDOW_MS / 1000 + 0.03)
     assert await tasks.reclaim_expired(Q) == 2
