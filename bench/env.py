@@ -40,7 +40,8 @@ class BrokerProcess:
             # Port 0: a broker with an HTTP endpoint never collides with another on a shared
             # machine (a broker without one ignores the variable).
             "TASKBROKER_HTTP_LISTEN": "127.0.0.1:0",
-            **extra_env,
+            # A scenario's value may name the broker's port: "[::]:{port}".
+            **{name: value.format(port=self.port) for name, value in extra_env.items()},
         }
         self.log = log_dir / f"broker-{self.port}.log"
         self.proc: asyncio.subprocess.Process | None = None

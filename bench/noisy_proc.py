@@ -102,10 +102,12 @@ async def _stream_hog(stub: BrokerServiceAsyncStub, queue: str, counts: Counter[
             await asyncio.sleep(0.05)
 
 
-async def _enqueuer(stub: BrokerServiceAsyncStub, queue: str, counts: Counter[str]) -> None:
+async def _enqueuer(
+    stub: BrokerServiceAsyncStub, queue: str, counts: Counter[str], per_call: int = 4
+) -> None:
     payload = bytes(MIB - 1024)  # a task at the default size limit (its type counts too)
     request = bs.EnqueueRequest(
-        tasks=[task_pb2.TaskSpec(queue=queue, type="blob", payload=payload)] * 4
+        tasks=[task_pb2.TaskSpec(queue=queue, type="blob", payload=payload)] * per_call
     )
     while True:
         try:
@@ -131,7 +133,8 @@ async def main(args: argparse.Namespace) -> None:
         for _ in range(args.settlers)
     ]
     jobs += [
-        asyncio.create_task(_enqueuer(produce, args.queue, counts)) for _ in range(args.enqueuers)
+        asyncio.create_task(_enqueuer(produce, args.queue, counts, args.per_call))
+        for _ in range(args.enqueuers)
     ]
     await asyncio.sleep(1.0)
     emit("ready")
@@ -152,6 +155,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hogs", type=int, default=1)
     p.add_argument("--settlers", type=int, default=4)
     p.add_argument("--enqueuers", type=int, default=8)
+    p.add_argument("--per-call", type=int, default=4, help="1 MiB tasks per Enqueue call")
     p.add_argument("--frames", type=int, default=5, help="frames at the limit per stream")
     p.add_argument("--past", type=int, default=1, help="1: end each stream with a frame past it")
     return p.parse_args()

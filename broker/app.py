@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2
 from broker.api.admin_service import AdminService
 from broker.api.broker_service import BrokerService
 from broker.api.lease_session import SessionRegistry
-from broker.api.limits import StreamLimits, UnaryLimits, client_of_peer
+from broker.api.limits import ByteRate, StreamLimits, UnaryLimits, client_of_peer
 from broker.api.server import Gate, build_server
 from broker.audit import AuditTrail
 from broker.auth.policy_file import PolicyFile
@@ -145,6 +145,7 @@ class Broker:
             min(s.max_concurrent_unary_rpcs_per_client, s.max_concurrent_unary_rpcs),
             min(s.max_inflight_request_bytes_per_client, s.max_inflight_request_bytes),
             self._client_key,
+            ByteRate(s.request_bytes_per_s_per_client, s.request_bytes_per_s_per_client),
         )
         broker_service = BrokerService(
             self.tasks,

@@ -133,6 +133,9 @@ class Settings:
     max_inflight_request_bytes: int = 64 * MIB
     #: Of max_inflight_request_bytes, what one client's calls may hold (at most the total).
     max_inflight_request_bytes_per_client: int = 32 * MIB
+    #: Request bytes one client may send per second, on average over bursts of a second's worth;
+    #: past it, calls get RESOURCE_EXHAUSTED with RetryInfo (the SDK waits and retries). 0: off.
+    request_bytes_per_s_per_client: int = 16 * MIB
     #: Acks, nacks and extensions in one settlements frame; more fail the stream (INVALID_ARGUMENT).
     max_settlements_per_frame: int = 10_000
     #: Distinct queues the settlements of one frame may name; more fail the stream.
@@ -370,6 +373,10 @@ def _limit_problems(s: Settings) -> list[str]:
     for name in ("max_inflight_request_bytes", "max_inflight_request_bytes_per_client"):
         if not MIB <= getattr(s, name) <= 64 * 1024 * MIB:
             problems.append(f"{name} must be 1 MiB to 64 GiB")
+    if s.request_bytes_per_s_per_client and not (
+        64 * 1024 <= s.request_bytes_per_s_per_client <= 64 * 1024 * MIB
+    ):
+        problems.append("request_bytes_per_s_per_client must be 0 (off) or 64 KiB to 64 GiB")
     return problems
 
 

@@ -117,6 +117,14 @@ class LimitExceeded(BrokerError):
     reason = "LIMIT_EXCEEDED"
 
 
+class RateLimited(LimitExceeded):
+    """A client sent more request bytes than its rate allows; it may retry after a while."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class StoreFull(LimitExceeded):
     """Redis refused a write: it reached its maxmemory (the policy is noeviction)."""
 

@@ -42,7 +42,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     # 1,000 streams from one client process: above the default max_streams_per_client.
     Scenario("idle_streams", idle_streams.run, {"TASKBROKER_MAX_STREAMS_PER_CLIENT": "1000"}),
     Scenario("big_enqueue", big_enqueue.run),
-    Scenario("noisy_neighbour", noisy_neighbour.run),
+    Scenario("noisy_neighbour", noisy_neighbour.run, noisy_neighbour.BROKER_ENV),
     Scenario("many_queues", many_queues.run),
     Scenario("ceiling", ceiling.run),
 )

@@ -17,6 +17,9 @@ from bench.stats import percentile
 from taskbroker.v1 import broker_service_pb2 as bs
 from taskbroker.v1 import broker_service_pb2_grpc, task_pb2
 
+#: The noisy client connects over IPv6 (::1) and the victim over IPv4, so the broker sees two
+#: clients (per-client limits count by address). Listening on every address needs --insecure.
+BROKER_ENV = {"TASKBROKER_LISTEN": "[::]:{port}", "TASKBROKER_INSECURE": "1"}
 CALLS = 600
 QUICK_CALLS = 200
 #: Between the victim's calls: it samples the noise over time rather than in one burst.
@@ -58,7 +61,7 @@ async def run(ctx: Ctx) -> None:
             warm = await _victim(stub, queue, 50, errors)  # warm-up: scripts loaded, connections up
             alone = await _victim(stub, queue, n, errors)
             child = await ctx.env.spawn(
-                "bench.noisy_proc", ["--target", broker.target, "--queue", noise], "noisy"
+                "bench.noisy_proc", ["--target", f"[::1]:{broker.port}", "--queue", noise], "noisy"
             )
             await child.wait_event("ready", 60)
             noisy = await _victim(stub, queue, n, errors)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from types import TracebackType
 
 from broker.auth.principal import Principal
-from broker.errors import LimitExceeded
+from broker.errors import LimitExceeded, RateLimited
 
 
 def client_of_peer(peer: str) -> str:
@@ -138,6 +138,7 @@ class UnaryLimits:
         max_calls_per_client: Of max_calls, what one client may hold.
         max_bytes_per_client: Of max_bytes, what one client may hold.
         client_key: The client a peer belongs to (its IP address by default).
+        rate: Request bytes per second per client (none by default).
     """
 
     def __init__(
@@ -147,7 +148,9 @@ class UnaryLimits:
         max_calls_per_client: int,
         max_bytes_per_client: int,
         client_key: Callable[[str], str] = client_of_peer,
+        rate: ByteRate | None = None,
     ) -> None:
+        self._rate = rate or ByteRate(0, 0)
         self._max_calls = max_calls
         self._max_bytes = max_bytes
         self._max_client_calls = max_calls_per_client
@@ -158,9 +161,15 @@ class UnaryLimits:
         self.calls = 0
         self.bytes = 0
 
+    def check_rate(self, peer: str, client: str | None = None) -> None:
+        """Before a call's request is read: raises RateLimited when its client is over its
+        request byte rate. `client` as for admit."""
+        self._rate.check(self._client_key(peer) if client is None else client)
+
     def admit(self, peer: str, size: int, client: str | None = None) -> _Release:
-        """Counts one call from peer with a request of size bytes, for use as a context manager.
-        `client`: who the call counts against (client_of_principal); None: client_key(peer).
+        """Counts one call from peer with a request of size bytes, for use as a context manager,
+        and charges the bytes to the client's rate. `client`: who the call counts against
+        (client_of_principal); None: client_key(peer).
 
         Raises:
             LimitExceeded: a limit is reached; nothing was counted.
@@ -194,6 +203,7 @@ class UnaryLimits:
         self.bytes += size
         self._client_calls[client] += 1
         self._client_bytes[client] += size
+        self._rate.charge(client, size)
 
         def give_back() -> None:
             self.calls -= 1
@@ -202,6 +212,52 @@ class UnaryLimits:
             _decrement(self._client_bytes, client, size)
 
         return _Release(give_back)
+
+
+class ByteRate:
+    """Holds each client to `rate` request bytes per second on average, with bursts of up to
+    `burst` bytes (GCRA: one "theoretical arrival time" per client, so O(1) per call and no
+    timers). A call is checked before its request is read, and charged once it has been:
+    a client in debt is refused at no more cost than the refusal, and any single request the
+    transport accepts can still be served.
+
+    Args:
+        rate: Bytes per second per client; 0 turns the limit off.
+        burst: Bytes a client that was quiet may send at once.
+        clock: Seconds, monotonic (tests pass their own).
+    """
+
+    #: Forget clients whose allowance has refilled, once this many are remembered.
+    PRUNE_AT = 10_000
+
+    def __init__(self, rate: int, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate = rate
+        self._tolerance = burst / rate if rate else 0.0
+        self._clock = clock
+        #: client -> when its allowance is full again (theoretical arrival time), in clock seconds
+        self._full_at: dict[str, float] = {}
+
+    def check(self, client: str) -> None:
+        """Raises RateLimited when the client has sent more than its rate allows (its debt is
+        over the burst); its retry_after_s says when it is not."""
+        if not self._rate:
+            return
+        wait = self._full_at.get(client, 0.0) - self._tolerance - self._clock()
+        if wait > 0:
+            raise RateLimited(
+                f"this client sent more request bytes than its rate of {self._rate} bytes/s "
+                f"(setting request_bytes_per_s_per_client); retry in {wait:.2f} s",
+                wait,
+            )
+
+    def charge(self, client: str, size: int) -> None:
+        """Counts size bytes the client sent."""
+        if not self._rate:
+            return
+        now = self._clock()
+        if len(self._full_at) >= self.PRUNE_AT:
+            self._full_at = {c: t for c, t in self._full_at.items() if t > now}
+        self._full_at[client] = max(self._full_at.get(client, now), now) + size / self._rate
 
 
 def _decrement(counter: Counter[str], key: str, by: int = 1) -> None:

@@ -98,12 +98,28 @@ def _unary(
     request_class = message_factory.GetMessageClass(method.input_type)
     name = f"/{method.containing_service.full_name}/{method.name}"
 
-    async def handle(raw: bytes, context: Context) -> bytes:
-        # Authenticated and admitted before parsing: a call refused costs no more than its
-        # bytes. With a policy, limits count per principal rather than per address.
+    async def handle(requests: object, context: Context) -> bytes:
+        # Served as a client-streaming method (the wire is the same) so that the caller is
+        # authenticated and checked against its byte rate before its request is read: a call
+        # refused costs no more than the refusal. Admitted by size before parsing. With a
+        # policy, limits count per principal rather than per address.
         try:
             principal = gate.principal(context, name)
-            admitted = limits.admit(context.peer(), len(raw), client_of_principal(principal))
+            client = client_of_principal(principal)
+            limits.check_rate(context.peer(), client)
+        except BrokerError as exc:
+            await context.abort_with_status(error_status(exc))
+        raw: object = await context.read()
+        if not isinstance(raw, bytes):  # the client half-closed without a request
+            await context.abort_with_status(
+                to_status(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"no {method.input_type.full_name} was sent",
+                    "MALFORMED_REQUEST",
+                )
+            )
+        try:
+            admitted = limits.admit(context.peer(), len(raw), client)
         except BrokerError as exc:
             await context.abort_with_status(error_status(exc))
         token = current_principal.set(principal)
@@ -137,7 +153,7 @@ def _unary(
             await _abort_for(exc, context, name)
         return response.SerializeToString()
 
-    return grpc.unary_unary_rpc_method_handler(handle)
+    return grpc.stream_unary_rpc_method_handler(handle)
 
 
 def _stream(

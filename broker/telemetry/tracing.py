@@ -137,13 +137,21 @@ class RpcTracing(HandlerInterceptor):
 
     def wrap(self, method: str, handler: Handler) -> Handler:
         service, _, name = method.partition("/")
-        if handler.unary_unary is None or service not in TRACED_SERVICES:
+        if service not in TRACED_SERVICES:
             return handler
-        return grpc.unary_unary_rpc_method_handler(
-            self._wrap(service, name, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        serializers = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        # Our unary methods are served as client-streaming ones (api/server.py reads the
+        # request itself), so both kinds carry a span.
+        if handler.unary_unary is not None:
+            wrapped = self._wrap(service, name, handler.unary_unary)
+            return grpc.unary_unary_rpc_method_handler(wrapped, **serializers)
+        if handler.stream_unary is not None:
+            wrapped = self._wrap(service, name, handler.stream_unary)
+            return grpc.stream_unary_rpc_method_handler(wrapped, **serializers)
+        return handler
 
     def _wrap(self, service: str, name: str, behavior: Callable[..., Any]) -> _Behavior:
         tracer = self._tracer

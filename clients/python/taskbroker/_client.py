@@ -38,7 +38,7 @@ from taskbroker._convert import (
 )
 from taskbroker._models import AuditRecord, QueueStats, Task, TaskId
 from taskbroker._options import TaskOptions, checked_options, warn_renamed, with_options_doc
-from taskbroker._status import error_from_rpc
+from taskbroker._status import error_from_rpc, throttled_for_s
 from taskbroker._tracing import (
     MESSAGING_MESSAGE_ID,
     Tracing,
@@ -76,6 +76,9 @@ MAX_BATCH_BYTES: Final = 8 * 1024 * 1024
 #: Retries of an UNAVAILABLE Enqueue whose tasks all carry idempotency keys (so a retry of a call
 #: that was in fact applied returns the same ids instead of storing the tasks twice).
 ENQUEUE_RETRIES: Final = 3
+#: Enqueue waits out a broker's rate limit (RESOURCE_EXHAUSTED with RetryInfo) up to this long
+#: in all, then raises: the caller slows down instead of failing, unless the broker stays busy.
+ENQUEUE_THROTTLED_MAX_S: Final = 30.0
 #: The three sleeps total 0.875-1.75 s, which outlasts gRPC's default 1 s (+-20 %) reconnect
 #: backoff, so the last retry reaches a broker that came back right after the first failure.
 ENQUEUE_BACKOFF_INITIAL_S: Final = 0.25
@@ -390,7 +393,9 @@ class Client:
 
         With an idempotency key, a call that fails UNAVAILABLE is retried (up to 3 times, with
         jittered backoff): the key makes a repeat of an applied call harmless. Without one, the
-        outcome is unknown and UnavailableError is raised at once.
+        outcome is unknown and UnavailableError is raised at once. A call the broker refuses
+        for its client's request byte rate (nothing stored) is sent again after the delay the
+        broker names, for up to 30 s in all.
 
         Args:
             queue: Queue name, 1-128 characters of [A-Za-z0-9_.-].
@@ -490,12 +495,19 @@ class Client:
         request = broker_service_pb2.EnqueueRequest(tasks=specs)
         retryable = all(spec.idempotency_key for spec in specs)
         retry = 0
+        throttled_s = 0.0
         while True:
             try:
                 response = await self.stub.Enqueue(
                     request, timeout=self._timeout, metadata=metadata
                 )
             except grpc.RpcError as err:
+                wait_s = throttled_for_s(err)
+                if wait_s is not None and throttled_s + wait_s <= ENQUEUE_THROTTLED_MAX_S:
+                    # Refused before anything was stored: sending it again is always safe.
+                    await asyncio.sleep(wait_s)
+                    throttled_s += wait_s
+                    continue
                 error = error_from_rpc(err)
                 unavailable = error.code is grpc.StatusCode.UNAVAILABLE
                 if retryable and unavailable and retry < retries:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Final
 
 import grpc
+from google.protobuf import any_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -47,22 +48,38 @@ def _details_of(err: grpc.RpcError) -> str:
     return details or ""
 
 
-def error_reason(err: grpc.RpcError) -> str:
-    """The ErrorInfo reason carried in the rich status details, or "" when there is none."""
+def _details(err: grpc.RpcError) -> list[any_pb2.Any]:
+    """The rich status details of a failed call (none when it carries none)."""
     if not isinstance(err, grpc.Call | grpc.aio.AioRpcError):
-        return ""
+        return []
     try:
         status = rpc_status.from_call(err)
     except ValueError:  # details that contradict the status code or message: ignore them
-        return ""
-    if status is None:
-        return ""
-    for detail in status.details:
+        return []
+    return [] if status is None else list(status.details)
+
+
+def error_reason(err: grpc.RpcError) -> str:
+    """The ErrorInfo reason carried in the rich status details, or "" when there is none."""
+    for detail in _details(err):
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
             return str(info.reason)
     return ""
+
+
+def throttled_for_s(err: grpc.RpcError) -> float | None:
+    """For RESOURCE_EXHAUSTED with RetryInfo (the broker refused the call, before doing
+    anything, because its client is over a rate): seconds until a retry may succeed. Else None."""
+    if _code_of(err) is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    for detail in _details(err):
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return float(info.retry_delay.ToTimedelta().total_seconds())
+    return None
 
 
 def error_from_rpc(err: grpc.aio.AioRpcError | grpc.RpcError) -> TaskbrokerError:
