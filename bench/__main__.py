@@ -22,7 +22,8 @@ from bench.env import BenchEnv
 from bench.machine import machine_info
 from bench.report import print_report, write_json
 from bench.results import ScenarioResult
-from bench.scenarios import SCENARIOS, Scenario, by_name, ceiling
+from bench.scenarios import SCENARIOS, Scenario, by_name
+from bench.scenarios.common import add_floor_ratios
 
 #: A scenario still running after this is stopped and reported as failed (each caps its runs
 #: well below it; this guards the 10-minute budget against a hang).
@@ -121,7 +122,7 @@ async def main(options: Options, scenarios: list[Scenario], keep_logs: bool) -> 
             results.append(await _run_scenario(env, options, scenario, console, deadline))
     finally:
         await env.close()
-    ceiling.add_ratio(results)
+    add_floor_ratios(results)
     wall_s = time.perf_counter() - started
     title = f"taskbroker bench ({options.runs} run(s){', quick' if options.quick else ''})"
     print_report(console, results, title)

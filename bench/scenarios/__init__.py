@@ -12,6 +12,7 @@ from bench.scenarios import (
     ceiling,
     delayed,
     drain,
+    floor,
     idle_streams,
     latency,
     many_queues,
@@ -45,6 +46,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("noisy_neighbour", noisy_neighbour.run),
     Scenario("many_queues", many_queues.run),
     Scenario("ceiling", ceiling.run),
+    Scenario("floor", floor.run),
 )
 
 
