@@ -242,16 +242,20 @@ def run(argv: list[str] | None = None) -> int:
     command = parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the processes and the worktree are cleaned up.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    if not command.baseline:
-        return asyncio.run(main(command))
-    sys.stdout.write(f"preparing baseline {command.baseline} in a temporary worktree ...\n")
-    sys.stdout.flush()
     try:
+        if not command.baseline:
+            return asyncio.run(main(command))
+        sys.stdout.write(f"preparing baseline {command.baseline} in a temporary worktree ...\n")
+        sys.stdout.flush()
         with baseline_side(command.baseline) as side:
             return asyncio.run(main(command, side))
     except BaselineError as exc:
         sys.stderr.write(f"baseline {command.baseline}: {exc}\n")
         return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: the bench's processes are stopped")
+        sys.stderr.write(" and the baseline's worktree removed\n" if command.baseline else "\n")
+        return 130
 
 
 if __name__ == "__main__":
