@@ -11,7 +11,10 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from bench.baseline import Side
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 
@@ -39,16 +42,18 @@ class Child:
         self._reader = asyncio.create_task(self._read(), name=f"{name} stdout")
 
     @classmethod
-    async def start(cls, module: str, args: Sequence[str], *, name: str, log_dir: Path) -> Child:
-        """Starts the child with the repository on its path; its stderr goes to a log file."""
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    async def start(
+        cls, module: str, args: Sequence[str], *, name: str, log_dir: Path, side: Side
+    ) -> Child:
+        """Starts the child as `side` runs it (the repository, or a baseline, on its path); its
+        stderr goes to a log file."""
+        env = side.env(os.environ, side.child_path)
         log = log_dir / f"{name}.log"
         stderr = open_log(log)
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", module, *args,
-                cwd=ROOT, env=env, stdin=asyncio.subprocess.PIPE,
+                cwd=side.child_cwd, env=env, stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=stderr,
             )  # fmt: skip
         finally:

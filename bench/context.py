@@ -41,15 +41,26 @@ class Ctx:
     """
 
     def __init__(
-        self, env: BenchEnv, options: Options, result: ScenarioResult, deadline: float
+        self,
+        env: BenchEnv,
+        options: Options,
+        result: ScenarioResult,
+        deadline: float,
+        only_run: int | None = None,
     ) -> None:
         self.env = env
         self.options = options
         self.result = result
         self.deadline = deadline
+        self.only_run = only_run
 
     def runs(self) -> Iterator[int]:
-        """Run numbers 0 .. runs-1, stopping early (after the first) past the deadline."""
+        """Run numbers 0 .. runs-1, stopping early (after the first) past the deadline; only
+        `only_run` when it is set (a --baseline run calls a scenario once per run and side,
+        and keeps to the budget itself)."""
+        if self.only_run is not None:
+            yield self.only_run
+            return
         for run_no in range(self.options.runs):
             if run_no and time.monotonic() > self.deadline:
                 self.result.note(

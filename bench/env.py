@@ -19,7 +19,8 @@ import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.children import ROOT, Child, open_log
+from bench.baseline import CURRENT, Side
+from bench.children import Child, open_log
 from broker.embedded_redis import RECOMMENDED_HASH_VALUE_BYTES
 from tests.support.redis_server import RedisServer, free_port
 
@@ -30,7 +31,10 @@ BROKER_STOP_TIMEOUT_S = 20.0
 class BrokerProcess:
     """`python -m broker` as an operator runs it, on a free loopback port, against our Redis."""
 
-    def __init__(self, redis_url: str, log_dir: Path, extra_env: Mapping[str, str]) -> None:
+    def __init__(
+        self, redis_url: str, log_dir: Path, extra_env: Mapping[str, str], side: Side = CURRENT
+    ) -> None:
+        self.side = side
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.env = {
@@ -43,7 +47,7 @@ class BrokerProcess:
             # A scenario's value may name the broker's port: "[::]:{port}".
             **{name: value.format(port=self.port) for name, value in extra_env.items()},
         }
-        self.log = log_dir / f"broker-{self.port}.log"
+        self.log = log_dir / f"broker-{side.name}-{self.port}.log"
         self.proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -58,12 +62,13 @@ class BrokerProcess:
             RuntimeError: It exited or did not come up in time (the log tail says why).
         """
         env = {k: v for k, v in os.environ.items() if not k.startswith("TASKBROKER_")}
-        env |= self.env
+        env = self.side.env(env, self.side.broker_path) | self.env
         out = open_log(self.log)
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "broker",
-                cwd=ROOT, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                cwd=self.side.broker_cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=out, stderr=out,
             )  # fmt: skip
         finally:
             out.close()
@@ -104,7 +109,9 @@ class BrokerProcess:
 
 
 class BenchEnv:
-    """Redis, the current broker, and the children of the current scenario."""
+    """Redis, the current broker, and the children of the current scenario. `side` says whose
+    code the broker and children run (the current tree, or a --baseline's): set it between
+    scenario runs, not during one."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -117,6 +124,7 @@ class BenchEnv:
         self.broker: BrokerProcess | None = None
         self._broker_env: Mapping[str, str] = {}
         self.children: list[Child] = []
+        self.side: Side = CURRENT
 
     async def start_redis(self) -> None:
         await asyncio.to_thread(self.redis_server.start)
@@ -141,7 +149,7 @@ class BenchEnv:
         """Starts a broker (stopping the current one) with these TASKBROKER_* settings."""
         await self.stop_broker()
         self._broker_env = dict(extra_env or {})
-        self.broker = BrokerProcess(self.redis_url, self.workdir, self._broker_env)
+        self.broker = BrokerProcess(self.redis_url, self.workdir, self._broker_env, self.side)
         await self.broker.start()
         return self.broker
 
@@ -166,7 +174,9 @@ class BenchEnv:
         return int((await self.info("memory"))["used_memory"])
 
     async def spawn(self, module: str, args: Sequence[str], name: str) -> Child:
-        child = await Child.start(module, args, name=name, log_dir=self.workdir)
+        child = await Child.start(
+            module, args, name=f"{self.side.name}-{name}", log_dir=self.workdir, side=self.side
+        )
         self.children.append(child)
         return child
 

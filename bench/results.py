@@ -87,6 +87,8 @@ class ScenarioResult:
     notes: list[str] = field(default_factory=list)
     runs: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    #: Why it did not run at all ('' when it ran), e.g. a scenario a --baseline cannot run.
+    skipped: str = ""
     wall_s: float = 0.0
     #: CPU the rest of the machine used meanwhile, as % of all cores: a noisy neighbour.
     other_cpu_percent: float = 0.0
@@ -110,6 +112,7 @@ class ScenarioResult:
             "wall_s": round(self.wall_s, 2),
             "other_cpu_percent": round(self.other_cpu_percent, 1),
             "error": self.error,
+            "skipped": self.skipped or None,
             "notes": self.notes,
             "metrics": [m.to_json() for m in self.metrics],
             "runs": self.runs,

@@ -12,6 +12,7 @@ from bench.scenarios import (
     ceiling,
     delayed,
     drain,
+    floor,
     idle_streams,
     latency,
     many_queues,
@@ -29,6 +30,8 @@ class Scenario:
     run: Callable[[Ctx], Awaitable[None]]
     #: TASKBROKER_* settings for this scenario's broker.
     broker_env: Mapping[str, str] = field(default_factory=dict)
+    #: Why a --baseline cannot run it ('' when it can): it runs code in the bench's process.
+    current_only: str = ""
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -44,7 +47,12 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("big_enqueue", big_enqueue.run),
     Scenario("noisy_neighbour", noisy_neighbour.run, noisy_neighbour.BROKER_ENV),
     Scenario("many_queues", many_queues.run),
-    Scenario("ceiling", ceiling.run),
+    Scenario(
+        "ceiling",
+        ceiling.run,
+        current_only="it runs the broker's store code in the bench's own process, the current tree",
+    ),
+    Scenario("floor", floor.run),
 )
 
 

@@ -1,16 +1,15 @@
 """ceiling: the raw cost of the task lifecycle with the broker's own code and Lua scripts but no
 gRPC: in this process, TaskQueue.enqueue (validation + the enqueue script), RedisStore.lease and
-RedisStore.ack, in batches of 100, one batch after another. The broker is stopped meanwhile. The
-drain figure over this one says how much of Redis's pace the served path keeps."""
+RedisStore.ack, in batches of 100, one batch after another. The broker is stopped meanwhile. It
+shows what the broker's Python store code costs per task; `floor` is Redis's own pace for the
+same scripts, with no broker code in the way."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 
 from bench import procfs
 from bench.context import Ctx
-from bench.results import ScenarioResult
 from bench.scenarios.common import PAYLOAD
 from bench.worker_proc import TASK_TYPE
 from broker.config import Settings
@@ -24,7 +23,6 @@ BATCH = 100
 LEASE_MS = 30_000
 #: A run stops early after this long (and reports the pace it had).
 CAP_S = 5.0
-RATIO = "drain as % of ceiling"
 
 
 async def run(ctx: Ctx) -> None:
@@ -81,20 +79,3 @@ async def _lifecycle(
             raise RuntimeError("a batch leased {len(acks)} and acked {results[:3]}...")
         done += BATCH
     return done, time.perf_counter() - started
-
-
-def add_ratio(results: Sequence[ScenarioResult]) -> None:
-    """Adds the best drain configuration's rate as a % of the ceiling to the ceiling's metrics
-    (each drain run against the median ceiling)."""
-    by_name = {r.name: r for r in results}
-    ceiling, drain = by_name.get("ceiling"), by_name.get("drain")
-    if ceiling is None or drain is None or not ceiling.metrics:
-        return
-    raw = ceiling.metrics[0]
-    drains = [m for m in drain.metrics if m.name.startswith("drain") and m.median is not None]
-    if raw.median is None or not drains:
-        return
-    best = max(drains, key=lambda m: m.median or 0.0)
-    ratio = ceiling.metric(f"{RATIO} ({best.name.removeprefix('drain ')})", "%")
-    for value in best.values:
-        ratio.add(100 * value / raw.median)

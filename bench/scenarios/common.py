@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from bench.children import Child
 from bench.context import Ctx
+from bench.results import ScenarioResult
 from bench.worker_proc import TASK_TYPE
 from taskbroker import Client, NewTask
 
@@ -107,3 +108,28 @@ async def enqueue_bulk(client: Client, batch: Sequence[NewTask]) -> float:
     started = time.perf_counter()
     await client.enqueue_many(batch)
     return time.perf_counter() - started
+
+
+#: Scenarios that run the task lifecycle without gRPC, against which the drain is a percentage.
+LIFECYCLE_REFERENCES = ("ceiling", "floor")
+
+
+def add_floor_ratios(results: Sequence[ScenarioResult]) -> None:
+    """Adds the best drain configuration's rate as a % of each lifecycle reference (ceiling,
+    floor) to that reference's metrics: each drain run against the reference's median."""
+    by_name = {r.name: r for r in results}
+    drain = by_name.get("drain")
+    if drain is None:
+        return
+    drains = [m for m in drain.metrics if m.name.startswith("drain") and m.median is not None]
+    if not drains:
+        return
+    best = max(drains, key=lambda m: m.median or 0.0)
+    for name in LIFECYCLE_REFERENCES:
+        reference = by_name.get(name)
+        if reference is None or not reference.metrics or reference.metrics[0].median is None:
+            continue
+        raw = reference.metrics[0].median
+        ratio = reference.metric(f"drain as % of {name} ({best.name.removeprefix('drain ')})", "%")
+        for value in best.values:
+            ratio.add(100 * value / raw)
