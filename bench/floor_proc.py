@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import redis
 
@@ -34,8 +36,17 @@ from broker.store.scripts import read_script
 PAYLOAD = b"x" * 100
 LEASE_MS = 30_000
 
+T = TypeVar("T")
+
 #: One held lease: (task's local id, lease id).
 Held = tuple[str, str]
+
+
+def _fields_known(cls: Callable[..., T], **values: object) -> T:
+    """cls built from the values it has fields for: a baseline's store (--baseline) may know
+    fewer ARGV fields than today's (e.g. no stage_prefix before large payloads were staged)."""
+    fields: tuple[str, ...] = getattr(cls, "_fields")  # noqa: B009 - a NamedTuple class
+    return cls(**{name: value for name, value in values.items() if name in fields})
 
 
 class Lifecycle:
@@ -49,12 +60,13 @@ class Lifecycle:
         self._ids = IdGenerator()
         settings = Settings()
         self._window_ms = round(settings.idempotency_window_s * 1000)
-        self._template = argv.EnqueueItem(
+        self._template = _fields_known(
+            argv.EnqueueItem,
             id="", task_type=TASK_TYPE, payload=PAYLOAD, headers="", priority=0,
             max_attempts=settings.default_max_attempts, lease_ms=0,
             initial_backoff_ms=round(settings.backoff_initial_s * 1000),
             max_backoff_ms=round(settings.backoff_max_s * 1000), delay_ms=-1, schedule_ms=-1,
-            idempotency_key="", body_hash="",
+            idempotency_key="", body_hash="", staged="",  # (staged: an older store's)
         )  # fmt: skip
 
     def round_trip(self, enqueue: int, lease: int, acks: list[Held]) -> tuple[list[Held], int]:
@@ -68,10 +80,12 @@ class Lifecycle:
         pipe = self._client.pipeline(transaction=False)
         if enqueue:
             args: list[str | int | bytes] = [
-                *argv.EnqueueArgs(
-                    task_prefix=k.task_prefix, idempotency_prefix=k.idempotency_prefix,
+                *_fields_known(
+                    argv.EnqueueArgs, task_prefix=k.task_prefix,
+                    idempotency_prefix=k.idempotency_prefix,
+                    stage_prefix=getattr(k, "stage_prefix", None),  # absent in older stores
                     idempotency_window_ms=self._window_ms, wake_channel=WAKE_CHANNEL,
-                    queue=self._queue, n=enqueue,
+                    queue=self._queue, staged="", n=enqueue,
                 )
             ]  # fmt: skip
             for _ in range(enqueue):

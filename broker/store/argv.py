@@ -21,6 +21,7 @@ class EnqueueArgs(NamedTuple):
     idempotency_window_ms: int
     wake_channel: str
     queue: str
+    staged: str  # 1-based positions of the tasks whose payload was staged: "2,5" or ''
     n: int
 
 
@@ -40,7 +41,6 @@ class EnqueueItem(NamedTuple):
     schedule_ms: int
     idempotency_key: str
     body_hash: str
-    staged: str  # '1': the payload waits at stage_prefix + id (payload is ''); '' otherwise
 
 
 class LeaseArgs(NamedTuple):

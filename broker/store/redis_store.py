@@ -449,15 +449,17 @@ class RedisStore:
                 idempotency_window_ms=idempotency_window_ms,
                 wake_channel=WAKE_CHANNEL,
                 queue=queue,
+                staged=",".join(
+                    str(i) for i, t in enumerate(tasks, 1) if len(t.payload) > STAGE_PAYLOAD_BYTES
+                ),
                 n=len(tasks),
             )
         ]
         for t in tasks:
-            staged = len(t.payload) > STAGE_PAYLOAD_BYTES
             args += argv.EnqueueItem(
                 id=t.ref.local_id,
                 task_type=t.type,
-                payload=b"" if staged else t.payload,
+                payload=b"" if len(t.payload) > STAGE_PAYLOAD_BYTES else t.payload,
                 headers=json.dumps(t.headers, sort_keys=True) if t.headers else "",
                 priority=t.priority,
                 max_attempts=t.max_attempts,
@@ -468,7 +470,6 @@ class RedisStore:
                 schedule_ms=-1 if t.schedule_ms is None else t.schedule_ms,
                 idempotency_key=t.idempotency_key or "",
                 body_hash=t.body_hash or "",
-                staged="1" if staged else "",
             )
         # Registered after the script, in the same write: a queue being forgotten (emptiness
         # re-checked after its removal, sweep_queues) either sees this task or is re-registered.

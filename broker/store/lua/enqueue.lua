@@ -9,11 +9,12 @@
 --   stage_prefix            tb:{q}:stage:  (large payloads written ahead: RedisStore.enqueue)
 --   idempotency_window_ms
 --   wake_channel, queue     published to so idle dispatchers wake at once
+--   staged                  1-based positions ("2,5") of the tasks whose payload is not in ARGV
+--                           but in the hash stage_prefix .. id, renamed into place here, so a
+--                           large payload is never copied by a script ('' for none)
 --   n; then n tasks: id task_type payload headers priority max_attempts lease_ms
---   initial_backoff_ms max_backoff_ms delay_ms schedule_ms idempotency_key body_hash staged
---   (delay_ms / schedule_ms: -1 when unset; idempotency_key: '' when unset; staged '1': the
---   payload is not in ARGV but in the hash stage_prefix .. id, renamed into place here, so a
---   large payload is never copied by a script)
+--   initial_backoff_ms max_backoff_ms delay_ms schedule_ms idempotency_key body_hash
+--   (delay_ms / schedule_ms: -1 when unset; idempotency_key: '' when unset)
 --
 -- Returns {now, r_1 .. r_n} with r_i = 'n' (stored), 'd:<id>' (idempotency duplicate of <id>) or
 -- 'e' (this id already exists: a retried call whose first reply was lost).
@@ -24,17 +25,19 @@
 
 local now = now_ms()
 local task_prefix, idempotency_prefix, stage_prefix, idempotency_window_ms, wake_channel, queue,
-  n = unpack(ARGV, 1, 7)
+  staged, n = unpack(ARGV, 1, 8)
 n = tonumber(n)
+local is_staged = {}
+for position in string.gmatch(staged, '%d+') do is_staged[tonumber(position)] = true end
 
 -- Pass 1: refuse the whole batch before writing anything if a key is reused with another body.
 local conflicts, lost = {}, {}
 local seen = {}
 for i = 0, n - 1 do
   local id, task_type, payload, headers, priority, max_attempts, lease_ms, initial_backoff_ms,
-    max_backoff_ms, delay_ms, schedule_ms, idempotency_key, body_hash, staged = item(7, 14, i)
+    max_backoff_ms, delay_ms, schedule_ms, idempotency_key, body_hash = item(8, 13, i)
   local idem, body = idempotency_key, body_hash
-  if staged == '1' and redis.call('EXISTS', stage_prefix .. id) == 0
+  if is_staged[i + 1] and redis.call('EXISTS', stage_prefix .. id) == 0
     and redis.call('EXISTS', task_prefix .. id) == 0 then
     table.insert(lost, i + 1)
   end
@@ -63,7 +66,7 @@ local reply = {now}
 local stored = 0
 for i = 0, n - 1 do
   local id, task_type, payload, headers, priority, max_attempts, lease_ms, initial_backoff_ms,
-    max_backoff_ms, delay_ms, schedule_ms, idempotency_key, body_hash, staged = item(7, 14, i)
+    max_backoff_ms, delay_ms, schedule_ms, idempotency_key, body_hash = item(8, 13, i)
   local idem = idempotency_key
   local key = task_prefix .. id
   local dup = nil
@@ -72,26 +75,27 @@ for i = 0, n - 1 do
     if prior then dup = string.sub(prior, 1, string.find(prior, '|', 1, true) - 1) end
   end
   if dup then
-    if staged == '1' then redis.call('DEL', stage_prefix .. id) end
+    if is_staged[i + 1] then redis.call('DEL', stage_prefix .. id) end
     table.insert(reply, 'd:' .. dup)
   elseif redis.call('EXISTS', key) == 1 then
-    if staged == '1' then redis.call('DEL', stage_prefix .. id) end
+    if is_staged[i + 1] then redis.call('DEL', stage_prefix .. id) end
     table.insert(reply, 'e')
   else
     local pri = tonumber(priority)
     local delay, at = tonumber(delay_ms), tonumber(schedule_ms)
     local due = now
     if delay >= 0 then due = now + delay elseif at >= 0 then due = at end
-    local fields = {'type', task_type, 'pri', pri, 'att', 0, 'max', max_attempts,
-      'bo_i', initial_backoff_ms, 'bo_m', max_backoff_ms, 'ctime', now}
-    if staged == '1' then  -- the payload is in place already: only its expiry goes
+    if is_staged[i + 1] then  -- the payload is in place already: only its expiry goes
       redis.call('RENAME', stage_prefix .. id, key)
       redis.call('PERSIST', key)
-    else
-      table.insert(fields, 'payload')
-      table.insert(fields, payload)
+      redis.call('HSET', key, 'type', task_type, 'pri', pri,
+        'att', 0, 'max', max_attempts, 'bo_i', initial_backoff_ms, 'bo_m', max_backoff_ms,
+        'ctime', now)
+    else  -- the same fields and the payload, in one call: the hot path
+      redis.call('HSET', key, 'type', task_type, 'payload', payload, 'pri', pri,
+        'att', 0, 'max', max_attempts, 'bo_i', initial_backoff_ms, 'bo_m', max_backoff_ms,
+        'ctime', now)
     end
-    redis.call('HSET', key, unpack(fields))
     if headers ~= '' then redis.call('HSET', key, 'hdr', headers) end
     if lease_ms ~= '0' then redis.call('HSET', key, 'lease_ms', lease_ms) end
     if due > now then
