@@ -166,10 +166,13 @@ class UnaryLimits:
         request byte rate. `client` as for admit."""
         self._rate.check(self._client_key(peer) if client is None else client)
 
+    def charge_rate(self, peer: str, size: int, client: str | None = None) -> None:
+        """Counts a request of size bytes against its client's rate. `client` as for admit."""
+        self._rate.charge(self._client_key(peer) if client is None else client, size)
+
     def admit(self, peer: str, size: int, client: str | None = None) -> _Release:
-        """Counts one call from peer with a request of size bytes, for use as a context manager,
-        and charges the bytes to the client's rate. `client`: who the call counts against
-        (client_of_principal); None: client_key(peer).
+        """Counts one call from peer with a request of size bytes, for use as a context manager.
+        `client`: who the call counts against (client_of_principal); None: client_key(peer).
 
         Raises:
             LimitExceeded: a limit is reached; nothing was counted.
@@ -203,7 +206,6 @@ class UnaryLimits:
         self.bytes += size
         self._client_calls[client] += 1
         self._client_bytes[client] += size
-        self._rate.charge(client, size)
 
         def give_back() -> None:
             self.calls -= 1

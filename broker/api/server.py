@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import grpc
 from google.protobuf import descriptor, message_factory
@@ -92,11 +92,20 @@ class Gate:
             await context.abort_with_status(error_status(exc))
 
 
+#: The unary methods whose requests carry task data (payloads, results): they alone count
+#: against, and are refused past, a client's request_bytes_per_s_per_client. Reads and admin
+#: calls of a client in debt are still served.
+RATED_METHODS: Final = frozenset(
+    {"taskbroker.v1.BrokerService.Enqueue", "taskbroker.v1.BrokerService.Ack"}
+)
+
+
 def _unary(
     method: descriptor.MethodDescriptor, impl: Unary, limits: UnaryLimits, gate: Gate, rule: Rule
 ) -> grpc.RpcMethodHandler[bytes, bytes]:
     request_class = message_factory.GetMessageClass(method.input_type)
     name = f"/{method.containing_service.full_name}/{method.name}"
+    rated = method.full_name in RATED_METHODS
 
     async def handle(requests: object, context: Context) -> bytes:
         # Served as a client-streaming method (the wire is the same) so that the caller is
@@ -106,7 +115,8 @@ def _unary(
         try:
             principal = gate.principal(context, name)
             client = client_of_principal(principal)
-            limits.check_rate(context.peer(), client)
+            if rated:
+                limits.check_rate(context.peer(), client)
         except BrokerError as exc:
             await context.abort_with_status(error_status(exc))
         raw: object = await context.read()
@@ -122,6 +132,8 @@ def _unary(
             admitted = limits.admit(context.peer(), len(raw), client)
         except BrokerError as exc:
             await context.abort_with_status(error_status(exc))
+        if rated:
+            limits.charge_rate(context.peer(), len(raw), client)
         token = current_principal.set(principal)
         try:
             with admitted:

@@ -12,10 +12,12 @@ from dataclasses import replace
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pool
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from broker.api.limits import ByteRate
+from broker.api.server import RATED_METHODS
 from broker.app import Broker
 from broker.config import Settings
 from broker.errors import RateLimited
@@ -136,6 +138,8 @@ async def test_a_client_over_its_rate_is_told_when_to_retry_and_others_are_serve
             assert "request_bytes_per_s_per_client" in str(error.details())
             delay = retry_delay_s(error)
             assert 0.5 < delay <= 1.0  # 2 s of bytes, less the 1 s burst, some of it gone
+            # Only calls that carry task data are held to the rate: reads are still served.
+            await heavy.Stats(bs.StatsRequest(queues=["emails"]))
             await light.Enqueue(bs.EnqueueRequest(tasks=[spec(payload=b"other client")]))
             await asyncio.sleep(delay)
             await heavy.Enqueue(bs.EnqueueRequest(tasks=[spec(payload=b"after the delay")]))
@@ -153,3 +157,10 @@ async def test_the_sdk_waits_out_the_rate_and_every_task_is_stored(settings: Set
         assert elapsed >= 0.8, elapsed
         stats = (await b.stub.Stats(bs.StatsRequest(queues=["emails"]))).queues[0]
         assert stats.pending == 3
+
+
+def test_every_rated_method_is_a_method_of_the_api() -> None:
+    pool = descriptor_pool.Default()
+    for name in RATED_METHODS:
+        service, _, method = name.rpartition(".")
+        assert pool.FindServiceByName(service).methods_by_name[method].full_name == name
