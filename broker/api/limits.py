@@ -220,8 +220,8 @@ class ByteRate:
     """Holds each client to `rate` request bytes per second on average, with bursts of up to
     `burst` bytes (GCRA: one "theoretical arrival time" per client, so O(1) per call and no
     timers). A call is checked before its request is read, and charged once it has been:
-    a client in debt is refused at no more cost than the refusal, and any single request the
-    transport accepts can still be served.
+    a client in debt is refused before its request is copied or parsed, and any single request
+    the transport accepts can still be served.
 
     Args:
         rate: Bytes per second per client; 0 turns the limit off.

@@ -109,9 +109,9 @@ def _unary(
 
     async def handle(requests: object, context: Context) -> bytes:
         # Served as a client-streaming method (the wire is the same) so that the caller is
-        # authenticated and checked against its byte rate before its request is read: a call
-        # refused costs no more than the refusal. Admitted by size before parsing. With a
-        # policy, limits count per principal rather than per address.
+        # authenticated and checked against its byte rate before we read its request (gRPC
+        # may have received its bytes already; nothing is copied or parsed). Admitted by size
+        # before parsing. With a policy, limits count per principal rather than per address.
         try:
             principal = gate.principal(context, name)
             client = client_of_principal(principal)
