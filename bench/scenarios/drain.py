@@ -82,11 +82,12 @@ async def _one(ctx: Ctx, run_no: int, size: int, procs: int, cpu_per_task: bool)
         )
         pids = {"broker": env.broker.pid, "redis": env.redis_server.pid}
         pids |= {f"worker{i}": w.pid for i, w in enumerate(workers)}
-        cpu0 = {name: procfs.cpu_seconds(pid) for name, pid in pids.items()}
+        # The broker's figure covers all its processes (--broker-processes).
+        cpu0 = {name: procfs.tree_cpu_seconds(pid) for name, pid in pids.items()}
         resumed = time.time()
         await client.resume(queue)
         done = await wait_succeeded(client, queue, enqueued, DRAIN_CAP_S)
-        cpu = {name: procfs.cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+        cpu = {name: procfs.tree_cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
         (left,) = await client.stats(queue)
     start = first_start(workers) or resumed
     elapsed = max(done.at - start, 1e-9)
