@@ -244,7 +244,8 @@ class Supervisor:
                     log.error("serving process pid %d did not stop; killed", child.pid)
                     child.kill()
             await asyncio.gather(*(c.wait() for c in self.children))
-        failed = [c for c in asked if c.returncode != 0]
+        # -SIGTERM: one still starting, before it handles the signal; it had nothing to drain.
+        failed = [c for c in asked if c.returncode not in (0, -signal.SIGTERM)]
         for child in failed:
             log.error("serving process pid %d exited with %s", child.pid, child.returncode)
         return 1 if failed else 0
