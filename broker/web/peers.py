@@ -107,8 +107,10 @@ class InProcessSeries:
     def streams(self) -> list[Json]:
         """Every Lease stream of every process, open or closing: views.worker_json plus
         "closed"."""
-        own = [{**views.worker_json(s), "closed": s.closed} for s in self._sessions.sessions]
-        return own + [s for p in self._others() for s in p.streams]
+        return self._own_streams() + [s for p in self._others() for s in p.streams]
+
+    def _own_streams(self) -> list[Json]:
+        return [{**views.worker_json(s), "closed": s.closed} for s in self._sessions.sessions]
 
     def own_snapshot(self) -> Json:
         """This process's series as JSON (what PeerServer answers)."""
@@ -120,9 +122,7 @@ class InProcessSeries:
             ],
             "wait": {q: _buckets_json(b) for q, b in self._timings.wait.items()},
             "processing": {q: _buckets_json(b) for q, b in self._timings.processing.items()},
-            "streams": [
-                {**views.worker_json(s), "closed": s.closed} for s in self._sessions.sessions
-            ],
+            "streams": self._own_streams(),
         }
 
 
