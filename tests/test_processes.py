@@ -319,3 +319,71 @@ async def test_a_serving_process_that_cannot_start_stops_the_broker_with_exit_co
     started = re.search(r"serving processes on \S+ \(pids (\d+), (\d+)\)", log)
     assert started is not None, log
     assert not any(running(int(pid)) for pid in started.groups())
+
+
+async def test_metrics_keep_the_last_figures_of_a_process_that_does_not_answer(
+    tmp_path: Path, redis_server: RedisServer, connections_closed: list[Connections]
+) -> None:
+    http_port = free_port()
+    broker = BrokerProcess(
+        tmp_path / "data",
+        {
+            "TASKBROKER_PROCESSES": "2",
+            "TASKBROKER_REDIS_URL": redis_server.url,
+            "TASKBROKER_HTTP_LISTEN": f"127.0.0.1:{http_port}",
+        },
+    )
+    stopped: int | None = None
+    try:
+        await _serving_pids(broker)
+        started = re.search(r"serving processes on \S+ \(pids (\d+), (\d+)\)", _log(broker))
+        assert started is not None
+        http_pid, other = (int(pid) for pid in started.groups())  # process 0 serves HTTP
+        conns = Connections(broker.port, [http_pid, other])
+        connections_closed.append(conns)
+        while other not in conns.by_process:
+            await conns.open()
+        calls = 0
+        for stubs in conns.by_process.values():
+            await stubs[0].Enqueue(bs.EnqueueRequest(tasks=[spec()]), timeout=5)
+            calls += 1
+        samples = await _scrape(http_port)
+        for _ in range(100):
+            if _enqueue_ok(samples) == calls:
+                break
+            await asyncio.sleep(0.05)
+            samples = await _scrape(http_port)
+        assert _enqueue_ok(samples) == calls
+
+        os.kill(other, signal.SIGSTOP)
+        stopped = other
+        samples = await _scrape(http_port)
+        assert samples[("taskbroker_processes_reporting", ())] == 1
+        assert _enqueue_ok(samples) == calls  # its calls are still counted
+        os.kill(other, signal.SIGCONT)
+        stopped = None
+        samples = await _scrape(http_port)
+        assert samples[("taskbroker_processes_reporting", ())] == 2
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        code = broker.terminate()
+    assert code == 0, _log(broker)
+    assert "did not report its metrics" in _log(broker)
+
+
+async def test_one_process_is_the_broker_itself_with_no_supervisor(
+    tmp_path: Path, redis_server: RedisServer, connections_closed: list[Connections]
+) -> None:
+    broker = BrokerProcess(tmp_path / "data", {"TASKBROKER_REDIS_URL": redis_server.url})
+    try:
+        await asyncio.to_thread(broker.wait_serving)
+        assert children(broker.process.pid) == {}
+        conns = Connections(broker.port, [broker.process.pid])
+        connections_closed.append(conns)
+        owner, _ = await conns.open()
+        assert owner == broker.process.pid
+    finally:
+        code = broker.terminate()
+    assert code == 0, _log(broker)
+    assert "[pid" not in _log(broker) and "supervisor" not in _log(broker)
