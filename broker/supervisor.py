@@ -133,16 +133,10 @@ class Supervisor:
     Args:
         settings: The broker's settings; every serving process runs with them, on the port
             the supervisor fixed and the Redis it resolved.
-        command: Starts one serving process (tests may run it another way).
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        command: tuple[str, ...] = (sys.executable, "-m", "broker", SERVING_PROCESS_ARG),
-    ) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._command = command
         self.children: list[asyncio.subprocess.Process] = []
         self._stop = asyncio.Event()
 
@@ -156,14 +150,19 @@ class Supervisor:
             loop.add_signal_handler(sig, self._stop.set)
         with contextlib.ExitStack() as cleanup:
             try:
-                settings = self._prepare(cleanup)
+                settings, peer_dir = self._prepare(cleanup)
             except RuntimeError as exc:
                 log.error("cannot start: %s", exc)
                 return CANNOT_START
-            return await self._serve(settings, cleanup)
+            return await self._serve(settings, peer_dir)
 
-    def _prepare(self, cleanup: contextlib.ExitStack) -> Settings:
-        """Fixes the port and the Redis URL; undone by cleanup, in reverse order."""
+    def _prepare(self, cleanup: contextlib.ExitStack) -> tuple[Settings, Path]:
+        """Fixes the port and the Redis URL, and makes the directory for the processes'
+        sockets; undone by cleanup, in reverse order.
+
+        Raises:
+            RuntimeError: any of them failed.
+        """
         s = self.settings
         held, port = hold_port(s.listen)
         for sock in held:
@@ -174,13 +173,17 @@ class Supervisor:
             embedded.start()
             cleanup.callback(embedded.stop)
             url = embedded.url
-        return replace(
-            s, listen=f"{s.listen.rpartition(':')[0]}:{port}", redis_url=url, redis_url_file=None
-        )
-
-    async def _serve(self, settings: Settings, cleanup: contextlib.ExitStack) -> int:
-        peer_dir = Path(tempfile.mkdtemp(prefix="taskbroker-"))  # mode 0700
+        try:
+            peer_dir = Path(tempfile.mkdtemp(prefix="taskbroker-"))  # mode 0700
+        except OSError as exc:
+            raise RuntimeError(
+                f"cannot make a directory in {tempfile.gettempdir()}: {exc}"
+            ) from None
         cleanup.callback(shutil.rmtree, peer_dir, ignore_errors=True)
+        listen = f"{s.listen.rpartition(':')[0]}:{port}"
+        return replace(s, listen=listen, redis_url=url, redis_url_file=None), peer_dir
+
+    async def _serve(self, settings: Settings, peer_dir: Path) -> int:
         count = settings.processes
         try:
             for index in range(count):
@@ -198,7 +201,9 @@ class Supervisor:
         return code or code_after_stop
 
     async def _spawn(self, start: ChildStart) -> asyncio.subprocess.Process:
-        child = await asyncio.create_subprocess_exec(*self._command, stdin=asyncio.subprocess.PIPE)
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "broker", SERVING_PROCESS_ARG, stdin=asyncio.subprocess.PIPE
+        )
         assert child.stdin is not None  # PIPE
         child.stdin.write(pickle.dumps(start))
         await child.stdin.drain()
