@@ -28,6 +28,7 @@ from bench.report import RESULTS_DIR, Compared, comparison_json, print_report, w
 from bench.results import ScenarioResult
 from bench.scenarios import SCENARIOS, Scenario, by_name
 from bench.scenarios.common import add_floor_ratios
+from broker.config import MAX_PROCESSES
 
 #: A scenario still running after this is stopped and reported as failed (each caps its runs
 #: well below it; this guards the 10-minute budget against a hang).
@@ -69,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> Command:
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     p.add_argument("--concurrency", type=int, default=256, help="handlers per worker process")
     p.add_argument("--unary-procs", type=int, default=2, help="client processes for unary")
+    p.add_argument(
+        "--broker-processes",
+        type=int,
+        default=1,
+        help="serving processes of the broker (TASKBROKER_PROCESSES); its CPU figures sum them "
+        "all, its memory figures (big_enqueue, idle_streams) are the supervisor's only",
+    )
     p.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
     p.add_argument(
         "--baseline",
@@ -89,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> Command:
         p.error("--concurrency must be 1 to 10000")
     if args.unary_procs < 1:
         p.error("--unary-procs must be at least 1")
+    if not 1 <= args.broker_processes <= MAX_PROCESSES:
+        p.error(f"--broker-processes must be 1 to {MAX_PROCESSES}")
     try:
         scenarios = by_name([n.strip() for n in args.only.split(",") if n.strip()])
     except ValueError as exc:
@@ -98,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> Command:
         quick=args.quick,
         concurrency=args.concurrency,
         unary_procs=args.unary_procs,
+        broker_processes=args.broker_processes,
     )
     return Command(options, scenarios, args.keep_logs, args.baseline, args.results_dir)
 
@@ -173,7 +184,7 @@ async def main(command: Command, baseline: Side | None = None) -> int:
     started_at = datetime.now(UTC)
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="taskbroker-bench-"))
-    env = BenchEnv(workdir)
+    env = BenchEnv(workdir, options.broker_processes)
     results: list[ScenarioResult] = []
     base_results: list[ScenarioResult] = []
     try:
@@ -202,7 +213,8 @@ async def main(command: Command, baseline: Side | None = None) -> int:
                     "machine's CPU during this scenario: its figures may be low"
                 )
     wall_s = time.perf_counter() - started
-    title = f"taskbroker bench ({options.runs} run(s){', quick' if options.quick else ''})"
+    procs = f", broker {options.broker_processes} processes" if options.broker_processes > 1 else ""
+    title = f"taskbroker bench ({options.runs} run(s){', quick' if options.quick else ''}{procs})"
     compared = None if baseline is None else Compared(baseline.label, base_results)
     print_report(console, results, title, compared)
     document: dict[str, Any] = {
@@ -213,6 +225,7 @@ async def main(command: Command, baseline: Side | None = None) -> int:
             "quick": options.quick,
             "concurrency": options.concurrency,
             "unary_procs": options.unary_procs,
+            "broker_processes": options.broker_processes,
             "scenarios": [s.name for s in scenarios],
             "baseline": command.baseline or None,
         },

@@ -25,6 +25,8 @@ class Options:
     concurrency: int = 256
     #: Client processes for the unary-enqueue scenario.
     unary_procs: int = 2
+    #: Serving processes of the broker (TASKBROKER_PROCESSES).
+    broker_processes: int = 1
 
     def size(self, full: int, quick: int) -> int:
         return quick if self.quick else full

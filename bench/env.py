@@ -84,10 +84,19 @@ class BrokerProcess:
                     raise RuntimeError(f"broker exited ({self.proc.returncode}):\n{self.tail()}")
                 with contextlib.suppress(grpc.RpcError):
                     reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING and self._all_up():
                         return
                 await asyncio.sleep(0.1)
         raise RuntimeError(f"broker not SERVING after {BROKER_START_TIMEOUT_S:g}s:\n{self.tail()}")
+
+    def _all_up(self) -> bool:
+        """Every serving process has bound the port (with TASKBROKER_PROCESSES above 1, one may
+        answer the health check before the others: workers connecting then would all land on
+        it)."""
+        processes = int(self.env.get("TASKBROKER_PROCESSES", "1"))
+        if processes == 1:
+            return True
+        return self.log.read_text(errors="replace").count("taskbroker serving on") >= processes
 
     async def stop(self) -> None:
         """SIGTERM (a graceful drain), then SIGKILL if it takes too long."""
@@ -113,8 +122,10 @@ class BenchEnv:
     code the broker and children run (the current tree, or a --baseline's): set it between
     scenario runs, not during one."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, broker_processes: int = 1) -> None:
         self.workdir = workdir
+        #: TASKBROKER_PROCESSES of every broker (a scenario's own settings may override it).
+        self.broker_processes = broker_processes
         # The Redis settings docs/operations.md recommends (the embedded Redis runs with them too).
         self.redis_server = RedisServer(
             maxmemory_policy="noeviction",
@@ -148,7 +159,9 @@ class BenchEnv:
     async def start_broker(self, extra_env: Mapping[str, str] | None = None) -> BrokerProcess:
         """Starts a broker (stopping the current one) with these TASKBROKER_* settings."""
         await self.stop_broker()
-        self._broker_env = dict(extra_env or {})
+        # Set only when asked for: a --baseline older than the setting would warn about it.
+        processes = {"TASKBROKER_PROCESSES": str(self.broker_processes)}
+        self._broker_env = {**(processes if self.broker_processes > 1 else {}), **(extra_env or {})}
         self.broker = BrokerProcess(self.redis_url, self.workdir, self._broker_env, self.side)
         await self.broker.start()
         return self.broker

@@ -1,4 +1,5 @@
-"""`python -m broker`: parse settings, run the broker until SIGINT/SIGTERM."""
+"""`python -m broker`: parse settings, run the broker until SIGINT/SIGTERM (with `--processes N`,
+a supervisor of N broker processes: broker/supervisor.py)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,20 @@ import sys
 
 from broker.app import Broker, UnsafeRedis
 from broker.auth.policy import PolicyError
-from broker.config import ignored_variables, load_settings
+from broker.config import Settings, ignored_variables, load_settings
 from broker.errors import BrokerError
+from broker.process_slot import ProcessSlot
+from broker.supervisor import SERVING_PROCESS_ARG, Supervisor, die_with_supervisor, read_start
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: A serving process of a supervisor names itself in every line: they share one log.
+SERVING_PROCESS_LOG_FORMAT = "%(asctime)s %(levelname)s [pid %(process)d] %(name)s: %(message)s"
 
 
-async def serve() -> int:
-    settings = load_settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for warning in ignored_variables(os.environ):
-        logging.getLogger("broker").warning("%s", warning)
-    broker = Broker(settings)
+async def serve(settings: Settings, slot: ProcessSlot | None = None) -> int:
+    """Runs one broker until SIGINT/SIGTERM (a serving process of a supervisor: SIGTERM only,
+    from the supervisor). Returns the exit code: 0, or 2 when it cannot start."""
+    broker = Broker(settings, slot=slot)
     try:
         await broker.start()
     except (UnsafeRedis, RuntimeError, BrokerError, PolicyError) as exc:
@@ -30,15 +32,38 @@ async def serve() -> int:
         return 2
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM) if slot is None else (signal.SIGTERM,):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await broker.stop()
     return 0
 
 
+def serve_for_supervisor() -> int:
+    """A serving process: settings and slot from stdin, then one broker on the shared port."""
+    # Ctrl-C reaches the whole process group; the supervisor alone decides, and sends SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format=SERVING_PROCESS_LOG_FORMAT)
+    try:
+        start = read_start(sys.stdin.buffer)
+        die_with_supervisor(start.supervisor_pid)
+    except RuntimeError as exc:
+        logging.getLogger("broker").error("cannot start: %s", exc)
+        return 2
+    logging.getLogger().setLevel(start.settings.log_level.upper())
+    return asyncio.run(serve(start.settings, start.slot))
+
+
 def main() -> None:
-    sys.exit(asyncio.run(serve()))
+    if sys.argv[1:] == [SERVING_PROCESS_ARG]:
+        sys.exit(serve_for_supervisor())
+    settings = load_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    for warning in ignored_variables(os.environ):
+        logging.getLogger("broker").warning("%s", warning)
+    if settings.processes > 1:
+        sys.exit(asyncio.run(Supervisor(settings).run()))
+    sys.exit(asyncio.run(serve(settings)))
 
 
 if __name__ == "__main__":

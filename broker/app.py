@@ -26,6 +26,7 @@ from broker.loops.maintainer import Maintainer
 from broker.loops.periodic import Periodic
 from broker.loops.sweeper import Sweeper
 from broker.loops.wake_listener import WakeListener
+from broker.process_slot import ProcessSlot
 from broker.queue import TaskQueue
 from broker.store.audit_log import AuditLog
 from broker.store.connect import redis_client
@@ -34,6 +35,7 @@ from broker.store.web_sessions import WebSessions
 from broker.telemetry.rpc_metrics import RpcMetrics
 from broker.telemetry.tracing import RpcTracing, shutdown_provider, tracer_provider_from_env
 from broker.tls import CertificateFiles
+from broker.web.peers import InProcessSeries, Peers, PeerServer
 from broker.web.server import WebServer
 
 if TYPE_CHECKING:
@@ -71,6 +73,8 @@ class Broker:
             asks for one (broker/telemetry/tracing.py), else no tracing.
         client_key: The client a call's peer ("ipv4:ip:port") belongs to, for the per-client
             limits; its IP address by default.
+        slot: Which of a supervisor's serving processes this is (`--processes N`,
+            broker/supervisor.py); None: the only one.
     """
 
     def __init__(
@@ -79,8 +83,10 @@ class Broker:
         *,
         tracer_provider: TracerProvider | None = None,
         client_key: Callable[[str], str] = client_of_peer,
+        slot: ProcessSlot | None = None,
     ) -> None:
         self.settings = settings
+        self.slot = slot
         self._client_key = client_key
         self._tracer_provider = tracer_provider
         self._own_tracer_provider: SdkTracerProvider | None = None
@@ -88,6 +94,7 @@ class Broker:
         self.port = 0
         self.http_port = 0  # 0: no HTTP server (disabled, or its address was unusable)
         self.web: WebServer | None = None
+        self._peer_server: PeerServer | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
         #: The TLS certificate both ports serve; None: plaintext.
@@ -177,21 +184,8 @@ class Broker:
             Periodic(sweeper, SWEEP_INTERVAL_S, sweeper.pause_s),
             Periodic(self.monitor, 1.0),
         ]
-        self.web = WebServer(
-            self.tasks,
-            self.registry,
-            s,
-            rpc_metrics,
-            lambda: self.monitor.serving is not False,  # start() has just reached Redis
-            lambda: self._stopping,
-            self.audit,
-            WebSessions(self.store.client, s.dashboard_session_s),
-            self.policy,
-            self.certificates,
-        )
         # HTTP binds first: once gRPC serves, nothing else may fail.
-        self.http_port = await self.web.start()
-        undo.push_async_callback(self.web.stop)
+        await self._start_http(rpc_metrics, undo)
         self.server, self.health = build_server(
             broker_service,
             AdminService(self.tasks, gate.authorizer, self.audit),
@@ -199,6 +193,7 @@ class Broker:
             self.unary,
             gate,
             interceptors,
+            reuse_port=self.slot is not None,
         )
         try:
             if self.certificates is None:
@@ -227,6 +222,35 @@ class Broker:
         tls = "" if self.certificates is None else " (mutual TLS)" if s.tls_client_ca else " (TLS)"
         log.info("taskbroker serving on %s:%d%s", host, self.port, tls)
         return self.port
+
+    async def _start_http(
+        self, rpc_metrics: RpcMetrics | None, undo: contextlib.AsyncExitStack
+    ) -> None:
+        """The HTTP side, served once: by this process, or by the first of a supervisor's
+        (then the others answer it with their in-process series on their Unix sockets)."""
+        s, slot = self.settings, self.slot
+        if slot is not None and not slot.serves_http:
+            if rpc_metrics is not None:
+                series = InProcessSeries(self.tasks.timings, self.registry, rpc_metrics)
+                self._peer_server = PeerServer(slot.socket_path(slot.index), series)
+                await self._peer_server.start()
+                undo.push_async_callback(self._peer_server.stop)
+            return
+        self.web = WebServer(
+            self.tasks,
+            self.registry,
+            s,
+            rpc_metrics,
+            lambda: self.monitor.serving is not False,  # start() has just reached Redis
+            lambda: self._stopping,
+            self.audit,
+            WebSessions(self.store.client, s.dashboard_session_s),
+            self.policy,
+            self.certificates,
+            Peers(slot.peer_sockets) if slot is not None else None,
+        )
+        self.http_port = await self.web.start()
+        undo.push_async_callback(self.web.stop)
 
     def _warn_if_exposed(self) -> None:
         """Settings refuse a reachable port without TLS and a policy file unless `insecure`
@@ -322,6 +346,8 @@ class Broker:
         await self.dispatcher.stop()
         if self.web:
             await self.web.stop()
+        if self._peer_server is not None:
+            await self._peer_server.stop()
         await self.audit.stop()
         await self.store.close()
         if self.embedded:

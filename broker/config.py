@@ -15,6 +15,10 @@ from typing import Any
 from broker.settings_doc import env_name, flag_name, help_text, markdown_table
 
 MIB = 1024 * 1024
+#: The most serving processes: one per core of a large machine. Each holds up to
+#: redis_max_connections Redis connections and runs its own maintenance loops, so far more
+#: processes than cores only adds Redis load.
+MAX_PROCESSES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +31,12 @@ class Settings:
 
     #: host:port to serve gRPC on; port 0 picks a free one.
     listen: str = "127.0.0.1:50051"
+    #: Broker processes serving the gRPC port together (SO_REUSEPORT, Linux), each with its own
+    #: event loop and Redis connection pool, under a supervisor process that SIGTERM drains;
+    #: about one per core. The HTTP side is served once and /metrics covers every process; the
+    #: stream, call and request-byte limits and redis_max_connections apply to each process
+    #: (docs/operations.md). 1: one process, no supervisor.
+    processes: int = 1
     #: host:port of the HTTP server (/metrics, /healthz, the dashboard); port 0 picks a free one,
     #: an empty string serves no HTTP at all.
     http_listen: str = "127.0.0.1:8080"
@@ -348,6 +358,7 @@ def ignored_variables(environ: Mapping[str, str]) -> list[str]:
 
 #: Count limits and their largest accepted values.
 _COUNT_LIMITS = {
+    "processes": MAX_PROCESSES,
     "redis_max_connections": 10_000,
     "max_streams_per_connection": 1_000_000,
     "max_streams_per_client": 1_000_000,

@@ -82,11 +82,20 @@ async def _one(ctx: Ctx, run_no: int, size: int, procs: int, cpu_per_task: bool)
         )
         pids = {"broker": env.broker.pid, "redis": env.redis_server.pid}
         pids |= {f"worker{i}": w.pid for i, w in enumerate(workers)}
-        cpu0 = {name: procfs.cpu_seconds(pid) for name, pid in pids.items()}
+        # The broker's figure covers all its processes (--broker-processes).
+        cpu0 = {name: procfs.tree_cpu_seconds(pid) for name, pid in pids.items()}
+        # How the work fell on the broker's serving processes: each connection (one per worker
+        # process) is served by one of them.
+        serving = procfs.descendants(env.broker.pid)
+        serving_cpu0 = {pid: procfs.cpu_seconds(pid) for pid in serving}
         resumed = time.time()
         await client.resume(queue)
         done = await wait_succeeded(client, queue, enqueued, DRAIN_CAP_S)
-        cpu = {name: procfs.cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+        cpu = {name: procfs.tree_cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+        cpu |= {
+            f"broker process {i}": procfs.cpu_seconds(pid) - serving_cpu0[pid]
+            for i, pid in enumerate(serving)
+        }
         (left,) = await client.stats(queue)
     start = first_start(workers) or resumed
     elapsed = max(done.at - start, 1e-9)

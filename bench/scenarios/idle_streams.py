@@ -49,10 +49,10 @@ async def run(ctx: Ctx) -> None:
         ready = await child.wait_event("ready", 120)
         await asyncio.sleep(SETTLE_S)
         rss1, clients1 = procfs.rss_bytes(broker.pid), await _clients(ctx)
-        cpu0 = procfs.cpu_seconds(broker.pid)
+        cpu0 = procfs.tree_cpu_seconds(broker.pid)
         redis_cpu0 = procfs.cpu_seconds(ctx.env.redis_server.pid)
         await asyncio.sleep(idle_s)
-        cpu = procfs.cpu_seconds(broker.pid) - cpu0
+        cpu = procfs.tree_cpu_seconds(broker.pid) - cpu0
         redis_cpu = procfs.cpu_seconds(ctx.env.redis_server.pid) - redis_cpu0
         res.metric("broker RSS, no streams", "MiB").add(rss0 / MIB)
         res.metric(f"broker RSS, {STREAMS:,} idle streams", "MiB").add(rss1 / MIB)

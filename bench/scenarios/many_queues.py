@@ -54,10 +54,10 @@ async def run(ctx: Ctx) -> None:
             broker = await ctx.env.restart_broker()
             ids = await _fill(ctx, n)
             await asyncio.sleep(SETTLE_S)
-            cpu0 = procfs.cpu_seconds(broker.pid)
+            cpu0 = procfs.tree_cpu_seconds(broker.pid)
             redis0 = procfs.cpu_seconds(ctx.env.redis_server.pid)
             await asyncio.sleep(idle_s)
-            cpu = 100 * (procfs.cpu_seconds(broker.pid) - cpu0) / idle_s
+            cpu = 100 * (procfs.tree_cpu_seconds(broker.pid) - cpu0) / idle_s
             redis_cpu = 100 * (procfs.cpu_seconds(ctx.env.redis_server.pid) - redis0) / idle_s
             p99 = await _get_p99(ctx, ids)
             late = await _reclaim_late(ctx)

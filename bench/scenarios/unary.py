@@ -56,11 +56,11 @@ async def _window(ctx: Ctx, call: str, window_s: float) -> tuple[float, dict[str
     start = time.time() + 0.5
     assert ctx.env.broker is not None
     broker_pid = ctx.env.broker.pid
-    cpu0 = procfs.cpu_seconds(broker_pid)
+    cpu0 = procfs.tree_cpu_seconds(broker_pid)
     for p in producers:
         await p.send({"start": start, "end": start + window_s})
     results = await asyncio.gather(*(p.wait_event("result", window_s + 30) for p in producers))
-    broker_cpu = procfs.cpu_seconds(broker_pid) - cpu0
+    broker_cpu = procfs.tree_cpu_seconds(broker_pid) - cpu0
     calls = sum(int(r["calls"]) for r in results)
     errors = sum(int(r["errors"]) for r in results)
     # The window closes for new calls at its end; calls in flight then still count, so the

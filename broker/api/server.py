@@ -219,12 +219,19 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def server_options(settings: Settings) -> list[tuple[str, int]]:
+def server_options(settings: Settings, *, reuse_port: bool = False) -> list[tuple[str, int]]:
     """The gRPC channel arguments the server runs with. gRPC ignores a name it does not know,
-    silently: tests/api/test_grpc_options.py checks each against gRPC core's own list."""
+    silently: tests/api/test_grpc_options.py checks each against gRPC core's own list.
+
+    reuse_port: this is one of a supervisor's serving processes, which share the port
+    (SO_REUSEPORT: the kernel spreads new connections over them).
+    """
     limit = settings.max_task_bytes + TRANSPORT_SLACK_BYTES
     options = [
-        ("grpc.so_reuseport", 0),
+        # gRPC core sets SO_REUSEPORT by default on Linux. A lone broker turns it off, so a
+        # second broker started on its port fails to bind instead of silently taking half of
+        # its connections; the processes of one supervisor turn it on to share the port.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         # Find dead workers well inside the shortest useful lease (RELIABILITY.md 3.5).
@@ -251,12 +258,16 @@ def build_server(
     unary_limits: UnaryLimits,
     gate: Gate,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    *,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A server with BrokerService, AdminService, health and (unless settings turn it off)
     reflection registered; the interceptors (RPC metrics) see every call, gate authenticates
     and authorizes our calls and reflection (health stays open to probes), and unary_limits
-    admit our unary calls."""
-    server = grpc.aio.server(interceptors=list(interceptors), options=server_options(settings))
+    admit our unary calls; reuse_port: see server_options."""
+    server = grpc.aio.server(
+        interceptors=list(interceptors), options=server_options(settings, reuse_port=reuse_port)
+    )
     health_servicer = health.aio.HealthServicer()
     reflected = (
         BROKER_SERVICE.full_name,

@@ -6,7 +6,8 @@ Two kinds of series (docs/observability.md, "Metrics"):
   StatsSampler snapshot and describe the whole cluster: every replica reports the same values,
   so aggregate them across replicas with max, never sum.
 - In-process (queue wait, processing time, RPC durations, streams and workers) describe this
-  replica only: sum them across replicas.
+  replica only, every serving process of it together (`--processes N`: broker/web/peers.py):
+  sum them across replicas.
 No series carries a payload, a result or an error message; labels are queue names, states, RPC
 method names and status codes.
 """
@@ -26,9 +27,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import CollectorRegistry
 
 if TYPE_CHECKING:
-    from broker.live_streams import LiveStreams
-    from broker.queue import TaskQueue
-    from broker.telemetry.rpc_metrics import RpcMetrics
+    from broker.web.peers import InProcessSeries
     from broker.web.sampler import StatsSampler
 
 #: (metric name without _total, QueueStats field, help): the stats hash totals (stats.lua).
@@ -49,20 +48,17 @@ CLUSTER_NOTE: Final = " Cluster-wide (from Redis): aggregate across replicas wit
 
 class BrokerCollector:
     """Renders every taskbroker_ series at scrape time from state already in memory: the
-    sampler's cached snapshot, the in-process histograms and the live sessions."""
+    sampler's cached snapshot, and the in-process histograms and live sessions of every serving
+    process (as of the last InProcessSeries.refresh)."""
 
     def __init__(
         self,
         sampler: StatsSampler,
-        tasks: TaskQueue,
-        sessions: LiveStreams,
-        rpc: RpcMetrics | None,
+        series: InProcessSeries,
         redis_up: Callable[[], bool],
     ) -> None:
         self._sampler = sampler
-        self._tasks = tasks
-        self._sessions = sessions
-        self._rpc = rpc
+        self._series = series
         self._redis_up = redis_up
 
     def describe(self) -> Iterable[Metric]:
@@ -77,6 +73,17 @@ class BrokerCollector:
         )
         up.add_metric([], 1.0 if self._redis_up() else 0.0)
         yield up
+        processes = GaugeMetricFamily(
+            "taskbroker_processes", "Processes serving this replica's gRPC port (--processes)."
+        )
+        processes.add_metric([], self._series.processes)
+        reporting = GaugeMetricFamily(
+            "taskbroker_processes_reporting",
+            "Of taskbroker_processes, those whose in-process series this scrape read afresh "
+            "(one that did not answer is counted with its previous figures).",
+        )
+        reporting.add_metric([], self._series.reporting)
+        yield from (processes, reporting)
 
     def _redis_series(self) -> Iterable[Metric]:
         snapshot = self._sampler.latest
@@ -130,38 +137,39 @@ class BrokerCollector:
         yield from (every, count)
 
     def _histograms(self) -> Iterable[Metric]:
-        timings = self._tasks.timings
+        series = self._series
         for name, text, by_queue in (
             (
                 "taskbroker_queue_wait_seconds",
                 "Time from a task being ready (enqueued, retried or due) to its lease, for "
                 "leases taken by this replica.",
-                timings.wait,
+                series.wait(),
             ),
             (
                 "taskbroker_task_processing_seconds",
                 "Time from lease to ack, for leases taken and acked through this replica.",
-                timings.processing,
+                series.processing(),
             ),
         ):
             family = HistogramMetricFamily(name, text, labels=["queue"])
             for queue, buckets in sorted(by_queue.items()):
                 family.add_metric([queue], buckets.cumulative(), buckets.total)
             yield family
-        if self._rpc is not None:
+        durations = series.rpc()
+        if durations is not None:
             rpc = HistogramMetricFamily(
                 "taskbroker_rpc_duration_seconds",
                 "gRPC calls served by this replica, by method and status code (for the Lease "
                 "stream: its lifetime).",
                 labels=["method", "code"],
             )
-            for (method, code), buckets in sorted(self._rpc.durations.items()):
+            for (method, code), buckets in sorted(durations.items()):
                 rpc.add_metric([method, code], buckets.cumulative(), buckets.total)
             yield rpc
 
     def _session_series(self) -> Iterable[Metric]:
-        sessions = list(self._sessions.sessions)
-        workers = {s.worker_id or f"stream:{s.stream_id}" for s in sessions}
+        held = self._series.streams()
+        workers = {s["worker_id"] or f"stream:{s['stream_id']}" for s in held}
         connected = GaugeMetricFamily(
             "taskbroker_workers_connected",
             "Distinct workers (by worker id) with a Lease stream open on this replica.",
@@ -170,7 +178,7 @@ class BrokerCollector:
         streams = GaugeMetricFamily(
             "taskbroker_lease_streams_open", "Lease streams open on this replica."
         )
-        streams.add_metric([], len(sessions))
+        streams.add_metric([], len(held))
         yield from (connected, streams)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final
 
@@ -117,8 +117,17 @@ def _rate(new: int, old: int, seconds: float) -> float | None:
 class StatsSampler:
     """Caches stats snapshots; one refresh at a time, at most one per `max_age_s`."""
 
-    def __init__(self, tasks: TaskQueue, max_age_s: float = MAX_AGE_S, top_n: int = TOP_N) -> None:
+    def __init__(
+        self,
+        tasks: TaskQueue,
+        max_age_s: float = MAX_AGE_S,
+        top_n: int = TOP_N,
+        wait: Callable[[], Mapping[str, Buckets]] | None = None,
+    ) -> None:
         self._tasks = tasks
+        #: The queue-wait histograms the chart reads: this process's, or every serving
+        #: process's (broker/web/peers.py).
+        self._wait = wait if wait is not None else (lambda: tasks.timings.wait)
         self._max_age_s = max_age_s
         self._top_n = top_n
         self._census: dict[str, QueueStats] = {}
@@ -200,7 +209,7 @@ class StatsSampler:
         taken = time.monotonic()
         time_ms = max((s.now_ms for s in queues), default=int(time.time() * 1000))
         wait = Buckets(WAIT_BUCKETS)
-        for h in self._tasks.timings.wait.values():
+        for h in self._wait().values():
             wait.add(h)
         # Keep the newest snapshot at least RATE_WINDOW_S old (else the oldest) and those after.
         while len(self._recent) >= 2 and taken - self._recent[1].taken >= RATE_WINDOW_S:

@@ -35,6 +35,7 @@ from broker.store.web_sessions import WebSession, WebSessions
 from broker.telemetry.rpc_metrics import RpcMetrics
 from broker.web import access, views
 from broker.web.metrics import BrokerCollector, build_registry
+from broker.web.peers import InProcessSeries, Peers
 from broker.web.sampler import StatsSampler
 
 if TYPE_CHECKING:
@@ -127,6 +128,7 @@ class WebServer:
         web_sessions: WebSessions,
         policy: PolicyFile | None = None,
         certificates: CertificateFiles | None = None,
+        peers: Peers | None = None,
     ) -> None:
         self._tasks = tasks
         self._audit = audit
@@ -134,15 +136,14 @@ class WebServer:
         self._web_sessions = web_sessions
         self._allowed_hosts = settings.allowed_hosts
         self._metrics_token = settings.read_metrics_token()
-        self._sessions = sessions
         self._settings = settings
         self._redis_up = redis_up
         self._draining = draining
         self._certificates = certificates
-        self.sampler = StatsSampler(tasks, top_n=settings.metrics_top_queues)
-        self.registry = build_registry(
-            BrokerCollector(self.sampler, tasks, sessions, rpc, redis_up)
-        )
+        #: The in-process series of this process and of the other serving processes (peers).
+        self.series = InProcessSeries(tasks.timings, sessions, rpc, peers)
+        self.sampler = StatsSampler(tasks, top_n=settings.metrics_top_queues, wait=self.series.wait)
+        self.registry = build_registry(BrokerCollector(self.sampler, self.series, redis_up))
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self.port = 0
@@ -330,6 +331,7 @@ class WebServer:
         return _json(body, 200 if serving else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        await self.series.refresh()
         try:
             await self.sampler.snapshot()
         except BrokerError as exc:  # in-process series are still worth serving
@@ -360,6 +362,7 @@ class WebServer:
         return self._may(request, Role.READ, "*")
 
     async def _queues(self, request: web.Request) -> web.Response:
+        await self.series.refresh()  # the wait chart's histograms
         snapshot = await self.sampler.snapshot()
         if not self._sees_every_queue(request):
             snapshot = self.sampler.visible_to(
@@ -383,12 +386,18 @@ class WebServer:
         since = views.query_int(request.query.get("since_ms"), "since_ms", 0, 0, 2**62)
         if not self._sees_every_queue(request):
             return _json({"points": []})  # the charts sum every queue
+        await self.series.refresh()
         await self.sampler.snapshot()
         return _json({"points": [views.point_json(p) for p in self.sampler.points_since(since)]})
 
     async def _workers(self, request: web.Request) -> web.Response:
-        sessions = sorted(self._sessions.sessions, key=lambda s: (s.opened_ms, s.stream_id))
-        workers = [views.worker_json(s) for s in sessions if not s.closed]
+        await self.series.refresh()
+        streams = sorted(
+            self.series.streams(), key=lambda s: (s["connected_since_ms"], s["stream_id"])
+        )
+        workers = [
+            {k: v for k, v in s.items() if k != "closed"} for s in streams if not s["closed"]
+        ]
         if not self._sees_every_queue(request):
             for worker in workers:
                 worker["queues"] = [q for q in worker["queues"] if self._may(request, Role.READ, q)]
