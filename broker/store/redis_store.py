@@ -403,10 +403,10 @@ class RedisStore:
             IdempotencyConflictAt: nothing was stored; these positions reuse a key.
             StoreUnavailable: nothing was stored; Redis lost staged payloads twice.
         """
-        staged = [t for t in tasks if len(t.payload) > STAGE_PAYLOAD_BYTES]
+        staged = [i for i, t in enumerate(tasks) if len(t.payload) > STAGE_PAYLOAD_BYTES]
         for _ in range(2):
-            await self._stage(queue, staged)
-            reply = await self._enqueue_script(queue, tasks, idempotency_window_ms)
+            await self._stage(queue, [tasks[i] for i in staged])
+            reply = await self._enqueue_script(queue, tasks, staged, idempotency_window_ms)
             if len(reply) < 2 or reply[1] != b"lost":
                 break
         else:
@@ -438,8 +438,13 @@ class RedisStore:
                     await pipe.execute()
 
     async def _enqueue_script(
-        self, queue: str, tasks: Sequence[NewTask], idempotency_window_ms: int
+        self,
+        queue: str,
+        tasks: Sequence[NewTask],
+        staged: Sequence[int],
+        idempotency_window_ms: int,
     ) -> Any:
+        """The enqueue script on tasks whose positions in `staged` were written ahead."""
         keys = QueueKeys(queue)
         args: list[str | bytes | int] = [
             *argv.EnqueueArgs(
@@ -449,17 +454,16 @@ class RedisStore:
                 idempotency_window_ms=idempotency_window_ms,
                 wake_channel=WAKE_CHANNEL,
                 queue=queue,
-                staged=",".join(
-                    str(i) for i, t in enumerate(tasks, 1) if len(t.payload) > STAGE_PAYLOAD_BYTES
-                ),
+                staged=",".join(str(i + 1) for i in staged),
                 n=len(tasks),
             )
         ]
-        for t in tasks:
+        written_ahead = set(staged)
+        for i, t in enumerate(tasks):
             args += argv.EnqueueItem(
                 id=t.ref.local_id,
                 task_type=t.type,
-                payload=b"" if len(t.payload) > STAGE_PAYLOAD_BYTES else t.payload,
+                payload=b"" if i in written_ahead else t.payload,
                 headers=json.dumps(t.headers, sort_keys=True) if t.headers else "",
                 priority=t.priority,
                 max_attempts=t.max_attempts,

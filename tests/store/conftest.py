@@ -11,6 +11,8 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
+from broker.config import Settings
+from broker.queue import TaskQueue
 from broker.store.redis_store import AnyRedis, RedisStore
 from tests.support.redis_server import RedisCluster, RedisServer
 
@@ -59,3 +61,14 @@ async def store(topology: Topology) -> AsyncIterator[RedisStore]:
     store = RedisStore(topology.client())
     yield store
     await store.close()
+
+
+@pytest.fixture
+def settings(topology: Topology) -> Settings:
+    """The broker's defaults on the topology under test (a module may override it)."""
+    return Settings(redis_url=topology.url, redis_cluster=topology.is_cluster)
+
+
+@pytest.fixture
+def tasks(store: RedisStore, settings: Settings) -> TaskQueue:
+    return TaskQueue(store, settings)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
-
 from broker.config import Settings
 from broker.ids import new_lease_id
 from broker.loops.sweeper import Sweeper
@@ -21,16 +19,6 @@ from tests.store.conftest import Topology
 IDLE_QUEUES = 300
 #: How often the test runs a maintenance pass, as the broker does (reap interval).
 PASS_S = 0.05
-
-
-@pytest.fixture
-def settings(topology: Topology) -> Settings:
-    return Settings(redis_url=topology.url, redis_cluster=topology.is_cluster)
-
-
-@pytest.fixture
-def tasks(store: RedisStore, settings: Settings) -> TaskQueue:
-    return TaskQueue(store, settings)
 
 
 async def _many_idle_queues(tasks: TaskQueue) -> None:

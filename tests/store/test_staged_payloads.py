@@ -22,16 +22,6 @@ Q = "uploads"
 BIG = STAGE_PAYLOAD_BYTES + 1
 
 
-@pytest.fixture
-def settings(topology: Topology) -> Settings:
-    return Settings(redis_url=topology.url, redis_cluster=topology.is_cluster)
-
-
-@pytest.fixture
-def tasks(store: RedisStore, settings: Settings) -> TaskQueue:
-    return TaskQueue(store, settings)
-
-
 async def stage_keys(topology: Topology) -> dict[bytes, int]:
     """Every stage key on every node, with its remaining time to live (ms; -1: none)."""
     found: dict[bytes, int] = {}
