@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from broker.allocator import keep_large_buffers_in_heap
 from broker.app import Broker, UnsafeRedis
 from broker.auth.policy import PolicyError
 from broker.config import Settings, ignored_variables, load_settings
@@ -24,6 +25,7 @@ SERVING_PROCESS_LOG_FORMAT = "%(asctime)s %(levelname)s [pid %(process)d] %(name
 async def serve(settings: Settings, slot: ProcessSlot | None = None) -> int:
     """Runs one broker until SIGINT/SIGTERM (a serving process of a supervisor: SIGTERM only,
     from the supervisor). Returns the exit code: 0, or 2 when it cannot start."""
+    keep_large_buffers_in_heap()
     broker = Broker(settings, slot=slot)
     try:
         await broker.start()

@@ -143,8 +143,14 @@ class Broker:
         self.dispatcher = Dispatcher(self.tasks)
         self.registry = SessionRegistry()
         default_lease_ms = round(s.default_lease_s * 1000)
+        # One byte budget per client, for its unary calls and its streams' frames alike.
+        rate = ByteRate(s.request_bytes_per_s_per_client, s.request_bytes_per_s_per_client)
         self.streams = StreamLimits(
-            s.max_streams_per_connection, s.max_streams_per_client, s.max_streams, self._client_key
+            s.max_streams_per_connection,
+            s.max_streams_per_client,
+            s.max_streams,
+            self._client_key,
+            rate,
         )
         self.unary = UnaryLimits(
             s.max_concurrent_unary_rpcs,
@@ -152,7 +158,7 @@ class Broker:
             min(s.max_concurrent_unary_rpcs_per_client, s.max_concurrent_unary_rpcs),
             min(s.max_inflight_request_bytes_per_client, s.max_inflight_request_bytes),
             self._client_key,
-            ByteRate(s.request_bytes_per_s_per_client, s.request_bytes_per_s_per_client),
+            rate,
         )
         broker_service = BrokerService(
             self.tasks,

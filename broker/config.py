@@ -143,8 +143,10 @@ class Settings:
     max_inflight_request_bytes: int = 64 * MIB
     #: Of max_inflight_request_bytes, what one client's calls may hold (at most the total).
     max_inflight_request_bytes_per_client: int = 32 * MIB
-    #: Request bytes one client may send per second, on average over bursts of a second's worth;
-    #: past it, calls get RESOURCE_EXHAUSTED with RetryInfo (the SDK waits and retries). 0: off.
+    #: Request bytes one client may send per second (Enqueue, Ack, and its Lease streams' frames),
+    #: on average over bursts of a second's worth. Past it the client's calls wait before their
+    #: requests are read, and its streams are not read; a call that would wait past its deadline
+    #: or 5 s gets RESOURCE_EXHAUSTED with RetryInfo (the SDK waits and retries). 0: off.
     request_bytes_per_s_per_client: int = 16 * MIB
     #: Acks, nacks and extensions in one settlements frame; more fail the stream (INVALID_ARGUMENT).
     max_settlements_per_frame: int = 10_000

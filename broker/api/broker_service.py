@@ -72,6 +72,7 @@ class BrokerService:
                 self._open_timeout_s,
                 self._default_lease_ms,
                 self._authorizer,
+                self._streams.meter(context.peer(), client),
             )
             await session.run()
 

@@ -14,7 +14,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from broker.api import convert
-from broker.api.limits import Pacer
+from broker.api.limits import Pacer, RateMeter
 from broker.api.outbox import MAX_MESSAGE_BYTES, MERGEABLE, Message, Outbox
 from broker.api.status import error_status, to_status
 from broker.auth.authorize import Authorizer
@@ -132,8 +132,11 @@ class LeaseSession:
         open_timeout_s: float,
         default_lease_ms: int,
         authorizer: Authorizer,
+        meter: RateMeter | None = None,
     ) -> None:
         self._context = context
+        #: The client's byte rate, read against (none: unmetered)
+        self._meter = meter
         self._authorizer = authorizer
         #: Whom the stream's leases are bound to (the task's `lp`): only it may settle them.
         self._holder = current_principal.get().scope
@@ -436,9 +439,19 @@ class LeaseSession:
         except DecodeError:
             return None
 
+    async def _read(self) -> object:
+        """The next frame, read once the client is within its byte rate."""
+        if self._meter is None:
+            return await self._context.read()
+        await self._meter.pause()
+        raw = await self._context.read()
+        if isinstance(raw, bytes):
+            self._meter.charge(len(raw))
+        return raw
+
     async def _read_loop(self) -> None:
         try:
-            while not _is_eof(raw := await self._context.read()):
+            while not _is_eof(raw := await self._read()):
                 request = self._parse(raw)
                 if request is None:
                     self._fail_invalid("frame", "not a valid LeaseRequest")

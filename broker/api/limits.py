@@ -66,6 +66,8 @@ class StreamLimits:
         per_client: Streams one client (client_key of the peer) may hold open.
         total: Streams the broker holds open.
         client_key: The client a peer belongs to (its IP address by default).
+        rate: Request bytes per second per client, shared with the unary calls (none by
+            default): a stream's frames are read only while its client is within it.
     """
 
     def __init__(
@@ -74,7 +76,9 @@ class StreamLimits:
         per_client: int,
         total: int,
         client_key: Callable[[str], str] = client_of_peer,
+        rate: ByteRate | None = None,
     ) -> None:
+        self._rate = rate or ByteRate(0, 0)
         self._per_connection = per_connection
         self._per_client = per_client
         self._total = total
@@ -117,6 +121,11 @@ class StreamLimits:
             _decrement(self._by_client, client)
 
         return _Release(give_back)
+
+    def meter(self, peer: str, client: str | None = None) -> RateMeter:
+        """What a stream from peer reads against: its client's byte rate. `client` as for
+        admit."""
+        return RateMeter(self._rate, self._client_key(peer) if client is None else client)
 
     def on_connection(self, peer: str) -> int:
         return self._by_connection[peer]
@@ -161,10 +170,14 @@ class UnaryLimits:
         self.calls = 0
         self.bytes = 0
 
-    def check_rate(self, peer: str, client: str | None = None) -> None:
-        """Before a call's request is read: raises RateLimited when its client is over its
-        request byte rate. `client` as for admit."""
-        self._rate.check(self._client_key(peer) if client is None else client)
+    async def wait_rate(
+        self, peer: str, client: str | None = None, max_wait_s: float = 0.0
+    ) -> _Release:
+        """Before a call's request is read: waits while its client is over its request byte
+        rate (see ByteRate.wait). Hold the returned release until charge_rate. `client` as for
+        admit."""
+        client = self._client_key(peer) if client is None else client
+        return await self._rate.wait(client, max_wait_s)
 
     def charge_rate(self, peer: str, size: int, client: str | None = None) -> None:
         """Counts a request of size bytes against its client's rate. `client` as for admit."""
@@ -219,9 +232,15 @@ class UnaryLimits:
 class ByteRate:
     """Holds each client to `rate` request bytes per second on average, with bursts of up to
     `burst` bytes (GCRA: one "theoretical arrival time" per client, so O(1) per call and no
-    timers). A call is checked before its request is read, and charged once it has been:
-    a client in debt is refused before its request is copied or parsed, and any single request
-    the transport accepts can still be served.
+    timers). A call waits for its turn before its request is read and is charged once it has
+    been, so any single request the transport accepts can still be served.
+
+    A client in debt is held, not refused: its calls wait, one at a time and in order, until
+    the debt is paid. Refusing them instead made a client that sends again at once cost the
+    broker more than serving it (gRPC receives a refused request's bytes all the same), while a
+    held call lets HTTP/2 flow control stop the sender. A call is refused (RateLimited, with
+    when to retry) only when its wait would outlast its deadline or MAX_WAIT_S, or when
+    MAX_WAITING of its client's calls already wait.
 
     Args:
         rate: Bytes per second per client; 0 turns the limit off.
@@ -231,6 +250,10 @@ class ByteRate:
 
     #: Forget clients whose allowance has refilled, once this many are remembered.
     PRUNE_AT = 10_000
+    #: The longest a call waits for its turn; past it the call is refused with RetryInfo.
+    MAX_WAIT_S = 5.0
+    #: Calls of one client that may wait at once (each holds a stream and its buffered bytes).
+    MAX_WAITING = 32
 
     def __init__(self, rate: int, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._rate = rate
@@ -238,19 +261,71 @@ class ByteRate:
         self._clock = clock
         #: client -> when its allowance is full again (theoretical arrival time), in clock seconds
         self._full_at: dict[str, float] = {}
+        #: client -> its calls in debt, in turn; present only while one waits or reads
+        self._turns: dict[str, _Turns] = {}
 
-    def check(self, client: str) -> None:
-        """Raises RateLimited when the client has sent more than its rate allows (its debt is
-        over the burst); its retry_after_s says when it is not."""
+    def debt_s(self, client: str) -> float:
+        """How long the client must wait before it may send again (0: it may now)."""
         if not self._rate:
-            return
-        wait = self._full_at.get(client, 0.0) - self._tolerance - self._clock()
-        if wait > 0:
-            raise RateLimited(
-                f"this client sent more request bytes than its rate of {self._rate} bytes/s "
-                f"(setting request_bytes_per_s_per_client); retry in {wait:.2f} s",
-                wait,
-            )
+            return 0.0
+        return max(0.0, self._full_at.get(client, 0.0) - self._tolerance - self._clock())
+
+    async def wait(self, client: str, max_wait_s: float = 0.0) -> _Release:
+        """Returns at once while the client is within its rate and none of its calls wait.
+        Otherwise the call takes its turn: it waits for the calls ahead of it, then for the
+        debt to be paid, and holds the turn (the returned release) until it has charged what
+        it read, so that the next waiter sees that charge.
+
+        Args:
+            max_wait_s: How long this call may wait (its deadline), capped at MAX_WAIT_S.
+
+        Raises:
+            RateLimited: the wait would be longer, or too many of the client's calls wait.
+        """
+        turns = self._turns.get(client)
+        if turns is None and self.debt_s(client) <= 0:
+            return NO_TURN
+        if turns is None:
+            turns = self._turns[client] = _Turns()
+        if turns.calls >= self.MAX_WAITING:
+            raise self._refusal(client, f"{turns.calls} calls of this client already wait")
+        max_wait_s = min(max_wait_s, self.MAX_WAIT_S)
+        turns.calls += 1
+        try:
+            async with asyncio.timeout(max_wait_s):
+                await turns.lock.acquire()
+        except BaseException as exc:
+            self._leave(client, turns)
+            if isinstance(exc, TimeoutError):
+                raise self._refusal(client, "its wait would outlast the call's deadline") from None
+            raise
+        try:
+            debt = self.debt_s(client)
+            if debt > max_wait_s:  # acquire took part of max_wait_s: a bound, not exact
+                raise self._refusal(client, "its wait would outlast the call's deadline")
+            if debt > 0:
+                await asyncio.sleep(debt)
+        except BaseException:
+            self._end_turn(client, turns)
+            raise
+        return _Release(lambda: self._end_turn(client, turns))
+
+    def _end_turn(self, client: str, turns: _Turns) -> None:
+        turns.lock.release()
+        self._leave(client, turns)
+
+    def _leave(self, client: str, turns: _Turns) -> None:
+        turns.calls -= 1
+        if not turns.calls and self._turns.get(client) is turns:
+            del self._turns[client]
+
+    def _refusal(self, client: str, why: str) -> RateLimited:
+        retry_after = max(self.debt_s(client), 0.1)
+        return RateLimited(
+            f"this client sent more request bytes than its rate of {self._rate} bytes/s "
+            f"(setting request_bytes_per_s_per_client) and {why}; retry in {retry_after:.2f} s",
+            retry_after,
+        )
 
     def charge(self, client: str, size: int) -> None:
         """Counts size bytes the client sent."""
@@ -260,6 +335,42 @@ class ByteRate:
         if len(self._full_at) >= self.PRUNE_AT:
             self._full_at = {c: t for c, t in self._full_at.items() if t > now}
         self._full_at[client] = max(self._full_at.get(client, now), now) + size / self._rate
+
+
+class RateMeter:
+    """One stream's reads against its client's byte rate: the stream pauses before each read
+    while the client is in debt (HTTP/2 flow control then holds the sender back, so a client
+    flooding a stream with frames costs no more than its rate) and charges what it read."""
+
+    __slots__ = ("_client", "_rate")
+
+    def __init__(self, rate: ByteRate, client: str) -> None:
+        self._rate = rate
+        self._client = client
+
+    async def pause(self) -> None:
+        """Waits, however long it takes, until the client is within its rate."""
+        # The debt is paid by the clock, not by an event; others may add to it meanwhile.
+        while (debt := self._rate.debt_s(self._client)) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(debt)
+
+    def charge(self, size: int) -> None:
+        self._rate.charge(self._client, size)
+
+
+class _Turns:
+    """One client's calls in debt: the lock orders them (asyncio.Lock wakes waiters first come,
+    first served); calls counts the one holding the turn and those waiting for it."""
+
+    __slots__ = ("calls", "lock")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.calls = 0
+
+
+#: What a call within its rate holds: nothing to give back.
+NO_TURN = _Release(lambda: None)
 
 
 def _decrement(counter: Counter[str], key: str, by: int = 1) -> None:

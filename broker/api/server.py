@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import grpc
@@ -98,6 +99,9 @@ class Gate:
 RATED_METHODS: Final = frozenset(
     {"taskbroker.v1.BrokerService.Enqueue", "taskbroker.v1.BrokerService.Ack"}
 )
+#: How long a rated call without a deadline may wait for its client's byte rate (ByteRate
+#: caps every wait at its MAX_WAIT_S).
+RATE_WAIT_S: Final = float("inf")
 
 
 def _unary(
@@ -109,31 +113,37 @@ def _unary(
 
     async def handle(requests: object, context: Context) -> bytes:
         # Served as a client-streaming method (the wire is the same) so that the caller is
-        # authenticated and checked against its byte rate before we read its request (gRPC
-        # may have received its bytes already; nothing is copied or parsed). Admitted by size
-        # before parsing. With a policy, limits count per principal rather than per address.
+        # authenticated, and waits its turn for its byte rate, before we read its request
+        # (until then HTTP/2 flow control holds the sender back). Admitted by size before
+        # parsing. With a policy, limits count per principal rather than per address.
+        turn: AbstractContextManager[None] = nullcontext()
         try:
             principal = gate.principal(context, name)
             client = client_of_principal(principal)
             if rated:
-                limits.check_rate(context.peer(), client)
+                # None without a deadline, whatever grpc's stub says
+                remaining: float | None = context.time_remaining()
+                turn = await limits.wait_rate(
+                    context.peer(), client, RATE_WAIT_S if remaining is None else remaining
+                )
         except BrokerError as exc:
             await context.abort_with_status(error_status(exc))
-        raw: object = await context.read()
-        if not isinstance(raw, bytes):  # the client half-closed without a request
-            await context.abort_with_status(
-                to_status(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"no {method.input_type.full_name} was sent",
-                    "MALFORMED_REQUEST",
+        with turn:
+            raw: object = await context.read()
+            if not isinstance(raw, bytes):  # the client half-closed without a request
+                await context.abort_with_status(
+                    to_status(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"no {method.input_type.full_name} was sent",
+                        "MALFORMED_REQUEST",
+                    )
                 )
-            )
+            if rated:
+                limits.charge_rate(context.peer(), len(raw), client)
         try:
             admitted = limits.admit(context.peer(), len(raw), client)
         except BrokerError as exc:
             await context.abort_with_status(error_status(exc))
-        if rated:
-            limits.charge_rate(context.peer(), len(raw), client)
         token = current_principal.set(principal)
         try:
             with admitted:

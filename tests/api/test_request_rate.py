@@ -1,6 +1,7 @@
-"""A client's request bytes per second (request_bytes_per_s_per_client): past its rate a call is
-refused with RESOURCE_EXHAUSTED and RetryInfo before its request is read, nothing of it is
-stored, other clients are served, and the SDK waits the delay out and sends again."""
+"""A client's request bytes per second (request_bytes_per_s_per_client): past its rate its calls
+wait, in turn, before their requests are read, and its streams are not read; a call that cannot
+wait that long is refused with RESOURCE_EXHAUSTED and RetryInfo and nothing of it is stored;
+other clients are served meanwhile, and the SDK waits a refusal out and sends again."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from broker.config import Settings
 from broker.errors import RateLimited
 from taskbroker._client import Client
 from taskbroker.v1 import broker_service_pb2 as bs
-from taskbroker.v1 import broker_service_pb2_grpc
+from taskbroker.v1 import broker_service_pb2_grpc, lease_pb2
 from tests.conftest import RunningBroker
 from tests.support.tasks import error_reason, spec
 
@@ -40,28 +41,67 @@ class Clock:
         return self.now
 
 
-def test_a_client_in_debt_is_refused_until_it_has_paid_and_others_are_not() -> None:
+def test_a_client_in_debt_owes_time_until_it_has_paid_and_others_owe_nothing() -> None:
     clock = Clock()
     rate = ByteRate(1000, 500, clock)
-    rate.check("a")
+    assert rate.debt_s("a") == 0
     rate.charge("a", 1500)  # 1.5 s worth at once; a burst of 0.5 s is allowed: 1 s of debt
+    assert rate.debt_s("a") == pytest.approx(1.0)
+    assert rate.debt_s("b") == 0
+    clock.now += 0.5
+    assert rate.debt_s("a") == pytest.approx(0.5)
+    clock.now += 0.5
+    assert rate.debt_s("a") == 0
+
+
+async def test_a_call_that_cannot_wait_out_the_debt_is_refused_with_when_to_retry() -> None:
+    clock = Clock()
+    rate = ByteRate(1000, 500, clock)
+    rate.charge("a", 1500)
     with pytest.raises(RateLimited, match="request_bytes_per_s_per_client") as caught:
-        rate.check("a")
+        await rate.wait("a", max_wait_s=0.2)
     assert caught.value.retry_after_s == pytest.approx(1.0)
-    rate.check("b")
-    clock.now += 0.5
-    with pytest.raises(RateLimited) as caught:
-        rate.check("a")
-    assert caught.value.retry_after_s == pytest.approx(0.5)
-    clock.now += 0.5
-    rate.check("a")
+    with await rate.wait("b", max_wait_s=0):  # another client goes on at once
+        pass
 
 
-def test_a_steady_client_within_its_rate_is_never_refused() -> None:
+async def test_calls_in_debt_wait_their_turn_one_at_a_time_in_order() -> None:
+    rate = ByteRate(1_000_000, 1_000_000)
+    rate.charge("a", 1_050_000)  # 50 ms of debt
+    order: list[int] = []
+
+    async def call(n: int) -> None:
+        with await rate.wait("a", max_wait_s=5):
+            order.append(n)
+            rate.charge("a", 20_000)  # each read puts the client 20 ms back in debt
+
+    started = time.monotonic()
+    await asyncio.gather(*(call(n) for n in range(5)))
+    assert order == [0, 1, 2, 3, 4]
+    # 50 ms, then 20 ms before each of the four others: no two read on the same payment.
+    assert time.monotonic() - started >= 0.12
+
+
+async def test_too_many_waiting_calls_of_one_client_are_refused() -> None:
+    rate = ByteRate(1000, 1000)
+    rate.charge("a", 3000)  # 2 s of debt
+    waiting = [
+        asyncio.create_task(rate.wait("a", max_wait_s=5)) for _ in range(ByteRate.MAX_WAITING)
+    ]
+    await asyncio.sleep(0.01)
+    with pytest.raises(RateLimited, match="already wait"):
+        await rate.wait("a", max_wait_s=5)
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert not rate._turns  # cancelled waiters leave nothing behind
+
+
+def test_a_steady_client_within_its_rate_never_owes() -> None:
     clock = Clock()
     rate = ByteRate(1000, 1000, clock)
     for _ in range(100):
-        rate.check("a")
+        assert rate.debt_s("a") == 0
         rate.charge("a", 100)
         clock.now += 0.1
 
@@ -70,18 +110,17 @@ def test_a_quiet_client_may_send_its_burst_at_once_and_no_more() -> None:
     clock = Clock()
     rate = ByteRate(1000, 1000, clock)
     for _ in range(10):  # 1,000 bytes at once: the burst
-        rate.check("a")
+        assert rate.debt_s("a") == 0
         rate.charge("a", 100)
-    rate.check("a")
+    assert rate.debt_s("a") == 0
     rate.charge("a", 1)
-    with pytest.raises(RateLimited):
-        rate.check("a")
+    assert rate.debt_s("a") > 0
 
 
 def test_rate_zero_is_no_limit() -> None:
     rate = ByteRate(0, 0)
     rate.charge("a", 10**12)
-    rate.check("a")
+    assert rate.debt_s("a") == 0
 
 
 def test_clients_whose_allowance_refilled_are_forgotten() -> None:
@@ -92,8 +131,7 @@ def test_clients_whose_allowance_refilled_are_forgotten() -> None:
     clock.now += 1.0
     rate.charge("late", 2000)
     assert len(rate._full_at) == 1  # only the client still in debt is remembered
-    with pytest.raises(RateLimited):
-        rate.check("late")
+    assert rate.debt_s("late") > 0
 
 
 @asynccontextmanager
@@ -120,7 +158,7 @@ def retry_delay_s(error: grpc.aio.AioRpcError) -> float:
     raise AssertionError("no RetryInfo in the status details")
 
 
-async def test_a_client_over_its_rate_is_told_when_to_retry_and_others_are_served(
+async def test_a_client_over_its_rate_waits_while_others_are_served_and_nothing_is_lost(
     settings: Settings,
 ) -> None:
     async with broker(settings) as b:
@@ -129,22 +167,68 @@ async def test_a_client_over_its_rate_is_told_when_to_retry_and_others_are_serve
             heavy = b.stub
             light = broker_service_pb2_grpc.BrokerServiceStub(other)
             big = bs.EnqueueRequest(tasks=[spec(payload=b"x" * (2 * RATE))])
-            await heavy.Enqueue(big)  # admitted: the client owed nothing yet
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await heavy.Enqueue(bs.EnqueueRequest(tasks=[spec(payload=b"small")]))
-            error = caught.value
-            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert error_reason(error) == "LIMIT_EXCEEDED"
-            assert "request_bytes_per_s_per_client" in str(error.details())
-            delay = retry_delay_s(error)
-            assert 0.5 < delay <= 1.0  # 2 s of bytes, less the 1 s burst, some of it gone
-            # Only calls that carry task data are held to the rate: reads are still served.
-            await heavy.Stats(bs.StatsRequest(queues=["emails"]))
+            await heavy.Enqueue(big)  # served at once: the client owed nothing yet
+            held = asyncio.ensure_future(
+                heavy.Enqueue(bs.EnqueueRequest(tasks=[spec(payload=b"held")]))
+            )
+            # The heavy client owes about a second: its call waits, while another client's
+            # calls, and the heavy client's reads, are served meanwhile.
             await light.Enqueue(bs.EnqueueRequest(tasks=[spec(payload=b"other client")]))
-            await asyncio.sleep(delay)
-            await heavy.Enqueue(bs.EnqueueRequest(tasks=[spec(payload=b"after the delay")]))
+            await heavy.Stats(bs.StatsRequest(queues=["emails"]))
+            assert not held.done()
+            await held
             stats = (await heavy.Stats(bs.StatsRequest(queues=["emails"]))).queues[0]
-            assert stats.pending == 3  # the refused call stored nothing
+            assert stats.pending == 3
+
+
+async def test_a_call_that_would_wait_past_its_deadline_is_told_when_to_retry(
+    settings: Settings,
+) -> None:
+    async with broker(settings) as b:
+        big = bs.EnqueueRequest(tasks=[spec(payload=b"x" * (2 * RATE))])
+        await b.stub.Enqueue(big)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await b.stub.Enqueue(bs.EnqueueRequest(tasks=[spec(payload=b"small")]), timeout=0.3)
+        error = caught.value
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # not DEADLINE_EXCEEDED
+        assert error_reason(error) == "LIMIT_EXCEEDED"
+        assert "request_bytes_per_s_per_client" in str(error.details())
+        delay = retry_delay_s(error)
+        assert 0.3 < delay <= 1.0  # 2 s of bytes, less the 1 s burst, some of it gone
+        await asyncio.sleep(delay)
+        await b.stub.Enqueue(bs.EnqueueRequest(tasks=[spec(payload=b"after the delay")]))
+        stats = (await b.stub.Stats(bs.StatsRequest(queues=["emails"]))).queues[0]
+        assert stats.pending == 2  # the refused call stored nothing
+
+
+async def test_a_stream_is_not_read_while_its_client_is_over_its_rate(
+    settings: Settings,
+) -> None:
+    async with broker(settings) as b:
+        await b.stub.Enqueue(bs.EnqueueRequest(tasks=[spec(payload=b"for the worker")]))
+        async with b.new_channel() as channel:  # a client of its own (see broker())
+            stub = broker_service_pb2_grpc.BrokerServiceStub(channel)
+            call = stub.Lease()
+            await call.write(
+                lease_pb2.LeaseRequest(open=lease_pb2.LeaseOpen(queues=["emails"], credits=0))
+            )
+            assert (await call.read()).WhichOneof("frame") == "opened"
+            # A frame of 2 s of the client's bytes (an ack of an unknown task with a large
+            # result): the broker reads it, then reads nothing more for about a second.
+            flood = lease_pb2.AckRequest(
+                task_id="emails:nope", lease_id="0" * 32, result=b"r" * (2 * RATE)
+            )
+            await call.write(
+                lease_pb2.LeaseRequest(settlements=lease_pb2.Settlements(acks=[flood]))
+            )
+            answer = await call.read()
+            assert answer.WhichOneof("frame") == "settle_results"
+            sent = time.monotonic()
+            await call.write(lease_pb2.LeaseRequest(credit=lease_pb2.LeaseCredit(credits=1)))
+            delivery = await call.read()
+            assert delivery.WhichOneof("frame") == "deliveries"
+            assert time.monotonic() - sent >= 0.5  # the credit waited for the debt
+            call.cancel()
 
 
 async def test_the_sdk_waits_out_the_rate_and_every_task_is_stored(settings: Settings) -> None:
