@@ -26,6 +26,7 @@ import redis
 
 from bench.protocol import emit
 from bench.worker_proc import TASK_TYPE
+from broker import ids
 from broker.config import Settings
 from broker.ids import IdGenerator, new_lease_id
 from broker.store import argv
@@ -62,12 +63,24 @@ class Lifecycle:
         self._window_ms = round(settings.idempotency_window_s * 1000)
         self._template = _fields_known(
             argv.EnqueueItem,
-            id="", task_type=TASK_TYPE, payload=PAYLOAD, headers="", priority=0,
+            id="", entry_id="", task_type=TASK_TYPE, payload=PAYLOAD, headers="", priority=0,
             max_attempts=settings.default_max_attempts, lease_ms=0,
             initial_backoff_ms=round(settings.backoff_initial_s * 1000),
             max_backoff_ms=round(settings.backoff_max_s * 1000), delay_ms=-1, schedule_ms=-1,
             idempotency_key="", body_hash="", staged="",  # (staged: an older store's)
         )  # fmt: skip
+
+    @property
+    def _fresh_priorities(self) -> list[str]:
+        """The fresh streams' priority index, for a store that has one (older ones do not)."""
+        key: str | None = getattr(self._keys, "fresh_priorities", None)
+        return [key] if key else []
+
+    def _item(self, local_id: str) -> argv.EnqueueItem:
+        item = self._template._replace(id=local_id)
+        if "entry_id" in item._fields:  # a store with fresh streams
+            item = item._replace(entry_id=getattr(ids, "entry_id")(local_id))  # noqa: B009
+        return item
 
     def round_trip(self, enqueue: int, lease: int, acks: list[Held]) -> tuple[list[Held], int]:
         """Enqueues `enqueue` tasks, leases up to `lease` and acks `acks`, in one pipeline.
@@ -82,6 +95,7 @@ class Lifecycle:
             args: list[str | int | bytes] = [
                 *_fields_known(
                     argv.EnqueueArgs, task_prefix=k.task_prefix,
+                    fresh_prefix=getattr(k, "fresh_prefix", None),  # absent in older stores
                     idempotency_prefix=k.idempotency_prefix,
                     stage_prefix=getattr(k, "stage_prefix", None),  # absent in older stores
                     idempotency_window_ms=self._window_ms, wake_channel=WAKE_CHANNEL,
@@ -89,17 +103,23 @@ class Lifecycle:
                 )
             ]  # fmt: skip
             for _ in range(enqueue):
-                args += self._template._replace(id=self._ids.new())
-            pipe.evalsha(self._sha["enqueue"], 3, k.pending, k.scheduled, k.stats, *args)
+                args += self._item(self._ids.new())
+            keys = [k.pending, k.scheduled, k.stats, *self._fresh_priorities]
+            pipe.evalsha(self._sha["enqueue"], len(keys), *keys, *args)
         lease_ids = [new_lease_id() for _ in range(lease)]
         if lease:
-            args = [*argv.LeaseArgs(task_prefix=k.task_prefix, n=lease)]
+            lease_args = _fields_known(
+                argv.LeaseArgs, task_prefix=k.task_prefix,
+                fresh_prefix=getattr(k, "fresh_prefix", None), n=lease,
+            )  # fmt: skip
+            args = [*lease_args]
             for lease_id in lease_ids:
                 args += argv.LeaseSlot(
                     lease_id=lease_id, lease_ms=LEASE_MS, stream_id="floor", holder=""
                 )
             args += TASK_FIELDS
-            pipe.evalsha(self._sha["lease"], 4, k.pending, k.scheduled, k.leased, k.meta, *args)
+            keys = [k.pending, k.scheduled, k.leased, k.meta, *self._fresh_priorities]
+            pipe.evalsha(self._sha["lease"], len(keys), *keys, *args)
         if acks:
             args = [*argv.AckArgs(task_prefix=k.task_prefix, n=len(acks))]
             for local_id, lease_id in acks:

@@ -1,9 +1,9 @@
-"""`python -m bench.layout_probe`: the evidence for the next storage layout (docs/data-model.md,
-"The next layout"). Not a bench scenario: a probe that compares, on a stock redis-server of its
-own, today's task lifecycle (the broker's enqueue, lease and ack scripts, through
-bench.floor_proc.Lifecycle) with a prototype of the proposed one, in which a fresh pending task
-is one entry of a per-priority Redis stream holding its encoded `Task`, and only a leased (or
-retried, delayed, finished) task has a hash of its own.
+"""`python -m bench.layout_probe`: the evidence for the storage layout (docs/data-model.md, "Why
+fresh tasks live in streams"). Not a bench scenario: a probe that compares, on a stock
+redis-server of its own, the broker's task lifecycle (its enqueue, lease and ack scripts,
+through bench.floor_proc.Lifecycle) with a prototype that keeps only what the layout needs: a
+fresh pending task is one entry of a per-priority Redis stream holding its encoded `Task`, and
+only a leased task has a hash of its own.
 
 It reports Redis bytes per pending task (100-byte payload) and Redis CPU per task through
 enqueue, lease and ack (batches of 100), each the median of --runs, and the ratio. The prototype

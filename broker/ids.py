@@ -71,6 +71,19 @@ class IdGenerator:
         return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
 
 
+_CROCKFORD_VALUE: Final = {c: i for i, c in enumerate(_CROCKFORD)}
+
+
+def entry_id(local_id: str) -> str:
+    """The Redis stream entry id a fresh pending task is stored under (docs/data-model.md):
+    its id's 48-bit time in ms, and the low 64 bits of the rest as the sequence. Ids from one
+    generator increase, so do their entry ids: the order a stream requires."""
+    value = 0
+    for char in local_id:
+        value = value << 5 | _CROCKFORD_VALUE[char]
+    return f"{value >> 80}-{value & 0xFFFF_FFFF_FFFF_FFFF}"
+
+
 def new_lease_id() -> str:
     """A random 128-bit lease id: unguessable and never reissued, even after a failover."""
     return os.urandom(16).hex()

@@ -74,7 +74,7 @@ def test_the_url_file_is_read_at_start_and_the_password_is_never_logged(
     finally:
         assert broker.terminate() == 0
     client: redis.Redis = protected.client(username="tb", password=SECRET)
-    assert client.keys("tb:{emails}:t:*")  # the task is in the Redis the file names
+    assert client.xlen("tb:{emails}:f:0") == 1  # the task is in the Redis the file names
     client.close()
     log = broker.log.read_text()
     assert "serving" in log and SECRET not in log

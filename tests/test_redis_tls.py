@@ -29,7 +29,7 @@ BROKER_ACL: Final = (
     "+hget +hmget +hgetall +hset +hdel +hincrby "
     "+sadd +srem +smembers +scard +sscan "
     "+zadd +zrem +zrange +zcard +zpopmin "
-    "+xadd +xrevrange +xlen"
+    "+xadd +xrange +xrevrange +xlen +xdel +rename +persist +pexpire +multi +exec"
 )
 
 

@@ -16,6 +16,7 @@ from typing import Final, NamedTuple
 
 class EnqueueArgs(NamedTuple):
     task_prefix: str
+    fresh_prefix: str
     idempotency_prefix: str
     stage_prefix: str
     idempotency_window_ms: int
@@ -29,6 +30,7 @@ class EnqueueItem(NamedTuple):
     """One new task; delay_ms and schedule_ms are -1 when unset, idempotency_key ''."""
 
     id: str
+    entry_id: str  # ids.entry_id(id): where it goes in its priority's fresh stream
     task_type: str
     payload: bytes
     headers: str  # JSON, '' when none
@@ -47,6 +49,7 @@ class LeaseArgs(NamedTuple):
     """Followed by n LeaseSlot items, then the names of the task fields to return."""
 
     task_prefix: str
+    fresh_prefix: str
     n: int
 
 
@@ -167,6 +170,22 @@ class PromoteArgs(NamedTuple):
 
 class CancelArgs(NamedTuple):
     id: str
+    entry_id: str
+    fresh_prefix: str
+
+
+class StatsArgs(NamedTuple):
+    fresh_prefix: str
+
+
+class ForgetArgs(NamedTuple):
+    fresh_prefix: str
+
+
+class GetArgs(NamedTuple):
+    id: str
+    entry_id: str
+    fresh_prefix: str
 
 
 class RedriveArgs(NamedTuple):
@@ -220,6 +239,7 @@ LAYOUTS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "delete_dead": (DeleteDeadArgs._fields, ()),
     "trim_finished": (TrimArgs._fields, ()),
     "maintain": (MaintainArgs._fields, ()),
-    "stats": ((), ()),
-    "forget_queue": ((), ()),
+    "stats": (StatsArgs._fields, ()),
+    "forget_queue": (ForgetArgs._fields, ()),
+    "get_task": (GetArgs._fields, ()),
 }

@@ -55,6 +55,19 @@ class QueueKeys:
         return self._base + "pending"
 
     @property
+    def fresh_prefix(self) -> str:
+        """Streams of fresh pending tasks, one per priority: fresh_prefix + str(priority)."""
+        return self._base + "f:"
+
+    @property
+    def fresh_priorities(self) -> str:
+        """Zset of the priorities that have a fresh stream, scored -priority (highest first)."""
+        return self._base + "fp"
+
+    def fresh(self, priority: int) -> str:
+        return self.fresh_prefix + str(priority)
+
+    @property
     def scheduled(self) -> str:
         return self._base + "scheduled"
 

@@ -15,6 +15,7 @@ import redis.exceptions as rex
 from redis.asyncio.cluster import RedisCluster
 
 from broker.errors import StoreFull, StoreUnavailable
+from broker.ids import entry_id
 from broker.models import (
     AckItem,
     AttemptError,
@@ -449,6 +450,7 @@ class RedisStore:
         args: list[str | bytes | int] = [
             *argv.EnqueueArgs(
                 task_prefix=keys.task_prefix,
+                fresh_prefix=keys.fresh_prefix,
                 idempotency_prefix=keys.idempotency_prefix,
                 stage_prefix=keys.stage_prefix,
                 idempotency_window_ms=idempotency_window_ms,
@@ -462,6 +464,7 @@ class RedisStore:
         for i, t in enumerate(tasks):
             args += argv.EnqueueItem(
                 id=t.ref.local_id,
+                entry_id=entry_id(t.ref.local_id),
                 task_type=t.type,
                 payload=b"" if i in written_ahead else t.payload,
                 headers=json.dumps(t.headers, sort_keys=True) if t.headers else "",
@@ -479,7 +482,7 @@ class RedisStore:
         # re-checked after its removal, sweep_queues) either sees this task or is re-registered.
         return await self._run(
             "enqueue",
-            [keys.pending, keys.scheduled, keys.stats],
+            [keys.pending, keys.scheduled, keys.stats, keys.fresh_priorities],
             args,
             hint=_delayed_hint(queue, tasks),
             register=queue,
@@ -490,7 +493,11 @@ class RedisStore:
         without its own, id of the stream it is for, principal it is bound to), and the i-th
         leased task fills slot i."""
         keys = QueueKeys(queue)
-        args: list[str | int] = [*argv.LeaseArgs(task_prefix=keys.task_prefix, n=len(slots))]
+        args: list[str | int] = [
+            *argv.LeaseArgs(
+                task_prefix=keys.task_prefix, fresh_prefix=keys.fresh_prefix, n=len(slots)
+            )
+        ]
         for lease_id, lease_ms, stream_id, holder in slots:
             args += argv.LeaseSlot(
                 lease_id=lease_id, lease_ms=lease_ms, stream_id=stream_id, holder=holder
@@ -499,7 +506,7 @@ class RedisStore:
         shortest = min((slot[1] for slot in slots), default=0)
         reply = await self._run(
             "lease",
-            [keys.pending, keys.scheduled, keys.leased, keys.meta],
+            [keys.pending, keys.scheduled, keys.leased, keys.meta, keys.fresh_priorities],
             args,
             hint=Hint(queue, delay_ms=max(0, shortest - HINT_MARGIN_MS)) if slots else None,
         )
@@ -539,7 +546,8 @@ class RedisStore:
             args,
             hint=Hint(queue, delay_ms=max(0, self._finished_ms - HINT_MARGIN_MS)),
         )
-        return [SettleResult(SettleStatus(_text(r))) for r in reply[1:]]
+        results = [SettleResult(SettleStatus(_text(r))) for r in reply[1:]]
+        return await self._stale_if_fresh([i.ref for i in items], results)
 
     async def nack(self, queue: str, items: Sequence[NackItem]) -> list[SettleResult]:
         keys = QueueKeys(queue)
@@ -569,7 +577,7 @@ class RedisStore:
             args,
             hint=Hint(queue, delay_ms=max(0, min(delay, self._dead_ms) - HINT_MARGIN_MS)),
         )
-        return [_settle(r) for r in reply[1:]]
+        return await self._stale_if_fresh([i.ref for i in items], [_settle(r) for r in reply[1:]])
 
     async def extend(self, queue: str, items: Sequence[ExtendItem]) -> list[SettleResult]:
         keys = QueueKeys(queue)
@@ -588,12 +596,25 @@ class RedisStore:
         if explicit:
             hint = Hint(queue, delay_ms=max(0, min(explicit) - HINT_MARGIN_MS))
         reply = await self._run("extend_lease", [keys.leased], args, hint=hint)
-        results = [_settle(r) for r in reply[1:]]
+        results = await self._stale_if_fresh(
+            [i.ref for i in items], [_settle(r) for r in reply[1:]]
+        )
         if len(explicit) < len(items):
             # An extension by the lease's own length may end before an earlier, longer one.
             expiries = [r.expire_ms for r in results if r.status is SettleStatus.OK]
             if expiries:
                 await self._hint_now(Hint(queue, at_ms=min(expiries) - HINT_MARGIN_MS))
+        return results
+
+    async def _stale_if_fresh(
+        self, refs: Sequence[TaskRef], results: list[SettleResult]
+    ) -> list[SettleResult]:
+        """The settle scripts find a task by its hash. A fresh task has none yet, and no lease
+        either: a settlement of it is stale, not one of an unknown task. Looked up only on
+        that (rare) answer."""
+        for i, result in enumerate(results):
+            if result.status is SettleStatus.NOT_FOUND and await self.get(refs[i]) is not None:
+                results[i] = SettleResult(SettleStatus.STALE)
         return results
 
     async def detach(
@@ -692,8 +713,10 @@ class RedisStore:
         reply = await self._run(
             "cancel",
             [keys.task(ref.local_id), keys.pending, keys.scheduled, keys.leased, keys.done,
-             keys.stats],
-            argv.CancelArgs(id=ref.local_id),
+             keys.stats, keys.fresh_priorities],
+            argv.CancelArgs(
+                id=ref.local_id, entry_id=entry_id(ref.local_id), fresh_prefix=keys.fresh_prefix
+            ),
             hint=Hint(ref.queue, delay_ms=max(0, self._finished_ms - HINT_MARGIN_MS)),
         )  # fmt: skip
         status = CancelStatus(_text(reply[0]))
@@ -709,12 +732,18 @@ class RedisStore:
             await self._client.publish(REVOKE_CHANNEL, f"{task_id} {lease_id}")
 
     async def get(self, ref: TaskRef) -> Task | None:
+        keys = QueueKeys(ref.queue)
         with _translate():
             # The client does not decode responses: fields and values are bytes.
-            h = cast(
-                "dict[bytes, bytes]",
-                await self._client.hgetall(QueueKeys(ref.queue).task(ref.local_id)),
+            flat = await self._scripts["get_task"](
+                keys=[keys.task(ref.local_id), keys.fresh_priorities],
+                args=argv.GetArgs(
+                    id=ref.local_id,
+                    entry_id=entry_id(ref.local_id),
+                    fresh_prefix=keys.fresh_prefix,
+                ),
             )
+        h = dict(zip(flat[0::2], flat[1::2], strict=True))
         return decode_task(ref, h) if h else None
 
     async def stats(self, queue: str) -> QueueStats:
@@ -729,7 +758,20 @@ class RedisStore:
             calls: list[tuple[Sequence[str], Sequence[Any]]] = []
             for q in chunk:
                 k = QueueKeys(q)
-                calls.append(([k.pending, k.scheduled, k.leased, k.dead, k.stats, k.meta], []))
+                calls.append(
+                    (
+                        [
+                            k.pending,
+                            k.scheduled,
+                            k.leased,
+                            k.dead,
+                            k.stats,
+                            k.meta,
+                            k.fresh_priorities,
+                        ],
+                        argv.StatsArgs(fresh_prefix=k.fresh_prefix),
+                    )
+                )
             with _translate():
                 if self.is_cluster:
                     script = self._scripts["stats"]
@@ -887,6 +929,7 @@ class RedisStore:
     ) -> tuple[list[str], argv.MaintainArgs]:
         k = QueueKeys(queue)
         keys = [k.leased, k.pending, k.dead, k.stats, k.scheduled, k.done, k.meta]
+        keys.append(k.fresh_priorities)
         args = argv.MaintainArgs(
             task_prefix=k.task_prefix,
             wake_channel=WAKE_CHANNEL,
@@ -918,8 +961,10 @@ class RedisStore:
             await self._client.srem(QUEUES_KEY, queue)
             await self.due.forget(queue)
             gone = await self._scripts["forget_queue"](
-                keys=[k.pending, k.scheduled, k.leased, k.done, k.dead, k.meta, k.stats]
-            )
+                keys=[k.pending, k.scheduled, k.leased, k.done, k.dead, k.meta, k.stats,
+                      k.fresh_priorities],
+                args=argv.ForgetArgs(fresh_prefix=k.fresh_prefix),
+            )  # fmt: skip
             if int(gone) == 1:
                 return True
             await self._client.sadd(QUEUES_KEY, queue)

@@ -28,6 +28,7 @@ SCRIPT_NAMES: Final = (
     "stats",
     "maintain",
     "forget_queue",
+    "get_task",
     "hint_due",
     "take_due",
     "settle_due",

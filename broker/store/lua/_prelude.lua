@@ -40,6 +40,67 @@ local function pending_score(priority, ready_ms)
   return (1000 - priority) * BAND + ready_ms
 end
 
+-- Fresh pending tasks (enqueue.lua) are entries of tb:{q}:f:<priority>, with these fields, and
+-- no key of their own until they leave that state; their create and ready time is the entry
+-- id's ms. The fields are always written in this order, so Redis stores their names once.
+local function entry_ms(entry_id)
+  return tonumber(string.sub(entry_id, 1, string.find(entry_id, '-', 1, true) - 1))
+end
+
+-- A fresh task's fields by name, from an entry's flat {name, value, ...}.
+local function fresh_fields(flat)
+  local f = {}
+  for i = 1, #flat, 2 do f[flat[i]] = flat[i + 1] end
+  return f
+end
+
+-- Writes the hash of a fresh task leaving its stream, as enqueue.lua writes a pending task's.
+local function fresh_to_hash(key, pri, entry_id, f)
+  local ms = entry_ms(entry_id)
+  redis.call('HSET', key, 'type', f.type, 'payload', f.payload, 'pri', pri, 'att', 0,
+    'max', f.max, 'bo_i', f.bo_i, 'bo_m', f.bo_m, 'ctime', ms, 'state', PENDING, 'stime', ms)
+  if f.hdr ~= '' then redis.call('HSET', key, 'hdr', f.hdr) end
+  if f.lease_ms ~= '0' then redis.call('HSET', key, 'lease_ms', f.lease_ms) end
+end
+
+-- The fresh task `id` stored under entry_id, if it is still fresh: its stream, priority and
+-- fields (fresh_fields), else nil. Looks in each priority in use (a handful, in practice).
+local function find_fresh(fresh_prefix, priorities_key, id, entry_id)
+  for _, pri in ipairs(redis.call('ZRANGE', priorities_key, 0, -1)) do
+    local stream = fresh_prefix .. pri
+    local found = redis.call('XRANGE', stream, entry_id, entry_id)
+    if #found > 0 then
+      local f = fresh_fields(found[1][2])
+      if f.id == id then return stream, tonumber(pri), f end
+    end
+  end
+  return nil
+end
+
+-- Drops a fresh stream that has no entry left, and its priority from the index, so an empty
+-- queue holds no fresh keys (maintain.lua finds it empty).
+local function drop_if_empty(stream, priorities_key, pri)
+  if redis.call('XLEN', stream) == 0 then
+    redis.call('DEL', stream)
+    redis.call('ZREM', priorities_key, pri)
+  end
+end
+
+-- Counts fresh tasks and finds the earliest one's ready time (-1 when none).
+local function fresh_count(fresh_prefix, priorities_key)
+  local count, oldest = 0, -1
+  for _, pri in ipairs(redis.call('ZRANGE', priorities_key, 0, -1)) do
+    local stream = fresh_prefix .. pri
+    count = count + redis.call('XLEN', stream)
+    local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+    if #first > 0 then
+      local ms = entry_ms(first[1][1])
+      if oldest < 0 or ms < oldest then oldest = ms end
+    end
+  end
+  return count, oldest
+end
+
 local function to_pending(key, id, pending_key, now)
   local pri = tonumber(redis.call('HGET', key, 'pri') or '0')
   redis.call('ZADD', pending_key, pending_score(pri, now), id)

@@ -6,15 +6,24 @@
 -- KEYS[4]  tb:{q}:leased      zset
 -- KEYS[5]  tb:{q}:done        zset  id -> finish time (ms)
 -- KEYS[6]  tb:{q}:stats       hash
+-- KEYS[7]  tb:{q}:fp          zset  priorities that have a fresh stream
 -- ARGV     (store/argv.py CancelArgs)
 --   id       task id (local part)
+--   entry_id, fresh_prefix   where the task is if it is still fresh (no hash yet): it gets one
 --
 -- Returns {'ok', lease_id or ''} when cancelled, {'final', state} when already finished, {'nf'}.
 
 local now = now_ms()
-local id = unpack(ARGV, 1, 1)
+local id, entry_id, fresh_prefix = unpack(ARGV, 1, 3)
 local t = redis.call('HMGET', KEYS[1], 'state', 'lid')
-if not t[1] then return {'nf'} end
+if not t[1] then
+  local stream, pri, f = find_fresh(fresh_prefix, KEYS[7], id, entry_id)
+  if not stream then return {'nf'} end
+  redis.call('XDEL', stream, entry_id)
+  drop_if_empty(stream, KEYS[7], pri)
+  fresh_to_hash(KEYS[1], pri, entry_id, f)
+  t = {tostring(PENDING), false}
+end
 local state = tonumber(t[1])
 if state ~= SCHEDULED and state ~= PENDING and state ~= LEASED then return {'final', state} end
 redis.call('ZREM', KEYS[2], id)

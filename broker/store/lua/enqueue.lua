@@ -3,8 +3,10 @@
 -- KEYS[1]  tb:{q}:pending     zset  id -> pending score
 -- KEYS[2]  tb:{q}:scheduled   zset  id -> due time (ms)
 -- KEYS[3]  tb:{q}:stats       hash  running totals
+-- KEYS[4]  tb:{q}:fp          zset  priorities that have a fresh stream, scored -priority
 -- ARGV     (store/argv.py EnqueueArgs, EnqueueItem)
 --   task_prefix             tb:{q}:t:   (task hashes are derived from ids: same hash tag)
+--   fresh_prefix            tb:{q}:f:   (a stream of fresh pending tasks per priority)
 --   idempotency_prefix      tb:{q}:idem:   (derived keys, same hash tag)
 --   stage_prefix            tb:{q}:stage:  (large payloads written ahead: RedisStore.enqueue)
 --   idempotency_window_ms
@@ -12,9 +14,14 @@
 --   staged                  1-based positions ("2,5") of the tasks whose payload is not in ARGV
 --                           but in the hash stage_prefix .. id, renamed into place here, so a
 --                           large payload is never copied by a script ('' for none)
---   n; then n tasks: id task_type payload headers priority max_attempts lease_ms
+--   n; then n tasks: id entry_id task_type payload headers priority max_attempts lease_ms
 --   initial_backoff_ms max_backoff_ms delay_ms schedule_ms idempotency_key body_hash
 --   (delay_ms / schedule_ms: -1 when unset; idempotency_key: '' when unset)
+--
+-- A task ready now whose payload came in ARGV is stored fresh: one entry of its priority's
+-- stream, under entry_id (derived from its id, so ids from one broker arrive in stream order),
+-- with no key of its own. Any other (delayed, staged, or out of its stream's order: another
+-- replica's ids) gets its hash and an entry in the pending or scheduled zset.
 --
 -- Returns {now, r_1 .. r_n} with r_i = 'n' (stored), 'd:<id>' (idempotency duplicate of <id>) or
 -- 'e' (this id already exists: a retried call whose first reply was lost).
@@ -24,8 +31,8 @@
 -- {now, 'lost', i, ...}.
 
 local now = now_ms()
-local task_prefix, idempotency_prefix, stage_prefix, idempotency_window_ms, wake_channel, queue,
-  staged, n = unpack(ARGV, 1, 8)
+local task_prefix, fresh_prefix, idempotency_prefix, stage_prefix, idempotency_window_ms,
+  wake_channel, queue, staged, n = unpack(ARGV, 1, 9)
 n = tonumber(n)
 local is_staged = {}
 for position in string.gmatch(staged, '%d+') do is_staged[tonumber(position)] = true end
@@ -34,8 +41,9 @@ for position in string.gmatch(staged, '%d+') do is_staged[tonumber(position)] = 
 local conflicts, lost = {}, {}
 local seen = {}
 for i = 0, n - 1 do
-  local id, task_type, payload, headers, priority, max_attempts, lease_ms, initial_backoff_ms,
-    max_backoff_ms, delay_ms, schedule_ms, idempotency_key, body_hash = item(8, 13, i)
+  local id, entry_id, task_type, payload, headers, priority, max_attempts, lease_ms,
+    initial_backoff_ms, max_backoff_ms, delay_ms, schedule_ms, idempotency_key,
+    body_hash = item(9, 14, i)
   local idem, body = idempotency_key, body_hash
   if is_staged[i + 1] and redis.call('EXISTS', stage_prefix .. id) == 0
     and redis.call('EXISTS', task_prefix .. id) == 0 then
@@ -62,11 +70,29 @@ if #lost > 0 then
   return reply
 end
 
+-- Stores a fresh task as an entry of its priority's stream: 'n' when stored, 'e' when the entry
+-- is there already (a retried call), nil when the entry cannot go there (out of the stream's
+-- order): the caller stores a hash instead.
+local function store_fresh(id, entry_id, pri, task_type, payload, headers, max_attempts, lease_ms,
+    initial_backoff_ms, max_backoff_ms)
+  local stream = fresh_prefix .. pri
+  local added = redis.pcall('XADD', stream, entry_id, 'id', id, 'type', task_type,
+    'payload', payload, 'hdr', headers, 'max', max_attempts, 'lease_ms', lease_ms,
+    'bo_i', initial_backoff_ms, 'bo_m', max_backoff_ms)
+  if type(added) == 'table' and added.err then
+    if #redis.call('XRANGE', stream, entry_id, entry_id) > 0 then return 'e' end
+    return nil
+  end
+  redis.call('ZADD', KEYS[4], -pri, pri)
+  return 'n'
+end
+
 local reply = {now}
 local stored = 0
 for i = 0, n - 1 do
-  local id, task_type, payload, headers, priority, max_attempts, lease_ms, initial_backoff_ms,
-    max_backoff_ms, delay_ms, schedule_ms, idempotency_key, body_hash = item(8, 13, i)
+  local id, entry_id, task_type, payload, headers, priority, max_attempts, lease_ms,
+    initial_backoff_ms, max_backoff_ms, delay_ms, schedule_ms, idempotency_key,
+    body_hash = item(9, 14, i)
   local idem = idempotency_key
   local key = task_prefix .. id
   local dup = nil
@@ -74,6 +100,11 @@ for i = 0, n - 1 do
     local prior = redis.call('GET', idempotency_prefix .. idem)
     if prior then dup = string.sub(prior, 1, string.find(prior, '|', 1, true) - 1) end
   end
+  local pri = tonumber(priority)
+  local delay, at = tonumber(delay_ms), tonumber(schedule_ms)
+  local due = now
+  if delay >= 0 then due = now + delay elseif at >= 0 then due = at end
+  local outcome = nil
   if dup then
     if is_staged[i + 1] then redis.call('DEL', stage_prefix .. id) end
     table.insert(reply, 'd:' .. dup)
@@ -81,36 +112,41 @@ for i = 0, n - 1 do
     if is_staged[i + 1] then redis.call('DEL', stage_prefix .. id) end
     table.insert(reply, 'e')
   else
-    local pri = tonumber(priority)
-    local delay, at = tonumber(delay_ms), tonumber(schedule_ms)
-    local due = now
-    if delay >= 0 then due = now + delay elseif at >= 0 then due = at end
-    if is_staged[i + 1] then  -- the payload is in place already: only its expiry goes
-      redis.call('RENAME', stage_prefix .. id, key)
-      redis.call('PERSIST', key)
-      redis.call('HSET', key, 'type', task_type, 'pri', pri,
-        'att', 0, 'max', max_attempts, 'bo_i', initial_backoff_ms, 'bo_m', max_backoff_ms,
-        'ctime', now)
-    else  -- the same fields and the payload, in one call: the hot path
-      redis.call('HSET', key, 'type', task_type, 'payload', payload, 'pri', pri,
-        'att', 0, 'max', max_attempts, 'bo_i', initial_backoff_ms, 'bo_m', max_backoff_ms,
-        'ctime', now)
+    if not is_staged[i + 1] and due <= now then
+      outcome = store_fresh(id, entry_id, pri, task_type, payload, headers, max_attempts,
+        lease_ms, initial_backoff_ms, max_backoff_ms)
     end
-    if headers ~= '' then redis.call('HSET', key, 'hdr', headers) end
-    if lease_ms ~= '0' then redis.call('HSET', key, 'lease_ms', lease_ms) end
-    if due > now then
-      redis.call('HSET', key, 'state', SCHEDULED, 'stime', due)
-      redis.call('ZADD', KEYS[2], due, id)
-    else
-      redis.call('HSET', key, 'state', PENDING, 'stime', now)
-      redis.call('ZADD', KEYS[1], pending_score(pri, now), id)
+    if outcome == nil then
+      if is_staged[i + 1] then  -- the payload is in place already: only its expiry goes
+        redis.call('RENAME', stage_prefix .. id, key)
+        redis.call('PERSIST', key)
+        redis.call('HSET', key, 'type', task_type, 'pri', pri,
+          'att', 0, 'max', max_attempts, 'bo_i', initial_backoff_ms, 'bo_m', max_backoff_ms,
+          'ctime', now)
+      else
+        redis.call('HSET', key, 'type', task_type, 'payload', payload, 'pri', pri,
+          'att', 0, 'max', max_attempts, 'bo_i', initial_backoff_ms, 'bo_m', max_backoff_ms,
+          'ctime', now)
+      end
+      if headers ~= '' then redis.call('HSET', key, 'hdr', headers) end
+      if lease_ms ~= '0' then redis.call('HSET', key, 'lease_ms', lease_ms) end
+      if due > now then
+        redis.call('HSET', key, 'state', SCHEDULED, 'stime', due)
+        redis.call('ZADD', KEYS[2], due, id)
+      else
+        redis.call('HSET', key, 'state', PENDING, 'stime', now)
+        redis.call('ZADD', KEYS[1], pending_score(pri, now), id)
+      end
+      outcome = 'n'
     end
-    if idem ~= '' then
-      redis.call('SET', idempotency_prefix .. idem, id .. '|' .. body_hash, 'PX',
-        idempotency_window_ms)
+    if outcome == 'n' then
+      if idem ~= '' then
+        redis.call('SET', idempotency_prefix .. idem, id .. '|' .. body_hash, 'PX',
+          idempotency_window_ms)
+      end
+      stored = stored + 1
     end
-    stored = stored + 1
-    table.insert(reply, 'n')
+    table.insert(reply, outcome)
   end
 end
 if stored > 0 then

@@ -9,6 +9,7 @@
 -- KEYS[5]  tb:{q}:scheduled   zset  id -> due time (ms)
 -- KEYS[6]  tb:{q}:done        zset  id -> finish time (ms)
 -- KEYS[7]  tb:{q}:meta        hash  queue settings (paused)
+-- KEYS[8]  tb:{q}:fp          zset  priorities that have a fresh stream (enqueue.lua)
 -- ARGV     (store/argv.py MaintainArgs)
 --   task_prefix   tb:{q}:t:   (derived task keys, same hash tag)
 --   wake_channel, queue   published to when tasks go back to pending
@@ -56,7 +57,7 @@ if oldest_dead >= 0 then consider(oldest_dead + dead_ms + slack) end
 if full then next_due = now end
 
 local empty = 0
-if next_due < 0 and redis.call('ZCARD', KEYS[2]) == 0
+if next_due < 0 and redis.call('ZCARD', KEYS[2]) == 0 and redis.call('ZCARD', KEYS[8]) == 0
     and redis.call('HGET', KEYS[7], 'paused') ~= '1' then
   empty = 1
 end

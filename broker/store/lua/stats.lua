@@ -2,6 +2,11 @@
 --
 -- KEYS[1]  tb:{q}:pending   KEYS[2] tb:{q}:scheduled   KEYS[3] tb:{q}:leased
 -- KEYS[4]  tb:{q}:dead      KEYS[5] tb:{q}:stats       KEYS[6] tb:{q}:meta
+-- KEYS[7]  tb:{q}:fp (priorities that have a fresh stream)
+-- ARGV     (store/argv.py StatsArgs)
+--   fresh_prefix   tb:{q}:f:
+--
+-- Pending counts the pending zset and the fresh streams (enqueue.lua) together.
 --
 -- The oldest pending task is the minimum ready time over the priority bands in use: one
 -- ZRANGE per band, at most 64 bands (beyond that the age is a lower bound).
@@ -19,8 +24,11 @@ for _ = 1, 64 do
   if oldest < 0 or ready < oldest then oldest = ready end
   from = tostring((band + 1) * BAND)
 end
+local fresh_prefix = unpack(ARGV, 1, 1)
+local fresh, fresh_oldest = fresh_count(fresh_prefix, KEYS[7])
+if fresh_oldest >= 0 and (oldest < 0 or fresh_oldest < oldest) then oldest = fresh_oldest end
 local paused = 0
 if redis.call('HGET', KEYS[6], 'paused') == '1' then paused = 1 end
-return {now, redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2]),
+return {now, redis.call('ZCARD', KEYS[1]) + fresh, redis.call('ZCARD', KEYS[2]),
   redis.call('ZCARD', KEYS[3]), redis.call('ZCARD', KEYS[4]), paused, oldest,
   redis.call('HGETALL', KEYS[5])}
