@@ -147,6 +147,12 @@ async def broker(settings: Settings) -> AsyncIterator[RunningBroker]:
         await running.close()
 
 
+def frame(response: object) -> str | None:
+    """Which frame a Lease stream answered with."""
+    assert isinstance(response, lease_pb2.LeaseResponse), response
+    return response.WhichOneof("frame")
+
+
 def retry_delay_s(error: grpc.aio.AioRpcError) -> float:
     status = rpc_status.from_call(error)
     assert status is not None
@@ -212,7 +218,7 @@ async def test_a_stream_is_not_read_while_its_client_is_over_its_rate(
             await call.write(
                 lease_pb2.LeaseRequest(open=lease_pb2.LeaseOpen(queues=["emails"], credits=0))
             )
-            assert (await call.read()).WhichOneof("frame") == "opened"
+            assert frame(await call.read()) == "opened"
             # A frame of 2 s of the client's bytes (an ack of an unknown task with a large
             # result): the broker reads it, then reads nothing more for about a second.
             flood = lease_pb2.AckRequest(
@@ -221,12 +227,10 @@ async def test_a_stream_is_not_read_while_its_client_is_over_its_rate(
             await call.write(
                 lease_pb2.LeaseRequest(settlements=lease_pb2.Settlements(acks=[flood]))
             )
-            answer = await call.read()
-            assert answer.WhichOneof("frame") == "settle_results"
+            assert frame(await call.read()) == "settle_results"
             sent = time.monotonic()
             await call.write(lease_pb2.LeaseRequest(credit=lease_pb2.LeaseCredit(credits=1)))
-            delivery = await call.read()
-            assert delivery.WhichOneof("frame") == "deliveries"
+            assert frame(await call.read()) == "deliveries"
             assert time.monotonic() - sent >= 0.5  # the credit waited for the debt
             call.cancel()
 
