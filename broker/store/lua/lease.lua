@@ -36,15 +36,24 @@ promote_due(KEYS[2], KEYS[1], task_prefix, now, 1000)
 
 -- Up to n candidates from each place, in score order.
 local held = redis.call('ZRANGE', KEYS[1], 0, n - 1, 'WITHSCORES')
-local fresh = {}
+local fresh = {}    -- candidates: {score, stream index, position, priority, fields}
+local streams = {}  -- per stream read: {key, priority, entry ids read, the id after them}
 for _, pri in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
   if #fresh >= n then break end
   local stream = fresh_prefix .. pri
-  local entries = redis.call('XRANGE', stream, '-', '+', 'COUNT', n - #fresh)
+  local want = n - #fresh
+  -- One more than wanted: the first entry left, below which the taken ones are trimmed.
+  local entries = redis.call('XRANGE', stream, '-', '+', 'COUNT', want + 1)
   if #entries == 0 then drop_if_empty(stream, KEYS[5], pri) end
-  for _, e in ipairs(entries) do
-    local p = tonumber(pri)
-    table.insert(fresh, {pending_score(p, entry_ms(e[1])), stream, e[1], p, e[2]})
+  local read = {stream, tonumber(pri), {}, false}
+  table.insert(streams, read)
+  for i, e in ipairs(entries) do
+    if i > want then
+      read[4] = e[1]
+    else
+      table.insert(read[3], e[1])
+      table.insert(fresh, {pending_score(read[2], entry_ms(e[1])), #streams, i, read[2], e[2]})
+    end
   end
 end
 
@@ -66,8 +75,41 @@ local function lease(key, id)
   table.insert(reply, redis.call('HMGET', key, unpack(fields)))
 end
 
+-- A fresh task's hash, written once with its lease (the hot path: one HSET, no reads).
+local HASH_ORDER = {'type', 'payload', 'hdr', 'pri', 'state', 'att', 'max', 'ctime', 'stime',
+  'etime', 'cur_ms', 'lease_ms', 'bo_i', 'bo_m', 'lid', 'sid', 'lp'}
+local function lease_fresh(pri, entry_id, task)
+  used = used + 1
+  local lease_id, lease_ms, stream_id, holder = item(3, 4, used - 1)
+  local ms = tonumber(lease_ms)
+  local own = tonumber(task.lease_ms)
+  if own > 0 then ms = own end
+  local expire = now + ms
+  local created = tostring(entry_ms(entry_id))
+  local v = {type = task.type, payload = task.payload, pri = tostring(pri),
+    state = tostring(LEASED), att = '1', max = task.max, ctime = created, stime = created,
+    etime = tostring(expire), cur_ms = tostring(ms), bo_i = task.bo_i, bo_m = task.bo_m,
+    lid = lease_id, sid = stream_id}
+  if task.hdr ~= '' then v.hdr = task.hdr end
+  if own > 0 then v.lease_ms = task.lease_ms end
+  if holder ~= '' then v.lp = holder end
+  local args = {}
+  for _, name in ipairs(HASH_ORDER) do
+    if v[name] then
+      args[#args + 1] = name
+      args[#args + 1] = v[name]
+    end
+  end
+  redis.call('HSET', task_prefix .. task.id, unpack(args))
+  redis.call('ZADD', KEYS[3], expire, task.id)
+  local values = {}
+  for i, name in ipairs(fields) do values[i] = v[name] or false end
+  table.insert(reply, task.id)
+  table.insert(reply, values)
+end
+
 local h, f = 1, 1
-local touched = {}  -- fresh streams taken from: stream -> priority
+local taken = {}  -- stream index -> how many of its entries were taken (always a prefix)
 for _ = 1, n do
   local from_held = h <= #held and (f > #fresh or tonumber(held[h + 1]) <= fresh[f][1])
   if from_held then
@@ -77,17 +119,24 @@ for _ = 1, n do
     local key = task_prefix .. id
     if redis.call('EXISTS', key) == 1 then lease(key, id) end
   elseif f <= #fresh then
-    local _, stream, entry_id, pri, flat = unpack(fresh[f])
+    local _, index, position, pri, flat = unpack(fresh[f])
     f = f + 1
-    redis.call('XDEL', stream, entry_id)
-    touched[stream] = pri
-    local task = fresh_fields(flat)
-    local key = task_prefix .. task.id
-    fresh_to_hash(key, pri, entry_id, task)
-    lease(key, task.id)
+    taken[index] = position
+    lease_fresh(pri, streams[index][3][position], fresh_fields(flat))
   else
     break
   end
 end
-for stream, pri in pairs(touched) do drop_if_empty(stream, KEYS[5], pri) end
+-- The taken entries are the head of their stream: one trim removes them (an XDEL each would
+-- walk the stream's node from its start every time).
+for index, count in pairs(taken) do
+  local stream, pri, ids, after = unpack(streams[index])
+  local left = ids[count + 1] or after
+  if left then
+    redis.call('XTRIM', stream, 'MINID', left)
+  else
+    redis.call('DEL', stream)
+    redis.call('ZREM', KEYS[5], pri)
+  end
+end
 return reply
