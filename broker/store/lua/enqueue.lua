@@ -70,6 +70,8 @@ if #lost > 0 then
   return reply
 end
 
+local indexed = {}  -- priorities put in the fresh index by this call
+
 -- Stores a fresh task as an entry of its priority's stream: 'n' when stored, 'e' when the entry
 -- is there already (a retried call), nil when the entry cannot go there (out of the stream's
 -- order): the caller stores a hash instead.
@@ -83,7 +85,10 @@ local function store_fresh(id, entry_id, pri, task_type, payload, headers, max_a
     if #redis.call('XRANGE', stream, entry_id, entry_id) > 0 then return 'e' end
     return nil
   end
-  redis.call('ZADD', KEYS[4], -pri, pri)
+  if not indexed[pri] then  -- once per priority and call
+    redis.call('ZADD', KEYS[4], -pri, pri)
+    indexed[pri] = true
+  end
   return 'n'
 end
 
