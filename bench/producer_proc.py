@@ -4,7 +4,7 @@ limit on a small machine.
 
 Emits `ready` after a warm-up call; then reads `{"start": t0, "end": t1}` (wall times) from
 stdin, runs --concurrency loops of `await client.enqueue(...)` from t0 to t1, and emits
-`result` with the calls that completed in the window.
+`result` with the calls that completed in the window and their median round trip.
 """
 
 from __future__ import annotations
@@ -20,17 +20,22 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.protocol import emit
+from bench.stats import median
 from bench.worker_proc import TASK_TYPE
 from taskbroker import Client, TaskbrokerError
 
 PAYLOAD = b"x" * 100
 
 
-async def _loop(call: Callable[[], Awaitable[object]], end: float, counts: list[int]) -> None:
+async def _loop(
+    call: Callable[[], Awaitable[object]], end: float, counts: list[int], round_trips: list[float]
+) -> None:
     while time.time() < end:
+        started = time.perf_counter()
         try:
             await call()
             counts[0] += 1
+            round_trips.append(time.perf_counter() - started)
         except (TaskbrokerError, grpc.aio.AioRpcError):
             counts[1] += 1
 
@@ -56,9 +61,18 @@ async def main(args: argparse.Namespace) -> None:
             def call() -> Awaitable[object]:
                 return client.enqueue(args.queue, TASK_TYPE, PAYLOAD)
 
-        loops = [_loop(call, float(window["end"]), counts) for _ in range(args.concurrency)]
-        await asyncio.gather(*loops)
-        emit("result", calls=counts[0], errors=counts[1], finished=time.time())
+        round_trips: list[float] = []
+        end = float(window["end"])
+        await asyncio.gather(
+            *(_loop(call, end, counts, round_trips) for _ in range(args.concurrency))
+        )
+        emit(
+            "result",
+            calls=counts[0],
+            errors=counts[1],
+            finished=time.time(),
+            p50_round_trip_us=1e6 * median(round_trips) if round_trips else 0.0,
+        )
 
 
 def parse_args() -> argparse.Namespace:
