@@ -46,6 +46,7 @@ from broker.store.due_index import DueIndex
 from broker.store.keys import QUEUES_KEY, REVOKE_CHANNEL, WAKE_CHANNEL, QueueKeys
 from broker.store.redis_errors import is_unavailable_reply, unavailable_message
 from broker.store.scripts import Scripts
+from broker.store.wire import send_commands
 
 AnyRedis: TypeAlias = "aioredis.Redis | RedisCluster"
 #: One lease to make: (fresh lease id, lease ms for a task without its own, stream id, the
@@ -344,16 +345,18 @@ class RedisStore:
         """Standalone: scripts by EVALSHA (and an SADD) in one pipeline; returns the first
         script's reply. A script Redis lost (NOSCRIPT after a restart) is loaded, and the
         commands from the first failed one on are sent again, in order."""
+        client = cast(aioredis.Redis, self._client)
         pending = list(calls)
         first: Any = None
         have_first = False
         for _ in range(3):
-            async with self._client.pipeline(transaction=False) as pipe:
-                for name, keys, args in pending:
-                    pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
-                if register is not None:
-                    pipe.sadd(QUEUES_KEY, register)
-                results = await pipe.execute(raise_on_error=False)
+            commands = [
+                ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+                for name, keys, args in pending
+            ]
+            if register is not None:
+                commands.append(("SADD", QUEUES_KEY, register))
+            results = await send_commands(client, commands)
             lost = next(
                 (
                     i
