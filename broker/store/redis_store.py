@@ -46,7 +46,7 @@ from broker.store.due_index import DueIndex
 from broker.store.keys import QUEUES_KEY, REVOKE_CHANNEL, WAKE_CHANNEL, QueueKeys
 from broker.store.redis_errors import is_unavailable_reply, unavailable_message
 from broker.store.scripts import Scripts
-from broker.store.wire import send_commands
+from broker.store.wire import CommandLane
 
 AnyRedis: TypeAlias = "aioredis.Redis | RedisCluster"
 #: One lease to make: (fresh lease id, lease ms for a task without its own, stream id, the
@@ -236,6 +236,8 @@ class RedisStore:
         dead_retention_ms: int = 14 * 86_400_000,
     ) -> None:
         self._client = client
+        #: Standalone: the script calls' own connection (see wire.py).
+        self._lane = None if isinstance(client, RedisCluster) else CommandLane(client)
         self._scripts = Scripts(client)
         self.due = DueIndex(client, self._scripts, self.is_cluster)
         # When trims come due: the hint an ack or a dead-lettering sends. No cache of Redis state
@@ -345,7 +347,7 @@ class RedisStore:
         """Standalone: scripts by EVALSHA (and an SADD) in one pipeline; returns the first
         script's reply. A script Redis lost (NOSCRIPT after a restart) is loaded, and the
         commands from the first failed one on are sent again, in order."""
-        client = cast(aioredis.Redis, self._client)
+        assert self._lane is not None
         pending = list(calls)
         first: Any = None
         have_first = False
@@ -356,7 +358,7 @@ class RedisStore:
             ]
             if register is not None:
                 commands.append(("SADD", QUEUES_KEY, register))
-            results = await send_commands(client, commands)
+            results = await self._lane.send(commands)
             lost = next(
                 (
                     i

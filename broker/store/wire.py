@@ -1,10 +1,12 @@
-"""Commands written to a standalone Redis in one write on one pooled connection: what redis-py's
-Pipeline does, without its per-call bookkeeping (a command stack, response callbacks, timing
-hooks, a reset), which cost a lone Enqueue about a third of its Redis round trip's CPU
+"""Commands written to a standalone Redis in one write, and their replies read back: what
+redis-py's Pipeline does, without its per-call bookkeeping (a command stack, response callbacks,
+timing hooks, a pool checkout with its lock and its socket probe, a task per write for the
+timeout). For a lone Enqueue that bookkeeping was about half of its Redis round trip's CPU
 (issue 15)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,15 +15,75 @@ import redis.exceptions as rex
 from redis.asyncio.connection import AbstractConnection
 
 
-async def send_commands(client: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:
-    """Sends the commands in one write and returns their replies in order, an error reply as
-    its exception (not raised), as `pipeline(transaction=False).execute(raise_on_error=False)`
-    does. A dropped connection is retried as the client's Retry says, like a pipeline.
+class CommandLane:
+    """Sends commands on a connection it holds while that one is free, and on a pooled one
+    (send_commands) while it is busy, so concurrent callers never wait for each other here.
 
-    Raises:
-        redis.exceptions.ConnectionError, redis.exceptions.TimeoutError: Redis could not be
-            reached (after the client's retries).
-    """
+    The held connection is checked out of the client's pool once and never given back (it
+    counts against max_connections, and closing the client closes it). It has no socket
+    timeout or health-check PING of its own: one timeout, the client's socket timeout, bounds
+    each whole exchange (connecting included), and a connection left out of step by a timeout,
+    an error or a cancel is closed, to be opened afresh by the next exchange."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._timeout_s: float | None = client.connection_pool.connection_kwargs.get(
+            "socket_timeout"
+        )
+        self._conn: AbstractConnection | None = None
+        self._busy = False
+
+    async def send(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """The commands' replies in order, an error reply as its exception (not raised), as
+        `pipeline(transaction=False).execute(raise_on_error=False)` gives them. A dropped
+        connection is retried as the client's Retry says, as a pipeline is.
+
+        Raises:
+            redis.exceptions.ConnectionError, redis.exceptions.TimeoutError: Redis could not
+                be reached (after the client's retries).
+        """
+        if self._busy:
+            return await send_commands(self._client, commands)
+        self._busy = True
+        try:
+            conn = self._conn or await self._check_out()
+            try:
+                replies: list[Any] = await conn.retry.call_with_retry(
+                    lambda: self._exchange(conn, commands), self._disconnect
+                )
+            except BaseException:
+                await conn.disconnect(nowait=True)
+                raise
+            return replies
+        finally:
+            self._busy = False
+
+    async def _check_out(self) -> AbstractConnection:
+        pool = self._client.connection_pool
+        conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        conn.socket_timeout = None  # the exchange's own timeout bounds it
+        conn.health_check_interval = 0
+        self._conn = conn
+        return conn
+
+    async def _exchange(
+        self, conn: AbstractConnection, commands: Sequence[Sequence[Any]]
+    ) -> list[Any]:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                return await _replies(conn, len(commands))
+        except TimeoutError:
+            await conn.disconnect(nowait=True)
+            raise rex.TimeoutError("Timeout talking to Redis") from None
+
+    async def _disconnect(self, error: Exception) -> None:
+        if self._conn is not None:
+            await self._conn.disconnect(nowait=True)
+
+
+async def send_commands(client: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """As CommandLane.send, on a connection from the client's pool."""
     pool = client.connection_pool
     conn = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
@@ -29,18 +91,19 @@ async def send_commands(client: aioredis.Redis, commands: Sequence[Sequence[Any]
         async def disconnect(error: Exception) -> None:
             await conn.disconnect()
 
-        replies: list[Any] = await conn.retry.call_with_retry(
-            lambda: _exchange(conn, commands), disconnect
-        )
+        async def exchange() -> list[Any]:
+            await conn.send_packed_command(conn.pack_commands(commands))
+            return await _replies(conn, len(commands))
+
+        replies: list[Any] = await conn.retry.call_with_retry(exchange, disconnect)
         return replies
     finally:
         await pool.release(conn)
 
 
-async def _exchange(conn: AbstractConnection, commands: Sequence[Sequence[Any]]) -> list[Any]:
-    await conn.send_packed_command(conn.pack_commands(commands))
+async def _replies(conn: AbstractConnection, count: int) -> list[Any]:
     replies: list[Any] = []
-    for _ in commands:  # every reply is read, so the pooled connection never falls out of step
+    for _ in range(count):  # every reply is read, so the connection never falls out of step
         try:
             replies.append(await conn.read_response())
         except rex.ResponseError as exc:
