@@ -13,7 +13,7 @@ import redis.exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from broker.store.wire import CommandLane
+from broker.store.wire import CommandLane, pack
 from tests.support.redis_server import RedisServer
 
 
@@ -112,3 +112,22 @@ async def test_closing_the_client_closes_the_lanes_connection(own_redis: RedisSe
                 return
             await asyncio.sleep(0.01)
     raise AssertionError("the lane's connection outlived its client")
+
+
+@pytest.mark.parametrize(
+    "commands",
+    [
+        [("SET", "k", "v")],
+        [("EVALSHA", "a" * 40, 2, "tb:{q}:pending", "tb:{q}:stats", -1, 0, 3.5, "", b"\x00\xff")],
+        [("HSET", "h", "payload", bytes(100_000)), ("SADD", "tb:queues", "é")],
+    ],
+)
+def test_pack_writes_what_redis_py_writes(commands: list[tuple[str | bytes | float, ...]]) -> None:
+    expected = b"".join(aioredis.Connection().pack_commands(commands))
+    assert pack(commands) == expected
+
+
+@pytest.mark.parametrize("arg", [True, None, ["a"]])
+def test_pack_refuses_what_redis_py_refuses(arg: object) -> None:
+    with pytest.raises(rex.DataError):
+        pack([("SET", "k", arg)])
