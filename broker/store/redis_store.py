@@ -17,7 +17,6 @@ from redis.asyncio.cluster import RedisCluster
 from broker.errors import StoreFull, StoreUnavailable
 from broker.ids import entry_id
 from broker.models import (
-    AckItem,
     AttemptError,
     CancelResult,
     CancelStatus,
@@ -184,7 +183,7 @@ def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
         payload=payload or b"",
         headers=json.loads(hdr) if hdr else {},
         priority=_int(pri),
-        state=TaskState(_int(state, TaskState.PENDING)),
+        state=_state(_int(state, TaskState.PENDING)),
         attempt=_int(att),
         max_attempts=_int(max_, 1),
         create_ms=_int(ctime),
@@ -215,13 +214,23 @@ def _leased(task: Task) -> Lease:
     return Lease(task=task, lease_id=task.lease_id, expire_ms=task.lease_expire_ms)
 
 
+#: A settle script's status words, decoded by lookup (an Enum call per item costs more).
+_STATUSES: Final = {s.value.encode(): s for s in SettleStatus}
+#: TaskState by stored number, for the same reason.
+_STATES: Final = {int(s): s for s in TaskState}
+
+
+def _state(number: int) -> TaskState:
+    return _STATES.get(number) or TaskState(number)  # an unknown number raises ValueError
+
+
 def _settle(reply: list[bytes]) -> SettleResult:
-    status = SettleStatus(_text(reply[0]))
+    status = _STATUSES[reply[0]]
     if len(reply) == 1:
         return SettleResult(status)
     if len(reply) == 2:  # extension: {'ok', expiry}
         return SettleResult(status, time_ms=int(reply[1]))
-    return SettleResult(status, state=TaskState(int(reply[1])), time_ms=_time_or_none(reply[2]))
+    return SettleResult(status, state=_STATES[int(reply[1])], time_ms=_time_or_none(reply[2]))
 
 
 class RedisStore:
@@ -533,21 +542,24 @@ class RedisStore:
             self.unhinted.add(hint.queue)
             log.warning("due-index hint failed (resent by the maintainer): %s", exc)
 
-    async def ack(self, queue: str, items: Sequence[AckItem]) -> list[SettleResult]:
+    async def ack(self, queue: str, items: Sequence[str | bytes]) -> list[SettleStatus]:
+        """Acks, given as the script's flat per-item arguments (argv.AckItem, 4 per ack) so a
+        large batch builds no object per item; one status per ack, in order."""
         keys = QueueKeys(queue)
-        args: list[str | bytes | int] = [*argv.AckArgs(task_prefix=keys.task_prefix, n=len(items))]
-        for item in items:
-            args += argv.AckItem(
-                id=item.ref.local_id, lease_id=item.lease_id, result=item.result, holder=item.holder
-            )
+        args = [*argv.AckArgs(task_prefix=keys.task_prefix, n=len(items) // 4), *items]
         reply = await self._run(
             "ack",
             [keys.leased, keys.done, keys.stats],
             args,
             hint=Hint(queue, delay_ms=max(0, self._finished_ms - HINT_MARGIN_MS)),
         )
-        results = [SettleResult(SettleStatus(_text(r))) for r in reply[1:]]
-        return await self._stale_if_fresh([i.ref for i in items], results)
+        statuses = [_STATUSES[r] for r in reply[1:]]
+        if SettleStatus.NOT_FOUND in statuses:  # rare: see _stale_if_fresh
+            for i, status in enumerate(statuses):
+                ref = TaskRef(queue, str(items[4 * i]))  # argv.AckItem: id comes first
+                if status is SettleStatus.NOT_FOUND and await self.get(ref) is not None:
+                    statuses[i] = SettleStatus.STALE
+        return statuses
 
     async def nack(self, queue: str, items: Sequence[NackItem]) -> list[SettleResult]:
         keys = QueueKeys(queue)
