@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -77,7 +78,11 @@ def _dur(ms: int) -> dict[str, int]:
 
 
 def task_to_proto(task: Task) -> task_pb2.Task:
-    # Built as keyword arguments (typed Any: the stubs do not know upb takes dicts).
+    return task_pb2.Task(**_task_fields(task))
+
+
+def _task_fields(task: Task) -> dict[str, Any]:
+    """A Task as constructor input (typed Any: the stubs do not know upb takes dicts)."""
     fields: dict[str, Any] = {
         "id": task.ref.task_id,
         "queue": task.ref.queue,
@@ -109,14 +114,26 @@ def task_to_proto(task: Task) -> task_pb2.Task:
             {"attempt": e.attempt, "message": e.message, "time": _ts(e.time_ms)}
             for e in task.errors
         ]
-    return task_pb2.Task(**fields)
+    return fields
+
+
+def _delivery_fields(lease: Lease) -> dict[str, Any]:
+    return {
+        "task": _task_fields(lease.task),
+        "lease_id": lease.lease_id,
+        "lease_expire_time": _ts(lease.expire_ms),
+    }
 
 
 def delivery(lease: Lease) -> lease_pb2.Delivery:
-    expire: Any = _ts(lease.expire_ms)
-    return lease_pb2.Delivery(
-        task=task_to_proto(lease.task), lease_id=lease.lease_id, lease_expire_time=expire
-    )
+    return lease_pb2.Delivery(**_delivery_fields(lease))
+
+
+def deliveries(leases: Sequence[Lease]) -> bytes:
+    """The encoding of a Deliveries message of these leases. Built as one message from dicts:
+    a message per task, copied into the list, cost a third more."""
+    items: Any = [_delivery_fields(lease) for lease in leases]
+    return lease_pb2.Deliveries(deliveries=items).SerializeToString()
 
 
 def stats_to_proto(s: QueueStats) -> bs.QueueStats:

@@ -358,13 +358,20 @@ class LeaseSession:
         """Called by the queue pump with tasks leased for this stream."""
         if self.closed:
             return False
-        deliveries: list[lease_pb2.Delivery] = []
-        lease_ids: list[str] = []
-        size = 0
+        lease_ids = [lease.lease_id for lease in leases]
+        held, unsent, register = self._held, self._unsent, self._registry.held
         for lease in leases:
-            self._held[lease.lease_id] = lease.task.ref
-            self._unsent.add(lease.lease_id)
-            self._registry.held(lease.lease_id, self)
+            held[lease.lease_id] = lease.task.ref
+            register(lease.lease_id, self)
+        unsent.update(lease_ids)
+        inner = convert.deliveries(leases)
+        if len(inner) <= MAX_MESSAGE_BYTES or len(leases) == 1:
+            self._outbox.put_nowait(Message("deliveries", inner, lease_ids))
+            return True
+        # Too large for one frame (large payloads): split, measuring each delivery.
+        deliveries: list[lease_pb2.Delivery] = []
+        lease_ids, size = [], 0
+        for lease in leases:
             delivery = convert.delivery(lease)
             delivery_size = delivery.ByteSize()
             if deliveries and size + delivery_size > MAX_MESSAGE_BYTES:
