@@ -83,14 +83,15 @@ def task_to_proto(task: Task) -> task_pb2.Task:
 
 def _task_fields(task: Task) -> dict[str, Any]:
     """A Task as constructor input (typed Any: the stubs do not know upb takes dicts)."""
+    ref = task.ref
     fields: dict[str, Any] = {
-        "id": task.ref.task_id,
-        "queue": task.ref.queue,
+        "id": f"{ref.queue}:{ref.local_id}",  # TaskRef.task_id, without the property call
+        "queue": ref.queue,
         "type": task.type,
         "payload": task.payload,
         "headers": task.headers,
         "priority": task.priority,
-        "state": int(task.state),
+        "state": task.state,  # an IntEnum: upb takes it as the number
         "attempt": task.attempt,
         "max_attempts": task.max_attempts,
         "last_error": task.last_error,

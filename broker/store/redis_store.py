@@ -170,7 +170,9 @@ def decode_task(ref: TaskRef, h: dict[bytes, bytes]) -> Task:
 
 
 def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
-    """Builds a Task from the values of TASK_FIELDS, in order (None: field absent)."""
+    """Builds a Task from the values of TASK_FIELDS, in order (None: field absent). Runs for
+    every leased task: Task is built positionally (in its field order) and numbers go through
+    _num, a cheaper _int."""
     type_, payload, hdr, pri, state, att, max_, ctime, stime = v[:9]
     etime, ftime, lerr, errs, res, lease_ms, initial_backoff, max_backoff, lid = v[9:]
     errors = tuple(  # absent until an attempt fails: no JSON on the hot path
@@ -178,26 +180,36 @@ def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
         for a, t, m in (json.loads(errs) if errs else ())
     )
     return Task(
-        ref=ref,
-        type=_text(type_),
-        payload=payload or b"",
-        headers=json.loads(hdr) if hdr else {},
-        priority=_int(pri),
-        state=_state(_int(state, TaskState.PENDING)),
-        attempt=_int(att),
-        max_attempts=_int(max_, 1),
-        create_ms=_int(ctime),
-        schedule_ms=_int(stime),
-        lease_expire_ms=_int(etime) or None,  # the scripts store 0 for "not leased"
-        finish_ms=_int(ftime) or None,
-        last_error=_text(lerr),
-        errors=errors,
-        result=res or b"",
-        lease_ms=_int(lease_ms) or None,
-        initial_backoff_ms=_int(initial_backoff),
-        max_backoff_ms=_int(max_backoff),
-        lease_id=_text(lid) or None,
+        ref,
+        _text(type_),
+        payload or b"",
+        json.loads(hdr) if hdr else {},
+        _num(pri),
+        _state(_num(state, TaskState.PENDING)),
+        _num(att),
+        _num(max_, 1),
+        _num(ctime),
+        _num(stime),
+        _num(etime) or None,  # the scripts store 0 for "not leased"
+        _num(ftime) or None,
+        _text(lerr),
+        errors,
+        res or b"",
+        _num(lease_ms) or None,
+        _num(initial_backoff),
+        _num(max_backoff),
+        _text(lid) or None,
     )
+
+
+def _num(value: bytes | None, default: int = 0) -> int:
+    """_int for a stored value: empty or absent is `default`."""
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        return _int(value, default)
 
 
 def _with_held(head: Iterable[str | int], leases: Sequence[tuple[str, str]]) -> list[str | int]:
