@@ -519,10 +519,8 @@ class RedisStore:
                 task_prefix=keys.task_prefix, fresh_prefix=keys.fresh_prefix, n=len(slots)
             )
         ]
-        for lease_id, lease_ms, stream_id, holder in slots:
-            args += argv.LeaseSlot(
-                lease_id=lease_id, lease_ms=lease_ms, stream_id=stream_id, holder=holder
-            )
+        for slot in slots:  # already argv.LeaseSlot's fields, in its order (tests/store)
+            args += slot
         args += TASK_FIELDS
         shortest = min((slot[1] for slot in slots), default=0)
         reply = await self._run(
