@@ -394,9 +394,7 @@ class TaskQueue:
         callers' acks in one script call (group commit). Returns each ack's status, in order
         (STALE, NOT_FOUND and FOREIGN are refusals: see _fenced). Raises the store's error."""
         statuses = await self._acks.submit(queue, call)
-        acked = self.timings.acked
-        for lease_id, status in zip(call.lease_ids, statuses, strict=True):
-            acked(queue, lease_id, status)
+        self.timings.acked_many(queue, call.lease_ids, statuses)
         return statuses
 
     async def _flush_acks(self, queue: str, calls: Sequence[AckCall]) -> list[list[SettleStatus]]:
