@@ -328,7 +328,9 @@ class LeaseSession:
     async def _write_loop(self) -> None:
         while (write := await self._outbox.get()) is not None:
             try:
-                await asyncio.wait_for(self._context.write(write.data), self._write_timeout_s)
+                # A timeout scope, not wait_for: no extra task per write.
+                async with asyncio.timeout(self._write_timeout_s):
+                    await self._context.write(write.data)
             except TimeoutError:
                 # No status can reach a worker that does not read (it would queue behind the
                 # stuck data), so the session lets go: its tasks go back to the queue, and the
