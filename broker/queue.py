@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 from broker.batching import Batcher
 from broker.config import Settings
@@ -24,7 +24,7 @@ from broker.errors import (
     TaskFinished,
 )
 from broker.errors import TaskNotFound as TaskNotFoundError
-from broker.ids import IdGenerator, check_name, parse_task_id
+from broker.ids import LOCAL_ID_PATTERN, NAME_PATTERN, IdGenerator, check_name, parse_task_id
 from broker.models import (
     AckItem,
     CancelStatus,
@@ -161,7 +161,9 @@ class TaskQueue:
         self._enqueue = Batcher[tuple[NewTask, ...], list[EnqueueOutcome]](
             self._flush_enqueue, MAX_BATCH_ITEMS, _enqueue_cost
         )
-        self._acks = Batcher[AckItem, SettleResult](self._store.ack, MAX_BATCH_ITEMS, _one)
+        self._acks = Batcher[AckCall, list[SettleStatus]](
+            self._flush_acks, MAX_BATCH_ITEMS, _ack_cost
+        )
         self._nacks = Batcher[NackItem, SettleResult](self._store.nack, MAX_BATCH_ITEMS, _one)
         self._extends = Batcher[ExtendItem, SettleResult](self._store.extend, MAX_BATCH_ITEMS, _one)
         #: Queue wait and processing time, observed in-process for /metrics (O(1) per task).
@@ -311,6 +313,18 @@ class TaskQueue:
             )
         return AckItem(ref, lease_id, result, holder)
 
+    def check_ack(self, task_id: str, lease_id: str, result: bytes) -> tuple[str, str]:
+        """Checks an ack as ack_item does, building nothing: returns (queue, local id).
+        Raises InvalidArgument."""
+        queue, sep, local_id = task_id.rpartition(":")
+        if not (sep and NAME_PATTERN.fullmatch(queue) and LOCAL_ID_PATTERN.fullmatch(local_id)):
+            parse_task_id("task_id", task_id)  # raises, with the message
+        if not _LEASE_ID.fullmatch(lease_id):
+            self._check_lease_id(lease_id)  # raises, with the message
+        if len(result) > self._settings.max_task_bytes:
+            self.ack_item(task_id, lease_id, result)  # raises, with the message
+        return queue, local_id
+
     def nack_item(
         self,
         task_id: str,
@@ -350,7 +364,10 @@ class TaskQueue:
     ) -> SettleResult:
         """Settles a lease as succeeded; a repeat with the same lease answers AGAIN."""
         item = self.ack_item(task_id, lease_id, result, holder)
-        return _raise_or_return(await self.settle([item]))
+        [status] = await self.ack_many(
+            item.ref.queue, AckCall([item.lease_id], [item.ref.local_id, lease_id, result, holder])
+        )
+        return _raise_or_return([_fenced(item.ref, SettleResult(status))])
 
     async def nack(
         self,
@@ -372,6 +389,25 @@ class TaskQueue:
         item = self.extend_item(task_id, lease_id, duration_ms, holder)
         return _raise_or_return(await self.settle([item]))
 
+    async def ack_many(self, queue: str, call: AckCall) -> list[SettleStatus]:
+        """Applies checked acks of one queue (AckCall: no object per item) with concurrent
+        callers' acks in one script call (group commit). Returns each ack's status, in order
+        (STALE, NOT_FOUND and FOREIGN are refusals: see _fenced). Raises the store's error."""
+        statuses = await self._acks.submit(queue, call)
+        self.timings.acked_many(queue, call.lease_ids, statuses)
+        return statuses
+
+    async def _flush_acks(self, queue: str, calls: Sequence[AckCall]) -> list[list[SettleStatus]]:
+        if len(calls) == 1:
+            return [await self._store.ack(queue, calls[0].args)]
+        statuses = await self._store.ack(queue, [arg for call in calls for arg in call.args])
+        out, start = [], 0
+        for call in calls:
+            end = start + len(call.lease_ids)
+            out.append(statuses[start:end])
+            start = end
+        return out
+
     async def settle(self, items: Sequence[SettleItem]) -> list[SettleResult | BrokerError]:
         """Applies checked acks, nacks and extensions: concurrent callers' items share one
         script call per queue and kind (group commit). Each item gets its result, or LeaseStale,
@@ -383,7 +419,11 @@ class TaskQueue:
 
         async def run(kind: type, queue: str, positions: list[int]) -> None:
             group = [items[i] for i in positions]
-            outcomes = await self._batcher(kind).submit_many(queue, group)
+            outcomes: list[SettleResult | BaseException]
+            if kind is AckItem:
+                outcomes = await self._ack_outcomes(queue, cast(list[AckItem], group))
+            else:
+                outcomes = await self._batcher(kind).submit_many(queue, group)
             for i, item, outcome in zip(positions, group, outcomes, strict=True):
                 results[i] = self._observe(item, outcome)
 
@@ -394,9 +434,20 @@ class TaskQueue:
             await asyncio.gather(*(run(k, q, p) for (k, q), p in groups.items()))
         return [r for r in results if r is not None]
 
+    async def _ack_outcomes(
+        self, queue: str, items: list[AckItem]
+    ) -> list[SettleResult | BaseException]:
+        """Per-item acks (resume, tests) through ack_many; timings are fed there."""
+        call = AckCall([i.lease_id for i in items], [])
+        for i in items:
+            call.args += (i.ref.local_id, i.lease_id, i.result, i.holder)
+        try:
+            statuses = await self.ack_many(queue, call)
+        except BrokerError as exc:
+            return [exc] * len(items)
+        return [_ACKED[status] for status in statuses]
+
     def _batcher(self, kind: type) -> Batcher[Any, SettleResult]:
-        if kind is AckItem:
-            return self._acks
         if kind is NackItem:
             return self._nacks
         return self._extends
@@ -409,9 +460,7 @@ class TaskQueue:
             if isinstance(outcome, BrokerError):
                 return outcome
             raise outcome  # a bug, not an outcome
-        if isinstance(item, AckItem):
-            self.timings.acked(item.ref.queue, item.lease_id, outcome.status)
-        elif isinstance(item, NackItem):
+        if isinstance(item, NackItem):
             self.timings.nacked(item.lease_id)
         return _fenced(item.ref, outcome)
 
@@ -668,17 +717,22 @@ def _one(_: object) -> int:
 
 
 def _fenced(ref: TaskRef, outcome: SettleResult | BrokerError) -> SettleResult | BrokerError:
-    """A refused fence as its error: the lease is not current, is another principal's, or
-    the task does not exist."""
+    """A refused fence as its error (see refusal)."""
     if isinstance(outcome, BrokerError):
         return outcome
-    if outcome.status is SettleStatus.STALE:
-        return LeaseStale(ref.task_id)
-    if outcome.status is SettleStatus.NOT_FOUND:
-        return TaskNotFoundError(ref.task_id)
-    if outcome.status is SettleStatus.FOREIGN:
-        return ForeignLease(ref.task_id)
-    return outcome
+    return refusal(ref.task_id, outcome.status) or outcome
+
+
+def refusal(task_id: str, status: SettleStatus) -> BrokerError | None:
+    """A refused fence's error: the lease is not current, is another principal's, or the task
+    does not exist. None: the settlement was applied (or repeated)."""
+    if status is SettleStatus.STALE:
+        return LeaseStale(task_id)
+    if status is SettleStatus.NOT_FOUND:
+        return TaskNotFoundError(task_id)
+    if status is SettleStatus.FOREIGN:
+        return ForeignLease(task_id)
+    return None
 
 
 def _positions_by_queue(refs: Sequence[TaskRef]) -> dict[str, list[int]]:
@@ -701,6 +755,23 @@ def _enqueue_cost(call: tuple[NewTask, ...]) -> int:
 
 #: Acks, nacks and extensions, checked and ready for the store.
 SettleItem: TypeAlias = AckItem | NackItem | ExtendItem
+
+
+@dataclass(slots=True)
+class AckCall:
+    """Checked acks of one queue as columns, not an object per item: their lease ids, and the
+    ack script's per-item arguments (store/argv.py AckItem: id, lease_id, result, holder)."""
+
+    lease_ids: list[str]
+    args: list[str | bytes]
+
+
+def _ack_cost(call: AckCall) -> int:
+    return len(call.lease_ids)
+
+
+#: One SettleResult per ack status (they carry nothing else), shared.
+_ACKED: dict[SettleStatus, SettleResult] = {s: SettleResult(s) for s in SettleStatus}
 
 
 def _raise_or_return(results: list[SettleResult | BrokerError]) -> SettleResult:

@@ -14,7 +14,7 @@ from bench.scenarios.common import PAYLOAD
 from bench.worker_proc import TASK_TYPE
 from broker.config import Settings
 from broker.ids import new_lease_id
-from broker.models import AckItem
+from broker.models import SettleStatus
 from broker.queue import TaskQueue, TaskRequest
 from broker.store.connect import redis_client
 from broker.store.redis_store import RedisStore
@@ -73,9 +73,11 @@ async def _lifecycle(
         batch = await store.lease(
             queue, [(new_lease_id(), LEASE_MS, "bench", "") for _ in range(BATCH)]
         )
-        acks = [AckItem(lease.task.ref, lease.lease_id, b"") for lease in batch.leases]
+        acks: list[str | bytes] = []
+        for lease in batch.leases:  # argv.AckItem: id, lease id, result, holder
+            acks += (lease.task.ref.local_id, lease.lease_id, b"", "")
         results = await store.ack(queue, acks)
-        if len(results) != BATCH or any(r.status.value != "ok" for r in results):
-            raise RuntimeError("a batch leased {len(acks)} and acked {results[:3]}...")
+        if len(results) != BATCH or any(r is not SettleStatus.OK for r in results):
+            raise RuntimeError(f"a batch leased {len(batch.leases)} and acked {results[:3]}...")
         done += BATCH
     return done, time.perf_counter() - started

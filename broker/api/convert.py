@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -77,27 +78,36 @@ def _dur(ms: int) -> dict[str, int]:
 
 
 def task_to_proto(task: Task) -> task_pb2.Task:
-    # Built as keyword arguments (typed Any: the stubs do not know upb takes dicts).
+    return task_pb2.Task(**_task_fields(task))
+
+
+def _task_fields(task: Task) -> dict[str, Any]:
+    """A Task as constructor input (typed Any: the stubs do not know upb takes dicts). Runs for
+    every delivery, so fields at their proto3 default (no presence: never encoded) are left
+    out rather than set, and values shared by most tasks come from caches."""
+    ref = task.ref
     fields: dict[str, Any] = {
-        "id": task.ref.task_id,
-        "queue": task.ref.queue,
+        "id": f"{ref.queue}:{ref.local_id}",  # TaskRef.task_id, without the property call
+        "queue": ref.queue,
         "type": task.type,
         "payload": task.payload,
-        "headers": task.headers,
-        "priority": task.priority,
-        "state": int(task.state),
+        "state": task.state,  # an IntEnum: upb takes it as the number
         "attempt": task.attempt,
         "max_attempts": task.max_attempts,
-        "last_error": task.last_error,
-        "result": task.result,
-        "retry_policy": {
-            "initial_backoff": _dur(task.initial_backoff_ms),
-            "max_backoff": _dur(task.max_backoff_ms),
-        },
+        "retry_policy": _retry_policy(task.initial_backoff_ms, task.max_backoff_ms),
         "create_time": _ts(task.create_ms),
     }
+    if task.headers:
+        fields["headers"] = task.headers
+    if task.priority:
+        fields["priority"] = task.priority
+    if task.last_error:
+        fields["last_error"] = task.last_error
+    if task.result:
+        fields["result"] = task.result
     if task.schedule_ms:
-        fields["schedule_time"] = _ts(task.schedule_ms)
+        same = task.schedule_ms == task.create_ms  # a task due at once
+        fields["schedule_time"] = fields["create_time"] if same else _ts(task.schedule_ms)
     if task.lease_expire_ms is not None:
         fields["lease_expire_time"] = _ts(task.lease_expire_ms)
     if task.finish_ms is not None:
@@ -109,14 +119,41 @@ def task_to_proto(task: Task) -> task_pb2.Task:
             {"attempt": e.attempt, "message": e.message, "time": _ts(e.time_ms)}
             for e in task.errors
         ]
-    return task_pb2.Task(**fields)
+    return fields
+
+
+#: RetryPolicy inputs by (initial, max) backoff ms: nearly every task has the defaults. upb
+#: only reads these dicts, so one may serve many messages.
+_RETRY_POLICIES: dict[tuple[int, int], dict[str, Any]] = {}
+
+
+def _retry_policy(initial_ms: int, max_ms: int) -> dict[str, Any]:
+    policy = _RETRY_POLICIES.get((initial_ms, max_ms))
+    if policy is None:
+        if len(_RETRY_POLICIES) >= 256:
+            _RETRY_POLICIES.clear()
+        policy = {"initial_backoff": _dur(initial_ms), "max_backoff": _dur(max_ms)}
+        _RETRY_POLICIES[initial_ms, max_ms] = policy
+    return policy
+
+
+def _delivery_fields(lease: Lease) -> dict[str, Any]:
+    fields = _task_fields(lease.task)
+    expire = fields.get("lease_expire_time")  # lease.lua sets it to the lease's expiry
+    if expire is None or lease.task.lease_expire_ms != lease.expire_ms:
+        expire = _ts(lease.expire_ms)
+    return {"task": fields, "lease_id": lease.lease_id, "lease_expire_time": expire}
 
 
 def delivery(lease: Lease) -> lease_pb2.Delivery:
-    expire: Any = _ts(lease.expire_ms)
-    return lease_pb2.Delivery(
-        task=task_to_proto(lease.task), lease_id=lease.lease_id, lease_expire_time=expire
-    )
+    return lease_pb2.Delivery(**_delivery_fields(lease))
+
+
+def deliveries(leases: Sequence[Lease]) -> bytes:
+    """The encoding of a Deliveries message of these leases. Built as one message from dicts:
+    a message per task, copied into the list, cost a third more."""
+    items: Any = [_delivery_fields(lease) for lease in leases]
+    return lease_pb2.Deliveries(deliveries=items).SerializeToString()
 
 
 def stats_to_proto(s: QueueStats) -> bs.QueueStats:

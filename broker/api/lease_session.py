@@ -8,14 +8,15 @@ import logging
 import secrets
 import time
 from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from broker.api import convert
+from broker.api import convert, settle_wire
 from broker.api.limits import Pacer, RateMeter
-from broker.api.outbox import MAX_MESSAGE_BYTES, MERGEABLE, Message, Outbox
+from broker.api.outbox import MAX_MESSAGE_BYTES, MERGEABLE, Message, Outbox, wrap
 from broker.api.status import error_status, to_status
 from broker.auth.authorize import Authorizer
 from broker.auth.principal import Role, current_principal
@@ -29,7 +30,7 @@ from broker.errors import (
 )
 from broker.ids import check_name
 from broker.models import ExtendItem, HeldLease, Lease, SettleResult, SettleStatus, TaskRef
-from broker.queue import MAX_LEASE_MS, MIN_LEASE_MS, SettleItem
+from broker.queue import MAX_LEASE_MS, MIN_LEASE_MS, AckCall, SettleItem, refusal
 from taskbroker.v1 import lease_pb2
 
 if TYPE_CHECKING:
@@ -327,7 +328,9 @@ class LeaseSession:
     async def _write_loop(self) -> None:
         while (write := await self._outbox.get()) is not None:
             try:
-                await asyncio.wait_for(self._context.write(write.data), self._write_timeout_s)
+                # A timeout scope, not wait_for: no extra task per write.
+                async with asyncio.timeout(self._write_timeout_s):
+                    await self._context.write(write.data)
             except TimeoutError:
                 # No status can reach a worker that does not read (it would queue behind the
                 # stuck data), so the session lets go: its tasks go back to the queue, and the
@@ -357,13 +360,20 @@ class LeaseSession:
         """Called by the queue pump with tasks leased for this stream."""
         if self.closed:
             return False
-        deliveries: list[lease_pb2.Delivery] = []
-        lease_ids: list[str] = []
-        size = 0
+        lease_ids = [lease.lease_id for lease in leases]
+        held, unsent, register = self._held, self._unsent, self._registry.held
         for lease in leases:
-            self._held[lease.lease_id] = lease.task.ref
-            self._unsent.add(lease.lease_id)
-            self._registry.held(lease.lease_id, self)
+            held[lease.lease_id] = lease.task.ref
+            register(lease.lease_id, self)
+        unsent.update(lease_ids)
+        inner = convert.deliveries(leases)
+        if len(inner) <= MAX_MESSAGE_BYTES or len(leases) == 1:
+            self._outbox.put_nowait(Message("deliveries", inner, lease_ids))
+            return True
+        # Too large for one frame (large payloads): split, measuring each delivery.
+        deliveries: list[lease_pb2.Delivery] = []
+        lease_ids, size = [], 0
+        for lease in leases:
             delivery = convert.delivery(lease)
             delivery_size = delivery.ByteSize()
             if deliveries and size + delivery_size > MAX_MESSAGE_BYTES:
@@ -582,56 +592,162 @@ class LeaseSession:
         Chunks are applied one after the other, each of at most _SETTLE_CHUNK_ITEMS items and
         _SETTLE_CHUNK_GROUPS groups (a script call each), so one frame never holds the event
         loop or the Redis pool for long; a paced frame (pacer) rests between slices."""
-        chunk: list[tuple[str, _SettleFrame]] = []
-        in_chunk = 0  # groups with items in chunk
-        for (kind, _), messages in groups.items():
-            in_chunk += 1
-            for msg in messages:
-                if len(chunk) == _SETTLE_CHUNK_ITEMS or in_chunk > _SETTLE_CHUNK_GROUPS:
+        chunk: list[_Group] = []
+        items = 0
+        for (kind, queue), messages in groups.items():
+            start = 0
+            while start < len(messages):
+                if items == _SETTLE_CHUNK_ITEMS or len(chunk) == _SETTLE_CHUNK_GROUPS:
                     await self._settle_chunk(chunk, pacer)
-                    chunk, in_chunk = [], 1
-                chunk.append((kind, msg))
+                    chunk, items = [], 0
+                part = messages[start : start + _SETTLE_CHUNK_ITEMS - items]
+                chunk.append(_Group(kind, queue, part))
+                items += len(part)
+                start += len(part)
         if chunk:
             await self._settle_chunk(chunk, pacer)
 
-    async def _settle_chunk(
-        self, frames: list[tuple[str, _SettleFrame]], pacer: Pacer | None
+    async def _settle_chunk(self, groups: list[_Group], pacer: Pacer | None) -> None:
+        """Checks a chunk, applies it (a settle call per kind and queue, concurrently), and
+        answers it; the Python work is done _CPU_SLICE items at a time, letting others run in
+        between. Acks, the bulk of a worker's traffic, go through as columns (ids and lease ids
+        in lists, answers written as bytes: settle_wire), with no object per item."""
+        answers: list[bytes] = []  # in the chunk's order; b"" until applied
+        acks: list[_AckGroup] = []
+        others = _Others()
+        for group in groups:
+            if group.kind == "ack":
+                acks.append(await self._check_acks(group, answers, pacer))
+            else:
+                await self._check_others(group, answers, others, pacer)
+        work = [self._apply_acks(group) for group in acks if group.call.lease_ids]
+        if others.items:
+            work.append(self._apply_others(others))
+        if len(work) == 1:
+            await work[0]
+        elif work:
+            await asyncio.gather(*work)
+        if pacer is not None:
+            pacer.restart()  # the wait on Redis was not this frame's busy time
+        done = 0
+        for ack_group in acks:
+            done = await self._answer_acks(ack_group, answers, done, pacer)
+        for n, (i, item, outcome) in enumerate(
+            zip(others.positions, others.items, others.outcomes, strict=True)
+        ):
+            if n and not n % _CPU_SLICE:
+                await _pause(pacer)
+            answer = others.answers[i]
+            self._answer(answer, item, outcome)
+            answers[i] = wrap(_RESULTS_FIELD, answer.SerializeToString())
+        await self._outbox.put(Message("settle_results", b"".join(answers)))
+        if not work or pacer is not None:
+            await _pause(pacer)  # an all-invalid chunk still lets others run
+
+    async def _check_acks(
+        self, group: _Group, answers: list[bytes], pacer: Pacer | None
+    ) -> _AckGroup:
+        """Checks a group's acks: the valid ones go into its columns, the others are answered."""
+        acks = _AckGroup(group.queue)
+        check, holder = self._tasks.check_ack, self._holder
+        task_ids, lease_ids, args = acks.task_ids, acks.call.lease_ids, acks.call.args
+        for n, msg in enumerate(group.messages):
+            if n and not n % _CPU_SLICE:
+                await _pause(pacer)
+            task_id, lease_id, result = msg.task_id, msg.lease_id, msg.result  # type: ignore[union-attr]
+            try:
+                _, local_id = check(task_id, lease_id, result)
+            except InvalidArgument as exc:
+                answers.append(_refusal(task_id, lease_id, _ACK, exc))
+                continue
+            acks.positions.append(len(answers))
+            answers.append(b"")
+            task_ids.append(task_id)
+            lease_ids.append(lease_id)
+            args += (local_id, lease_id, result, holder)
+        if task_ids:
+            try:
+                self._authorizer.require(Role.CONSUME, [group.queue], "ack")
+            except PermissionDenied as exc:
+                # Each item is refused (and reported) as when they were checked one by one.
+                for i, (task_id, lease_id) in enumerate(zip(task_ids, lease_ids, strict=True)):
+                    if i:
+                        self._authorizer.denied(exc)
+                    answers[acks.positions[i]] = _refusal(task_id, lease_id, _ACK, exc)
+                return _AckGroup(group.queue)
+        return acks
+
+    async def _apply_acks(self, acks: _AckGroup) -> None:
+        try:
+            acks.statuses = await self._tasks.ack_many(acks.queue, acks.call)
+        except BrokerError as exc:
+            acks.error = exc
+        except Exception:  # a bug: answer "outcome unknown" rather than leave the worker waiting
+            log.exception(
+                "lease stream %s: settling %d acks failed", self.stream_id, len(acks.task_ids)
+            )
+            acks.error = BrokerError("internal error; retry")
+
+    async def _answer_acks(
+        self, acks: _AckGroup, answers: list[bytes], done: int, pacer: Pacer | None
+    ) -> int:
+        """Writes the answers of applied acks; a settled (or stale) lease is forgotten.
+        Returns the count of answers written so far in the chunk (for pacing)."""
+        forget = self._registry.forget
+        statuses: Sequence[SettleStatus | None] = acks.statuses or [None] * len(acks.task_ids)
+        for i, task_id, lease_id, status in zip(
+            acks.positions, acks.task_ids, acks.call.lease_ids, statuses, strict=True
+        ):
+            if done and not done % _CPU_SLICE:
+                await _pause(pacer)
+            done += 1
+            if status is SettleStatus.OK:
+                answers[i] = settle_wire.ok_answer(task_id, lease_id, _ACK_OK)
+            elif status is SettleStatus.AGAIN:
+                answers[i] = settle_wire.ok_answer(task_id, lease_id, _ACK_AGAIN)
+            else:
+                error = acks.error if status is None else refusal(task_id, status)
+                assert error is not None
+                if isinstance(error, ForeignLease):
+                    self._authorizer.denied(error)
+                answers[i] = _refusal(task_id, lease_id, _ACK, error)
+                if not isinstance(error, LeaseStale):
+                    continue
+            # Settled, or no longer this stream's to settle: forget it.
+            forget(lease_id)
+            self.forget(lease_id)
+        return done
+
+    async def _check_others(
+        self, group: _Group, answers: list[bytes], others: _Others, pacer: Pacer | None
     ) -> None:
-        """Checks a chunk, applies it in one settle call, and answers it; the Python work is
-        done _CPU_SLICE items at a time, letting others run in between."""
-        answers: list[lease_pb2.SettleResult] = []
-        items: list[SettleItem] = []
-        checked: list[int] = []
-        for i, (kind, msg) in enumerate(frames):
-            if i and not i % _CPU_SLICE:
+        """Checks a group of nacks or extensions, one SettleItem each (they are rare)."""
+        for n, msg in enumerate(group.messages):
+            if n and not n % _CPU_SLICE:
                 await _pause(pacer)
             answer = lease_pb2.SettleResult(
-                task_id=msg.task_id, lease_id=msg.lease_id, kind=_KINDS[kind]
+                task_id=msg.task_id, lease_id=msg.lease_id, kind=_KINDS[group.kind]
             )
-            answers.append(answer)
             try:
-                items.append(self._check(kind, msg))
-                checked.append(i)
+                item = self._check(group.kind, msg)
             except (InvalidArgument, PermissionDenied) as exc:
                 answer.outcome = _OUTCOMES[type(exc)]
                 answer.message = str(exc)
-        outcomes: list[SettleResult | BrokerError] = []
+                answers.append(wrap(_RESULTS_FIELD, answer.SerializeToString()))
+                continue
+            others.answers[len(answers)] = answer
+            others.positions.append(len(answers))
+            others.items.append(item)
+            answers.append(b"")
+
+    async def _apply_others(self, others: _Others) -> None:
         try:
-            outcomes = await self._tasks.settle(items) if items else []
+            others.outcomes = await self._tasks.settle(others.items)
         except Exception:  # a bug: answer "outcome unknown" rather than leave the worker waiting
-            log.exception("lease stream %s: settling %d items failed", self.stream_id, len(items))
-            outcomes = [BrokerError("internal error; retry")] * len(items)
-        if pacer is not None:
-            pacer.restart()  # the wait on Redis was not this frame's busy time
-        for n, (i, item, outcome) in enumerate(zip(checked, items, outcomes, strict=True)):
-            if n and not n % _CPU_SLICE:
-                await _pause(pacer)
-            self._answer(answers[i], item, outcome)
-        await self._outbox.put(
-            _message(Frame(settle_results=lease_pb2.SettleResults(results=answers)))
-        )
-        if not items or pacer is not None:
-            await _pause(pacer)  # an all-invalid chunk still lets others run
+            log.exception(
+                "lease stream %s: settling %d items failed", self.stream_id, len(others.items)
+            )
+            others.outcomes = [BrokerError("internal error; retry")] * len(others.items)
 
     def _check(self, kind: str, msg: _SettleFrame) -> SettleItem:
         """The checked item; InvalidArgument, or PermissionDenied without consume on its queue
@@ -692,6 +808,45 @@ _SettleFrame: TypeAlias = (
     lease_pb2.AckRequest | lease_pb2.NackRequest | lease_pb2.ExtendLeaseRequest
 )
 
+
+class _Group(NamedTuple):
+    """Settlements of one kind on one queue, in one chunk."""
+
+    kind: str
+    queue: str
+    messages: Sequence[_SettleFrame]
+
+
+@dataclass(slots=True)
+class _AckGroup:
+    """A group's valid acks as columns: where each is answered in the chunk, its task id, and
+    the lease ids and script arguments handed to the queue."""
+
+    queue: str
+    positions: list[int] = field(default_factory=list)
+    task_ids: list[str] = field(default_factory=list)
+    call: AckCall = field(default_factory=lambda: AckCall([], []))
+    statuses: list[SettleStatus] | None = None
+    error: BrokerError | None = None
+
+
+@dataclass(slots=True)
+class _Others:
+    """A chunk's valid nacks and extensions: answers by position, items, outcomes."""
+
+    answers: dict[int, lease_pb2.SettleResult] = field(default_factory=dict)
+    positions: list[int] = field(default_factory=list)
+    items: list[SettleItem] = field(default_factory=list)
+    outcomes: list[SettleResult | BrokerError] = field(default_factory=list)
+
+
+def _refusal(task_id: str, lease_id: str, kind: int, error: BrokerError) -> bytes:
+    """A refused settlement's answer as bytes; any error not in _OUTCOMES means "outcome
+    unknown, retry"."""
+    outcome = _OUTCOMES.get(type(error), lease_pb2.SETTLE_OUTCOME_UNAVAILABLE)
+    return settle_wire.answer(task_id, lease_id, kind, outcome, str(error))
+
+
 #: One chunk of settlements: at most this many items ...
 _SETTLE_CHUNK_ITEMS = 256
 #: ... of at most this many (kind, queue) groups, each one script call at a time.
@@ -715,6 +870,12 @@ async def _pause(pacer: Pacer | None) -> None:
         await pacer.pause()
 
 
+_ACK = lease_pb2.SETTLE_KIND_ACK
+#: The ends of an applied ack's answer (settle_wire.ok_answer), built once.
+_ACK_OK = settle_wire.ok_tail(_ACK, already_settled=False)
+_ACK_AGAIN = settle_wire.ok_tail(_ACK, already_settled=True)
+#: SettleResults.results.
+_RESULTS_FIELD = lease_pb2.SettleResults.DESCRIPTOR.fields_by_name["results"].number
 _KINDS = {
     "ack": lease_pb2.SETTLE_KIND_ACK,
     "nack": lease_pb2.SETTLE_KIND_NACK,

@@ -17,7 +17,6 @@ from redis.asyncio.cluster import RedisCluster
 from broker.errors import StoreFull, StoreUnavailable
 from broker.ids import entry_id
 from broker.models import (
-    AckItem,
     AttemptError,
     CancelResult,
     CancelStatus,
@@ -172,7 +171,9 @@ def decode_task(ref: TaskRef, h: dict[bytes, bytes]) -> Task:
 
 
 def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
-    """Builds a Task from the values of TASK_FIELDS, in order (None: field absent)."""
+    """Builds a Task from the values of TASK_FIELDS, in order (None: field absent). Runs for
+    every leased task: Task is built positionally (in its field order) and numbers go through
+    _num, a cheaper _int."""
     type_, payload, hdr, pri, state, att, max_, ctime, stime = v[:9]
     etime, ftime, lerr, errs, res, lease_ms, initial_backoff, max_backoff, lid = v[9:]
     errors = tuple(  # absent until an attempt fails: no JSON on the hot path
@@ -180,26 +181,36 @@ def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
         for a, t, m in (json.loads(errs) if errs else ())
     )
     return Task(
-        ref=ref,
-        type=_text(type_),
-        payload=payload or b"",
-        headers=json.loads(hdr) if hdr else {},
-        priority=_int(pri),
-        state=TaskState(_int(state, TaskState.PENDING)),
-        attempt=_int(att),
-        max_attempts=_int(max_, 1),
-        create_ms=_int(ctime),
-        schedule_ms=_int(stime),
-        lease_expire_ms=_int(etime) or None,  # the scripts store 0 for "not leased"
-        finish_ms=_int(ftime) or None,
-        last_error=_text(lerr),
-        errors=errors,
-        result=res or b"",
-        lease_ms=_int(lease_ms) or None,
-        initial_backoff_ms=_int(initial_backoff),
-        max_backoff_ms=_int(max_backoff),
-        lease_id=_text(lid) or None,
+        ref,
+        _text(type_),
+        payload or b"",
+        json.loads(hdr) if hdr else {},
+        _num(pri),
+        _state(_num(state, TaskState.PENDING)),
+        _num(att),
+        _num(max_, 1),
+        _num(ctime),
+        _num(stime),
+        _num(etime) or None,  # the scripts store 0 for "not leased"
+        _num(ftime) or None,
+        _text(lerr),
+        errors,
+        res or b"",
+        _num(lease_ms) or None,
+        _num(initial_backoff),
+        _num(max_backoff),
+        _text(lid) or None,
     )
+
+
+def _num(value: bytes | None, default: int = 0) -> int:
+    """_int for a stored value: empty or absent is `default`."""
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        return _int(value, default)
 
 
 def _with_held(head: Iterable[str | int], leases: Sequence[tuple[str, str]]) -> list[str | int]:
@@ -216,13 +227,23 @@ def _leased(task: Task) -> Lease:
     return Lease(task=task, lease_id=task.lease_id, expire_ms=task.lease_expire_ms)
 
 
+#: A settle script's status words, decoded by lookup (an Enum call per item costs more).
+_STATUSES: Final = {s.value.encode(): s for s in SettleStatus}
+#: TaskState by stored number, for the same reason.
+_STATES: Final = {int(s): s for s in TaskState}
+
+
+def _state(number: int) -> TaskState:
+    return _STATES.get(number) or TaskState(number)  # an unknown number raises ValueError
+
+
 def _settle(reply: list[bytes]) -> SettleResult:
-    status = SettleStatus(_text(reply[0]))
+    status = _STATUSES[reply[0]]
     if len(reply) == 1:
         return SettleResult(status)
     if len(reply) == 2:  # extension: {'ok', expiry}
         return SettleResult(status, time_ms=int(reply[1]))
-    return SettleResult(status, state=TaskState(int(reply[1])), time_ms=_time_or_none(reply[2]))
+    return SettleResult(status, state=_STATES[int(reply[1])], time_ms=_time_or_none(reply[2]))
 
 
 class RedisStore:
@@ -503,10 +524,8 @@ class RedisStore:
                 task_prefix=keys.task_prefix, fresh_prefix=keys.fresh_prefix, n=len(slots)
             )
         ]
-        for lease_id, lease_ms, stream_id, holder in slots:
-            args += argv.LeaseSlot(
-                lease_id=lease_id, lease_ms=lease_ms, stream_id=stream_id, holder=holder
-            )
+        for slot in slots:  # already argv.LeaseSlot's fields, in its order (tests/store)
+            args += slot
         args += TASK_FIELDS
         shortest = min((slot[1] for slot in slots), default=0)
         reply = await self._run(
@@ -538,21 +557,24 @@ class RedisStore:
             self.unhinted.add(hint.queue)
             log.warning("due-index hint failed (resent by the maintainer): %s", exc)
 
-    async def ack(self, queue: str, items: Sequence[AckItem]) -> list[SettleResult]:
+    async def ack(self, queue: str, items: Sequence[str | bytes]) -> list[SettleStatus]:
+        """Acks, given as the script's flat per-item arguments (argv.AckItem, 4 per ack) so a
+        large batch builds no object per item; one status per ack, in order."""
         keys = QueueKeys(queue)
-        args: list[str | bytes | int] = [*argv.AckArgs(task_prefix=keys.task_prefix, n=len(items))]
-        for item in items:
-            args += argv.AckItem(
-                id=item.ref.local_id, lease_id=item.lease_id, result=item.result, holder=item.holder
-            )
+        args = [*argv.AckArgs(task_prefix=keys.task_prefix, n=len(items) // 4), *items]
         reply = await self._run(
             "ack",
             [keys.leased, keys.done, keys.stats],
             args,
             hint=Hint(queue, delay_ms=max(0, self._finished_ms - HINT_MARGIN_MS)),
         )
-        results = [SettleResult(SettleStatus(_text(r))) for r in reply[1:]]
-        return await self._stale_if_fresh([i.ref for i in items], results)
+        statuses = [_STATUSES[r] for r in reply[1:]]
+        if SettleStatus.NOT_FOUND in statuses:  # rare: see _stale_if_fresh
+            for i, status in enumerate(statuses):
+                ref = TaskRef(queue, str(items[4 * i]))  # argv.AckItem: id comes first
+                if status is SettleStatus.NOT_FOUND and await self.get(ref) is not None:
+                    statuses[i] = SettleStatus.STALE
+        return statuses
 
     async def nack(self, queue: str, items: Sequence[NackItem]) -> list[SettleResult]:
         keys = QueueKeys(queue)

@@ -215,6 +215,37 @@ async def test_a_settlements_frame_is_answered_per_item_and_grants_its_credits(
     await worker.close()
 
 
+async def test_a_frames_acks_are_each_answered_in_order_with_their_refusal(stub: Stub) -> None:
+    await enqueue(stub, spec(), spec())
+    worker = await LeaseStream(stub).open(["emails"], credits=2, lease=timedelta(seconds=5))
+    a, b = await worker.take(2)
+    assert (await worker.ack(a)).outcome == lease_pb2.SETTLE_OUTCOME_OK
+    unknown = "emails:" + "0" * 26
+    items = [
+        (b.task.id, b.lease_id),  # applied
+        (a.task.id, a.lease_id),  # a repeat of an applied ack
+        ("emails:nope", b.lease_id),  # malformed task id
+        (unknown, b.lease_id),  # no such task
+        (b.task.id, "f" * 32),  # not its lease
+    ]
+    acks = [lease_pb2.AckRequest(task_id=t, lease_id=lid) for t, lid in items]
+    await worker.call.write(lease_pb2.LeaseRequest(settlements=lease_pb2.Settlements(acks=acks)))
+
+    answers = [await asyncio.wait_for(worker.results.get(), 5) for _ in items]
+    assert [(r.task_id, r.lease_id) for r in answers] == items
+    assert {r.kind for r in answers} == {lease_pb2.SETTLE_KIND_ACK}
+    assert [(r.outcome, r.already_settled) for r in answers] == [
+        (lease_pb2.SETTLE_OUTCOME_OK, False),
+        (lease_pb2.SETTLE_OUTCOME_OK, True),
+        (lease_pb2.SETTLE_OUTCOME_INVALID_ARGUMENT, False),
+        (lease_pb2.SETTLE_OUTCOME_NOT_FOUND, False),
+        (lease_pb2.SETTLE_OUTCOME_LEASE_STALE, False),
+    ]
+    assert "task_id" in answers[2].message and unknown in answers[3].message
+    assert all(r.message for r in answers[2:]) and not any(r.message for r in answers[:2])
+    await worker.close()
+
+
 async def test_a_frame_of_many_acks_takes_a_few_script_calls(
     stub: Stub, redis_client: redis.Redis
 ) -> None:

@@ -862,3 +862,10 @@ async def test_a_lease_made_or_presented_without_a_policy_is_unbound(tasks: Task
     assert (await tasks.ack(first, by_id[first], b"", holder="y")).status is SettleStatus.OK
     # Presented after the policy was removed: anonymous settles it, as before policies.
     assert (await tasks.ack(second, by_id[second], b"", holder="")).status is SettleStatus.OK
+
+
+def test_a_lease_slot_is_the_lease_scripts_slot_arguments_in_order() -> None:
+    # RedisStore.lease hands each LeaseSlot tuple to the script as it is.
+    from broker.store import argv
+
+    assert argv.LeaseSlot._fields == ("lease_id", "lease_ms", "stream_id", "holder")

@@ -73,6 +73,23 @@ def test_processing_is_observed_once_per_first_ack_and_failed_leases_are_forgott
     assert timings.processing["q"].count == 1
 
 
+def test_acks_observed_together_count_as_they_would_one_by_one() -> None:
+    timings = TaskTimings(max_tracked=3)
+    timings.leased("q", leased(1_000, *[1_000] * 4, first_id=0))  # a generation of its own
+    timings.leased("q", leased(1_000, 1_000, 1_000, first_id=4))
+    timings.nacked("lease-5")
+    ok, again, stale = SettleStatus.OK, SettleStatus.AGAIN, SettleStatus.STALE
+    timings.acked_many(
+        "q",
+        ["lease-0", "lease-0", "lease-1", "lease-4", "lease-5", "unknown"],
+        [ok, again, stale, ok, ok, ok],
+    )
+    assert timings.processing["q"].count == 2  # lease-0 (previous generation) and lease-4
+    assert timings.tracked == 2  # lease-2 and lease-3, still held
+    timings.acked_many("other", [], [])
+    assert "other" not in timings.processing
+
+
 def test_lease_starts_never_acked_here_age_out_after_two_generations() -> None:
     timings = TaskTimings(max_tracked=3)
     timings.leased("q", leased(1_000, *[1_000] * 4, first_id=0))  # 4 > 3: a new generation
