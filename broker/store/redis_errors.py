@@ -7,9 +7,11 @@ URL or its password.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Final
 
 import redis.exceptions as rex
+from redis.asyncio import connection as _connection
 
 RETRY: Final = "; retry"
 _CREDENTIALS: Final = (
@@ -58,3 +60,21 @@ def unavailable_message(exc: BaseException) -> str:
 def is_unavailable_reply(exc: rex.ResponseError) -> bool:
     """An error reply that means "not now" (loading, failover), not a broken command."""
     return str(exc).split(" ", 1)[0] in _BY_PREFIX
+
+
+_CONNECTION_MODULE: Final = Path(_connection.__file__).resolve()
+
+
+def is_connection_torn_down(exc: BaseException) -> bool:
+    """An AttributeError or TypeError raised inside redis-py's connection code: writing to a
+    connection whose transport was torn down meanwhile (Redis closed it, a failover) leaks as
+    one of these rather than a ConnectionError (redis-py issue #4287). It means "the connection
+    is gone", the same as a ConnectionError; any other such error is a bug and stays one."""
+    if not isinstance(exc, AttributeError | TypeError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).resolve() == _CONNECTION_MODULE:
+            return True
+        tb = tb.tb_next
+    return False

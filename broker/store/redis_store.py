@@ -43,7 +43,11 @@ from broker.models import (
 from broker.store import argv
 from broker.store.due_index import DueIndex
 from broker.store.keys import QUEUES_KEY, REVOKE_CHANNEL, WAKE_CHANNEL, QueueKeys
-from broker.store.redis_errors import is_unavailable_reply, unavailable_message
+from broker.store.redis_errors import (
+    is_connection_torn_down,
+    is_unavailable_reply,
+    unavailable_message,
+)
 from broker.store.scripts import Scripts
 from broker.store.wire import CommandLane
 
@@ -105,6 +109,10 @@ def _translate() -> Iterator[None]:
         if "OOM command not allowed" in str(exc):  # the same refusal, raised inside a script
             raise StoreFull(_FULL) from exc
         if is_unavailable_reply(exc):
+            raise StoreUnavailable(unavailable_message(exc)) from exc
+        raise
+    except (AttributeError, TypeError) as exc:
+        if is_connection_torn_down(exc):
             raise StoreUnavailable(unavailable_message(exc)) from exc
         raise
 
