@@ -43,7 +43,10 @@ class Write:
     lease_ids: list[str]
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """A protobuf varint (one byte for the small values most fields hold)."""
+    if value < 0x80:
+        return bytes((value,))
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -54,7 +57,7 @@ def _varint(value: int) -> bytes:
 
 def wrap(field_number: int, inner: bytes) -> bytes:
     """The encoding of a message whose only field set is `field_number`, holding `inner`."""
-    return _varint(field_number << 3 | 2) + _varint(len(inner)) + inner
+    return varint(field_number << 3 | 2) + varint(len(inner)) + inner
 
 
 class Outbox:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from broker.api.outbox import wrap
+from broker.api.outbox import varint, wrap
 
 #: SettleResult's fields: task_id = 1, lease_id = 2, kind = 3, outcome = 4, message = 5,
 #: already_settled = 6, lease_expire_time = 7 (a Timestamp: seconds = 1, nanos = 2).
@@ -26,20 +26,9 @@ _RESULTS: Final = 0x0A
 OUTCOME_OK: Final = 1
 
 
-def _varint(value: int) -> bytes:
-    if value < 0x80:
-        return bytes((value,))
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _string(tag: int, text: str) -> bytes:
     data = text.encode()
-    return bytes((tag,)) + _varint(len(data)) + data
+    return bytes((tag,)) + varint(len(data)) + data
 
 
 def _timestamp(ms: int) -> bytes:
@@ -47,9 +36,9 @@ def _timestamp(ms: int) -> bytes:
     seconds, nanos = ms // 1000, (ms % 1000) * 1_000_000
     out = b""
     if seconds:  # int64: a negative value is its 64-bit two's complement
-        out += b"\x08" + _varint(seconds & 0xFFFF_FFFF_FFFF_FFFF)
+        out += b"\x08" + varint(seconds & 0xFFFF_FFFF_FFFF_FFFF)
     if nanos:
-        out += b"\x10" + _varint(nanos)
+        out += b"\x10" + varint(nanos)
     return out
 
 
@@ -76,7 +65,7 @@ def answer(
         body += bytes((_ALREADY, 1))
     if expire_ms is not None:
         body += wrap(_EXPIRE >> 3, _timestamp(expire_ms))
-    return bytes((_RESULTS,)) + _varint(len(body)) + body
+    return bytes((_RESULTS,)) + varint(len(body)) + body
 
 
 def ok_answer(task_id: str, lease_id: str, tail: bytes) -> bytes:
