@@ -776,8 +776,13 @@ async def test_each_queues_keys_share_one_slot(tasks: TaskQueue, topology: Topol
     for q in queues:
         mine = [k for k in keys if f"{{{q}}}" in k]
         kinds = {k.split(":")[2] for k in mine}
-        assert kinds == {
-            "pending", "scheduled", "leased", "done", "dead", "stats", "meta", "t", "idem",
+        # What still waits is one fresh task (stream "f" + index "fp") and one retried task
+        # (zset "pending"); which of the two lease_one took depends on their scores, so
+        # either pending layout may remain, and at least one of them must.
+        waiting = kinds - {"scheduled", "leased", "done", "dead", "stats", "meta", "t", "idem"}
+        assert waiting in ({"pending"}, {"f", "fp"}), kinds
+        assert kinds - waiting == {
+            "scheduled", "leased", "done", "dead", "stats", "meta", "t", "idem",
         }  # fmt: skip
         assert {key_slot(k.encode()) for k in mine} == {key_slot(q.encode())}
         holders = [node for node, node_keys in by_node.items() if any(k in mine for k in node_keys)]
