@@ -121,10 +121,15 @@ class Lifecycle:
             keys = [k.pending, k.scheduled, k.leased, k.meta, *self._fresh_priorities]
             pipe.evalsha(self._sha["lease"], len(keys), *keys, *args)
         if acks:
-            args = [*argv.AckArgs(task_prefix=k.task_prefix, n=len(acks))]
+            ack_args = _fields_known(
+                argv.AckArgs, task_prefix=k.task_prefix, wake_channel=WAKE_CHANNEL,
+                queue=self._queue, n=len(acks),
+            )  # fmt: skip
+            args = [*ack_args]
             for local_id, lease_id in acks:
                 args += argv.AckItem(id=local_id, lease_id=lease_id, result=b"", holder="")
-            pipe.evalsha(self._sha["ack"], 3, k.leased, k.done, k.stats, *args)
+            # meta: an older ack.lua takes three keys and ignores a fourth
+            pipe.evalsha(self._sha["ack"], 4, k.leased, k.done, k.stats, k.meta, *args)
         replies = pipe.execute()
         leased: list[Held] = []
         if lease:

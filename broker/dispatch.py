@@ -37,6 +37,8 @@ MAX_LEASE_BATCH = 100
 FIRST_LEASE_BATCH = 8
 #: Lease calls in flight at once, over all queues: bounds the Redis connections pumps use.
 LEASE_WORKERS = 16
+#: Longest sleep of a rate-limited pump before it leases again (a settings change shows then).
+RATE_RECHECK_S = 1.0
 #: Backoff while Redis is unreachable.
 RETRY_DELAYS_S = (0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -102,7 +104,10 @@ class QueuePump:
         self.queue = queue
         self.subscribers: list[Subscription] = []
         self.may_have_work = True  # cleared before each lease call, set by any wake
-        self.due = False  # the next scheduled task's time has come
+        self.due = False  # the next scheduled task's time (or the rate limit's token) has come
+        #: The rate limit held tasks back: wakes are ignored until the timer marks it due (a
+        #: busy producer's every enqueue would otherwise cost a lease call that finds no token).
+        self.resting = False
         self.timer: asyncio.TimerHandle | None = None  # fires at that time
         self.queued = False  # in the run queue
         self.running = False  # a lease call is in flight
@@ -115,7 +120,8 @@ class QueuePump:
         return [s for s in self.subscribers if s.active and s.credits > 0 and s.can_receive()]
 
     def wants_lease(self) -> bool:
-        return not self.retired and (self.may_have_work or self.due) and bool(self.ready())
+        news = self.due or (self.may_have_work and not self.resting)
+        return not self.retired and news and bool(self.ready())
 
     def set_timer(self, handle: asyncio.TimerHandle | None) -> None:
         if self.timer is not None:
@@ -242,6 +248,7 @@ class Dispatcher:
     async def _lease_round(self, pump: QueuePump) -> None:
         pump.may_have_work = False
         pump.due = False
+        pump.resting = False
         try:
             await self._lease_for(pump, pump.ready())
             pump.failures = 0
@@ -329,8 +336,14 @@ class Dispatcher:
             pump.batch = min(MAX_LEASE_BATCH, pump.batch * 2)
         else:
             pump.batch = FIRST_LEASE_BATCH
+        if batch.rate_limited:
+            pump.resting = True
         if batch.next_due_ms is not None and not pump.retired:
             delay = max(0, batch.next_due_ms - batch.now_ms) / 1000
+            if batch.rate_limited:
+                # A slow rate's next token may be far off: look again within a second, so a
+                # limit raised or lifted meanwhile applies as fast on every replica.
+                delay = min(delay, RATE_RECHECK_S)
             self._due_later(pump, max(0.0, received + delay - loop.time()))
 
     def _release_orphans(self, stream_id: str, leases: list[Lease]) -> None:

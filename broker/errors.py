@@ -125,6 +125,12 @@ class RateLimited(LimitExceeded):
         self.retry_after_s = retry_after_s
 
 
+class EnqueueRateLimited(RateLimited):
+    """An Enqueue call over its queue's enqueue_rate_limit: nothing was stored."""
+
+    reason = "ENQUEUE_RATE_LIMITED"
+
+
 class StoreFull(LimitExceeded):
     """Redis refused a write: it reached its maxmemory (the policy is noeviction)."""
 

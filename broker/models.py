@@ -107,9 +107,11 @@ class LeaseBatch:
     """The result of one lease call on one queue."""
 
     now_ms: int
-    next_due_ms: int | None  # None: nothing scheduled
+    next_due_ms: int | None  # None: nothing scheduled (nor a token due)
     paused: bool
     leases: list[Lease] = field(default_factory=list)
+    #: The queue's rate_limit held tasks back: nothing more can lease before next_due_ms.
+    rate_limited: bool = False
 
 
 class SettleStatus(enum.Enum):
@@ -203,6 +205,27 @@ class CancelResult:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token bucket: per_second tokens added, at most burst held."""
+
+    per_second: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """A queue's limits (taskbroker.v1.QueueSettings); None / 0 is off."""
+
+    rate_limit: RateLimit | None = None
+    max_concurrency: int = 0
+    enqueue_rate_limit: RateLimit | None = None
+
+
+#: The settings an update may name (taskbroker.v1.UpdateQueueSettingsRequest.update_mask).
+QUEUE_SETTING_NAMES: Final = ("rate_limit", "max_concurrency", "enqueue_rate_limit")
+
+
+@dataclass(frozen=True, slots=True)
 class QueueStats:
     """One queue's counts and totals."""
 
@@ -221,6 +244,8 @@ class QueueStats:
     dead_lettered_total: int
     cancelled_total: int
     failed_total: int
+    settings: QueueSettings = QueueSettings()
+    rate_tokens: float = 0.0  # in the rate_limit's bucket now; 0 without one
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,12 +36,14 @@ from broker.models import (
     LeaseBatch,
     NackItem,
     NewTask,
+    QueueSettings,
     QueueStats,
     SettleResult,
     SettleStatus,
     Task,
     TaskRef,
 )
+from broker.queue_settings import checked_mask, checked_settings
 from broker.store.redis_store import IdempotencyConflictAt, LeaseSlot, RedisStore, WakeEvents
 from broker.timings import TaskTimings
 
@@ -265,7 +267,10 @@ class TaskQueue:
             owner = [c for c in live for _ in calls[c]]
             try:
                 stored = await self._store.enqueue(
-                    queue, flat, round(self._settings.idempotency_window_s * 1000)
+                    queue,
+                    flat,
+                    round(self._settings.idempotency_window_s * 1000),
+                    [len(calls[c]) for c in live],
                 )
             except IdempotencyConflictAt as exc:
                 bad = {owner[p] for p in exc.positions}
@@ -278,8 +283,10 @@ class TaskQueue:
                 continue
             for c, outcome in zip(owner, stored, strict=True):
                 cast_list = results[c]
-                assert isinstance(cast_list, list)
-                cast_list.append(outcome)
+                if isinstance(outcome, BaseException):  # the call was refused whole
+                    results[c] = outcome
+                elif isinstance(cast_list, list):
+                    cast_list.append(outcome)
             break
         return results
 
@@ -666,6 +673,21 @@ class TaskQueue:
         check_name("queue", queue)
         await self._store.register_queue(queue)
         await self._store.set_paused(queue, paused)
+
+    async def queue_settings(self, queue: str) -> QueueSettings:
+        check_name("queue", queue)
+        return await self._store.queue_settings(queue)
+
+    async def update_queue_settings(
+        self, queue: str, settings: QueueSettings, mask: Sequence[str]
+    ) -> QueueSettings:
+        """Changes the settings `mask` names (every one when empty); all are checked first, so
+        a bad value changes nothing. Returns the settings after the change."""
+        check_name("queue", queue)
+        names = checked_mask(mask)
+        settings = checked_settings(settings)
+        await self._store.register_queue(queue)
+        return await self._store.update_queue_settings(queue, settings, names)
 
     async def list_dead(
         self, queue: str, page_size: int, cursor: tuple[int, str] | None

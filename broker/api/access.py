@@ -75,6 +75,8 @@ RULES: Final[dict[str, Rule]] = {
     "AdminService/DeleteDeadTasks": Rule((ADMIN,), "delete dead letters", _named),
     "AdminService/PauseQueue": Rule((ADMIN,), "pause queues", _named),
     "AdminService/ResumeQueue": Rule((ADMIN,), "resume queues", _named),
+    "AdminService/GetQueueSettings": Rule((READ, ADMIN), "read queue settings", _named),
+    "AdminService/UpdateQueueSettings": Rule((ADMIN,), "change queue settings", _named),
     "AdminService/ListAuditRecords": Rule((ADMIN,), "read the audit trail", _every_queue),
 }
 

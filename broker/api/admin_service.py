@@ -1,5 +1,5 @@
-"""AdminService: the queue list, dead letters (list, redrive, delete), pause and resume, and the
-audit trail; every change is recorded in the audit trail."""
+"""AdminService: the queue list, dead letters (list, redrive, delete), pause and resume, queue
+settings (limits), and the audit trail; every change is recorded in the audit trail."""
 
 from __future__ import annotations
 
@@ -94,6 +94,25 @@ class AdminService:
             "ResumeQueue", request.queue, lambda: self._tasks.set_paused(request.queue, False)
         )
         return admin.ResumeQueueResponse()
+
+    async def GetQueueSettings(
+        self, request: admin.GetQueueSettingsRequest, context: Context
+    ) -> admin.GetQueueSettingsResponse:
+        settings = await self._tasks.queue_settings(request.queue)
+        return admin.GetQueueSettingsResponse(settings=convert.settings_to_proto(settings))
+
+    async def UpdateQueueSettings(
+        self, request: admin.UpdateQueueSettingsRequest, context: Context
+    ) -> admin.UpdateQueueSettingsResponse:
+        wanted = convert.settings_from_proto(request.settings)
+        mask = list(request.update_mask.paths)
+        settings = await self._audit.admin_action(
+            "UpdateQueueSettings",
+            request.queue,
+            lambda: self._tasks.update_queue_settings(request.queue, wanted, mask),
+            detail=f"changed {', '.join(mask) or 'all settings'}",
+        )
+        return admin.UpdateQueueSettingsResponse(settings=convert.settings_to_proto(settings))
 
     async def ListAuditRecords(
         self, request: admin.ListAuditRecordsRequest, context: Context

@@ -7,10 +7,10 @@ from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from broker.models import Lease, QueueStats, Task
+from broker.models import Lease, QueueSettings, QueueStats, RateLimit, Task
 from broker.queue import TaskRequest
 from taskbroker.v1 import broker_service_pb2 as bs
-from taskbroker.v1 import lease_pb2, task_pb2
+from taskbroker.v1 import lease_pb2, queue_settings_pb2, task_pb2
 
 
 def duration_ms(d: duration_pb2.Duration) -> int:
@@ -172,7 +172,39 @@ def stats_to_proto(s: QueueStats) -> bs.QueueStats:
         cancelled_total=s.cancelled_total,
         failed_total=s.failed_total,
         read_time=to_timestamp(s.now_ms),
+        settings=settings_to_proto(s.settings),
+        rate_limit_tokens=s.rate_tokens,
     )
     if s.oldest_ready_ms is not None:
         out.oldest_pending_age.CopyFrom(to_duration(max(0, s.now_ms - s.oldest_ready_ms)))
     return out
+
+
+def _rate_from_proto(message: queue_settings_pb2.QueueSettings, field: str) -> RateLimit | None:
+    if not message.HasField(field):  # type: ignore[arg-type]
+        return None
+    limit: queue_settings_pb2.RateLimit = getattr(message, field)
+    return RateLimit(limit.per_second, limit.burst)
+
+
+def settings_from_proto(message: queue_settings_pb2.QueueSettings) -> QueueSettings:
+    """Unchecked: queue_settings.checked_settings checks the values."""
+    return QueueSettings(
+        rate_limit=_rate_from_proto(message, "rate_limit"),
+        max_concurrency=message.max_concurrency,
+        enqueue_rate_limit=_rate_from_proto(message, "enqueue_rate_limit"),
+    )
+
+
+def _rate_to_proto(limit: RateLimit | None) -> queue_settings_pb2.RateLimit | None:
+    if limit is None:
+        return None
+    return queue_settings_pb2.RateLimit(per_second=limit.per_second, burst=limit.burst)
+
+
+def settings_to_proto(settings: QueueSettings) -> queue_settings_pb2.QueueSettings:
+    return queue_settings_pb2.QueueSettings(
+        rate_limit=_rate_to_proto(settings.rate_limit),
+        max_concurrency=settings.max_concurrency,
+        enqueue_rate_limit=_rate_to_proto(settings.enqueue_rate_limit),
+    )

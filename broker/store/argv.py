@@ -23,6 +23,7 @@ class EnqueueArgs(NamedTuple):
     wake_channel: str
     queue: str
     staged: str  # 1-based positions of the tasks whose payload was staged: "2,5" or ''
+    calls: str  # tasks per Enqueue call of the batch, in order: "3,1,1" ('': one call)
     n: int
 
 
@@ -62,6 +63,8 @@ class LeaseSlot(NamedTuple):
 
 class AckArgs(NamedTuple):
     task_prefix: str
+    wake_channel: str
+    queue: str
     n: int
 
 
@@ -168,10 +171,18 @@ class PromoteArgs(NamedTuple):
     limit: int
 
 
+class UpdateSettingsArgs(NamedTuple):
+    wake_channel: str
+    queue: str
+    n_delete: int  # then that many field names, then field, value pairs
+
+
 class CancelArgs(NamedTuple):
     id: str
     entry_id: str
     fresh_prefix: str
+    wake_channel: str
+    queue: str
 
 
 class StatsArgs(NamedTuple):
@@ -242,4 +253,5 @@ LAYOUTS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "stats": (StatsArgs._fields, ()),
     "forget_queue": (ForgetArgs._fields, ()),
     "get_task": (GetArgs._fields, ()),
+    "update_settings": (UpdateSettingsArgs._fields, ()),
 }

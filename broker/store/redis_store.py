@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rex
 from redis.asyncio.cluster import RedisCluster
 
-from broker.errors import StoreFull, StoreUnavailable
+from broker.errors import EnqueueRateLimited, LimitExceeded, StoreFull, StoreUnavailable
 from broker.ids import entry_id
 from broker.models import (
     AttemptError,
@@ -30,6 +30,7 @@ from broker.models import (
     Maintained,
     NackItem,
     NewTask,
+    QueueSettings,
     QueueStats,
     Revoke,
     ServerInfo,
@@ -43,6 +44,7 @@ from broker.models import (
 from broker.store import argv
 from broker.store.due_index import DueIndex
 from broker.store.keys import QUEUES_KEY, REVOKE_CHANNEL, WAKE_CHANNEL, QueueKeys
+from broker.store.queue_meta import bucket_tokens, meta_changes, settings_from_meta
 from broker.store.redis_errors import (
     is_connection_torn_down,
     is_unavailable_reply,
@@ -426,13 +428,40 @@ class RedisStore:
                 await self._client.hdel(keys.meta, "paused")
                 await self._client.publish(WAKE_CHANNEL, queue)
 
+    async def queue_settings(self, queue: str) -> QueueSettings:
+        with _translate():
+            meta = await self._client.hgetall(QueueKeys(queue).meta)
+        return settings_from_meta(cast("dict[bytes, bytes]", meta))
+
+    async def update_queue_settings(
+        self, queue: str, settings: QueueSettings, names: Sequence[str]
+    ) -> QueueSettings:
+        """Applies the named settings in one step and wakes every replica's pumps for the
+        queue. Returns the settings after the change."""
+        delete, pairs = meta_changes(settings, names)
+        args: list[str | int] = [
+            *argv.UpdateSettingsArgs(wake_channel=WAKE_CHANNEL, queue=queue, n_delete=len(delete)),
+            *delete,
+            *pairs,
+        ]
+        with _translate():
+            flat = await self._scripts["update_settings"](keys=[QueueKeys(queue).meta], args=args)
+        return settings_from_meta(_pairs(flat))
+
     # --- task state changes ------------------------------------------------------------------
 
     async def enqueue(
-        self, queue: str, tasks: Sequence[NewTask], idempotency_window_ms: int
-    ) -> list[EnqueueOutcome]:
+        self,
+        queue: str,
+        tasks: Sequence[NewTask],
+        idempotency_window_ms: int,
+        calls: Sequence[int] = (),
+    ) -> list[EnqueueOutcome | LimitExceeded]:
         """Stores tasks of one queue in one script call. Payloads over STAGE_PAYLOAD_BYTES are
-        written ahead (staged) and renamed into place by the script.
+        written ahead (staged) and renamed into place by the script. `calls` says how many
+        tasks each Enqueue call holds, in order (empty: one call): the queue's
+        enqueue_rate_limit admits or refuses calls whole, and a refused call's tasks come back
+        as the error (EnqueueRateLimited, or LimitExceeded if the call can never fit).
 
         Raises:
             IdempotencyConflictAt: nothing was stored; these positions reuse a key.
@@ -441,7 +470,7 @@ class RedisStore:
         staged = [i for i, t in enumerate(tasks) if len(t.payload) > STAGE_PAYLOAD_BYTES]
         for _ in range(2):
             await self._stage(queue, [tasks[i] for i in staged])
-            reply = await self._enqueue_script(queue, tasks, staged, idempotency_window_ms)
+            reply = await self._enqueue_script(queue, tasks, staged, idempotency_window_ms, calls)
             if len(reply) < 2 or reply[1] != b"lost":
                 break
         else:
@@ -451,9 +480,11 @@ class RedisStore:
             )
         if len(reply) > 1 and reply[1] == b"conflict":
             raise IdempotencyConflictAt([int(i) - 1 for i in reply[2:]])
-        outcomes = []
+        outcomes: list[EnqueueOutcome | LimitExceeded] = []
         for task, r in zip(tasks, reply[1:], strict=True):
-            if r.startswith(b"d:"):
+            if r.startswith(b"l:"):
+                outcomes.append(_over_enqueue_rate(queue, int(r[2:])))
+            elif r.startswith(b"d:"):
                 outcomes.append(EnqueueOutcome(TaskRef(queue, _text(r[2:])).task_id, True))
             else:
                 outcomes.append(EnqueueOutcome(task.ref.task_id, False))
@@ -478,6 +509,7 @@ class RedisStore:
         tasks: Sequence[NewTask],
         staged: Sequence[int],
         idempotency_window_ms: int,
+        calls: Sequence[int],
     ) -> Any:
         """The enqueue script on tasks whose positions in `staged` were written ahead."""
         keys = QueueKeys(queue)
@@ -491,6 +523,7 @@ class RedisStore:
                 wake_channel=WAKE_CHANNEL,
                 queue=queue,
                 staged=",".join(str(i + 1) for i in staged),
+                calls=",".join(map(str, calls)) if len(calls) > 1 else "",
                 n=len(tasks),
             )
         ]
@@ -516,7 +549,7 @@ class RedisStore:
         # re-checked after its removal, sweep_queues) either sees this task or is re-registered.
         return await self._run(
             "enqueue",
-            [keys.pending, keys.scheduled, keys.stats, keys.fresh_priorities],
+            [keys.pending, keys.scheduled, keys.stats, keys.fresh_priorities, keys.meta],
             args,
             hint=_delayed_hint(queue, tasks),
             register=queue,
@@ -542,7 +575,7 @@ class RedisStore:
             args,
             hint=Hint(queue, delay_ms=max(0, shortest - HINT_MARGIN_MS)) if slots else None,
         )
-        now, next_due, paused = int(reply[0]), reply[1], bool(int(reply[2]))
+        now, next_due, held = int(reply[0]), reply[1], int(reply[2])
         leases = []
         for i in range(3, len(reply), 2):
             ref = TaskRef(queue, _text(reply[i]))
@@ -552,7 +585,11 @@ class RedisStore:
             # A task's own lease is shorter than the hint sent with the script: hint again.
             await self._hint_now(Hint(queue, at_ms=own - HINT_MARGIN_MS))
         return LeaseBatch(
-            now_ms=now, next_due_ms=_time_or_none(next_due), paused=paused, leases=leases
+            now_ms=now,
+            next_due_ms=_time_or_none(next_due),
+            paused=held == 1,
+            leases=leases,
+            rate_limited=held == 2,
         )
 
     async def _hint_now(self, hint: Hint) -> None:
@@ -569,10 +606,13 @@ class RedisStore:
         """Acks, given as the script's flat per-item arguments (argv.AckItem, 4 per ack) so a
         large batch builds no object per item; one status per ack, in order."""
         keys = QueueKeys(queue)
-        args = [*argv.AckArgs(task_prefix=keys.task_prefix, n=len(items) // 4), *items]
+        head = argv.AckArgs(
+            task_prefix=keys.task_prefix, wake_channel=WAKE_CHANNEL, queue=queue, n=len(items) // 4
+        )
+        args = [*head, *items]
         reply = await self._run(
             "ack",
-            [keys.leased, keys.done, keys.stats],
+            [keys.leased, keys.done, keys.stats, keys.meta],
             args,
             hint=Hint(queue, delay_ms=max(0, self._finished_ms - HINT_MARGIN_MS)),
         )
@@ -608,7 +648,7 @@ class RedisStore:
         delay = 0 if len(explicit) < len(delays) else min(explicit, default=self._dead_ms)
         reply = await self._run(
             "nack",
-            [keys.leased, keys.scheduled, keys.pending, keys.dead, keys.stats],
+            [keys.leased, keys.scheduled, keys.pending, keys.dead, keys.stats, keys.meta],
             args,
             hint=Hint(queue, delay_ms=max(0, min(delay, self._dead_ms) - HINT_MARGIN_MS)),
         )
@@ -748,9 +788,10 @@ class RedisStore:
         reply = await self._run(
             "cancel",
             [keys.task(ref.local_id), keys.pending, keys.scheduled, keys.leased, keys.done,
-             keys.stats, keys.fresh_priorities],
+             keys.stats, keys.fresh_priorities, keys.meta],
             argv.CancelArgs(
-                id=ref.local_id, entry_id=entry_id(ref.local_id), fresh_prefix=keys.fresh_prefix
+                id=ref.local_id, entry_id=entry_id(ref.local_id), fresh_prefix=keys.fresh_prefix,
+                wake_channel=WAKE_CHANNEL, queue=ref.queue,
             ),
             hint=Hint(ref.queue, delay_ms=max(0, self._finished_ms - HINT_MARGIN_MS)),
         )  # fmt: skip
@@ -1072,6 +1113,19 @@ class WakeEvents:
         return Wake(data)
 
 
+def _over_enqueue_rate(queue: str, wait_ms: int) -> LimitExceeded:
+    if wait_ms < 0:
+        return LimitExceeded(
+            f"queue {queue!r}: this call holds more tasks than its enqueue_rate_limit's burst, "
+            "so it can never be accepted whole; send fewer tasks per call"
+        )
+    return EnqueueRateLimited(
+        f"queue {queue!r} is over its enqueue_rate_limit; nothing was stored: retry in "
+        f"{wait_ms / 1000:.3f} s",
+        wait_ms / 1000,
+    )
+
+
 def _delayed_hint(queue: str, tasks: Sequence[NewTask]) -> Hint | None:
     """The hint for an enqueue: when its earliest delayed or scheduled task comes due."""
     delays = [t.delay_ms for t in tasks if t.delay_ms]
@@ -1092,14 +1146,16 @@ def _auth(client: RedisCluster) -> dict[str, Any]:
 
 def _queue_stats(queue: str, reply: list[Any]) -> QueueStats:
     totals = {_text(k): int(v) for k, v in _pairs(reply[7]).items()}
+    meta = _pairs(reply[5])
+    now = int(reply[0])
     return QueueStats(
         queue=queue,
-        now_ms=int(reply[0]),
+        now_ms=now,
         pending=int(reply[1]),
         scheduled=int(reply[2]),
         leased=int(reply[3]),
         dead=int(reply[4]),
-        paused=bool(int(reply[5])),
+        paused=meta.get(b"paused") == b"1",
         oldest_ready_ms=_time_or_none(reply[6]),
         enqueued_total=totals.get("enq", 0),
         succeeded_total=totals.get("ok", 0),
@@ -1108,4 +1164,6 @@ def _queue_stats(queue: str, reply: list[Any]) -> QueueStats:
         dead_lettered_total=totals.get("dead", 0),
         cancelled_total=totals.get("cancel", 0),
         failed_total=totals.get("fail", 0),
+        settings=settings_from_meta(meta),
+        rate_tokens=bucket_tokens(meta, "rl", now),
     )

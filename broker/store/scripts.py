@@ -32,6 +32,7 @@ SCRIPT_NAMES: Final = (
     "hint_due",
     "take_due",
     "settle_due",
+    "update_settings",
 )
 
 

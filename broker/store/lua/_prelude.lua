@@ -200,3 +200,29 @@ local function trim_before(set_key, prefix, cutoff, limit)
   end
   return #old
 end
+
+-- Token buckets (a queue's rate_limit and enqueue_rate_limit) live in its meta hash: settings
+-- <p>_rate (tokens per second) and <p>_burst, state <p>_tok (tokens left) at <p>_at (ms).
+-- Returns the tokens held at `now` (refilled from Redis's clock) and the rate, or nil when the
+-- bucket is off. A bucket never used is full.
+local function bucket_tokens(rate, burst, tok, at, now)
+  rate = tonumber(rate or '0')
+  if rate <= 0 then return nil, 0 end
+  burst = tonumber(burst)
+  if not tok then return burst, rate end
+  return math.min(burst, tonumber(tok) + math.max(0, now - tonumber(at)) * rate / 1000), rate
+end
+
+-- The ms from `now` until a bucket holding `tokens` holds `want`.
+local function bucket_wait_ms(tokens, rate, want)
+  return math.max(1, math.ceil((want - tokens) * 1000 / rate))
+end
+
+-- lease.lua marks a queue 'blocked' when max_concurrency held tasks back, so every replica's
+-- pump for it sleeps; a script that frees a leased slot wakes them (once) here.
+local function wake_if_blocked(meta_key, wake_channel, queue)
+  if redis.call('HGET', meta_key, 'blocked') then
+    redis.call('HDEL', meta_key, 'blocked')
+    redis.call('PUBLISH', wake_channel, queue)
+  end
+end

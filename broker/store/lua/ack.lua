@@ -3,8 +3,10 @@
 -- KEYS[1]  tb:{q}:leased      zset  id -> lease expiry (ms)
 -- KEYS[2]  tb:{q}:done        zset  id -> finish time (ms), trimmed after the retention
 -- KEYS[3]  tb:{q}:stats       hash  running totals
+-- KEYS[4]  tb:{q}:meta        hash  queue settings ('blocked': wake_if_blocked)
 -- ARGV     (store/argv.py AckArgs, AckItem)
 --   task_prefix   tb:{q}:t:   (derived task keys, same hash tag)
+--   wake_channel, queue   published to when an ack frees a slot of a queue at max_concurrency
 --   n; then n items: id lease_id result holder (the presenting principal, '' without a policy;
 --   a current lease bound to another is refused)
 --
@@ -15,12 +17,12 @@
 -- (no such task).
 
 local now = now_ms()
-local task_prefix, n = unpack(ARGV, 1, 2)
+local task_prefix, wake_channel, queue, n = unpack(ARGV, 1, 4)
 n = tonumber(n)
 local reply = {now}
 local acked = 0
 for i = 0, n - 1 do
-  local id, lease_id, result, holder = item(2, 4, i)
+  local id, lease_id, result, holder = item(4, 4, i)
   local key = task_prefix .. id
   local current = redis.call('HMGET', key, 'state', 'lid', 'slid', 'skind', 'lp')
   if not current[1] then
@@ -41,5 +43,8 @@ for i = 0, n - 1 do
     table.insert(reply, 'stale')
   end
 end
-if acked > 0 then redis.call('HINCRBY', KEYS[3], 'ok', acked) end
+if acked > 0 then
+  redis.call('HINCRBY', KEYS[3], 'ok', acked)
+  wake_if_blocked(KEYS[4], wake_channel, queue)
+end
 return reply

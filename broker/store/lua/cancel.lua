@@ -7,14 +7,17 @@
 -- KEYS[5]  tb:{q}:done        zset  id -> finish time (ms)
 -- KEYS[6]  tb:{q}:stats       hash
 -- KEYS[7]  tb:{q}:fp          zset  priorities that have a fresh stream
+-- KEYS[8]  tb:{q}:meta        hash  queue settings ('blocked': wake_if_blocked)
 -- ARGV     (store/argv.py CancelArgs)
 --   id       task id (local part)
 --   entry_id, fresh_prefix   where the task is if it is still fresh (no hash yet): it gets one
+--   wake_channel, queue   published to when cancelling a lease frees a slot of a queue at its
+--                         max_concurrency
 --
 -- Returns {'ok', lease_id or ''} when cancelled, {'final', state} when already finished, {'nf'}.
 
 local now = now_ms()
-local id, entry_id, fresh_prefix = unpack(ARGV, 1, 3)
+local id, entry_id, fresh_prefix, wake_channel, queue = unpack(ARGV, 1, 5)
 local t = redis.call('HMGET', KEYS[1], 'state', 'lid')
 if not t[1] then
   local stream, pri, f = find_fresh(fresh_prefix, KEYS[7], id, entry_id)
@@ -28,7 +31,7 @@ local state = tonumber(t[1])
 if state ~= SCHEDULED and state ~= PENDING and state ~= LEASED then return {'final', state} end
 redis.call('ZREM', KEYS[2], id)
 redis.call('ZREM', KEYS[3], id)
-redis.call('ZREM', KEYS[4], id)
+if redis.call('ZREM', KEYS[4], id) == 1 then wake_if_blocked(KEYS[8], wake_channel, queue) end
 clear_lease(KEYS[1])
 redis.call('HSET', KEYS[1], 'state', CANCELLED, 'ftime', now)
 redis.call('ZADD', KEYS[5], now, id)

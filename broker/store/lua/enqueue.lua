@@ -4,6 +4,7 @@
 -- KEYS[2]  tb:{q}:scheduled   zset  id -> due time (ms)
 -- KEYS[3]  tb:{q}:stats       hash  running totals
 -- KEYS[4]  tb:{q}:fp          zset  priorities that have a fresh stream, scored -priority
+-- KEYS[5]  tb:{q}:meta        hash  queue settings (enqueue_rate_limit: store/queue_meta.py)
 -- ARGV     (store/argv.py EnqueueArgs, EnqueueItem)
 --   task_prefix             tb:{q}:t:   (task hashes are derived from ids: same hash tag)
 --   fresh_prefix            tb:{q}:f:   (a stream of fresh pending tasks per priority)
@@ -14,6 +15,8 @@
 --   staged                  1-based positions ("2,5") of the tasks whose payload is not in ARGV
 --                           but in the hash stage_prefix .. id, renamed into place here, so a
 --                           large payload is never copied by a script ('' for none)
+--   calls                   how many tasks each Enqueue call of the batch holds, in order
+--                           ("3,1,1"; '': one call), which enqueue_rate_limit admits whole
 --   n; then n tasks: id entry_id task_type payload headers priority max_attempts lease_ms
 --   initial_backoff_ms max_backoff_ms delay_ms schedule_ms idempotency_key body_hash
 --   (delay_ms / schedule_ms: -1 when unset; idempotency_key: '' when unset)
@@ -23,8 +26,10 @@
 -- with no key of its own. Any other (delayed, staged, or out of its stream's order: another
 -- replica's ids) gets its hash and an entry in the pending or scheduled zset.
 --
--- Returns {now, r_1 .. r_n} with r_i = 'n' (stored), 'd:<id>' (idempotency duplicate of <id>) or
--- 'e' (this id already exists: a retried call whose first reply was lost).
+-- Returns {now, r_1 .. r_n} with r_i = 'n' (stored), 'd:<id>' (idempotency duplicate of <id>),
+-- 'e' (this id already exists: a retried call whose first reply was lost) or 'l:<ms>' (not
+-- stored: its call is over the enqueue_rate_limit and would fit in <ms>; -1: never, the call
+-- holds more tasks than the burst).
 -- When any idempotency key is already used by a different task, nothing is written and the
 -- reply is {now, 'conflict', i, ...} listing the 1-based positions in conflict; else when a
 -- staged payload is gone (it expired, or Redis lost it), nothing is written and the reply is
@@ -32,7 +37,7 @@
 
 local now = now_ms()
 local task_prefix, fresh_prefix, idempotency_prefix, stage_prefix, idempotency_window_ms,
-  wake_channel, queue, staged, n = unpack(ARGV, 1, 9)
+  wake_channel, queue, staged, calls, n = unpack(ARGV, 1, 10)
 n = tonumber(n)
 local is_staged = {}
 for position in string.gmatch(staged, '%d+') do is_staged[tonumber(position)] = true end
@@ -43,7 +48,7 @@ local seen = {}
 for i = 0, n - 1 do
   local id, entry_id, task_type, payload, headers, priority, max_attempts, lease_ms,
     initial_backoff_ms, max_backoff_ms, delay_ms, schedule_ms, idempotency_key,
-    body_hash = item(9, 14, i)
+    body_hash = item(10, 14, i)
   local idem, body = idempotency_key, body_hash
   if is_staged[i + 1] and redis.call('EXISTS', stage_prefix .. id) == 0
     and redis.call('EXISTS', task_prefix .. id) == 0 then
@@ -68,6 +73,28 @@ if #lost > 0 then
   local reply = {now, 'lost'}
   for _, i in ipairs(lost) do table.insert(reply, i) end
   return reply
+end
+
+-- enqueue_rate_limit: each task takes a token; calls are admitted whole, in order.
+local refused = {}  -- 1-based position -> its reply ('l:<ms>')
+local limit = redis.call('HMGET', KEYS[5], 'erl_rate', 'erl_burst', 'erl_tok', 'erl_at')
+local tokens, rate = bucket_tokens(limit[1], limit[2], limit[3], limit[4], now)
+if tokens then
+  local sizes = {}
+  for size in string.gmatch(calls, '%d+') do table.insert(sizes, tonumber(size)) end
+  if #sizes == 0 then sizes = {n} end
+  local first = 1
+  for _, size in ipairs(sizes) do
+    if size <= tokens then
+      tokens = tokens - size
+    else
+      local verdict = 'l:-1'
+      if size <= tonumber(limit[2]) then verdict = 'l:' .. bucket_wait_ms(tokens, rate, size) end
+      for position = first, first + size - 1 do refused[position] = verdict end
+    end
+    first = first + size
+  end
+  redis.call('HSET', KEYS[5], 'erl_tok', tostring(tokens), 'erl_at', now)
 end
 
 local indexed = {}  -- priorities put in the fresh index by this call
@@ -97,7 +124,7 @@ local stored = 0
 for i = 0, n - 1 do
   local id, entry_id, task_type, payload, headers, priority, max_attempts, lease_ms,
     initial_backoff_ms, max_backoff_ms, delay_ms, schedule_ms, idempotency_key,
-    body_hash = item(9, 14, i)
+    body_hash = item(10, 14, i)
   local idem = idempotency_key
   local key = task_prefix .. id
   local dup = nil
@@ -110,7 +137,10 @@ for i = 0, n - 1 do
   local due = now
   if delay >= 0 then due = now + delay elseif at >= 0 then due = at end
   local outcome = nil
-  if dup then
+  if refused[i + 1] then
+    if is_staged[i + 1] then redis.call('DEL', stage_prefix .. id) end
+    table.insert(reply, refused[i + 1])
+  elseif dup then
     if is_staged[i + 1] then redis.call('DEL', stage_prefix .. id) end
     table.insert(reply, 'd:' .. dup)
   elseif redis.call('EXISTS', key) == 1 then

@@ -6,7 +6,9 @@
 -- ARGV        (store/argv.py ForgetArgs)
 --   fresh_prefix   tb:{q}:f:
 --
--- Returns 1 when forgotten, 0 when a task arrived meanwhile (the caller registers it again).
+-- A paused queue, or one with settings (limits), is kept: its meta hash is what an operator set.
+-- Returns 1 when forgotten, 0 when a task arrived meanwhile or the queue is kept (the caller
+-- registers it again).
 
 for i = 1, 5 do
   if redis.call('ZCARD', KEYS[i]) > 0 then return 0 end
@@ -17,6 +19,6 @@ for _, pri in ipairs(redis.call('ZRANGE', KEYS[8], 0, -1)) do
   redis.call('DEL', fresh_prefix .. pri)  -- emptied streams
 end
 redis.call('DEL', KEYS[8])
-if redis.call('HGET', KEYS[6], 'paused') == '1' then return 0 end
+if redis.call('HLEN', KEYS[6]) > 0 then return 0 end
 redis.call('DEL', KEYS[7], KEYS[6])
 return 1

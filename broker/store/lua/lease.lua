@@ -4,7 +4,7 @@
 -- KEYS[1]  tb:{q}:pending     zset  id -> pending score
 -- KEYS[2]  tb:{q}:scheduled   zset  id -> due time (ms)
 -- KEYS[3]  tb:{q}:leased      zset  id -> lease expiry (ms)
--- KEYS[4]  tb:{q}:meta        hash  queue settings (paused)
+-- KEYS[4]  tb:{q}:meta        hash  queue settings (paused, limits: store/queue_meta.py)
 -- KEYS[5]  tb:{q}:fp          zset  priorities that have a fresh stream, scored -priority
 -- ARGV     (store/argv.py LeaseArgs, LeaseSlot)
 --   task_prefix   tb:{q}:t:   (task hashes are derived from popped ids: same hash tag)
@@ -20,28 +20,49 @@
 -- pending-score order (priority, then ready time) and merged, a fresh task getting its hash as
 -- it is leased.
 --
+-- Limits: at most max_concurrency (`mc`) leased at once, and a lease takes a token of the
+-- rate_limit's bucket. Tasks held back by the rate make next_due the time the next token is
+-- due, so the dispatcher sleeps until then; held back by the cap, the queue is marked
+-- `blocked` and the script that frees a slot wakes it (wake_if_blocked).
+--
 -- Returns {now, next_due, paused, id_1, fields_1, id_2, fields_2, ...}: next_due is the earliest
--- scheduled time (-1 when none), paused is 1 when nothing was leased because the queue is paused,
--- fields_i is the leased task's values of the named fields, in order (HMGET).
+-- scheduled time or next token (-1 when none), paused is 1 when nothing was leased because the
+-- queue is paused, 2 when the rate limit held tasks back until next_due, fields_i is the leased task's values of the named fields, in order (HMGET).
 
 local now = now_ms()
 local task_prefix, fresh_prefix, n = unpack(ARGV, 1, 3)
 n = tonumber(n)
 local fields = {unpack(ARGV, 3 + 4 * n + 1)}
-if redis.call('HGET', KEYS[4], 'paused') == '1' then
+local meta = redis.call('HMGET', KEYS[4], 'paused', 'mc', 'rl_rate', 'rl_burst', 'rl_tok',
+  'rl_at', 'blocked')
+if meta[1] == '1' then
   return {now, next_due(KEYS[2]), 1}
 end
 -- Bounded so one call stays short even when a backlog of delayed tasks comes due at once.
 promote_due(KEYS[2], KEYS[1], task_prefix, now, 1000)
 
--- Up to n candidates from each place, in score order.
-local held = redis.call('ZRANGE', KEYS[1], 0, n - 1, 'WITHSCORES')
+-- How many the limits allow now (`allowed`), and how many candidates to read: one more than
+-- allowed when a limit binds, to learn whether it held any task back.
+local allowed = n
+local cap = tonumber(meta[2] or '0')
+local cap_left = n
+if cap > 0 then
+  cap_left = math.max(0, cap - redis.call('ZCARD', KEYS[3]))
+  allowed = math.min(allowed, cap_left)
+end
+local tokens, rate = bucket_tokens(meta[3], meta[4], meta[5], meta[6], now)
+if tokens then allowed = math.min(allowed, math.floor(tokens)) end
+local look = n
+if allowed < n then look = allowed + 1 end
+
+-- Up to `look` candidates from each place, in score order.
+local held = redis.call('ZRANGE', KEYS[1], 0, look - 1, 'WITHSCORES')
 local fresh = {}    -- candidates: {score, stream index, position, priority, fields}
 local streams = {}  -- per stream read: {key, priority, entry ids read, the id after them}
 for _, pri in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
-  if #fresh >= n then break end
+  if #fresh >= look then break end
   local stream = fresh_prefix .. pri
-  local want = n - #fresh
+  local want = look - #fresh
   -- One more than wanted: the first entry left, below which the taken ones are trimmed.
   local entries = redis.call('XRANGE', stream, '-', '+', 'COUNT', want + 1)
   if #entries == 0 then drop_if_empty(stream, KEYS[5], pri) end
@@ -110,7 +131,7 @@ end
 
 local h, f = 1, 1
 local taken = {}  -- stream index -> how many of its entries were taken (always a prefix)
-for _ = 1, n do
+for _ = 1, allowed do
   local from_held = h <= #held and (f > #fresh or tonumber(held[h + 1]) <= fresh[f][1])
   if from_held then
     local id = held[h]
@@ -138,5 +159,22 @@ for index, count in pairs(taken) do
     redis.call('DEL', stream)
     redis.call('ZREM', KEYS[5], pri)
   end
+end
+
+-- Limits: spend the tokens, and say when tasks held back may go.
+local held_back = used == allowed and allowed < n and (#held / 2 + #fresh) > used
+if tokens then
+  tokens = tokens - used
+  redis.call('HSET', KEYS[4], 'rl_tok', tostring(tokens), 'rl_at', now)
+  if held_back and tokens < 1 then
+    local token_due = now + bucket_wait_ms(tokens, rate, 1)
+    if reply[2] < 0 or token_due < reply[2] then reply[2] = token_due end
+    reply[3] = 2
+  end
+end
+if held_back and cap > 0 and used >= cap_left then
+  redis.call('HSET', KEYS[4], 'blocked', '1')
+elseif meta[7] then
+  redis.call('HDEL', KEYS[4], 'blocked')
 end
 return reply

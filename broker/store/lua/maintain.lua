@@ -8,7 +8,7 @@
 -- KEYS[4]  tb:{q}:stats       hash  running totals
 -- KEYS[5]  tb:{q}:scheduled   zset  id -> due time (ms)
 -- KEYS[6]  tb:{q}:done        zset  id -> finish time (ms)
--- KEYS[7]  tb:{q}:meta        hash  queue settings (paused)
+-- KEYS[7]  tb:{q}:meta        hash  queue settings (paused, limits)
 -- KEYS[8]  tb:{q}:fp          zset  priorities that have a fresh stream (enqueue.lua)
 -- ARGV     (store/argv.py MaintainArgs)
 --   task_prefix   tb:{q}:t:   (derived task keys, same hash tag)
@@ -20,7 +20,7 @@
 --
 -- Returns {reclaimed, promoted, trimmed, next_due, empty}: next_due is the earliest time any
 -- work comes due (now when a limit was reached: call again; -1 when nothing will come due);
--- empty is 1 when the queue holds no task at all and is not paused.
+-- empty is 1 when the queue holds no task at all and has no settings (paused, limits).
 
 local now = now_ms()
 local task_prefix, wake_channel, queue, limit, finished_retention_ms, dead_retention_ms,
@@ -58,7 +58,7 @@ if full then next_due = now end
 
 local empty = 0
 if next_due < 0 and redis.call('ZCARD', KEYS[2]) == 0 and redis.call('ZCARD', KEYS[8]) == 0
-    and redis.call('HGET', KEYS[7], 'paused') ~= '1' then
+    and redis.call('HLEN', KEYS[7]) == 0 then
   empty = 1
 end
 return {reclaimed, promoted, trimmed, next_due, empty}

@@ -5,9 +5,11 @@
 -- KEYS[3]  tb:{q}:pending     zset  id -> pending score
 -- KEYS[4]  tb:{q}:dead        zset  id -> dead-letter time (ms)
 -- KEYS[5]  tb:{q}:stats       hash  running totals
+-- KEYS[6]  tb:{q}:meta        hash  queue settings ('blocked': wake_if_blocked)
 -- ARGV     (store/argv.py NackArgs, NackItem)
 --   task_prefix   tb:{q}:t:   (derived task keys, same hash tag)
---   wake_channel, queue   published to when a task is retried
+--   wake_channel, queue   published to when a task is retried, or a slot of a queue at its
+--                         max_concurrency is freed
 --   n; then n items: id lease_id message retry_delay_ms dead_letter jitter holder
 --          retry_delay_ms -1: use the task's backoff; dead_letter '1': skip retries;
 --          jitter: a uniform draw in [0, 1) from the broker; holder: the presenting principal
@@ -26,6 +28,7 @@ local task_prefix, wake_channel, queue, n = unpack(ARGV, 1, 4)
 n = tonumber(n)
 local reply = {now}
 local woke = false
+local freed = false
 for i = 0, n - 1 do
   local id, lease_id, message, retry_delay_ms, dead_letter, jitter, holder = item(4, 7, i)
   local retry_ms = tonumber(retry_delay_ms)
@@ -39,6 +42,7 @@ for i = 0, n - 1 do
   elseif tonumber(t[1]) == LEASED and t[2] == lease_id then
     local att, max = tonumber(t[5]), tonumber(t[6])
     redis.call('ZREM', KEYS[1], id)
+    freed = true
     clear_lease(key)
     redis.call('HSET', key, 'slid', lease_id, 'skind', 'n')
     append_error(key, att, now, message)
@@ -77,4 +81,5 @@ for i = 0, n - 1 do
   end
 end
 if woke then redis.call('PUBLISH', wake_channel, queue) end
+if freed then wake_if_blocked(KEYS[6], wake_channel, queue) end
 return reply

@@ -10,7 +10,8 @@
 --
 -- The oldest pending task is the minimum ready time over the priority bands in use: one
 -- ZRANGE per band, at most 64 bands (beyond that the age is a lower bound).
--- Returns {now, pending, scheduled, leased, dead, paused, oldest_ready_ms (-1), stats (HGETALL)}.
+-- Returns {now, pending, scheduled, leased, dead, meta (HGETALL: paused, limits),
+-- oldest_ready_ms (-1), stats (HGETALL)}.
 
 local now = now_ms()
 local oldest = -1
@@ -27,8 +28,6 @@ end
 local fresh_prefix = unpack(ARGV, 1, 1)
 local fresh, fresh_oldest = fresh_count(fresh_prefix, KEYS[7])
 if fresh_oldest >= 0 and (oldest < 0 or fresh_oldest < oldest) then oldest = fresh_oldest end
-local paused = 0
-if redis.call('HGET', KEYS[6], 'paused') == '1' then paused = 1 end
 return {now, redis.call('ZCARD', KEYS[1]) + fresh, redis.call('ZCARD', KEYS[2]),
-  redis.call('ZCARD', KEYS[3]), redis.call('ZCARD', KEYS[4]), paused, oldest,
+  redis.call('ZCARD', KEYS[3]), redis.call('ZCARD', KEYS[4]), redis.call('HGETALL', KEYS[6]), oldest,
   redis.call('HGETALL', KEYS[5])}

@@ -31,12 +31,14 @@ from taskbroker._coalescer import EnqueueCoalescer, Metadata
 from taskbroker._codec_hooks import decode_task, encode_specs
 from taskbroker._convert import (
     audit_record_from_proto,
+    settings_from_proto,
+    settings_to_proto,
     stats_from_proto,
     task_from_proto,
     to_duration,
     to_timestamp,
 )
-from taskbroker._models import AuditRecord, QueueStats, Task, TaskId
+from taskbroker._models import AuditRecord, QueueSettings, QueueStats, RateLimit, Task, TaskId
 from taskbroker._options import TaskOptions, checked_options, warn_renamed, with_options_doc
 from taskbroker._status import error_from_rpc, throttled_for_s
 from taskbroker._tracing import (
@@ -247,6 +249,16 @@ def _enqueue_backoff_s(retry: int) -> float:
     """Exponential backoff with equal jitter: at least half the cap, so retries do spread out."""
     cap = min(ENQUEUE_BACKOFF_MAX_S, ENQUEUE_BACKOFF_INITIAL_S * 2.0**retry)
     return cap / 2 + random.uniform(0, cap / 2)
+
+
+class _Keep:
+    """update_queue_settings' default: leave this setting as it is."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP: Final = _Keep()
 
 
 class Client:
@@ -718,6 +730,53 @@ class Client:
             UnavailableError: The broker or its Redis could not be reached.
         """
         await self._unary(self.admin.ResumeQueue, admin_service_pb2.ResumeQueueRequest(queue=queue))
+
+    async def queue_settings(self, queue: str) -> QueueSettings:
+        """Returns a queue's limits (every one off for a queue never configured).
+
+        Raises:
+            InvalidArgumentError: The queue name is malformed.
+            UnavailableError: The broker or its Redis could not be reached.
+        """
+        response = await self._unary(
+            self.admin.GetQueueSettings, admin_service_pb2.GetQueueSettingsRequest(queue=queue)
+        )
+        return settings_from_proto(response.settings)
+
+    async def update_queue_settings(
+        self,
+        queue: str,
+        *,
+        rate_limit: RateLimit | _Keep | None = KEEP,
+        max_concurrency: int | _Keep = KEEP,
+        enqueue_rate_limit: RateLimit | _Keep | None = KEEP,
+    ) -> QueueSettings:
+        """Changes the limits given (None or 0 turns one off) and keeps the others; every
+        broker replica applies them to its next lease or enqueue.
+
+        Returns:
+            The queue's settings after the change.
+
+        Raises:
+            InvalidArgumentError: A value is out of range (nothing was changed).
+            PermissionDeniedError: The caller is not an admin of the queue.
+            UnavailableError: The broker or its Redis could not be reached.
+        """
+        given = {
+            "rate_limit": rate_limit,
+            "max_concurrency": max_concurrency,
+            "enqueue_rate_limit": enqueue_rate_limit,
+        }
+        changed = {name: value for name, value in given.items() if not isinstance(value, _Keep)}
+        if not changed:
+            return await self.queue_settings(queue)
+        request = admin_service_pb2.UpdateQueueSettingsRequest(
+            queue=queue,
+            settings=settings_to_proto(QueueSettings(**changed)),  # type: ignore[arg-type]
+        )
+        request.update_mask.paths.extend(changed)
+        response = await self._unary(self.admin.UpdateQueueSettings, request)
+        return settings_from_proto(response.settings)
 
     async def audit_records(self, *, page_size: int = 100) -> AsyncIterator[AuditRecord]:
         """Yields the broker's audit trail (admin actions, permission denials, authentication

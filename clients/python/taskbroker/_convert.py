@@ -6,8 +6,16 @@ from datetime import UTC, datetime, timedelta
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from taskbroker._models import AttemptError, AuditRecord, QueueStats, Task, TaskState
-from taskbroker.v1 import admin_service_pb2, broker_service_pb2, task_pb2
+from taskbroker._models import (
+    AttemptError,
+    AuditRecord,
+    QueueSettings,
+    QueueStats,
+    RateLimit,
+    Task,
+    TaskState,
+)
+from taskbroker.v1 import admin_service_pb2, broker_service_pb2, queue_settings_pb2, task_pb2
 
 
 def to_timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -88,6 +96,37 @@ def stats_from_proto(pb: broker_service_pb2.QueueStats) -> QueueStats:
         oldest_pending_age=(
             from_duration(pb.oldest_pending_age) if pb.HasField("oldest_pending_age") else None
         ),
+        settings=settings_from_proto(pb.settings),
+        rate_limit_tokens=pb.rate_limit_tokens,
+    )
+
+
+def _rate_from_proto(pb: queue_settings_pb2.QueueSettings, name: str) -> RateLimit | None:
+    if not pb.HasField(name):  # type: ignore[arg-type]
+        return None
+    limit: queue_settings_pb2.RateLimit = getattr(pb, name)
+    return RateLimit(limit.per_second, limit.burst)
+
+
+def settings_from_proto(pb: queue_settings_pb2.QueueSettings) -> QueueSettings:
+    return QueueSettings(
+        rate_limit=_rate_from_proto(pb, "rate_limit"),
+        max_concurrency=pb.max_concurrency,
+        enqueue_rate_limit=_rate_from_proto(pb, "enqueue_rate_limit"),
+    )
+
+
+def _rate_to_proto(limit: RateLimit | None) -> queue_settings_pb2.RateLimit | None:
+    if limit is None:
+        return None
+    return queue_settings_pb2.RateLimit(per_second=limit.per_second, burst=limit.burst)
+
+
+def settings_to_proto(settings: QueueSettings) -> queue_settings_pb2.QueueSettings:
+    return queue_settings_pb2.QueueSettings(
+        rate_limit=_rate_to_proto(settings.rate_limit),
+        max_concurrency=settings.max_concurrency,
+        enqueue_rate_limit=_rate_to_proto(settings.enqueue_rate_limit),
     )
 
 

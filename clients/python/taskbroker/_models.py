@@ -85,6 +85,32 @@ class Task:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token bucket: `per_second` tokens added each second, at most `burst` held (0 when
+    asking: the rate rounded up)."""
+
+    per_second: float
+    burst: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """A queue's limits, applied by every broker replica; None or 0 is off.
+
+    Attributes:
+        rate_limit: At most this many leases start per second; tasks over it wait.
+        max_concurrency: At most this many tasks of the queue leased at once.
+        enqueue_rate_limit: At most this many tasks enqueued per second; a call over it is
+            refused with RESOURCE_EXHAUSTED and a retry time, and stores nothing (Client's
+            enqueue calls wait and retry for up to 30 s before raising).
+    """
+
+    rate_limit: RateLimit | None = None
+    max_concurrency: int = 0
+    enqueue_rate_limit: RateLimit | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class QueueStats:
     """One queue's counts and totals."""
 
@@ -102,6 +128,9 @@ class QueueStats:
     cancelled_total: int
     failed_total: int
     oldest_pending_age: timedelta | None
+    settings: QueueSettings = QueueSettings()
+    #: With a rate_limit: the tokens in its bucket now (below 1: the next lease waits).
+    rate_limit_tokens: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
