@@ -68,6 +68,7 @@ class Lifecycle:
             initial_backoff_ms=round(settings.backoff_initial_s * 1000),
             max_backoff_ms=round(settings.backoff_max_s * 1000), delay_ms=-1, schedule_ms=-1,
             idempotency_key="", body_hash="", staged="",  # (staged: an older store's)
+            group_key="",
         )  # fmt: skip
 
     @property
@@ -99,12 +100,13 @@ class Lifecycle:
                     idempotency_prefix=k.idempotency_prefix,
                     stage_prefix=getattr(k, "stage_prefix", None),  # absent in older stores
                     idempotency_window_ms=self._window_ms, wake_channel=WAKE_CHANNEL,
-                    queue=self._queue, staged="", n=enqueue,
+                    queue=self._queue, staged="", calls="", n=enqueue,
                 )
             ]  # fmt: skip
             for _ in range(enqueue):
                 args += self._item(self._ids.new())
-            keys = [k.pending, k.scheduled, k.stats, *self._fresh_priorities]
+            # meta (enqueue_rate_limit) after the fresh index; an older enqueue.lua ignores it
+            keys = [k.pending, k.scheduled, k.stats, *self._fresh_priorities, k.meta]
             pipe.evalsha(self._sha["enqueue"], len(keys), *keys, *args)
         lease_ids = [new_lease_id() for _ in range(lease)]
         if lease:

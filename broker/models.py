@@ -50,6 +50,7 @@ class NewTask:
     schedule_ms: int | None  # None: no schedule time
     idempotency_key: str | None  # None: none
     body_hash: str | None  # None: no idempotency key, nothing to compare
+    group_key: str = ""  # "": the queue's default group
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,7 @@ class Task(NamedTuple):
     initial_backoff_ms: int
     max_backoff_ms: int
     lease_id: str | None = None  # None unless leased
+    group_key: str = ""  # "": the queue's default group
 
 
 class Lease(NamedTuple):
@@ -219,10 +221,16 @@ class QueueSettings:
     rate_limit: RateLimit | None = None
     max_concurrency: int = 0
     enqueue_rate_limit: RateLimit | None = None
+    per_key_max_concurrency: int = 0
 
 
 #: The settings an update may name (taskbroker.v1.UpdateQueueSettingsRequest.update_mask).
-QUEUE_SETTING_NAMES: Final = ("rate_limit", "max_concurrency", "enqueue_rate_limit")
+QUEUE_SETTING_NAMES: Final = (
+    "rate_limit",
+    "max_concurrency",
+    "enqueue_rate_limit",
+    "per_key_max_concurrency",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,8 @@ _LEASE_ID = re.compile(r"[0-9a-f]{32}")
 MAX_HEADERS = 64
 MAX_HEADER_VALUE_BYTES = 4096
 MAX_IDEMPOTENCY_KEY_LENGTH = 256
+#: A group key (TaskSpec.group_key): it ends up in key names, so no braces (hash tags).
+GROUP_KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 MAX_PRIORITY = 1000
 MAX_ATTEMPTS = 1000
 MIN_LEASE_MS = 10
@@ -97,6 +99,7 @@ class TaskRequest:
     idempotency_key: str = ""
     initial_backoff_ms: int | None = None
     max_backoff_ms: int | None = None
+    group_key: str = ""
 
 
 def _check_size(f: str, request: TaskRequest, header_bytes: int, limit: int) -> None:
@@ -198,6 +201,10 @@ class TaskQueue:
             lease_ms = _check_range(
                 f"{f}.lease_duration", request.lease_ms, MIN_LEASE_MS, MAX_LEASE_MS, " ms"
             )
+        if request.group_key and not GROUP_KEY_PATTERN.fullmatch(request.group_key):
+            raise InvalidArgument(
+                f"{f}.group_key", "must be 1-128 characters of [A-Za-z0-9_.:@-], or empty"
+            )
         if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
             raise InvalidArgument(
                 f"{f}.idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_LENGTH} characters"
@@ -225,6 +232,7 @@ class TaskQueue:
             idempotency_key=_hash_key(queue, request.idempotency_key, scope),
             # Only a keyed task is ever compared (a JSON dump and a SHA-256 saved per task).
             body_hash=_body_hash(request) if request.idempotency_key else None,
+            group_key=request.group_key,
         )
 
     async def enqueue(
@@ -828,6 +836,8 @@ def _body_hash(r: TaskRequest) -> str:
     headers = sorted((k, v) for k, v in r.headers.items() if k not in TRACE_HEADERS)
     meta = [r.queue, r.type, headers, r.priority, r.delay_ms, r.schedule_ms,
             r.max_attempts, r.lease_ms, r.initial_backoff_ms, r.max_backoff_ms]  # fmt: skip
+    if r.group_key:  # added to the list only when set: stored hashes of older tasks still match
+        meta.append(r.group_key)
     digest.update(json.dumps(meta).encode())
     digest.update(r.payload)
     return digest.hexdigest()[:32]

@@ -29,8 +29,9 @@ def checked_rate(field: str, per_second: float, burst: int) -> RateLimit:
 
 def checked_settings(settings: QueueSettings) -> QueueSettings:
     """The settings with rates checked and bursts filled in."""
-    if not 0 <= settings.max_concurrency <= MAX_LIMIT:
-        raise InvalidArgument("settings.max_concurrency", f"must be 0 (no cap) to {MAX_LIMIT:,}")
+    for name in ("max_concurrency", "per_key_max_concurrency"):
+        if not 0 <= getattr(settings, name) <= MAX_LIMIT:
+            raise InvalidArgument(f"settings.{name}", f"must be 0 (no cap) to {MAX_LIMIT:,}")
     rates = {}
     for name in ("rate_limit", "enqueue_rate_limit"):
         limit: RateLimit | None = getattr(settings, name)
@@ -40,6 +41,7 @@ def checked_settings(settings: QueueSettings) -> QueueSettings:
         rate_limit=rates.get("rate_limit"),
         max_concurrency=settings.max_concurrency,
         enqueue_rate_limit=rates.get("enqueue_rate_limit"),
+        per_key_max_concurrency=settings.per_key_max_concurrency,
     )
 
 

@@ -14,7 +14,7 @@ from typing import Final
 import pytest
 import redis
 
-from taskbroker import Client, TaskContext, TaskState, Worker, handler
+from taskbroker import Client, NewTask, RateLimit, TaskContext, TaskState, Worker, handler
 from tests.conftest import TEST_SETTINGS, start_broker
 from tests.support.certs import make_ca
 from tests.support.redis_server import RedisServer, free_port
@@ -29,7 +29,8 @@ BROKER_ACL: Final = (
     "+hget +hmget +hgetall +hset +hdel +hincrby "
     "+sadd +srem +smembers +scard +sscan "
     "+zadd +zrem +zrange +zcard +zpopmin "
-    "+xadd +xrange +xrevrange +xlen +xdel +rename +persist +pexpire +multi +exec"
+    "+xadd +xrange +xrevrange +xlen +xdel +xtrim +sismember +srandmember "
+    "+rename +persist +pexpire +multi +exec"
 )
 
 
@@ -97,6 +98,18 @@ async def test_a_task_runs_through_redis_over_tls_as_a_least_privilege_user(
             await worker.run_until_idle()
             assert (await client.get_task(doomed)).state is TaskState.DEAD
             assert await client.redrive("tls-redis", all=True) == 1
+            # Limits and group keys, and a stream trimmed below its head (one of three taken).
+            await client.update_queue_settings(
+                "tls-redis", rate_limit=RateLimit(1000), max_concurrency=5,
+                per_key_max_concurrency=1,
+            )  # fmt: skip
+            for key in ("a", "b", None):
+                await client.enqueue("tls-redis", "double", b"k", group_key=key)
+            await client.enqueue_many(NewTask("tls-redis", "double", b"f") for _ in range(3))
+            one = Worker(client, queues=["tls-redis"], handlers=[double], concurrency=1)
+            assert await one.run_until_idle() == 7  # the redriven task and these six
+            (stats,) = await client.stats("tls-redis")
+            assert stats.pending == 0
     finally:
         await running.close()
     # The ACL allowed all of it (a missing command would show here, and fail the task above).

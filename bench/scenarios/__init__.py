@@ -12,6 +12,7 @@ from bench.scenarios import (
     ceiling,
     delayed,
     drain,
+    fairness,
     floor,
     idle_streams,
     latency,
@@ -36,6 +37,7 @@ class Scenario:
 
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("drain", drain.run),
+    Scenario("fairness", fairness.run),
     Scenario("pipeline", pipeline.run),
     Scenario("unary", unary.run),
     Scenario("latency", latency.run),

@@ -59,6 +59,7 @@ def task_request(spec: task_pb2.TaskSpec) -> TaskRequest:
         max_attempts=spec.max_attempts,
         lease_ms=optional_duration_ms(spec, "lease_duration"),
         idempotency_key=spec.idempotency_key,
+        group_key=spec.group_key,
         initial_backoff_ms=optional_duration_ms(policy, "initial_backoff"),
         max_backoff_ms=optional_duration_ms(policy, "max_backoff"),
     )
@@ -99,6 +100,8 @@ def _task_fields(task: Task) -> dict[str, Any]:
     }
     if task.headers:
         fields["headers"] = task.headers
+    if task.group_key:
+        fields["group_key"] = task.group_key
     if task.priority:
         fields["priority"] = task.priority
     if task.last_error:
@@ -193,6 +196,7 @@ def settings_from_proto(message: queue_settings_pb2.QueueSettings) -> QueueSetti
         rate_limit=_rate_from_proto(message, "rate_limit"),
         max_concurrency=message.max_concurrency,
         enqueue_rate_limit=_rate_from_proto(message, "enqueue_rate_limit"),
+        per_key_max_concurrency=message.per_key_max_concurrency,
     )
 
 
@@ -207,4 +211,5 @@ def settings_to_proto(settings: QueueSettings) -> queue_settings_pb2.QueueSettin
         rate_limit=_rate_to_proto(settings.rate_limit),
         max_concurrency=settings.max_concurrency,
         enqueue_rate_limit=_rate_to_proto(settings.enqueue_rate_limit),
+        per_key_max_concurrency=settings.per_key_max_concurrency,
     )

@@ -44,6 +44,7 @@ class EnqueueItem(NamedTuple):
     schedule_ms: int
     idempotency_key: str
     body_hash: str
+    group_key: str  # '': the default group
 
 
 class LeaseArgs(NamedTuple):

@@ -107,6 +107,29 @@ class QueueKeys:
     def task(self, local_id: str) -> str:
         return self.task_prefix + local_id
 
+    # Group keys (TaskSpec.group_key). The scripts derive these names from the queue's other
+    # key names (lua/_prelude.lua: base_of_pending), so they are named here for readers, tests
+    # and ACLs.
+
+    def group(self, group_key: str) -> str:
+        """Zset of a key's pending tasks (id -> pending score)."""
+        return self._base + "g:" + group_key
+
+    @property
+    def group_rotation(self) -> str:
+        """Zset of the keys with pending tasks, by turn (lowest leases next)."""
+        return self._base + "gk"
+
+    @property
+    def group_parked(self) -> str:
+        """Set of the keys at per_key_max_concurrency, out of the rotation until a lease ends."""
+        return self._base + "gp"
+
+    @property
+    def group_leased(self) -> str:
+        """Hash of each key's leased count."""
+        return self._base + "gl"
+
 
 #: The audit trail: one capped stream (store/audit_log.py). Its tag holds '~', as the due
 #: index's do, so no queue's keys share its slot by name.

@@ -3,8 +3,10 @@ the settle scripts read: the names here and there must agree (tests/test_pinned_
 
 Fields: `paused` ('1'); `mc` (max_concurrency); `rl_rate`/`rl_burst` (rate_limit) with the
 bucket's state `rl_tok`/`rl_at` (tokens left at time ms), written by lease.lua; `erl_*` the same
-for enqueue_rate_limit, written by enqueue.lua; `blocked` ('1': a lease call held tasks back
-at max_concurrency, so the next script that frees a slot publishes a wake).
+for enqueue_rate_limit, written by enqueue.lua; `pk_mc` (per_key_max_concurrency); `turn` and
+`dturn` (the group rotation's counter, and the default group's turn: lease.lua); `blocked`
+('1': a lease call held tasks back at max_concurrency, so the next script that frees a slot
+publishes a wake).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ _FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "rate_limit": ("rl_rate", "rl_burst", "rl_tok", "rl_at"),
     "max_concurrency": ("mc", "blocked"),
     "enqueue_rate_limit": ("erl_rate", "erl_burst", "erl_tok", "erl_at"),
+    "per_key_max_concurrency": ("pk_mc",),
 }
 
 
@@ -38,6 +41,7 @@ def settings_from_meta(meta: Mapping[bytes, bytes]) -> QueueSettings:
         rate_limit=_rate(meta, "rl"),
         max_concurrency=int(meta.get(b"mc", b"0")),
         enqueue_rate_limit=_rate(meta, "erl"),
+        per_key_max_concurrency=int(meta.get(b"pk_mc", b"0")),
     )
 
 

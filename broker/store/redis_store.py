@@ -168,7 +168,7 @@ TASK_HASH_FIELDS: Final = {
     "attempt": "att", "max_attempts": "max", "create_ms": "ctime", "schedule_ms": "stime",
     "lease_expire_ms": "etime", "finish_ms": "ftime", "last_error": "lerr", "errors": "errs",
     "result": "res", "lease_ms": "lease_ms", "initial_backoff_ms": "bo_i",
-    "max_backoff_ms": "bo_m", "lease_id": "lid",
+    "max_backoff_ms": "bo_m", "lease_id": "lid", "group_key": "gk",
 }  # fmt: skip
 #: The stored names alone, in order.
 TASK_FIELDS: Final = tuple(TASK_HASH_FIELDS.values())
@@ -185,7 +185,7 @@ def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
     every leased task: Task is built positionally (in its field order) and numbers go through
     _num, a cheaper _int."""
     type_, payload, hdr, pri, state, att, max_, ctime, stime = v[:9]
-    etime, ftime, lerr, errs, res, lease_ms, initial_backoff, max_backoff, lid = v[9:]
+    etime, ftime, lerr, errs, res, lease_ms, initial_backoff, max_backoff, lid, gk = v[9:]
     errors = tuple(  # absent until an attempt fails: no JSON on the hot path
         AttemptError(attempt=int(a), time_ms=int(t), message=str(m))
         for a, t, m in (json.loads(errs) if errs else ())
@@ -210,6 +210,7 @@ def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
         _num(initial_backoff),
         _num(max_backoff),
         _text(lid) or None,
+        _text(gk),
     )
 
 
@@ -544,6 +545,7 @@ class RedisStore:
                 schedule_ms=-1 if t.schedule_ms is None else t.schedule_ms,
                 idempotency_key=t.idempotency_key or "",
                 body_hash=t.body_hash or "",
+                group_key=t.group_key,
             )
         # Registered after the script, in the same write: a queue being forgotten (emptiness
         # re-checked after its removal, sweep_queues) either sees this task or is re-registered.

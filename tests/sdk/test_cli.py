@@ -567,3 +567,37 @@ async def test_log_level_option_quiets_the_worker(
     assert task.state is TaskState.SUCCEEDED
     assert process.returncode == 0, stderr.decode()
     assert " INFO " not in stderr.decode()
+
+
+async def test_queue_settings_shows_and_changes_limits(
+    running: RunningBroker, client: Client
+) -> None:
+    shown = await run_cli(running.target, "queue", "settings", "emails")
+    changed = await run_cli(
+        running.target, "--json", "queue", "settings", "emails",
+        "--rate-limit", "200/50", "--per-key-max-concurrency", "3",
+    )  # fmt: skip
+    kept = await run_cli(running.target, "queue", "settings", "emails", "--max-concurrency", "9")
+    off = await run_cli(
+        running.target, "--json", "queue", "settings", "emails", "--rate-limit", "off"
+    )
+    bad = await run_cli(running.target, "queue", "settings", "emails", "--rate-limit", "-5")
+    typo = await run_cli(running.target, "queue", "settings", "emails", "--rate-limit", "fast")
+
+    assert (shown.code, shown.stdout.splitlines()) == (0, [
+        "rate_limit: off", "max_concurrency: off", "enqueue_rate_limit: off",
+        "per_key_max_concurrency: off",
+    ])  # fmt: skip
+    assert changed.json() == {
+        "queue": "emails", "rate_limit": {"per_second": 200.0, "burst": 50},
+        "max_concurrency": 0, "enqueue_rate_limit": None, "per_key_max_concurrency": 3,
+    }  # fmt: skip
+    assert "rate_limit: 200/s, burst 50" in kept.stdout and "max_concurrency: 9" in kept.stdout
+    assert off.json() == {
+        "queue": "emails", "rate_limit": None, "max_concurrency": 9,
+        "enqueue_rate_limit": None, "per_key_max_concurrency": 3,
+    }  # fmt: skip
+    assert bad.code == 1 and "settings.rate_limit.per_second" in bad.stderr
+    assert typo.code == 2 and "RATE[/BURST]" in typo.stderr
+    settings = await client.queue_settings("emails")
+    assert (settings.rate_limit, settings.max_concurrency) == (None, 9)

@@ -24,7 +24,7 @@ from taskbroker._errors import (
     TaskNotFoundError,
     UnavailableError,
 )
-from taskbroker._models import TaskState
+from taskbroker._models import QueueSettings, RateLimit, TaskState
 from taskbroker._status import error_from_rpc
 from taskbroker._sync import SyncClient
 from taskbroker.codec import from_json, json_payload
@@ -82,11 +82,13 @@ async def test_enqueue_with_every_option_is_stored_as_given(client: Client) -> N
         headers={"traceparent": "00-ab-cd-01"},
         initial_backoff=timedelta(seconds=2),
         max_backoff=timedelta(minutes=1),
+        group_key="acme",
     )
 
     task = await client.get_task(task_id)
     assert task.state is TaskState.SCHEDULED
     assert (task.payload, task.priority, task.max_attempts) == (b"hello", 7, 3)
+    assert task.group_key == "acme"
     assert task.headers == {"traceparent": "00-ab-cd-01"}
     assert task.schedule_time == at
     # The SDK's Task leaves out the lease length and retry policy; the raw API has them.
@@ -492,3 +494,18 @@ def test_json_codec_round_trip_is_compact_utf8() -> None:
 def test_sdk_errors_share_one_base() -> None:
     for cls in (InvalidArgumentError, TaskNotFoundError, LeaseStaleError, UnavailableError):
         assert issubclass(cls, TaskbrokerError)
+
+
+async def test_queue_settings_change_only_what_is_given(client: Client) -> None:
+    assert await client.queue_settings("emails") == QueueSettings()
+    first = await client.update_queue_settings(
+        "emails", rate_limit=RateLimit(50), per_key_max_concurrency=2
+    )
+    assert first == QueueSettings(rate_limit=RateLimit(50, 50), per_key_max_concurrency=2)
+    second = await client.update_queue_settings("emails", rate_limit=None, max_concurrency=8)
+    assert second == QueueSettings(max_concurrency=8, per_key_max_concurrency=2)
+    assert await client.update_queue_settings("emails") == second  # nothing given: a read
+    [stats] = await client.stats("emails")
+    assert stats.settings == second
+    with pytest.raises(InvalidArgumentError, match="per_key_max_concurrency"):
+        await client.update_queue_settings("emails", per_key_max_concurrency=-1)

@@ -101,9 +101,89 @@ local function fresh_count(fresh_prefix, priorities_key)
   return count, oldest
 end
 
+-- Group keys (TaskSpec.group_key, the task hash's `gk`). A pending task with one waits in its
+-- key's zset <base>g:<key> (scored as the pending zset), not in the pending zset; the keys that
+-- have pending tasks take turns in the rotation <base>gk (key -> turn, lowest first: lease.lua).
+-- A key at the queue's per_key_max_concurrency is parked in the set <base>gp, out of the
+-- rotation, until one of its leases ends; <base>gl counts each key's leases. <base> is the
+-- queue's key prefix tb:{q}: (every key under the queue's tag), taken from a key name a script
+-- was given.
+local function base_of_pending(pending_key) return string.sub(pending_key, 1, -8) end
+local function base_of_tasks(task_prefix) return string.sub(task_prefix, 1, -3) end
+
+-- Puts a key with pending tasks at the back of the rotation, unless it is there or parked.
+local function rotate_in(base, gk)
+  if redis.call('SISMEMBER', base .. 'gp', gk) == 1 then return end
+  local turn = tonumber(redis.call('HGET', base .. 'meta', 'turn') or '0')
+  redis.call('ZADD', base .. 'gk', 'NX', turn, gk)
+end
+
+-- Adds a task to the pending tasks of its group: its key's zset, or the pending zset.
+local function add_pending(id, pending_key, score, gk)
+  if gk and gk ~= '' then
+    local base = base_of_pending(pending_key)
+    redis.call('ZADD', base .. 'g:' .. gk, score, id)
+    rotate_in(base, gk)
+  else
+    redis.call('ZADD', pending_key, score, id)
+  end
+end
+
+-- Removes a pending task from its key's zset; a key left with none leaves the rotation.
+local function remove_grouped(base, gk, id)
+  local zkey = base .. 'g:' .. gk
+  redis.call('ZREM', zkey, id)
+  if redis.call('EXISTS', zkey) == 0 then
+    redis.call('ZREM', base .. 'gk', gk)
+    redis.call('SREM', base .. 'gp', gk)
+  end
+end
+
+-- A lease of a task of key gk ended (acked, failed, expired, released or cancelled): one fewer
+-- leased for the key. A key parked at its cap goes back into the rotation, and the queue's
+-- pumps are woken (when wake_channel is given: callers that publish anyway pass nil).
+local function group_lease_ended(base, gk, wake_channel, queue)
+  if not gk or gk == '' then return end
+  if redis.call('HINCRBY', base .. 'gl', gk, -1) <= 0 then redis.call('HDEL', base .. 'gl', gk) end
+  if redis.call('SREM', base .. 'gp', gk) == 1 then
+    if redis.call('EXISTS', base .. 'g:' .. gk) == 1 then rotate_in(base, gk) end
+    if wake_channel then redis.call('PUBLISH', wake_channel, queue) end
+  end
+end
+
+-- Whether an operator configured the queue (paused, or a limit: store/queue_meta.py), so it is
+-- kept while empty. The meta hash's other fields are state that may go with it.
+local function has_settings(meta_key)
+  for _, v in ipairs(redis.call('HMGET', meta_key, 'paused', 'mc', 'rl_rate', 'erl_rate',
+      'pk_mc')) do
+    if v then return true end
+  end
+  return false
+end
+
+-- Whether any task waits under a group key (in the rotation, or parked).
+local function has_grouped(base)
+  return redis.call('EXISTS', base .. 'gk', base .. 'gp') > 0
+end
+
+-- Counts the tasks waiting under group keys, over at most `limit` keys (a lower bound beyond).
+local function grouped_count(base, limit)
+  local count = 0
+  for _, set in ipairs({'gk', 'gp'}) do
+    local members
+    if set == 'gk' then
+      members = redis.call('ZRANGE', base .. set, 0, limit - 1)
+    else
+      members = redis.call('SRANDMEMBER', base .. set, limit)
+    end
+    for _, gk in ipairs(members) do count = count + redis.call('ZCARD', base .. 'g:' .. gk) end
+  end
+  return count
+end
+
 local function to_pending(key, id, pending_key, now)
-  local pri = tonumber(redis.call('HGET', key, 'pri') or '0')
-  redis.call('ZADD', pending_key, pending_score(pri, now), id)
+  local t = redis.call('HMGET', key, 'pri', 'gk')
+  add_pending(id, pending_key, pending_score(tonumber(t[1] or '0'), now), t[2])
   redis.call('HSET', key, 'state', PENDING, 'stime', now)
 end
 
@@ -159,10 +239,11 @@ end
 -- attempt is spent, so the task goes back to pending, or to dead letters when out of attempts.
 -- A detached lease records its own reason ('lease stream closed'). Returns 1 when dead-lettered.
 local function end_lease(key, id, keys, now, reason)
-  local t = redis.call('HMGET', key, 'att', 'max', 'ereason')
+  local t = redis.call('HMGET', key, 'att', 'max', 'ereason', 'gk')
   local att, max = tonumber(t[1] or '0'), tonumber(t[2] or '1')
   if t[3] then reason = t[3] end
   redis.call('ZREM', keys.leased, id)
+  group_lease_ended(base_of_pending(keys.pending), t[4], nil, nil)  -- the caller wakes
   clear_lease(key)
   append_error(key, att, now, reason)
   redis.call('HINCRBY', keys.stats, 'reclaim', 1)

@@ -21,16 +21,18 @@ local task_prefix, wake_channel, queue, n = unpack(ARGV, 1, 4)
 n = tonumber(n)
 local reply = {now}
 local acked = 0
+local base = base_of_tasks(task_prefix)
 for i = 0, n - 1 do
   local id, lease_id, result, holder = item(4, 4, i)
   local key = task_prefix .. id
-  local current = redis.call('HMGET', key, 'state', 'lid', 'slid', 'skind', 'lp')
+  local current = redis.call('HMGET', key, 'state', 'lid', 'slid', 'skind', 'lp', 'gk')
   if not current[1] then
     table.insert(reply, 'nf')
   elseif tonumber(current[1]) == LEASED and current[2] == lease_id and foreign(current[5], holder) then
     table.insert(reply, 'foreign')
   elseif tonumber(current[1]) == LEASED and current[2] == lease_id then
     redis.call('ZREM', KEYS[1], id)
+    group_lease_ended(base, current[6], wake_channel, queue)
     clear_lease(key)
     redis.call('HSET', key, 'state', SUCCEEDED, 'ftime', now, 'slid', lease_id, 'skind', 'a')
     if result ~= '' then redis.call('HSET', key, 'res', result) end

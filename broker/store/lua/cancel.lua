@@ -18,17 +18,20 @@
 
 local now = now_ms()
 local id, entry_id, fresh_prefix, wake_channel, queue = unpack(ARGV, 1, 5)
-local t = redis.call('HMGET', KEYS[1], 'state', 'lid')
+local t = redis.call('HMGET', KEYS[1], 'state', 'lid', 'gk')
 if not t[1] then
   local stream, pri, f = find_fresh(fresh_prefix, KEYS[7], id, entry_id)
   if not stream then return {'nf'} end
   redis.call('XDEL', stream, entry_id)
   drop_if_empty(stream, KEYS[7], pri)
   fresh_to_hash(KEYS[1], pri, entry_id, f)
-  t = {tostring(PENDING), false}
+  t = {tostring(PENDING), false, false}
 end
 local state = tonumber(t[1])
 if state ~= SCHEDULED and state ~= PENDING and state ~= LEASED then return {'final', state} end
+local base = base_of_pending(KEYS[2])
+if t[3] and state == PENDING then remove_grouped(base, t[3], id) end
+if state == LEASED then group_lease_ended(base, t[3], wake_channel, queue) end
 redis.call('ZREM', KEYS[2], id)
 redis.call('ZREM', KEYS[3], id)
 if redis.call('ZREM', KEYS[4], id) == 1 then wake_if_blocked(KEYS[8], wake_channel, queue) end

@@ -18,13 +18,14 @@
 --   calls                   how many tasks each Enqueue call of the batch holds, in order
 --                           ("3,1,1"; '': one call), which enqueue_rate_limit admits whole
 --   n; then n tasks: id entry_id task_type payload headers priority max_attempts lease_ms
---   initial_backoff_ms max_backoff_ms delay_ms schedule_ms idempotency_key body_hash
---   (delay_ms / schedule_ms: -1 when unset; idempotency_key: '' when unset)
+--   initial_backoff_ms max_backoff_ms delay_ms schedule_ms idempotency_key body_hash group_key
+--   (delay_ms / schedule_ms: -1 when unset; idempotency_key, group_key: '' when unset)
 --
 -- A task ready now whose payload came in ARGV is stored fresh: one entry of its priority's
 -- stream, under entry_id (derived from its id, so ids from one broker arrive in stream order),
--- with no key of its own. Any other (delayed, staged, or out of its stream's order: another
--- replica's ids) gets its hash and an entry in the pending or scheduled zset.
+-- with no key of its own. Any other (delayed, staged, with a group key, or out of its stream's
+-- order: another replica's ids) gets its hash and an entry in the pending (its key's: prelude's
+-- add_pending) or scheduled zset.
 --
 -- Returns {now, r_1 .. r_n} with r_i = 'n' (stored), 'd:<id>' (idempotency duplicate of <id>),
 -- 'e' (this id already exists: a retried call whose first reply was lost) or 'l:<ms>' (not
@@ -48,7 +49,7 @@ local seen = {}
 for i = 0, n - 1 do
   local id, entry_id, task_type, payload, headers, priority, max_attempts, lease_ms,
     initial_backoff_ms, max_backoff_ms, delay_ms, schedule_ms, idempotency_key,
-    body_hash = item(10, 14, i)
+    body_hash, group_key = item(10, 15, i)
   local idem, body = idempotency_key, body_hash
   if is_staged[i + 1] and redis.call('EXISTS', stage_prefix .. id) == 0
     and redis.call('EXISTS', task_prefix .. id) == 0 then
@@ -124,7 +125,7 @@ local stored = 0
 for i = 0, n - 1 do
   local id, entry_id, task_type, payload, headers, priority, max_attempts, lease_ms,
     initial_backoff_ms, max_backoff_ms, delay_ms, schedule_ms, idempotency_key,
-    body_hash = item(10, 14, i)
+    body_hash, group_key = item(10, 15, i)
   local idem = idempotency_key
   local key = task_prefix .. id
   local dup = nil
@@ -147,7 +148,7 @@ for i = 0, n - 1 do
     if is_staged[i + 1] then redis.call('DEL', stage_prefix .. id) end
     table.insert(reply, 'e')
   else
-    if not is_staged[i + 1] and due <= now then
+    if not is_staged[i + 1] and due <= now and group_key == '' then
       outcome = store_fresh(id, entry_id, pri, task_type, payload, headers, max_attempts,
         lease_ms, initial_backoff_ms, max_backoff_ms)
     end
@@ -165,12 +166,13 @@ for i = 0, n - 1 do
       end
       if headers ~= '' then redis.call('HSET', key, 'hdr', headers) end
       if lease_ms ~= '0' then redis.call('HSET', key, 'lease_ms', lease_ms) end
+      if group_key ~= '' then redis.call('HSET', key, 'gk', group_key) end
       if due > now then
         redis.call('HSET', key, 'state', SCHEDULED, 'stime', due)
         redis.call('ZADD', KEYS[2], due, id)
       else
         redis.call('HSET', key, 'state', PENDING, 'stime', now)
-        redis.call('ZADD', KEYS[1], pending_score(pri, now), id)
+        add_pending(id, KEYS[1], pending_score(pri, now), group_key)
       end
       outcome = 'n'
     end

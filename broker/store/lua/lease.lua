@@ -34,7 +34,7 @@ local task_prefix, fresh_prefix, n = unpack(ARGV, 1, 3)
 n = tonumber(n)
 local fields = {unpack(ARGV, 3 + 4 * n + 1)}
 local meta = redis.call('HMGET', KEYS[4], 'paused', 'mc', 'rl_rate', 'rl_burst', 'rl_tok',
-  'rl_at', 'blocked')
+  'rl_at', 'blocked', 'pk_mc', 'turn', 'dturn')
 if meta[1] == '1' then
   return {now, next_due(KEYS[2]), 1}
 end
@@ -129,24 +129,120 @@ local function lease_fresh(pri, entry_id, task)
   table.insert(reply, values)
 end
 
+-- The default group (tasks without a group key): the candidates above, merged in score order.
 local h, f = 1, 1
 local taken = {}  -- stream index -> how many of its entries were taken (always a prefix)
-for _ = 1, allowed do
-  local from_held = h <= #held and (f > #fresh or tonumber(held[h + 1]) <= fresh[f][1])
-  if from_held then
-    local id = held[h]
-    h = h + 2
-    redis.call('ZREM', KEYS[1], id)
-    local key = task_prefix .. id
-    if redis.call('EXISTS', key) == 1 then lease(key, id) end
-  elseif f <= #fresh then
-    local _, index, position, pri, flat = unpack(fresh[f])
-    f = f + 1
-    taken[index] = position
-    lease_fresh(pri, streams[index][3][position], fresh_fields(flat))
-  else
-    break
+local function take_default()
+  while true do
+    local from_held = h <= #held and (f > #fresh or tonumber(held[h + 1]) <= fresh[f][1])
+    if from_held then
+      local id = held[h]
+      h = h + 2
+      redis.call('ZREM', KEYS[1], id)
+      local key = task_prefix .. id
+      if redis.call('EXISTS', key) == 1 then
+        lease(key, id)
+        return true
+      end
+    elseif f <= #fresh then
+      local _, index, position, pri, flat = unpack(fresh[f])
+      f = f + 1
+      taken[index] = position
+      lease_fresh(pri, streams[index][3][position], fresh_fields(flat))
+      return true
+    else
+      return false
+    end
   end
+end
+local function default_left()
+  return h <= #held or f <= #fresh
+end
+
+-- Group keys (prelude: rotate_in): the keys with pending tasks take turns with each other and
+-- with the default group, one task per turn, lowest turn first; a group served gets the next
+-- turn, so it goes to the back. Within a group, priority then FIFO.
+local base = base_of_tasks(task_prefix)
+local rotation = base .. 'gk'
+local per_key_cap = tonumber(meta[8] or '0')
+local leased_per_key = base .. 'gl'
+-- Takes the first task of key gk: whether it took one, and whether the key has more to give.
+local function take_from_key(gk)
+  local zkey = base .. 'g:' .. gk
+  local held_now = tonumber(redis.call('HGET', leased_per_key, gk) or '0')
+  local first = redis.call('ZRANGE', zkey, 0, 0)
+  if #first == 0 or (per_key_cap > 0 and held_now >= per_key_cap) then
+    redis.call('ZREM', rotation, gk)
+    if #first > 0 then redis.call('SADD', base .. 'gp', gk) end  -- parked until a lease ends
+    return false, false
+  end
+  local id = first[1]
+  redis.call('ZREM', zkey, id)
+  local key = task_prefix .. id
+  local took = redis.call('EXISTS', key) == 1
+  if took then
+    lease(key, id)
+    held_now = redis.call('HINCRBY', leased_per_key, gk, 1)
+  end
+  if redis.call('EXISTS', zkey) == 0 then
+    redis.call('ZREM', rotation, gk)
+    return took, false
+  end
+  if per_key_cap > 0 and held_now >= per_key_cap then
+    redis.call('ZREM', rotation, gk)
+    redis.call('SADD', base .. 'gp', gk)
+    return took, false
+  end
+  return took, true
+end
+
+local leftover  -- whether tasks were left that the limits held back
+-- Enough keys for one task each, and a few more in case some are at their cap.
+local keyed = redis.call('ZRANGE', rotation, 0, allowed + 15, 'WITHSCORES')
+if #keyed == 0 then
+  while used < allowed and take_default() do end
+  leftover = default_left()
+else
+  local groups = {}  -- {turn, key, or false for the default group}
+  for i = 1, #keyed, 2 do table.insert(groups, {tonumber(keyed[i + 1]), keyed[i]}) end
+  if default_left() then table.insert(groups, {tonumber(meta[10] or '0'), false}) end
+  table.sort(groups, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    return tostring(a[2]) < tostring(b[2])
+  end)
+  local turn = tonumber(meta[9] or '0')
+  local turns = {}  -- key ('' for the default group) -> its new turn
+  while #groups > 0 and used < allowed do
+    local next_round = {}
+    for i, g in ipairs(groups) do
+      if used >= allowed then
+        for j = i, #groups do table.insert(next_round, groups[j]) end
+        break
+      end
+      local took, more
+      if g[2] then
+        took, more = take_from_key(g[2])
+      else
+        took = take_default()
+        more = took and default_left()
+      end
+      if took then
+        turn = turn + 1
+        turns[g[2] or ''] = turn
+      end
+      if more then table.insert(next_round, g) end
+    end
+    groups = next_round
+  end
+  leftover = #groups > 0
+  for gk, t in pairs(turns) do
+    if gk == '' then
+      redis.call('HSET', KEYS[4], 'dturn', t)
+    else
+      redis.call('ZADD', rotation, 'XX', t, gk)
+    end
+  end
+  redis.call('HSET', KEYS[4], 'turn', turn)
 end
 -- The taken entries are the head of their stream: one trim removes them (an XDEL each would
 -- walk the stream's node from its start every time).
@@ -162,7 +258,7 @@ for index, count in pairs(taken) do
 end
 
 -- Limits: spend the tokens, and say when tasks held back may go.
-local held_back = used == allowed and allowed < n and (#held / 2 + #fresh) > used
+local held_back = used == allowed and allowed < n and leftover
 if tokens then
   tokens = tokens - used
   redis.call('HSET', KEYS[4], 'rl_tok', tostring(tokens), 'rl_at', now)

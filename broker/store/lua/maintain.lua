@@ -58,7 +58,7 @@ if full then next_due = now end
 
 local empty = 0
 if next_due < 0 and redis.call('ZCARD', KEYS[2]) == 0 and redis.call('ZCARD', KEYS[8]) == 0
-    and redis.call('HLEN', KEYS[7]) == 0 then
+    and not has_settings(KEYS[7]) and not has_grouped(base_of_pending(KEYS[2])) then
   empty = 1
 end
 return {reclaimed, promoted, trimmed, next_due, empty}

@@ -34,7 +34,7 @@ for i = 0, n - 1 do
   local retry_ms = tonumber(retry_delay_ms)
   local key = task_prefix .. id
   local t = redis.call('HMGET', key, 'state', 'lid', 'slid', 'skind', 'att', 'max', 'bo_i', 'bo_m',
-    'stime', 'lp')
+    'stime', 'lp', 'gk')
   if not t[1] then
     table.insert(reply, {'nf'})
   elseif tonumber(t[1]) == LEASED and t[2] == lease_id and foreign(t[10], holder) then
@@ -42,6 +42,7 @@ for i = 0, n - 1 do
   elseif tonumber(t[1]) == LEASED and t[2] == lease_id then
     local att, max = tonumber(t[5]), tonumber(t[6])
     redis.call('ZREM', KEYS[1], id)
+    group_lease_ended(base_of_tasks(task_prefix), t[11], wake_channel, queue)
     freed = true
     clear_lease(key)
     redis.call('HSET', key, 'slid', lease_id, 'skind', 'n')

@@ -6,7 +6,8 @@
 -- ARGV     (store/argv.py StatsArgs)
 --   fresh_prefix   tb:{q}:f:
 --
--- Pending counts the pending zset and the fresh streams (enqueue.lua) together.
+-- Pending counts the pending zset, the fresh streams (enqueue.lua) and the tasks waiting under
+-- group keys (over at most 10,000 keys) together; the oldest pending age leaves out the latter.
 --
 -- The oldest pending task is the minimum ready time over the priority bands in use: one
 -- ZRANGE per band, at most 64 bands (beyond that the age is a lower bound).
@@ -28,6 +29,7 @@ end
 local fresh_prefix = unpack(ARGV, 1, 1)
 local fresh, fresh_oldest = fresh_count(fresh_prefix, KEYS[7])
 if fresh_oldest >= 0 and (oldest < 0 or fresh_oldest < oldest) then oldest = fresh_oldest end
-return {now, redis.call('ZCARD', KEYS[1]) + fresh, redis.call('ZCARD', KEYS[2]),
+local grouped = grouped_count(base_of_pending(KEYS[1]), 10000)
+return {now, redis.call('ZCARD', KEYS[1]) + fresh + grouped, redis.call('ZCARD', KEYS[2]),
   redis.call('ZCARD', KEYS[3]), redis.call('ZCARD', KEYS[4]), redis.call('HGETALL', KEYS[6]), oldest,
   redis.call('HGETALL', KEYS[5])}

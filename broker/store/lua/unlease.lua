@@ -18,13 +18,14 @@ local undone = 0
 for i = 0, n - 1 do
   local id, lease_id = item(5, 2, i)
   local key = task_prefix .. id
-  local t = redis.call('HMGET', key, 'state', 'lid', 'sid', 'pri', 'stime')
+  local t = redis.call('HMGET', key, 'state', 'lid', 'sid', 'pri', 'stime', 'gk')
   if t[1] and tonumber(t[1]) == LEASED and t[2] == lease_id and t[3] == stream_id then
     redis.call('ZREM', KEYS[1], id)
+    group_lease_ended(base_of_tasks(task_prefix), t[6], nil, nil)  -- woken below
     clear_lease(key)
     redis.call('HINCRBY', key, 'att', -1)
     redis.call('HSET', key, 'state', PENDING)
-    redis.call('ZADD', KEYS[2], pending_score(tonumber(t[4] or '0'), tonumber(t[5])), id)
+    add_pending(id, KEYS[2], pending_score(tonumber(t[4] or '0'), tonumber(t[5])), t[6])
     undone = undone + 1
   end
 end

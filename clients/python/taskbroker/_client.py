@@ -134,6 +134,7 @@ class NewTask:
     headers: Mapping[str, str] | None = None
     initial_backoff: timedelta | None = None
     max_backoff: timedelta | None = None
+    group_key: str | None = None
 
     def __init__(
         self, queue: str, type: str, payload: bytes = b"", **options: Unpack[TaskOptions]
@@ -180,6 +181,7 @@ def task_spec(task: NewTask) -> task_pb2.TaskSpec:
         priority=task.priority,
         max_attempts=task.max_attempts or 0,
         idempotency_key=task.idempotency_key or "",
+        group_key=task.group_key or "",
     )
     if task.delay is not None:
         spec.delay.CopyFrom(to_duration(task.delay))
@@ -750,6 +752,7 @@ class Client:
         rate_limit: RateLimit | _Keep | None = KEEP,
         max_concurrency: int | _Keep = KEEP,
         enqueue_rate_limit: RateLimit | _Keep | None = KEEP,
+        per_key_max_concurrency: int | _Keep = KEEP,
     ) -> QueueSettings:
         """Changes the limits given (None or 0 turns one off) and keeps the others; every
         broker replica applies them to its next lease or enqueue.
@@ -766,6 +769,7 @@ class Client:
             "rate_limit": rate_limit,
             "max_concurrency": max_concurrency,
             "enqueue_rate_limit": enqueue_rate_limit,
+            "per_key_max_concurrency": per_key_max_concurrency,
         }
         changed = {name: value for name, value in given.items() if not isinstance(value, _Keep)}
         if not changed:

@@ -74,6 +74,7 @@ def task_from_proto(pb: task_pb2.Task) -> Task:
             for e in pb.errors
         ),
         result=pb.result,
+        group_key=pb.group_key,
     )
 
 
@@ -113,6 +114,7 @@ def settings_from_proto(pb: queue_settings_pb2.QueueSettings) -> QueueSettings:
         rate_limit=_rate_from_proto(pb, "rate_limit"),
         max_concurrency=pb.max_concurrency,
         enqueue_rate_limit=_rate_from_proto(pb, "enqueue_rate_limit"),
+        per_key_max_concurrency=pb.per_key_max_concurrency,
     )
 
 
@@ -127,6 +129,7 @@ def settings_to_proto(settings: QueueSettings) -> queue_settings_pb2.QueueSettin
         rate_limit=_rate_to_proto(settings.rate_limit),
         max_concurrency=settings.max_concurrency,
         enqueue_rate_limit=_rate_to_proto(settings.enqueue_rate_limit),
+        per_key_max_concurrency=settings.per_key_max_concurrency,
     )
 
 

@@ -82,6 +82,7 @@ class Task:
     last_error: str
     errors: tuple[AttemptError, ...]
     result: bytes
+    group_key: str = ""  # "": the queue's default group
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +104,13 @@ class QueueSettings:
         enqueue_rate_limit: At most this many tasks enqueued per second; a call over it is
             refused with RESOURCE_EXHAUSTED and a retry time, and stores nothing (Client's
             enqueue calls wait and retry for up to 30 s before raising).
+        per_key_max_concurrency: At most this many tasks of each group key leased at once.
     """
 
     rate_limit: RateLimit | None = None
     max_concurrency: int = 0
     enqueue_rate_limit: RateLimit | None = None
+    per_key_max_concurrency: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,9 @@ class TaskOptions(TypedDict, total=False):
             default (1 s).
         max_backoff: Largest backoff cap, at least initial_backoff, at most 7 days. None: the
             broker default (10 min).
+        group_key: The tenant (customer, account) the task belongs to, 1-128 characters of
+            [A-Za-z0-9_.:@-]: the queue leases round-robin across keys, and its
+            per_key_max_concurrency holds for each. None: the queue's default group.
         retry_initial: Deprecated name of initial_backoff (warns).
         retry_max: Deprecated name of max_backoff (warns).
     """
@@ -46,6 +49,7 @@ class TaskOptions(TypedDict, total=False):
     headers: Mapping[str, str] | None
     initial_backoff: timedelta | None
     max_backoff: timedelta | None
+    group_key: str | None
     # Kept so that code written for the first names still type-checks; they warn at run time.
     retry_initial: timedelta | None
     retry_max: timedelta | None

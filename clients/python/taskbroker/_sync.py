@@ -11,8 +11,8 @@ from types import TracebackType
 from typing import Any, Self, TypeVar, Unpack
 
 from taskbroker._channel import TlsConfig
-from taskbroker._client import Client, EnqueueResult, NewTask
-from taskbroker._models import QueueStats, Task, TaskId
+from taskbroker._client import KEEP, Client, EnqueueResult, NewTask, _Keep
+from taskbroker._models import QueueSettings, QueueStats, RateLimit, Task, TaskId
 from taskbroker._options import TaskOptions, checked_options, with_options_doc
 from taskbroker.encryption import PayloadCodec
 
@@ -121,6 +121,30 @@ class SyncClient:
     def stats(self, *queues: str) -> list[QueueStats]:
         """Returns counts and totals per queue; see `Client.stats`."""
         return self._run(self._client.stats(*queues))
+
+    def queue_settings(self, queue: str) -> QueueSettings:
+        """Returns a queue's limits; see `Client.queue_settings`."""
+        return self._run(self._client.queue_settings(queue))
+
+    def update_queue_settings(
+        self,
+        queue: str,
+        *,
+        rate_limit: RateLimit | _Keep | None = KEEP,
+        max_concurrency: int | _Keep = KEEP,
+        enqueue_rate_limit: RateLimit | _Keep | None = KEEP,
+        per_key_max_concurrency: int | _Keep = KEEP,
+    ) -> QueueSettings:
+        """Changes the limits given and keeps the others; see `Client.update_queue_settings`."""
+        return self._run(
+            self._client.update_queue_settings(
+                queue,
+                rate_limit=rate_limit,
+                max_concurrency=max_concurrency,
+                enqueue_rate_limit=enqueue_rate_limit,
+                per_key_max_concurrency=per_key_max_concurrency,
+            )
+        )
 
     def wait(
         self, task_id: str, *, timeout: float | None = None, poll_interval: float = 0.05

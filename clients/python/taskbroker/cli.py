@@ -11,6 +11,7 @@ How tasks, queues, stats and audit records look, as tables and as JSON, is in `_
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import inspect
 import json
@@ -59,7 +60,7 @@ from taskbroker._errors import (
     TaskNotFoundError,
     UnavailableError,
 )
-from taskbroker._models import AuditRecord, QueueStats, Task, TaskState
+from taskbroker._models import AuditRecord, QueueStats, RateLimit, Task, TaskState
 from taskbroker.codec import json_payload
 
 T = TypeVar("T")
@@ -367,6 +368,7 @@ def cli(
     "--idempotency-key", default=None, help="Deduplication key; with --count, KEY-1 .. KEY-N."
 )
 @click.option("--header", "headers", type=HeaderType(), multiple=True, help="Repeatable.")
+@click.option("--group-key", default=None, help="The tenant the task belongs to (fairness).")
 @click.pass_obj
 def enqueue(
     app: App,
@@ -379,6 +381,7 @@ def enqueue(
     max_attempts: int | None,
     idempotency_key: str | None,
     headers: tuple[tuple[str, str], ...],
+    group_key: str | None,
 ) -> None:
     """Enqueues a task of TYPE on QUEUE (or --count copies) and prints the task ids."""
 
@@ -393,6 +396,7 @@ def enqueue(
             max_attempts=max_attempts,
             idempotency_key=key,
             headers=dict(headers),
+            group_key=group_key,
         )
 
     results = app.run(lambda c: _enqueue_copies(app, c, [new_task(n + 1) for n in range(count)]))
@@ -637,7 +641,7 @@ async def _audit_records(client: Client, limit: int) -> list[AuditRecord]:
 
 @cli.group()
 def queue() -> None:
-    """List, pause or resume queues."""
+    """List, pause or resume queues, and set their limits."""
 
 
 @queue.command("list")
@@ -694,6 +698,71 @@ def _change_pause(app: App, name: str, *, paused: bool, create: bool) -> None:
             listing += f" and {len(known) - KNOWN_SHOWN} more"
         app.refuse(f"unknown queue {name!r}{hint}; known queues: {listing}")
     _report_paused(app, name, paused=paused)
+
+
+class RateType(click.ParamType[RateLimit | None]):
+    """A rate limit: RATE[/BURST] (tasks per second, optional burst), or "off"."""
+
+    name = "RATE[/BURST]"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> RateLimit | None:
+        if isinstance(value, RateLimit) or value is None:
+            return value
+        text = str(value).strip()
+        if text == "off":
+            return None
+        rate, _, burst = text.partition("/")
+        try:
+            return RateLimit(float(rate), int(burst) if burst else 0)
+        except ValueError:
+            self.fail(f"{text!r} is not RATE[/BURST] (such as 200 or 200/50) or off", param, ctx)
+
+
+@queue.command("settings")
+@click.argument("name", metavar="QUEUE")
+@click.option("--rate-limit", type=RateType(), default=None, help="Leases per second, or off.")
+@click.option("--max-concurrency", type=click.IntRange(min=0), default=None, help="0: no cap.")
+@click.option(
+    "--enqueue-rate-limit", type=RateType(), default=None, help="Enqueues per second, or off."
+)
+@click.option(
+    "--per-key-max-concurrency",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Leased at once per group key; 0: no cap.",
+)
+@click.pass_context
+def queue_settings(
+    ctx: click.Context,
+    name: str,
+    rate_limit: RateLimit | None,
+    max_concurrency: int | None,
+    enqueue_rate_limit: RateLimit | None,
+    per_key_max_concurrency: int | None,
+) -> None:
+    """Shows QUEUE's limits, after changing those given (the others are kept)."""
+    app: App = ctx.obj
+    given = {
+        "rate_limit": rate_limit,
+        "max_concurrency": max_concurrency,
+        "enqueue_rate_limit": enqueue_rate_limit,
+        "per_key_max_concurrency": per_key_max_concurrency,
+    }
+    changes: dict[str, Any] = {
+        option: value
+        for option, value in given.items()
+        if ctx.get_parameter_source(option) is click.core.ParameterSource.COMMANDLINE
+    }
+    settings = app.run(lambda c: c.update_queue_settings(name, **changes))
+    if app.json:
+        app.emit({"queue": name, **dataclasses.asdict(settings)})
+        return
+    for option, value in dataclasses.asdict(settings).items():
+        if isinstance(value, dict):
+            value = f"{value['per_second']:g}/s, burst {value['burst']}"
+        click.echo(f"{option}: {value or 'off'}")
 
 
 def _report_paused(app: App, name: str, *, paused: bool) -> None:
