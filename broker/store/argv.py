@@ -245,6 +245,7 @@ class FireScheduleArgs(NamedTuple):
     id: str
     idempotency_key: str
     body_hash: str
+    name: str
 
 
 class PutScheduleArgs(NamedTuple):

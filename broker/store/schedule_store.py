@@ -214,6 +214,7 @@ class ScheduleStore:
             id=step.local_id,
             idempotency_key=step.idempotency_key,
             body_hash=step.body_hash,
+            name=name,
         )
         hint = None
         if step.tick_ms is not None and step.due_ms is not None:

@@ -20,14 +20,17 @@
 --   idempotency_key       hashed, as enqueue.lua's; the task of a tick already stored under it
 --                         is not stored again
 --   body_hash
+--   name                  the schedule's name, for the task's headers
 --
+-- The task gets the template's headers plus taskbroker-schedule (the name) and taskbroker-tick
+-- (the tick, ms), so its handler knows which tick it runs for.
 -- Returns {outcome, task local id or '', now, next or ''}: outcome 'fired', 'skipped' (advanced
 -- without a task), 'paused', 'moved' (the next tick is not expected_next), 'early' (not due by
 -- Redis's clock) or 'gone' (deleted).
 
 local now = now_ms()
 local task_prefix, idempotency_prefix, idempotency_window_ms, wake_channel, queue,
-  expected_next, new_next, tick, due, id, idempotency_key, body_hash = unpack(ARGV, 1, 12)
+  expected_next, new_next, tick, due, id, idempotency_key, body_hash, name = unpack(ARGV, 1, 13)
 local s = KEYS[1]
 if redis.call('EXISTS', s) == 0 then return {'gone', '', now, ''} end
 local next_tick = redis.call('HGET', s, 'next') or ''
@@ -49,10 +52,14 @@ if prior then
 else
   local t = redis.call('HMGET', s, 'type', 'payload', 'pri', 'max', 'bo_i', 'bo_m', 'hdr',
     'lease_ms')
+  local headers = {}
+  if t[7] and t[7] ~= '' then headers = cjson.decode(t[7]) end
+  headers['taskbroker-schedule'] = name
+  headers['taskbroker-tick'] = tick
   local at = now
   if due ~= '' then at = math.max(now, tonumber(due)) end
   store_task_hash(task_prefix .. id, id, {type = t[1], payload = t[2], pri = tonumber(t[3]),
-    max = t[4], bo_i = t[5], bo_m = t[6], hdr = t[7], lease_ms = t[8]}, now, at, KEYS[2],
+    max = t[4], bo_i = t[5], bo_m = t[6], hdr = cjson.encode(headers), lease_ms = t[8]}, now, at, KEYS[2],
     KEYS[3])
   redis.call('SET', idempotency_prefix .. idempotency_key, id .. '|' .. body_hash, 'PX',
     idempotency_window_ms)
