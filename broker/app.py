@@ -15,7 +15,8 @@ from broker.api.admin_service import AdminService
 from broker.api.broker_service import BrokerService
 from broker.api.lease_session import SessionRegistry
 from broker.api.limits import ByteRate, StreamLimits, UnaryLimits, client_of_peer
-from broker.api.server import Gate, build_server
+from broker.api.schedule_service import ScheduleService
+from broker.api.server import SERVICE_NAMES, Gate, build_server
 from broker.audit import AuditTrail
 from broker.auth.policy_file import PolicyFile
 from broker.config import Settings
@@ -24,13 +25,16 @@ from broker.embedded_redis import RECOMMENDED_HASH_VALUE_BYTES, EmbeddedRedis
 from broker.loops.health_monitor import HealthMonitor
 from broker.loops.maintainer import Maintainer
 from broker.loops.periodic import Periodic
+from broker.loops.schedule_firer import ScheduleFirer
 from broker.loops.sweeper import Sweeper
 from broker.loops.wake_listener import WakeListener
 from broker.process_slot import ProcessSlot
 from broker.queue import TaskQueue
+from broker.schedules import ScheduleBook
 from broker.store.audit_log import AuditLog
 from broker.store.connect import redis_client
 from broker.store.redis_store import RedisStore
+from broker.store.schedule_store import ScheduleStore
 from broker.store.web_sessions import WebSessions
 from broker.telemetry.rpc_metrics import RpcMetrics
 from broker.telemetry.tracing import RpcTracing, shutdown_provider, tracer_provider_from_env
@@ -55,6 +59,9 @@ EVICTING_POLICIES = frozenset(
 #: A health service that reads SERVING while the process serves at all, Redis or not: for
 #: liveness probes (a restart cures a stuck broker, not a Redis outage).
 LIVENESS_SERVICE = "liveness"
+#: How often each replica looks for due schedule ticks: a tick is enqueued at most this late
+#: (plus Redis round trips) while a broker runs.
+SCHEDULE_POLL_S = 0.2
 #: The backstop sweep runs a small share of the registry this often (small shares keep each
 #: pass short, so no request waits long behind it: 100,000 queues over 600 s is 9 a pass).
 SWEEP_INTERVAL_S = 0.05
@@ -140,6 +147,8 @@ class Broker:
         undo.push_async_callback(self.audit.stop)
         gate = Gate(self.policy, self.audit)
         self.tasks = TaskQueue(self.store, s)
+        window_ms = round(s.idempotency_window_s * 1000)
+        self.schedules = ScheduleBook(ScheduleStore(self.store, window_ms), self.tasks)
         self.dispatcher = Dispatcher(self.tasks)
         self.registry = SessionRegistry()
         default_lease_ms = round(s.default_lease_s * 1000)
@@ -189,12 +198,14 @@ class Broker:
             Periodic(Maintainer(self.tasks), s.reap_interval_s),
             Periodic(sweeper, SWEEP_INTERVAL_S, sweeper.pause_s),
             Periodic(self.monitor, 1.0),
+            Periodic(ScheduleFirer(self.schedules), SCHEDULE_POLL_S),
         ]
         # HTTP binds first: once gRPC serves, nothing else may fail.
         await self._start_http(rpc_metrics, undo)
         self.server, self.health = build_server(
             broker_service,
             AdminService(self.tasks, gate.authorizer, self.audit),
+            ScheduleService(self.schedules, gate.authorizer, self.audit),
             s,
             self.unary,
             gate,
@@ -316,7 +327,7 @@ class Broker:
             if serving
             else (health_pb2.HealthCheckResponse.NOT_SERVING)
         )
-        for service in ("", "taskbroker.v1.BrokerService", "taskbroker.v1.AdminService"):
+        for service in ("", *SERVICE_NAMES):
             await self.health.set(service, status)
 
     async def stop(self, grace_s: float | None = None) -> None:

@@ -6,6 +6,8 @@ BrokerError
 ├── LeaseStale             the lease is not current             → FAILED_PRECONDITION (LEASE_STALE)
 ├── TaskFinished           the task already finished            → FAILED_PRECONDITION
 ├── IdempotencyConflict    key reused for a different task      → ALREADY_EXISTS
+├── ScheduleNotFound       no schedule of that name             → NOT_FOUND
+├── ScheduleExists         a schedule of that name exists       → ALREADY_EXISTS
 ├── Unauthenticated        missing or unknown credentials       → UNAUTHENTICATED
 ├── PermissionDenied       the principal lacks a role on a queue → PERMISSION_DENIED
 │   └── ForeignLease       the lease is another principal's     → PERMISSION_DENIED (LEASE_FOREIGN)
@@ -73,6 +75,24 @@ class IdempotencyConflict(BrokerError):
         super().__init__(
             f"tasks[{index}].idempotency_key: already used for a different task within the window"
         )
+
+
+class ScheduleNotFound(BrokerError):
+    """No schedule has this name."""
+
+    reason = "SCHEDULE_NOT_FOUND"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"schedule {name!r} not found")
+
+
+class ScheduleExists(BrokerError):
+    """A schedule of this name exists already (names are unique across queues)."""
+
+    reason = "SCHEDULE_EXISTS"
+
+    def __init__(self, name: str, queue: str) -> None:
+        super().__init__(f"schedule.name: a schedule {name!r} exists already (on queue {queue!r})")
 
 
 class Unauthenticated(BrokerError):

@@ -15,6 +15,8 @@ STATUS_BY_ERROR: Final[dict[type[errors.BrokerError], grpc.StatusCode]] = {
     errors.LeaseStale: grpc.StatusCode.FAILED_PRECONDITION,
     errors.TaskFinished: grpc.StatusCode.FAILED_PRECONDITION,
     errors.IdempotencyConflict: grpc.StatusCode.ALREADY_EXISTS,
+    errors.ScheduleNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ScheduleExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,

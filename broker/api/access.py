@@ -1,11 +1,11 @@
 """Which role each RPC needs on which queues: one table, checked after a request is parsed and
 before its method runs (docs/security.md shows the same table to users).
 
-Every method of BrokerService and AdminService has an entry: a method without one is refused
-when the server is built, so a new RPC cannot ship unchecked. Calls that name no queue
-(ListQueues, Stats without queues) are not refused; their services show only the queues the
-principal holds a role on. The Lease stream checks its open frame and each settlement in
-lease_session.py (a stream has no single request to check here).
+Every method of BrokerService, AdminService and ScheduleService has an entry: a method
+without one is refused when the server is built, so a new RPC cannot ship unchecked. Calls
+that name no queue (ListQueues, Stats without queues) are not refused; their services show
+only the queues the principal holds a role on. The Lease stream checks its open frame and
+each settlement in lease_session.py (a stream has no single request to check here).
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ def _none(request: Any) -> list[str]:
     return []
 
 
+def _template_queue(request: Any) -> list[str]:
+    return [request.schedule.task_template.queue]
+
+
 def _every_queue(request: Any) -> list[str]:
     return ["*"]  # the trail spans every queue: admin granted on "*" itself
 
@@ -78,6 +82,16 @@ RULES: Final[dict[str, Rule]] = {
     "AdminService/GetQueueSettings": Rule((READ, ADMIN), "read queue settings", _named),
     "AdminService/UpdateQueueSettings": Rule((ADMIN,), "change queue settings", _named),
     "AdminService/ListAuditRecords": Rule((ADMIN,), "read the audit trail", _every_queue),
+    # Calls naming a schedule are checked by schedule_service.py on the schedule's queue, once
+    # its name is looked up; a create names its queue in the request.
+    "ScheduleService/CreateSchedule": Rule((ADMIN,), "manage schedules", _template_queue),
+    "ScheduleService/UpdateSchedule": Rule((ADMIN,), "manage schedules", _template_queue),
+    "ScheduleService/GetSchedule": Rule((READ, ADMIN), "read schedules", _none),
+    "ScheduleService/ListSchedules": Rule(tuple(Role), "list schedules", _none),
+    "ScheduleService/DeleteSchedule": Rule((ADMIN,), "manage schedules", _none),
+    "ScheduleService/PauseSchedule": Rule((ADMIN,), "manage schedules", _none),
+    "ScheduleService/ResumeSchedule": Rule((ADMIN,), "manage schedules", _none),
+    "ScheduleService/TriggerSchedule": Rule((ADMIN,), "manage schedules", _none),
 }
 
 

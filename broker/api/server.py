@@ -24,7 +24,7 @@ from broker.auth.policy_file import PolicyFile
 from broker.auth.principal import ANONYMOUS, Principal, Role, current_principal
 from broker.config import Settings
 from broker.errors import BrokerError, ForeignLease, PermissionDenied, Unauthenticated
-from taskbroker.v1 import admin_service_pb2, broker_service_pb2
+from taskbroker.v1 import admin_service_pb2, broker_service_pb2, schedule_service_pb2
 
 if TYPE_CHECKING:
     from broker.audit import AuditTrail
@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 
 BROKER_SERVICE = broker_service_pb2.DESCRIPTOR.services_by_name["BrokerService"]
 ADMIN_SERVICE = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"]
+SCHEDULE_SERVICE = schedule_service_pb2.DESCRIPTOR.services_by_name["ScheduleService"]
+#: The services health reports on by name, beside the server as a whole ('').
+SERVICE_NAMES = (
+    BROKER_SERVICE.full_name,
+    ADMIN_SERVICE.full_name,
+    SCHEDULE_SERVICE.full_name,
+)
 
 #: gRPC's own receive limit sits above the application task size limit, so an oversized task
 #: gets our INVALID_ARGUMENT naming the field rather than the transport's RESOURCE_EXHAUSTED.
@@ -267,6 +274,7 @@ def server_options(settings: Settings, *, reuse_port: bool = False) -> list[tupl
 def build_server(
     broker: object,
     admin: object,
+    schedules: object,
     settings: Settings,
     unary_limits: UnaryLimits,
     gate: Gate,
@@ -274,17 +282,16 @@ def build_server(
     *,
     reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A server with BrokerService, AdminService, health and (unless settings turn it off)
-    reflection registered; the interceptors (RPC metrics) see every call, gate authenticates
-    and authorizes our calls and reflection (health stays open to probes), and unary_limits
-    admit our unary calls; reuse_port: see server_options."""
+    """A server with BrokerService, AdminService, ScheduleService, health and (unless settings
+    turn it off) reflection registered; the interceptors (RPC metrics) see every call, gate
+    authenticates and authorizes our calls and reflection (health stays open to probes), and
+    unary_limits admit our unary calls; reuse_port: see server_options."""
     server = grpc.aio.server(
         interceptors=list(interceptors), options=server_options(settings, reuse_port=reuse_port)
     )
     health_servicer = health.aio.HealthServicer()
     reflected = (
-        BROKER_SERVICE.full_name,
-        ADMIN_SERVICE.full_name,
+        *SERVICE_NAMES,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )
@@ -292,6 +299,7 @@ def build_server(
         (
             generic_handler(BROKER_SERVICE, broker, unary_limits, gate),
             generic_handler(ADMIN_SERVICE, admin, unary_limits, gate),
+            generic_handler(SCHEDULE_SERVICE, schedules, unary_limits, gate),
             *health_and_reflection(
                 health_servicer,
                 reflected if settings.reflection else None,

@@ -231,6 +231,37 @@ class MaintainArgs(NamedTuple):
     slack_ms: int
 
 
+class FireScheduleArgs(NamedTuple):
+    """'' stands for "none" in every optional field (fire_schedule.lua's header)."""
+
+    task_prefix: str
+    idempotency_prefix: str
+    idempotency_window_ms: int
+    wake_channel: str
+    queue: str
+    expected_next: str
+    new_next: str
+    tick: str
+    due: str
+    id: str
+    idempotency_key: str
+    body_hash: str
+    name: str
+
+
+class PutScheduleArgs(NamedTuple):
+    """Followed by n PutScheduleItem pairs."""
+
+    mode: str  # 'create' or 'update'
+    drop: str  # a field to delete, '' for none
+    n: int
+
+
+class PutScheduleItem(NamedTuple):
+    name: str
+    value: str | bytes
+
+
 #: Each script's head and item field names (no item: a script without per-item fields).
 LAYOUTS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "enqueue": (EnqueueArgs._fields, EnqueueItem._fields),
@@ -255,4 +286,6 @@ LAYOUTS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "forget_queue": (ForgetArgs._fields, ()),
     "get_task": (GetArgs._fields, ()),
     "update_settings": (UpdateSettingsArgs._fields, ()),
+    "fire_schedule": (FireScheduleArgs._fields, ()),
+    "put_schedule": (PutScheduleArgs._fields, PutScheduleItem._fields),
 }

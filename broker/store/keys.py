@@ -130,9 +130,20 @@ class QueueKeys:
         """Hash of each key's leased count."""
         return self._base + "gl"
 
+    def schedule(self, name: str) -> str:
+        """A schedule whose template enqueues to this queue (store/schedule_store.py)."""
+        return self._base + "sched:" + name
+
 
 #: The audit trail: one capped stream (store/audit_log.py). Its tag holds '~', as the due
 #: index's do, so no queue's keys share its slot by name.
 AUDIT_KEY: Final = "tb:{~audit}:log"
 #: Dashboard sessions, one key each (store/web_sessions.py), under one tag.
 WEB_SESSION_PREFIX: Final = "tb:{~web}:session:"
+#: Schedules across queues (store/schedule_store.py), under one tag with '~' as the due
+#: index's: name -> queue (the name registry), names for paging, name -> next tick (ms), and
+#: name -> claim time (ms) of creates not finished yet.
+SCHEDULE_QUEUES_KEY: Final = "tb:{~sched}:queues"
+SCHEDULE_CLAIMS_KEY: Final = "tb:{~sched}:claims"
+SCHEDULE_NAMES_KEY: Final = "tb:{~sched}:names"
+SCHEDULE_DUE_KEY: Final = "tb:{~sched}:due"

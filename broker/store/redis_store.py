@@ -359,6 +359,13 @@ class RedisStore:
             calls = [(name, keys, args), *after]
             return await self._pipeline(calls, register)
 
+    async def run_script(
+        self, name: str, keys: Sequence[str], args: Sequence[Any], hint: Hint | None = None
+    ) -> Any:
+        """Runs a script of store/lua on one queue's keys with its due-index hint, as this
+        store's own state changes do (_run), for the stores beside it (schedule_store.py)."""
+        return await self._run(name, keys, args, hint=hint)
+
     async def _after(
         self, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]], register: str | None
     ) -> None:

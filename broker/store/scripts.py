@@ -33,6 +33,8 @@ SCRIPT_NAMES: Final = (
     "take_due",
     "settle_due",
     "update_settings",
+    "fire_schedule",
+    "put_schedule",
 )
 
 

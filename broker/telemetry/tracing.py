@@ -30,7 +30,11 @@ log = logging.getLogger(__name__)
 
 #: Methods of these services are traced; health checks (polled by load balancers every few
 #: seconds) and reflection are not, and an unknown method cannot make up span names.
-TRACED_SERVICES: Final = ("taskbroker.v1.BrokerService", "taskbroker.v1.AdminService")
+TRACED_SERVICES: Final = (
+    "taskbroker.v1.BrokerService",
+    "taskbroker.v1.AdminService",
+    "taskbroker.v1.ScheduleService",
+)
 #: The only exporter protocol we ship (opentelemetry-exporter-otlp-proto-http).
 OTLP_PROTOCOL: Final = "http/protobuf"
 #: service.name when neither OTEL_SERVICE_NAME nor OTEL_RESOURCE_ATTRIBUTES names one.

@@ -181,6 +181,30 @@ local function grouped_count(base, limit)
   return count
 end
 
+-- Stores a new task as a hash (enqueue.lua, when it cannot stay fresh; fire_schedule.lua) and
+-- files it as pending (its group key's, if it has one: add_pending), or scheduled when due
+-- later. t: type payload pri max bo_i bo_m hdr lease_ms gk, as enqueue.lua reads them; payload
+-- nil when it is in the hash already (staged).
+local function store_task_hash(key, id, t, now, due, pending_key, scheduled_key)
+  if t.payload then
+    redis.call('HSET', key, 'type', t.type, 'payload', t.payload, 'pri', t.pri, 'att', 0,
+      'max', t.max, 'bo_i', t.bo_i, 'bo_m', t.bo_m, 'ctime', now)
+  else
+    redis.call('HSET', key, 'type', t.type, 'pri', t.pri, 'att', 0, 'max', t.max,
+      'bo_i', t.bo_i, 'bo_m', t.bo_m, 'ctime', now)
+  end
+  if t.hdr ~= '' then redis.call('HSET', key, 'hdr', t.hdr) end
+  if t.lease_ms ~= '0' then redis.call('HSET', key, 'lease_ms', t.lease_ms) end
+  if t.gk and t.gk ~= '' then redis.call('HSET', key, 'gk', t.gk) end
+  if due > now then
+    redis.call('HSET', key, 'state', SCHEDULED, 'stime', due)
+    redis.call('ZADD', scheduled_key, due, id)
+  else
+    redis.call('HSET', key, 'state', PENDING, 'stime', now)
+    add_pending(id, pending_key, pending_score(t.pri, now), t.gk)
+  end
+end
+
 local function to_pending(key, id, pending_key, now)
   local t = redis.call('HMGET', key, 'pri', 'gk')
   add_pending(id, pending_key, pending_score(tonumber(t[1] or '0'), now), t[2])

@@ -156,24 +156,11 @@ for i = 0, n - 1 do
       if is_staged[i + 1] then  -- the payload is in place already: only its expiry goes
         redis.call('RENAME', stage_prefix .. id, key)
         redis.call('PERSIST', key)
-        redis.call('HSET', key, 'type', task_type, 'pri', pri,
-          'att', 0, 'max', max_attempts, 'bo_i', initial_backoff_ms, 'bo_m', max_backoff_ms,
-          'ctime', now)
-      else
-        redis.call('HSET', key, 'type', task_type, 'payload', payload, 'pri', pri,
-          'att', 0, 'max', max_attempts, 'bo_i', initial_backoff_ms, 'bo_m', max_backoff_ms,
-          'ctime', now)
+        payload = nil
       end
-      if headers ~= '' then redis.call('HSET', key, 'hdr', headers) end
-      if lease_ms ~= '0' then redis.call('HSET', key, 'lease_ms', lease_ms) end
-      if group_key ~= '' then redis.call('HSET', key, 'gk', group_key) end
-      if due > now then
-        redis.call('HSET', key, 'state', SCHEDULED, 'stime', due)
-        redis.call('ZADD', KEYS[2], due, id)
-      else
-        redis.call('HSET', key, 'state', PENDING, 'stime', now)
-        add_pending(id, KEYS[1], pending_score(pri, now), group_key)
-      end
+      store_task_hash(key, id, {type = task_type, payload = payload, pri = pri,
+        max = max_attempts, bo_i = initial_backoff_ms, bo_m = max_backoff_ms, hdr = headers,
+        lease_ms = lease_ms, gk = group_key}, now, due, KEYS[1], KEYS[2])
       outcome = 'n'
     end
     if outcome == 'n' then
