@@ -222,6 +222,7 @@ class QueueSettings:
     max_concurrency: int = 0
     enqueue_rate_limit: RateLimit | None = None
     per_key_max_concurrency: int = 0
+    per_key_rate_limit: RateLimit | None = None
 
 
 #: The settings an update may name (taskbroker.v1.UpdateQueueSettingsRequest.update_mask).
@@ -230,6 +231,7 @@ QUEUE_SETTING_NAMES: Final = (
     "max_concurrency",
     "enqueue_rate_limit",
     "per_key_max_concurrency",
+    "per_key_rate_limit",
 )
 
 

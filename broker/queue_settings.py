@@ -33,7 +33,7 @@ def checked_settings(settings: QueueSettings) -> QueueSettings:
         if not 0 <= getattr(settings, name) <= MAX_LIMIT:
             raise InvalidArgument(f"settings.{name}", f"must be 0 (no cap) to {MAX_LIMIT:,}")
     rates = {}
-    for name in ("rate_limit", "enqueue_rate_limit"):
+    for name in ("rate_limit", "enqueue_rate_limit", "per_key_rate_limit"):
         limit: RateLimit | None = getattr(settings, name)
         if limit is not None:
             rates[name] = checked_rate(f"settings.{name}", limit.per_second, limit.burst)
@@ -42,6 +42,7 @@ def checked_settings(settings: QueueSettings) -> QueueSettings:
         max_concurrency=settings.max_concurrency,
         enqueue_rate_limit=rates.get("enqueue_rate_limit"),
         per_key_max_concurrency=settings.per_key_max_concurrency,
+        per_key_rate_limit=rates.get("per_key_rate_limit"),
     )
 
 

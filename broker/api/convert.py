@@ -197,6 +197,7 @@ def settings_from_proto(message: queue_settings_pb2.QueueSettings) -> QueueSetti
         max_concurrency=message.max_concurrency,
         enqueue_rate_limit=_rate_from_proto(message, "enqueue_rate_limit"),
         per_key_max_concurrency=message.per_key_max_concurrency,
+        per_key_rate_limit=_rate_from_proto(message, "per_key_rate_limit"),
     )
 
 
@@ -212,4 +213,5 @@ def settings_to_proto(settings: QueueSettings) -> queue_settings_pb2.QueueSettin
         max_concurrency=settings.max_concurrency,
         enqueue_rate_limit=_rate_to_proto(settings.enqueue_rate_limit),
         per_key_max_concurrency=settings.per_key_max_concurrency,
+        per_key_rate_limit=_rate_to_proto(settings.per_key_rate_limit),
     )

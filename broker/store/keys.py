@@ -130,6 +130,15 @@ class QueueKeys:
         """Hash of each key's leased count."""
         return self._base + "gl"
 
+    @property
+    def group_waiting(self) -> str:
+        """Zset of the keys over per_key_rate_limit, by when their next token is due."""
+        return self._base + "gw"
+
+    def group_rate(self, group_key: str) -> str:
+        """A key's per_key_rate_limit bucket: its next-token time (GCRA), expiring when full."""
+        return self._base + "gr:" + group_key
+
     def schedule(self, name: str) -> str:
         """A schedule whose template enqueues to this queue (store/schedule_store.py)."""
         return self._base + "sched:" + name

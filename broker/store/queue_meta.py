@@ -4,7 +4,8 @@ the settle scripts read: the names here and there must agree (tests/test_pinned_
 Fields: `paused` ('1'); `mc` (max_concurrency); `rl_rate`/`rl_burst` (rate_limit) with the
 bucket's state `rl_tok`/`rl_at` (tokens left at time ms), written by lease.lua; `erl_*` the same
 for enqueue_rate_limit, written by enqueue.lua; `pk_mc` (per_key_max_concurrency); `turn` and
-`dturn` (the group rotation's counter, and the default group's turn: lease.lua); `blocked`
+`pk_rate`/`pk_burst` (per_key_rate_limit: each key's bucket is the string <base>gr:<key>, its
+next-token time, expiring when the bucket is full); `dturn` (the group rotation's counter, and the default group's turn: lease.lua); `blocked`
 ('1': a lease call held tasks back at max_concurrency, so the next script that frees a slot
 publishes a wake).
 """
@@ -22,7 +23,11 @@ _FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "max_concurrency": ("mc", "blocked"),
     "enqueue_rate_limit": ("erl_rate", "erl_burst", "erl_tok", "erl_at"),
     "per_key_max_concurrency": ("pk_mc",),
+    "per_key_rate_limit": ("pk_rate", "pk_burst"),
 }
+
+
+_RATE_PREFIX: Final = {"rate_limit": "rl", "enqueue_rate_limit": "erl", "per_key_rate_limit": "pk"}
 
 
 def _text(value: bytes | None) -> str:
@@ -42,6 +47,7 @@ def settings_from_meta(meta: Mapping[bytes, bytes]) -> QueueSettings:
         max_concurrency=int(meta.get(b"mc", b"0")),
         enqueue_rate_limit=_rate(meta, "erl"),
         per_key_max_concurrency=int(meta.get(b"pk_mc", b"0")),
+        per_key_rate_limit=_rate(meta, "pk"),
     )
 
 
@@ -54,7 +60,7 @@ def meta_changes(settings: QueueSettings, names: Sequence[str]) -> tuple[list[st
     for name in names:
         value = getattr(settings, name)
         if isinstance(value, RateLimit):
-            prefix = "rl" if name == "rate_limit" else "erl"
+            prefix = _RATE_PREFIX[name]
             pairs += [f"{prefix}_rate", repr(value.per_second), f"{prefix}_burst", str(value.burst)]
         elif isinstance(value, int) and value > 0:
             pairs += [_FIELDS[name][0], str(value)]

@@ -10,12 +10,21 @@ from typing import Any
 import pytest
 
 from broker.errors import InvalidArgument
-from broker.models import TaskState
+from broker.ids import new_lease_id
+from broker.models import RateLimit, TaskState
 from broker.queue import TaskQueue
 from broker.store.keys import QueueKeys
 from broker.store.redis_store import RedisStore
 from tests.store.test_queue_limits import limit, wakes_within
-from tests.store.test_task_queue_contract import Q, enqueue, lease, request, stats
+from tests.store.test_task_queue_contract import (
+    LONG_LEASE_MS,
+    STREAM,
+    Q,
+    enqueue,
+    lease,
+    request,
+    stats,
+)
 
 
 async def enqueue_for(tasks: TaskQueue, key: str, n: int, **fields: Any) -> list[str]:
@@ -158,3 +167,30 @@ async def test_a_drained_key_leaves_no_group_state_behind(
     k = QueueKeys(Q)
     names = (k.group_rotation, k.group_parked, k.group_leased, k.group("k"))
     assert [await store.client.exists(name) for name in names] == [0, 0, 0, 0]
+
+
+async def test_per_key_rate_limit_paces_each_key_and_says_when_to_look_again(
+    tasks: TaskQueue,
+) -> None:
+    await limit(tasks, per_key_rate_limit=RateLimit(10, 2))
+    await enqueue_for(tasks, "a", 5)
+    await enqueue_for(tasks, "b", 5)
+    await enqueue(tasks, request(b"plain0"), request(b"plain1"), request(b"plain2"))
+    batch = await tasks.lease(Q, [(new_lease_id(), LONG_LEASE_MS, STREAM, "")] * 20)
+    got = sorted(le.task.group_key or "-" for le in batch.leases)
+    assert got == ["-", "-", "-", "a", "a", "b", "b"]  # each key's burst; the default unbound
+    assert batch.next_due_ms is not None
+    assert 0 < batch.next_due_ms - batch.now_ms <= 100  # the keys' next token
+    assert not batch.rate_limited  # other keys may go on: the pump does not rest
+    assert await lease(tasks, 20) == []
+    await asyncio.sleep((batch.next_due_ms - batch.now_ms) / 1000 + 0.02)
+    assert sorted(le.task.group_key for le in await lease(tasks, 20)) == ["a", "b"]
+
+
+async def test_lifting_the_per_key_rate_lets_waiting_keys_go(tasks: TaskQueue) -> None:
+    await limit(tasks, per_key_rate_limit=RateLimit(0.1, 1))
+    await enqueue_for(tasks, "a", 3)
+    assert len(await lease(tasks, 5)) == 1
+    assert await lease(tasks, 5) == []
+    await limit(tasks, "per_key_rate_limit")
+    assert len(await lease(tasks, 5)) == 2

@@ -105,7 +105,9 @@ end
 -- key's zset <base>g:<key> (scored as the pending zset), not in the pending zset; the keys that
 -- have pending tasks take turns in the rotation <base>gk (key -> turn, lowest first: lease.lua).
 -- A key at the queue's per_key_max_concurrency is parked in the set <base>gp, out of the
--- rotation, until one of its leases ends; <base>gl counts each key's leases. <base> is the
+-- rotation, until one of its leases ends; <base>gl counts each key's leases. A key over the
+-- per_key_rate_limit waits in the zset <base>gw (key -> when its next token is due) and
+-- rejoins the rotation then (lease.lua); its bucket is the string <base>gr:<key>. <base> is the
 -- queue's key prefix tb:{q}: (every key under the queue's tag), taken from a key name a script
 -- was given.
 local function base_of_pending(pending_key) return string.sub(pending_key, 1, -8) end
@@ -136,6 +138,7 @@ local function remove_grouped(base, gk, id)
   if redis.call('EXISTS', zkey) == 0 then
     redis.call('ZREM', base .. 'gk', gk)
     redis.call('SREM', base .. 'gp', gk)
+    redis.call('ZREM', base .. 'gw', gk)
   end
 end
 
@@ -155,7 +158,7 @@ end
 -- kept while empty. The meta hash's other fields are state that may go with it.
 local function has_settings(meta_key)
   for _, v in ipairs(redis.call('HMGET', meta_key, 'paused', 'mc', 'rl_rate', 'erl_rate',
-      'pk_mc')) do
+      'pk_mc', 'pk_rate')) do
     if v then return true end
   end
   return false
@@ -163,15 +166,15 @@ end
 
 -- Whether any task waits under a group key (in the rotation, or parked).
 local function has_grouped(base)
-  return redis.call('EXISTS', base .. 'gk', base .. 'gp') > 0
+  return redis.call('EXISTS', base .. 'gk', base .. 'gp', base .. 'gw') > 0
 end
 
 -- Counts the tasks waiting under group keys, over at most `limit` keys (a lower bound beyond).
 local function grouped_count(base, limit)
   local count = 0
-  for _, set in ipairs({'gk', 'gp'}) do
+  for _, set in ipairs({'gk', 'gp', 'gw'}) do
     local members
-    if set == 'gk' then
+    if set ~= 'gp' then
       members = redis.call('ZRANGE', base .. set, 0, limit - 1)
     else
       members = redis.call('SRANDMEMBER', base .. set, limit)

@@ -34,7 +34,7 @@ local task_prefix, fresh_prefix, n = unpack(ARGV, 1, 3)
 n = tonumber(n)
 local fields = {unpack(ARGV, 3 + 4 * n + 1)}
 local meta = redis.call('HMGET', KEYS[4], 'paused', 'mc', 'rl_rate', 'rl_burst', 'rl_tok',
-  'rl_at', 'blocked', 'pk_mc', 'turn', 'dturn')
+  'rl_at', 'blocked', 'pk_mc', 'turn', 'dturn', 'pk_rate', 'pk_burst')
 if meta[1] == '1' then
   return {now, next_due(KEYS[2]), 1}
 end
@@ -166,6 +166,31 @@ local base = base_of_tasks(task_prefix)
 local rotation = base .. 'gk'
 local per_key_cap = tonumber(meta[8] or '0')
 local leased_per_key = base .. 'gl'
+local waiting_keys = base .. 'gw'  -- keys waiting for their next per-key token, by its time
+-- Keys whose next token has come rejoin the rotation (at the back, as a new key would).
+for _, gk in ipairs(redis.call('ZRANGE', waiting_keys, '-inf', now, 'BYSCORE')) do
+  redis.call('ZREM', waiting_keys, gk)
+  if redis.call('EXISTS', base .. 'g:' .. gk) == 1 then rotate_in(base, gk) end
+end
+-- per_key_rate_limit as a GCRA (the token bucket as one number per key): a key's next lease
+-- may start at tat - tolerance, where tat advances by one interval per lease. The number is
+-- the string <base>gr:<key>, expiring when the bucket would be full again.
+local key_rate = tonumber(meta[11] or '0')
+local key_interval, key_tolerance = 0, 0
+if key_rate > 0 then
+  key_interval = 1000 / key_rate
+  key_tolerance = (tonumber(meta[12]) - 1) * key_interval
+end
+-- When key gk may lease next (now or earlier: at once).
+local function key_next_ms(gk)
+  local tat = tonumber(redis.call('GET', base .. 'gr:' .. gk) or '0')
+  return tat - key_tolerance, tat
+end
+-- Parks a key out of the rotation until its next token.
+local function wait_for_token(gk, at)
+  redis.call('ZREM', rotation, gk)
+  redis.call('ZADD', waiting_keys, math.ceil(at), gk)
+end
 -- Takes the first task of key gk: whether it took one, and whether the key has more to give.
 local function take_from_key(gk)
   local zkey = base .. 'g:' .. gk
@@ -176,6 +201,15 @@ local function take_from_key(gk)
     if #first > 0 then redis.call('SADD', base .. 'gp', gk) end  -- parked until a lease ends
     return false, false
   end
+  local tat = 0
+  if key_rate > 0 then
+    local next_ms
+    next_ms, tat = key_next_ms(gk)
+    if next_ms > now then
+      wait_for_token(gk, next_ms)
+      return false, false
+    end
+  end
   local id = first[1]
   redis.call('ZREM', zkey, id)
   local key = task_prefix .. id
@@ -183,6 +217,10 @@ local function take_from_key(gk)
   if took then
     lease(key, id)
     held_now = redis.call('HINCRBY', leased_per_key, gk, 1)
+    if key_rate > 0 then
+      tat = math.max(tat, now) + key_interval
+      redis.call('SET', base .. 'gr:' .. gk, tostring(tat), 'PX', math.max(1, math.ceil(tat - now)))
+    end
   end
   if redis.call('EXISTS', zkey) == 0 then
     redis.call('ZREM', rotation, gk)
@@ -191,6 +229,10 @@ local function take_from_key(gk)
   if per_key_cap > 0 and held_now >= per_key_cap then
     redis.call('ZREM', rotation, gk)
     redis.call('SADD', base .. 'gp', gk)
+    return took, false
+  end
+  if key_rate > 0 and tat - key_tolerance > now then
+    wait_for_token(gk, tat - key_tolerance)
     return took, false
   end
   return took, true
@@ -255,6 +297,13 @@ for index, count in pairs(taken) do
     redis.call('DEL', stream)
     redis.call('ZREM', KEYS[5], pri)
   end
+end
+
+-- A key waiting for its token makes its time a due time: the dispatcher leases again then.
+local first_waiting = redis.call('ZRANGE', waiting_keys, 0, 0, 'WITHSCORES')
+if #first_waiting > 0 then
+  local at = tonumber(first_waiting[2])
+  if reply[2] < 0 or at < reply[2] then reply[2] = at end
 end
 
 -- Limits: spend the tokens, and say when tasks held back may go.

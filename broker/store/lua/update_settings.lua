@@ -12,13 +12,18 @@ local wake_channel, queue, n_delete = unpack(ARGV, 1, 3)
 n_delete = tonumber(n_delete)
 if n_delete > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 4, 3 + n_delete)) end
 if #ARGV > 3 + n_delete then redis.call('HSET', KEYS[1], unpack(ARGV, 4 + n_delete)) end
--- Keys parked at per_key_max_concurrency go back into the group rotation: the cap may have
--- been raised or lifted (one still at the new cap is parked again by its next lease call).
+-- Keys parked at per_key_max_concurrency or waiting for a per-key token go back into the group
+-- rotation: the limit may have been raised or lifted (one still over the new one is parked
+-- again by its next lease call).
 local base = string.sub(KEYS[1], 1, -5)  -- tb:{q}:meta
 local turn = tonumber(redis.call('HGET', KEYS[1], 'turn') or '0')
 for _, gk in ipairs(redis.call('SMEMBERS', base .. 'gp')) do
   redis.call('ZADD', base .. 'gk', 'NX', turn, gk)
 end
 redis.call('DEL', base .. 'gp')
+for _, gk in ipairs(redis.call('ZRANGE', base .. 'gw', 0, -1)) do  -- waiting for a key's token
+  redis.call('ZADD', base .. 'gk', 'NX', turn, gk)
+end
+redis.call('DEL', base .. 'gw')
 redis.call('PUBLISH', wake_channel, queue)
 return redis.call('HGETALL', KEYS[1])

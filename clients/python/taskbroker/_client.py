@@ -753,6 +753,7 @@ class Client:
         max_concurrency: int | _Keep = KEEP,
         enqueue_rate_limit: RateLimit | _Keep | None = KEEP,
         per_key_max_concurrency: int | _Keep = KEEP,
+        per_key_rate_limit: RateLimit | _Keep | None = KEEP,
     ) -> QueueSettings:
         """Changes the limits given (None or 0 turns one off) and keeps the others; every
         broker replica applies them to its next lease or enqueue.
@@ -770,6 +771,7 @@ class Client:
             "max_concurrency": max_concurrency,
             "enqueue_rate_limit": enqueue_rate_limit,
             "per_key_max_concurrency": per_key_max_concurrency,
+            "per_key_rate_limit": per_key_rate_limit,
         }
         changed = {name: value for name, value in given.items() if not isinstance(value, _Keep)}
         if not changed:

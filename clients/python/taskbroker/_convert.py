@@ -115,6 +115,7 @@ def settings_from_proto(pb: queue_settings_pb2.QueueSettings) -> QueueSettings:
         max_concurrency=pb.max_concurrency,
         enqueue_rate_limit=_rate_from_proto(pb, "enqueue_rate_limit"),
         per_key_max_concurrency=pb.per_key_max_concurrency,
+        per_key_rate_limit=_rate_from_proto(pb, "per_key_rate_limit"),
     )
 
 
@@ -130,6 +131,7 @@ def settings_to_proto(settings: QueueSettings) -> queue_settings_pb2.QueueSettin
         max_concurrency=settings.max_concurrency,
         enqueue_rate_limit=_rate_to_proto(settings.enqueue_rate_limit),
         per_key_max_concurrency=settings.per_key_max_concurrency,
+        per_key_rate_limit=_rate_to_proto(settings.per_key_rate_limit),
     )
 
 

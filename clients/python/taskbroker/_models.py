@@ -105,12 +105,14 @@ class QueueSettings:
             refused with RESOURCE_EXHAUSTED and a retry time, and stores nothing (Client's
             enqueue calls wait and retry for up to 30 s before raising).
         per_key_max_concurrency: At most this many tasks of each group key leased at once.
+        per_key_rate_limit: At most this many leases per second for each group key.
     """
 
     rate_limit: RateLimit | None = None
     max_concurrency: int = 0
     enqueue_rate_limit: RateLimit | None = None
     per_key_max_concurrency: int = 0
+    per_key_rate_limit: RateLimit | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,6 +134,7 @@ class SyncClient:
         max_concurrency: int | _Keep = KEEP,
         enqueue_rate_limit: RateLimit | _Keep | None = KEEP,
         per_key_max_concurrency: int | _Keep = KEEP,
+        per_key_rate_limit: RateLimit | _Keep | None = KEEP,
     ) -> QueueSettings:
         """Changes the limits given and keeps the others; see `Client.update_queue_settings`."""
         return self._run(
@@ -143,6 +144,7 @@ class SyncClient:
                 max_concurrency=max_concurrency,
                 enqueue_rate_limit=enqueue_rate_limit,
                 per_key_max_concurrency=per_key_max_concurrency,
+                per_key_rate_limit=per_key_rate_limit,
             )
         )
 

@@ -733,6 +733,9 @@ class RateType(click.ParamType[RateLimit | None]):
     default=None,
     help="Leased at once per group key; 0: no cap.",
 )
+@click.option(
+    "--per-key-rate-limit", type=RateType(), default=None, help="Leases per second per key, or off."
+)
 @click.pass_context
 def queue_settings(
     ctx: click.Context,
@@ -741,6 +744,7 @@ def queue_settings(
     max_concurrency: int | None,
     enqueue_rate_limit: RateLimit | None,
     per_key_max_concurrency: int | None,
+    per_key_rate_limit: RateLimit | None,
 ) -> None:
     """Shows QUEUE's limits, after changing those given (the others are kept)."""
     app: App = ctx.obj
@@ -749,6 +753,7 @@ def queue_settings(
         "max_concurrency": max_concurrency,
         "enqueue_rate_limit": enqueue_rate_limit,
         "per_key_max_concurrency": per_key_max_concurrency,
+        "per_key_rate_limit": per_key_rate_limit,
     }
     changes: dict[str, Any] = {
         option: value
