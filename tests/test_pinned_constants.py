@@ -10,7 +10,7 @@ from pathlib import Path
 
 from broker import envelope_header, models, queue
 from broker.api import lease_session
-from broker.store import argv, redis_store, scripts
+from broker.store import argv, queue_meta, redis_store, scripts
 from taskbroker import _client, _models, _worker, envelope
 from taskbroker.v1 import task_pb2
 
@@ -107,3 +107,11 @@ def test_each_script_reads_argv_by_the_names_and_order_the_store_builds_it_with(
         assert bool(items) == bool(item), name
         for names, after, width in items:
             assert (names, after, width) == (item, len(head), len(item)), name
+
+
+def test_every_queue_setting_field_is_one_the_scripts_use() -> None:
+    lua = "\n".join(path.read_text() for path in LUA.glob("*.lua"))
+    for fields in queue_meta._FIELDS.values():
+        for name in fields:
+            assert f"'{name}'" in lua, f"no script reads or writes meta field {name!r}"
+    assert set(queue_meta._FIELDS) == set(models.QUEUE_SETTING_NAMES)

@@ -3,11 +3,11 @@ the settle scripts read: the names here and there must agree (tests/test_pinned_
 
 Fields: `paused` ('1'); `mc` (max_concurrency); `rl_rate`/`rl_burst` (rate_limit) with the
 bucket's state `rl_tok`/`rl_at` (tokens left at time ms), written by lease.lua; `erl_*` the same
-for enqueue_rate_limit, written by enqueue.lua; `pk_mc` (per_key_max_concurrency); `turn` and
+for enqueue_rate_limit, written by enqueue.lua; `pk_mc` (per_key_max_concurrency);
 `pk_rate`/`pk_burst` (per_key_rate_limit: each key's bucket is the string <base>gr:<key>, its
-next-token time, expiring when the bucket is full); `dturn` (the group rotation's counter, and the default group's turn: lease.lua); `blocked`
-('1': a lease call held tasks back at max_concurrency, so the next script that frees a slot
-publishes a wake).
+next-token time, expiring when the bucket is full); `turn` and `dturn` (the group rotation's
+counter, and the default group's turn: lease.lua); `blocked` ('1': a lease call held tasks back
+at max_concurrency, so the next script that frees a slot publishes a wake).
 """
 
 from __future__ import annotations
