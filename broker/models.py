@@ -223,6 +223,7 @@ class QueueSettings:
     enqueue_rate_limit: RateLimit | None = None
     per_key_max_concurrency: int = 0
     per_key_rate_limit: RateLimit | None = None
+    priority_aging_ms: int = 0  # 0: strict priority
 
 
 #: The settings an update may name (taskbroker.v1.UpdateQueueSettingsRequest.update_mask).
@@ -232,6 +233,7 @@ QUEUE_SETTING_NAMES: Final = (
     "enqueue_rate_limit",
     "per_key_max_concurrency",
     "per_key_rate_limit",
+    "priority_aging",
 )
 
 

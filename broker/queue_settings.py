@@ -12,6 +12,8 @@ from broker.models import QUEUE_SETTING_NAMES, QueueSettings, RateLimit
 
 #: Largest rate (tokens per second), burst and max_concurrency accepted.
 MAX_LIMIT: Final = 1_000_000
+#: Longest priority_aging step: a point a week is as good as strict.
+MAX_AGING_MS: Final = 7 * 24 * 3600 * 1000
 
 
 def checked_rate(field: str, per_second: float, burst: int) -> RateLimit:
@@ -32,6 +34,8 @@ def checked_settings(settings: QueueSettings) -> QueueSettings:
     for name in ("max_concurrency", "per_key_max_concurrency"):
         if not 0 <= getattr(settings, name) <= MAX_LIMIT:
             raise InvalidArgument(f"settings.{name}", f"must be 0 (no cap) to {MAX_LIMIT:,}")
+    if not 0 <= settings.priority_aging_ms <= MAX_AGING_MS:
+        raise InvalidArgument("settings.priority_aging", "must be 1 ms to 7 days, or unset")
     rates = {}
     for name in ("rate_limit", "enqueue_rate_limit", "per_key_rate_limit"):
         limit: RateLimit | None = getattr(settings, name)
@@ -43,6 +47,7 @@ def checked_settings(settings: QueueSettings) -> QueueSettings:
         enqueue_rate_limit=rates.get("enqueue_rate_limit"),
         per_key_max_concurrency=settings.per_key_max_concurrency,
         per_key_rate_limit=rates.get("per_key_rate_limit"),
+        priority_aging_ms=settings.priority_aging_ms,
     )
 
 

@@ -198,6 +198,7 @@ def settings_from_proto(message: queue_settings_pb2.QueueSettings) -> QueueSetti
         enqueue_rate_limit=_rate_from_proto(message, "enqueue_rate_limit"),
         per_key_max_concurrency=message.per_key_max_concurrency,
         per_key_rate_limit=_rate_from_proto(message, "per_key_rate_limit"),
+        priority_aging_ms=optional_duration_ms(message, "priority_aging") or 0,
     )
 
 
@@ -214,4 +215,7 @@ def settings_to_proto(settings: QueueSettings) -> queue_settings_pb2.QueueSettin
         enqueue_rate_limit=_rate_to_proto(settings.enqueue_rate_limit),
         per_key_max_concurrency=settings.per_key_max_concurrency,
         per_key_rate_limit=_rate_to_proto(settings.per_key_rate_limit),
+        priority_aging=to_duration(settings.priority_aging_ms)
+        if settings.priority_aging_ms
+        else None,
     )

@@ -3,11 +3,12 @@ the settle scripts read: the names here and there must agree (tests/test_pinned_
 
 Fields: `paused` ('1'); `mc` (max_concurrency); `rl_rate`/`rl_burst` (rate_limit) with the
 bucket's state `rl_tok`/`rl_at` (tokens left at time ms), written by lease.lua; `erl_*` the same
-for enqueue_rate_limit, written by enqueue.lua; `pk_mc` (per_key_max_concurrency);
-`pk_rate`/`pk_burst` (per_key_rate_limit: each key's bucket is the string <base>gr:<key>, its
-next-token time, expiring when the bucket is full); `turn` and `dturn` (the group rotation's
-counter, and the default group's turn: lease.lua); `blocked` ('1': a lease call held tasks back
-at max_concurrency, so the next script that frees a slot publishes a wake).
+for enqueue_rate_limit, written by enqueue.lua; `pk_mc` (per_key_max_concurrency); `aging`
+(priority_aging, ms per point); `pk_rate`/`pk_burst` (per_key_rate_limit: each key's bucket is
+the string <base>gr:<key>, its next-token time, expiring when the bucket is full); `turn` and
+`dturn` (the group rotation's counter, and the default group's turn: lease.lua); `blocked` ('1':
+a lease call held tasks back at max_concurrency, so the next script that frees a slot publishes
+a wake).
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ _FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "enqueue_rate_limit": ("erl_rate", "erl_burst", "erl_tok", "erl_at"),
     "per_key_max_concurrency": ("pk_mc",),
     "per_key_rate_limit": ("pk_rate", "pk_burst"),
+    "priority_aging": ("aging",),
 }
+#: Settings whose model attribute is named for its unit.
+_ATTRIBUTE: Final = {"priority_aging": "priority_aging_ms"}
 
 
 _RATE_PREFIX: Final = {"rate_limit": "rl", "enqueue_rate_limit": "erl", "per_key_rate_limit": "pk"}
@@ -48,6 +52,7 @@ def settings_from_meta(meta: Mapping[bytes, bytes]) -> QueueSettings:
         enqueue_rate_limit=_rate(meta, "erl"),
         per_key_max_concurrency=int(meta.get(b"pk_mc", b"0")),
         per_key_rate_limit=_rate(meta, "pk"),
+        priority_aging_ms=int(meta.get(b"aging", b"0")),
     )
 
 
@@ -58,7 +63,7 @@ def meta_changes(settings: QueueSettings, names: Sequence[str]) -> tuple[list[st
     delete: list[str] = []
     pairs: list[str] = []
     for name in names:
-        value = getattr(settings, name)
+        value = getattr(settings, _ATTRIBUTE.get(name, name))
         if isinstance(value, RateLimit):
             prefix = _RATE_PREFIX[name]
             pairs += [f"{prefix}_rate", repr(value.per_second), f"{prefix}_burst", str(value.burst)]

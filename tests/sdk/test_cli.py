@@ -586,19 +586,24 @@ async def test_queue_settings_shows_and_changes_limits(
 
     assert (shown.code, shown.stdout.splitlines()) == (0, [
         "rate_limit: off", "max_concurrency: off", "enqueue_rate_limit: off",
-        "per_key_max_concurrency: off", "per_key_rate_limit: off",
+        "per_key_max_concurrency: off", "per_key_rate_limit: off", "priority_aging: off",
     ])  # fmt: skip
     assert changed.json() == {
         "queue": "emails", "rate_limit": {"per_second": 200.0, "burst": 50},
         "max_concurrency": 0, "enqueue_rate_limit": None, "per_key_max_concurrency": 3,
-        "per_key_rate_limit": None,
+        "per_key_rate_limit": None, "priority_aging": None,
     }  # fmt: skip
     assert "rate_limit: 200/s, burst 50" in kept.stdout and "max_concurrency: 9" in kept.stdout
     assert off.json() == {
         "queue": "emails", "rate_limit": None, "max_concurrency": 9,
         "enqueue_rate_limit": None, "per_key_max_concurrency": 3, "per_key_rate_limit": None,
+        "priority_aging": None,
     }  # fmt: skip
     assert bad.code == 1 and "settings.rate_limit.per_second" in bad.stderr
     assert typo.code == 2 and "RATE[/BURST]" in typo.stderr
     settings = await client.queue_settings("emails")
     assert (settings.rate_limit, settings.max_concurrency) == (None, 9)
+    aged = await run_cli(running.target, "--json", "queue", "settings", "emails",
+                         "--priority-aging", "30s")  # fmt: skip
+    assert aged.json()["priority_aging"] == 30.0
+    assert (await client.queue_settings("emails")).priority_aging == timedelta(seconds=30)

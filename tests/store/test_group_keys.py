@@ -194,3 +194,37 @@ async def test_lifting_the_per_key_rate_lets_waiting_keys_go(tasks: TaskQueue) -
     assert await lease(tasks, 5) == []
     await limit(tasks, "per_key_rate_limit")
     assert len(await lease(tasks, 5)) == 2
+
+
+# --- priority_aging ---------------------------------------------------------------------------
+
+
+async def enqueue_aging_mix(tasks: TaskQueue, **fields: Any) -> None:
+    """ "old" (priority 0), then 60+ ms later "mid" (priority 5) and "high" (priority 10)."""
+    await enqueue(tasks, request(b"old", **fields))
+    await asyncio.sleep(0.06)
+    await enqueue(tasks, request(b"mid", priority=5, **fields))
+    await enqueue(tasks, request(b"high", priority=10, **fields))
+
+
+async def test_without_aging_priority_is_strict(tasks: TaskQueue) -> None:
+    await enqueue_aging_mix(tasks)
+    assert await lease_payloads(tasks, 3) == ["high", "mid", "old"]
+
+
+@pytest.mark.parametrize("fields", [{}, {"group_key": "k"}, {"delay_ms": 1}])
+async def test_with_aging_a_task_gains_a_point_per_step_of_waiting(
+    tasks: TaskQueue, fields: dict[str, Any]
+) -> None:
+    """With 10 ms a point, "old" waited 60+ ms: worth 6 points, more than "mid"'s 5, less than
+    "high"'s 10. Fresh tasks, a group key's, and promoted ones (the pending set) alike."""
+    await limit(tasks, "priority_aging", priority_aging_ms=10)
+    await enqueue_aging_mix(tasks, **fields)
+    await asyncio.sleep(0.01)
+    assert await lease_payloads(tasks, 3) == ["high", "old", "mid"]
+
+
+async def test_aging_orders_one_task_at_a_time_too(tasks: TaskQueue) -> None:
+    await limit(tasks, "priority_aging", priority_aging_ms=10)
+    await enqueue_aging_mix(tasks)
+    assert [p for _ in range(3) for p in await lease_payloads(tasks, 1)] == ["high", "old", "mid"]

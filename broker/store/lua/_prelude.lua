@@ -223,15 +223,18 @@ local function append_error(key, attempt, now, message)
   redis.call('HSET', key, 'errs', cjson.encode(errs), 'lerr', message)
 end
 
--- Moves up to `limit` due tasks from scheduled to pending. Returns how many moved.
+-- Moves up to `limit` due tasks from scheduled to pending. A task is ready from its due time,
+-- not from when this runs: FIFO and priority_aging count from then. Returns how many moved.
 local function promote_due(scheduled_key, pending_key, prefix, now, limit)
-  local due = redis.call('ZRANGE', scheduled_key, '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)
-  for _, id in ipairs(due) do
+  local due = redis.call('ZRANGE', scheduled_key, '-inf', now, 'BYSCORE', 'LIMIT', 0, limit,
+    'WITHSCORES')
+  for i = 1, #due, 2 do
+    local id = due[i]
     local key = prefix .. id
     redis.call('ZREM', scheduled_key, id)
-    if redis.call('EXISTS', key) == 1 then to_pending(key, id, pending_key, now) end
+    if redis.call('EXISTS', key) == 1 then to_pending(key, id, pending_key, tonumber(due[i + 1])) end
   end
-  return #due
+  return #due / 2
 end
 
 -- The score of the earliest scheduled task, or -1 when none is scheduled.

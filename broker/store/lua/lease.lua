@@ -34,7 +34,7 @@ local task_prefix, fresh_prefix, n = unpack(ARGV, 1, 3)
 n = tonumber(n)
 local fields = {unpack(ARGV, 3 + 4 * n + 1)}
 local meta = redis.call('HMGET', KEYS[4], 'paused', 'mc', 'rl_rate', 'rl_burst', 'rl_tok',
-  'rl_at', 'blocked', 'pk_mc', 'turn', 'dturn', 'pk_rate', 'pk_burst')
+  'rl_at', 'blocked', 'pk_mc', 'turn', 'dturn', 'pk_rate', 'pk_burst', 'aging')
 if meta[1] == '1' then
   return {now, next_due(KEYS[2]), 1}
 end
@@ -55,14 +55,51 @@ if tokens then allowed = math.min(allowed, math.floor(tokens)) end
 local look = n
 if allowed < n then look = allowed + 1 end
 
--- Up to `look` candidates from each place, in score order.
-local held = redis.call('ZRANGE', KEYS[1], 0, look - 1, 'WITHSCORES')
-local fresh = {}    -- candidates: {score, stream index, position, priority, fields}
+-- priority_aging: a waiting task gains a priority point per `aging` ms of waiting, so tasks go
+-- in order of ready time minus priority * aging (lowest first). That order does not change as
+-- time passes, so it is computed once per candidate. 0: strict priority (the pending score).
+local aging = tonumber(meta[13] or '0')
+local function order_of(score)
+  if aging == 0 then return score end
+  local band = math.floor(score / BAND)
+  return (score - band * BAND) - (1000 - band) * aging
+end
+-- Up to `count` tasks of each priority band of a pending zset, in aging order: {id, order}.
+local function by_band(zkey, count)
+  local out = {}
+  local from = '-inf'
+  for _ = 1, 64 do
+    local got = redis.call('ZRANGE', zkey, from, '+inf', 'BYSCORE', 'LIMIT', 0, count,
+      'WITHSCORES')
+    if #got == 0 then break end
+    local band = math.floor(tonumber(got[2]) / BAND)
+    for i = 1, #got, 2 do
+      local score = tonumber(got[i + 1])
+      if math.floor(score / BAND) ~= band then break end
+      table.insert(out, {got[i], order_of(score)})
+    end
+    from = string.format('%.0f', (band + 1) * BAND)
+  end
+  table.sort(out, function(a, b) return a[2] < b[2] end)
+  return out
+end
+
+-- Up to `look` candidates from each place, in order: {id, order} from the pending zset.
+local held = {}
+if aging == 0 then
+  local flat = redis.call('ZRANGE', KEYS[1], 0, look - 1, 'WITHSCORES')
+  for i = 1, #flat, 2 do table.insert(held, {flat[i], tonumber(flat[i + 1])}) end
+else
+  held = by_band(KEYS[1], look)
+end
+local fresh = {}    -- candidates: {order, stream index, position, priority, fields}
 local streams = {}  -- per stream read: {key, priority, entry ids read, the id after them}
 for _, pri in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
-  if #fresh >= look then break end
+  -- Strict priority reads the highest priorities first; with aging, any may go first.
+  if aging == 0 and #fresh >= look then break end
   local stream = fresh_prefix .. pri
   local want = look - #fresh
+  if aging > 0 then want = look end
   -- One more than wanted: the first entry left, below which the taken ones are trimmed.
   local entries = redis.call('XRANGE', stream, '-', '+', 'COUNT', want + 1)
   if #entries == 0 then drop_if_empty(stream, KEYS[5], pri) end
@@ -73,9 +110,17 @@ for _, pri in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
       read[4] = e[1]
     else
       table.insert(read[3], e[1])
-      table.insert(fresh, {pending_score(read[2], entry_ms(e[1])), #streams, i, read[2], e[2]})
+      local order = order_of(pending_score(read[2], entry_ms(e[1])))
+      table.insert(fresh, {order, #streams, i, read[2], e[2]})
     end
   end
+end
+if aging > 0 then  -- the same order within a stream as read: its taken entries stay a prefix
+  table.sort(fresh, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    if a[2] ~= b[2] then return a[2] < b[2] end
+    return a[3] < b[3]
+  end)
 end
 
 local reply = {now, next_due(KEYS[2]), 0}
@@ -134,10 +179,10 @@ local h, f = 1, 1
 local taken = {}  -- stream index -> how many of its entries were taken (always a prefix)
 local function take_default()
   while true do
-    local from_held = h <= #held and (f > #fresh or tonumber(held[h + 1]) <= fresh[f][1])
+    local from_held = h <= #held and (f > #fresh or held[h][2] <= fresh[f][1])
     if from_held then
-      local id = held[h]
-      h = h + 2
+      local id = held[h][1]
+      h = h + 1
       redis.call('ZREM', KEYS[1], id)
       local key = task_prefix .. id
       if redis.call('EXISTS', key) == 1 then
@@ -195,7 +240,13 @@ end
 local function take_from_key(gk)
   local zkey = base .. 'g:' .. gk
   local held_now = tonumber(redis.call('HGET', leased_per_key, gk) or '0')
-  local first = redis.call('ZRANGE', zkey, 0, 0)
+  local first
+  if aging == 0 then
+    first = redis.call('ZRANGE', zkey, 0, 0)
+  else
+    first = by_band(zkey, 1)
+    if #first > 0 then first = {first[1][1]} end
+  end
   if #first == 0 or (per_key_cap > 0 and held_now >= per_key_cap) then
     redis.call('ZREM', rotation, gk)
     if #first > 0 then redis.call('SADD', base .. 'gp', gk) end  -- parked until a lease ends

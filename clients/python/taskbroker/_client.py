@@ -754,6 +754,7 @@ class Client:
         enqueue_rate_limit: RateLimit | _Keep | None = KEEP,
         per_key_max_concurrency: int | _Keep = KEEP,
         per_key_rate_limit: RateLimit | _Keep | None = KEEP,
+        priority_aging: timedelta | _Keep | None = KEEP,
     ) -> QueueSettings:
         """Changes the limits given (None or 0 turns one off) and keeps the others; every
         broker replica applies them to its next lease or enqueue.
@@ -772,6 +773,7 @@ class Client:
             "enqueue_rate_limit": enqueue_rate_limit,
             "per_key_max_concurrency": per_key_max_concurrency,
             "per_key_rate_limit": per_key_rate_limit,
+            "priority_aging": priority_aging,
         }
         changed = {name: value for name, value in given.items() if not isinstance(value, _Keep)}
         if not changed:

@@ -116,6 +116,7 @@ def settings_from_proto(pb: queue_settings_pb2.QueueSettings) -> QueueSettings:
         enqueue_rate_limit=_rate_from_proto(pb, "enqueue_rate_limit"),
         per_key_max_concurrency=pb.per_key_max_concurrency,
         per_key_rate_limit=_rate_from_proto(pb, "per_key_rate_limit"),
+        priority_aging=from_duration(pb.priority_aging) if pb.HasField("priority_aging") else None,
     )
 
 
@@ -132,6 +133,9 @@ def settings_to_proto(settings: QueueSettings) -> queue_settings_pb2.QueueSettin
         enqueue_rate_limit=_rate_to_proto(settings.enqueue_rate_limit),
         per_key_max_concurrency=settings.per_key_max_concurrency,
         per_key_rate_limit=_rate_to_proto(settings.per_key_rate_limit),
+        priority_aging=(
+            to_duration(settings.priority_aging) if settings.priority_aging is not None else None
+        ),
     )
 
 

@@ -106,6 +106,7 @@ class QueueSettings:
             enqueue calls wait and retry for up to 30 s before raising).
         per_key_max_concurrency: At most this many tasks of each group key leased at once.
         per_key_rate_limit: At most this many leases per second for each group key.
+        priority_aging: A waiting task gains one priority point per this much waiting.
     """
 
     rate_limit: RateLimit | None = None
@@ -113,6 +114,7 @@ class QueueSettings:
     enqueue_rate_limit: RateLimit | None = None
     per_key_max_concurrency: int = 0
     per_key_rate_limit: RateLimit | None = None
+    priority_aging: timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True)

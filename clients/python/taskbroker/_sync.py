@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import Coroutine, Iterable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar, Unpack
@@ -135,6 +136,7 @@ class SyncClient:
         enqueue_rate_limit: RateLimit | _Keep | None = KEEP,
         per_key_max_concurrency: int | _Keep = KEEP,
         per_key_rate_limit: RateLimit | _Keep | None = KEEP,
+        priority_aging: timedelta | _Keep | None = KEEP,
     ) -> QueueSettings:
         """Changes the limits given and keeps the others; see `Client.update_queue_settings`."""
         return self._run(
@@ -145,6 +147,7 @@ class SyncClient:
                 enqueue_rate_limit=enqueue_rate_limit,
                 per_key_max_concurrency=per_key_max_concurrency,
                 per_key_rate_limit=per_key_rate_limit,
+                priority_aging=priority_aging,
             )
         )
 

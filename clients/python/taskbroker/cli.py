@@ -736,6 +736,12 @@ class RateType(click.ParamType[RateLimit | None]):
 @click.option(
     "--per-key-rate-limit", type=RateType(), default=None, help="Leases per second per key, or off."
 )
+@click.option(
+    "--priority-aging",
+    type=DURATION,
+    default=None,
+    help=f"One priority point per this much waiting ({DURATION_FORMAT}); 0s: off.",
+)
 @click.pass_context
 def queue_settings(
     ctx: click.Context,
@@ -745,6 +751,7 @@ def queue_settings(
     enqueue_rate_limit: RateLimit | None,
     per_key_max_concurrency: int | None,
     per_key_rate_limit: RateLimit | None,
+    priority_aging: timedelta | None,
 ) -> None:
     """Shows QUEUE's limits, after changing those given (the others are kept)."""
     app: App = ctx.obj
@@ -754,6 +761,7 @@ def queue_settings(
         "enqueue_rate_limit": enqueue_rate_limit,
         "per_key_max_concurrency": per_key_max_concurrency,
         "per_key_rate_limit": per_key_rate_limit,
+        "priority_aging": priority_aging or None,
     }
     changes: dict[str, Any] = {
         option: value
@@ -761,12 +769,17 @@ def queue_settings(
         if ctx.get_parameter_source(option) is click.core.ParameterSource.COMMANDLINE
     }
     settings = app.run(lambda c: c.update_queue_settings(name, **changes))
+    doc = dataclasses.asdict(settings)
+    if isinstance(settings.priority_aging, timedelta):  # JSON and people read seconds
+        doc["priority_aging"] = settings.priority_aging.total_seconds()
     if app.json:
-        app.emit({"queue": name, **dataclasses.asdict(settings)})
+        app.emit({"queue": name, **doc})
         return
-    for option, value in dataclasses.asdict(settings).items():
+    for option, value in doc.items():
         if isinstance(value, dict):
             value = f"{value['per_second']:g}/s, burst {value['burst']}"
+        elif option == "priority_aging" and value:
+            value = f"{value:g}s a point"
         click.echo(f"{option}: {value or 'off'}")
 
 
