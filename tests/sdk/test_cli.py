@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -605,5 +606,5 @@ async def test_queue_settings_shows_and_changes_limits(
     assert (settings.rate_limit, settings.max_concurrency) == (None, 9)
     aged = await run_cli(running.target, "--json", "queue", "settings", "emails",
                          "--priority-aging", "30s")  # fmt: skip
-    assert aged.json()["priority_aging"] == 30.0
+    assert cast("dict[str, object]", aged.json())["priority_aging"] == 30.0
     assert (await client.queue_settings("emails")).priority_aging == timedelta(seconds=30)
