@@ -55,11 +55,14 @@ class Harness:
         max_attempts: int | None = None,
         *,
         first: int = 0,
+        group_key: str | None = None,
     ) -> list[str]:
         """Enqueues `count` tasks (payloads `first`, `first`+1, ...) and records each
         acknowledged one."""
         results = await client.enqueue_many(
-            NewTask(QUEUE, task_type, str(i).encode(), max_attempts=max_attempts)
+            NewTask(
+                QUEUE, task_type, str(i).encode(), max_attempts=max_attempts, group_key=group_key
+            )
             for i in range(first, first + count)
         )
         for result in results:
