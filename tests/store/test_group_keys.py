@@ -143,7 +143,9 @@ async def test_a_grouped_task_reads_back_with_its_key_and_counts_as_pending(
     await enqueue_for(tasks, "b", 2)
     task = await tasks.get(task_id)
     assert (task.group_key, task.state) == ("acme:eu@1", TaskState.PENDING)
-    assert (await stats(tasks)).pending == 3
+    s = await stats(tasks)
+    assert s.pending == 3
+    assert s.oldest_ready_ms == task.schedule_ms  # the oldest of the keys' next tasks
     await tasks.cancel(task_id)
     assert (await stats(tasks)).pending == 2
     assert {le.task.group_key for le in await lease(tasks, 5)} == {"b"}

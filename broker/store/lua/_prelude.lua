@@ -169,9 +169,10 @@ local function has_grouped(base)
   return redis.call('EXISTS', base .. 'gk', base .. 'gp', base .. 'gw') > 0
 end
 
--- Counts the tasks waiting under group keys, over at most `limit` keys (a lower bound beyond).
+-- Counts the tasks waiting under group keys, and finds the earliest ready time of each key's
+-- next task (-1 when none), over at most `limit` keys of each kind (a lower bound beyond).
 local function grouped_count(base, limit)
-  local count = 0
+  local count, oldest = 0, -1
   for _, set in ipairs({'gk', 'gp', 'gw'}) do
     local members
     if set ~= 'gp' then
@@ -179,9 +180,18 @@ local function grouped_count(base, limit)
     else
       members = redis.call('SRANDMEMBER', base .. set, limit)
     end
-    for _, gk in ipairs(members) do count = count + redis.call('ZCARD', base .. 'g:' .. gk) end
+    for _, gk in ipairs(members) do
+      local zkey = base .. 'g:' .. gk
+      count = count + redis.call('ZCARD', zkey)
+      local first = redis.call('ZRANGE', zkey, 0, 0, 'WITHSCORES')
+      if #first > 0 then
+        local score = tonumber(first[2])
+        local ready = score - math.floor(score / BAND) * BAND
+        if oldest < 0 or ready < oldest then oldest = ready end
+      end
+    end
   end
-  return count
+  return count, oldest
 end
 
 -- Stores a new task as a hash (enqueue.lua, when it cannot stay fresh; fire_schedule.lua) and

@@ -7,7 +7,8 @@
 --   fresh_prefix   tb:{q}:f:
 --
 -- Pending counts the pending zset, the fresh streams (enqueue.lua) and the tasks waiting under
--- group keys (over at most 10,000 keys) together; the oldest pending age leaves out the latter.
+-- group keys together; for the keys, over at most 1,000 of each kind (rotation, parked,
+-- waiting for a token), and their age is that of each key's next task.
 --
 -- The oldest pending task is the minimum ready time over the priority bands in use: one
 -- ZRANGE per band, at most 64 bands (beyond that the age is a lower bound).
@@ -29,7 +30,8 @@ end
 local fresh_prefix = unpack(ARGV, 1, 1)
 local fresh, fresh_oldest = fresh_count(fresh_prefix, KEYS[7])
 if fresh_oldest >= 0 and (oldest < 0 or fresh_oldest < oldest) then oldest = fresh_oldest end
-local grouped = grouped_count(base_of_pending(KEYS[1]), 10000)
+local grouped, grouped_oldest = grouped_count(base_of_pending(KEYS[1]), 1000)
+if grouped_oldest >= 0 and (oldest < 0 or grouped_oldest < oldest) then oldest = grouped_oldest end
 return {now, redis.call('ZCARD', KEYS[1]) + fresh + grouped, redis.call('ZCARD', KEYS[2]),
   redis.call('ZCARD', KEYS[3]), redis.call('ZCARD', KEYS[4]), redis.call('HGETALL', KEYS[6]), oldest,
   redis.call('HGETALL', KEYS[5])}
