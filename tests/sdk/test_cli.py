@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
@@ -608,3 +608,6 @@ async def test_queue_settings_shows_and_changes_limits(
                          "--priority-aging", "30s")  # fmt: skip
     assert cast("dict[str, object]", aged.json())["priority_aging"] == 30.0
     assert (await client.queue_settings("emails")).priority_aging == timedelta(seconds=30)
+    stats = await run_cli(running.target, "--json", "stats", "emails")
+    [queue] = cast("dict[str, list[dict[str, Any]]]", stats.json())["queues"]
+    assert queue["settings"]["max_concurrency"] == 9 and queue["settings"]["priority_aging"] == 30

@@ -3,6 +3,7 @@ dead letters and audit records for a terminal, and their JSON documents for --js
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -14,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from taskbroker._client import EnqueueResult
-from taskbroker._models import AuditRecord, QueueStats, Task
+from taskbroker._models import AuditRecord, QueueSettings, QueueStats, Task
 
 #: Width of tables written to a pipe or file (unless COLUMNS says otherwise): wide enough that
 #: the stats table is never squeezed, which rich would otherwise do at its default of 80.
@@ -159,7 +160,18 @@ def stats_doc(stats: QueueStats) -> dict[str, object]:
         "dead_lettered_total": stats.dead_lettered_total,
         "cancelled_total": stats.cancelled_total,
         "oldest_pending_age_s": age.total_seconds() if age is not None else None,
+        "settings": settings_doc(stats.settings),
+        "rate_limit_tokens": stats.rate_limit_tokens,
     }
+
+
+def settings_doc(settings: QueueSettings) -> dict[str, object]:
+    """A queue's limits as a JSON object: rates as {per_second, burst}, durations in seconds,
+    null (or 0) where off."""
+    doc = dataclasses.asdict(settings)
+    if settings.priority_aging is not None:
+        doc["priority_aging"] = settings.priority_aging.total_seconds()
+    return doc
 
 
 #: Counts, totals and the age of the oldest pending task. Two-line headers, and no padding on

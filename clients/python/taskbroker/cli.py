@@ -11,7 +11,6 @@ How tasks, queues, stats and audit records look, as tables and as JSON, is in `_
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import importlib
 import inspect
 import json
@@ -48,6 +47,7 @@ from taskbroker._cli_render import (
     dead_table,
     enqueued_table,
     errors_table,
+    settings_doc,
     stats_doc,
     stats_table,
     task_doc,
@@ -769,9 +769,7 @@ def queue_settings(
         if ctx.get_parameter_source(option) is click.core.ParameterSource.COMMANDLINE
     }
     settings = app.run(lambda c: c.update_queue_settings(name, **changes))
-    doc = dataclasses.asdict(settings)
-    if isinstance(settings.priority_aging, timedelta):  # JSON and people read seconds
-        doc["priority_aging"] = settings.priority_aging.total_seconds()
+    doc = settings_doc(settings)
     if app.json:
         app.emit({"queue": name, **doc})
         return
