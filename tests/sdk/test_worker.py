@@ -77,6 +77,19 @@ async def test_returned_bytes_ack_the_task_with_the_result(client: Client) -> No
     assert (await client.get_task(silent)).state is TaskState.SUCCEEDED
 
 
+async def test_a_handler_knows_its_tasks_group_key(client: Client) -> None:
+    @handler("tenant")
+    async def tenant(ctx: TaskContext, payload: bytes) -> bytes:
+        return ctx.group_key.encode() or b"-"
+
+    keyed = await client.enqueue("jobs", "tenant", b"", group_key="acme")
+    plain = await client.enqueue("jobs", "tenant", b"")
+
+    assert await new_worker(client, tenant).run_until_idle() == 2
+    assert (await client.get_task(keyed)).result == b"acme"
+    assert (await client.get_task(plain)).result == b"-"
+
+
 async def test_retry_later_retries_after_the_delay_and_the_second_attempt_succeeds(
     client: Client,
 ) -> None:

@@ -55,6 +55,7 @@ class TaskContext:
         headers: The task's headers (read-only).
         payload: The task's payload (also the handler's second argument).
         lease_id: The lease this attempt holds.
+        group_key: The tenant the task was enqueued for ("" when none).
     """
 
     __slots__ = (
@@ -63,6 +64,7 @@ class TaskContext:
         "_headers",
         "_headers_view",
         "attempt",
+        "group_key",
         "lease_id",
         "max_attempts",
         "payload",
@@ -82,6 +84,7 @@ class TaskContext:
         headers: Mapping[str, str],
         payload: bytes,
         lease_id: str,
+        group_key: str = "",
     ) -> None:
         self.task_id = task_id
         self.type = type
@@ -92,6 +95,7 @@ class TaskContext:
         self._headers_view: Mapping[str, str] | None = None
         self.payload = payload
         self.lease_id = lease_id
+        self.group_key = group_key
         self._cancel_reason = ""
         self._cancelled_event: asyncio.Event | None = None  # made when someone waits on it
 

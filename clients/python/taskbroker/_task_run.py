@@ -221,6 +221,7 @@ class TaskRun:
             headers=task.headers,
             payload=task.payload,
             lease_id=delivery.lease_id,
+            group_key=task.group_key,
         )
         self.revoked = False
         #: The asyncio task running `run` (set by the registry right after creating it).
