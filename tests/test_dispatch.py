@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from broker.config import Settings
 from broker.dispatch import LEASE_WORKERS, Dispatcher
-from broker.models import Lease
+from broker.models import Lease, QueueSettings, RateLimit
 from broker.queue import TaskQueue, TaskRequest
 from broker.store.redis_store import RedisStore
 from tests.support.redis_server import RedisServer
@@ -94,4 +94,40 @@ async def test_many_idle_subscribed_queues_use_few_connections_and_no_calls(
     finally:
         for sub in subs:
             sub.close()
+        await dispatcher.stop()
+
+
+async def test_a_rate_limited_queue_is_not_leased_from_on_every_wake(
+    tasks: TaskQueue, redis_client: redis.Redis
+) -> None:
+    """Held back by its rate limit, a pump sleeps until the next token is due: wakes from a busy
+    producer's enqueues cost no lease call meanwhile, and the tasks still go at the rate."""
+    await tasks.update_queue_settings("slow", QueueSettings(rate_limit=RateLimit(2, 1)), [])
+    dispatcher = Dispatcher(tasks)
+    got: list[Lease] = []
+
+    def deliver(leases: list[Lease]) -> bool:
+        got.extend(leases)
+        return True
+
+    sub = dispatcher.subscribe(["slow"], 10_000, deliver)
+    sub.add_credits(100)
+    try:
+        await tasks.enqueue([TaskRequest("slow", "t") for _ in range(3)])
+        dispatcher.notify("slow")
+        deadline = time.monotonic() + 5
+        while not got:
+            assert time.monotonic() < deadline, "the first task was not delivered"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the call that found no token
+        calls = _lease_calls(redis_client)
+        for _ in range(20):  # 20 wakes within the 0.5 s until the next token
+            dispatcher.notify("slow")
+            await asyncio.sleep(0.01)
+        assert _lease_calls(redis_client) - calls <= 1
+        while len(got) < 3:
+            assert time.monotonic() < deadline, "the rate-limited tasks stopped coming"
+            await asyncio.sleep(0.01)
+    finally:
+        sub.close()
         await dispatcher.stop()
