@@ -9,7 +9,7 @@ import re
 from typing import Final
 
 from broker.errors import InvalidArgument
-from broker.ids import LOCAL_ID_PATTERN
+from broker.ids import GROUP_KEY_PATTERN, LOCAL_ID_PATTERN
 
 #: An audit record's id, a Redis stream entry id "<ms>-<seq>": what an audit page token carries.
 AUDIT_RECORD_ID: Final = re.compile(r"\d{1,20}-\d{1,20}")
@@ -63,6 +63,27 @@ def decode_audit_token(token: str) -> str | None:
         kind, _, record_id = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
         if kind == "a" and AUDIT_RECORD_ID.fullmatch(record_id):
             return record_id
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        pass
+    raise InvalidArgument("page_token", "not a token this API returned")
+
+
+def encode_group_key_token(cursor: tuple[int, str] | None) -> str:
+    """A group-key page token: the (pending, key) of the page's last key ('' for none)."""
+    if cursor is None:
+        return ""
+    return base64.urlsafe_b64encode(f"k:{cursor[0]}:{cursor[1]}".encode()).decode()
+
+
+def decode_group_key_token(token: str) -> tuple[int, str] | None:
+    """The (pending, key) a group-key page continues after (None: the first page);
+    INVALID_ARGUMENT for a token this API did not return."""
+    if not token:
+        return None
+    try:
+        kind, pending, key = base64.urlsafe_b64decode(token.encode()).decode().split(":", 2)
+        if kind == "k" and pending.isdigit() and GROUP_KEY_PATTERN.fullmatch(key):
+            return int(pending), key
     except (ValueError, binascii.Error, UnicodeDecodeError):
         pass
     raise InvalidArgument("page_token", "not a token this API returned")
