@@ -87,3 +87,21 @@ def decode_group_key_token(token: str) -> tuple[int, str] | None:
     except (ValueError, binascii.Error, UnicodeDecodeError):
         pass
     raise InvalidArgument("page_token", "not a token this API returned")
+
+
+def encode_schedule_token(last: str) -> str:
+    return base64.urlsafe_b64encode(f"s:{last}".encode()).decode() if last else ""
+
+
+def decode_schedule_token(token: str) -> str:
+    """The name a page continues after ('' for none); INVALID_ARGUMENT for a token that is
+    not a schedule page token."""
+    if not token:
+        return ""
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        text = ""
+    if not text.startswith("s:") or len(text) < 3:
+        raise InvalidArgument("page_token", "not a page token of ListSchedules")
+    return text[2:]
