@@ -265,6 +265,7 @@ class Broker:
             self.policy,
             self.certificates,
             Peers(slot.peer_sockets) if slot is not None else None,
+            self.schedules,
         )
         self.http_port = await self.web.start()
         undo.push_async_callback(self.web.stop)

@@ -17,6 +17,8 @@ NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 MAX_NAME_LENGTH: Final = 128
 
 _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+#: A group key (TaskSpec.group_key): it ends up in key names, so no braces (hash tags).
+GROUP_KEY_PATTERN: Final = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 LOCAL_ID_PATTERN: Final = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 
 

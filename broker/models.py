@@ -258,6 +258,8 @@ class QueueStats:
     failed_total: int
     settings: QueueSettings = QueueSettings()
     rate_tokens: float = 0.0  # in the rate_limit's bucket now; 0 without one
+    group_keys_pending: int = 0  # group keys with pending tasks (in any of their states)
+    group_keys_parked: int = 0  # of those, parked at per_key_max_concurrency
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +268,42 @@ class DeadPage:
 
     tasks: list[Task]
     next_cursor: tuple[int, str] | None  # (dead time ms, local id) of the last task, if more
+
+
+class GroupKeyState(enum.IntEnum):
+    """Where a group key is in the turns; values match taskbroker.v1.GroupKeyState."""
+
+    READY = 1  #: has pending tasks and takes its turns
+    PARKED = 2  #: at per_key_max_concurrency: sits out until one of its leases ends
+    RATE_LIMITED = 3  #: waits for its per_key_rate_limit token
+    LEASED_ONLY = 4  #: nothing pending; some of its tasks are leased
+
+
+@dataclass(frozen=True, slots=True)
+class GroupKeyStats:
+    """One group key of a queue."""
+
+    group_key: str
+    state: GroupKeyState
+    pending: int
+    leased: int
+    oldest_ready_ms: int | None  # None: nothing pending
+
+
+@dataclass(frozen=True, slots=True)
+class GroupKeyPage:
+    """A page of a queue's group keys, the largest backlog first, and the queue's key counts."""
+
+    now_ms: int
+    keys: list[GroupKeyStats]
+    #: (pending, key) of the page's last key when another page follows.
+    next_cursor: tuple[int, str] | None
+    ready_keys: int  # keys taking turns
+    parked_keys: int
+    rate_limited_keys: int
+    keys_with_leases: int
+    #: Keys read to rank them. At the store's scan limit, keys beyond it may be left out.
+    scanned_keys: int
 
 
 @dataclass(frozen=True, slots=True)

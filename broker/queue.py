@@ -24,13 +24,21 @@ from broker.errors import (
     TaskFinished,
 )
 from broker.errors import TaskNotFound as TaskNotFoundError
-from broker.ids import LOCAL_ID_PATTERN, NAME_PATTERN, IdGenerator, check_name, parse_task_id
+from broker.ids import (
+    GROUP_KEY_PATTERN,
+    LOCAL_ID_PATTERN,
+    NAME_PATTERN,
+    IdGenerator,
+    check_name,
+    parse_task_id,
+)
 from broker.models import (
     AckItem,
     CancelStatus,
     DeadPage,
     EnqueueOutcome,
     ExtendItem,
+    GroupKeyPage,
     HeldLease,
     Hint,
     LeaseBatch,
@@ -44,6 +52,7 @@ from broker.models import (
     TaskRef,
 )
 from broker.queue_settings import checked_mask, checked_settings
+from broker.store.group_key_stats import group_key_page
 from broker.store.redis_store import IdempotencyConflictAt, LeaseSlot, RedisStore, WakeEvents
 from broker.timings import TaskTimings
 
@@ -54,8 +63,6 @@ _LEASE_ID = re.compile(r"[0-9a-f]{32}")
 MAX_HEADERS = 64
 MAX_HEADER_VALUE_BYTES = 4096
 MAX_IDEMPOTENCY_KEY_LENGTH = 256
-#: A group key (TaskSpec.group_key): it ends up in key names, so no braces (hash tags).
-GROUP_KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 MAX_PRIORITY = 1000
 MAX_ATTEMPTS = 1000
 MIN_LEASE_MS = 10
@@ -73,6 +80,9 @@ MAX_BATCH_BYTES = 8 * 1024 * 1024
 #: Queues per Stats page (the RPC's documented cap) and per ListQueues page.
 MAX_STATS_PAGE = 1000
 MAX_QUEUE_PAGE = 10_000
+#: Group keys per ListGroupKeys page: each costs its oldest-task walk (group_keys.lua).
+MAX_GROUP_KEY_PAGE = 100
+DEFAULT_GROUP_KEY_PAGE = 20
 #: Work of each kind per maintenance call on one queue, and queues taken per index shard per pass.
 MAINTAIN_LIMIT = 500
 #: Take-maintain-settle rounds per pass at most (a pass handles up to 4,000 due queues).
@@ -705,6 +715,17 @@ class TaskQueue:
             raise InvalidArgument("page_size", "must not be negative")
         size = min(page_size or 100, 1000)
         return await self._store.list_dead(queue, size, cursor)
+
+    async def group_keys(
+        self, queue: str, page_size: int, cursor: tuple[int, str] | None
+    ) -> GroupKeyPage:
+        """A page of the queue's group keys, the most pending first (page_size 0: 20; more than
+        MAX_GROUP_KEY_PAGE is lowered to it)."""
+        check_name("queue", queue)
+        if page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
+        size = min(page_size or DEFAULT_GROUP_KEY_PAGE, MAX_GROUP_KEY_PAGE)
+        return await group_key_page(self._store, queue, size, cursor)
 
     def _dead_ids(self, queue: str, task_ids: Sequence[str]) -> list[str]:
         check_name("queue", queue)

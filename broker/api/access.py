@@ -81,6 +81,7 @@ RULES: Final[dict[str, Rule]] = {
     "AdminService/ResumeQueue": Rule((ADMIN,), "resume queues", _named),
     "AdminService/GetQueueSettings": Rule((READ, ADMIN), "read queue settings", _named),
     "AdminService/UpdateQueueSettings": Rule((ADMIN,), "change queue settings", _named),
+    "AdminService/ListGroupKeys": Rule((READ,), "read group keys", _named),
     "AdminService/ListAuditRecords": Rule((ADMIN,), "read the audit trail", _every_queue),
     # Calls naming a schedule are checked by schedule_service.py on the schedule's queue, once
     # its name is looked up; a create names its queue in the request.

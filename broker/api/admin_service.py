@@ -1,5 +1,6 @@
 """AdminService: the queue list, dead letters (list, redrive, delete), pause and resume, queue
-settings (limits), and the audit trail; every change is recorded in the audit trail."""
+settings (limits), per-key stats of group keys, and the audit trail; every change is recorded
+in the audit trail."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from broker.api import convert
 from broker.audit import AuditTrail
 from broker.auth.authorize import Authorizer
 from broker.page_tokens import (
+    decode_group_key_token,
     decode_page_token,
     decode_queue_token,
+    encode_group_key_token,
     encode_page_token,
     encode_queue_token,
 )
@@ -113,6 +116,14 @@ class AdminService:
             detail=f"changed {', '.join(mask) or 'all settings'}",
         )
         return admin.UpdateQueueSettingsResponse(settings=convert.settings_to_proto(settings))
+
+    async def ListGroupKeys(
+        self, request: admin.ListGroupKeysRequest, context: Context
+    ) -> admin.ListGroupKeysResponse:
+        page = await self._tasks.group_keys(
+            request.queue, request.page_size, decode_group_key_token(request.page_token)
+        )
+        return convert.group_key_page_to_proto(page, encode_group_key_token(page.next_cursor))
 
     async def ListAuditRecords(
         self, request: admin.ListAuditRecordsRequest, context: Context

@@ -7,8 +7,9 @@ from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from broker.models import Lease, QueueSettings, QueueStats, RateLimit, Task
+from broker.models import GroupKeyPage, Lease, QueueSettings, QueueStats, RateLimit, Task
 from broker.queue import TaskRequest
+from taskbroker.v1 import admin_service_pb2 as admin
 from taskbroker.v1 import broker_service_pb2 as bs
 from taskbroker.v1 import lease_pb2, queue_settings_pb2, task_pb2
 
@@ -219,3 +220,24 @@ def settings_to_proto(settings: QueueSettings) -> queue_settings_pb2.QueueSettin
         if settings.priority_aging_ms
         else None,
     )
+
+
+def group_key_page_to_proto(
+    page: GroupKeyPage, next_page_token: str
+) -> admin.ListGroupKeysResponse:
+    out = admin.ListGroupKeysResponse(
+        next_page_token=next_page_token,
+        ready_key_count=page.ready_keys,
+        parked_key_count=page.parked_keys,
+        rate_limited_key_count=page.rate_limited_keys,
+        leasing_key_count=page.keys_with_leases,
+        scanned_key_count=page.scanned_keys,
+        read_time=to_timestamp(page.now_ms),
+    )
+    for k in page.keys:
+        row = out.keys.add(
+            group_key=k.group_key, state=int(k.state), pending=k.pending, leased=k.leased
+        )
+        if k.oldest_ready_ms is not None:
+            row.oldest_pending_age.CopyFrom(to_duration(max(0, page.now_ms - k.oldest_ready_ms)))
+    return out

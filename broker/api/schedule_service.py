@@ -5,8 +5,6 @@ name a schedule rather than a queue are checked here, once the name's queue is k
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
@@ -16,6 +14,7 @@ from broker.audit import AuditTrail
 from broker.auth.authorize import Authorizer
 from broker.auth.principal import Role
 from broker.errors import InvalidArgument
+from broker.page_tokens import decode_schedule_token, encode_schedule_token
 from broker.schedule_models import CatchUp, Schedule
 from broker.schedules import ScheduleBook, ScheduleRequest
 from taskbroker.v1 import schedule_service_pb2 as sched
@@ -184,21 +183,3 @@ def schedule_to_proto(s: Schedule) -> sched.Schedule:
     if s.last_tick_ms is not None:
         out.last_fire_time.CopyFrom(convert.to_timestamp(s.last_tick_ms))
     return out
-
-
-def encode_schedule_token(last: str) -> str:
-    return base64.urlsafe_b64encode(f"s:{last}".encode()).decode() if last else ""
-
-
-def decode_schedule_token(token: str) -> str:
-    """The name a page continues after ('' for none); INVALID_ARGUMENT for a token that is
-    not a schedule page token."""
-    if not token:
-        return ""
-    try:
-        text = base64.urlsafe_b64decode(token.encode()).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        text = ""
-    if not text.startswith("s:") or len(text) < 3:
-        raise InvalidArgument("page_token", "not a page token of ListSchedules")
-    return text[2:]

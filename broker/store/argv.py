@@ -194,6 +194,14 @@ class ForgetArgs(NamedTuple):
     fresh_prefix: str
 
 
+class GroupKeysArgs(NamedTuple):
+    group_prefix: str
+    scan_limit: int
+    page_size: int
+    after_pending: int  # -1: the first page
+    after_key: str
+
+
 class GetArgs(NamedTuple):
     id: str
     entry_id: str
@@ -285,6 +293,7 @@ LAYOUTS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "stats": (StatsArgs._fields, ()),
     "forget_queue": (ForgetArgs._fields, ()),
     "get_task": (GetArgs._fields, ()),
+    "group_keys": (GroupKeysArgs._fields, ()),
     "update_settings": (UpdateSettingsArgs._fields, ()),
     "fire_schedule": (FireScheduleArgs._fields, ()),
     "put_schedule": (PutScheduleArgs._fields, PutScheduleItem._fields),

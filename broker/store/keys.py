@@ -111,9 +111,14 @@ class QueueKeys:
     # key names (lua/_prelude.lua: base_of_pending), so they are named here for readers, tests
     # and ACLs.
 
+    @property
+    def group_prefix(self) -> str:
+        """group(key) is group_prefix + key."""
+        return self._base + "g:"
+
     def group(self, group_key: str) -> str:
         """Zset of a key's pending tasks (id -> pending score)."""
-        return self._base + "g:" + group_key
+        return self.group_prefix + group_key
 
     @property
     def group_rotation(self) -> str:

@@ -1175,4 +1175,6 @@ def _queue_stats(queue: str, reply: list[Any]) -> QueueStats:
         failed_total=totals.get("fail", 0),
         settings=settings_from_meta(meta),
         rate_tokens=bucket_tokens(meta, "rl", now),
+        group_keys_pending=int(reply[8]),
+        group_keys_parked=int(reply[9]),
     )

@@ -35,6 +35,7 @@ SCRIPT_NAMES: Final = (
     "update_settings",
     "fire_schedule",
     "put_schedule",
+    "group_keys",
 )
 
 

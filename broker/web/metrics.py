@@ -27,6 +27,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import CollectorRegistry
 
 if TYPE_CHECKING:
+    from broker.models import QueueStats
     from broker.web.peers import InProcessSeries
     from broker.web.sampler import StatsSampler
 
@@ -119,6 +120,7 @@ class BrokerCollector:
             paused.add_metric([s.queue], 1.0 if s.paused else 0.0)
         yield from (family for family, _ in totals)
         yield from (tasks, oldest, paused)
+        yield from _limit_series(snapshot.queues)
         # Per-queue series cover the top queues by backlog (Settings.metrics_top_queues); these
         # cover every queue, so dashboards can sum without 100,000 series.
         every = GaugeMetricFamily(
@@ -180,6 +182,53 @@ class BrokerCollector:
         )
         streams.add_metric([], len(held))
         yield from (connected, streams)
+
+
+#: (kind label, QueueSettings field) of the rate limits a queue may have.
+RATE_LIMITS: Final = (
+    ("lease", "rate_limit"),
+    ("enqueue", "enqueue_rate_limit"),
+    ("per_key", "per_key_rate_limit"),
+)
+
+
+def _gauge(name: str, text: str, *labels: str) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, text + CLUSTER_NOTE, labels=["queue", *labels])
+
+
+def _limit_series(queues: Iterable[QueueStats]) -> Iterable[Metric]:
+    """Each queue's limits (docs/limits.md) and its group keys' counts; no per-key labels, so
+    the series stay as many as the queues shown."""
+    cap = _gauge("taskbroker_queue_max_concurrency", "max_concurrency (0: off).")
+    key_cap = _gauge(
+        "taskbroker_queue_per_key_max_concurrency", "per_key_max_concurrency (0: off)."
+    )
+    rate = _gauge(
+        "taskbroker_queue_rate_limit_per_second",
+        "Rate limits by kind: lease (rate_limit), enqueue (enqueue_rate_limit), per_key "
+        "(per_key_rate_limit); 0: off.",
+        "kind",
+    )
+    tokens = _gauge(
+        "taskbroker_queue_rate_limit_tokens",
+        "Tokens in the rate_limit's bucket now (below 1, the next lease waits; 0 without one).",
+    )
+    keys_pending = _gauge("taskbroker_queue_group_keys_pending", "Group keys with pending tasks.")
+    keys_parked = _gauge(
+        "taskbroker_queue_group_keys_parked",
+        "Group keys with pending tasks parked at per_key_max_concurrency.",
+    )
+    for s in queues:
+        settings = s.settings
+        cap.add_metric([s.queue], settings.max_concurrency)
+        key_cap.add_metric([s.queue], settings.per_key_max_concurrency)
+        for kind, field in RATE_LIMITS:
+            limit = getattr(settings, field)
+            rate.add_metric([s.queue, kind], limit.per_second if limit is not None else 0.0)
+        tokens.add_metric([s.queue], s.rate_tokens)
+        keys_pending.add_metric([s.queue], s.group_keys_pending)
+        keys_parked.add_metric([s.queue], s.group_keys_parked)
+    yield from (cap, key_cap, rate, tokens, keys_pending, keys_parked)
 
 
 def build_registry(collector: BrokerCollector) -> CollectorRegistry:

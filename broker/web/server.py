@@ -30,7 +30,15 @@ from broker.auth.jwt_tokens import looks_like_jwt
 from broker.auth.policy import token_digest
 from broker.auth.principal import ANONYMOUS, Principal, Role
 from broker.errors import BrokerError, InvalidArgument, PermissionDenied, Unauthenticated
-from broker.page_tokens import decode_page_token, encode_page_token
+from broker.page_tokens import (
+    decode_group_key_token,
+    decode_page_token,
+    decode_schedule_token,
+    encode_group_key_token,
+    encode_page_token,
+    encode_schedule_token,
+)
+from broker.queue import MAX_GROUP_KEY_PAGE
 from broker.store.web_sessions import WebSession, WebSessions
 from broker.telemetry.rpc_metrics import RpcMetrics
 from broker.web import access, views
@@ -45,6 +53,7 @@ if TYPE_CHECKING:
     from broker.config import Settings
     from broker.live_streams import LiveStreams
     from broker.queue import TaskQueue
+    from broker.schedules import ScheduleBook
     from broker.tls import CertificateFiles
 
 log = logging.getLogger(__name__)
@@ -52,6 +61,8 @@ log = logging.getLogger(__name__)
 STATIC_DIR: Final = Path(__file__).parent / "static"
 #: Dead letters per page when the request does not say; the most is the API's 1,000.
 DEFAULT_PAGE_SIZE: Final = 20
+#: Schedules per page at most (the API's ListSchedules allows 1,000).
+MAX_SCHEDULE_PAGE: Final = 1000
 #: Request bodies (ids to redrive or delete): 1,000 task ids fit many times over.
 MAX_BODY_BYTES: Final = 1024 * 1024
 ADMIN_DISABLED: Final = (
@@ -129,8 +140,10 @@ class WebServer:
         policy: PolicyFile | None = None,
         certificates: CertificateFiles | None = None,
         peers: Peers | None = None,
+        schedules: ScheduleBook | None = None,
     ) -> None:
         self._tasks = tasks
+        self._schedules = schedules
         self._audit = audit
         self._policy = policy
         self._web_sessions = web_sessions
@@ -164,6 +177,8 @@ class WebServer:
         get("/api/workers", self._workers)
         get("/api/tasks/{task_id}", self._task)
         get("/api/queues/{queue}/dead", self._dead)
+        get("/api/queues/{queue}/keys", self._group_keys)
+        get("/api/schedules", self._schedule_list)
         get("/api/audit", self._audit_records)
         post("/api/queues/{queue}/pause", self._pause)
         post("/api/queues/{queue}/resume", self._resume)
@@ -422,6 +437,36 @@ class WebServer:
             {
                 "tasks": [views.task_json(t, detail=False) for t in page.tasks],
                 "next_page_token": encode_page_token(page.next_cursor) if page.next_cursor else "",
+            }
+        )
+
+    async def _group_keys(self, request: web.Request) -> web.Response:
+        query = request.query
+        size = views.query_int(
+            query.get("page_size"), "page_size", DEFAULT_PAGE_SIZE, 1, MAX_GROUP_KEY_PAGE
+        )
+        cursor = decode_group_key_token(query.get("page_token", ""))
+        queue = request.match_info["queue"]
+        self._require(request, Role.READ, queue, "read group keys")
+        page = await self._tasks.group_keys(queue, size, cursor)
+        return _json(views.group_keys_json(page, encode_group_key_token(page.next_cursor)))
+
+    async def _schedule_list(self, request: web.Request) -> web.Response:
+        """Schedules by name, those on queues the caller may read (ListSchedules' rule)."""
+        if self._schedules is None:
+            raise web.HTTPNotFound(reason="this broker serves no schedules")
+        query = request.query
+        size = views.query_int(
+            query.get("page_size"), "page_size", DEFAULT_PAGE_SIZE, 1, MAX_SCHEDULE_PAGE
+        )
+        after = decode_schedule_token(query.get("page_token", ""))
+        found, last = await self._schedules.page(
+            size, after, lambda queue: self._may(request, Role.READ, queue)
+        )
+        return _json(
+            {
+                "schedules": [views.schedule_json(s) for s in found],
+                "next_page_token": encode_schedule_token(last),
             }
         )
 

@@ -15,7 +15,8 @@ import grpc
 from broker.audit import record_fields
 from broker.envelope_header import envelope_key_id
 from broker.errors import BrokerError, InvalidArgument
-from broker.models import AuditRecord, QueueStats, Task
+from broker.models import AuditRecord, GroupKeyPage, QueueStats, RateLimit, Task
+from broker.schedule_models import Schedule
 from broker.status_codes import code_for
 
 if TYPE_CHECKING:
@@ -123,6 +124,67 @@ def queue_json(s: QueueStats, rates: QueueRates | None) -> Json:
         "oldest_pending_age_s": (
             max(s.now_ms - s.oldest_ready_ms, 0) / 1000 if s.oldest_ready_ms is not None else None
         ),
+        "limits": limits_json(s),
+    }
+
+
+def _rate_json(limit: RateLimit | None) -> Json | None:
+    return None if limit is None else {"per_second": limit.per_second, "burst": limit.burst}
+
+
+def limits_json(s: QueueStats) -> Json:
+    """A queue's settings (null or 0: off), its rate_limit's tokens now and its group keys."""
+    settings = s.settings
+    return {
+        "max_concurrency": settings.max_concurrency,
+        "rate_limit": _rate_json(settings.rate_limit),
+        "rate_limit_tokens": s.rate_tokens if settings.rate_limit is not None else None,
+        "enqueue_rate_limit": _rate_json(settings.enqueue_rate_limit),
+        "per_key_max_concurrency": settings.per_key_max_concurrency,
+        "per_key_rate_limit": _rate_json(settings.per_key_rate_limit),
+        "group_keys_pending": s.group_keys_pending,
+        "group_keys_parked": s.group_keys_parked,
+    }
+
+
+def group_keys_json(page: GroupKeyPage, next_page_token: str) -> Json:
+    return {
+        "time_ms": page.now_ms,
+        "keys": [
+            {
+                "group_key": k.group_key,
+                "state": k.state.name,
+                "pending": k.pending,
+                "leased": k.leased,
+                "oldest_pending_age_s": (
+                    max(page.now_ms - k.oldest_ready_ms, 0) / 1000
+                    if k.oldest_ready_ms is not None
+                    else None
+                ),
+            }
+            for k in page.keys
+        ],
+        "next_page_token": next_page_token,
+        "ready_keys": page.ready_keys,
+        "parked_keys": page.parked_keys,
+        "rate_limited_keys": page.rate_limited_keys,
+        "keys_with_leases": page.keys_with_leases,
+        "scanned_keys": page.scanned_keys,
+    }
+
+
+def schedule_json(s: Schedule) -> Json:
+    """A schedule without its template's payload or headers (the dashboard shows neither)."""
+    return {
+        "name": s.name,
+        "queue": s.template.queue,
+        "task_type": s.template.type,
+        "cron": s.cron,
+        "time_zone": s.time_zone,
+        "paused": s.paused,
+        "next_fire_time_ms": s.next_ms,
+        "last_fire_time_ms": s.last_tick_ms,
+        "last_task_id": s.last_task_id or None,
     }
 
 

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
 
+from broker.queue import TaskRequest
+from broker.schedules import ScheduleRequest
+from taskbroker import Client
 from taskbroker.v1 import task_pb2
 from tests.conftest import RunningBroker
 from tests.support.lease_stream import LeaseStream
@@ -174,4 +177,27 @@ async def test_an_encrypted_task_says_which_key_sealed_it(
     await expect(page.locator("#task-fields")).to_contain_text(
         f"encrypted, key k2, {len(sealed)} bytes", timeout=UI_TIMEOUT_MS
     )
+    assert problems == []
+
+
+async def test_limits_group_keys_and_schedules_render(
+    running: RunningBroker, browser: Browser
+) -> None:
+    async with Client(running.target) as client:
+        await client.update_queue_settings("tenants", max_concurrency=20, per_key_max_concurrency=2)
+    await enqueue(running.stub, *(spec("tenants", group_key=k) for k in ("big", "big", "small")))
+    request = ScheduleRequest("nightly", "0 3 * * *", "Europe/Berlin", TaskRequest("tenants", "r"))
+    await running.broker.schedules.create(request)
+    page, problems = await open_page(browser, running)
+    limits = page.locator('#queues tr[data-queue="tenants"] td[data-field="limits"]')
+    await expect(limits).to_contain_text("max 20 leased", timeout=UI_TIMEOUT_MS)
+    await expect(limits).to_contain_text("per key 2 leased")
+    await page.select_option("#keys-queue", "tenants")
+    rows = page.locator("#keys tbody tr")
+    await expect(rows).to_have_count(2, timeout=UI_TIMEOUT_MS)
+    await expect(rows.nth(0)).to_have_attribute("data-key", "big")
+    await expect(rows.nth(0).locator("td").nth(2)).to_have_text("2")
+    schedule = page.locator('#schedules tr[data-schedule="nightly"]')
+    await expect(schedule).to_contain_text("0 3 * * *", timeout=UI_TIMEOUT_MS)
+    await expect(schedule).to_contain_text("Europe/Berlin")
     assert problems == []

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from taskbroker import Client, NewTask, NonRetryable, TaskContext, Worker, handler
+from taskbroker import Client, NewTask, NonRetryable, RateLimit, TaskContext, Worker, handler
 from taskbroker.v1 import broker_service_pb2 as bs
 from tests.conftest import RunningBroker
 from tests.support.lease_stream import LeaseStream
@@ -159,6 +159,38 @@ async def test_redis_derived_series_come_from_a_cached_snapshot(
     running.broker.web.sampler.expire()
     _, third = await scrape(http)
     assert value(third, total, queue="jobs") == 2
+
+
+async def test_each_queue_s_limits_and_group_keys_are_gauges(
+    running: RunningBroker, http: aiohttp.ClientSession, client: Client
+) -> None:
+    await client.update_queue_settings(
+        "tenants",
+        max_concurrency=20,
+        rate_limit=RateLimit(0.5, 10),
+        per_key_max_concurrency=1,
+        per_key_rate_limit=RateLimit(2, 1),
+    )
+    await enqueue(running.stub, *(spec("tenants", group_key=k) for k in ("a", "a", "b", "b", "c")))
+    worker = await LeaseStream(running.stub).open(["tenants"], credits=5)
+    try:
+        assert len(await worker.take(3, wait_s=2)) == 3  # one per key: "a" and "b" park
+        await asyncio.sleep(0.1)
+        _, samples = await scrape(http)
+    finally:
+        await worker.close()
+    q = {"queue": "tenants"}
+    assert value(samples, "taskbroker_queue_max_concurrency", **q) == 20
+    assert value(samples, "taskbroker_queue_per_key_max_concurrency", **q) == 1
+    rate = "taskbroker_queue_rate_limit_per_second"
+    assert value(samples, rate, kind="lease", **q) == 0.5
+    assert value(samples, rate, kind="per_key", **q) == 2
+    assert value(samples, rate, kind="enqueue", **q) == 0
+    assert 7 <= value(samples, "taskbroker_queue_rate_limit_tokens", **q) < 7.5  # 10 less 3
+    assert value(samples, "taskbroker_queue_group_keys_pending", **q) == 2
+    assert value(samples, "taskbroker_queue_group_keys_parked", **q) == 2
+    assert not any(name.startswith("taskbroker_") and ("group_key", "a") in labels
+                   for name, labels in samples)  # fmt: skip
 
 
 async def test_openmetrics_is_served_when_asked_for(http: aiohttp.ClientSession) -> None:

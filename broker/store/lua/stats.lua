@@ -13,7 +13,8 @@
 -- The oldest pending task is the minimum ready time over the priority bands in use: one
 -- ZRANGE per band, at most 64 bands (beyond that the age is a lower bound).
 -- Returns {now, pending, scheduled, leased, dead, meta (HGETALL: paused, limits),
--- oldest_ready_ms (-1), stats (HGETALL)}.
+-- oldest_ready_ms (-1), stats (HGETALL), group keys with pending tasks (in the rotation, parked
+-- or waiting for a token: a key may be in two for a moment), of those parked}.
 
 local now = now_ms()
 local oldest = -1
@@ -32,6 +33,9 @@ local fresh, fresh_oldest = fresh_count(fresh_prefix, KEYS[7])
 if fresh_oldest >= 0 and (oldest < 0 or fresh_oldest < oldest) then oldest = fresh_oldest end
 local grouped, grouped_oldest = grouped_count(base_of_pending(KEYS[1]), 1000)
 if grouped_oldest >= 0 and (oldest < 0 or grouped_oldest < oldest) then oldest = grouped_oldest end
+local base = base_of_pending(KEYS[1])
+local parked_keys = redis.call('SCARD', base .. 'gp')
+local pending_keys = redis.call('ZCARD', base .. 'gk') + parked_keys + redis.call('ZCARD', base .. 'gw')
 return {now, redis.call('ZCARD', KEYS[1]) + fresh + grouped, redis.call('ZCARD', KEYS[2]),
   redis.call('ZCARD', KEYS[3]), redis.call('ZCARD', KEYS[4]), redis.call('HGETALL', KEYS[6]), oldest,
-  redis.call('HGETALL', KEYS[5])}
+  redis.call('HGETALL', KEYS[5]), pending_keys, parked_keys}

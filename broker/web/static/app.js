@@ -6,6 +6,8 @@ const POLL_MS = 2500; // the server refreshes its stats snapshot at most every 2
 const DEAD_PAGE_SIZE = 20;
 
 const AUDIT_PAGE_SIZE = 50;
+const KEYS_PAGE_SIZE = 20;
+const SCHEDULES_SHOWN = 100;
 
 const state = {
   admin: false,
@@ -17,6 +19,7 @@ const state = {
   history: { t: [], enq: [], done: [], mean: [], p95: [] },
   charts: { throughput: null, wait: null },
   dead: { queue: "", tokens: [""], count: null },
+  keys: { queue: "", tokens: [""], next: "" },
 };
 
 // --- small helpers ----------------------------------------------------------------------------
@@ -148,6 +151,8 @@ function queueRow(name) {
     cells[field] = el("td", { class: "num", dataset: { field } });
     row.append(cells[field]);
   }
+  cells.limits = el("td", { class: "limits", dataset: { field: "limits" } });
+  row.append(cells.limits);
   cells.state = el("td", { dataset: { field: "state" } });
   row.append(cells.state);
   const toggle = adminButton("Pause", "", () =>
@@ -163,7 +168,13 @@ function queueRow(name) {
     selectDeadQueue(name);
     $("dead-section").scrollIntoView({ behavior: "smooth" });
   });
-  row.append(el("td", { class: "actions" }, toggle, deadLink));
+  const keysLink = el("button", { type: "button", class: "link" }, "keys");
+  keysLink.addEventListener("click", () => {
+    $("keys-queue").value = name;
+    selectKeysQueue(name);
+    $("keys-section").scrollIntoView({ behavior: "smooth" });
+  });
+  row.append(el("td", { class: "actions" }, toggle, deadLink, keysLink));
   row.cells_ = cells;
   row.toggle_ = toggle;
   return row;
@@ -189,6 +200,7 @@ function renderQueues(queues) {
     c.enq.textContent = fmtRate(q.rates.enqueued_per_s);
     c.done.textContent = fmtRate(q.rates.completed_per_s);
     c.oldest.textContent = fmtAge(q.oldest_pending_age_s);
+    c.limits.textContent = fmtLimits(q.limits);
     c.state.textContent = q.paused ? "paused" : "active";
     c.state.className = q.paused ? "paused" : "";
     row.toggle_.textContent = q.paused ? "Resume" : "Pause";
@@ -203,6 +215,101 @@ function renderQueues(queues) {
   }
   $("no-queues").hidden = queues.length > 0;
   renderDeadQueueOptions();
+  renderKeysQueueOptions();
+}
+
+function fmtPerSecond(limit) {
+  return `${fmtRate(limit.per_second)}/s burst ${limit.burst}`;
+}
+
+// One line per queue: only the limits that are set (docs/limits.md).
+function fmtLimits(l) {
+  const parts = [];
+  if (l.max_concurrency) parts.push(`max ${l.max_concurrency} leased`);
+  if (l.rate_limit) parts.push(`rate ${fmtPerSecond(l.rate_limit)} (${l.rate_limit_tokens.toFixed(1)} tokens)`);
+  if (l.enqueue_rate_limit) parts.push(`enqueue ${fmtPerSecond(l.enqueue_rate_limit)}`);
+  if (l.per_key_max_concurrency) parts.push(`per key ${l.per_key_max_concurrency} leased`);
+  if (l.per_key_rate_limit) parts.push(`per key ${fmtPerSecond(l.per_key_rate_limit)}`);
+  if (l.group_keys_pending) parts.push(`${l.group_keys_pending} keys waiting, ${l.group_keys_parked} parked`);
+  return parts.length ? parts.join(" · ") : "—";
+}
+
+// --- group keys -----------------------------------------------------------------------------
+
+function renderKeysQueueOptions() {
+  const select = $("keys-queue");
+  const names = [...state.queues.keys()].sort();
+  if ([...select.options].map((o) => o.value).join("\n") !== names.join("\n")) {
+    const chosen = select.value;
+    select.replaceChildren(...names.map((n) => el("option", { value: n }, n)));
+    if (names.includes(chosen)) select.value = chosen;
+  }
+  if (!state.keys.queue && names.length) {
+    const grouped = names.find((n) => state.queues.get(n).limits.group_keys_pending > 0) || names[0];
+    select.value = grouped;
+    selectKeysQueue(grouped);
+  }
+}
+
+function selectKeysQueue(name) {
+  state.keys.queue = name;
+  state.keys.tokens = [""];
+  loadKeys();
+}
+
+async function loadKeys() {
+  const queue = state.keys.queue;
+  if (!queue) return;
+  const token = state.keys.tokens[state.keys.tokens.length - 1];
+  const query = new URLSearchParams({ page_size: KEYS_PAGE_SIZE, page_token: token });
+  const page = await api(`/api/queues/${encodeURIComponent(queue)}/keys?${query}`);
+  if (queue !== state.keys.queue) return; // another queue was chosen meanwhile
+  state.keys.next = page.next_page_token;
+  $("keys").tBodies[0].replaceChildren(
+    ...page.keys.map((k) =>
+      el(
+        "tr",
+        { dataset: { key: k.group_key } },
+        el("td", { class: "mono" }, k.group_key),
+        el("td", {}, k.state.toLowerCase().replace("_", " ")),
+        el("td", { class: "num" }, k.pending),
+        el("td", { class: "num" }, k.leased),
+        el("td", { class: "num" }, fmtAge(k.oldest_pending_age_s)),
+      ),
+    ),
+  );
+  const waiting = page.ready_keys + page.parked_keys + page.rate_limited_keys;
+  let totals = `${waiting} keys with pending tasks: ${page.parked_keys} parked, ` +
+    `${page.rate_limited_keys} rate limited; ${page.keys_with_leases} with leases`;
+  if (page.scanned_keys >= 10000) totals += ` (ranked over the first ${page.scanned_keys} read)`;
+  $("keys-totals").textContent = totals;
+  $("no-keys").hidden = page.keys.length > 0;
+  $("keys-next").disabled = !page.next_page_token;
+  $("keys-first").disabled = state.keys.tokens.length === 1;
+}
+
+// --- schedules ------------------------------------------------------------------------------
+
+async function loadSchedules() {
+  const page = await api(`/api/schedules?page_size=${SCHEDULES_SHOWN}`);
+  $("schedules").tBodies[0].replaceChildren(
+    ...page.schedules.map((s) =>
+      el(
+        "tr",
+        { dataset: { schedule: s.name } },
+        el("td", {}, s.name),
+        el("td", {}, s.queue),
+        el("td", { class: "mono" }, s.cron),
+        el("td", {}, s.time_zone),
+        el("td", {}, s.paused ? "—" : fmtTime(s.next_fire_time_ms)),
+        el("td", {}, s.last_task_id ? taskLink(s.last_task_id) : "—"),
+        el("td", { class: s.paused ? "paused" : "" }, s.paused ? "paused" : "active"),
+      ),
+    ),
+  );
+  $("no-schedules").hidden = page.schedules.length > 0;
+  $("schedules-capped").hidden = !page.next_page_token;
+  $("schedules-capped").textContent = `The first ${SCHEDULES_SHOWN} schedules by name are shown.`;
 }
 
 // --- workers --------------------------------------------------------------------------------
@@ -532,7 +639,7 @@ async function refresh() {
     renderWorkers(workers.workers);
     renderCharts(history.points);
     $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
-    await loadAudit();
+    await Promise.all([loadAudit(), loadKeys(), loadSchedules()]);
   } catch (error) {
     $("updated").textContent = `update failed: ${error.message}`;
   }
@@ -581,6 +688,17 @@ async function main() {
   $("dead-first").addEventListener("click", () => {
     state.dead.tokens = [""];
     loadDead();
+  });
+  $("keys-queue").addEventListener("change", (event) => selectKeysQueue(event.target.value));
+  $("keys-next").addEventListener("click", () => {
+    if (state.keys.next) {
+      state.keys.tokens.push(state.keys.next);
+      loadKeys();
+    }
+  });
+  $("keys-first").addEventListener("click", () => {
+    state.keys.tokens = [""];
+    loadKeys();
   });
   $("dead-redrive-all").addEventListener("click", () => onAll("redrive"));
   $("dead-delete-all").addEventListener("click", () => onAll("delete"));

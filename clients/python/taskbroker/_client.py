@@ -31,6 +31,7 @@ from taskbroker._coalescer import EnqueueCoalescer, Metadata
 from taskbroker._codec_hooks import decode_task, encode_specs
 from taskbroker._convert import (
     audit_record_from_proto,
+    group_key_page_from_proto,
     settings_from_proto,
     settings_to_proto,
     stats_from_proto,
@@ -38,7 +39,15 @@ from taskbroker._convert import (
     to_duration,
     to_timestamp,
 )
-from taskbroker._models import AuditRecord, QueueSettings, QueueStats, RateLimit, Task, TaskId
+from taskbroker._models import (
+    AuditRecord,
+    GroupKeyPage,
+    QueueSettings,
+    QueueStats,
+    RateLimit,
+    Task,
+    TaskId,
+)
 from taskbroker._options import TaskOptions, checked_options, warn_renamed, with_options_doc
 from taskbroker._status import error_from_rpc, throttled_for_s
 from taskbroker._tracing import (
@@ -785,6 +794,27 @@ class Client:
         request.update_mask.paths.extend(changed)
         response = await self._unary(self.admin.UpdateQueueSettings, request)
         return settings_from_proto(response.settings)
+
+    async def group_keys(
+        self, queue: str, *, page_size: int = 20, page_token: str = ""
+    ) -> GroupKeyPage:
+        """Returns a page of a queue's group keys, the most pending tasks first, with each key's
+        pending and leased counts and oldest pending age, and how many keys are parked or rate
+        limited.
+
+        Args:
+            queue: The queue.
+            page_size: Keys per page, 1 to 100.
+            page_token: A previous page's next_page_token; '' for the first page.
+
+        Raises:
+            InvalidArgumentError: The queue name or page token is malformed.
+            UnavailableError: The broker or its Redis could not be reached.
+        """
+        request = admin_service_pb2.ListGroupKeysRequest(
+            queue=queue, page_size=page_size, page_token=page_token
+        )
+        return group_key_page_from_proto(await self._unary(self.admin.ListGroupKeys, request))
 
     async def audit_records(self, *, page_size: int = 100) -> AsyncIterator[AuditRecord]:
         """Yields the broker's audit trail (admin actions, permission denials, authentication

@@ -9,6 +9,9 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from taskbroker._models import (
     AttemptError,
     AuditRecord,
+    GroupKeyPage,
+    GroupKeyState,
+    GroupKeyStats,
     QueueSettings,
     QueueStats,
     RateLimit,
@@ -147,4 +150,36 @@ def audit_record_from_proto(pb: admin_service_pb2.AuditRecord) -> AuditRecord:
         target=pb.target,
         outcome=pb.outcome,
         detail=pb.detail,
+    )
+
+
+def _group_key_state(value: int) -> GroupKeyState:
+    try:
+        return GroupKeyState(value)
+    except ValueError:  # a state added after this SDK
+        return GroupKeyState.UNSPECIFIED
+
+
+def group_key_page_from_proto(pb: admin_service_pb2.ListGroupKeysResponse) -> GroupKeyPage:
+    return GroupKeyPage(
+        keys=[
+            GroupKeyStats(
+                group_key=k.group_key,
+                state=_group_key_state(k.state),
+                pending=k.pending,
+                leased=k.leased,
+                oldest_pending_age=(
+                    from_duration(k.oldest_pending_age)
+                    if k.HasField("oldest_pending_age")
+                    else None
+                ),
+            )
+            for k in pb.keys
+        ],
+        next_page_token=pb.next_page_token,
+        ready_keys=pb.ready_key_count,
+        parked_keys=pb.parked_key_count,
+        rate_limited_keys=pb.rate_limited_key_count,
+        keys_with_leases=pb.leasing_key_count,
+        scanned_keys=pb.scanned_key_count,
     )

@@ -140,6 +140,45 @@ class QueueStats:
     rate_limit_tokens: float = 0.0
 
 
+class GroupKeyState(enum.IntEnum):
+    """Where a group key is in its queue's turns (taskbroker.v1.GroupKeyState). New states may
+    be added."""
+
+    UNSPECIFIED = 0  #: a state this SDK does not know yet
+    READY = 1  #: has pending tasks and takes its turns
+    PARKED = 2  #: at per_key_max_concurrency, until one of its leases ends
+    RATE_LIMITED = 3  #: waits for its per_key_rate_limit token
+    LEASED_ONLY = 4  #: nothing pending; some of its tasks are leased
+
+
+@dataclass(frozen=True, slots=True)
+class GroupKeyStats:
+    """One group key of a queue: its pending and leased tasks and its oldest pending age."""
+
+    group_key: str
+    state: GroupKeyState
+    pending: int
+    leased: int
+    oldest_pending_age: timedelta | None  # None: nothing pending
+
+
+@dataclass(frozen=True, slots=True)
+class GroupKeyPage:
+    """A page of a queue's group keys, the largest backlog first, with the queue's key counts.
+
+    One call ranks at most 10,000 keys (`scanned_keys`); the counts cover every key. Pass
+    `next_page_token` to Client.group_keys for the next page ('' when this was the last).
+    """
+
+    keys: list[GroupKeyStats]
+    next_page_token: str
+    ready_keys: int
+    parked_keys: int
+    rate_limited_keys: int
+    keys_with_leases: int
+    scanned_keys: int
+
+
 @dataclass(frozen=True, slots=True)
 class AuditRecord:
     """One entry of the broker's audit trail: an admin action, a permission denial or an

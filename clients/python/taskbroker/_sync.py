@@ -13,7 +13,7 @@ from typing import Any, Self, TypeVar, Unpack
 
 from taskbroker._channel import TlsConfig
 from taskbroker._client import KEEP, Client, EnqueueResult, NewTask, _Keep
-from taskbroker._models import QueueSettings, QueueStats, RateLimit, Task, TaskId
+from taskbroker._models import GroupKeyPage, QueueSettings, QueueStats, RateLimit, Task, TaskId
 from taskbroker._options import TaskOptions, checked_options, with_options_doc
 from taskbroker.encryption import PayloadCodec
 
@@ -126,6 +126,10 @@ class SyncClient:
     def queue_settings(self, queue: str) -> QueueSettings:
         """Returns a queue's limits; see `Client.queue_settings`."""
         return self._run(self._client.queue_settings(queue))
+
+    def group_keys(self, queue: str, *, page_size: int = 20, page_token: str = "") -> GroupKeyPage:
+        """A page of a queue's group keys, the largest backlog first; see `Client.group_keys`."""
+        return self._run(self._client.group_keys(queue, page_size=page_size, page_token=page_token))
 
     def update_queue_settings(
         self,
