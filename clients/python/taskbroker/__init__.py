@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from taskbroker import testing
     from taskbroker._channel import TlsConfig
-    from taskbroker._client import Client, EnqueueResult, NewTask
+    from taskbroker._client import Client, EnqueueResult
     from taskbroker._errors import (
         AlreadyExistsError,
         FailedPreconditionError,
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         NonRetryable,
         PermissionDeniedError,
         RetryLater,
+        ScheduleNotFoundError,
         TaskbrokerError,
         TaskNotFoundError,
         UnauthenticatedError,
@@ -31,9 +32,12 @@ if TYPE_CHECKING:
     from taskbroker._models import (
         AttemptError,
         AuditRecord,
+        CatchUp,
+        NewTask,
         QueueSettings,
         QueueStats,
         RateLimit,
+        Schedule,
         Task,
         TaskId,
         TaskState,
@@ -49,6 +53,7 @@ _MODULES: dict[str, str] = {
     "AlreadyExistsError": "taskbroker._errors",
     "AttemptError": "taskbroker._models",
     "AuditRecord": "taskbroker._models",
+    "CatchUp": "taskbroker._models",
     "Client": "taskbroker._client",
     "CodecError": "taskbroker.encryption",
     "EnqueueResult": "taskbroker._client",
@@ -57,13 +62,15 @@ _MODULES: dict[str, str] = {
     "InvalidArgumentError": "taskbroker._errors",
     "Keyring": "taskbroker.encryption",
     "LeaseStaleError": "taskbroker._errors",
-    "NewTask": "taskbroker._client",
+    "NewTask": "taskbroker._models",
     "NonRetryable": "taskbroker._errors",
     "PayloadCodec": "taskbroker.encryption",
     "QueueSettings": "taskbroker._models",
     "QueueStats": "taskbroker._models",
     "RateLimit": "taskbroker._models",
     "RetryLater": "taskbroker._errors",
+    "Schedule": "taskbroker._models",
+    "ScheduleNotFoundError": "taskbroker._errors",
     "SyncClient": "taskbroker._sync",
     "Task": "taskbroker._models",
     "TaskContext": "taskbroker._handler",
@@ -87,6 +94,7 @@ __all__ = [
     "AlreadyExistsError",
     "AttemptError",
     "AuditRecord",
+    "CatchUp",
     "Client",
     "CodecError",
     "EnqueueResult",
@@ -103,6 +111,8 @@ __all__ = [
     "QueueStats",
     "RateLimit",
     "RetryLater",
+    "Schedule",
+    "ScheduleNotFoundError",
     "SyncClient",
     "Task",
     "TaskContext",

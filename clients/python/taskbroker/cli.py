@@ -53,14 +53,14 @@ from taskbroker._cli_render import (
     task_doc,
     task_view,
 )
-from taskbroker._client import MAX_TASKS_PER_CALL, Client, EnqueueResult, NewTask
+from taskbroker._client import MAX_TASKS_PER_CALL, Client, EnqueueResult
 from taskbroker._errors import (
     InvalidArgumentError,
     TaskbrokerError,
     TaskNotFoundError,
     UnavailableError,
 )
-from taskbroker._models import AuditRecord, QueueStats, RateLimit, Task, TaskState
+from taskbroker._models import AuditRecord, NewTask, QueueStats, RateLimit, Task, TaskState
 from taskbroker.codec import json_payload
 
 T = TypeVar("T")
