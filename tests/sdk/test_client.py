@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from broker.config import Settings
-from taskbroker._client import Client, EnqueueResult, NewTask, channel_target
+from taskbroker._client import Client, EnqueueResult, channel_target
 from taskbroker._errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -24,7 +24,7 @@ from taskbroker._errors import (
     TaskNotFoundError,
     UnavailableError,
 )
-from taskbroker._models import QueueSettings, RateLimit, TaskState
+from taskbroker._models import NewTask, QueueSettings, RateLimit, TaskState
 from taskbroker._status import error_from_rpc
 from taskbroker._sync import SyncClient
 from taskbroker.codec import from_json, json_payload

@@ -1,11 +1,11 @@
 """How the `taskbroker` CLI shows what the broker returns: tables of tasks, queues, stats,
-dead letters and audit records for a terminal, and their JSON documents for --json."""
+dead letters, audit records and schedules for a terminal, and their JSON documents for --json."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Final
 
@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from taskbroker._client import EnqueueResult
-from taskbroker._models import AuditRecord, QueueSettings, QueueStats, Task
+from taskbroker._models import AuditRecord, QueueSettings, QueueStats, Schedule, Task
 
 #: Width of tables written to a pipe or file (unless COLUMNS says otherwise): wide enough that
 #: the stats table is never squeezed, which rich would otherwise do at its default of 80.
@@ -81,6 +81,10 @@ def _age_cell(age: timedelta | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def _headers_cell(headers: Mapping[str, str]) -> Text:
+    return Text(", ".join(f"{k}={v}" for k, v in sorted(headers.items())) or "-")
+
+
 def task_doc(task: Task) -> dict[str, object]:
     """A task as a JSON object (times in ISO 8601, bytes as {"size", "text" | "hex"})."""
     return {
@@ -121,7 +125,7 @@ def task_view(task: Task) -> Table:
         ("scheduled", _time_cell(task.schedule_time)),
         ("lease expires", _time_cell(task.lease_expire_time)),
         ("finished", _time_cell(task.finish_time)),
-        ("headers", Text(", ".join(f"{k}={v}" for k, v in sorted(task.headers.items())) or "-")),
+        ("headers", _headers_cell(task.headers)),
         ("last error", Text(task.last_error or "-")),
         ("payload", _bytes_cell(task.payload)),
         ("result", _bytes_cell(task.result)),
@@ -264,5 +268,96 @@ def audit_table(records: Sequence[AuditRecord]) -> Table:
             Text(r.target),
             Text(r.outcome),
             Text(r.detail),
+        )
+    return table
+
+
+def _seconds(value: timedelta | None) -> float | None:
+    return value.total_seconds() if value is not None else None
+
+
+def schedule_doc(schedule: Schedule) -> dict[str, object]:
+    """A schedule as a JSON object (times in ISO 8601, durations in seconds)."""
+    t = schedule.task
+    return {
+        "name": schedule.name,
+        "cron": schedule.cron,
+        "time_zone": schedule.time_zone,
+        "jitter_s": _seconds(schedule.jitter),
+        "catch_up": schedule.catch_up.value,
+        "paused": schedule.paused,
+        "next_fire_time": _iso(schedule.next_fire_time),
+        "last_fire_time": _iso(schedule.last_fire_time),
+        "last_task_id": schedule.last_task_id or None,
+        "create_time": _iso(schedule.create_time),
+        "update_time": _iso(schedule.update_time),
+        "task": {
+            "queue": t.queue,
+            "type": t.type,
+            "payload": _bytes_doc(t.payload),
+            "priority": t.priority,
+            "max_attempts": t.max_attempts,
+            "headers": dict(t.headers or {}),
+            "group_key": t.group_key,
+            "delay_s": _seconds(t.delay),
+            "lease_duration_s": _seconds(t.lease_duration),
+            "initial_backoff_s": _seconds(t.initial_backoff),
+            "max_backoff_s": _seconds(t.max_backoff),
+        },
+    }
+
+
+def _duration_cell(value: timedelta | None) -> str:
+    return f"{value.total_seconds():g}s" if value else "-"
+
+
+def schedule_view(schedule: Schedule) -> Table:
+    """A schedule as a two-column grid: field, value."""
+    t = schedule.task
+    grid = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
+    grid.add_column(style="bold")
+    grid.add_column()
+    rows: list[tuple[str, str | Text]] = [
+        ("name", Text(schedule.name)),
+        ("cron", Text(schedule.cron)),
+        ("time zone", Text(schedule.time_zone or "UTC")),
+        ("paused", "yes" if schedule.paused else "no"),
+        ("next fire", _time_cell(schedule.next_fire_time)),
+        ("last fire", _time_cell(schedule.last_fire_time)),
+        ("last task", Text(schedule.last_task_id or "-")),
+        ("jitter", _duration_cell(schedule.jitter)),
+        ("catch-up", schedule.catch_up.value),
+        ("queue", Text(t.queue)),
+        ("type", Text(t.type)),
+        ("payload", _bytes_cell(t.payload)),
+        ("priority", str(t.priority)),
+        ("max attempts", str(t.max_attempts)),
+        ("group key", Text(t.group_key or "-")),
+        ("delay", _duration_cell(t.delay)),
+        ("headers", _headers_cell(t.headers or {})),
+        ("created", _time_cell(schedule.create_time)),
+        ("updated", _time_cell(schedule.update_time)),
+    ]
+    for name, value in rows:
+        grid.add_row(name, value)
+    return grid
+
+
+def schedules_table(schedules: Sequence[Schedule]) -> Table:
+    """Schedules, one row each."""
+    table = Table()
+    for column in ("name", "cron", "zone", "queue", "type", "next fire", "last task", "paused"):
+        table.add_column(column, no_wrap=column in ("name", "last task"))
+    for s in schedules:
+        paused = Text("paused", style="yellow") if s.paused else Text("-")
+        table.add_row(
+            Text(s.name),
+            Text(s.cron),
+            Text(s.time_zone or "UTC"),
+            Text(s.task.queue),
+            Text(s.task.type),
+            _time_cell(s.next_fire_time),
+            Text(s.last_task_id or "-"),
+            paused,
         )
     return table

@@ -7,8 +7,8 @@ import ipaddress
 import os
 import random
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self, TypeVar, Unpack
@@ -36,19 +36,20 @@ from taskbroker._convert import (
     settings_to_proto,
     stats_from_proto,
     task_from_proto,
-    to_duration,
-    to_timestamp,
+    task_spec,
 )
 from taskbroker._models import (
     AuditRecord,
     GroupKeyPage,
+    NewTask,
     QueueSettings,
     QueueStats,
     RateLimit,
     Task,
     TaskId,
 )
-from taskbroker._options import TaskOptions, checked_options, warn_renamed, with_options_doc
+from taskbroker._options import TaskOptions, checked_options, with_options_doc
+from taskbroker._schedule_calls import ScheduleCalls
 from taskbroker._status import error_from_rpc, throttled_for_s
 from taskbroker._tracing import (
     MESSAGING_MESSAGE_ID,
@@ -65,6 +66,7 @@ from taskbroker.v1 import (
     admin_service_pb2_grpc,
     broker_service_pb2,
     broker_service_pb2_grpc,
+    schedule_service_pb2_grpc,
     task_pb2,
 )
 
@@ -74,6 +76,7 @@ if TYPE_CHECKING:  # the async stubs exist only in the generated .pyi files
     from taskbroker.encryption import PayloadCodec
     from taskbroker.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
     from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub
+    from taskbroker.v1.schedule_service_pb2_grpc import ScheduleServiceAsyncStub
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -118,54 +121,6 @@ DEFAULT_OPTIONS: Final[Mapping[str, Any]] = {
 }
 
 
-@with_options_doc
-@dataclass(frozen=True, slots=True, init=False)
-class NewTask:
-    """A task to enqueue with `Client.enqueue_many`: `NewTask(queue, type, payload, **options)`,
-    with the options of `Client.enqueue`.
-
-    Attributes:
-        queue: Queue name, 1-128 characters of [A-Za-z0-9_.-].
-        type: Task type, which picks the worker's handler; same alphabet as queue.
-        payload: Opaque bytes handed to the handler unchanged.
-        **options: The options (`TaskOptions`), each an attribute (None or 0 when left out):
-    """
-
-    queue: str
-    type: str
-    payload: bytes = b""
-    priority: int = 0
-    delay: timedelta | None = None
-    schedule_time: datetime | None = None
-    max_attempts: int | None = None
-    lease_duration: timedelta | None = None
-    idempotency_key: str | None = None
-    headers: Mapping[str, str] | None = None
-    initial_backoff: timedelta | None = None
-    max_backoff: timedelta | None = None
-    group_key: str | None = None
-
-    def __init__(
-        self, queue: str, type: str, payload: bytes = b"", **options: Unpack[TaskOptions]
-    ) -> None:
-        given: dict[str, object] = {"queue": queue, "type": type, "payload": payload}
-        given.update(checked_options(options))
-        for spec in fields(self):  # as a frozen dataclass's own __init__ sets its fields
-            object.__setattr__(self, spec.name, given.get(spec.name, spec.default))
-
-    @property
-    def retry_initial(self) -> timedelta | None:
-        """Deprecated name of initial_backoff."""
-        warn_renamed("retry_initial")
-        return self.initial_backoff
-
-    @property
-    def retry_max(self) -> timedelta | None:
-        """Deprecated name of max_backoff."""
-        warn_renamed("retry_max")
-        return self.max_backoff
-
-
 @dataclass(frozen=True, slots=True)
 class EnqueueResult:
     """The outcome of one enqueued task.
@@ -178,31 +133,6 @@ class EnqueueResult:
 
     task_id: str
     duplicate: bool
-
-
-def task_spec(task: NewTask) -> task_pb2.TaskSpec:
-    """A NewTask as a taskbroker.v1.TaskSpec (unset options stay unset)."""
-    spec = task_pb2.TaskSpec(
-        queue=task.queue,
-        type=task.type,
-        payload=task.payload,
-        headers=dict(task.headers or {}),
-        priority=task.priority,
-        max_attempts=task.max_attempts or 0,
-        idempotency_key=task.idempotency_key or "",
-        group_key=task.group_key or "",
-    )
-    if task.delay is not None:
-        spec.delay.CopyFrom(to_duration(task.delay))
-    if task.schedule_time is not None:
-        spec.schedule_time.CopyFrom(to_timestamp(task.schedule_time))
-    if task.lease_duration is not None:
-        spec.lease_duration.CopyFrom(to_duration(task.lease_duration))
-    if task.initial_backoff is not None:
-        spec.retry_policy.initial_backoff.CopyFrom(to_duration(task.initial_backoff))
-    if task.max_backoff is not None:
-        spec.retry_policy.max_backoff.CopyFrom(to_duration(task.max_backoff))
-    return spec
 
 
 def channel_target(target: str | Sequence[str]) -> str:
@@ -272,7 +202,7 @@ class _Keep:
 KEEP: Final = _Keep()
 
 
-class Client:
+class Client(ScheduleCalls):
     """An asyncio client of one or more taskbroker brokers.
 
     Use it as `async with Client("localhost:50051") as client:`. The gRPC channel is opened on
@@ -323,6 +253,7 @@ class Client:
         self._channel: grpc.aio.Channel | None = None
         self._stub: BrokerServiceAsyncStub | None = None
         self._admin: AdminServiceAsyncStub | None = None
+        self._schedules: ScheduleServiceAsyncStub | None = None
         self._closed = False
 
     @classmethod
@@ -393,6 +324,13 @@ class Client:
         if self._admin is None or self._channel is None:
             self._admin = admin_service_pb2_grpc.AdminServiceStub(self.channel)
         return self._admin
+
+    @property
+    def schedule_stub(self) -> ScheduleServiceAsyncStub:
+        """The ScheduleService stub on `channel`."""
+        if self._schedules is None or self._channel is None:
+            self._schedules = schedule_service_pb2_grpc.ScheduleServiceStub(self.channel)
+        return self._schedules
 
     async def _unary(
         self, method: grpc.aio.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
@@ -844,7 +782,7 @@ class Client:
         """Closes the channel, cancelling calls still in flight. Closing twice is harmless."""
         self._closed = True
         channel, self._channel = self._channel, None
-        self._stub = self._admin = None
+        self._stub = self._admin = self._schedules = None
         if channel is not None:
             await channel.close()
 

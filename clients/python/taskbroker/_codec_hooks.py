@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from taskbroker._handler import HandlerOutcome, TaskContext
-from taskbroker._models import Task, TaskState
+from taskbroker._models import Schedule, Task, TaskState
 from taskbroker.envelope import CodecContext, CodecError
 
 if TYPE_CHECKING:
@@ -42,6 +42,20 @@ def decode_task(codec: PayloadCodec | None, task: Task) -> Task:
     if task.state is TaskState.SUCCEEDED:
         result = codec.decode(result, CodecContext.result(task.queue, task.type, task.id))
     return replace(task, payload=payload, result=result)
+
+
+def decode_schedule(codec: PayloadCodec | None, schedule: Schedule) -> Schedule:
+    """A schedule read from the broker with its task's payload decoded (create and update
+    encode it, as enqueue does, so workers decode tick tasks as any other).
+
+    Raises:
+        CodecError: The payload could not be decoded (the message says why).
+    """
+    if codec is None:
+        return schedule
+    task = schedule.task
+    payload = codec.decode(task.payload, CodecContext.payload(task.queue, task.type))
+    return replace(schedule, task=replace(task, payload=payload))
 
 
 def open_payload(codec: PayloadCodec | None, ctx: TaskContext) -> HandlerOutcome | None:

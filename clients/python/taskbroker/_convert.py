@@ -1,4 +1,5 @@
-"""proto ⇄ SDK models: Timestamps become aware UTC datetimes and Durations become timedeltas."""
+"""proto ⇄ SDK models (tasks, stats, settings, schedules): Timestamps become aware UTC
+datetimes and Durations become timedeltas."""
 
 from __future__ import annotations
 
@@ -9,16 +10,26 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from taskbroker._models import (
     AttemptError,
     AuditRecord,
+    CatchUp,
     GroupKeyPage,
     GroupKeyState,
     GroupKeyStats,
+    NewTask,
     QueueSettings,
     QueueStats,
     RateLimit,
+    Schedule,
     Task,
     TaskState,
 )
-from taskbroker.v1 import admin_service_pb2, broker_service_pb2, queue_settings_pb2, task_pb2
+from taskbroker._options import TaskOptions
+from taskbroker.v1 import (
+    admin_service_pb2,
+    broker_service_pb2,
+    queue_settings_pb2,
+    schedule_service_pb2,
+    task_pb2,
+)
 
 
 def to_timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -53,6 +64,53 @@ def from_duration(value: duration_pb2.Duration) -> timedelta:
 
 def _optional_time(present: bool, value: timestamp_pb2.Timestamp) -> datetime | None:
     return from_timestamp(value) if present else None
+
+
+def task_spec(task: NewTask) -> task_pb2.TaskSpec:
+    """A NewTask as a taskbroker.v1.TaskSpec (unset options stay unset)."""
+    spec = task_pb2.TaskSpec(
+        queue=task.queue,
+        type=task.type,
+        payload=task.payload,
+        headers=dict(task.headers or {}),
+        priority=task.priority,
+        max_attempts=task.max_attempts or 0,
+        idempotency_key=task.idempotency_key or "",
+        group_key=task.group_key or "",
+    )
+    if task.delay is not None:
+        spec.delay.CopyFrom(to_duration(task.delay))
+    if task.schedule_time is not None:
+        spec.schedule_time.CopyFrom(to_timestamp(task.schedule_time))
+    if task.lease_duration is not None:
+        spec.lease_duration.CopyFrom(to_duration(task.lease_duration))
+    if task.initial_backoff is not None:
+        spec.retry_policy.initial_backoff.CopyFrom(to_duration(task.initial_backoff))
+    if task.max_backoff is not None:
+        spec.retry_policy.max_backoff.CopyFrom(to_duration(task.max_backoff))
+    return spec
+
+
+def new_task_from_spec(pb: task_pb2.TaskSpec) -> NewTask:
+    """A taskbroker.v1.TaskSpec as a NewTask (unset options stay None)."""
+    options: TaskOptions = {
+        "priority": pb.priority,
+        "max_attempts": pb.max_attempts or None,
+        "idempotency_key": pb.idempotency_key or None,
+        "headers": dict(pb.headers) or None,
+        "group_key": pb.group_key or None,
+    }
+    if pb.HasField("delay"):
+        options["delay"] = from_duration(pb.delay)
+    if pb.HasField("schedule_time"):
+        options["schedule_time"] = from_timestamp(pb.schedule_time)
+    if pb.HasField("lease_duration"):
+        options["lease_duration"] = from_duration(pb.lease_duration)
+    if pb.retry_policy.HasField("initial_backoff"):
+        options["initial_backoff"] = from_duration(pb.retry_policy.initial_backoff)
+    if pb.retry_policy.HasField("max_backoff"):
+        options["max_backoff"] = from_duration(pb.retry_policy.max_backoff)
+    return NewTask(pb.queue, pb.type, pb.payload, **options)
 
 
 def task_from_proto(pb: task_pb2.Task) -> Task:
@@ -182,4 +240,54 @@ def group_key_page_from_proto(pb: admin_service_pb2.ListGroupKeysResponse) -> Gr
         rate_limited_keys=pb.rate_limited_key_count,
         keys_with_leases=pb.leasing_key_count,
         scanned_keys=pb.scanned_key_count,
+    )
+
+
+_CATCH_UP_TO_PROTO = {
+    CatchUp.SKIP: schedule_service_pb2.CATCH_UP_POLICY_SKIP,
+    CatchUp.LATEST: schedule_service_pb2.CATCH_UP_POLICY_LATEST,
+}
+
+
+def schedule_to_proto(
+    name: str,
+    cron: str,
+    template: task_pb2.TaskSpec,
+    *,
+    time_zone: str,
+    jitter: timedelta | None,
+    catch_up: CatchUp,
+    paused: bool = False,
+) -> schedule_service_pb2.Schedule:
+    """A schedule's definition as a taskbroker.v1.Schedule (its output-only fields unset)."""
+    out = schedule_service_pb2.Schedule(
+        name=name,
+        cron=cron,
+        time_zone=time_zone,
+        task_template=template,
+        catch_up=_CATCH_UP_TO_PROTO[catch_up],
+        paused=paused,
+    )
+    if jitter is not None:
+        out.jitter.CopyFrom(to_duration(jitter))
+    return out
+
+
+def schedule_from_proto(pb: schedule_service_pb2.Schedule) -> Schedule:
+    """A taskbroker.v1.Schedule as an SDK Schedule; an unspecified catch-up is SKIP (the
+    broker's default)."""
+    latest = pb.catch_up == schedule_service_pb2.CATCH_UP_POLICY_LATEST
+    return Schedule(
+        name=pb.name,
+        cron=pb.cron,
+        time_zone=pb.time_zone,
+        task=new_task_from_spec(pb.task_template),
+        jitter=from_duration(pb.jitter) if pb.HasField("jitter") else None,
+        catch_up=CatchUp.LATEST if latest else CatchUp.SKIP,
+        paused=pb.paused,
+        next_fire_time=_optional_time(pb.HasField("next_fire_time"), pb.next_fire_time),
+        last_fire_time=_optional_time(pb.HasField("last_fire_time"), pb.last_fire_time),
+        last_task_id=pb.last_task_id,
+        create_time=_optional_time(pb.HasField("create_time"), pb.create_time),
+        update_time=_optional_time(pb.HasField("update_time"), pb.update_time),
     )

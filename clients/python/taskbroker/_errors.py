@@ -33,7 +33,11 @@ class FailedPreconditionError(TaskbrokerError):
 
 
 class AlreadyExistsError(TaskbrokerError):
-    """An idempotency key was reused for a different task."""
+    """An idempotency key was reused for a different task, or a schedule's name is taken."""
+
+
+class ScheduleNotFoundError(TaskbrokerError):
+    """No schedule has this name (never created, or deleted)."""
 
 
 class UnauthenticatedError(TaskbrokerError):

@@ -1,10 +1,64 @@
-"""Plain data the SDK returns: tasks and queue statistics, with datetimes and timedeltas."""
+"""Plain data the SDK takes and returns: tasks to enqueue, tasks, queue statistics and
+schedules, with datetimes and timedeltas."""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
+from typing import Unpack
+
+from taskbroker._options import TaskOptions, checked_options, warn_renamed, with_options_doc
+
+
+@with_options_doc
+@dataclass(frozen=True, slots=True, init=False)
+class NewTask:
+    """A task to enqueue with `Client.enqueue_many`, or the task a schedule enqueues at each
+    tick (`Client.create_schedule`): `NewTask(queue, type, payload, **options)`, with the
+    options of `Client.enqueue`.
+
+    Attributes:
+        queue: Queue name, 1-128 characters of [A-Za-z0-9_.-].
+        type: Task type, which picks the worker's handler; same alphabet as queue.
+        payload: Opaque bytes handed to the handler unchanged.
+        **options: The options (`TaskOptions`), each an attribute (None or 0 when left out):
+    """
+
+    queue: str
+    type: str
+    payload: bytes = b""
+    priority: int = 0
+    delay: timedelta | None = None
+    schedule_time: datetime | None = None
+    max_attempts: int | None = None
+    lease_duration: timedelta | None = None
+    idempotency_key: str | None = None
+    headers: Mapping[str, str] | None = None
+    initial_backoff: timedelta | None = None
+    max_backoff: timedelta | None = None
+    group_key: str | None = None
+
+    def __init__(
+        self, queue: str, type: str, payload: bytes = b"", **options: Unpack[TaskOptions]
+    ) -> None:
+        given: dict[str, object] = {"queue": queue, "type": type, "payload": payload}
+        given.update(checked_options(options))
+        for spec in fields(self):  # as a frozen dataclass's own __init__ sets its fields
+            object.__setattr__(self, spec.name, given.get(spec.name, spec.default))
+
+    @property
+    def retry_initial(self) -> timedelta | None:
+        """Deprecated name of initial_backoff."""
+        warn_renamed("retry_initial")
+        return self.initial_backoff
+
+    @property
+    def retry_max(self) -> timedelta | None:
+        """Deprecated name of max_backoff."""
+        warn_renamed("retry_max")
+        return self.max_backoff
 
 
 class TaskId(str):
@@ -190,3 +244,49 @@ class AuditRecord:
     target: str
     outcome: str
     detail: str
+
+
+class CatchUp(enum.StrEnum):
+    """What a schedule does with ticks missed while no broker ran (ticks found more than 5 s
+    late). A str: `"skip"` and `"latest"` may be given instead."""
+
+    SKIP = "skip"  # drop them and go on with the next tick after now
+    LATEST = "latest"  # enqueue the latest missed tick once, then go on
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A schedule: a cron expression in a time zone, and the task enqueued at each tick.
+    Times are timezone-aware UTC; None when unset.
+
+    Attributes:
+        name: Unique across the broker: 1-128 characters of [A-Za-z0-9_.-].
+        cron: Five fields, six with seconds first, a nickname (`@daily`, ...) or
+            `@every <duration>` (at least 1 s).
+        time_zone: The IANA zone the expression is read in ("" or "UTC": UTC).
+        task: The task each tick enqueues, with the broker's defaults filled in (its
+            max_attempts and backoffs); its delay, if any, is added to the tick.
+        jitter: Each tick's task is delayed by up to this (the same on every replica for a
+            tick). None: no jitter.
+        catch_up: What to do with ticks missed while no broker ran.
+        paused: Paused schedules enqueue nothing; ticks while paused are never enqueued.
+        next_fire_time: The next tick (None while paused).
+        last_fire_time: The tick whose task was enqueued last (a trigger counts at its own
+            time). None before the first.
+        last_task_id: The id of the task enqueued last; "" before the first.
+        create_time: When the schedule was created.
+        update_time: When its definition last changed.
+    """
+
+    name: str
+    cron: str
+    time_zone: str
+    task: NewTask
+    jitter: timedelta | None
+    catch_up: CatchUp
+    paused: bool
+    next_fire_time: datetime | None
+    last_fire_time: datetime | None
+    last_task_id: str
+    create_time: datetime | None
+    update_time: datetime | None

@@ -15,6 +15,7 @@ from taskbroker._errors import (
     InvalidArgumentError,
     LeaseStaleError,
     PermissionDeniedError,
+    ScheduleNotFoundError,
     TaskbrokerError,
     TaskNotFoundError,
     UnauthenticatedError,
@@ -23,6 +24,11 @@ from taskbroker._errors import (
 
 #: The ErrorInfo reason the broker gives a settlement refused for a stale lease.
 LEASE_STALE_REASON: Final = "LEASE_STALE"
+#: ErrorInfo reasons that pick a narrower class than the status code's.
+ERROR_BY_REASON: Final[dict[tuple[grpc.StatusCode, str], type[TaskbrokerError]]] = {
+    (grpc.StatusCode.FAILED_PRECONDITION, LEASE_STALE_REASON): LeaseStaleError,
+    (grpc.StatusCode.NOT_FOUND, "SCHEDULE_NOT_FOUND"): ScheduleNotFoundError,
+}
 
 ERROR_BY_CODE: Final[dict[grpc.StatusCode, type[TaskbrokerError]]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
@@ -89,14 +95,13 @@ def error_from_rpc(err: grpc.aio.AioRpcError | grpc.RpcError) -> TaskbrokerError
         err: The error grpc raised (from grpc.aio or the synchronous API).
 
     Returns:
-        An instance of the `TaskbrokerError` subclass for the status code (FAILED_PRECONDITION
-        with reason LEASE_STALE becomes `LeaseStaleError`), carrying the status message, the code
-        and the ErrorInfo reason. Codes without a dedicated class give `TaskbrokerError` itself.
+        An instance of the `TaskbrokerError` subclass for the status code, or for the code and
+        its ErrorInfo reason (ERROR_BY_REASON: a stale lease, a missing schedule), carrying the
+        status message, the code and the reason. Codes without a dedicated class give
+        `TaskbrokerError` itself.
     """
     code = _code_of(err)
     reason = error_reason(err)
-    cls = ERROR_BY_CODE.get(code, TaskbrokerError)
-    if code is grpc.StatusCode.FAILED_PRECONDITION and reason == LEASE_STALE_REASON:
-        cls = LeaseStaleError
+    cls = ERROR_BY_REASON.get((code, reason)) or ERROR_BY_CODE.get(code, TaskbrokerError)
     message = _details_of(err) or code.name.lower().replace("_", " ")
     return cls(message, code, reason)

@@ -1,27 +1,39 @@
-"""SyncClient: the producer calls of Client for synchronous code (web apps, scripts, threads)."""
+"""SyncClient: the producer calls of Client, and its schedule calls, for synchronous code (web
+apps, scripts, threads)."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar, Unpack
 
 from taskbroker._channel import TlsConfig
-from taskbroker._client import KEEP, Client, EnqueueResult, NewTask, _Keep
-from taskbroker._models import GroupKeyPage, QueueSettings, QueueStats, RateLimit, Task, TaskId
+from taskbroker._client import KEEP, Client, EnqueueResult, _Keep
+from taskbroker._models import (
+    CatchUp,
+    GroupKeyPage,
+    NewTask,
+    QueueSettings,
+    QueueStats,
+    RateLimit,
+    Schedule,
+    Task,
+    TaskId,
+)
 from taskbroker._options import TaskOptions, checked_options, with_options_doc
+from taskbroker._schedule_calls import CatchUpArg
 from taskbroker.encryption import PayloadCodec
 
 _T = TypeVar("_T")
 
 
 class SyncClient:
-    """A blocking client for producers, safe to share between threads.
+    """A blocking client for producers and schedules, safe to share between threads.
 
     It runs an asyncio `Client` on a private event loop in a daemon thread, so it works in any
     thread, including inside frameworks that run their own event loop. Calls from several threads
@@ -155,6 +167,73 @@ class SyncClient:
             )
         )
 
+    # --- schedules: each as the Client method of that name -------------------------------
+
+    def create_schedule(
+        self,
+        name: str,
+        cron: str,
+        task: NewTask,
+        *,
+        time_zone: str = "UTC",
+        jitter: timedelta | None = None,
+        catch_up: CatchUpArg = CatchUp.SKIP,
+        paused: bool = False,
+    ) -> Schedule:
+        """Creates a schedule; see `Client.create_schedule`."""
+        return self._run(
+            self._client.create_schedule(
+                name,
+                cron,
+                task,
+                time_zone=time_zone,
+                jitter=jitter,
+                catch_up=catch_up,
+                paused=paused,
+            )
+        )
+
+    def get_schedule(self, name: str) -> Schedule:
+        """Returns a schedule; see `Client.get_schedule`."""
+        return self._run(self._client.get_schedule(name))
+
+    def schedules(self, *, page_size: int = 100) -> list[Schedule]:
+        """Returns every schedule the caller may read, by name; see `Client.schedules`."""
+        return self._run(_collect(self._client.schedules(page_size=page_size)))
+
+    def update_schedule(
+        self,
+        name: str,
+        cron: str,
+        task: NewTask,
+        *,
+        time_zone: str = "UTC",
+        jitter: timedelta | None = None,
+        catch_up: CatchUpArg = CatchUp.SKIP,
+    ) -> Schedule:
+        """Replaces a schedule's whole definition; see `Client.update_schedule`."""
+        return self._run(
+            self._client.update_schedule(
+                name, cron, task, time_zone=time_zone, jitter=jitter, catch_up=catch_up
+            )
+        )
+
+    def delete_schedule(self, name: str) -> None:
+        """Deletes a schedule; see `Client.delete_schedule`."""
+        self._run(self._client.delete_schedule(name))
+
+    def pause_schedule(self, name: str) -> Schedule:
+        """Pauses a schedule; see `Client.pause_schedule`."""
+        return self._run(self._client.pause_schedule(name))
+
+    def resume_schedule(self, name: str) -> Schedule:
+        """Resumes a schedule from its next tick; see `Client.resume_schedule`."""
+        return self._run(self._client.resume_schedule(name))
+
+    def trigger_schedule(self, name: str) -> str:
+        """Enqueues a schedule's task now and returns its id; see `Client.trigger_schedule`."""
+        return self._run(self._client.trigger_schedule(name))
+
     def wait(
         self, task_id: str, *, timeout: float | None = None, poll_interval: float = 0.05
     ) -> Task:
@@ -199,3 +278,7 @@ class SyncClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+async def _collect(items: AsyncIterator[_T]) -> list[_T]:
+    return [item async for item in items]

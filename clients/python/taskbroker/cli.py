@@ -1,11 +1,13 @@
 """The `taskbroker` command line: its commands and their arguments, to enqueue and inspect
-tasks, watch queues, manage dead letters, pause queues and run workers.
+tasks, watch queues, manage dead letters, pause queues, manage schedules (`_cli_schedule`) and
+run workers.
 
-Every command talks to the broker through the async `Client`; `App.run` runs one coroutine with
-a client and turns SDK errors into `error: ...` on stderr and exit status 1. Usage errors (a bad
-option value) exit 2, as click does. With `--json` each command writes one JSON document to
-stdout (`stats --watch --json` writes one per refresh, a line each) and errors are JSON on stderr.
-How tasks, queues, stats and audit records look, as tables and as JSON, is in `_cli_render`.
+Every command talks to the broker through the async `Client`; `App.run` (`_cli_app`) runs one
+coroutine with a client and turns SDK errors into `error: ...` on stderr and exit status 1.
+Usage errors (a bad option value) exit 2, as click does. With `--json` each command writes one
+JSON document to stdout (`stats --watch --json` writes one per refresh, a line each) and errors
+are JSON on stderr. How tasks, queues, stats, audit records and schedules look, as tables and
+as JSON, is in `_cli_render`.
 """
 
 from __future__ import annotations
@@ -13,21 +15,16 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
-import json
 import logging
 import os
-import re
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from datetime import timedelta
-from typing import Any, Final, NoReturn, Protocol, TypeVar, cast
+from typing import Any, Final, Protocol, cast
 
 import click
-from rich.console import Console, RenderableType
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from taskbroker._channel import (
     ENV_TLS,
@@ -40,6 +37,7 @@ from taskbroker._channel import (
     ChannelConfigError,
     TlsConfig,
 )
+from taskbroker._cli_app import DURATION, DURATION_FORMAT, App, HeaderType, PayloadType
 from taskbroker._cli_render import (
     audit_doc,
     audit_table,
@@ -53,199 +51,20 @@ from taskbroker._cli_render import (
     task_doc,
     task_view,
 )
-from taskbroker._client import MAX_TASKS_PER_CALL, Client, EnqueueResult, NewTask
+from taskbroker._cli_schedule import schedule
+from taskbroker._client import MAX_TASKS_PER_CALL, Client, EnqueueResult
 from taskbroker._errors import (
     InvalidArgumentError,
-    TaskbrokerError,
     TaskNotFoundError,
-    UnavailableError,
 )
-from taskbroker._models import AuditRecord, QueueStats, RateLimit, Task, TaskState
-from taskbroker.codec import json_payload
+from taskbroker._models import AuditRecord, NewTask, QueueStats, RateLimit, Task, TaskState
 
-T = TypeVar("T")
-
-#: How duration options are written, for their help texts.
-DURATION_FORMAT: Final = "250ms, 30s, 5m, 2h, 1d, sums such as 1h30m, or plain seconds"
 #: Log records as `taskbroker worker` prints them: time, level, logger, message.
 LOG_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Most GetTask calls in flight at once when explaining which ids a dead-letter command skipped.
 LOOKUP_CONCURRENCY: Final = 32
 #: Queue names listed when a queue command is refused for an unknown name.
 KNOWN_SHOWN: Final = 10
-
-# --- option types ---------------------------------------------------------------------------
-
-_UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_DURATION: Final = re.compile(rf"(?:{_DURATION_PART.pattern})+")
-_NUMBER: Final = re.compile(r"\d+(?:\.\d+)?")
-
-
-def parse_duration(text: str) -> timedelta:
-    """Parses `250ms`, `30s`, `5m`, `2h`, `1d`, sums such as `1h30m`, or plain seconds (`1.5`).
-
-    Raises:
-        ValueError: The text is none of these, or too large for a timedelta.
-    """
-    text = text.strip()
-    if _NUMBER.fullmatch(text):
-        seconds = float(text)
-    elif _DURATION.fullmatch(text):
-        seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
-    else:
-        raise ValueError(f"{text!r} is not a duration such as 250ms, 30s, 5m, 2h or 1d")
-    try:
-        return timedelta(seconds=seconds)
-    except OverflowError:
-        raise ValueError(f"{text!r} is too long a duration") from None
-
-
-class DurationType(click.ParamType[timedelta]):
-    """A duration option: `250ms`, `30s`, `5m`, `2h`, `1d`, or plain seconds."""
-
-    name = "duration"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> timedelta:
-        if isinstance(value, timedelta):
-            return value
-        try:
-            return parse_duration(str(value))
-        except ValueError as err:
-            self.fail(str(err), param, ctx)
-
-
-class PayloadType(click.ParamType[bytes]):
-    """A payload: a JSON value (encoded with taskbroker.codec), or `@path` for a file's bytes."""
-
-    name = "json|@file"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> bytes:
-        if isinstance(value, bytes):
-            return value
-        text = str(value)
-        if text.startswith("@"):
-            try:
-                with open(text[1:], "rb") as file:
-                    return file.read()
-            except OSError as err:
-                self.fail(f"cannot read {text[1:]!r}: {err.strerror}", param, ctx)
-        try:
-            return json_payload(json.loads(text))
-        except ValueError as err:
-            self.fail(f"not JSON ({err}); give @path to send a file's bytes", param, ctx)
-
-
-class HeaderType(click.ParamType[tuple[str, str]]):
-    """A `key=value` header."""
-
-    name = "key=value"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> tuple[str, str]:
-        if isinstance(value, tuple):
-            return cast(tuple[str, str], value)
-        key, sep, val = str(value).partition("=")
-        if not sep or not key:
-            self.fail(f"{value!r} is not key=value", param, ctx)
-        return key, val
-
-
-DURATION: Final = DurationType()
-
-# --- the application object -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class App:
-    """The global options and the consoles every command writes to."""
-
-    target: str
-    json: bool
-    timeout: float
-    out: Console
-    err: Console
-    tls: TlsConfig | None = None
-    token: str | None = field(default=None, repr=False)
-    token_file: str | None = None
-
-    @property
-    def interactive(self) -> bool:
-        """True when progress bars and live displays are wanted: a terminal, not --json."""
-        return not self.json and self.err.is_terminal
-
-    def run(self, work: Callable[[Client], Awaitable[T]]) -> T:
-        """Runs `work` with a connected Client; an SDK error ends the command (exit 1)."""
-
-        try:
-            client = Client(
-                self.target,
-                timeout=self.timeout,
-                tls=self.tls,
-                token=self.token,
-                token_file=self.token_file,
-            )
-        except ChannelConfigError as err:  # names a file, never a token
-            self.refuse(str(err))
-
-        async def with_client() -> T:
-            async with client:
-                return await work(client)
-
-        try:
-            return asyncio.run(with_client())
-        except TaskbrokerError as err:
-            self.fail(err)
-
-    def fail(self, err: TaskbrokerError) -> NoReturn:
-        """Reports an SDK error on stderr and exits 1."""
-        message = str(err)
-        if isinstance(err, UnavailableError):
-            message = f"broker at {self.target} is unavailable: {message}"
-        if self.json:
-            doc = {"error": message, "code": err.code.name, "reason": err.reason}
-            click.echo(json.dumps(doc), err=True)
-        else:
-            click.echo(f"error: {message}", err=True)
-        sys.exit(1)
-
-    def refuse(self, message: str) -> NoReturn:
-        """Reports a request the command will not carry out on stderr and exits 1."""
-        if self.json:
-            click.echo(json.dumps({"error": message}), err=True)
-        else:
-            click.echo(f"error: {message}", err=True)
-        sys.exit(1)
-
-    def emit(self, doc: object) -> None:
-        """Writes one JSON document to stdout."""
-        click.echo(json.dumps(doc, ensure_ascii=False))
-
-    def show(self, renderable: RenderableType) -> None:
-        self.out.print(renderable)
-
-    @contextmanager
-    def progress(
-        self, description: str, total: int | None, *, enabled: bool = True
-    ) -> Iterator[Callable[[int], None]]:
-        """A progress bar on stderr when enabled and interactive; yields `advance(n)` (a no-op
-        without a bar).
-
-        With total None the bar pulses: the work is one call whose progress cannot be seen.
-        """
-        if not (enabled and self.interactive):
-            yield lambda n: None
-            return
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-        with Progress(*columns, TimeElapsedColumn(), console=self.err, transient=True) as bar:
-            task = bar.add_task(description, total=total)
-            yield lambda n: bar.advance(task, n)
-
 
 # --- commands -------------------------------------------------------------------------------
 
@@ -786,6 +605,9 @@ def _report_paused(app: App, name: str, *, paused: bool) -> None:
         app.emit({"queue": name, "paused": paused})
     else:
         click.echo(f"{name} {'paused' if paused else 'resumed'}")
+
+
+cli.add_command(schedule)  # its commands live in _cli_schedule
 
 
 # --- worker ---------------------------------------------------------------------------------
