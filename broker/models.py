@@ -16,6 +16,16 @@ class TaskState(enum.IntEnum):
     SUCCEEDED = 4  #: acked
     DEAD = 5  #: out of attempts or dead-lettered by the worker
     CANCELLED = 6  #: cancelled before it finished
+    WAITING = 7  #: waiting for its parents (TaskSpec.depends_on) to succeed
+
+
+class ParentPolicy(enum.StrEnum):
+    """What a WAITING task does when a parent ends DEAD or CANCELLED (ParentFailurePolicy); the
+    values are what the scripts store (the task hash's `fpol`)."""
+
+    CANCEL = "c"  #: a failed parent cancels it
+    RUN = "r"  #: a failed parent counts as ended: it runs once every parent has
+    WAIT = "w"  #: a DEAD parent keeps it waiting for a redrive; a CANCELLED one cancels it
 
 
 FINISHED_STATES: Final = frozenset({TaskState.SUCCEEDED, TaskState.DEAD, TaskState.CANCELLED})
@@ -51,6 +61,8 @@ class NewTask:
     idempotency_key: str | None  # None: none
     body_hash: str | None  # None: no idempotency key, nothing to compare
     group_key: str = ""  # "": the queue's default group
+    parents: tuple[str, ...] = ()  # ids of the tasks it waits for (stored WAITING)
+    parent_policy: ParentPolicy = ParentPolicy.CANCEL
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +106,30 @@ class Task(NamedTuple):
     max_backoff_ms: int
     lease_id: str | None = None  # None unless leased
     group_key: str = ""  # "": the queue's default group
+    parent_count: int = 0  # how many tasks it depends on (TaskLinks says which)
+    parent_policy: ParentPolicy = ParentPolicy.CANCEL
+
+
+@dataclass(frozen=True, slots=True)
+class ParentOutcome:
+    """How one parent of a task ended (ParentResult)."""
+
+    task_id: str
+    state: TaskState
+    result: bytes
+    result_omitted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TaskLinks:
+    """A task's place in a workflow (issue 17): read beside the task, for tasks that have
+    parents or children."""
+
+    parent_ids: tuple[str, ...] = ()
+    waiting_for: tuple[str, ...] = ()
+    parent_results: tuple[ParentOutcome, ...] = ()
+    child_ids: tuple[str, ...] = ()
+    child_count: int = 0
 
 
 class Lease(NamedTuple):
@@ -102,6 +138,7 @@ class Lease(NamedTuple):
     task: Task
     lease_id: str
     expire_ms: int
+    links: TaskLinks | None = None  # parents' results, for a task that has parents
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +297,7 @@ class QueueStats:
     rate_tokens: float = 0.0  # in the rate_limit's bucket now; 0 without one
     group_keys_pending: int = 0  # group keys with pending tasks (in any of their states)
     group_keys_parked: int = 0  # of those, parked at per_key_max_concurrency
+    waiting: int = 0  # WAITING for their parents
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +384,7 @@ class Maintained:
     trimmed: int
     next_due_ms: int | None  # None: nothing will come due
     empty: bool  # no task at all, not paused
+    outbox: int = 0  # workflow outbox entries waiting to be moved
 
     @property
     def work(self) -> int:
@@ -370,6 +409,13 @@ class AuditRecord:
 @dataclass(frozen=True, slots=True)
 class Wake:
     """A replica announced work on a queue (an enqueue, a retry come due, a resume)."""
+
+    queue: str
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """A queue's workflow outbox gained entries: the outbox mover should drain it."""
 
     queue: str
 

@@ -10,11 +10,12 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeAlias, cast
 
 from broker.batching import Batcher
 from broker.config import Settings
+from broker.dependencies import check_parent_ids, waves
 from broker.errors import (
     BrokerError,
     ForeignLease,
@@ -42,18 +43,22 @@ from broker.models import (
     HeldLease,
     Hint,
     LeaseBatch,
+    Maintained,
     NackItem,
     NewTask,
+    ParentPolicy,
     QueueSettings,
     QueueStats,
     SettleResult,
     SettleStatus,
     Task,
+    TaskLinks,
     TaskRef,
 )
 from broker.queue_settings import checked_mask, checked_settings
 from broker.store.group_key_stats import group_key_page
 from broker.store.redis_store import IdempotencyConflictAt, LeaseSlot, RedisStore, WakeEvents
+from broker.store.workflow_store import WorkflowStore
 from broker.timings import TaskTimings
 
 MAX_TASKS_PER_CALL = 1000
@@ -110,6 +115,9 @@ class TaskRequest:
     initial_backoff_ms: int | None = None
     max_backoff_ms: int | None = None
     group_key: str = ""
+    depends_on: tuple[str, ...] = ()  # parents by id
+    depends_on_positions: tuple[int, ...] = ()  # parents by position in the same call
+    parent_policy: ParentPolicy | None = ParentPolicy.CANCEL  # None: a number the API lacks
 
 
 def _check_size(f: str, request: TaskRequest, header_bytes: int, limit: int) -> None:
@@ -183,6 +191,9 @@ class TaskQueue:
         self._extends = Batcher[ExtendItem, SettleResult](self._store.extend, MAX_BATCH_ITEMS, _one)
         #: Queue wait and processing time, observed in-process for /metrics (O(1) per task).
         self.timings = TaskTimings()
+        self.workflow = WorkflowStore(store)
+        #: Called with a queue whose workflow outbox has entries (the app's OutboxMover.kick).
+        self.on_outbox: Callable[[str], None] = lambda queue: None
 
     @property
     def settings(self) -> Settings:
@@ -227,6 +238,8 @@ class TaskQueue:
         if cap is None:
             cap = max(round(s.backoff_max_s * 1000), initial)
         _check_range(f"{f}.retry_policy.max_backoff", cap, initial, MAX_BACKOFF_MS, " ms")
+        if request.parent_policy is None:
+            raise InvalidArgument(f"{f}.parent_failure_policy", "not a ParentFailurePolicy")
         return NewTask(
             ref=TaskRef(queue, self._ids.new()),
             type=request.type,
@@ -243,6 +256,8 @@ class TaskQueue:
             # Only a keyed task is ever compared (a JSON dump and a SHA-256 saved per task).
             body_hash=_body_hash(request) if request.idempotency_key else None,
             group_key=request.group_key,
+            parents=request.depends_on,  # those named by position are added as stored
+            parent_policy=request.parent_policy,
         )
 
     async def enqueue(
@@ -261,18 +276,66 @@ class TaskQueue:
         if len(requests) > MAX_TASKS_PER_CALL:
             raise InvalidArgument("tasks", f"at most {MAX_TASKS_PER_CALL} tasks per call")
         tasks = [self.validate(i, r, scope) for i, r in enumerate(requests)]
+        if not any(r.depends_on or r.depends_on_positions for r in requests):
+            stored = await self._store_by_queue(dict(enumerate(tasks)))
+            return [stored[i] for i in range(len(tasks))]
+        return await self._enqueue_graph(requests, tasks)
+
+    async def _store_by_queue(self, tasks: dict[int, NewTask]) -> dict[int, EnqueueOutcome]:
+        """Stores tasks (by their position in the call) in one group-committed script call
+        per queue."""
         by_queue: dict[str, list[int]] = {}
-        for i, task in enumerate(tasks):
+        for i, task in tasks.items():
             by_queue.setdefault(task.ref.queue, []).append(i)
-        outcomes: list[EnqueueOutcome | None] = [None] * len(tasks)
+        outcomes: dict[int, EnqueueOutcome] = {}
         for queue, positions in by_queue.items():
             try:
                 stored = await self._enqueue.submit(queue, tuple(tasks[i] for i in positions))
             except IdempotencyConflictAt as exc:
                 raise IdempotencyConflict(positions[exc.positions[0]]) from None
-            for i, outcome in zip(positions, stored, strict=True):
-                outcomes[i] = outcome
-        return [o for o in outcomes if o is not None]
+            outcomes.update(zip(positions, stored, strict=True))
+        return outcomes
+
+    async def _enqueue_graph(
+        self, requests: Sequence[TaskRequest], tasks: list[NewTask]
+    ) -> list[EnqueueOutcome]:
+        """A call whose tasks depend on others (broker/dependencies.py): checked whole (ids
+        well formed and existing, positions a DAG) before anything is stored, then stored wave
+        by wave, each task with its parents' real ids (an idempotency duplicate's is the task
+        stored before).
+
+        Raises:
+            InvalidArgument: nothing was stored.
+        """
+        check_parent_ids(requests)
+        order = waves(requests)
+        await self._check_parents_exist(requests)
+        outcomes: dict[int, EnqueueOutcome] = {}
+        for wave in order:
+            ready = {
+                i: replace(
+                    tasks[i],
+                    parents=tasks[i].parents
+                    + tuple(outcomes[p].task_id for p in requests[i].depends_on_positions),
+                )
+                for i in wave
+            }
+            outcomes.update(await self._store_by_queue(ready))
+        return [outcomes[i] for i in range(len(tasks))]
+
+    async def _check_parents_exist(self, requests: Sequence[TaskRequest]) -> None:
+        """Raises InvalidArgument naming the first parent id that names no task."""
+        named = {
+            parent: f"tasks[{i}].depends_on[{j}]"
+            for i, r in reversed(list(enumerate(requests)))
+            for j, parent in reversed(list(enumerate(r.depends_on)))
+        }
+        found = await asyncio.gather(
+            *(self.workflow.task_state(parse_task_id(f, p)) for p, f in named.items())
+        )
+        for (parent, f), state in zip(named.items(), found, strict=True):
+            if state is None:
+                raise InvalidArgument(f, f"no such task: {parent}")
 
     async def _flush_enqueue(
         self, queue: str, calls: Sequence[tuple[NewTask, ...]]
@@ -315,7 +378,20 @@ class TaskQueue:
         the stream it is for)."""
         batch = await self._store.lease(queue, slots)
         self.timings.leased(queue, batch)
+        if any(lease.task.parent_count for lease in batch.leases):
+            batch = await self._with_parent_results(queue, batch)
         return batch
+
+    async def _with_parent_results(self, queue: str, batch: LeaseBatch) -> LeaseBatch:
+        """Adds their parents' results to the deliveries of tasks that have parents."""
+        having = [i for i, lease in enumerate(batch.leases) if lease.task.parent_count]
+        links = await self.workflow.parent_results(
+            queue, [batch.leases[i].task.ref.local_id for i in having]
+        )
+        leases = list(batch.leases)
+        for i, found in zip(having, links, strict=True):
+            leases[i] = leases[i]._replace(links=found)
+        return replace(batch, leases=leases)
 
     def ref(self, field_name: str, task_id: str) -> TaskRef:
         return parse_task_id(field_name, task_id)
@@ -600,12 +676,18 @@ class TaskQueue:
             if not entries:
                 break
             done = await store.maintain([e.queue for e in entries], MAINTAIN_LIMIT, TRIM_SLACK_MS)
+            self._kick_outboxes(done)
             outcomes = [(e, d.next_due_ms) for e, d in zip(entries, done, strict=True)]
             await store.settle_due(outcomes)
             work += sum(d.work for d in done)
             if len(entries) < MAINTAIN_LIMIT:
                 break
         return work
+
+    def _kick_outboxes(self, done: Sequence[Maintained]) -> None:
+        for d in done:
+            if d.outbox:
+                self.on_outbox(d.queue)
 
     async def sweep(self, cursor: int, count: int) -> tuple[int, int]:
         """The backstop: maintains about `count` registered queues from `cursor` on, whatever
@@ -616,6 +698,7 @@ class TaskQueue:
         if not queues:
             return cursor, 0
         done = await self._store.maintain(queues, MAINTAIN_LIMIT, TRIM_SLACK_MS)
+        self._kick_outboxes(done)
         hints = [Hint(d.queue, at_ms=d.next_due_ms) for d in done if d.next_due_ms is not None]
         if hints:
             await self._store.hint(hints)
@@ -635,6 +718,10 @@ class TaskQueue:
         if task is None:
             raise TaskNotFoundError(task_id)
         return task
+
+    async def links(self, task: Task) -> TaskLinks:
+        """A task's parents (with how each ended) and children."""
+        return await self.workflow.links(task.ref)
 
     async def cancel(self, task_id: str) -> tuple[Task, str | None]:
         """Cancels an unfinished task. Returns it and the lease id it revoked (None if none)."""
@@ -859,6 +946,8 @@ def _body_hash(r: TaskRequest) -> str:
             r.max_attempts, r.lease_ms, r.initial_backoff_ms, r.max_backoff_ms]  # fmt: skip
     if r.group_key:  # added to the list only when set: stored hashes of older tasks still match
         meta.append(r.group_key)
+    if r.depends_on or r.depends_on_positions:  # the same, for dependencies (as stated)
+        meta += [list(r.depends_on), list(r.depends_on_positions), str(r.parent_policy)]
     digest.update(json.dumps(meta).encode())
     digest.update(r.payload)
     return digest.hexdigest()[:32]

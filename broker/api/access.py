@@ -37,7 +37,13 @@ def _task_queue(request: Any) -> list[str]:
 
 
 def _enqueued(request: Any) -> list[str]:
-    return [task.queue for task in request.tasks]
+    """The queues enqueued to, and those of the tasks depended on: a child receives its
+    parents' results, so depending on a task needs the same role as enqueueing beside it."""
+    queues = [task.queue for task in request.tasks]
+    for i, task in enumerate(request.tasks):
+        for j, parent in enumerate(task.depends_on):
+            queues.append(parse_task_id(f"tasks[{i}].depends_on[{j}]", parent).queue)
+    return queues
 
 
 def _named(request: Any) -> list[str]:
@@ -71,6 +77,7 @@ RULES: Final[dict[str, Rule]] = {
     "BrokerService/ExtendLease": Rule((CONSUME,), "extend a lease", _task_queue),
     "BrokerService/GetTask": Rule((PRODUCE, READ), "read tasks", _task_queue),
     "BrokerService/CancelTask": Rule((PRODUCE,), "cancel tasks", _task_queue),
+    "BrokerService/WatchTask": Rule((PRODUCE, READ), "read tasks", _task_queue),
     "BrokerService/Stats": Rule((READ,), "read stats", _stats_queues),
     # Any role on a queue shows it; the service filters.
     "AdminService/ListQueues": Rule(tuple(Role), "list queues", _none),

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from broker.models import GroupKeyPage, Lease, QueueSettings, QueueStats, RateLimit, Task
+from broker.models import (
+    GroupKeyPage,
+    Lease,
+    ParentPolicy,
+    QueueSettings,
+    QueueStats,
+    RateLimit,
+    Task,
+    TaskLinks,
+)
 from broker.queue import TaskRequest
 from taskbroker.v1 import admin_service_pb2 as admin
 from taskbroker.v1 import broker_service_pb2 as bs
@@ -61,6 +70,9 @@ def task_request(spec: task_pb2.TaskSpec) -> TaskRequest:
         lease_ms=optional_duration_ms(spec, "lease_duration"),
         idempotency_key=spec.idempotency_key,
         group_key=spec.group_key,
+        depends_on=tuple(spec.depends_on),
+        depends_on_positions=tuple(spec.depends_on_positions),
+        parent_policy=POLICIES.get(spec.parent_failure_policy),
         initial_backoff_ms=optional_duration_ms(policy, "initial_backoff"),
         max_backoff_ms=optional_duration_ms(policy, "max_backoff"),
     )
@@ -79,11 +91,37 @@ def _dur(ms: int) -> dict[str, int]:
     return {"seconds": ms // 1000, "nanos": (ms % 1000) * 1_000_000}
 
 
-def task_to_proto(task: Task) -> task_pb2.Task:
-    return task_pb2.Task(**_task_fields(task))
+def task_to_proto(task: Task, links: TaskLinks | None = None) -> task_pb2.Task:
+    return task_pb2.Task(**_task_fields(task, links))
 
 
-def _task_fields(task: Task) -> dict[str, Any]:
+#: ParentFailurePolicy numbers by the stored policy.
+_POLICY_NUMBERS: Final = {ParentPolicy.CANCEL: 1, ParentPolicy.RUN: 2, ParentPolicy.WAIT: 3}
+#: And back: UNSPECIFIED is CANCEL.
+POLICIES: Final = {0: ParentPolicy.CANCEL, **{n: p for p, n in _POLICY_NUMBERS.items()}}
+
+
+def _links_fields(fields: dict[str, Any], task: Task, links: TaskLinks | None) -> None:
+    if task.parent_count:
+        fields["parent_failure_policy"] = _POLICY_NUMBERS[task.parent_policy]
+    if links is None:
+        return
+    fields["parent_ids"] = links.parent_ids
+    fields["waiting_for"] = links.waiting_for
+    fields["parent_results"] = [
+        {
+            "task_id": p.task_id,
+            "state": p.state,
+            "result": p.result,
+            "result_omitted": p.result_omitted,
+        }
+        for p in links.parent_results
+    ]
+    fields["child_ids"] = links.child_ids
+    fields["child_count"] = links.child_count
+
+
+def _task_fields(task: Task, links: TaskLinks | None = None) -> dict[str, Any]:
     """A Task as constructor input (typed Any: the stubs do not know upb takes dicts). Runs for
     every delivery, so fields at their proto3 default (no presence: never encoded) are left
     out rather than set, and values shared by most tasks come from caches."""
@@ -123,6 +161,8 @@ def _task_fields(task: Task) -> dict[str, Any]:
             {"attempt": e.attempt, "message": e.message, "time": _ts(e.time_ms)}
             for e in task.errors
         ]
+    if task.parent_count or links is not None:
+        _links_fields(fields, task, links)
     return fields
 
 
@@ -142,7 +182,7 @@ def _retry_policy(initial_ms: int, max_ms: int) -> dict[str, Any]:
 
 
 def _delivery_fields(lease: Lease) -> dict[str, Any]:
-    fields = _task_fields(lease.task)
+    fields = _task_fields(lease.task, lease.links)
     expire = fields.get("lease_expire_time")  # lease.lua sets it to the lease's expiry
     if expire is None or lease.task.lease_expire_ms != lease.expire_ms:
         expire = _ts(lease.expire_ms)
@@ -178,6 +218,7 @@ def stats_to_proto(s: QueueStats) -> bs.QueueStats:
         read_time=to_timestamp(s.now_ms),
         settings=settings_to_proto(s.settings),
         rate_limit_tokens=s.rate_tokens,
+        waiting=s.waiting,
     )
     if s.oldest_ready_ms is not None:
         out.oldest_pending_age.CopyFrom(to_duration(max(0, s.now_ms - s.oldest_ready_ms)))

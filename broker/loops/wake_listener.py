@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from broker.cancellation import raise_if_cancelled
 from broker.errors import BrokerError
-from broker.models import Revoke
+from broker.models import Flow, Revoke
 
 if TYPE_CHECKING:
     from broker.dispatch import Dispatcher
@@ -24,11 +24,18 @@ class WakeListener:
     costs less: the worker learns at its next extension or ack.)"""
 
     def __init__(
-        self, tasks: TaskQueue, dispatcher: Dispatcher, revoke: Callable[[str, str], None]
+        self,
+        tasks: TaskQueue,
+        dispatcher: Dispatcher,
+        revoke: Callable[[str, str], None],
+        flow: Callable[[str], None] = lambda queue: None,
+        reconnected: Callable[[], None] = lambda: None,
     ) -> None:
         self._tasks = tasks
         self._dispatcher = dispatcher
         self._revoke = revoke
+        self._flow = flow  # a queue's workflow outbox has entries
+        self._reconnected = reconnected  # announcements made while disconnected were lost
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
@@ -47,6 +54,7 @@ class WakeListener:
                 async with self._tasks.wake_events() as events:
                     self.connected.set()
                     self._dispatcher.notify_all()
+                    self._reconnected()
                     delay = 0.05
                     while True:
                         raise_if_cancelled()
@@ -54,6 +62,8 @@ class WakeListener:
                         event = await events.next(timeout_s=1.0)
                         if isinstance(event, Revoke):
                             self._revoke(event.task_id, event.lease_id)
+                        elif isinstance(event, Flow):
+                            self._flow(event.queue)
                         elif event is not None:
                             self._dispatcher.notify(event.queue)
             except asyncio.CancelledError:

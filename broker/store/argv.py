@@ -45,6 +45,8 @@ class EnqueueItem(NamedTuple):
     idempotency_key: str
     body_hash: str
     group_key: str  # '': the default group
+    parents: str  # the ids of the tasks it waits for, space-separated; '': none
+    parent_policy: str  # c, r or w (models.ParentPolicy)
 
 
 class LeaseArgs(NamedTuple):
@@ -208,6 +210,29 @@ class GetArgs(NamedTuple):
     fresh_prefix: str
 
 
+class LinkArgs(NamedTuple):
+    id: str  # the parent's local id
+    entry_id: str
+    fresh_prefix: str
+    child: str  # the child's task id
+
+
+class ResolveArgs(NamedTuple):
+    """Followed by n ResolveItem: the children of one queue to tell."""
+
+    task_prefix: str
+    wake_channel: str
+    queue: str
+    parent: str  # the parent's task id
+    state: int
+    result: bytes
+    n: int
+
+
+class ResolveItem(NamedTuple):
+    id: str  # a child's local id
+
+
 class RedriveArgs(NamedTuple):
     """Followed by the ids to redrive."""
 
@@ -293,6 +318,8 @@ LAYOUTS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "stats": (StatsArgs._fields, ()),
     "forget_queue": (ForgetArgs._fields, ()),
     "get_task": (GetArgs._fields, ()),
+    "link": (LinkArgs._fields, ()),
+    "resolve": (ResolveArgs._fields, ResolveItem._fields),
     "group_keys": (GroupKeysArgs._fields, ()),
     "update_settings": (UpdateSettingsArgs._fields, ()),
     "fire_schedule": (FireScheduleArgs._fields, ()),

@@ -14,6 +14,12 @@ WAKE_CHANNEL: Final = "tb:wake"
 #: Pub/Sub channel announcing "<task id> <lease id>" leases revoked by a cancellation, so the
 #: replica whose stream holds the lease can tell its worker.
 REVOKE_CHANNEL: Final = "tb:revoke"
+#: Pub/Sub channel on which scripts announce "queue <name> has workflow outbox entries" (issue
+#: 17), so a replica's outbox mover drains them at once (broker/workflow/mover.py).
+FLOW_CHANNEL: Final = "tb:flow"
+#: Pub/Sub channel announcing "<task id>" when a watched task (hash field `w`) ends, so
+#: WatchTask streams on every replica hear it at once.
+FINISHED_CHANNEL: Final = "tb:finished"
 #: Shards of the due index on a Redis Cluster, each under its own hash tag so they spread over
 #: the masters (a standalone Redis uses one).
 CLUSTER_DUE_SHARDS: Final = 16
@@ -143,6 +149,31 @@ class QueueKeys:
     def group_rate(self, group_key: str) -> str:
         """A key's per_key_rate_limit bucket: its next-token time (GCRA), expiring when full."""
         return self._base + "gr:" + group_key
+
+    # Dependencies (issue 17): derived from the task's key by the scripts (lua/_prelude.lua).
+
+    def parents(self, local_id: str) -> str:
+        """Hash of a task's parents: parent id -> '' until recorded, then state digit + result."""
+        return self.task(local_id) + ":p"
+
+    def children(self, local_id: str) -> str:
+        """Set of a task's children's ids."""
+        return self.task(local_id) + ":k"
+
+    @property
+    def waiting(self) -> str:
+        """Zset of WAITING tasks, by create time."""
+        return self._base + "waiting"
+
+    @property
+    def outbox(self) -> str:
+        """Stream of entries for the outbox mover: links to make, and parents' ends to tell."""
+        return self._base + "wf"
+
+    @property
+    def outbox_claim(self) -> str:
+        """The replica draining the outbox now (a string with an expiry)."""
+        return self._base + "wfc"
 
     def schedule(self, name: str) -> str:
         """A schedule whose template enqueues to this queue (store/schedule_store.py)."""

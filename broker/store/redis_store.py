@@ -24,12 +24,14 @@ from broker.models import (
     DueEntry,
     EnqueueOutcome,
     ExtendItem,
+    Flow,
     Hint,
     Lease,
     LeaseBatch,
     Maintained,
     NackItem,
     NewTask,
+    ParentPolicy,
     QueueSettings,
     QueueStats,
     Revoke,
@@ -43,7 +45,7 @@ from broker.models import (
 )
 from broker.store import argv
 from broker.store.due_index import DueIndex
-from broker.store.keys import QUEUES_KEY, REVOKE_CHANNEL, WAKE_CHANNEL, QueueKeys
+from broker.store.keys import FLOW_CHANNEL, QUEUES_KEY, REVOKE_CHANNEL, WAKE_CHANNEL, QueueKeys
 from broker.store.queue_meta import bucket_tokens, meta_changes, settings_from_meta
 from broker.store.redis_errors import (
     is_connection_torn_down,
@@ -168,7 +170,8 @@ TASK_HASH_FIELDS: Final = {
     "attempt": "att", "max_attempts": "max", "create_ms": "ctime", "schedule_ms": "stime",
     "lease_expire_ms": "etime", "finish_ms": "ftime", "last_error": "lerr", "errors": "errs",
     "result": "res", "lease_ms": "lease_ms", "initial_backoff_ms": "bo_i",
-    "max_backoff_ms": "bo_m", "lease_id": "lid", "group_key": "gk",
+    "max_backoff_ms": "bo_m", "lease_id": "lid", "group_key": "gk", "parent_count": "npar",
+    "parent_policy": "fpol",
 }  # fmt: skip
 #: The stored names alone, in order.
 TASK_FIELDS: Final = tuple(TASK_HASH_FIELDS.values())
@@ -185,7 +188,8 @@ def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
     every leased task: Task is built positionally (in its field order) and numbers go through
     _num, a cheaper _int."""
     type_, payload, hdr, pri, state, att, max_, ctime, stime = v[:9]
-    etime, ftime, lerr, errs, res, lease_ms, initial_backoff, max_backoff, lid, gk = v[9:]
+    etime, ftime, lerr, errs, res, lease_ms, initial_backoff, max_backoff, lid, gk = v[9:19]
+    npar, fpol = v[19:]
     errors = tuple(  # absent until an attempt fails: no JSON on the hot path
         AttemptError(attempt=int(a), time_ms=int(t), message=str(m))
         for a, t, m in (json.loads(errs) if errs else ())
@@ -211,6 +215,8 @@ def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
         _num(max_backoff),
         _text(lid) or None,
         _text(gk),
+        _num(npar),
+        ParentPolicy(_text(fpol)) if fpol else ParentPolicy.CANCEL,
     )
 
 
@@ -553,6 +559,8 @@ class RedisStore:
                 idempotency_key=t.idempotency_key or "",
                 body_hash=t.body_hash or "",
                 group_key=t.group_key,
+                parents=" ".join(t.parents),
+                parent_policy=t.parent_policy.value,
             )
         # Registered after the script, in the same write: a queue being forgotten (emptiness
         # re-checked after its removal, sweep_queues) either sees this task or is re-registered.
@@ -986,7 +994,13 @@ class RedisStore:
             for queue, r in zip(chunk, replies, strict=True):
                 out.append(
                     Maintained(
-                        queue, int(r[0]), int(r[1]), int(r[2]), _time_or_none(r[3]), r[4] == 1
+                        queue,
+                        int(r[0]),
+                        int(r[1]),
+                        int(r[2]),
+                        _time_or_none(r[3]),
+                        r[4] == 1,
+                        int(r[5]),
                     )
                 )
         return out
@@ -1077,7 +1091,7 @@ class RedisStore:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         try:
             with _translate():
-                await pubsub.subscribe(WAKE_CHANNEL, REVOKE_CHANNEL)
+                await pubsub.subscribe(WAKE_CHANNEL, REVOKE_CHANNEL, FLOW_CHANNEL)
             yield WakeEvents(pubsub)
         finally:
             try:
@@ -1093,7 +1107,7 @@ class WakeEvents:
     def __init__(self, pubsub: aioredis.client.PubSub) -> None:
         self._pubsub = pubsub
 
-    async def next(self, timeout_s: float) -> Wake | Revoke | None:
+    async def next(self, timeout_s: float) -> Wake | Revoke | Flow | None:
         """The next announcement, or None after timeout_s without one (or after a reply that
         is not one: a subscription's confirmation, a health check's PONG).
 
@@ -1116,9 +1130,12 @@ class WakeEvents:
         if not isinstance(reply, list) or len(reply) != 3 or reply[0] != b"message":
             return None
         data = _text(reply[2])
-        if _text(reply[1]) == REVOKE_CHANNEL:
+        channel = _text(reply[1])
+        if channel == REVOKE_CHANNEL:
             task_id, _, lease_id = data.partition(" ")
             return Revoke(task_id, lease_id)
+        if channel == FLOW_CHANNEL:
+            return Flow(data)
         return Wake(data)
 
 
@@ -1177,4 +1194,5 @@ def _queue_stats(queue: str, reply: list[Any]) -> QueueStats:
         rate_tokens=bucket_tokens(meta, "rl", now),
         group_keys_pending=int(reply[8]),
         group_keys_parked=int(reply[9]),
+        waiting=int(reply[10]),
     )

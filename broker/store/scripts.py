@@ -36,6 +36,8 @@ SCRIPT_NAMES: Final = (
     "fire_schedule",
     "put_schedule",
     "group_keys",
+    "link",
+    "resolve",
 )
 
 

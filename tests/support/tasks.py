@@ -30,6 +30,8 @@ def spec(
             getattr(s, name).CopyFrom(value)
         elif name == "headers":
             s.headers.update(value)  # type: ignore[call-overload]
+        elif isinstance(value, list):  # a repeated field
+            getattr(s, name).extend(value)
         else:
             setattr(s, name, value)
     return s

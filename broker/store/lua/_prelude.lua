@@ -10,9 +10,16 @@
 --   or resume the lease)
 --   ereason (why a detached lease will end, if not resumed) slid/skind (last settled lease and
 --   how: 'a' ack, 'n' nack) errs res
+--   Dependencies (issue 17, docs/workflows.md): npar (parents), wait (parents still awaited,
+--   while WAITING), fpol (parent failure policy: c cancel, r run, w wait), wdel / wat (the
+--   delay or schedule time that applies from release), kid (set once the task has children),
+--   w (watched: its end is published on tb:finished)
 -- States match taskbroker.v1.TaskState.
 
-local SCHEDULED, PENDING, LEASED, SUCCEEDED, DEAD, CANCELLED = 1, 2, 3, 4, 5, 6
+local SCHEDULED, PENDING, LEASED, SUCCEEDED, DEAD, CANCELLED, WAITING = 1, 2, 3, 4, 5, 6, 7
+-- Announced when a queue's workflow outbox <base>wf gains an entry (the outbox mover drains it)
+-- and when a watched task ends (the WatchTask RPC): store/keys.py names them too.
+local FLOW_CHANNEL, FINISHED_CHANNEL = 'tb:flow', 'tb:finished'
 
 -- Pending scores put higher priority first and FIFO by ready time within a priority:
 -- (1000 - priority) * 2^42 + ready_ms. Priorities -1000..1000 keep it below 2^53 (exact doubles);
@@ -197,7 +204,8 @@ end
 -- Stores a new task as a hash (enqueue.lua, when it cannot stay fresh; fire_schedule.lua) and
 -- files it as pending (its group key's, if it has one: add_pending), or scheduled when due
 -- later. t: type payload pri max bo_i bo_m hdr lease_ms gk, as enqueue.lua reads them; payload
--- nil when it is in the hash already (staged).
+-- nil when it is in the hash already (staged). With t.parents (their ids) it is filed WAITING
+-- instead, with t.fpol, and t.wdel (ms, -1: none) or t.wat (ms) applying from its release.
 local function store_task_hash(key, id, t, now, due, pending_key, scheduled_key)
   if t.payload then
     redis.call('HSET', key, 'type', t.type, 'payload', t.payload, 'pri', t.pri, 'att', 0,
@@ -209,6 +217,21 @@ local function store_task_hash(key, id, t, now, due, pending_key, scheduled_key)
   if t.hdr ~= '' then redis.call('HSET', key, 'hdr', t.hdr) end
   if t.lease_ms ~= '0' then redis.call('HSET', key, 'lease_ms', t.lease_ms) end
   if t.gk and t.gk ~= '' then redis.call('HSET', key, 'gk', t.gk) end
+  if t.parents then  -- WAITING for its parents; the outbox mover links it to each (link.lua)
+    local base = base_of_pending(pending_key)
+    redis.call('HSET', key, 'state', WAITING, 'stime', now, 'npar', #t.parents,
+      'wait', #t.parents, 'fpol', t.fpol, 'wdel', t.wdel)
+    if t.wat then redis.call('HSET', key, 'wat', t.wat) end
+    local flat = {'#', table.concat(t.parents, ' ')}  -- their order ('#' is no task id)
+    for _, parent in ipairs(t.parents) do
+      table.insert(flat, parent)
+      table.insert(flat, '')
+    end
+    redis.call('HSET', key .. ':p', unpack(flat))
+    redis.call('ZADD', base .. 'waiting', now, id)
+    redis.call('XADD', base .. 'wf', '*', 'k', 'l', 'c', id)
+    return
+  end
   if due > now then
     redis.call('HSET', key, 'state', SCHEDULED, 'stime', due)
     redis.call('ZADD', scheduled_key, due, id)
@@ -216,6 +239,56 @@ local function store_task_hash(key, id, t, now, due, pending_key, scheduled_key)
     redis.call('HSET', key, 'state', PENDING, 'stime', now)
     add_pending(id, pending_key, pending_score(t.pri, now), t.gk)
   end
+end
+
+-- The queue name in a key prefix tb:{q}:.
+local function queue_of(base) return string.sub(base, 5, -3) end
+
+-- Children: a task's parents are the hash <task>:p (parent id -> '' until it ended as its
+-- child needs, then the state digit and, for SUCCEEDED, its result); its children the set
+-- <task>:k of their ids. A task that ended tells its children through its queue's outbox, the
+-- stream <base>wf, drained by every replica's outbox mover (broker/workflow/mover.py), which
+-- runs resolve.lua in each child's own slot: parents and children may live in different
+-- queues, so different Cluster slots. An entry holds k='f' (finished), p (local id), s (state),
+-- r (result), and c (the children's ids, space-separated, when at most 1,000; else the mover
+-- reads <task>:k). `kid` and `w` are the task hash's flags, when the caller read them already.
+local MAX_LISTED_CHILDREN = 1000
+local function task_finished(base, id, state, kid, w)
+  local key = base .. 't:' .. id
+  if kid == nil then
+    local f = redis.call('HMGET', key, 'kid', 'w')
+    kid, w = f[1], f[2]
+  end
+  if kid then
+    local entry = {'k', 'f', 'p', id, 's', state}
+    if state == SUCCEEDED then
+      table.insert(entry, 'r')
+      table.insert(entry, redis.call('HGET', key, 'res') or '')
+    end
+    if redis.call('SCARD', key .. ':k') <= MAX_LISTED_CHILDREN then
+      table.insert(entry, 'c')
+      table.insert(entry, table.concat(redis.call('SMEMBERS', key .. ':k'), ' '))
+    end
+    redis.call('XADD', base .. 'wf', '*', unpack(entry))
+    redis.call('PUBLISH', FLOW_CHANNEL, queue_of(base))
+  end
+  if w then redis.call('PUBLISH', FINISHED_CHANNEL, queue_of(base) .. ':' .. id) end
+end
+
+-- Cancels a WAITING task (cancel.lua; resolve.lua when a parent failed): it leaves the waiting
+-- set for the finished ones, and tells its own children.
+local function cancel_waiting(base, id, now)
+  local key = base .. 't:' .. id
+  redis.call('ZREM', base .. 'waiting', id)
+  redis.call('HSET', key, 'state', CANCELLED, 'ftime', now)
+  redis.call('ZADD', base .. 'done', now, id)
+  redis.call('HINCRBY', base .. 'stats', 'cancel', 1)
+  task_finished(base, id, CANCELLED)
+end
+
+-- Whether a queue holds workflow state: waiting tasks, or outbox entries not yet moved.
+local function has_workflow(base)
+  return redis.call('EXISTS', base .. 'waiting', base .. 'wf') > 0
 end
 
 local function to_pending(key, id, pending_key, now)
@@ -291,6 +364,7 @@ local function end_lease(key, id, keys, now, reason)
     redis.call('HSET', key, 'state', DEAD, 'ftime', now)
     redis.call('ZADD', keys.dead, now, id)
     redis.call('HINCRBY', keys.stats, 'dead', 1)
+    task_finished(base_of_pending(keys.pending), id, DEAD)
     return 1
   end
   to_pending(key, id, keys.pending, now)
@@ -312,12 +386,17 @@ local function reclaim_expired(keys, prefix, now, limit)
 end
 
 -- Deletes up to `limit` tasks of a set of finished tasks (or dead letters) scored up to
--- `cutoff` ms. Returns how many.
+-- `cutoff` ms. A dead parent trimmed tells its children it is gone (as CANCELLED), so those
+-- that wait for its redrive (fpol 'w') do not wait forever. Returns how many.
 local function trim_before(set_key, prefix, cutoff, limit)
   local old = redis.call('ZRANGE', set_key, '-inf', cutoff, 'BYSCORE', 'LIMIT', 0, limit)
+  local base = base_of_tasks(prefix)
   for _, id in ipairs(old) do
     redis.call('ZREM', set_key, id)
-    redis.call('DEL', prefix .. id)
+    local key = prefix .. id
+    local t = redis.call('HMGET', key, 'kid', 'state')
+    if t[1] and tonumber(t[2]) == DEAD then task_finished(base, id, CANCELLED, t[1], false) end
+    redis.call('DEL', key, key .. ':p', key .. ':k')
   end
   return #old
 end

@@ -25,7 +25,7 @@ local base = base_of_tasks(task_prefix)
 for i = 0, n - 1 do
   local id, lease_id, result, holder = item(4, 4, i)
   local key = task_prefix .. id
-  local current = redis.call('HMGET', key, 'state', 'lid', 'slid', 'skind', 'lp', 'gk')
+  local current = redis.call('HMGET', key, 'state', 'lid', 'slid', 'skind', 'lp', 'gk', 'kid', 'w')
   if not current[1] then
     table.insert(reply, 'nf')
   elseif tonumber(current[1]) == LEASED and current[2] == lease_id and foreign(current[5], holder) then
@@ -37,6 +37,7 @@ for i = 0, n - 1 do
     redis.call('HSET', key, 'state', SUCCEEDED, 'ftime', now, 'slid', lease_id, 'skind', 'a')
     if result ~= '' then redis.call('HSET', key, 'res', result) end
     redis.call('ZADD', KEYS[2], now, id)
+    task_finished(base, id, SUCCEEDED, current[7], current[8])
     acked = acked + 1
     table.insert(reply, 'ok')
   elseif current[3] == lease_id and current[4] == 'a' then

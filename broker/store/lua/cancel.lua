@@ -14,6 +14,8 @@
 --   wake_channel, queue   published to when cancelling a lease frees a slot of a queue at its
 --                         max_concurrency
 --
+-- A WAITING task (issue 17) is cancelled too; a cancelled task's own children hear of it through
+-- its queue's outbox (prelude's task_finished).
 -- Returns {'ok', lease_id or ''} when cancelled, {'final', state} when already finished, {'nf'}.
 
 local now = now_ms()
@@ -28,8 +30,12 @@ if not t[1] then
   t = {tostring(PENDING), false, false}
 end
 local state = tonumber(t[1])
-if state ~= SCHEDULED and state ~= PENDING and state ~= LEASED then return {'final', state} end
 local base = base_of_pending(KEYS[2])
+if state == WAITING then
+  cancel_waiting(base, id, now)
+  return {'ok', ''}
+end
+if state ~= SCHEDULED and state ~= PENDING and state ~= LEASED then return {'final', state} end
 if t[3] and state == PENDING then remove_grouped(base, t[3], id) end
 if state == LEASED then group_lease_ended(base, t[3], wake_channel, queue) end
 redis.call('ZREM', KEYS[2], id)
@@ -39,4 +45,5 @@ clear_lease(KEYS[1])
 redis.call('HSET', KEYS[1], 'state', CANCELLED, 'ftime', now)
 redis.call('ZADD', KEYS[5], now, id)
 redis.call('HINCRBY', KEYS[6], 'cancel', 1)
+task_finished(base, id, CANCELLED)
 return {'ok', t[2] or ''}

@@ -19,13 +19,16 @@
 --                           ("3,1,1"; '': one call), which enqueue_rate_limit admits whole
 --   n; then n tasks: id entry_id task_type payload headers priority max_attempts lease_ms
 --   initial_backoff_ms max_backoff_ms delay_ms schedule_ms idempotency_key body_hash group_key
---   (delay_ms / schedule_ms: -1 when unset; idempotency_key, group_key: '' when unset)
+--   parents parent_policy
+--   (delay_ms / schedule_ms: -1 when unset; idempotency_key, group_key: '' when unset; parents:
+--   the ids of the tasks it depends on, space-separated, '' for none; parent_policy c, r or w)
 --
 -- A task ready now whose payload came in ARGV is stored fresh: one entry of its priority's
 -- stream, under entry_id (derived from its id, so ids from one broker arrive in stream order),
 -- with no key of its own. Any other (delayed, staged, with a group key, or out of its stream's
 -- order: another replica's ids) gets its hash and an entry in the pending (its key's: prelude's
--- add_pending) or scheduled zset.
+-- add_pending) or scheduled zset; one with parents is WAITING (prelude's store_task_hash) and
+-- its queue's outbox mover is told.
 --
 -- Returns {now, r_1 .. r_n} with r_i = 'n' (stored), 'd:<id>' (idempotency duplicate of <id>),
 -- 'e' (this id already exists: a retried call whose first reply was lost) or 'l:<ms>' (not
@@ -49,7 +52,7 @@ local seen = {}
 for i = 0, n - 1 do
   local id, entry_id, task_type, payload, headers, priority, max_attempts, lease_ms,
     initial_backoff_ms, max_backoff_ms, delay_ms, schedule_ms, idempotency_key,
-    body_hash, group_key = item(10, 15, i)
+    body_hash, group_key, parents, parent_policy = item(10, 17, i)
   local idem, body = idempotency_key, body_hash
   if is_staged[i + 1] and redis.call('EXISTS', stage_prefix .. id) == 0
     and redis.call('EXISTS', task_prefix .. id) == 0 then
@@ -121,11 +124,11 @@ local function store_fresh(id, entry_id, pri, task_type, payload, headers, max_a
 end
 
 local reply = {now}
-local stored = 0
+local stored, waiting = 0, 0
 for i = 0, n - 1 do
   local id, entry_id, task_type, payload, headers, priority, max_attempts, lease_ms,
     initial_backoff_ms, max_backoff_ms, delay_ms, schedule_ms, idempotency_key,
-    body_hash, group_key = item(10, 15, i)
+    body_hash, group_key, parents, parent_policy = item(10, 17, i)
   local idem = idempotency_key
   local key = task_prefix .. id
   local dup = nil
@@ -148,7 +151,7 @@ for i = 0, n - 1 do
     if is_staged[i + 1] then redis.call('DEL', stage_prefix .. id) end
     table.insert(reply, 'e')
   else
-    if not is_staged[i + 1] and due <= now and group_key == '' then
+    if not is_staged[i + 1] and due <= now and group_key == '' and parents == '' then
       outcome = store_fresh(id, entry_id, pri, task_type, payload, headers, max_attempts,
         lease_ms, initial_backoff_ms, max_backoff_ms)
     end
@@ -158,9 +161,16 @@ for i = 0, n - 1 do
         redis.call('PERSIST', key)
         payload = nil
       end
-      store_task_hash(key, id, {type = task_type, payload = payload, pri = pri,
+      local t = {type = task_type, payload = payload, pri = pri,
         max = max_attempts, bo_i = initial_backoff_ms, bo_m = max_backoff_ms, hdr = headers,
-        lease_ms = lease_ms, gk = group_key}, now, due, KEYS[1], KEYS[2])
+        lease_ms = lease_ms, gk = group_key}
+      if parents ~= '' then
+        t.parents, t.fpol, t.wdel = {}, parent_policy, delay
+        for parent in string.gmatch(parents, '%S+') do table.insert(t.parents, parent) end
+        if at >= 0 then t.wat = at end
+        waiting = waiting + 1
+      end
+      store_task_hash(key, id, t, now, due, KEYS[1], KEYS[2])
       outcome = 'n'
     end
     if outcome == 'n' then
@@ -177,4 +187,5 @@ if stored > 0 then
   redis.call('HINCRBY', KEYS[3], 'enq', stored)
   redis.call('PUBLISH', wake_channel, queue)
 end
+if waiting > 0 then redis.call('PUBLISH', FLOW_CHANNEL, queue) end
 return reply

@@ -16,6 +16,7 @@ end
 local fresh_prefix = unpack(ARGV, 1, 1)
 if fresh_count(fresh_prefix, KEYS[8]) > 0 then return 0 end
 if has_grouped(base_of_pending(KEYS[1])) then return 0 end
+if has_workflow(base_of_pending(KEYS[1])) then return 0 end
 for _, pri in ipairs(redis.call('ZRANGE', KEYS[8], 0, -1)) do
   redis.call('DEL', fresh_prefix .. pri)  -- emptied streams
 end

@@ -18,9 +18,11 @@
 --   slack_ms      trimming waits this long past the retention, so a busy queue's
 --          trims are batched instead of one call per finished task
 --
--- Returns {reclaimed, promoted, trimmed, next_due, empty}: next_due is the earliest time any
--- work comes due (now when a limit was reached: call again; -1 when nothing will come due);
--- empty is 1 when the queue holds no task at all and has no settings (paused, limits).
+-- Returns {reclaimed, promoted, trimmed, next_due, empty, outbox}: next_due is the earliest time
+-- any work comes due (now when a limit was reached: call again; -1 when nothing will come due);
+-- empty is 1 when the queue holds no task at all and has no settings (paused, limits); outbox
+-- is how many workflow outbox entries wait to be moved (the caller starts its mover: while
+-- there are any, the queue is due again within a second, so a mover that died is replaced).
 
 local now = now_ms()
 local task_prefix, wake_channel, queue, limit, finished_retention_ms, dead_retention_ms,
@@ -54,11 +56,14 @@ consider(first(KEYS[5]))
 local oldest_done, oldest_dead = first(KEYS[6]), first(KEYS[3])
 if oldest_done >= 0 then consider(oldest_done + finished_ms + slack) end
 if oldest_dead >= 0 then consider(oldest_dead + dead_ms + slack) end
+local outbox = redis.call('XLEN', base_of_pending(KEYS[2]) .. 'wf')
+if outbox > 0 then consider(now + 1000) end
 if full then next_due = now end
 
 local empty = 0
 if next_due < 0 and redis.call('ZCARD', KEYS[2]) == 0 and redis.call('ZCARD', KEYS[8]) == 0
-    and not has_settings(KEYS[7]) and not has_grouped(base_of_pending(KEYS[2])) then
+    and not has_settings(KEYS[7]) and not has_grouped(base_of_pending(KEYS[2]))
+    and not has_workflow(base_of_pending(KEYS[2])) then
   empty = 1
 end
-return {reclaimed, promoted, trimmed, next_due, empty}
+return {reclaimed, promoted, trimmed, next_due, empty, outbox}

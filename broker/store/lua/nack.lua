@@ -52,6 +52,7 @@ for i = 0, n - 1 do
       redis.call('HSET', key, 'state', DEAD, 'ftime', now)
       redis.call('ZADD', KEYS[4], now, id)
       redis.call('HINCRBY', KEYS[5], 'dead', 1)
+      task_finished(base_of_tasks(task_prefix), id, DEAD)
       table.insert(reply, {'ok', DEAD, -1})
     else
       local delay = retry_ms

@@ -14,7 +14,8 @@
 -- ZRANGE per band, at most 64 bands (beyond that the age is a lower bound).
 -- Returns {now, pending, scheduled, leased, dead, meta (HGETALL: paused, limits),
 -- oldest_ready_ms (-1), stats (HGETALL), group keys with pending tasks (in the rotation, parked
--- or waiting for a token: a key may be in two for a moment), of those parked}.
+-- or waiting for a token: a key may be in two for a moment), of those parked, waiting (WAITING
+-- for parents)}.
 
 local now = now_ms()
 local oldest = -1
@@ -38,4 +39,4 @@ local parked_keys = redis.call('SCARD', base .. 'gp')
 local pending_keys = redis.call('ZCARD', base .. 'gk') + parked_keys + redis.call('ZCARD', base .. 'gw')
 return {now, redis.call('ZCARD', KEYS[1]) + fresh + grouped, redis.call('ZCARD', KEYS[2]),
   redis.call('ZCARD', KEYS[3]), redis.call('ZCARD', KEYS[4]), redis.call('HGETALL', KEYS[6]), oldest,
-  redis.call('HGETALL', KEYS[5]), pending_keys, parked_keys}
+  redis.call('HGETALL', KEYS[5]), pending_keys, parked_keys, redis.call('ZCARD', base .. 'waiting')}

@@ -101,6 +101,7 @@ class TaskState(enum.IntEnum):
     SUCCEEDED = 4
     DEAD = 5
     CANCELLED = 6
+    WAITING = 7  # for its parents (depends_on) to succeed
 
     @property
     def finished(self) -> bool:

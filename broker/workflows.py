@@ -1,0 +1,167 @@
+"""OutboxMover: carries each queue's workflow outbox to the tasks it concerns (issue 17).
+
+Parents and children may live in different queues, so different Redis Cluster slots: no one
+script can end a parent and release its child. A task that ends appends an entry to its own
+queue's outbox in the same script (prelude's task_finished); a task enqueued WAITING appends a
+link request to its queue's. Any replica's mover then runs one script per slot for each entry
+(link.lua in the parent's, resolve.lua in the children's), each idempotent (a child records
+each parent's end once), and deletes the entry only after every step succeeded. A mover that
+dies, or two replicas moving the same entry, neither lose nor repeat a release.
+
+Who moves what: every script that appends publishes the queue on tb:flow; each replica's wake
+listener kicks its mover, which claims the queue's outbox (a short-lived key) so one replica
+drains it while others skip. The claim also sets the queue's due-index entry, so if its holder
+dies the maintainer finds the entries (maintain.lua reports them) and kicks a mover again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from typing import Final
+
+from broker.cancellation import raise_if_cancelled
+from broker.errors import BrokerError
+from broker.ids import parse_task_id
+from broker.models import Hint, TaskRef, TaskState
+from broker.store.redis_store import RedisStore
+from broker.store.workflow_store import OutboxEntry, WorkflowStore
+
+log = logging.getLogger(__name__)
+
+#: Outbox entries read per step.
+READ_BATCH: Final = 100
+#: Children told per resolve.lua call.
+RESOLVE_BATCH: Final = 500
+#: Parents linked at once for one child.
+LINK_CONCURRENCY: Final = 64
+#: How long a claim on a queue's outbox lasts; a drain renews it per batch.
+CLAIM_MS: Final = 5000
+
+
+class OutboxMover:
+    """Drains queues' outboxes when kicked; at most one drain per queue in this process."""
+
+    def __init__(self, store: RedisStore, workflow: WorkflowStore) -> None:
+        self._store = store
+        self._workflow = workflow
+        self._owner = f"{os.getpid()}-{os.urandom(6).hex()}"
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
+        self.moved = 0  # entries moved by this process (tests, metrics)
+
+    def kick(self, queue: str) -> None:
+        """Drains the queue's outbox soon (again after the current drain, if one runs)."""
+        if queue in self._running:
+            self._again.add(queue)
+            return
+        self._running[queue] = asyncio.create_task(self._drain_until_quiet(queue))
+
+    async def stop(self) -> None:
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def idle(self) -> None:
+        """Waits until no drain runs in this process (tests)."""
+        while self._running:
+            await asyncio.gather(*list(self._running.values()), return_exceptions=True)
+
+    async def _drain_until_quiet(self, queue: str) -> None:
+        try:
+            while True:
+                self._again.discard(queue)
+                await self.drain(queue)
+                if queue not in self._again:
+                    return
+        except asyncio.CancelledError:
+            raise
+        except BrokerError as exc:  # the maintainer kicks again while entries remain
+            raise_if_cancelled()
+            log.warning("workflow outbox of queue %s not moved yet: %s", queue, exc)
+        finally:
+            self._running.pop(queue, None)
+
+    async def drain(self, queue: str) -> int:
+        """Moves the queue's outbox entries until it is empty, if this process wins the claim.
+        Returns how many entries were moved."""
+        wf = self._workflow
+        if not await wf.claim_outbox(queue, self._owner, CLAIM_MS):
+            return 0
+        moved = 0
+        try:
+            # Should this process die mid-drain, the maintainer looks at the queue once the
+            # claim has lapsed, and finds the entries left.
+            await self._store.hint([Hint(queue, delay_ms=CLAIM_MS)])
+            while entries := await wf.read_outbox(queue, READ_BATCH):
+                for entry in entries:
+                    await self._move(queue, entry)
+                await wf.delete_outbox(queue, [e.entry_id for e in entries])
+                moved += len(entries)
+                await wf.claim_outbox(queue, self._owner, CLAIM_MS)  # renews only if lapsed
+        finally:
+            await wf.release_outbox(queue, self._owner)
+        self.moved += moved
+        return moved
+
+    async def _move(self, queue: str, entry: OutboxEntry) -> None:
+        if entry.kind == "l":
+            await self._link(TaskRef(queue, entry.task))
+            return
+        parent = TaskRef(queue, entry.task)
+        children = entry.children
+        if children is None:
+            children = tuple(await self._workflow.children_of(parent))
+        assert entry.state is not None  # an end entry always names its state
+        await self._tell(parent.task_id, entry.state, entry.result, children)
+
+    async def _link(self, child: TaskRef) -> None:
+        """Links a WAITING child to each of its parents; a parent that ended already is told
+        to the child at once."""
+        parents = await self._workflow.parents_of(child)
+        for start in range(0, len(parents), LINK_CONCURRENCY):
+            chunk = parents[start : start + LINK_CONCURRENCY]
+            linked = await asyncio.gather(
+                *(self._workflow.link(parent, child.task_id) for parent in chunk)
+            )
+            for parent, (outcome, state, result) in zip(chunk, linked, strict=True):
+                if outcome == "ended" and state is not None:
+                    await self._tell(parent, state, result, (child.task_id,))
+                elif outcome == "gone":  # trimmed since the child's enqueue checked it
+                    await self._tell(parent, TaskState.CANCELLED, b"", (child.task_id,))
+
+    async def _tell(
+        self, parent_id: str, state: TaskState, result: bytes, children: Sequence[str]
+    ) -> None:
+        """resolve.lua for each queue of children, in batches."""
+        by_queue: dict[str, list[str]] = {}
+        for child in children:
+            ref = parse_task_id("child", child)
+            by_queue.setdefault(ref.queue, []).append(ref.local_id)
+        for child_queue, local_ids in by_queue.items():
+            for start in range(0, len(local_ids), RESOLVE_BATCH):
+                outcomes = await self._workflow.resolve(
+                    child_queue, parent_id, state, result, local_ids[start : start + RESOLVE_BATCH]
+                )
+                due = [int(o[4:]) for o in outcomes if o.startswith("due:")]
+                if due:  # released into scheduled: the maintainer promotes it then
+                    await self._store.hint([Hint(child_queue, at_ms=min(due))])
+                if "cancel" in outcomes:  # their own children hear through their outbox
+                    self.kick(child_queue)
+
+    async def sweep(self) -> int:
+        """Kicks every registered queue that has outbox entries: after the wake listener
+        reconnects, since tb:flow announcements made meanwhile were lost. Returns how many."""
+        found = 0
+        cursor = 0
+        while True:
+            cursor, queues = await self._store.scan_queues(cursor, 1000)
+            for queue in queues:
+                if await self._workflow.outbox_length(queue) > 0:
+                    self.kick(queue)
+                    found += 1
+            if cursor == 0:
+                return found
