@@ -113,7 +113,7 @@ class BrokerCollector:
         for s in snapshot.queues:
             for family, field in totals:
                 family.add_metric([s.queue], getattr(s, field))
-            for state in ("pending", "scheduled", "leased", "dead"):
+            for state in ("pending", "scheduled", "leased", "dead", "waiting"):
                 tasks.add_metric([s.queue, state], getattr(s, state))
             age = (s.now_ms - s.oldest_ready_ms) / 1000 if s.oldest_ready_ms is not None else 0.0
             oldest.add_metric([s.queue], max(age, 0.0))
@@ -128,7 +128,7 @@ class BrokerCollector:
             "Tasks of all queues together by state." + CLUSTER_NOTE,
             labels=["state"],
         )
-        for state in ("pending", "scheduled", "leased", "dead"):
+        for state in ("pending", "scheduled", "leased", "dead", "waiting"):
             every.add_metric([state], getattr(snapshot.totals, state))
         count = GaugeMetricFamily(
             "taskbroker_queues",

@@ -96,6 +96,7 @@ def _sum(queues: list[QueueStats], now_ms: int) -> QueueStats:
         scheduled=sum(s.scheduled for s in queues),
         leased=sum(s.leased for s in queues),
         dead=sum(s.dead for s in queues),
+        waiting=sum(s.waiting for s in queues),
         paused=False,
         oldest_ready_ms=min(ages, default=None),
         enqueued_total=sum(s.enqueued_total for s in queues),

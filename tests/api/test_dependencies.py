@@ -271,3 +271,136 @@ async def test_a_bad_graph_is_invalid_argument_and_nothing_is_stored(
     assert field in (caught.value.details() or "")
     (stats,) = (await stub.Stats(bs.StatsRequest(queues=["emails"]))).queues
     assert stats.pending == 0 and stats.waiting == 0
+
+
+async def test_a_parent_that_is_an_idempotency_duplicate_is_the_task_stored_before(
+    broker: RunningBroker,
+) -> None:
+    stub = broker.stub
+    (original,) = await enqueue(stub, spec(queue="p", idempotency_key="resize-1"))
+    reply = await stub.Enqueue(
+        bs.EnqueueRequest(
+            tasks=[
+                spec(queue="p", idempotency_key="resize-1"),
+                spec(queue="c", depends_on_positions=[0]),
+            ]
+        )
+    )
+    assert reply.results[0].duplicate and reply.results[0].task_id == original
+    child = reply.results[1].task_id
+    assert list((await get(stub, child)).parent_ids) == [original]
+    worker = await LeaseStream(stub).open(["p", "c"], credits=5)
+    (d,) = await worker.take(1)
+    assert d.task.id == original
+    await worker.ack(d, result=b"once")
+    (d2,) = await worker.take(1)
+    assert d2.task.id == child and d2.task.parent_results[0].result == b"once"
+    await worker.close()
+
+
+async def test_an_ack_repeated_tells_the_children_once(broker: RunningBroker) -> None:
+    stub = broker.stub
+    parent, child = await enqueue(stub, spec(queue="p"), spec(queue="c", depends_on_positions=[0]))
+    worker = await LeaseStream(stub).open(["p"], credits=1)
+    (d,) = await worker.take(1)
+    await state_is_linked(broker, parent)
+    await worker.ack(d, result=b"r")
+    again = await worker.ack(d, result=b"r")
+    assert again.already_settled
+    await state_becomes(stub, child, PENDING)
+    await broker.broker.mover.idle()
+    assert broker.broker.mover.moved >= 1
+    assert (await stub.Stats(bs.StatsRequest(queues=["c"]))).queues[0].pending == 1
+    await worker.close()
+
+
+async def state_is_linked(broker: RunningBroker, parent: str) -> None:
+    """Waits until the mover has linked the parent to its child (its child_count is 1)."""
+    deadline = time.monotonic() + 3
+    while (await get(broker.stub, parent)).child_count != 1:
+        assert time.monotonic() < deadline, "never linked"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_released_child_keeps_its_group_key_and_its_queue_s_limits(
+    broker: RunningBroker,
+) -> None:
+    stub = broker.stub
+    await broker.admin.UpdateQueueSettings(
+        ad.UpdateQueueSettingsRequest(
+            queue="c",
+            settings={"max_concurrency": 1},  # type: ignore[arg-type]
+            update_mask={"paths": ["max_concurrency"]},  # type: ignore[arg-type]
+        )
+    )
+    ids = await enqueue(
+        stub,
+        spec(queue="p"),
+        spec(queue="c", group_key="tenant-a", depends_on_positions=[0]),
+        spec(queue="c", group_key="tenant-b", depends_on_positions=[0]),
+    )
+    worker = await LeaseStream(stub).open(["p", "c"], credits=5)
+    (d,) = await worker.take(1)
+    await worker.ack(d)
+    (first,) = await worker.take(1)
+    assert first.task.group_key in ("tenant-a", "tenant-b")
+    await asyncio.sleep(0.3)
+    assert worker.deliveries.empty()  # max_concurrency 1 holds the other back
+    await worker.ack(first)
+    (second,) = await worker.take(1)
+    assert {first.task.id, second.task.id} == set(ids[1:])
+    await worker.close()
+
+
+async def test_parents_ending_at_once_on_two_replicas_release_their_child_once(
+    settings: Settings,
+) -> None:
+    one, two = await start_broker(settings), await start_broker(settings)
+    try:
+        n = 100
+        *parents, child = await enqueue(
+            one.stub,
+            *[spec(queue=f"p{i % 2}") for i in range(n)],
+            spec(queue="c", depends_on_positions=list(range(n))),
+        )
+        first = await LeaseStream(one.stub).open(["p0"], credits=n)
+        second = await LeaseStream(two.stub).open(["p1"], credits=n)
+        a, b = await asyncio.gather(first.take(n // 2), second.take(n // 2))
+        await asyncio.gather(
+            *(first.ack(d, result=b"1") for d in a), *(second.ack(d, result=b"2") for d in b)
+        )
+        worker = await LeaseStream(two.stub).open(["c"], credits=5)
+        (d,) = await worker.take(1)
+        assert d.task.id == child and len(d.task.parent_results) == n
+        assert [p.task_id for p in d.task.parent_results] == parents
+        await worker.ack(d)
+        await asyncio.sleep(0.3)
+        assert worker.deliveries.empty()
+        (stats,) = (await one.stub.Stats(bs.StatsRequest(queues=["c"]))).queues
+        assert (stats.pending, stats.waiting, stats.succeeded_total) == (0, 0, 1)
+        for stream in (first, second, worker):
+            await stream.close()
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_results_past_one_mib_in_all_are_marked_omitted_not_sent(
+    broker: RunningBroker,
+) -> None:
+    stub = broker.stub
+    big = 400 * 1024
+    ids = await enqueue(
+        stub,
+        *[spec(queue="p", payload=str(i).encode()) for i in range(3)],
+        spec(queue="c", depends_on_positions=[0, 1, 2]),
+    )
+    worker = await LeaseStream(stub).open(["p", "c"], credits=5)
+    for d in sorted(await worker.take(3), key=lambda d: d.task.payload):
+        await worker.ack(d, result=d.task.payload * big)
+    (fan_in,) = await worker.take(1)
+    got = [(p.task_id, len(p.result), p.result_omitted) for p in fan_in.task.parent_results]
+    # 2 x 400 KiB fit in 1 MiB; the third is left out, and read with GetTask when needed.
+    assert got == [(ids[0], big, False), (ids[1], big, False), (ids[2], 0, True)]
+    assert len((await get(stub, ids[2])).result) == big
+    await worker.close()
