@@ -120,9 +120,11 @@ end
 local function base_of_pending(pending_key) return string.sub(pending_key, 1, -8) end
 local function base_of_tasks(task_prefix) return string.sub(task_prefix, 1, -3) end
 
--- Puts a key with pending tasks at the back of the rotation, unless it is there or parked.
+-- Puts a key with pending tasks at the back of the rotation, unless it is there, parked, or
+-- waiting for its next per-key token (lease.lua moves it back when the token is due).
 local function rotate_in(base, gk)
   if redis.call('SISMEMBER', base .. 'gp', gk) == 1 then return end
+  if redis.call('ZSCORE', base .. 'gw', gk) then return end
   local turn = tonumber(redis.call('HGET', base .. 'meta', 'turn') or '0')
   redis.call('ZADD', base .. 'gk', 'NX', turn, gk)
 end
