@@ -49,6 +49,9 @@ async def test_enqueue_depends_on_each_id_given_with_the_policy_given(
     assert task.state is TaskState.WAITING
     assert (task.parent_ids, set(task.waiting_for)) == ((first, second), {first, second})
     assert task.parent_failure_policy is ParentFailurePolicy.RUN
+    stats = await run_cli(running.target, "--json", "stats", "albums")
+    (queue,) = stats.json()["queues"]  # type: ignore[index]
+    assert (queue["pending"], queue["waiting"]) == (2, 1)
 
 
 async def test_on_parent_failure_needs_depends_on_and_a_known_policy(

@@ -300,6 +300,8 @@ async def test_waiting_tasks_show_what_they_wait_for_until_their_parents_succeed
         {x, y},
     )
     assert (await client.get_task(x)).child_ids == (z,)
+    (stats,) = await client.stats(QUEUE)
+    assert (stats.pending, stats.waiting) == (2, 1)
     # Nothing waiting is leased: a worker only gets x and y until both have succeeded.
     recorder = Recorder()
     async with Worker(client, queues=[QUEUE], handlers=recorder.handlers()):

@@ -197,6 +197,7 @@ def stats_doc(stats: QueueStats) -> dict[str, object]:
         "queue": stats.queue,
         "pending": stats.pending,
         "scheduled": stats.scheduled,
+        "waiting": stats.waiting,
         "leased": stats.leased,
         "dead": stats.dead,
         "paused": stats.paused,

@@ -206,6 +206,7 @@ def stats_from_proto(pb: broker_service_pb2.QueueStats) -> QueueStats:
         ),
         settings=settings_from_proto(pb.settings),
         rate_limit_tokens=pb.rate_limit_tokens,
+        waiting=pb.waiting,
     )
 
 

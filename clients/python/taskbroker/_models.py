@@ -248,6 +248,8 @@ class QueueStats:
     settings: QueueSettings = QueueSettings()
     #: With a rate_limit: the tokens in its bucket now (below 1: the next lease waits).
     rate_limit_tokens: float = 0.0
+    #: Tasks WAITING for the tasks they depend on.
+    waiting: int = 0
 
 
 class GroupKeyState(enum.IntEnum):
