@@ -3,10 +3,15 @@
  * Enqueues one task and prints `{"task_id": ..., "duplicate": ...}` as one JSON line:
  *
  *   node bin/produce.js --target 127.0.0.1:50051 --queue jobs --type echo --payload hello
- *       [--max-attempts 3] [--lease-ms 300] [--wait]
+ *       [--max-attempts 3] [--lease-ms 300] [--depends-on ID]... [--on-parent-failure run]
+ *       [--parents N [--child-type parents]] [--wait]
  *
- * With `--wait` it then polls GetTask until the task has finished and adds `state`, `attempt`
- * and `result` (as UTF-8) to the line. Exits 1 (message on stderr) when a call fails.
+ * `--depends-on` (repeatable) makes the task wait for those tasks. `--parents N` enqueues a
+ * graph in one call instead: N tasks of the type (payloads `P-0` .. `P-N-1`), then one task of
+ * `--child-type` that waits for all of them by position; the line then also has `task_ids`
+ * (every task, the child last), and `task_id` is the child's. With `--wait` it then polls
+ * GetTask until the task (the child) has finished and adds `state`, `attempt` and `result` (as
+ * UTF-8) to the line. Exits 1 (message on stderr) when a call fails.
  *
  * With TASKBROKER_ENCRYPTION_KEYS (or TASKBROKER_ENCRYPTION_KEYS_FILE) set, the payload is
  * encrypted and the result decrypted (docs/encryption.md). TLS and a bearer token come from
@@ -29,6 +34,10 @@ const { values } = parseArgs({
     payload: { type: 'string', default: '' },
     'max-attempts': { type: 'string' },
     'lease-ms': { type: 'string' },
+    'depends-on': { type: 'string', multiple: true },
+    'on-parent-failure': { type: 'string' },
+    parents: { type: 'string' },
+    'child-type': { type: 'string', default: 'parents' },
     wait: { type: 'boolean', default: false },
   },
 });
@@ -47,12 +56,35 @@ try {
   process.exit(2);
 }
 try {
-  const { taskId, duplicate } = await producer.enqueue(values.queue, values.type, values.payload, {
+  const options = {
     maxAttempts: values['max-attempts'] === undefined ? undefined : Number(values['max-attempts']),
     leaseMs: values['lease-ms'] === undefined ? undefined : Number(values['lease-ms']),
-  });
+    dependsOn: values['depends-on'],
+    onParentFailure: /** @type {any} */ (values['on-parent-failure']),
+  };
+  const { queue, type } = values;
+  const count = values.parents === undefined ? 0 : Number(values.parents);
+  /** @type {import('../src/producer.js').NewTask[]} */
+  const tasks = Array.from({ length: count }, (_, i) => ({
+    queue,
+    type,
+    payload: `${values.payload}-${i}`,
+    options: { maxAttempts: options.maxAttempts, leaseMs: options.leaseMs },
+  }));
+  tasks.push(
+    count === 0
+      ? { queue, type, payload: values.payload, options }
+      : {
+          queue,
+          type: values['child-type'],
+          options: { ...options, dependsOnPositions: tasks.map((_, i) => i) },
+        },
+  );
+  const results = await producer.enqueueMany(tasks);
+  const { taskId, duplicate } = results[results.length - 1];
   /** @type {Record<string, unknown>} */
   const out = { task_id: taskId, duplicate };
+  if (count > 0) out.task_ids = results.map((result) => result.taskId);
   if (values.wait) {
     let task = await producer.getTask(taskId);
     while (!FINISHED.has(task.state)) {

@@ -8,7 +8,8 @@
  * Handlers: `echo` returns the payload; `upper` returns it uppercased; `fail_once` fails its
  * first attempt and returns the payload on the next; `reject` fails for good (dead letter);
  * `sleep` sleeps for the payload's number of milliseconds (and stops early when its lease is
- * lost or revoked). Logs go to stderr. The worker reconnects when its stream breaks and moves to
+ * lost or revoked); `parents` returns what it was given of its parents (`ctx.parentResults`) as
+ * JSON: `[{"task_id", "state", "result" (UTF-8)}, ...]`. Logs go to stderr. The worker reconnects when its stream breaks and moves to
  * a new stream when the broker drains; it exits 0 after a graceful shutdown (SIGTERM/SIGINT), 1
  * when the broker refuses the stream for good (a bad queue name, for example).
  *
@@ -46,6 +47,14 @@ const handlers = {
     await sleep(ms, undefined, { signal: ctx.signal });
     return `slept ${ms} ms`;
   },
+  parents: async (_payload, ctx) =>
+    JSON.stringify(
+      ctx.parentResults.map((parent) => ({
+        task_id: parent.taskId,
+        state: parent.state,
+        result: parent.result.toString('utf8'),
+      })),
+    ),
 };
 
 const { values } = parseArgs({

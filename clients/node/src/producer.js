@@ -18,7 +18,32 @@ import { taskbrokerV1, toDuration } from './proto.js';
  * @property {number} [leaseMs] lease length for this task, overriding the worker's
  * @property {string} [idempotencyKey] a repeat within the broker's window returns the first id
  * @property {Record<string, string>} [headers] metadata handed to the worker unchanged
+ * @property {string} [groupKey] the tenant the task belongs to (fair turns across keys)
+ * @property {string[]} [dependsOn] ids of tasks this one waits for: it is stored
+ *   `TASK_STATE_WAITING` and becomes pending once every one has succeeded
+ * @property {number[]} [dependsOnPositions] with `enqueueMany`: 0-based positions, in the same
+ *   call, of tasks this one waits for (a cycle is refused, and nothing is stored)
+ * @property {'cancel' | 'run' | 'wait'} [onParentFailure] when a parent ends dead or cancelled:
+ *   cancel this task (the default), run it anyway (its handler sees each parent's state), or
+ *   keep it waiting until the dead parent is redriven and succeeds
  */
+
+/**
+ * A task for `enqueueMany`.
+ *
+ * @typedef {object} NewTask
+ * @property {string} queue the queue, 1-128 of `[A-Za-z0-9_.-]`
+ * @property {string} type the task type workers dispatch on
+ * @property {Buffer|string} [payload] the payload (a string is sent as UTF-8)
+ * @property {EnqueueOptions} [options]
+ */
+
+/** The broker's name of each `onParentFailure` value. */
+const PARENT_FAILURE_POLICIES = {
+  cancel: 'PARENT_FAILURE_POLICY_CANCEL',
+  run: 'PARENT_FAILURE_POLICY_RUN',
+  wait: 'PARENT_FAILURE_POLICY_WAIT',
+};
 
 /**
  * @typedef {object} EnqueueResult
@@ -83,30 +108,63 @@ export class Producer {
    * @returns {Promise<EnqueueResult>} the task's id
    */
   async enqueue(queue, type, payload, options = {}) {
-    const spec = {
-      queue,
-      type,
-      payload: this.codec
-        ? this.codec.encode(
-            Buffer.from(payload),
-            payloadContext(queue, type, options.idempotencyKey),
-          )
-        : Buffer.from(payload),
-      headers: options.headers ?? {},
-      priority: options.priority ?? 0,
-      max_attempts: options.maxAttempts ?? 0,
-      idempotency_key: options.idempotencyKey ?? '',
-      delay: options.delayMs === undefined ? null : toDuration(options.delayMs),
-      lease_duration: options.leaseMs === undefined ? null : toDuration(options.leaseMs),
-    };
-    const response = await unary(this.client, 'Enqueue', { tasks: [spec] }, this.timeoutMs);
-    const [result] = response.results;
-    return { taskId: result.task_id, duplicate: result.duplicate };
+    const [result] = await this.enqueueMany([{ queue, type, payload, options }]);
+    return result;
+  }
+
+  /**
+   * Enqueues tasks in one call: the broker stores all of them or none. Tasks may wait for each
+   * other by position (`options.dependsOnPositions`), so a whole graph goes in one call:
+   *
+   *     // two resizes, then one mail once both have succeeded
+   *     const [a, b, mail] = await producer.enqueueMany([
+   *       { queue: 'media', type: 'resize', payload: '1.jpg' },
+   *       { queue: 'media', type: 'resize', payload: '2.jpg' },
+   *       { queue: 'emails', type: 'send_album', options: { dependsOnPositions: [0, 1] } },
+   *     ]);
+   *
+   * @param {NewTask[]} tasks 1 to 1,000 tasks
+   * @returns {Promise<EnqueueResult[]>} one result per task, in the order given
+   */
+  async enqueueMany(tasks) {
+    const specs = tasks.map(({ queue, type, payload = '', options = {} }) => {
+      const policy = options.onParentFailure;
+      if (policy !== undefined && !Object.hasOwn(PARENT_FAILURE_POLICIES, policy)) {
+        throw new TypeError(`onParentFailure: 'cancel', 'run' or 'wait', not ${policy}`);
+      }
+      return {
+        queue,
+        type,
+        payload: this.codec
+          ? this.codec.encode(
+              Buffer.from(payload),
+              payloadContext(queue, type, options.idempotencyKey),
+            )
+          : Buffer.from(payload),
+        headers: options.headers ?? {},
+        priority: options.priority ?? 0,
+        max_attempts: options.maxAttempts ?? 0,
+        idempotency_key: options.idempotencyKey ?? '',
+        group_key: options.groupKey ?? '',
+        delay: options.delayMs === undefined ? null : toDuration(options.delayMs),
+        lease_duration: options.leaseMs === undefined ? null : toDuration(options.leaseMs),
+        depends_on: options.dependsOn ?? [],
+        depends_on_positions: options.dependsOnPositions ?? [],
+        parent_failure_policy: PARENT_FAILURE_POLICIES[policy] ?? 'PARENT_FAILURE_POLICY_UNSPECIFIED',
+      };
+    });
+    const response = await unary(this.client, 'Enqueue', { tasks: specs }, this.timeoutMs);
+    return response.results.map((/** @type {any} */ result) => ({
+      taskId: result.task_id,
+      duplicate: result.duplicate,
+    }));
   }
 
   /**
    * Reads a task: its state (`'TASK_STATE_SUCCEEDED'`, ...), `attempt`, `result` (a Buffer),
-   * `errors` of failed attempts, times. Field names are those of `Task` in `task.proto`.
+   * `errors` of failed attempts, times, and its dependencies (`parent_ids`, `waiting_for`,
+   * `parent_results`, `child_ids`, `child_count`). Field names are those of `Task` in
+   * `task.proto`.
    *
    * @param {string} taskId the task's id
    * @returns {Promise<any>} the `Task` message; rejects with `NOT_FOUND` for an unknown id

@@ -53,8 +53,23 @@ import { taskbrokerV1, toDuration, toMillis } from './proto.js';
  * @property {number} maxAttempts deliveries allowed before the task is dead-lettered
  * @property {Record<string, string>} headers headers as enqueued
  * @property {string} leaseId the lease this delivery holds
+ * @property {string[]} parentIds the tasks this one depends on, in order (empty when none)
+ * @property {ParentResult[]} parentResults how each parent ended, in parent order: a fan-in
+ *   handler reads the fan-out's results here
  * @property {AbortSignal} signal aborted when the lease is revoked (the task was cancelled) or
  *   lost, or when the shutdown grace period runs out; `signal.reason` says which
+ */
+
+/**
+ * How one parent of a task ended.
+ *
+ * @typedef {object} ParentResult
+ * @property {string} taskId the parent's id
+ * @property {string} state `'TASK_STATE_SUCCEEDED'`, or (with `onParentFailure: 'run'`)
+ *   `'TASK_STATE_DEAD'` or `'TASK_STATE_CANCELLED'`
+ * @property {Buffer} result what the parent's worker acked with (as its worker encoded it)
+ * @property {boolean} resultOmitted true when the broker left the result out (the results
+ *   carried with one task total at most 1 MiB); read the parent with `getTask` for it
  */
 
 /**
@@ -643,6 +658,13 @@ class Session {
       maxAttempts: task.max_attempts,
       headers: task.headers,
       leaseId,
+      parentIds: task.parent_ids,
+      parentResults: task.parent_results.map((/** @type {any} */ parent) => ({
+        taskId: parent.task_id,
+        state: parent.state,
+        result: parent.result,
+        resultOmitted: parent.result_omitted,
+      })),
       signal: run.controller.signal,
     };
     const ids = { task_id: task.id, lease_id: leaseId };

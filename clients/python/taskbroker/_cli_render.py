@@ -106,6 +106,20 @@ def task_doc(task: Task) -> dict[str, object]:
         ],
         "payload": _bytes_doc(task.payload),
         "result": _bytes_doc(task.result),
+        "parent_ids": list(task.parent_ids),
+        "waiting_for": list(task.waiting_for),
+        "parent_results": [
+            {
+                "task_id": p.task_id,
+                "state": p.state.name,
+                "result": _bytes_doc(p.result),
+                "result_omitted": p.result_omitted,
+            }
+            for p in task.parent_results
+        ],
+        "parent_failure_policy": task.parent_failure_policy.value,
+        "child_ids": list(task.child_ids),
+        "child_count": task.child_count,
     }
 
 
@@ -130,9 +144,39 @@ def task_view(task: Task) -> Table:
         ("payload", _bytes_cell(task.payload)),
         ("result", _bytes_cell(task.result)),
     ]
+    if task.parent_ids:
+        rows += [
+            ("parents", str(len(task.parent_ids))),
+            ("waiting for", Text("\n".join(task.waiting_for) or "-")),
+            ("on parent failure", task.parent_failure_policy.value),
+        ]
+    if task.child_count:
+        more = task.child_count - len(task.child_ids)
+        listed = "\n".join(task.child_ids) + (f"\n… and {more} more" if more > 0 else "")
+        rows.append(("children", Text(listed or str(task.child_count))))
     for name, value in rows:
         grid.add_row(name, value)
     return grid
+
+
+def parents_table(task: Task) -> Table:
+    """The tasks a task depends on, in order: how each ended, with its result."""
+    ended = {p.task_id: p for p in task.parent_results}
+    waiting = set(task.waiting_for)
+    table = Table(title="parents", title_justify="left")
+    table.add_column("parent")
+    table.add_column("state")
+    table.add_column("result")
+    for parent_id in task.parent_ids:
+        parent = ended.get(parent_id)
+        if parent is None:
+            state, result = "waited for" if parent_id in waiting else "-", Text("-")
+        else:
+            state = parent.state.name + (" (waited for)" if parent_id in waiting else "")
+            omitted = Text("(omitted: over 1 MiB in all)", style="dim")
+            result = omitted if parent.result_omitted else _bytes_cell(parent.result)
+        table.add_row(Text(parent_id), state, result)
+    return table
 
 
 def errors_table(task: Task) -> Table:
@@ -153,6 +197,7 @@ def stats_doc(stats: QueueStats) -> dict[str, object]:
         "queue": stats.queue,
         "pending": stats.pending,
         "scheduled": stats.scheduled,
+        "waiting": stats.waiting,
         "leased": stats.leased,
         "dead": stats.dead,
         "paused": stats.paused,

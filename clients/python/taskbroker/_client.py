@@ -61,6 +61,7 @@ from taskbroker._tracing import (
     trace_headers,
     use_span,
 )
+from taskbroker._workflow import EnqueuedWorkflow, Shape, layout
 from taskbroker.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -402,17 +403,68 @@ class Client(ScheduleCalls):
         """
         return await self._send([task_spec(t) for t in tasks])
 
+    async def enqueue_workflow(self, workflow: Shape) -> EnqueuedWorkflow:
+        """Enqueues a workflow (`chain`, `group`, `chord`, nested as needed) in one Enqueue
+        call: the broker stores every task, or none.
+
+        Each task that waits for others is stored WAITING and becomes pending once they have
+        all succeeded; if one ends DEAD or CANCELLED, the task's `parent_failure_policy`
+        decides (default: it is cancelled, and so are the tasks after it). A task's own
+        `depends_on` ids are kept: it waits for those too.
+
+        ```python
+        resizes = group(*(NewTask("media", "resize", name) for name in photos))
+        enqueued = await client.enqueue_workflow(
+            chord(resizes, NewTask("emails", "send_album", b"ada@example.com"))
+        )
+        album_mail = await client.wait(enqueued.last)
+        ```
+
+        With every task carrying an idempotency key, a call that fails UNAVAILABLE is retried
+        (up to 3 times), as in `enqueue`.
+
+        Args:
+            workflow: The shape, or a single NewTask.
+
+        Returns:
+            Every task's id in the order the shape lists its tasks, and the ids of the tasks
+            it ends with (`.last` when there is one).
+
+        Raises:
+            InvalidArgumentError: A task is malformed or a `depends_on` id does not exist; the
+                message names the field, indexed within the call. Nothing was stored.
+            AlreadyExistsError: An idempotency key was used for a different task.
+            UnavailableError: The broker or its Redis could not be reached.
+            ValueError: The workflow has more than 1,000 tasks (one call's limit), or a
+                schedule_time is a naive datetime.
+            TypeError: The workflow is not a NewTask, chain or group.
+        """
+        laid = layout(workflow)
+        if len(laid.tasks) > MAX_TASKS_PER_CALL:
+            raise ValueError(
+                f"a workflow is enqueued in one call, of at most {MAX_TASKS_PER_CALL} tasks; "
+                f"this one has {len(laid.tasks)}"
+            )
+        specs = [task_spec(task) for task in laid.tasks]
+        for spec, parents in zip(specs, laid.parents, strict=True):
+            spec.depends_on_positions.extend(parents)
+        results = await self._send(specs, one_call=True)
+        ids = tuple(TaskId(r.task_id, duplicate=r.duplicate) for r in results)
+        return EnqueuedWorkflow(ids, tuple(ids[i] for i in laid.last))
+
     async def _send(
-        self, specs: list[task_pb2.TaskSpec], coalesce: bool = False
+        self, specs: list[task_pb2.TaskSpec], coalesce: bool = False, one_call: bool = False
     ) -> list[EnqueueResult]:
         """Enqueues the tasks in a `send` span (one per call, a batch too) when tracing is on:
         each task's headers and each Enqueue call's metadata carry its context. `coalesce`: one
         task, which may share an Enqueue call with other callers' (EnqueueCoalescer; the call
-        then carries the first one's trace context, each task its own in its headers)."""
+        then carries the first one's trace context, each task its own in its headers).
+        `one_call`: the tasks go in one Enqueue call, however large (their positions refer
+        to each other)."""
         encode_specs(self.codec, specs)
         tracer = self._tracing.tracer()
         if tracer is None or not specs:
-            return await self._enqueue(specs, None, coalesce)
+            return await self._enqueue(specs, None, coalesce, one_call)
         span = start_send(tracer, [spec.queue for spec in specs])
         error: BaseException | None = None
         try:
@@ -420,7 +472,7 @@ class Client(ScheduleCalls):
             for spec in specs:
                 add_trace_headers(spec.headers, carrier)
             with use_span(span):  # client-side gRPC instrumentation, if any, nests under it
-                results = await self._enqueue(specs, tuple(carrier.items()), coalesce)
+                results = await self._enqueue(specs, tuple(carrier.items()), coalesce, one_call)
             if len(results) == 1:
                 span.set_attribute(MESSAGING_MESSAGE_ID, results[0].task_id)
             return results
@@ -431,10 +483,16 @@ class Client(ScheduleCalls):
             end_span(span, error)
 
     async def _enqueue(
-        self, specs: list[task_pb2.TaskSpec], metadata: Metadata, coalesce: bool
+        self,
+        specs: list[task_pb2.TaskSpec],
+        metadata: Metadata,
+        coalesce: bool,
+        one_call: bool = False,
     ) -> list[EnqueueResult]:
         if coalesce:
             return [await self._coalescer.enqueue(specs[0], metadata)]
+        if one_call:
+            return await self._enqueue_call(specs, metadata)
         results: list[EnqueueResult] = []
         for chunk in _chunks(specs):
             results.extend(await self._enqueue_call(chunk, metadata))

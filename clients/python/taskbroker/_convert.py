@@ -3,6 +3,7 @@ datetimes and Durations become timedeltas."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -15,6 +16,8 @@ from taskbroker._models import (
     GroupKeyState,
     GroupKeyStats,
     NewTask,
+    ParentFailurePolicy,
+    ParentResult,
     QueueSettings,
     QueueStats,
     RateLimit,
@@ -66,6 +69,37 @@ def _optional_time(present: bool, value: timestamp_pb2.Timestamp) -> datetime | 
     return from_timestamp(value) if present else None
 
 
+_POLICY_TO_PROTO = {
+    ParentFailurePolicy.CANCEL: task_pb2.PARENT_FAILURE_POLICY_CANCEL,
+    ParentFailurePolicy.RUN: task_pb2.PARENT_FAILURE_POLICY_RUN,
+    ParentFailurePolicy.WAIT: task_pb2.PARENT_FAILURE_POLICY_WAIT,
+}
+_POLICY_FROM_PROTO: dict[int, ParentFailurePolicy] = {
+    value: policy for policy, value in _POLICY_TO_PROTO.items()
+}
+
+
+def policy_from_proto(value: int) -> ParentFailurePolicy:
+    """A taskbroker.v1.ParentFailurePolicy; unspecified (or one this SDK does not know) is
+    CANCEL, the broker's default."""
+    return _POLICY_FROM_PROTO.get(value, ParentFailurePolicy.CANCEL)
+
+
+def parent_results_from_proto(
+    results: Iterable[task_pb2.ParentResult],
+) -> tuple[ParentResult, ...]:
+    """A task's taskbroker.v1.ParentResults, in parent order."""
+    return tuple(
+        ParentResult(
+            task_id=r.task_id,
+            state=TaskState(r.state),
+            result=r.result,
+            result_omitted=r.result_omitted,
+        )
+        for r in results
+    )
+
+
 def task_spec(task: NewTask) -> task_pb2.TaskSpec:
     """A NewTask as a taskbroker.v1.TaskSpec (unset options stay unset)."""
     spec = task_pb2.TaskSpec(
@@ -77,7 +111,10 @@ def task_spec(task: NewTask) -> task_pb2.TaskSpec:
         max_attempts=task.max_attempts or 0,
         idempotency_key=task.idempotency_key or "",
         group_key=task.group_key or "",
+        depends_on=task.depends_on or (),
     )
+    if task.parent_failure_policy is not None:
+        spec.parent_failure_policy = _POLICY_TO_PROTO[task.parent_failure_policy]
     if task.delay is not None:
         spec.delay.CopyFrom(to_duration(task.delay))
     if task.schedule_time is not None:
@@ -99,7 +136,10 @@ def new_task_from_spec(pb: task_pb2.TaskSpec) -> NewTask:
         "idempotency_key": pb.idempotency_key or None,
         "headers": dict(pb.headers) or None,
         "group_key": pb.group_key or None,
+        "depends_on": tuple(pb.depends_on) or None,
     }
+    if pb.parent_failure_policy in _POLICY_FROM_PROTO:
+        options["parent_failure_policy"] = _POLICY_FROM_PROTO[pb.parent_failure_policy]
     if pb.HasField("delay"):
         options["delay"] = from_duration(pb.delay)
     if pb.HasField("schedule_time"):
@@ -136,6 +176,12 @@ def task_from_proto(pb: task_pb2.Task) -> Task:
         ),
         result=pb.result,
         group_key=pb.group_key,
+        parent_ids=tuple(pb.parent_ids),
+        waiting_for=tuple(pb.waiting_for),
+        parent_results=parent_results_from_proto(pb.parent_results),
+        child_ids=tuple(pb.child_ids),
+        child_count=pb.child_count,
+        parent_failure_policy=policy_from_proto(pb.parent_failure_policy),
     )
 
 
@@ -160,6 +206,7 @@ def stats_from_proto(pb: broker_service_pb2.QueueStats) -> QueueStats:
         ),
         settings=settings_from_proto(pb.settings),
         rate_limit_tokens=pb.rate_limit_tokens,
+        waiting=pb.waiting,
     )
 
 

@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Final, Literal, TypeAlias, cast
 
 from taskbroker._errors import NonRetryable, RetryLater
+from taskbroker._models import ParentResult
 
 #: Exception classes, as handler options take them.
 ExceptionTypes: TypeAlias = tuple[type[BaseException], ...]
@@ -56,6 +57,14 @@ class TaskContext:
         payload: The task's payload (also the handler's second argument).
         lease_id: The lease this attempt holds.
         group_key: The tenant the task was enqueued for ("" when none).
+        parent_ids: The tasks this one depends on (`depends_on`, or its place in a workflow),
+            in order; () when none.
+        parent_results: How each parent ended, in parent order: its id, state (SUCCEEDED, or
+            with `parent_failure_policy="run"` also DEAD or CANCELLED), the bytes its worker
+            acked with and whether the broker left them out (`result_omitted`: the results
+            carried with one task total at most 1 MiB). A fan-in handler reads the fan-out's
+            results here. With a payload codec the results stay as the parents' workers
+            encoded them.
     """
 
     __slots__ = (
@@ -67,6 +76,8 @@ class TaskContext:
         "group_key",
         "lease_id",
         "max_attempts",
+        "parent_ids",
+        "parent_results",
         "payload",
         "queue",
         "task_id",
@@ -85,6 +96,8 @@ class TaskContext:
         payload: bytes,
         lease_id: str,
         group_key: str = "",
+        parent_ids: Sequence[str] = (),
+        parent_results: Sequence[ParentResult] = (),
     ) -> None:
         self.task_id = task_id
         self.type = type
@@ -96,6 +109,8 @@ class TaskContext:
         self.payload = payload
         self.lease_id = lease_id
         self.group_key = group_key
+        self.parent_ids = tuple(parent_ids)
+        self.parent_results = tuple(parent_results)
         self._cancel_reason = ""
         self._cancelled_event: asyncio.Event | None = None  # made when someone waits on it
 

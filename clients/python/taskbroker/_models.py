@@ -4,10 +4,10 @@ schedules, with datetimes and timedeltas."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
-from typing import Unpack
+from typing import Literal, TypeAlias, Unpack
 
 from taskbroker._options import TaskOptions, checked_options, warn_renamed, with_options_doc
 
@@ -39,12 +39,22 @@ class NewTask:
     initial_backoff: timedelta | None = None
     max_backoff: timedelta | None = None
     group_key: str | None = None
+    depends_on: Sequence[str] | None = None  # kept as a tuple
+    parent_failure_policy: ParentFailurePolicy | None = None
 
     def __init__(
         self, queue: str, type: str, payload: bytes = b"", **options: Unpack[TaskOptions]
     ) -> None:
+        checked = checked_options(options)
         given: dict[str, object] = {"queue": queue, "type": type, "payload": payload}
-        given.update(checked_options(options))
+        given.update(checked)
+        depends_on = checked.get("depends_on")
+        if isinstance(depends_on, str):
+            raise TypeError("depends_on takes a sequence of task ids, not one str")
+        if depends_on is not None:
+            given["depends_on"] = tuple(depends_on)
+        if (policy := checked.get("parent_failure_policy")) is not None:
+            given["parent_failure_policy"] = ParentFailurePolicy(policy)
         for spec in fields(self):  # as a frozen dataclass's own __init__ sets its fields
             object.__setattr__(self, spec.name, given.get(spec.name, spec.default))
 
@@ -59,6 +69,20 @@ class NewTask:
         """Deprecated name of max_backoff."""
         warn_renamed("retry_max")
         return self.max_backoff
+
+
+class ParentFailurePolicy(enum.StrEnum):
+    """What a task that depends on others does when one of them ends DEAD or CANCELLED
+    (taskbroker.v1.ParentFailurePolicy). A str: `"cancel"`, `"run"` and `"wait"` may be given
+    instead."""
+
+    CANCEL = "cancel"  #: it is cancelled, and in turn its own waiting children (the default)
+    RUN = "run"  #: it runs once every parent has ended, and sees each one's state
+    WAIT = "wait"  #: a DEAD parent keeps it waiting until redriven; a CANCELLED one cancels it
+
+
+#: A ParentFailurePolicy or its value as a str.
+ParentFailurePolicyArg: TypeAlias = ParentFailurePolicy | Literal["cancel", "run", "wait"]
 
 
 class TaskId(str):
@@ -101,7 +125,7 @@ class TaskState(enum.IntEnum):
     SUCCEEDED = 4
     DEAD = 5
     CANCELLED = 6
-    WAITING = 7  # for its parents (depends_on) to succeed
+    WAITING = 7  #: waiting for the tasks it depends on (`depends_on`)
 
     @property
     def finished(self) -> bool:
@@ -118,8 +142,33 @@ class AttemptError:
 
 
 @dataclass(frozen=True, slots=True)
+class ParentResult:
+    """How one task that another depends on ended (taskbroker.v1.ParentResult).
+
+    Attributes:
+        task_id: The parent's id.
+        state: SUCCEEDED, DEAD or CANCELLED.
+        result: The bytes its worker acked with (b"" when it did not succeed).
+        result_omitted: True when the broker left the result out: the results carried with
+            one task total at most 1 MiB, in parent order. Read the parent with
+            `Client.get_task` for it.
+    """
+
+    task_id: str
+    state: TaskState
+    result: bytes
+    result_omitted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Task:
-    """A task as the broker holds it. Times are timezone-aware UTC; None when unset."""
+    """A task as the broker holds it. Times are timezone-aware UTC; None when unset.
+
+    Its dependencies: `parent_ids` are the tasks it depends on, in order; `waiting_for` those
+    that have not yet ended as it needs (while WAITING, what it waits for); `parent_results`
+    how each parent that ended did; `child_ids` the tasks that depend on it (the first 1,000;
+    `child_count` says how many).
+    """
 
     id: str
     queue: str
@@ -138,6 +187,12 @@ class Task:
     errors: tuple[AttemptError, ...]
     result: bytes
     group_key: str = ""  # "": the queue's default group
+    parent_ids: tuple[str, ...] = ()
+    waiting_for: tuple[str, ...] = ()
+    parent_results: tuple[ParentResult, ...] = ()
+    child_ids: tuple[str, ...] = ()
+    child_count: int = 0
+    parent_failure_policy: ParentFailurePolicy = ParentFailurePolicy.CANCEL
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +248,8 @@ class QueueStats:
     settings: QueueSettings = QueueSettings()
     #: With a rate_limit: the tokens in its bucket now (below 1: the next lease waits).
     rate_limit_tokens: float = 0.0
+    #: Tasks WAITING for the tasks they depend on.
+    waiting: int = 0
 
 
 class GroupKeyState(enum.IntEnum):

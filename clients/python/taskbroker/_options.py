@@ -6,9 +6,12 @@ from __future__ import annotations
 import inspect
 import textwrap
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Final, TypedDict, TypeVar, cast
+from typing import TYPE_CHECKING, Final, TypedDict, TypeVar, cast
+
+if TYPE_CHECKING:
+    from taskbroker._models import ParentFailurePolicyArg
 
 _T = TypeVar("_T")
 
@@ -36,6 +39,11 @@ class TaskOptions(TypedDict, total=False):
         group_key: The tenant (customer, account) the task belongs to, 1-128 characters of
             [A-Za-z0-9_.:@-]: the queue leases round-robin across keys, and its
             per_key_max_concurrency holds for each. None: the queue's default group.
+        depends_on: Ids of tasks this one waits for (at most 1,000): it is stored WAITING and
+            becomes pending once every one has succeeded. Each must exist. To enqueue a whole
+            graph in one call, use `Client.enqueue_workflow` with `chain`, `group`, `chord`.
+        parent_failure_policy: What happens when a task it depends on ends DEAD or CANCELLED
+            (`ParentFailurePolicy`, or "cancel", "run", "wait"). None: cancel.
         retry_initial: Deprecated name of initial_backoff (warns).
         retry_max: Deprecated name of max_backoff (warns).
     """
@@ -50,6 +58,8 @@ class TaskOptions(TypedDict, total=False):
     initial_backoff: timedelta | None
     max_backoff: timedelta | None
     group_key: str | None
+    depends_on: Sequence[str] | None
+    parent_failure_policy: ParentFailurePolicyArg | None
     # Kept so that code written for the first names still type-checks; they warn at run time.
     retry_initial: timedelta | None
     retry_max: timedelta | None

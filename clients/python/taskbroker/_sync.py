@@ -27,6 +27,7 @@ from taskbroker._models import (
 )
 from taskbroker._options import TaskOptions, checked_options, with_options_doc
 from taskbroker._schedule_calls import CatchUpArg
+from taskbroker._workflow import EnqueuedWorkflow, Shape
 from taskbroker.encryption import PayloadCodec
 
 _T = TypeVar("_T")
@@ -122,6 +123,16 @@ class SyncClient:
             One result per task, in the order given.
         """
         return self._run(self._client.enqueue_many(list(tasks)))
+
+    def enqueue_workflow(self, workflow: Shape) -> EnqueuedWorkflow:
+        """Enqueues a workflow (`chain`, `group`, `chord`) in one call; see
+        `Client.enqueue_workflow`.
+
+        Returns:
+            Every task's id in the order the shape lists its tasks, and the ids of the tasks
+            it ends with (`.last` when there is one).
+        """
+        return self._run(self._client.enqueue_workflow(workflow))
 
     def get_task(self, task_id: str) -> Task:
         """Returns a task; see `Client.get_task`."""

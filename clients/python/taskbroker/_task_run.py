@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final
 from opentelemetry import context as otel_context
 
 from taskbroker._codec_hooks import open_payload, seal_outcome
-from taskbroker._convert import to_duration
+from taskbroker._convert import parent_results_from_proto, to_duration
 from taskbroker._handler import Handler, HandlerOutcome, OutcomeKind, TaskContext, invoke
 from taskbroker._lease_keeper import KeeperClock, LeaseKeeper
 from taskbroker._lease_stream import Ack, LeaseStream, Nack, Settlement
@@ -222,6 +222,8 @@ class TaskRun:
             payload=task.payload,
             lease_id=delivery.lease_id,
             group_key=task.group_key,
+            parent_ids=task.parent_ids,
+            parent_results=parent_results_from_proto(task.parent_results),
         )
         self.revoked = False
         #: The asyncio task running `run` (set by the registry right after creating it).

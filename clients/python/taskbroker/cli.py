@@ -45,6 +45,7 @@ from taskbroker._cli_render import (
     dead_table,
     enqueued_table,
     errors_table,
+    parents_table,
     settings_doc,
     stats_doc,
     stats_table,
@@ -57,7 +58,15 @@ from taskbroker._errors import (
     InvalidArgumentError,
     TaskNotFoundError,
 )
-from taskbroker._models import AuditRecord, NewTask, QueueStats, RateLimit, Task, TaskState
+from taskbroker._models import (
+    AuditRecord,
+    NewTask,
+    ParentFailurePolicy,
+    QueueStats,
+    RateLimit,
+    Task,
+    TaskState,
+)
 
 #: Log records as `taskbroker worker` prints them: time, level, logger, message.
 LOG_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -188,6 +197,20 @@ def cli(
 )
 @click.option("--header", "headers", type=HeaderType(), multiple=True, help="Repeatable.")
 @click.option("--group-key", default=None, help="The tenant the task belongs to (fairness).")
+@click.option(
+    "--depends-on",
+    "depends_on",
+    metavar="ID",
+    multiple=True,
+    help="Wait for this task to succeed first (repeatable): stored WAITING until then.",
+)
+@click.option(
+    "--on-parent-failure",
+    type=click.Choice([p.value for p in ParentFailurePolicy], case_sensitive=False),
+    default=None,
+    help="When a task it depends on ends DEAD or CANCELLED: cancel this one (the default), "
+    "run it anyway, or wait (a dead parent redriven and succeeding releases it).",
+)
 @click.pass_obj
 def enqueue(
     app: App,
@@ -201,8 +224,13 @@ def enqueue(
     idempotency_key: str | None,
     headers: tuple[tuple[str, str], ...],
     group_key: str | None,
+    depends_on: tuple[str, ...],
+    on_parent_failure: str | None,
 ) -> None:
     """Enqueues a task of TYPE on QUEUE (or --count copies) and prints the task ids."""
+    if on_parent_failure is not None and not depends_on:
+        raise click.UsageError("--on-parent-failure applies to a task given --depends-on")
+    policy = None if on_parent_failure is None else ParentFailurePolicy(on_parent_failure.lower())
 
     def new_task(n: int) -> NewTask:
         key = idempotency_key if count == 1 or idempotency_key is None else f"{idempotency_key}-{n}"
@@ -216,6 +244,8 @@ def enqueue(
             idempotency_key=key,
             headers=dict(headers),
             group_key=group_key,
+            depends_on=depends_on or None,
+            parent_failure_policy=policy,
         )
 
     results = app.run(lambda c: _enqueue_copies(app, c, [new_task(n + 1) for n in range(count)]))
@@ -242,12 +272,15 @@ async def _enqueue_copies(app: App, client: Client, tasks: list[NewTask]) -> lis
 @click.argument("task_id", metavar="ID")
 @click.pass_obj
 def task(app: App, task_id: str) -> None:
-    """Shows a task: state, attempts, times, errors, payload and result."""
+    """Shows a task: state, attempts, times, errors, payload and result, and the tasks it
+    depends on (with how each ended) and the tasks that depend on it."""
     found = app.run(lambda c: c.get_task(task_id))
     if app.json:
         app.emit(task_doc(found))
         return
     app.show(task_view(found))
+    if found.parent_ids:
+        app.show(parents_table(found))
     if found.errors:
         app.show(errors_table(found))
 

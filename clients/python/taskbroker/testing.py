@@ -15,10 +15,11 @@ here exactly what they mean for a task on a broker.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
 from taskbroker._handler import Handler, HandlerOutcome, OutcomeKind, TaskContext, invoke
+from taskbroker._models import ParentResult
 
 __all__ = ["HandlerOutcome", "OutcomeKind", "run_handler"]
 
@@ -33,6 +34,7 @@ async def run_handler(
     task_id: str = "test:01TESTTASK0000000000000000",
     queue: str = "test",
     cancel_after: timedelta | None = None,
+    parent_results: Sequence[ParentResult] = (),
 ) -> HandlerOutcome:
     """Runs a handler once, as a worker would, and returns how the attempt would be settled.
 
@@ -46,6 +48,8 @@ async def run_handler(
         queue: The queue the context reports.
         cancel_after: Set `ctx.cancelled` this long after the handler starts, as a revoked
             lease would. None: never.
+        parent_results: What the context reports of the task's parents (a fan-in handler's
+            input); `ctx.parent_ids` are their ids.
 
     Returns:
         The outcome: kind "ack" (with `result`), "retry" (with `retry_delay`), "dead" or "error"
@@ -60,6 +64,8 @@ async def run_handler(
         headers=headers or {},
         payload=payload,
         lease_id="0" * 32,
+        parent_ids=[parent.task_id for parent in parent_results],
+        parent_results=parent_results,
     )
     canceller: asyncio.TimerHandle | None = None
     if cancel_after is not None:
