@@ -68,7 +68,7 @@ class Lifecycle:
             initial_backoff_ms=round(settings.backoff_initial_s * 1000),
             max_backoff_ms=round(settings.backoff_max_s * 1000), delay_ms=-1, schedule_ms=-1,
             idempotency_key="", body_hash="", staged="",  # (staged: an older store's)
-            group_key="",
+            group_key="", parents="", parent_policy="c",
         )  # fmt: skip
 
     @property

@@ -28,7 +28,7 @@ BROKER_ACL: Final = (
     "+get +set +del +exists "
     "+hget +hmget +hgetall +hset +hdel +hincrby "
     "+sadd +srem +smembers +scard +sscan "
-    "+zadd +zrem +zrange +zcard +zpopmin "
+    "+zadd +zrem +zrange +zcard +zscore +zpopmin "
     "+xadd +xrange +xrevrange +xlen +xdel +xtrim +sismember +srandmember "
     "+rename +persist +pexpire +multi +exec"
 )

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.errors import StoreUnavailable
-from broker.models import Revoke, Wake
+from broker.models import Flow, Revoke, Wake
 from broker.store.keys import REVOKE_CHANNEL, WAKE_CHANNEL
 from broker.store.redis_store import RedisStore
 from tests.support.redis_server import RedisServer
@@ -23,7 +23,7 @@ async def test_announcements_arrive_in_order_as_models(store: RedisStore) -> Non
         await store.client.publish(REVOKE_CHANNEL, "emails:01J0000000000000000000000 " + "a" * 32)
         await store.client.publish(WAKE_CHANNEL, "reports")
 
-        seen: list[Wake | Revoke] = []
+        seen: list[Wake | Revoke | Flow] = []
         while len(seen) < 3:
             event = await events.next(timeout_s=5.0)
             if event is not None:  # the subscription's confirmations come first, as None
