@@ -13,6 +13,7 @@ from bench.scenarios import (
     delayed,
     drain,
     fairness,
+    fanin,
     floor,
     idle_streams,
     latency,
@@ -49,6 +50,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("big_enqueue", big_enqueue.run),
     Scenario("noisy_neighbour", noisy_neighbour.run, noisy_neighbour.BROKER_ENV),
     Scenario("many_queues", many_queues.run),
+    Scenario("fanin", fanin.run),
     Scenario(
         "ceiling",
         ceiling.run,
