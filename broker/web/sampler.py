@@ -1,6 +1,6 @@
 """StatsSampler: the cached snapshot behind /metrics and the dashboard: the `top_n` queues with
-the largest backlog (tasks held: pending, scheduled, leased, dead) and totals over all queues,
-with rates computed from successive snapshots and a short history for the charts.
+the largest backlog (tasks held: pending, scheduled, leased, dead, waiting) and totals over all
+queues, with rates computed from successive snapshots and a short history for the charts.
 
 A snapshot is taken only when someone asks (a scrape, a dashboard poll) and the last one is
 older than `max_age_s`: however many scrapers and browsers watch however many replicas, each
@@ -83,7 +83,7 @@ def _completed(s: QueueStats) -> int:
 
 
 def _backlog(s: QueueStats) -> int:
-    return s.pending + s.scheduled + s.leased + s.dead
+    return s.pending + s.scheduled + s.leased + s.dead + s.waiting
 
 
 def _sum(queues: list[QueueStats], now_ms: int) -> QueueStats:

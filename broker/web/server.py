@@ -45,6 +45,7 @@ from broker.web import access, views
 from broker.web.metrics import BrokerCollector, build_registry
 from broker.web.peers import InProcessSeries, Peers
 from broker.web.sampler import StatsSampler
+from broker.web.workflow import workflow_json
 
 if TYPE_CHECKING:
     from broker.audit import AuditTrail
@@ -424,7 +425,14 @@ class WebServer:
         # Checked on the id's queue before the read: another queue's ids reveal nothing.
         self._require(request, Role.READ, self._tasks.ref("task_id", task_id).queue, "read tasks")
         task = await self._tasks.get(task_id)
-        return _json({"task": views.task_json(task, detail=True)})
+        body = views.task_json(task, detail=True)
+        body["workflow"] = await workflow_json(
+            self._tasks,
+            task,
+            lambda queue: self._may(request, Role.READ, queue),
+            self._sees_every_queue(request),
+        )
+        return _json({"task": body})
 
     async def _dead(self, request: web.Request) -> web.Response:
         query = request.query

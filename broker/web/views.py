@@ -104,6 +104,7 @@ def queue_json(s: QueueStats, rates: QueueRates | None) -> Json:
         "paused": s.paused,
         "counts": {
             "pending": s.pending,
+            "waiting": s.waiting,
             "scheduled": s.scheduled,
             "leased": s.leased,
             "dead": s.dead,

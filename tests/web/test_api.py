@@ -86,7 +86,7 @@ async def test_queues_show_counts_totals_age_paused_and_rates(
     queues = {q["queue"]: q for q in body["queues"]}
     assert set(queues) == {"emails", "reports"}
     emails = queues["emails"]
-    assert emails["counts"] == {"pending": 3, "scheduled": 1, "leased": 0, "dead": 0}
+    assert emails["counts"] == {"pending": 3, "waiting": 0, "scheduled": 1, "leased": 0, "dead": 0}
     assert emails["totals"] == {
         "enqueued": 4,
         "succeeded": 0,

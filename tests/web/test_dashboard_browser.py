@@ -201,3 +201,39 @@ async def test_limits_group_keys_and_schedules_render(
     await expect(schedule).to_contain_text("0 3 * * *", timeout=UI_TIMEOUT_MS)
     await expect(schedule).to_contain_text("Europe/Berlin")
     assert problems == []
+
+
+async def test_a_workflow_is_walked_from_a_child_to_its_parent_and_back(
+    running: RunningBroker, browser: Browser
+) -> None:
+    markup = '<img src=x onerror="document.title=`owned`">'
+    parent, child = await enqueue(
+        running.stub,
+        spec("resize", headers={"x-note": markup}),
+        spec("album", depends_on_positions=[0]),
+    )
+    page, problems = await open_page(browser, running)
+    waiting = page.locator('#queues tr[data-queue="album"] td[data-field="waiting"]')
+    await expect(waiting).to_have_text("1", timeout=UI_TIMEOUT_MS)
+    stream = await LeaseStream(running.stub).open(["resize"], credits=1)
+    try:
+        (delivery,) = await stream.take(1)
+        await stream.ack(delivery, result=markup.encode())
+    finally:
+        await stream.close()
+    await page.locator("#task-id").fill(child)
+    await page.locator("#task-form button").click()
+    row = page.locator(f'#task-parents tr[data-task="{parent}"]')
+    await expect(row).to_contain_text("SUCCEEDED", timeout=UI_TIMEOUT_MS)
+    await expect(row).to_contain_text(f"{len(markup)} bytes")
+    await expect(page.locator("#no-children")).to_be_visible()
+    await row.locator("button.link").click()  # to the parent
+    await expect(page.locator("#task-fields")).to_contain_text(parent)
+    await expect(page.locator("#no-parents")).to_be_visible()
+    back = page.locator(f'#task-children tr[data-task="{child}"]')
+    await expect(back).to_be_visible()
+    await back.locator("button.link").click()  # and back to the child
+    await expect(page.locator("#task-fields")).to_contain_text(child)
+    assert await page.locator("img").count() == 0
+    assert await page.title() == "taskbroker"
+    assert problems == []

@@ -147,7 +147,7 @@ function queueRow(name) {
   const row = el("tr", { dataset: { queue: name } });
   const nameCell = el("td", { class: "name" }, name);
   row.append(nameCell);
-  for (const field of ["pending", "scheduled", "leased", "dead", "enq", "done", "oldest"]) {
+  for (const field of ["pending", "waiting", "scheduled", "leased", "dead", "enq", "done", "oldest"]) {
     cells[field] = el("td", { class: "num", dataset: { field } });
     row.append(cells[field]);
   }
@@ -194,6 +194,7 @@ function renderQueues(queues) {
     }
     const c = row.cells_;
     c.pending.textContent = q.counts.pending;
+    c.waiting.textContent = q.counts.waiting;
     c.scheduled.textContent = q.counts.scheduled;
     c.leased.textContent = q.counts.leased;
     c.dead.textContent = q.counts.dead;
@@ -565,6 +566,7 @@ async function showTask(taskId) {
   $("task-fields").replaceChildren(
     ...rows.flatMap(([name, value]) => [el("dt", {}, name), el("dd", {}, value)]),
   );
+  renderWorkflow(t.workflow);
   $("task-errors").replaceChildren(...errorList(t.errors).childNodes);
   const preview = t.result_preview; // null for an encrypted result
   $("task-result").textContent = preview ? preview.text : "";
@@ -577,6 +579,48 @@ async function showTask(taskId) {
   $("task-result-note").textContent = notes.join(" ");
   $("task-detail").hidden = false;
   $("task-section").scrollIntoView({ behavior: "smooth" });
+}
+
+// A task's parents and children (task dependencies), each id a link to its own view, so a
+// workflow can be walked. Only tasks of queues the caller may read are listed; results by size.
+function renderWorkflow(w) {
+  $("task-workflow").hidden = !w;
+  if (!w) return;
+  const parents = w.parents.map((p) =>
+    el(
+      "tr",
+      { dataset: { task: p.task_id } },
+      el("td", {}, taskLink(p.task_id)),
+      el("td", {}, p.state || "gone"),
+      el("td", { class: "num" }, p.result_size === null ? "—" : `${p.result_size} bytes`),
+      el("td", { class: "muted" }, p.awaited ? "awaited" : ""),
+    ),
+  );
+  $("task-parents").tBodies[0].replaceChildren(...parents);
+  $("task-parents").hidden = parents.length === 0;
+  $("no-parents").hidden = parents.length > 0;
+  const notes = [];
+  if (w.parent_count) notes.push(`${w.parent_count}, ${w.waiting_for_count} awaited`);
+  if (w.parent_count > w.parents.length) notes.push(`first ${w.parents.length} shown`);
+  if (w.parent_failure_policy) notes.push(`if one fails: ${w.parent_failure_policy}`);
+  $("task-parents-note").textContent = notes.length ? `(${notes.join("; ")})` : "";
+  const children = w.children.map((c) =>
+    el(
+      "tr",
+      { dataset: { task: c.task_id } },
+      el("td", {}, taskLink(c.task_id)),
+      el("td", {}, c.state || "gone"),
+    ),
+  );
+  $("task-children").tBodies[0].replaceChildren(...children);
+  $("task-children").hidden = children.length === 0;
+  $("no-children").hidden = children.length > 0;
+  $("task-children-note").textContent =
+    w.child_count > w.children.length
+      ? `(${w.child_count}, first ${w.children.length} shown)`
+      : w.child_count
+        ? `(${w.child_count})`
+        : "";
 }
 
 // An SDK codec's envelope names its key in clear; the contents stay sealed.
@@ -592,7 +636,8 @@ function renderCap(reply) {
     const all = reply.all_queues.counts;
     $("queues-capped").textContent =
       `Showing the ${reply.queues.length} of ${reply.queue_count} queues with the largest ` +
-      `backlog. All queues: ${all.pending} pending, ${all.scheduled} scheduled, ` +
+      `backlog. All queues: ${all.pending} pending, ${all.waiting} waiting, ` +
+      `${all.scheduled} scheduled, ` +
       `${all.leased} leased, ${all.dead} dead.`;
   }
 }
