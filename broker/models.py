@@ -118,6 +118,7 @@ class ParentOutcome:
     state: TaskState
     result: bytes
     result_omitted: bool = False
+    type: str = ""  # the parent's type (with its queue, what an encrypted result is bound to)
 
 
 @dataclass(frozen=True, slots=True)

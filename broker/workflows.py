@@ -27,14 +27,16 @@ from broker.errors import BrokerError
 from broker.ids import parse_task_id
 from broker.models import Hint, TaskRef, TaskState
 from broker.store.redis_store import RedisStore
-from broker.store.workflow_store import OutboxEntry, WorkflowStore
+from broker.store.workflow_store import OutboxEntry, Tell, WorkflowStore
 
 log = logging.getLogger(__name__)
 
 #: Outbox entries read per step.
 READ_BATCH: Final = 100
-#: Children told per resolve.lua call.
+#: Tells per resolve.lua call, and their results' bytes at most (a script call holds its
+#: arguments in Redis's memory at once).
 RESOLVE_BATCH: Final = 500
+RESOLVE_BYTES: Final = 4 * 1024 * 1024
 #: Parents linked at once for one child.
 LINK_CONCURRENCY: Final = 64
 #: How long a claim on a queue's outbox lasts; a drain renews it per batch.
@@ -97,8 +99,7 @@ class OutboxMover:
             # claim has lapsed, and finds the entries left.
             await self._store.hint([Hint(queue, delay_ms=CLAIM_MS)])
             while entries := await wf.read_outbox(queue, READ_BATCH):
-                for entry in entries:
-                    await self._move(queue, entry)
+                await self._tell(await self._tells(queue, entries))
                 await wf.delete_outbox(queue, [e.entry_id for e in entries])
                 moved += len(entries)
                 await wf.claim_outbox(queue, self._owner, CLAIM_MS)  # renews only if lapsed
@@ -107,50 +108,78 @@ class OutboxMover:
         self.moved += moved
         return moved
 
-    async def _move(self, queue: str, entry: OutboxEntry) -> None:
-        if entry.kind == "l":
-            await self._link(TaskRef(queue, entry.task))
-            return
-        parent = TaskRef(queue, entry.task)
-        children = entry.children
-        if children is None:
-            children = tuple(await self._workflow.children_of(parent))
-        assert entry.state is not None  # an end entry always names its state
-        await self._tell(parent.task_id, entry.state, entry.result, children)
+    async def _tells(self, queue: str, entries: Sequence[OutboxEntry]) -> list[Tell]:
+        """What a batch of entries asks to tell, after linking the children it asks to link."""
+        tells: list[Tell] = []
+        for entry in entries:
+            if entry.kind == "l":
+                tells += await self._link(TaskRef(queue, entry.task))
+                continue
+            assert entry.state is not None  # an end entry always names its state
+            parent = TaskRef(queue, entry.task)
+            children = entry.children
+            if children is None:  # too many to list in the entry
+                children = tuple(await self._workflow.children_of(parent))
+            for child in children:
+                ref = parse_task_id("child", child)
+                tells.append(
+                    Tell(
+                        ref.queue,
+                        ref.local_id,
+                        parent.task_id,
+                        entry.state,
+                        entry.type,
+                        entry.result,
+                    )
+                )
+        return tells
 
-    async def _link(self, child: TaskRef) -> None:
-        """Links a WAITING child to each of its parents; a parent that ended already is told
-        to the child at once."""
+    async def _link(self, child: TaskRef) -> list[Tell]:
+        """Links a WAITING child to each of its parents. A parent that ended already is
+        returned as a tell for the child; one gone (trimmed) counts as CANCELLED."""
         parents = await self._workflow.parents_of(child)
+        tells: list[Tell] = []
         for start in range(0, len(parents), LINK_CONCURRENCY):
             chunk = parents[start : start + LINK_CONCURRENCY]
             linked = await asyncio.gather(
                 *(self._workflow.link(parent, child.task_id) for parent in chunk)
             )
-            for parent, (outcome, state, result) in zip(chunk, linked, strict=True):
+            for parent, (outcome, state, result, parent_type) in zip(chunk, linked, strict=True):
                 if outcome == "ended" and state is not None:
-                    await self._tell(parent, state, result, (child.task_id,))
-                elif outcome == "gone":  # trimmed since the child's enqueue checked it
-                    await self._tell(parent, TaskState.CANCELLED, b"", (child.task_id,))
+                    tells.append(
+                        Tell(child.queue, child.local_id, parent, state, parent_type, result)
+                    )
+                elif outcome == "gone":
+                    tells.append(
+                        Tell(child.queue, child.local_id, parent, TaskState.CANCELLED, "", b"")
+                    )
+        return tells
 
-    async def _tell(
-        self, parent_id: str, state: TaskState, result: bytes, children: Sequence[str]
-    ) -> None:
-        """resolve.lua for each queue of children, in batches."""
-        by_queue: dict[str, list[str]] = {}
-        for child in children:
-            ref = parse_task_id("child", child)
-            by_queue.setdefault(ref.queue, []).append(ref.local_id)
-        for child_queue, local_ids in by_queue.items():
-            for start in range(0, len(local_ids), RESOLVE_BATCH):
-                outcomes = await self._workflow.resolve(
-                    child_queue, parent_id, state, result, local_ids[start : start + RESOLVE_BATCH]
-                )
-                due = [int(o[4:]) for o in outcomes if o.startswith("due:")]
-                if due:  # released into scheduled: the maintainer promotes it then
-                    await self._store.hint([Hint(child_queue, at_ms=min(due))])
-                if "cancel" in outcomes:  # their own children hear through their outbox
-                    self.kick(child_queue)
+    async def _tell(self, tells: Sequence[Tell]) -> None:
+        """resolve.lua once per children's queue, in chunks of RESOLVE_BATCH tells or
+        RESOLVE_BYTES of results."""
+        by_queue: dict[str, list[Tell]] = {}
+        for t in tells:
+            by_queue.setdefault(t.queue, []).append(t)
+        for child_queue, queued in by_queue.items():
+            chunk: list[Tell] = []
+            size = 0
+            for t in queued:
+                chunk.append(t)
+                size += len(t.result)
+                if len(chunk) >= RESOLVE_BATCH or size >= RESOLVE_BYTES:
+                    await self._resolve(child_queue, chunk)
+                    chunk, size = [], 0
+            if chunk:
+                await self._resolve(child_queue, chunk)
+
+    async def _resolve(self, child_queue: str, tells: Sequence[Tell]) -> None:
+        outcomes = await self._workflow.resolve(child_queue, tells)
+        due = [int(o[4:]) for o in outcomes if o.startswith("due:")]
+        if due:  # released into scheduled: the maintainer promotes them then
+            await self._store.hint([Hint(child_queue, at_ms=min(due))])
+        if "cancel" in outcomes:  # their own children hear through their queue's outbox
+            self.kick(child_queue)
 
     async def sweep(self) -> int:
         """Kicks every registered queue that has outbox entries: after the wake listener

@@ -114,6 +114,7 @@ def _links_fields(fields: dict[str, Any], task: Task, links: TaskLinks | None) -
             "state": p.state,
             "result": p.result,
             "result_omitted": p.result_omitted,
+            "type": p.type,
         }
         for p in links.parent_results
     ]

@@ -218,19 +218,20 @@ class LinkArgs(NamedTuple):
 
 
 class ResolveArgs(NamedTuple):
-    """Followed by n ResolveItem: the children of one queue to tell."""
+    """Followed by n ResolveItem: children of one queue and how one of their parents ended."""
 
     task_prefix: str
     wake_channel: str
     queue: str
-    parent: str  # the parent's task id
-    state: int
-    result: bytes
     n: int
 
 
 class ResolveItem(NamedTuple):
     id: str  # a child's local id
+    parent: str  # the parent's task id
+    state: int
+    parent_type: str
+    result: bytes
 
 
 class RedriveArgs(NamedTuple):

@@ -42,6 +42,19 @@ class OutboxEntry:
     state: TaskState | None = None
     result: bytes = b""
     children: tuple[str, ...] | None = None
+    type: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Tell:
+    """One child (of `queue`) to tell how one of its parents ended (resolve.lua's item)."""
+
+    queue: str
+    child: str  # local id
+    parent: str  # task id
+    state: TaskState
+    parent_type: str
+    result: bytes
 
 
 def _text(value: bytes | str) -> str:
@@ -60,6 +73,7 @@ def _entry(entry_id: bytes | str, flat: dict[bytes, bytes]) -> OutboxEntry:
         TaskState(int(flat[b"s"])),
         flat.get(b"r", b""),
         tuple(_text(listed).split()) if listed is not None else None,
+        _text(flat.get(b"t", b"")),
     )
 
 
@@ -77,12 +91,18 @@ def parent_outcomes(
         if not value:
             awaited.append(parent)
             continue
-        result = value[1:]
+        parent_type, _, result = value[1:].partition(b" ")
         fits = len(result) <= budget
         if fits:
             budget -= len(result)
         ended.append(
-            ParentOutcome(parent, TaskState(value[0] - 48), result if fits else b"", not fits)
+            ParentOutcome(
+                parent,
+                TaskState(value[0] - 48),
+                result if fits else b"",
+                not fits,
+                _text(parent_type),
+            )
         )
     return order, ended, awaited
 
@@ -182,9 +202,9 @@ class WorkflowStore:
                 out.append(_text(member))
         return out
 
-    async def link(self, parent_id: str, child_id: str) -> tuple[str, TaskState | None, bytes]:
+    async def link(self, parent_id: str, child_id: str) -> tuple[str, TaskState | None, bytes, str]:
         """Makes parent_id a parent of child_id in the parent's slot (link.lua). Returns
-        ('linked', None, b''), ('ended', state, result) or ('gone', None, b'')."""
+        ('linked', None, b'', ''), ('ended', state, result, type) or ('gone', None, b'', '')."""
         parent = parse_task_id("parent", parent_id)
         keys = QueueKeys(parent.queue)
         reply: list[Any] = await self._store.run_script(
@@ -199,32 +219,26 @@ class WorkflowStore:
         )
         outcome = _text(reply[0])
         if outcome == "ended":
-            return outcome, TaskState(int(reply[1])), bytes(reply[2])
-        return outcome, None, b""
+            return outcome, TaskState(int(reply[1])), bytes(reply[2]), _text(reply[3])
+        return outcome, None, b"", ""
 
-    async def resolve(
-        self,
-        child_queue: str,
-        parent_id: str,
-        state: TaskState,
-        result: bytes,
-        children: Sequence[str],
-    ) -> list[str]:
-        """Tells children of one queue (local ids) how parent_id ended (resolve.lua). Returns
-        one outcome per child: nf again wait held run due:<ms> cancel."""
-        keys = QueueKeys(child_queue)
+    async def resolve(self, queue: str, tells: Sequence[Tell]) -> list[str]:
+        """Tells children of one queue how their parents ended (resolve.lua). Returns one
+        outcome per tell: nf again wait held run due:<ms> cancel."""
+        keys = QueueKeys(queue)
         args: list[str | bytes | int] = [
             *argv.ResolveArgs(
-                task_prefix=keys.task_prefix,
-                wake_channel=WAKE_CHANNEL,
-                queue=child_queue,
-                parent=parent_id,
-                state=int(state),
-                result=result if state is TaskState.SUCCEEDED else b"",
-                n=len(children),
+                task_prefix=keys.task_prefix, wake_channel=WAKE_CHANNEL, queue=queue, n=len(tells)
             )
         ]
-        args += children
+        for t in tells:
+            args += argv.ResolveItem(
+                id=t.child,
+                parent=t.parent,
+                state=int(t.state),
+                parent_type=t.parent_type,
+                result=t.result if t.state is TaskState.SUCCEEDED else b"",
+            )
         reply: list[Any] = await self._store.run_script(
             "resolve", [keys.pending, keys.scheduled], args
         )

@@ -17,6 +17,7 @@ from broker.config import Settings
 from taskbroker.v1 import admin_service_pb2 as ad
 from taskbroker.v1 import broker_service_pb2 as bs
 from taskbroker.v1 import task_pb2
+from taskbroker.v1.lease_pb2 import Delivery as Delivered
 from tests.conftest import TEST_SETTINGS, RunningBroker, start_broker
 from tests.support.lease_stream import LeaseStream
 from tests.support.redis_server import RedisCluster
@@ -366,9 +367,12 @@ async def test_parents_ending_at_once_on_two_replicas_release_their_child_once(
         first = await LeaseStream(one.stub).open(["p0"], credits=n)
         second = await LeaseStream(two.stub).open(["p1"], credits=n)
         a, b = await asyncio.gather(first.take(n // 2), second.take(n // 2))
-        await asyncio.gather(
-            *(first.ack(d, result=b"1") for d in a), *(second.ack(d, result=b"2") for d in b)
-        )
+
+        async def ack_all(stream: LeaseStream, held: list[Delivered], result: bytes) -> None:
+            for d in held:  # one write at a time on a stream; the two streams side by side
+                await stream.ack(d, result=result)
+
+        await asyncio.gather(ack_all(first, a, b"1"), ack_all(second, b, b"2"))
         worker = await LeaseStream(two.stub).open(["c"], credits=5)
         (d,) = await worker.take(1)
         assert d.task.id == child and len(d.task.parent_results) == n

@@ -23,6 +23,7 @@ from taskbroker import (
     TaskContext,
     TaskState,
     Worker,
+    chord,
     handler,
 )
 from taskbroker.encryption import CodecContext
@@ -202,3 +203,40 @@ async def test_resending_a_task_with_its_idempotency_key_is_still_a_duplicate(
             [NewTask("billing", "charge", SECRET, idempotency_key="order-1")]
         )
     assert again == first and (result.task_id, result.duplicate) == (first, True)
+
+
+fan_in_saw: list[tuple[str, bytes]] = []
+
+
+@handler("summarize")
+async def summarize(ctx: TaskContext, payload: bytes) -> bytes:
+    fan_in_saw.extend((p.task_id, p.result) for p in ctx.parent_results)
+    return b"summary"
+
+
+async def test_a_fan_in_handler_reads_its_parents_encrypted_results_decrypted(
+    running: RunningBroker, plain: Client
+) -> None:
+    fan_in_saw.clear()
+    async with Client(running.target, codec=codec({"k1": K1})) as client:
+        flow = await client.enqueue_workflow(
+            chord(
+                [NewTask("billing", "charge", SECRET), NewTask("billing", "charge", SECRET)],
+                NewTask("reports", "summarize", b"{}"),
+            )
+        )
+        worker = Worker(
+            client,
+            queues=["billing", "reports"],
+            handlers=[charge, summarize],
+            shutdown_grace=timedelta(seconds=1),
+        )
+        assert await worker.run_until_idle() == 3
+        done = await client.wait(flow.last, timeout=5)
+        # The producer reads them decrypted too.
+        assert [p.result for p in done.parent_results] == [SECRET_RESULT, SECRET_RESULT]
+    assert fan_in_saw == [(t, SECRET_RESULT) for t in flow.task_ids[:2]]
+    # Without the key: each parent's result as its worker sealed it, bound to its own type.
+    stored = await plain.get_task(flow.last)
+    assert [p.type for p in stored.parent_results] == ["charge", "charge"]
+    assert all(parse_header(p.result).key_id == "k1" for p in stored.parent_results)

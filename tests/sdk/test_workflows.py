@@ -243,7 +243,7 @@ async def test_a_chain_runs_in_order_each_step_seeing_the_one_before(
     assert (flow.last, done.state, done.result) == (c, TaskState.SUCCEEDED, b"C")
     assert recorder.ran == [b"a", b"b", b"c"]
     assert recorder.parents == {b"a": (), b"b": (a,), b"c": (b,)}
-    assert recorder.results[b"c"] == (ParentResult(b, TaskState.SUCCEEDED, b"B"),)
+    assert recorder.results[b"c"] == (ParentResult(b, TaskState.SUCCEEDED, b"B", type="step"),)
     middle = await client.get_task(b)
     assert (middle.parent_ids, middle.waiting_for, middle.child_ids, middle.child_count) == (
         (a,),
@@ -266,7 +266,7 @@ async def test_a_chord_callback_gets_every_members_result_in_member_order(
         m.payload for m in members
     )
     assert recorder.results[b"album"] == tuple(
-        ParentResult(task_id, TaskState.SUCCEEDED, f"PHOTO-{i}".encode())
+        ParentResult(task_id, TaskState.SUCCEEDED, f"PHOTO-{i}".encode(), type="step")
         for i, task_id in enumerate(flow.task_ids[:6])
     )
     assert done.parent_ids == flow.task_ids[:6]

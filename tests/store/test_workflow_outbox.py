@@ -12,6 +12,7 @@ from broker.models import Lease, TaskState
 from broker.queue import TaskQueue, TaskRequest
 from broker.store.keys import QueueKeys
 from broker.store.redis_store import RedisStore
+from broker.store.workflow_store import Tell
 from broker.workflows import OutboxMover
 from tests.store.test_task_queue_contract import LONG_LEASE_MS, STREAM
 
@@ -60,8 +61,10 @@ async def test_a_child_waits_until_the_mover_has_moved_every_parent_s_end(
     assert await state(tasks, child) == TaskState.PENDING
     (delivered,) = await lease_all(tasks, CHILD_Q, 1)
     assert delivered.links is not None
-    got = [(p.task_id, p.state, p.result) for p in delivered.links.parent_results]
-    assert got == [(p, TaskState.SUCCEEDED, b"r" + str(i).encode()) for i, p in enumerate(parents)]
+    got = [(p.task_id, p.state, p.type, p.result) for p in delivered.links.parent_results]
+    assert got == [
+        (p, TaskState.SUCCEEDED, "job", b"r" + str(i).encode()) for i, p in enumerate(parents)
+    ]
 
 
 async def test_an_entry_moved_again_after_a_mover_died_before_deleting_it_changes_nothing(
@@ -75,12 +78,13 @@ async def test_an_entry_moved_again_after_a_mover_died_before_deleting_it_change
     (entry,) = await tasks.workflow.read_outbox(PARENTS_Q, 10)
     # A mover ran the resolve step, then died before its XDEL: the entry is still there.
     assert entry.state is not None and entry.children is not None
+    assert entry.type == "job"
     outcomes = await tasks.workflow.resolve(
         CHILD_Q,
-        parent,
-        entry.state,
-        entry.result,
-        [parse_task_id("c", c).local_id for c in entry.children],
+        [
+            Tell(CHILD_Q, parse_task_id("c", c).local_id, parent, entry.state, "job", entry.result)
+            for c in entry.children
+        ],
     )
     assert outcomes == ["run"]
     (child_lease,) = await lease_all(tasks, CHILD_Q, 1)

@@ -247,12 +247,13 @@ end
 local function queue_of(base) return string.sub(base, 5, -3) end
 
 -- Children: a task's parents are the hash <task>:p (parent id -> '' until it ended as its
--- child needs, then the state digit and, for SUCCEEDED, its result); its children the set
+-- child needs, then the state digit, its type, a space and, for SUCCEEDED, its result); its
+-- children the set
 -- <task>:k of their ids. A task that ended tells its children through its queue's outbox, the
 -- stream <base>wf, drained by every replica's outbox mover (broker/workflow/mover.py), which
 -- runs resolve.lua in each child's own slot: parents and children may live in different
 -- queues, so different Cluster slots. An entry holds k='f' (finished), p (local id), s (state),
--- r (result), and c (the children's ids, space-separated, when at most 1,000; else the mover
+-- t (its type: a child decrypts an encrypted result with it), r (result), and c (the children's ids, space-separated, when at most 1,000; else the mover
 -- reads <task>:k). `kid` and `w` are the task hash's flags, when the caller read them already.
 local MAX_LISTED_CHILDREN = 1000
 local function task_finished(base, id, state, kid, w)
@@ -262,10 +263,11 @@ local function task_finished(base, id, state, kid, w)
     kid, w = f[1], f[2]
   end
   if kid then
-    local entry = {'k', 'f', 'p', id, 's', state}
+    local t = redis.call('HMGET', key, 'type', 'res')
+    local entry = {'k', 'f', 'p', id, 's', state, 't', t[1] or ''}
     if state == SUCCEEDED then
       table.insert(entry, 'r')
-      table.insert(entry, redis.call('HGET', key, 'res') or '')
+      table.insert(entry, t[2] or '')
     end
     if redis.call('SCARD', key .. ':k') <= MAX_LISTED_CHILDREN then
       table.insert(entry, 'c')

@@ -1,36 +1,37 @@
--- resolve.lua: tell children of one queue how one of their parents ended (the outbox mover runs
--- it in the children's slot; docs/workflows.md). Idempotent: each child records each parent's
--- end once, so an outbox entry moved twice (a mover that died, two replicas) changes nothing.
+-- resolve.lua: tell children of one queue how their parents ended (the outbox mover runs it in
+-- the children's slot; docs/data-model.md#workflows-dependencies-across-slots). Idempotent:
+-- each child records each parent's end once, so an outbox entry moved twice (a mover that
+-- died, two replicas) changes nothing.
 --
 -- KEYS[1]  tb:{c}:pending     zset
 -- KEYS[2]  tb:{c}:scheduled   zset
--- ARGV     (store/argv.py ResolveArgs)
+-- ARGV     (store/argv.py ResolveArgs, ResolveItem)
 --   task_prefix   tb:{c}:t:   (the children's keys, same hash tag)
 --   wake_channel, queue   published to when a child becomes pending
---   parent        the parent's task id (<queue>:<local id>)
---   state         how it ended: SUCCEEDED, DEAD or CANCELLED (a parent gone counts as CANCELLED)
---   result        its result ('' unless SUCCEEDED)
---   n; then n children's local ids
+--   n; then n items: id (a child's local id), parent (the parent's task id), state (how the
+--   parent ended: SUCCEEDED, DEAD or CANCELLED; a parent gone counts as CANCELLED),
+--   parent_type, result ('' unless SUCCEEDED)
 --
 -- A child's policy (fpol) says what a failed parent does: c cancels it, r counts the parent as
 -- ended, w keeps it waiting on a DEAD parent (a redrive may still succeed) and cancels it on a
 -- CANCELLED one. A child whose last awaited parent is recorded is released: pending, or
--- scheduled when it has a delay (counted from now) or a later schedule time.
+-- scheduled when it has a delay (counted from now) or a later schedule time. The record is the
+-- state digit, the parent's type, a space and its result.
 -- Returns {now, r_1 .. r_n}: 'nf' (no such child of this parent), 'again' (recorded already, or
 -- the child ended), 'wait' (recorded; other parents awaited), 'held' (a DEAD parent the child
 -- waits to see redriven), 'run' (released: pending), 'due:<ms>' (released: scheduled) or
 -- 'cancel' (cancelled; its own children hear through its queue's outbox).
 
 local now = now_ms()
-local task_prefix, wake_channel, queue, parent, state, result, n = unpack(ARGV, 1, 7)
-local pstate = tonumber(state)
-local outcome = state
-if pstate == SUCCEEDED then outcome = state .. result end
+local task_prefix, wake_channel, queue, n = unpack(ARGV, 1, 4)
 local base = base_of_tasks(task_prefix)
 local reply = {now}
 local woke = false
 for i = 0, tonumber(n) - 1 do
-  local id = item(7, 1, i)
+  local id, parent, state, parent_type, result = item(4, 5, i)
+  local pstate = tonumber(state)
+  local outcome = state .. parent_type .. ' '
+  if pstate == SUCCEEDED then outcome = outcome .. result end
   local key = task_prefix .. id
   local recorded = redis.call('HGET', key .. ':p', parent)
   local out

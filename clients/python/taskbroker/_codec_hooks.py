@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from taskbroker._handler import HandlerOutcome, TaskContext
-from taskbroker._models import Schedule, Task, TaskState
+from taskbroker._models import ParentResult, Schedule, Task, TaskState
 from taskbroker.envelope import CodecContext, CodecError
 
 if TYPE_CHECKING:
@@ -41,7 +41,30 @@ def decode_task(codec: PayloadCodec | None, task: Task) -> Task:
     result = task.result
     if task.state is TaskState.SUCCEEDED:
         result = codec.decode(result, CodecContext.result(task.queue, task.type, task.id))
-    return replace(task, payload=payload, result=result)
+    parents = decode_parent_results(codec, task.parent_results)
+    return replace(task, payload=payload, result=result, parent_results=parents)
+
+
+def decode_parent_results(
+    codec: PayloadCodec, parents: Sequence[ParentResult]
+) -> tuple[ParentResult, ...]:
+    """Each succeeded parent's result decoded, as its worker encoded it: bound to the parent's
+    queue, type and id (a result the broker left out stays empty).
+
+    Raises:
+        CodecError: A result could not be decoded (the message says why).
+    """
+    return tuple(
+        replace(
+            p,
+            result=codec.decode(
+                p.result, CodecContext.result(p.task_id.rpartition(":")[0], p.type, p.task_id)
+            ),
+        )
+        if p.state is TaskState.SUCCEEDED and not p.result_omitted
+        else p
+        for p in parents
+    )
 
 
 def decode_schedule(codec: PayloadCodec | None, schedule: Schedule) -> Schedule:
@@ -69,6 +92,10 @@ def open_payload(codec: PayloadCodec | None, ctx: TaskContext) -> HandlerOutcome
         ctx.payload = codec.decode(ctx.payload, CodecContext.payload(ctx.queue, ctx.type))
     except CodecError as exc:
         return HandlerOutcome("dead", error=f"payload not decoded: {exc}")
+    try:
+        ctx.parent_results = decode_parent_results(codec, ctx.parent_results)
+    except CodecError as exc:
+        return HandlerOutcome("dead", error=f"a parent's result not decoded: {exc}")
     return None
 
 

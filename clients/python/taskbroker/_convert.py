@@ -95,6 +95,7 @@ def parent_results_from_proto(
             state=TaskState(r.state),
             result=r.result,
             result_omitted=r.result_omitted,
+            type=r.type,
         )
         for r in results
     )

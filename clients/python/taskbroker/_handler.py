@@ -63,8 +63,7 @@ class TaskContext:
             with `parent_failure_policy="run"` also DEAD or CANCELLED), the bytes its worker
             acked with and whether the broker left them out (`result_omitted`: the results
             carried with one task total at most 1 MiB). A fan-in handler reads the fan-out's
-            results here. With a payload codec the results stay as the parents' workers
-            encoded them.
+            results here, decoded by the worker's payload codec if it has one.
     """
 
     __slots__ = (

@@ -152,12 +152,14 @@ class ParentResult:
         result_omitted: True when the broker left the result out: the results carried with
             one task total at most 1 MiB, in parent order. Read the parent with
             `Client.get_task` for it.
+        type: The parent's task type (with its queue, what an encrypted result is bound to).
     """
 
     task_id: str
     state: TaskState
     result: bytes
     result_omitted: bool = False
+    type: str = ""
 
 
 @dataclass(frozen=True, slots=True)
