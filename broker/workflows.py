@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from broker.cancellation import raise_if_cancelled
-from broker.errors import BrokerError
+from broker.errors import BrokerError, InvalidArgument
 from broker.ids import parse_task_id
 from broker.models import Hint, TaskRef, TaskState
 from broker.store.redis_store import RedisStore
@@ -84,6 +84,9 @@ class OutboxMover:
         except BrokerError as exc:  # the maintainer kicks again while entries remain
             raise_if_cancelled()
             log.warning("workflow outbox of queue %s not moved yet: %s", queue, exc)
+        except Exception as exc:  # a script error (no task data in it): the same, loudly
+            raise_if_cancelled()
+            log.error("workflow outbox of queue %s failed to move: %r", queue, exc)
         finally:
             self._running.pop(queue, None)
 
@@ -121,7 +124,13 @@ class OutboxMover:
             if children is None:  # too many to list in the entry
                 children = tuple(await self._workflow.children_of(parent))
             for child in children:
-                ref = parse_task_id("child", child)
+                try:
+                    ref = parse_task_id("child", child)
+                except InvalidArgument:  # only a hand-edited entry: skipped, not retried forever
+                    log.warning(
+                        "workflow outbox of %s names %r, not a task id: skipped", queue, child
+                    )
+                    continue
                 tells.append(
                     Tell(
                         ref.queue,
