@@ -1,7 +1,8 @@
 """BrokerService.WatchTask through real gRPC on real Redis: the states in order and the end of
-the stream, the errors, the deadline, a cancel, the finished-event path and the re-read timer
-that stands in for a lost event, a second replica, the watcher bound, a client that goes away
-and a draining broker; standalone and Cluster where the topology matters."""
+the stream, the errors, the deadline, a cancel, the finished-event path (the scripts'
+tb:finished announcements) and the re-read timer that stands in for a lost event, a second
+replica, the watcher bound, a client that goes away and a draining broker; standalone and
+Cluster where the topology matters."""
 
 from __future__ import annotations
 
@@ -206,9 +207,6 @@ async def leased_and_watched(
     return worker, delivery, call
 
 
-@pytest.mark.xfail(
-    strict=True, raises=TimeoutError, reason="needs tb:finished publishes from issue 17's scripts"
-)
 @pytest.mark.parametrize("finish", ["ack", "dead_letter", "cancel"])
 async def test_a_finish_arrives_by_its_event_when_the_timer_is_far_off(
     topology_settings: Settings, finish: str
@@ -356,3 +354,21 @@ async def test_a_draining_broker_ends_watches_unavailable_and_refuses_new_ones(
     error = await fails(watch(running.stub, task_id))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     await running.close()
+
+
+async def test_a_waiting_child_is_seen_released_when_its_parent_succeeds(
+    broker: RunningBroker,
+) -> None:
+    parent, child = await enqueue(broker.stub, spec(), spec(depends_on_positions=[0]))
+    call = watch(broker.stub, child)
+    assert (await next_task(call)).state == S.TASK_STATE_WAITING
+    worker = await LeaseStream(broker.stub).open(["emails"], credits=1)
+    (delivery,) = await worker.take(1)
+    assert delivery.task.id == parent
+    await worker.ack(delivery)
+    released = await next_task(call)  # no event for a release: the re-read finds it
+    assert released.state in (S.TASK_STATE_PENDING, S.TASK_STATE_LEASED)
+    assert [r.task_id for r in released.parent_results] == [parent]
+    await worker.close()
+    call.cancel()
+    await no_watchers(broker)
