@@ -40,6 +40,7 @@ from broker.store.web_sessions import WebSessions
 from broker.telemetry.rpc_metrics import RpcMetrics
 from broker.telemetry.tracing import RpcTracing, shutdown_provider, tracer_provider_from_env
 from broker.tls import CertificateFiles
+from broker.watch import WatchHub
 from broker.web.peers import InProcessSeries, Peers, PeerServer
 from broker.web.server import WebServer
 from broker.workflows import OutboxMover
@@ -172,6 +173,9 @@ class Broker:
             self._client_key,
             rate,
         )
+        self.watch_hub = WatchHub(
+            self.tasks, s.max_watchers, s.watch_poll_initial_s, s.watch_poll_max_s
+        )
         broker_service = BrokerService(
             self.tasks,
             self.dispatcher,
@@ -180,6 +184,7 @@ class Broker:
             s.open_timeout_s,
             self.streams,
             gate.authorizer,
+            self.watch_hub,
         )
         rpc_metrics = RpcMetrics() if s.http_listen else None
         interceptors: list[grpc.aio.ServerInterceptor] = [rpc_metrics] if rpc_metrics else []
@@ -240,6 +245,7 @@ class Broker:
         await self._set_serving(True)
         self.monitor.serving = True
         self.wake_listener.start()
+        self.watch_hub.start()
         for loop in self.loops:
             loop.start()
         host = s.listen_host
@@ -361,6 +367,7 @@ class Broker:
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
         self.dispatcher.drain()
+        self.watch_hub.drain()
         deadline = time.monotonic() + grace
         sessions = list(self.registry.sessions)
         for session in sessions:
@@ -383,6 +390,7 @@ class Broker:
         if self._outbox_sweep is not None:
             self._outbox_sweep.cancel()
             await asyncio.gather(self._outbox_sweep, return_exceptions=True)
+        await self.watch_hub.stop()
         for loop in self.loops:
             await loop.stop()
         await self.dispatcher.stop()

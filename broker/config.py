@@ -133,6 +133,16 @@ class Settings:
     max_streams_per_client: int = 500
     #: Lease streams open on this broker.
     max_streams: int = 2000
+    #: WatchTask streams (and so SDK wait() calls) open on this broker process; more get
+    #: RESOURCE_EXHAUSTED. Each costs a timer and a Redis read now and then, no connection.
+    max_watchers: int = 10_000
+    #: How soon a WatchTask stream first reads its task again to catch changes no event
+    #: announces (pending to leased, a retry) or an announcement lost with a Redis connection;
+    #: the interval doubles while nothing changes, up to watch_poll_max_s.
+    watch_poll_initial_s: float = 0.1
+    #: The longest a WatchTask stream goes without reading its task again: a finish whose
+    #: announcement was lost reaches its watcher within this.
+    watch_poll_max_s: float = 1.0
     #: Unary calls (Enqueue, Ack, GetTask, ...) served at once; more get RESOURCE_EXHAUSTED.
     max_concurrent_unary_rpcs: int = 1000
     #: Of max_concurrent_unary_rpcs, the calls one client (IP address) may have in progress
@@ -211,6 +221,8 @@ class Settings:
             problems.append("resume_window_s must be 0 to 60")
         if self.stream_outbox_bytes < 64 * 1024:
             problems.append("stream_outbox_bytes must be at least 65536")
+        if not 0.001 <= self.watch_poll_initial_s <= self.watch_poll_max_s <= 3600:
+            problems.append("need 0.001 <= watch_poll_initial_s <= watch_poll_max_s <= 3600")
         return problems
 
     def read_redis_url(self) -> str | None:
@@ -365,6 +377,7 @@ _COUNT_LIMITS = {
     "max_streams_per_connection": 1_000_000,
     "max_streams_per_client": 1_000_000,
     "max_streams": 1_000_000,
+    "max_watchers": 1_000_000,
     "max_concurrent_unary_rpcs": 1_000_000,
     "max_concurrent_unary_rpcs_per_client": 1_000_000,
     "max_settlements_per_frame": 1_000_000,

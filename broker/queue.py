@@ -57,7 +57,13 @@ from broker.models import (
 )
 from broker.queue_settings import checked_mask, checked_settings
 from broker.store.group_key_stats import group_key_page
-from broker.store.redis_store import IdempotencyConflictAt, LeaseSlot, RedisStore, WakeEvents
+from broker.store.redis_store import (
+    FinishedEvents,
+    IdempotencyConflictAt,
+    LeaseSlot,
+    RedisStore,
+    WakeEvents,
+)
 from broker.store.workflow_store import WorkflowStore
 from broker.timings import TaskTimings
 
@@ -623,6 +629,17 @@ class TaskQueue:
     def wake_events(self) -> AbstractAsyncContextManager[WakeEvents]:
         """Every replica's wake and revoke announcements (Pub/Sub: lost while disconnected)."""
         return self._store.wake_events()
+
+    def finished_events(self) -> AbstractAsyncContextManager[FinishedEvents]:
+        """Ids of watched tasks that finished, from every replica (Pub/Sub: lost while
+        disconnected, so a watcher re-reads its task on a timer as well)."""
+        return self._store.finished_events()
+
+    async def mark_watched(self, task_id: str) -> bool:
+        """Asks the scripts to announce this task when it finishes (finished_events). False
+        when it cannot be marked yet: a fresh task (its first transition makes it markable) or
+        no such task. Raises InvalidArgument for a malformed id."""
+        return await self._store.mark_watched(self.ref("task_id", task_id))
 
     async def queues(self) -> list[str]:
         return await self._store.list_queues()

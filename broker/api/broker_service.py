@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import grpc
@@ -20,6 +21,7 @@ from taskbroker.v1 import lease_pb2
 if TYPE_CHECKING:
     from broker.dispatch import Dispatcher
     from broker.queue import TaskQueue
+    from broker.watch import WatchHub
 
 Context = grpc.aio.ServicerContext[bytes, bytes]
 READ = (Role.READ,)
@@ -37,6 +39,7 @@ class BrokerService:
         open_timeout_s: float,
         streams: StreamLimits,
         authorizer: Authorizer,
+        watch: WatchHub,
     ) -> None:
         self._tasks = tasks
         self._dispatcher = dispatcher
@@ -45,6 +48,7 @@ class BrokerService:
         self._open_timeout_s = open_timeout_s
         self._streams = streams
         self._authorizer = authorizer
+        self._watch = watch
 
     async def Enqueue(self, request: bs.EnqueueRequest, context: Context) -> bs.EnqueueResponse:
         if self._dispatcher.draining:
@@ -116,6 +120,15 @@ class BrokerService:
         links = await self._tasks.links(task)
         return bs.GetTaskResponse(task=convert.task_to_proto(task, links))
 
+    async def WatchTask(self, request: bs.WatchTaskRequest, context: Context) -> None:
+        # The hub refuses new watches once the broker drains, and ends open ones (UNAVAILABLE:
+        # clients watch again through another replica). Its deadline is server.py's.
+        async with contextlib.aclosing(self._watch.watch(request.task_id)) as changes:
+            async for task in changes:
+                links = await self._tasks.links(task)  # as GetTask shows them
+                response = bs.WatchTaskResponse(task=convert.task_to_proto(task, links))
+                await context.write(response.SerializeToString())
+
     async def CancelTask(
         self, request: bs.CancelTaskRequest, context: Context
     ) -> bs.CancelTaskResponse:
@@ -124,10 +137,6 @@ class BrokerService:
             self._registry.revoke(request.task_id, revoked, "cancelled")
         links = await self._tasks.links(task)
         return bs.CancelTaskResponse(task=convert.task_to_proto(task, links))
-
-    async def WatchTask(self, request: bs.WatchTaskRequest, context: Context) -> None:
-        # TEMPORARY until the WatchTask branch (h-watch) merges: replaced there.
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "WatchTask is not built yet")
 
     async def Stats(self, request: bs.StatsRequest, context: Context) -> bs.StatsResponse:
         last = ""

@@ -212,6 +212,59 @@ def _stream(
     return grpc.stream_stream_rpc_method_handler(handle)
 
 
+def _server_stream(
+    method: descriptor.MethodDescriptor,
+    impl: Callable[[Any, Context], Awaitable[None]],
+    gate: Gate,
+    rule: Rule,
+) -> grpc.RpcMethodHandler[bytes, bytes]:
+    """A server-streaming method (WatchTask): one request, then the responses impl writes
+    through the context. Served as a bidirectional one (the wire is the same), so the caller
+    is authenticated before its request is read, and the request is parsed by us and checked
+    against the method's rule, as a unary call's is. It is not counted among the unary calls
+    in flight: it may last long, and its service bounds its own streams."""
+    request_class = message_factory.GetMessageClass(method.input_type)
+    name = f"/{method.containing_service.full_name}/{method.name}"
+
+    async def handle(requests: object, context: Context) -> None:
+        try:
+            principal = gate.principal(context, name)
+        except BrokerError as exc:
+            await context.abort_with_status(error_status(exc))
+        raw: object = await context.read()
+        if not isinstance(raw, bytes):  # the client half-closed without a request
+            await context.abort_with_status(
+                to_status(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"no {method.input_type.full_name} was sent",
+                    "MALFORMED_REQUEST",
+                )
+            )
+        try:
+            request = request_class.FromString(raw)
+        except DecodeError:
+            await context.abort_with_status(
+                to_status(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request is not a valid {method.input_type.full_name}",
+                    "MALFORMED_REQUEST",
+                )
+            )
+        token = current_principal.set(principal)
+        try:
+            rule.check(gate.authorizer, request)  # before anything is done
+            async with asyncio.timeout(context.time_remaining()):
+                await impl(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort_for(exc, context, name)
+        finally:
+            current_principal.reset(token)
+
+    return grpc.stream_stream_rpc_method_handler(handle)
+
+
 def generic_handler(
     service: descriptor.ServiceDescriptor, impl: object, limits: UnaryLimits, gate: Gate
 ) -> grpc.GenericRpcHandler:
@@ -228,6 +281,10 @@ def generic_handler(
         if method.client_streaming:
             rule_for(service.name, method.name)
             handlers[method.name] = _stream(method, fn, gate)
+        elif method.server_streaming:
+            handlers[method.name] = _server_stream(
+                method, fn, gate, rule_for(service.name, method.name)
+            )
         else:
             handlers[method.name] = _unary(
                 method, fn, limits, gate, rule_for(service.name, method.name)

@@ -325,4 +325,5 @@ LAYOUTS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "update_settings": (UpdateSettingsArgs._fields, ()),
     "fire_schedule": (FireScheduleArgs._fields, ()),
     "put_schedule": (PutScheduleArgs._fields, PutScheduleItem._fields),
+    "watch": ((), ()),  # no ARGV: its one key says it all
 }

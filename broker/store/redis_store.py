@@ -45,7 +45,14 @@ from broker.models import (
 )
 from broker.store import argv
 from broker.store.due_index import DueIndex
-from broker.store.keys import FLOW_CHANNEL, QUEUES_KEY, REVOKE_CHANNEL, WAKE_CHANNEL, QueueKeys
+from broker.store.keys import (
+    FINISHED_CHANNEL,
+    FLOW_CHANNEL,
+    QUEUES_KEY,
+    REVOKE_CHANNEL,
+    WAKE_CHANNEL,
+    QueueKeys,
+)
 from broker.store.queue_meta import bucket_tokens, meta_changes, settings_from_meta
 from broker.store.redis_errors import (
     is_connection_torn_down,
@@ -1077,6 +1084,20 @@ class RedisStore:
         """The wake and revoke announcements of every replica, on a Pub/Sub connection of
         their own. On a Cluster every node hears every PUBLISH, so one node's connection
         serves."""
+        async with self._subscription(WAKE_CHANNEL, REVOKE_CHANNEL, FLOW_CHANNEL) as pubsub:
+            yield WakeEvents(pubsub)
+
+    @asynccontextmanager
+    async def finished_events(self) -> AsyncIterator[FinishedEvents]:
+        """The ids of watched tasks (mark_watched) that finished, announced by every replica's
+        scripts, on a Pub/Sub connection of their own (as wake_events)."""
+        async with self._subscription(FINISHED_CHANNEL) as pubsub:
+            yield FinishedEvents(pubsub)
+
+    @asynccontextmanager
+    async def _subscription(self, *channels: str) -> AsyncIterator[aioredis.client.PubSub]:
+        """A Pub/Sub connection subscribed to channels: from the pool on a standalone Redis,
+        to one random node on a Cluster (every node hears every PUBLISH)."""
         node_client: aioredis.Redis | None = None
         if isinstance(self._client, RedisCluster):
             node = self._client.get_random_node()
@@ -1091,14 +1112,48 @@ class RedisStore:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         try:
             with _translate():
-                await pubsub.subscribe(WAKE_CHANNEL, REVOKE_CHANNEL, FLOW_CHANNEL)
-            yield WakeEvents(pubsub)
+                await pubsub.subscribe(*channels)
+            yield pubsub
         finally:
             try:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
             finally:
                 if node_client is not None:
                     await node_client.aclose()
+
+    # --- watchers -----------------------------------------------------------------------------
+
+    async def mark_watched(self, ref: TaskRef) -> bool:
+        """Sets `w` on the task's hash, so the script that finishes it publishes its id on
+        FINISHED_CHANNEL. False when the task has no hash (fresh, or no such task): nothing is
+        written then."""
+        with _translate():
+            marked = await self._scripts["watch"](keys=[QueueKeys(ref.queue).task(ref.local_id)])
+        return int(marked) == 1
+
+
+async def _read_message(pubsub: aioredis.client.PubSub, timeout_s: float) -> tuple[str, str] | None:
+    """The next (channel, data) of a subscription, or None after timeout_s without one (or
+    after a reply that is not a message: a subscription's confirmation, a health check's PONG).
+
+    Read straight from the subscription's connection, as PubSub.get_message reads it but
+    without its retry wrapper, timing hooks and message dict (about 10 us of broker CPU per
+    Enqueue, issue 15: every enqueue publishes a wake). A broken connection is raised rather
+    than reconnected underneath: the caller reconnects and makes up for what it missed.
+
+    Raises:
+        StoreUnavailable: the connection broke.
+    """
+    conn = cast("aioredis.Connection", pubsub.connection)  # set by subscribe()
+    with _translate():
+        # A PING now and then, so a dead socket shows.
+        await pubsub.check_health()  # type: ignore[no-untyped-call]
+        reply = await conn.read_response(
+            timeout=timeout_s, disconnect_on_error=False, push_request=True
+        )
+    if not isinstance(reply, list) or len(reply) != 3 or reply[0] != b"message":
+        return None
+    return _text(reply[1]), _text(reply[2])
 
 
 class WakeEvents:
@@ -1108,35 +1163,37 @@ class WakeEvents:
         self._pubsub = pubsub
 
     async def next(self, timeout_s: float) -> Wake | Revoke | Flow | None:
-        """The next announcement, or None after timeout_s without one (or after a reply that
-        is not one: a subscription's confirmation, a health check's PONG).
-
-        Every enqueue publishes a wake, so this is read straight from the subscription's
-        connection, as PubSub.get_message reads it but without its retry wrapper, timing
-        hooks and message dict (about 10 us of broker CPU per Enqueue, issue 15). A broken
-        connection is raised rather than reconnected underneath: the listener reconnects
-        and wakes every pump, since announcements made meanwhile were lost.
+        """The next announcement, or None after timeout_s without one (_read_message).
 
         Raises:
             StoreUnavailable: the connection broke.
         """
-        conn = cast("aioredis.Connection", self._pubsub.connection)  # set by subscribe()
-        with _translate():
-            # A PING now and then, so a dead socket shows.
-            await self._pubsub.check_health()  # type: ignore[no-untyped-call]
-            reply = await conn.read_response(
-                timeout=timeout_s, disconnect_on_error=False, push_request=True
-            )
-        if not isinstance(reply, list) or len(reply) != 3 or reply[0] != b"message":
+        message = await _read_message(self._pubsub, timeout_s)
+        if message is None:
             return None
-        data = _text(reply[2])
-        channel = _text(reply[1])
+        channel, data = message
         if channel == REVOKE_CHANNEL:
             task_id, _, lease_id = data.partition(" ")
             return Revoke(task_id, lease_id)
         if channel == FLOW_CHANNEL:
             return Flow(data)
         return Wake(data)
+
+
+class FinishedEvents:
+    """The finished channel's announcements: the public ids of watched tasks that finished."""
+
+    def __init__(self, pubsub: aioredis.client.PubSub) -> None:
+        self._pubsub = pubsub
+
+    async def next(self, timeout_s: float) -> str | None:
+        """The next finished task's id, or None after timeout_s without one (_read_message).
+
+        Raises:
+            StoreUnavailable: the connection broke.
+        """
+        message = await _read_message(self._pubsub, timeout_s)
+        return None if message is None else message[1]
 
 
 def _over_enqueue_rate(queue: str, wait_ms: int) -> LimitExceeded:

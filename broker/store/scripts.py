@@ -38,6 +38,7 @@ SCRIPT_NAMES: Final = (
     "group_keys",
     "link",
     "resolve",
+    "watch",
 )
 
 

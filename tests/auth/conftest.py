@@ -73,9 +73,16 @@ class _StreamBearer(_Bearer, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._with_token(details), requests)
 
 
+class _ServerStreamBearer(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Awaitable[Any]], details: Any, request: Any
+    ) -> Any:
+        return await continuation(self._with_token(details), request)
+
+
 def bearer(token: str) -> list[Any]:
-    """Interceptors for a channel (grpc.aio files each under one kind only, hence two)."""
-    return [_UnaryBearer(token), _StreamBearer(token)]
+    """Interceptors for a channel (grpc.aio files each under one kind only, hence three)."""
+    return [_UnaryBearer(token), _StreamBearer(token), _ServerStreamBearer(token)]
 
 
 class Caller:

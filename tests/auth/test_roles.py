@@ -145,3 +145,18 @@ async def test_a_policy_edit_grants_a_role_without_a_restart(secured: Secured) -
     secured.policy.write_text("[[principals]\n")
     await asyncio.sleep(1.2)
     await reader.stub.Stats(bs.StatsRequest(queues=["c"]))
+
+
+async def test_watching_a_task_needs_produce_or_read_on_its_queue(secured: Secured) -> None:
+    on_a, on_b = await enqueue(secured.as_("ops").stub, spec("a"), spec("b"))
+    for name in ("producer", "reader"):
+        stub = secured.as_(name).stub
+        call = stub.WatchTask(bs.WatchTaskRequest(task_id=on_a))
+        first = await asyncio.wait_for(call.read(), 5)
+        assert isinstance(first, bs.WatchTaskResponse) and first.task.id == on_a
+        call.cancel()
+        watch_b = stub.WatchTask(bs.WatchTaskRequest(task_id=on_b))
+        await denied(watch_b.read(), "b", "produce or read")
+    consumer = secured.as_("consumer").stub
+    watch_a = consumer.WatchTask(bs.WatchTaskRequest(task_id=on_a))
+    await denied(watch_a.read(), "a", "produce or read")

@@ -30,6 +30,7 @@ from taskbroker._sync import SyncClient
 from taskbroker.codec import from_json, json_payload
 from taskbroker.v1 import broker_service_pb2 as bs
 from taskbroker.v1 import lease_pb2
+from tests.api.test_limits import until
 from tests.conftest import RunningBroker, start_broker
 from tests.support.lease_stream import LeaseStream
 from tests.support.redis_server import free_port
@@ -290,6 +291,68 @@ async def test_wait_raises_timeout_error_when_nothing_finishes(client: Client) -
     with pytest.raises(TimeoutError):
         await client.wait(task_id, timeout=0.2)
     assert (await client.get_task(task_id)).state is TaskState.PENDING
+
+
+async def test_wait_watches_the_task_rather_than_polling(
+    client: Client, running: RunningBroker
+) -> None:
+    task_id = await client.enqueue("emails", "send")
+    waiting = asyncio.create_task(client.wait(task_id, timeout=10))
+    # One WatchTask stream, held open.
+    await until(lambda: running.broker.watch_hub.watching == 1, "the watch")
+    stream, delivery = await lease_one(running, "emails")
+    await stream.ack(delivery, result=b"sent")
+    task = await asyncio.wait_for(waiting, 2)
+    await stream.close()
+    assert task.state is TaskState.SUCCEEDED and task.result == b"sent"
+    await until(lambda: not running.broker.watch_hub.watching, "the end of the watch")
+
+
+async def test_wait_raises_for_an_unknown_or_malformed_id(client: Client) -> None:
+    with pytest.raises(TaskNotFoundError):
+        await client.wait(UNKNOWN_ID, timeout=5)
+    with pytest.raises(InvalidArgumentError):
+        await client.wait("not an id", timeout=5)
+    with pytest.raises(ValueError, match="poll_interval"):
+        await client.wait(UNKNOWN_ID, poll_interval=0)
+
+
+async def test_a_timed_out_wait_lets_go_of_its_watch(
+    client: Client, running: RunningBroker
+) -> None:
+    task_id = await client.enqueue("emails", "send")
+    with pytest.raises(TimeoutError):
+        await client.wait(task_id, timeout=0.3)
+    await until(lambda: not running.broker.watch_hub.watching, "the end of the watch")
+
+
+async def test_wait_watches_again_through_another_broker_when_its_own_drains(
+    settings: Settings, running: RunningBroker
+) -> None:
+    second = await start_broker(settings)
+    try:
+        async with Client([running.target, second.target]) as client:
+            task_id = await client.enqueue("emails", "send")
+            waiting = asyncio.create_task(client.wait(task_id, timeout=10))
+            hubs = [running.broker.watch_hub, second.broker.watch_hub]
+            await until(lambda: any(hub.watching for hub in hubs), "the watch")
+            watched = next(hub for hub in hubs if hub.watching)
+            other = next(hub for hub in hubs if hub is not watched)
+            watched.drain()  # its watch ends UNAVAILABLE, and it refuses new ones
+            await until(lambda: other.watching > 0, "the watch through the other broker")
+            stream, delivery = await lease_one(running, "emails")
+            await stream.ack(delivery, result=b"sent")
+            task = await asyncio.wait_for(waiting, 3)
+            await stream.close()
+            assert task.state is TaskState.SUCCEEDED and task.result == b"sent"
+    finally:
+        await second.close()
+
+
+async def test_wait_raises_unavailable_when_no_broker_answers() -> None:
+    async with Client(f"127.0.0.1:{free_port()}", options=FAST_RECONNECT) as client:
+        with pytest.raises(UnavailableError):
+            await client.wait(UNKNOWN_ID, timeout=10)
 
 
 async def test_cancel_returns_the_cancelled_task(client: Client) -> None:

@@ -98,8 +98,13 @@ ENQUEUE_THROTTLED_MAX_S: Final = 30.0
 #: backoff, so the last retry reaches a broker that came back right after the first failure.
 ENQUEUE_BACKOFF_INITIAL_S: Final = 0.25
 ENQUEUE_BACKOFF_MAX_S: Final = 2.0
-#: wait() never sleeps longer than this between two GetTask calls (unless asked to).
-WAIT_POLL_MAX_S: Final = 1.0
+#: wait() never pauses longer than this before watching again after a watch broke (unless
+#: asked to), and watches again at most WAIT_RETRIES times in a row with nothing received.
+WAIT_PAUSE_MAX_S: Final = 1.0
+WAIT_RETRIES: Final = 3
+_FINISHED_STATES: Final = frozenset(
+    {task_pb2.TASK_STATE_SUCCEEDED, task_pb2.TASK_STATE_DEAD, task_pb2.TASK_STATE_CANCELLED}
+)
 
 #: Channel options. Keepalive pings every 20 s find a dead broker or NAT drop on a quiet Lease
 #: stream well before a lease runs out; the broker accepts pings every 5 s by default
@@ -604,12 +609,17 @@ class Client(ScheduleCalls):
     ) -> Task:
         """Waits until a task has finished (SUCCEEDED, DEAD or CANCELLED) and returns it.
 
-        Polls GetTask, starting every `poll_interval` seconds and slowing down to once a second.
+        Watches the task with WatchTask: the broker streams its changes, so the finish arrives
+        as it happens, through whichever broker the call reaches. A watch that breaks (a broker
+        draining or restarting: UNAVAILABLE) is opened again, after `poll_interval` seconds,
+        doubling up to a second, up to 3 times in a row with nothing received; the next such
+        failure raises UnavailableError.
 
         Args:
             task_id: The task's id.
             timeout: Give up after this many seconds. None: wait as long as it takes.
-            poll_interval: The first pause between two reads, in seconds.
+            poll_interval: The first pause before watching again after a watch broke, in
+                seconds.
 
         Returns:
             The finished task, with its result or errors.
@@ -622,13 +632,37 @@ class Client(ScheduleCalls):
         """
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
-        longest_s = max(WAIT_POLL_MAX_S, poll_interval)
-        interval_s = poll_interval
+        request = broker_service_pb2.WatchTaskRequest(task_id=task_id)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        pause_s = poll_interval
+        failures = 0
         async with asyncio.timeout(timeout):
-            while not (task := await self.get_task(task_id)).state.finished:
-                await asyncio.sleep(interval_s)
-                interval_s = min(interval_s * 1.5, longest_s)
-        return task
+            while True:
+                metadata = current_trace_metadata() if self._tracing.tracer() is not None else None
+                # The deadline goes to the broker too, so it lets go of the watch in time even
+                # when this process cannot tell it.
+                remaining = None if deadline is None else max(0.001, deadline - loop.time())
+                call = self.stub.WatchTask(request, timeout=remaining, metadata=metadata)
+                try:
+                    async for response in call:
+                        failures, pause_s = 0, poll_interval
+                        # Only a finished task is converted: the states on the way are not
+                        # needed here (and a newer broker may send states this SDK predates).
+                        if response.task.state in _FINISHED_STATES:
+                            return decode_task(self.codec, task_from_proto(response.task))
+                except grpc.RpcError as err:
+                    error = error_from_rpc(err)
+                    if error.code is grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
+                        raise TimeoutError(f"task {task_id} had not finished") from None
+                    failures += 1
+                    if error.code is not grpc.StatusCode.UNAVAILABLE or failures > WAIT_RETRIES:
+                        raise error from None
+                finally:
+                    call.cancel()
+                # Broken (or ended without a finish, which a broker does not do): watch again.
+                await asyncio.sleep(pause_s)
+                pause_s = min(pause_s * 2, max(WAIT_PAUSE_MAX_S, poll_interval))
 
     # --- administration ---------------------------------------------------------------------
 
