@@ -162,16 +162,7 @@ def _unary(
             current_principal.reset(token)
 
     async def serve(raw: bytes, context: Context) -> bytes:
-        try:
-            request = request_class.FromString(raw)
-        except DecodeError:
-            await context.abort_with_status(
-                to_status(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"request is not a valid {method.input_type.full_name}",
-                    "MALFORMED_REQUEST",
-                )
-            )
+        request = await _parse(request_class, raw, method, context)
         try:
             rule.check(gate.authorizer, request)  # before anything is done
             remaining = context.time_remaining()
@@ -186,6 +177,22 @@ def _unary(
         return response.SerializeToString()
 
     return grpc.stream_unary_rpc_method_handler(handle)
+
+
+async def _parse(
+    request_class: Any, raw: bytes, method: descriptor.MethodDescriptor, context: Context
+) -> Any:
+    """The request parsed by us: malformed bytes are INVALID_ARGUMENT, not grpcio's UNKNOWN."""
+    try:
+        return request_class.FromString(raw)
+    except DecodeError:
+        await context.abort_with_status(
+            to_status(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request is not a valid {method.input_type.full_name}",
+                "MALFORMED_REQUEST",
+            )
+        )
 
 
 def _stream(
@@ -240,16 +247,7 @@ def _server_stream(
                     "MALFORMED_REQUEST",
                 )
             )
-        try:
-            request = request_class.FromString(raw)
-        except DecodeError:
-            await context.abort_with_status(
-                to_status(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"request is not a valid {method.input_type.full_name}",
-                    "MALFORMED_REQUEST",
-                )
-            )
+        request = await _parse(request_class, raw, method, context)
         token = current_principal.set(principal)
         try:
             rule.check(gate.authorizer, request)  # before anything is done

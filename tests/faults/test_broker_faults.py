@@ -24,7 +24,6 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Iterator,
     Mapping,
     Sequence,
 )
@@ -34,7 +33,6 @@ from typing import TYPE_CHECKING, Final
 
 import grpc
 import pytest
-import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from taskbroker import Client, NewTask, Task, UnavailableError
@@ -47,7 +45,6 @@ from tests.support.broker_process import BrokerProcess
 from tests.support.fault_proxy import FaultProxy
 from tests.support.history import Delivered, History, Report
 from tests.support.lease_stream import LeaseStream
-from tests.support.redis_server import RedisServer
 from tests.support.tasks import enqueue as enqueue_specs
 from tests.support.tasks import get, spec
 from tests.support.worker_process import WorkerProcess
@@ -124,16 +121,6 @@ class Fleet(Harness):
         codes = await asyncio.gather(*(w.aterminate() for w in self.workers))
         for worker, code in zip(self.workers, codes, strict=True):
             assert code == 0, worker.log_text()
-
-
-@pytest.fixture
-def replicas(
-    tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis
-) -> Iterator[Replicas]:
-    """Replicas on the session Redis (flushed by `redis_client`)."""
-    replicas = Replicas(tmp_path, redis_server.url)
-    yield replicas
-    replicas.close()
 
 
 async def put_workers_on(

@@ -4,19 +4,14 @@ history (when each handler ran), not from a counter the broker reports."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Final
-
-import pytest
-import redis
 
 from taskbroker import Client, RateLimit
 from tests.faults.observe import QUEUE, until_stats
 from tests.faults.test_broker_faults import Fleet, Replicas
 from tests.support.history import History
-from tests.support.redis_server import RedisServer
 
 #: Worker processes and credits each, as the issue asks: far more credits than the cap.
 WORKERS: Final = 8
@@ -28,16 +23,6 @@ TASKS: Final = 400
 #: issue's 200/s over 10 s through LIMITS_RATE=200 LIMITS_RATE_S=10.
 RATE_LIMIT: Final = float(os.environ.get("LIMITS_RATE", "100"))
 RATE_RUN_S: Final = float(os.environ.get("LIMITS_RATE_S", "3"))
-
-
-@pytest.fixture
-def replicas(
-    tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis
-) -> Iterator[Replicas]:
-    """Replicas on the session Redis (flushed by `redis_client`)."""
-    started = Replicas(tmp_path, redis_server.url)
-    yield started
-    started.close()
 
 
 def most_at_once(history: History) -> int:

@@ -12,8 +12,6 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -22,19 +20,9 @@ import redis
 from taskbroker.v1 import schedule_service_pb2 as sched
 from taskbroker.v1 import schedule_service_pb2_grpc, task_pb2
 from tests.faults.test_broker_faults import Replicas, kill
-from tests.support.redis_server import RedisServer
 
 RUN_S = float(os.environ.get("SCHEDULE_RUN_S", "12"))
 QUEUE = "ticks"
-
-
-@pytest.fixture
-def replicas(
-    tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis
-) -> Iterator[Replicas]:
-    replicas = Replicas(tmp_path, redis_server.url)
-    yield replicas
-    replicas.close()
 
 
 def ticks_enqueued(client: redis.Redis) -> dict[int, list[int]]:

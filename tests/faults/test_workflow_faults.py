@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Final
 
 import grpc
 import pytest
-import redis
 
 from taskbroker.v1 import broker_service_pb2 as bs
 from taskbroker.v1 import broker_service_pb2_grpc, task_pb2
 from tests.faults.harness import Harness
 from tests.faults.observe import QUEUE
 from tests.faults.test_broker_faults import Replicas, kill
-from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
 
 #: Each workflow: PARENTS parents fanned into one child, which a grandchild follows.
@@ -31,15 +28,6 @@ PARENTS: Final = 4
 HANDLER: Final = timedelta(milliseconds=40)
 SLOW_HANDLER: Final = timedelta(milliseconds=300)
 SLOW_QUEUE: Final = "slow-jobs"
-
-
-@pytest.fixture
-def replicas(
-    tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis
-) -> Iterator[Replicas]:
-    replicas = Replicas(tmp_path, redis_server.url)
-    yield replicas
-    replicas.close()
 
 
 def workflow(n: int) -> list[task_pb2.TaskSpec]:

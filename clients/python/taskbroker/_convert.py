@@ -112,8 +112,9 @@ def task_spec(task: NewTask) -> task_pb2.TaskSpec:
         max_attempts=task.max_attempts or 0,
         idempotency_key=task.idempotency_key or "",
         group_key=task.group_key or "",
-        depends_on=task.depends_on or (),
     )
+    if task.depends_on:  # set only when given: this runs for every task enqueued
+        spec.depends_on.extend(task.depends_on)
     if task.parent_failure_policy is not None:
         spec.parent_failure_policy = _POLICY_TO_PROTO[task.parent_failure_policy]
     if task.delay is not None:
