@@ -140,3 +140,24 @@ async def test_task_shows_parents_what_it_waits_for_and_children(
     assert (parent_doc["child_ids"], parent_doc["child_count"]) == ([album], 1)
     shown_parent = await run_cli(running.target, "task", done)
     assert "children" in shown_parent.stdout and album in shown_parent.stdout
+
+
+async def test_cancel_cancels_a_task_and_its_waiting_children_follow(
+    running: RunningBroker, client: Client
+) -> None:
+    flow = await client.enqueue_workflow(
+        chord([NewTask("albums", "resize", b"1.jpg")], NewTask("albums", "send_album", b"ada"))
+    )
+    resize, album = flow.task_ids
+
+    shown = await run_cli(running.target, "cancel", resize)
+    again = await run_cli(running.target, "cancel", resize)
+
+    assert shown.code == 0, shown.stderr
+    assert "CANCELLED" in shown.stdout
+
+    async def album_cancelled() -> bool:
+        return (await client.get_task(album)).state is TaskState.CANCELLED
+
+    await eventually(album_cancelled, 10.0, "the waiting album cancelled in turn")
+    assert again.code != 0 and "already" in (again.stderr + again.stdout).lower()

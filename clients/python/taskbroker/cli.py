@@ -286,6 +286,19 @@ def task(app: App, task_id: str) -> None:
 
 
 @cli.command()
+@click.argument("task_id", metavar="ID")
+@click.pass_obj
+def cancel(app: App, task_id: str) -> None:
+    """Cancels a task that has not finished (a held lease is revoked). The tasks waiting for
+    it follow their parent failure policy: cancel and wait cancel them too, run lets them run."""
+    cancelled = app.run(lambda c: c.cancel(task_id))
+    if app.json:
+        app.emit(task_doc(cancelled))
+        return
+    app.show(task_view(cancelled))
+
+
+@cli.command()
 @click.argument("queues", nargs=-1)
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
 @click.option(
