@@ -1,5 +1,6 @@
-"""fanin: task dependencies (issue 17). One Enqueue call of PARENTS parents and one child that
-depends on all of them (depends_on_positions), leased and acked with small results by one
+"""fanin: task dependencies (issue 17). PARENTS parents in one Enqueue call and one child that
+depends on all of them by id in a second (the queue paused until both are stored, so no parent
+ends before its child names it), leased and acked with small results by one
 raw-gRPC worker process (bench/workflow_proc.py), which also times the hop: from the answer to
 the last parent's ack to the child's delivery, both in the worker's clock. Also the whole
 fan-in, from just before the Enqueue call (the bench process) to the child's delivery (the
@@ -26,16 +27,19 @@ from bench.stats import median, percentile
 from bench.worker_proc import TASK_TYPE
 from bench.workflow_proc import RESULT
 from taskbroker._client import DEFAULT_OPTIONS
+from taskbroker.v1 import admin_service_pb2 as ad
+from taskbroker.v1 import admin_service_pb2_grpc, broker_service_pb2_grpc, task_pb2
 from taskbroker.v1 import broker_service_pb2 as bs
-from taskbroker.v1 import broker_service_pb2_grpc, task_pb2
 
 if TYPE_CHECKING:
+    from taskbroker.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
     from taskbroker.v1.broker_service_pb2_grpc import BrokerServiceAsyncStub
 
-#: Tasks per Enqueue call at most (broker/queue.py MAX_TASKS_PER_CALL): the parents and their
-#: child in one call leave room for 999 parents.
+#: Tasks per Enqueue call at most (broker/queue.py MAX_TASKS_PER_CALL), and parents of one task
+#: at most (broker/dependencies.py MAX_PARENTS): the 1,000 parents fill one call, and their
+#: child names them by id in a second.
 MAX_TASKS_PER_CALL: Final = 1_000
-PARENTS: Final = MAX_TASKS_PER_CALL - 1
+PARENTS: Final = 1_000
 QUICK_PARENTS: Final = 50
 CHAIN_HOPS: Final = 50
 QUICK_CHAIN_HOPS: Final = 10
@@ -50,9 +54,15 @@ NO_DEPENDENCIES: Final = (
 )
 
 
-def _spec(queue: str, positions: Sequence[int] = ()) -> task_pb2.TaskSpec:
+def _spec(
+    queue: str, positions: Sequence[int] = (), parents: Sequence[str] = ()
+) -> task_pb2.TaskSpec:
     return task_pb2.TaskSpec(
-        queue=queue, type=TASK_TYPE, payload=PAYLOAD, depends_on_positions=list(positions)
+        queue=queue,
+        type=TASK_TYPE,
+        payload=PAYLOAD,
+        depends_on_positions=list(positions),
+        depends_on=list(parents),
     )
 
 
@@ -92,6 +102,7 @@ async def run(ctx: Ctx) -> None:
     options = list(DEFAULT_OPTIONS.items())
     async with grpc.aio.insecure_channel(ctx.env.target, options=options) as channel:
         stub = broker_service_pb2_grpc.BrokerServiceStub(channel)
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
         reason = await unsupported(stub, ctx.queue("fanin-probe"))
         if reason:
             if ctx.env.side.name == "current":
@@ -101,7 +112,8 @@ async def run(ctx: Ctx) -> None:
         for name in (after_ack, end_to_end, hop_p50, hop_max):
             ctx.result.metric(name, "ms")
         ctx.result.note(
-            f"one Enqueue call of {parents:,} parents and their child (depends_on_positions), "
+            f"{parents:,} parents in one Enqueue call and their child in a second (depends_on "
+            "ids), the queue paused until both are stored; "
             "one raw-gRPC worker process acking each delivery frame in one Settlements frame "
             f"(results of {len(RESULT)} bytes); ack answer and delivery timed in the worker"
         )
@@ -114,7 +126,7 @@ async def run(ctx: Ctx) -> None:
             )
             await worker.wait_event("ready", WORKER_READY_S)
             details: dict[str, object] = {"run": run_no, "parents": parents, "hops": hops}
-            fan = await _fan_in(stub, worker, queue, parents)
+            fan = await _fan_in(stub, admin, worker, queue, parents)
             ctx.result.metric(after_ack, "ms").add(fan["after_last_ack_ms"])
             ctx.result.metric(end_to_end, "ms").add(fan["end_to_end_ms"])
             if fan["parent_results"] != parents:
@@ -130,13 +142,19 @@ async def run(ctx: Ctx) -> None:
 
 
 async def _fan_in(
-    stub: BrokerServiceAsyncStub, worker: Child, queue: str, parents: int
+    stub: BrokerServiceAsyncStub,
+    admin: AdminServiceAsyncStub,
+    worker: Child,
+    queue: str,
+    parents: int,
 ) -> dict[str, float]:
-    specs = [_spec(queue) for _ in range(parents)]
-    specs.append(_spec(queue, range(parents)))
+    # Paused while both calls store, so no parent ends before its child names it.
+    await admin.PauseQueue(ad.PauseQueueRequest(queue=queue), timeout=10)
     sent = time.time()
-    ids = await _enqueue(stub, specs)
+    ids = await _enqueue(stub, [_spec(queue) for _ in range(parents)])
+    ids += await _enqueue(stub, [_spec(queue, parents=ids)])
     enqueued = time.time()
+    await admin.ResumeQueue(ad.ResumeQueueRequest(queue=queue), timeout=10)
     child = ids[-1]
     event = await worker.wait_event("child", CAP_S, lambda e: e.get("id") == child)
     return {
