@@ -8,6 +8,7 @@ import math
 import pickle
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 import pytest
@@ -29,7 +30,7 @@ from taskbroker._status import error_from_rpc
 from taskbroker._sync import SyncClient
 from taskbroker.codec import from_json, json_payload
 from taskbroker.v1 import broker_service_pb2 as bs
-from taskbroker.v1 import lease_pb2
+from taskbroker.v1 import broker_service_pb2_grpc, lease_pb2
 from tests.api.test_limits import until
 from tests.conftest import RunningBroker, start_broker
 from tests.support.lease_stream import LeaseStream
@@ -306,6 +307,43 @@ async def test_wait_watches_the_task_rather_than_polling(
     await stream.close()
     assert task.state is TaskState.SUCCEEDED and task.result == b"sent"
     await until(lambda: not running.broker.watch_hub.watching, "the end of the watch")
+
+
+class BrokerBeforeWatchTask(broker_service_pb2_grpc.BrokerServiceServicer):
+    """A real gRPC server speaking the API as it was before WatchTask: GetTask is served (by
+    the running broker, through a channel), WatchTask answers UNIMPLEMENTED, as grpcio's
+    generated servicer does for a method it lacks."""
+
+    def __init__(self, upstream: broker_service_pb2_grpc.BrokerServiceAsyncStub) -> None:
+        self._upstream = upstream
+
+    async def GetTask(  # noqa: N802 (the RPC's name)
+        self, request: bs.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bs.GetTaskResponse:
+        response: bs.GetTaskResponse = await self._upstream.GetTask(request)
+        return response
+
+
+async def test_wait_polls_a_broker_that_has_no_watch_task(running: RunningBroker) -> None:
+    server = grpc.aio.server()
+    broker_service_pb2_grpc.add_BrokerServiceServicer_to_server(
+        # The stubs mark every RPC abstract; the ones left out answer UNIMPLEMENTED at run time.
+        BrokerBeforeWatchTask(running.stub),  # type: ignore[abstract]
+        server,
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with Client(running.target) as producer, Client(f"127.0.0.1:{port}") as old:
+            task_id = await producer.enqueue("emails", "send")
+            waiting = asyncio.create_task(old.wait(task_id, timeout=10, poll_interval=0.02))
+            stream, delivery = await lease_one(running, "emails")
+            await stream.ack(delivery, result=b"sent")
+            task = await asyncio.wait_for(waiting, 5)
+            await stream.close()
+        assert task.state is TaskState.SUCCEEDED and task.result == b"sent"
+    finally:
+        await server.stop(None)
 
 
 async def test_wait_raises_for_an_unknown_or_malformed_id(client: Client) -> None:

@@ -655,6 +655,8 @@ class Client(ScheduleCalls):
                     error = error_from_rpc(err)
                     if error.code is grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
                         raise TimeoutError(f"task {task_id} had not finished") from None
+                    if error.code is grpc.StatusCode.UNIMPLEMENTED:  # a broker before WatchTask
+                        return await self._poll_until_finished(task_id, poll_interval)
                     failures += 1
                     if error.code is not grpc.StatusCode.UNAVAILABLE or failures > WAIT_RETRIES:
                         raise error from None
@@ -663,6 +665,14 @@ class Client(ScheduleCalls):
                 # Broken (or ended without a finish, which a broker does not do): watch again.
                 await asyncio.sleep(pause_s)
                 pause_s = min(pause_s * 2, max(WAIT_PAUSE_MAX_S, poll_interval))
+
+    async def _poll_until_finished(self, task_id: str, poll_interval: float) -> Task:
+        """wait() against a broker without WatchTask: GetTask, at growing intervals."""
+        interval_s = poll_interval
+        while not (task := await self.get_task(task_id)).state.finished:
+            await asyncio.sleep(interval_s)
+            interval_s = min(interval_s * 1.5, max(WAIT_PAUSE_MAX_S, poll_interval))
+        return task
 
     # --- administration ---------------------------------------------------------------------
 
