@@ -103,6 +103,7 @@ run: proto
 # tasks with random worker kills and broker restarts (ARGS are the latter's).
 soak: proto
 	SCHEDULE_RUN_S=60 $(BIN)/pytest -q tests/faults/test_schedule_faults.py
+	WORKFLOW_FAULT_COUNT=1000 $(BIN)/pytest -q tests/faults/test_workflow_faults.py
 	$(BIN)/python -m tests.faults.soak $(ARGS)
 
 # The benchmark suite (not in CI, under 10 minutes): its own redis-server and broker, every
