@@ -41,6 +41,9 @@ RESOLVE_BYTES: Final = 4 * 1024 * 1024
 LINK_CONCURRENCY: Final = 64
 #: How long a claim on a queue's outbox lasts; a drain renews it per batch.
 CLAIM_MS: Final = 5000
+#: Queues drained at once by one process: many queues kicked together (a sweep, a burst of
+#: workflows over 100,000 queues) wait their turn rather than take every Redis connection.
+MAX_CONCURRENT_DRAINS: Final = 16
 
 
 class OutboxMover:
@@ -52,6 +55,7 @@ class OutboxMover:
         self._owner = f"{os.getpid()}-{os.urandom(6).hex()}"
         self._running: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_DRAINS)
         self.moved = 0  # entries moved by this process (tests, metrics)
 
     def kick(self, queue: str) -> None:
@@ -74,11 +78,12 @@ class OutboxMover:
 
     async def _drain_until_quiet(self, queue: str) -> None:
         try:
-            while True:
-                self._again.discard(queue)
-                await self.drain(queue)
-                if queue not in self._again:
-                    return
+            async with self._slots:
+                while True:
+                    self._again.discard(queue)
+                    await self.drain(queue)
+                    if queue not in self._again:
+                        return
         except asyncio.CancelledError:
             raise
         except BrokerError as exc:  # the maintainer kicks again while entries remain

@@ -13,7 +13,7 @@ from broker.queue import TaskQueue, TaskRequest
 from broker.store.keys import QueueKeys
 from broker.store.redis_store import RedisStore
 from broker.store.workflow_store import Tell
-from broker.workflows import OutboxMover
+from broker.workflows import MAX_CONCURRENT_DRAINS, OutboxMover
 from tests.store.test_task_queue_contract import LONG_LEASE_MS, STREAM
 
 PARENTS_Q, CHILD_Q = "parents", "children"
@@ -179,3 +179,31 @@ async def test_waiting_tasks_are_never_trimmed_and_finished_ones_take_their_link
     )
     assert await state(tasks, stuck) == TaskState.WAITING
     assert list((await tasks.links(await tasks.get(stuck))).waiting_for) == [stuck_parent]
+
+
+async def test_many_queues_kicked_at_once_are_drained_a_bounded_number_at_a_time(
+    store: RedisStore, tasks: TaskQueue
+) -> None:
+    (parent,) = [o.task_id for o in await tasks.enqueue([request(PARENTS_Q)])]
+    queues = [f"children-{i}" for i in range(3 * MAX_CONCURRENT_DRAINS)]
+    for queue in queues:  # each child's link request waits in its own queue's outbox
+        await tasks.enqueue([request(queue, depends_on=(parent,))])
+    mover = OutboxMover(store, tasks.workflow)
+    running = peak = 0
+    drain = mover.drain
+
+    async def counted(queue: str) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            return await drain(queue)
+        finally:
+            running -= 1
+
+    mover.drain = counted  # type: ignore[method-assign]
+    for queue in queues:
+        mover.kick(queue)
+    await mover.idle()
+    assert peak == MAX_CONCURRENT_DRAINS
+    assert [await tasks.workflow.outbox_length(q) for q in queues] == [0] * len(queues)
