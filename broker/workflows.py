@@ -108,7 +108,7 @@ class OutboxMover:
             await self._store.hint([Hint(queue, delay_ms=CLAIM_MS)])
             while entries := await wf.read_outbox(queue, READ_BATCH):
                 await self._tell(await self._tells(queue, entries))
-                await wf.delete_outbox(queue, [e.entry_id for e in entries])
+                await wf.delete_outbox(queue, entries)
                 moved += len(entries)
                 await wf.claim_outbox(queue, self._owner, CLAIM_MS)  # renews only if lapsed
         finally:
@@ -126,8 +126,8 @@ class OutboxMover:
             assert entry.state is not None  # an end entry always names its state
             parent = TaskRef(queue, entry.task)
             children = entry.children
-            if children is None:  # too many to list in the entry
-                children = tuple(await self._workflow.children_of(parent))
+            if children is None:  # over 1,000: copied beside the entry
+                children = tuple(await self._workflow.copied_children(queue, entry.entry_id))
             for child in children:
                 try:
                     ref = parse_task_id("child", child)

@@ -14,7 +14,7 @@ from typing import Final
 import pytest
 import redis
 
-from taskbroker import Client, NewTask, RateLimit, TaskContext, TaskState, Worker, handler
+from taskbroker import Client, NewTask, RateLimit, TaskContext, TaskState, Worker, chord, handler
 from tests.conftest import TEST_SETTINGS, start_broker
 from tests.support.certs import make_ca
 from tests.support.redis_server import RedisServer, free_port
@@ -30,7 +30,7 @@ BROKER_ACL: Final = (
     "+sadd +srem +smembers +scard +sscan "
     "+zadd +zrem +zrange +zcard +zscore +zpopmin "
     "+xadd +xrange +xrevrange +xlen +xdel +xtrim +sismember +srandmember "
-    "+rename +persist +pexpire +multi +exec"
+    "+rename +copy +persist +pexpire +multi +exec"
 )
 
 
@@ -110,6 +110,15 @@ async def test_a_task_runs_through_redis_over_tls_as_a_least_privilege_user(
             assert await one.run_until_idle() == 7  # the redriven task and these six
             (stats,) = await client.stats("tls-redis")
             assert stats.pending == 0
+            # A workflow: links, ends, the outbox mover, a watched wait.
+            flow = await client.enqueue_workflow(
+                chord(
+                    [NewTask("tls-redis", "double", b"p") for _ in range(2)],
+                    NewTask("tls-redis", "double", b"c"),
+                )
+            )
+            assert await one.run_until_idle() == 3
+            assert (await client.wait(flow.last, timeout=10)).state is TaskState.SUCCEEDED
     finally:
         await running.close()
     # The ACL allowed all of it (a missing command would show here, and fail the task above).

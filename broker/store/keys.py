@@ -170,6 +170,10 @@ class QueueKeys:
         """Stream of entries for the outbox mover: links to make, and parents' ends to tell."""
         return self._base + "wf"
 
+    def outbox_children(self, entry_id: str) -> str:
+        """The children of a parent with over 1,000, copied for its outbox entry (a set)."""
+        return self._base + "wfk:" + entry_id
+
     @property
     def outbox_claim(self) -> str:
         """The replica draining the outbox now (a string with an expiry)."""

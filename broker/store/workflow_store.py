@@ -34,7 +34,7 @@ _ORDER: Final = b"#"
 class OutboxEntry:
     """One entry of a queue's outbox: a link to make (kind 'l': `task` is the child, WAITING)
     or an end to tell (kind 'f': `task` ended in `state` with `result`; `children` are its
-    children's ids, or None when there are too many to list: read the set)."""
+    children's ids, or None when there were over 1,000: copied_children reads them)."""
 
     entry_id: str
     kind: str
@@ -159,10 +159,20 @@ class WorkflowStore:
             rows = await self._store.client.xrange(QueueKeys(queue).outbox, count=count)
         return [_entry(entry_id, fields) for entry_id, fields in cast("list[Any]", rows)]
 
-    async def delete_outbox(self, queue: str, entry_ids: Sequence[str]) -> None:
-        if entry_ids:
-            with _translate():
-                await self._store.client.xdel(QueueKeys(queue).outbox, *entry_ids)
+    async def delete_outbox(self, queue: str, entries: Sequence[OutboxEntry]) -> None:
+        """Deletes moved entries, then the children copied for those that had many."""
+        if not entries:
+            return
+        keys = QueueKeys(queue)
+        copies = [
+            keys.outbox_children(e.entry_id)
+            for e in entries
+            if e.kind == "f" and e.children is None
+        ]
+        with _translate():
+            await self._store.client.xdel(keys.outbox, *(e.entry_id for e in entries))
+            if copies:
+                await self._store.client.delete(*copies)
 
     async def outbox_length(self, queue: str) -> int:
         with _translate():
@@ -193,9 +203,10 @@ class WorkflowStore:
             )
         return _text(order or b"").split()
 
-    async def children_of(self, parent: TaskRef) -> list[str]:
-        """Every child id of a task (its set, read in pages)."""
-        key = QueueKeys(parent.queue).children(parent.local_id)
+    async def copied_children(self, queue: str, entry_id: str) -> list[str]:
+        """The children copied for an outbox entry of a parent with over 1,000 (read in
+        pages)."""
+        key = QueueKeys(queue).outbox_children(entry_id)
         out: list[str] = []
         with _translate():
             async for member in self._store.client.sscan_iter(key, count=1000):

@@ -207,3 +207,28 @@ async def test_many_queues_kicked_at_once_are_drained_a_bounded_number_at_a_time
     await mover.idle()
     assert peak == MAX_CONCURRENT_DRAINS
     assert [await tasks.workflow.outbox_length(q) for q in queues] == [0] * len(queues)
+
+
+async def test_a_parent_of_over_1000_children_trimmed_before_its_end_is_moved_loses_none(
+    store: RedisStore, tasks: TaskQueue
+) -> None:
+    (parent,) = [o.task_id for o in await tasks.enqueue([request(PARENTS_Q)])]
+    children: list[str] = []
+    for _ in range(2):  # 1,200 children, each naming the parent by id
+        outcomes = await tasks.enqueue([request(CHILD_Q, depends_on=(parent,))] * 600)
+        children += [o.task_id for o in outcomes]
+    mover = OutboxMover(store, tasks.workflow)
+    await mover.drain(CHILD_Q)
+    (lease,) = await lease_all(tasks, PARENTS_Q, 1)
+    await ack(tasks, lease, b"done")
+    (entry,) = await tasks.workflow.read_outbox(PARENTS_Q, 10)
+    assert entry.children is None  # too many to list: copied beside the entry
+    # Every broker was down past the parent's retention: it is trimmed, its children's set too.
+    await asyncio.sleep(0.01)
+    await store.trim_finished(PARENTS_Q, 0, 0, 100)
+    assert await store.client.exists(QueueKeys(PARENTS_Q).children(lease.task.ref.local_id)) == 0
+    assert await mover.drain(PARENTS_Q) == 1
+    (stats,) = await tasks.stats([CHILD_Q])
+    assert (stats.pending, stats.waiting) == (len(children), 0)
+    # The copy went with the entry.
+    assert await store.client.exists(QueueKeys(PARENTS_Q).outbox_children(entry.entry_id)) == 0

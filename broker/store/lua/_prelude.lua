@@ -253,9 +253,13 @@ local function queue_of(base) return string.sub(base, 5, -3) end
 -- stream <base>wf, drained by every replica's outbox mover (broker/workflow/mover.py), which
 -- runs resolve.lua in each child's own slot: parents and children may live in different
 -- queues, so different Cluster slots. An entry holds k='f' (finished), p (local id), s (state),
--- t (its type: a child decrypts an encrypted result with it), r (result), and c (the children's ids, space-separated, when at most 1,000; else the mover
--- reads <task>:k). `kid` and `w` are the task hash's flags, when the caller read them already.
+-- t (its type: a child decrypts an encrypted result with it), r (result), and c (the children's
+-- ids, space-separated) when there are at most 1,000; more are copied to <base>wfk:<entry id>,
+-- which the mover reads and deletes with the entry, so trimming the parent meanwhile loses none
+-- (it expires after 30 days, should a mover die between the two deletes). `kid` and `w` are the
+-- task hash's flags, when the caller read them already.
 local MAX_LISTED_CHILDREN = 1000
+local SNAPSHOT_TTL_MS = 30 * 86400 * 1000
 local function task_finished(base, id, state, kid, w)
   local key = base .. 't:' .. id
   if kid == nil then
@@ -269,11 +273,16 @@ local function task_finished(base, id, state, kid, w)
       table.insert(entry, 'r')
       table.insert(entry, t[2] or '')
     end
-    if redis.call('SCARD', key .. ':k') <= MAX_LISTED_CHILDREN then
+    local many = redis.call('SCARD', key .. ':k') > MAX_LISTED_CHILDREN
+    if not many then
       table.insert(entry, 'c')
       table.insert(entry, table.concat(redis.call('SMEMBERS', key .. ':k'), ' '))
     end
-    redis.call('XADD', base .. 'wf', '*', unpack(entry))
+    local entry_id = redis.call('XADD', base .. 'wf', '*', unpack(entry))
+    if many then
+      redis.call('COPY', key .. ':k', base .. 'wfk:' .. entry_id)
+      redis.call('PEXPIRE', base .. 'wfk:' .. entry_id, SNAPSHOT_TTL_MS)
+    end
     redis.call('PUBLISH', FLOW_CHANNEL, queue_of(base))
   end
   if w then redis.call('PUBLISH', FINISHED_CHANNEL, queue_of(base) .. ':' .. id) end
