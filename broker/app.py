@@ -386,13 +386,13 @@ class Broker:
         await self.server.stop(1.0)
         await self.registry.wait_background()
         await self.wake_listener.stop()
-        await self.mover.stop()
         if self._outbox_sweep is not None:
             self._outbox_sweep.cancel()
             await asyncio.gather(self._outbox_sweep, return_exceptions=True)
         await self.watch_hub.stop()
         for loop in self.loops:
             await loop.stop()
+        await self.mover.stop()  # after all that kicks it: the listener, the sweep, the loops
         await self.dispatcher.stop()
         if self.web:
             await self.web.stop()

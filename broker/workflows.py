@@ -56,16 +56,21 @@ class OutboxMover:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_DRAINS)
+        self._stopped = False
         self.moved = 0  # entries moved by this process (tests, metrics)
 
     def kick(self, queue: str) -> None:
-        """Drains the queue's outbox soon (again after the current drain, if one runs)."""
+        """Drains the queue's outbox soon (again after the current drain, if one runs). After
+        stop, nothing: another replica, or this one restarted, moves it."""
+        if self._stopped:
+            return
         if queue in self._running:
             self._again.add(queue)
             return
         self._running[queue] = asyncio.create_task(self._drain_until_quiet(queue))
 
     async def stop(self) -> None:
+        self._stopped = True
         tasks = list(self._running.values())
         for task in tasks:
             task.cancel()
