@@ -592,7 +592,7 @@ function renderWorkflow(w) {
       { dataset: { task: p.task_id } },
       el("td", {}, taskLink(p.task_id)),
       el("td", {}, p.state || "gone"),
-      el("td", { class: "num" }, p.result_size === null ? "—" : `${p.result_size} bytes`),
+      el("td", { class: "num" }, p.result_size === null ? "—" : bytesText(p.result_size)),
       el("td", { class: "muted" }, p.awaited ? "awaited" : ""),
     ),
   );
@@ -623,9 +623,13 @@ function renderWorkflow(w) {
         : "";
 }
 
+function bytesText(size) {
+  return size === 1 ? "1 byte" : `${size} bytes`;
+}
+
 // An SDK codec's envelope names its key in clear; the contents stay sealed.
 function sizeText(size, keyId) {
-  return keyId ? `encrypted, key ${keyId}, ${size} bytes` : `${size} bytes`;
+  return keyId ? `encrypted, key ${keyId}, ${bytesText(size)}` : bytesText(size);
 }
 
 // Past the cap, the table holds the queues with the largest backlog; say so, with the totals.
