@@ -160,3 +160,18 @@ async def test_watching_a_task_needs_produce_or_read_on_its_queue(secured: Secur
     consumer = secured.as_("consumer").stub
     watch_a = consumer.WatchTask(bs.WatchTaskRequest(task_id=on_a))
     await denied(watch_a.read(), "a", "produce or read")
+
+
+async def test_depending_on_a_task_needs_produce_on_its_queue(secured: Secured) -> None:
+    # The child would receive the parent's result: a producer of a may not name a task of b.
+    [other] = await enqueue(secured.as_("ops").stub, spec("b"))
+    producer = secured.as_("producer")
+    child = spec("a")
+    child.depends_on.append(other)
+    await denied(producer.stub.Enqueue(bs.EnqueueRequest(tasks=[child])), "b", "produce")
+    assert await pending(secured, "a") == 0
+    [mine] = await enqueue(producer.stub, spec("a"))
+    child = spec("a")
+    child.depends_on.append(mine)
+    [waiting] = await enqueue(producer.stub, child)
+    assert (await get(producer.stub, waiting)).parent_ids == [mine]
