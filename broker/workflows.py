@@ -207,8 +207,9 @@ class OutboxMover:
         cursor = 0
         while True:
             cursor, queues = await self._store.scan_queues(cursor, 1000)
-            for queue in queues:
-                if await self._workflow.outbox_length(queue) > 0:
+            lengths = await self._workflow.outbox_lengths(queues)
+            for queue, length in zip(queues, lengths, strict=True):
+                if length > 0:
                     self.kick(queue)
                     found += 1
             if cursor == 0:

@@ -178,6 +178,14 @@ class WorkflowStore:
         with _translate():
             return int(await self._store.client.xlen(QueueKeys(queue).outbox))
 
+    async def outbox_lengths(self, queues: Sequence[str]) -> list[int]:
+        """outbox_length of many queues, in one pipeline."""
+        with _translate():
+            async with self._store.client.pipeline(transaction=False) as pipe:
+                for queue in queues:
+                    pipe.xlen(QueueKeys(queue).outbox)
+                return [int(n) for n in await pipe.execute()]
+
     async def claim_outbox(self, queue: str, owner: str, ttl_ms: int) -> bool:
         """Claims the queue's outbox for `owner` for ttl_ms unless another holds it."""
         with _translate():

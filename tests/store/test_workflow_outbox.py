@@ -232,3 +232,19 @@ async def test_a_parent_of_over_1000_children_trimmed_before_its_end_is_moved_lo
     assert (stats.pending, stats.waiting) == (len(children), 0)
     # The copy went with the entry.
     assert await store.client.exists(QueueKeys(PARENTS_Q).outbox_children(entry.entry_id)) == 0
+
+
+async def test_the_sweep_after_a_reconnect_finds_every_outbox_with_entries(
+    store: RedisStore, tasks: TaskQueue
+) -> None:
+    # The tb:flow announcements of these were lost (no one listened): only the sweep finds them.
+    (parent,) = [o.task_id for o in await tasks.enqueue([request(PARENTS_Q)])]
+    queues = [f"swept-{i}" for i in range(5)]
+    for queue in queues:
+        await tasks.enqueue([request(queue, depends_on=(parent,))])
+    await tasks.enqueue([request("nothing-waits-here")])
+    mover = OutboxMover(store, tasks.workflow)
+    assert await mover.sweep() == len(queues)
+    await mover.idle()
+    assert await tasks.workflow.outbox_lengths(queues) == [0] * len(queues)
+    assert (await tasks.links(await tasks.get(parent))).child_count == len(queues)
