@@ -108,6 +108,7 @@ class Task(NamedTuple):
     group_key: str = ""  # "": the queue's default group
     parent_count: int = 0  # how many tasks it depends on (TaskLinks says which)
     parent_policy: ParentPolicy = ParentPolicy.CANCEL
+    has_children: bool = False  # some task depends on it
 
 
 @dataclass(frozen=True, slots=True)

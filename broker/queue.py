@@ -737,7 +737,10 @@ class TaskQueue:
         return task
 
     async def links(self, task: Task) -> TaskLinks:
-        """A task's parents (with how each ended) and children."""
+        """A task's parents (with how each ended) and children (no Redis call for a task in
+        no workflow: most tasks)."""
+        if not task.parent_count and not task.has_children:
+            return TaskLinks()
         return await self.workflow.links(task.ref)
 
     async def cancel(self, task_id: str) -> tuple[Task, str | None]:

@@ -178,7 +178,7 @@ TASK_HASH_FIELDS: Final = {
     "lease_expire_ms": "etime", "finish_ms": "ftime", "last_error": "lerr", "errors": "errs",
     "result": "res", "lease_ms": "lease_ms", "initial_backoff_ms": "bo_i",
     "max_backoff_ms": "bo_m", "lease_id": "lid", "group_key": "gk", "parent_count": "npar",
-    "parent_policy": "fpol",
+    "parent_policy": "fpol", "has_children": "kid",
 }  # fmt: skip
 #: The stored names alone, in order.
 TASK_FIELDS: Final = tuple(TASK_HASH_FIELDS.values())
@@ -196,7 +196,7 @@ def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
     _num, a cheaper _int."""
     type_, payload, hdr, pri, state, att, max_, ctime, stime = v[:9]
     etime, ftime, lerr, errs, res, lease_ms, initial_backoff, max_backoff, lid, gk = v[9:19]
-    npar, fpol = v[19:]
+    npar, fpol, kid = v[19:]
     errors = tuple(  # absent until an attempt fails: no JSON on the hot path
         AttemptError(attempt=int(a), time_ms=int(t), message=str(m))
         for a, t, m in (json.loads(errs) if errs else ())
@@ -224,6 +224,7 @@ def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
         _text(gk),
         _num(npar),
         ParentPolicy(_text(fpol)) if fpol else ParentPolicy.CANCEL,
+        kid is not None,
     )
 
 
