@@ -21,7 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from taskbroker import Client, NewTask, NonRetryable, TaskContext, TaskState, Worker, handler
+from taskbroker import (
+    Client,
+    NewTask,
+    NonRetryable,
+    RateLimit,
+    TaskContext,
+    TaskState,
+    Worker,
+    handler,
+)
 from tests.conftest import RunningBroker
 from tests.faults.observe import eventually
 from tests.interop.node_process import NODE, NODE_DIR, QUEUE, WAIT_S, NodeWorker
@@ -241,3 +250,19 @@ async def test_node_producer_enqueue_is_visible_before_any_worker(
     line = await produce(node, running.target, "--type", "later", "--payload", "x")
     task = await client.get_task(str(line["task_id"]))
     assert (task.state, task.type, task.payload) == (TaskState.PENDING, "later", b"x")
+
+
+async def test_the_node_producer_waits_out_an_enqueue_rate_limit_s_retry_info(
+    node: str, running: RunningBroker, client: Client
+) -> None:
+    # One enqueue per second, no burst: the second producer is refused, with a RetryInfo of
+    # about a second, and sends its call again after it (nothing was stored the first time).
+    await client.update_queue_settings(QUEUE, enqueue_rate_limit=RateLimit(1, 1))
+    first = await produce(node, running.target, "--type", "echo", "--payload", "1")
+    started = asyncio.get_running_loop().time()
+    second = await produce(node, running.target, "--type", "echo", "--payload", "2")
+    waited = asyncio.get_running_loop().time() - started
+    assert first["task_id"] != second["task_id"]
+    assert waited >= 0.5  # the RetryInfo's delay, not an immediate resend
+    (stats,) = await client.stats(QUEUE)
+    assert stats.enqueued_total == 2

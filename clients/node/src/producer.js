@@ -52,6 +52,97 @@ const PARENT_FAILURE_POLICIES = {
  */
 
 /**
+ * How long, in all, enqueueMany waits out refusals that carry a RetryInfo (a queue's
+ * enqueue_rate_limit, the client's request byte rate) before it gives up, as the Python SDK does.
+ * Such a refusal stored nothing, so sending the call again is safe.
+ */
+const RETRY_INFO_BUDGET_MS = 30_000;
+
+/**
+ * Reads the varint at `offset` of a protobuf encoding.
+ *
+ * @param {Buffer} bytes
+ * @param {number} offset
+ * @returns {[number, number]} the value and the offset after it
+ */
+function varint(bytes, offset) {
+  let value = 0;
+  let scale = 1;
+  for (let at = offset; at < bytes.length; at += 1) {
+    value += (bytes[at] & 0x7f) * scale;
+    if (bytes[at] < 0x80) return [value, at + 1];
+    scale *= 128;
+  }
+  throw new RangeError('a truncated varint');
+}
+
+/**
+ * The fields of a protobuf message, by number: varints as numbers, length-delimited fields as
+ * Buffers (every occurrence, in order). Enough for google.rpc.Status and RetryInfo.
+ *
+ * @param {Buffer} bytes
+ * @returns {Map<number, Array<number|Buffer>>}
+ */
+function fields(bytes) {
+  /** @type {Map<number, Array<number|Buffer>>} */
+  const found = new Map();
+  let at = 0;
+  while (at < bytes.length) {
+    const [key, next] = varint(bytes, at);
+    const number = Math.floor(key / 8);
+    let value;
+    switch (key % 8) {
+      case 0:
+        [value, at] = varint(bytes, next);
+        break;
+      case 2: {
+        const [length, start] = varint(bytes, next);
+        value = bytes.subarray(start, start + length);
+        at = start + length;
+        break;
+      }
+      case 1:
+        at = next + 8;
+        continue;
+      case 5:
+        at = next + 4;
+        continue;
+      default:
+        throw new RangeError(`wire type ${key % 8}`);
+    }
+    found.set(number, [...(found.get(number) ?? []), value]);
+  }
+  return found;
+}
+
+/**
+ * The retry delay a refusal carries (google.rpc.RetryInfo in its status details), in ms, or
+ * null when it carries none.
+ *
+ * @param {any} error a grpc-js ServiceError
+ * @returns {number|null}
+ */
+export function retryDelayMs(error) {
+  const raw = error?.metadata?.get?.('grpc-status-details-bin')?.[0];
+  if (!Buffer.isBuffer(raw)) return null;
+  try {
+    for (const detail of fields(raw).get(3) ?? []) {
+      const any = fields(/** @type {Buffer} */ (detail));
+      const typeUrl = String(any.get(1)?.[0] ?? '');
+      if (!typeUrl.endsWith('/google.rpc.RetryInfo')) continue;
+      const delay = fields(/** @type {Buffer} */ (any.get(2)?.[0] ?? Buffer.alloc(0))).get(1)?.[0];
+      const duration = fields(/** @type {Buffer} */ (delay ?? Buffer.alloc(0)));
+      const seconds = Number(duration.get(1)?.[0] ?? 0);
+      const nanos = Number(duration.get(2)?.[0] ?? 0);
+      return seconds * 1000 + Math.ceil(nanos / 1e6);
+    }
+  } catch {
+    return null; // details we cannot read: the refusal stands as it is
+  }
+  return null;
+}
+
+/**
  * Calls a unary method of a grpc-js client and resolves with its answer.
  *
  * @param {any} client a grpc-js service client
@@ -153,11 +244,33 @@ export class Producer {
         parent_failure_policy: PARENT_FAILURE_POLICIES[policy] ?? 'PARENT_FAILURE_POLICY_UNSPECIFIED',
       };
     });
-    const response = await unary(this.client, 'Enqueue', { tasks: specs }, this.timeoutMs);
+    const response = await this.enqueueCall(specs);
     return response.results.map((/** @type {any} */ result) => ({
       taskId: result.task_id,
       duplicate: result.duplicate,
     }));
+  }
+
+  /**
+   * One Enqueue call, sent again after the delay of each RESOURCE_EXHAUSTED refusal that
+   * carries a RetryInfo, for up to RETRY_INFO_BUDGET_MS in all.
+   *
+   * @param {object[]} specs the TaskSpecs
+   * @returns {Promise<any>} the EnqueueResponse
+   */
+  async enqueueCall(specs) {
+    const started = Date.now();
+    for (;;) {
+      try {
+        return await unary(this.client, 'Enqueue', { tasks: specs }, this.timeoutMs);
+      } catch (error) {
+        const delay = /** @type {any} */ (error)?.code === grpc.status.RESOURCE_EXHAUSTED
+          ? retryDelayMs(error)
+          : null;
+        if (delay === null || Date.now() - started + delay > RETRY_INFO_BUDGET_MS) throw error;
+        await new Promise((resolve) => setTimeout(resolve, delay));
+      }
+    }
   }
 
   /**
