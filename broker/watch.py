@@ -16,17 +16,14 @@ import logging
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
-from broker.cancellation import raise_if_cancelled
-from broker.errors import BrokerError, Draining, LimitExceeded
+from broker.errors import Draining, LimitExceeded
 from broker.models import FINISHED_STATES, Task, TaskState
+from broker.subscription import listen_forever
 
 if TYPE_CHECKING:
     from broker.queue import TaskQueue
 
 log = logging.getLogger(__name__)
-
-#: How long the subscription waits for an announcement before it checks its connection.
-LISTEN_TIMEOUT_S = 1.0
 
 
 class _Watcher:
@@ -148,29 +145,8 @@ class WatchHub:
                 watcher.woken.set()
 
     async def _run(self) -> None:
-        """Listens for finished tasks; reconnects with backoff, and after a reconnect wakes
-        every watcher, since announcements made while disconnected were lost."""
-        delay = 0.05
-        while True:
-            try:
-                async with self._tasks.finished_events() as events:
-                    self.connected.set()
-                    self._wake_all()
-                    delay = 0.05
-                    while True:
-                        raise_if_cancelled()
-                        task_id = await events.next(timeout_s=LISTEN_TIMEOUT_S)
-                        if task_id is not None:
-                            self._wake(task_id)
-            except asyncio.CancelledError:
-                raise
-            except (BrokerError, OSError, ConnectionError) as exc:
-                raise_if_cancelled()
-                log.debug("watch hub disconnected: %s", exc)
-            except Exception as exc:  # redis-py raises its own ConnectionError subclasses here
-                raise_if_cancelled()
-                log.debug("watch hub disconnected: %s", type(exc).__name__)
-            self.connected.clear()
-            raise_if_cancelled()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+        """Listens for finished tasks; after a reconnect wakes every watcher, since
+        announcements made while disconnected were lost."""
+        await listen_forever(
+            "watch hub", self._tasks.finished_events, self.connected, self._wake_all, self._wake
+        )

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from broker.cancellation import raise_if_cancelled
-from broker.errors import BrokerError
-from broker.models import Flow, Revoke
+from broker.models import Flow, Revoke, Wake
+from broker.subscription import Subscribe, listen_forever
 
 if TYPE_CHECKING:
     from broker.dispatch import Dispatcher
     from broker.queue import TaskQueue
-
-log = logging.getLogger(__name__)
 
 
 class WakeListener:
@@ -48,33 +44,19 @@ class WakeListener:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
-        delay = 0.05
-        while True:
-            try:
-                async with self._tasks.wake_events() as events:
-                    self.connected.set()
-                    self._dispatcher.notify_all()
-                    self._reconnected()
-                    delay = 0.05
-                    while True:
-                        raise_if_cancelled()
-                        # A bounded wait, so a quiet channel is not mistaken for a dead socket.
-                        event = await events.next(timeout_s=1.0)
-                        if isinstance(event, Revoke):
-                            self._revoke(event.task_id, event.lease_id)
-                        elif isinstance(event, Flow):
-                            self._flow(event.queue)
-                        elif event is not None:
-                            self._dispatcher.notify(event.queue)
-            except asyncio.CancelledError:
-                raise
-            except (BrokerError, OSError, ConnectionError) as exc:
-                raise_if_cancelled()
-                log.debug("wake listener disconnected: %s", exc)
-            except Exception as exc:  # redis-py raises its own ConnectionError subclasses here
-                raise_if_cancelled()
-                log.debug("wake listener disconnected: %s", type(exc).__name__)
-            self.connected.clear()
-            raise_if_cancelled()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+        subscribe: Subscribe[Wake | Revoke | Flow] = self._tasks.wake_events
+        await listen_forever(
+            "wake listener", subscribe, self.connected, self._connected, self._event
+        )
+
+    def _connected(self) -> None:
+        self._dispatcher.notify_all()
+        self._reconnected()
+
+    def _event(self, event: Wake | Revoke | Flow) -> None:
+        if isinstance(event, Revoke):
+            self._revoke(event.task_id, event.lease_id)
+        elif isinstance(event, Flow):
+            self._flow(event.queue)
+        else:
+            self._dispatcher.notify(event.queue)

@@ -114,7 +114,13 @@ class WorkflowStore:
         self._store = store
 
     async def task_state(self, ref: TaskRef) -> TaskState | None:
-        """A task's state, or None when there is no such task."""
+        """A task's state, or None when there is no such task. Only the state field is read
+        from a task's hash (a parent's payload may be a MiB); a task without a hash may still
+        be fresh (a stream entry of at most 32 KiB), read whole."""
+        with _translate():
+            state = await self._store.client.hget(QueueKeys(ref.queue).task(ref.local_id), "state")
+        if state is not None:
+            return TaskState(int(state))
         task = await self._store.get(ref)
         return task.state if task is not None else None
 
@@ -197,7 +203,9 @@ class WorkflowStore:
 
     async def release_outbox(self, queue: str, owner: str) -> None:
         """Gives the claim up if `owner` still holds it (a claim that expired and was taken by
-        another replica is that one's)."""
+        another replica is that one's). GET then DEL, not one step: should the claim lapse and
+        be taken between the two, the other replica loses it early, which costs a drain done
+        twice at worst (every step is idempotent)."""
         key = QueueKeys(queue).outbox_claim
         with _translate():
             if _text(await self._store.client.get(key) or b"") == owner:

@@ -1,10 +1,16 @@
-"""Fixtures of the interop tests: the `node` binary, once clients/node is installed."""
+"""Fixtures of the interop tests: the `node` binary, once clients/node is installed, a Python
+client of the running broker, and a Node worker on it."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import pytest
 
-from tests.interop.node_process import NODE, NODE_DIR
+from taskbroker import Client
+from tests.conftest import RunningBroker
+from tests.interop.node_process import NODE, NODE_DIR, NodeWorker
 
 
 @pytest.fixture(scope="module")
@@ -19,3 +25,19 @@ def node() -> str:
             pytrace=False,
         )
     return NODE
+
+
+@pytest.fixture
+async def client(running: RunningBroker) -> AsyncIterator[Client]:
+    async with Client(running.target) as client:
+        yield client
+
+
+@pytest.fixture
+async def node_worker(
+    node: str, running: RunningBroker, tmp_path: Path
+) -> AsyncIterator[NodeWorker]:
+    """A Node.js worker process (bin/worker.js) on the running broker."""
+    worker = await NodeWorker.start(node, running.target, tmp_path / "node-worker.log")
+    yield worker
+    await worker.close()

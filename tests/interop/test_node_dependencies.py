@@ -6,8 +6,6 @@ the Python SDK, on an in-process broker."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -19,21 +17,6 @@ from tests.interop.test_node_interop import produce
 pytestmark = pytest.mark.skipif(
     NODE is None, reason="node is not installed: the Node.js interop tests need it on PATH"
 )
-
-
-@pytest.fixture
-async def client(running: RunningBroker) -> AsyncIterator[Client]:
-    async with Client(running.target) as client:
-        yield client
-
-
-@pytest.fixture
-async def node_worker(
-    node: str, running: RunningBroker, tmp_path: Path
-) -> AsyncIterator[NodeWorker]:
-    worker = await NodeWorker.start(node, running.target, tmp_path / "node-worker.log")
-    yield worker
-    await worker.close()
 
 
 async def test_a_node_handler_reads_its_parents_results_in_order(

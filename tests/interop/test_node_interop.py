@@ -40,21 +40,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-async def client(running: RunningBroker) -> AsyncIterator[Client]:
-    async with Client(running.target) as client:
-        yield client
-
-
-@pytest.fixture
-async def node_worker(
-    node: str, running: RunningBroker, tmp_path: Path
-) -> AsyncIterator[NodeWorker]:
-    worker = await NodeWorker.start(node, running.target, tmp_path / "node-worker.log")
-    yield worker
-    await worker.close()
-
-
 async def until_leased(client: Client, task_id: str) -> None:
     async def leased() -> bool:
         return (await client.get_task(task_id)).state is TaskState.LEASED
