@@ -24,10 +24,15 @@ from bench.scenarios.common import (
 )
 from bench.scenarios.pipeline import BATCH, produce
 from bench.worker_proc import TASK_TYPE
+from broker.embedded_redis import RECOMMENDED_HASH_VALUE_BYTES
 from taskbroker import Client, NewTask
 
 BROKER_ENV = {"TASKBROKER_FINISHED_RETENTION_S": "0"}
+#: Issue 15: a pending task with a 100-byte payload, on a redis-server with stock settings.
 PENDING_TARGET = Target("<=", 250)
+#: redis-server's default hash-max-listpack-value (the bench's Redis runs with the recommended
+#: RECOMMENDED_HASH_VALUE_BYTES, which only changes how tasks with a hash are encoded).
+STOCK_HASH_VALUE_BYTES = 64
 #: Producing and draining the residual batch stops here (a slow broker completes fewer).
 RESIDUAL_CAP_S = 8.0
 QUICK_RESIDUAL_CAP_S = 5.0
@@ -57,7 +62,8 @@ async def run(ctx: Ctx) -> None:
         "residual": o.size(100_000, 10_000),
     }
     res = ctx.result
-    res.metric("pending task", "B/task", PENDING_TARGET)
+    res.metric("pending task, stock Redis settings", "B/task", PENDING_TARGET)
+    res.metric("pending task", "B/task")
     res.metric("delayed task", "B/task")
     res.metric("dead task", "B/task")
     res.metric("residual after completions", "bytes")
@@ -72,6 +78,12 @@ async def run(ctx: Ctx) -> None:
         details: dict[str, object] = {"run": run_no}
         async with ctx.client() as client:
             await client.enqueue(ctx.queue("warmup"), TASK_TYPE, b"")  # scripts loaded
+            await ctx.env.r.config_set("hash-max-listpack-value", STOCK_HASH_VALUE_BYTES)
+            try:
+                stock = await _queued(ctx, client, "pending", sizes["pending"])
+            finally:
+                await ctx.env.r.config_set("hash-max-listpack-value", RECOMMENDED_HASH_VALUE_BYTES)
+            res.metric("pending task, stock Redis settings", "B/task").add(stock)
             for kind in ("pending", "delayed"):
                 per_task = await _queued(ctx, client, kind, sizes[kind])
                 res.metric(f"{kind} task", "B/task").add(per_task)
@@ -83,7 +95,7 @@ async def run(ctx: Ctx) -> None:
 
 
 async def _queued(ctx: Ctx, client: Client, kind: str, n: int) -> float:
-    queue = ctx.queue(kind)
+    queue = ctx.queue(kind)  # a fresh queue each call
     delay = timedelta(hours=1) if kind == "delayed" else None
     batch = [NewTask(queue, TASK_TYPE, b"x" * 100, delay=delay) for _ in range(n)]
     before = await task_bytes(ctx)
