@@ -96,8 +96,12 @@ MAX_GROUP_KEY_PAGE = 100
 DEFAULT_GROUP_KEY_PAGE = 20
 #: Work of each kind per maintenance call on one queue, and queues taken per index shard per pass.
 MAINTAIN_LIMIT = 500
-#: Take-maintain-settle rounds per pass at most (a pass handles up to 4,000 due queues).
-MAINTAIN_ROUNDS = 8
+#: Take-maintain-settle rounds per pass at most. A pass goes on while more queues came due than
+#: one round takes, or a queue had more work of a kind than one call does (MAINTAIN_LIMIT): so a
+#: pass handles up to 8,000 due queues, or trims up to 8,000 finished tasks of one queue (32,000/s
+#: at the default reap interval: above what one queue completes; one round per pass kept a busy
+#: queue's trims at 2,000/s, and its finished tasks piled up).
+MAINTAIN_ROUNDS = 16
 #: A maintainer that takes a queue and dies delays it by at most this.
 DUE_CLAIM_MS = 500
 #: Finished tasks and dead letters are trimmed up to this late, so a busy queue's trims batch.
@@ -174,6 +178,11 @@ def _check_range(name: str, value: int, low: int, high: int, unit: str = "") -> 
     if not low <= value <= high:
         raise InvalidArgument(name, f"must be {low}{unit} to {high}{unit}, got {value}{unit}")
     return value
+
+
+def _hit_limit(done: Maintained) -> bool:
+    """The maintenance call did as much of some kind of work as one call may: more may wait."""
+    return max(done.reclaimed, done.promoted, done.trimmed) >= MAINTAIN_LIMIT
 
 
 def _every(_: str) -> bool:
@@ -697,7 +706,8 @@ class TaskQueue:
             outcomes = [(e, d.next_due_ms) for e, d in zip(entries, done, strict=True)]
             await store.settle_due(outcomes)
             work += sum(d.work for d in done)
-            if len(entries) < MAINTAIN_LIMIT:
+            behind = any(_hit_limit(d) for d in done)  # its index entry now says "due now"
+            if len(entries) < MAINTAIN_LIMIT and not behind:
                 break
         return work
 

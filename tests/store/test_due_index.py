@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
+
+import pytest
 
 from broker.config import Settings
+from broker.errors import TaskNotFound
 from broker.ids import new_lease_id
 from broker.loops.sweeper import Sweeper
-from broker.models import Hint, TaskState
-from broker.queue import TaskQueue, TaskRequest
-from broker.store.keys import QUEUES_KEY, DueKeys
+from broker.models import Hint, SettleStatus, TaskState
+from broker.queue import MAINTAIN_LIMIT, TRIM_SLACK_MS, AckCall, TaskQueue, TaskRequest
+from broker.store.keys import QUEUES_KEY, DueKeys, QueueKeys
 from broker.store.redis_store import RedisStore
 from tests.store.conftest import Topology
 
@@ -173,3 +177,38 @@ async def test_after_redis_lost_everything_a_known_queue_is_registered_and_maint
         assert await _now_ms(tasks, "known") < lease.expire_ms + 1000, "reclaimed late"
         await tasks.maintain_due()
         await asyncio.sleep(PASS_S)
+
+
+async def test_one_pass_trims_a_busy_queues_finished_tasks_beyond_one_calls_limit(
+    topology: Topology, settings: Settings
+) -> None:
+    """A queue completing thousands of tasks a second needs its trims to keep up: one
+    maintenance call trims at most MAINTAIN_LIMIT, so a pass goes on with a queue that hit it."""
+    store = RedisStore(topology.client(), finished_retention_ms=0)  # its acks hint the trim
+    try:
+        tasks = TaskQueue(store, replace(settings, finished_retention_s=0))
+        await _finish_and_trim_in_one_pass(tasks, store)
+    finally:
+        await store.close()
+
+
+async def _finish_and_trim_in_one_pass(tasks: TaskQueue, store: RedisStore) -> None:
+    n = 3 * MAINTAIN_LIMIT
+    for _ in range(n // 500):
+        await tasks.enqueue([TaskRequest("busy", "t") for _ in range(500)])
+    for _ in range(n // 100):
+        batch = await tasks.lease("busy", [(new_lease_id(), 60_000, "s", "") for _ in range(100)])
+        acks = AckCall([], [])
+        for lease in batch.leases:
+            acks.lease_ids.append(lease.lease_id)
+            acks.args += [lease.task.ref.local_id, lease.lease_id, b"", ""]
+        assert set(await tasks.ack_many("busy", acks)) == {SettleStatus.OK}
+    finished = QueueKeys("busy").done
+    assert await store.client.zcard(finished) == n
+    await asyncio.sleep((TRIM_SLACK_MS + 200) / 1000)  # past retention 0 plus the trim slack
+
+    assert await tasks.maintain_due() >= n  # one pass, as the maintainer runs it
+    left = await store.client.zcard(finished)
+    assert left == 0, f"{left} of {n} finished tasks left after one pass"
+    with pytest.raises(TaskNotFound):  # the task itself is gone, not only its index entry
+        await tasks.get(batch.leases[0].task.ref.task_id)
