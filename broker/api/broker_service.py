@@ -77,6 +77,7 @@ class BrokerService:
                 self._default_lease_ms,
                 self._authorizer,
                 self._streams.meter(context.peer(), client),
+                self._streams.client_key(context.peer(), client),
             )
             await session.run()
 

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
@@ -86,6 +87,33 @@ class SessionRegistry:
         self.settled = asyncio.Event()
         #: Lanes for large settlements frames (LeaseSession._settle_batch), shared by all streams.
         self.settle_lanes = asyncio.Semaphore(SETTLE_LANES)
+        #: Large settlements frames read and not yet applied, per client (over all its streams,
+        #: ended ones included): a client reads no more of them past LARGE_FRAMES_PER_CLIENT.
+        self._large_frames: Counter[str] = Counter()
+        self._large_frame_done = asyncio.Condition()
+
+    def large_frame_read(self, client: str, settling: asyncio.Task[None]) -> None:
+        """Counts a large frame of the client until its settling task ends (however it ends)."""
+        self._large_frames[client] += 1
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._large_frames[client] -= 1
+            if not self._large_frames[client]:
+                del self._large_frames[client]
+            self.spawn(self._notify_large_frame_done())
+
+        settling.add_done_callback(done)
+
+    async def _notify_large_frame_done(self) -> None:
+        async with self._large_frame_done:
+            self._large_frame_done.notify_all()
+
+    async def large_frame_room(self, client: str) -> None:
+        """Waits while the client has LARGE_FRAMES_PER_CLIENT large frames not yet applied."""
+        async with self._large_frame_done:
+            await self._large_frame_done.wait_for(
+                lambda: self._large_frames[client] < LARGE_FRAMES_PER_CLIENT
+            )
 
     def held(self, lease_id: str, session: LeaseSession) -> None:
         """The session holds the lease now; a session of this replica that held it before (the
@@ -134,8 +162,11 @@ class LeaseSession:
         default_lease_ms: int,
         authorizer: Authorizer,
         meter: RateMeter | None = None,
+        client: str = "",
     ) -> None:
         self._context = context
+        #: Whose stream this is (a client's IP, or its principal under a policy).
+        self._client = client
         #: The client's byte rate, read against (none: unmetered)
         self._meter = meter
         self._authorizer = authorizer
@@ -461,13 +492,15 @@ class LeaseSession:
 
     async def _read_loop(self) -> None:
         try:
-            while not _is_eof(raw := await self._read()):
+            while True:
+                await self._settle_room()  # before each read: a new stream waits its turn too
+                if _is_eof(raw := await self._read()):
+                    break
                 request = self._parse(raw)
                 if request is None:
                     self._fail_invalid("frame", "not a valid LeaseRequest")
                     return
                 self._handle(request)
-                await self._settle_room()
             # The worker half-closed: no more deliveries; answer what it sent, then end.
             if self._sub is not None:
                 self._sub.close()
@@ -509,7 +542,9 @@ class LeaseSession:
                 )
                 return
             if count:
-                self._start_settling(self._settle_batch(batch, count))
+                settling = self._start_settling(self._settle_batch(batch, count))
+                if count > LIGHT_FRAME_ITEMS:
+                    self._registry.large_frame_read(self._client, settling)
             if batch.credits:
                 self._credit("settlements.credits", batch.credits)
         elif kind == "open":
@@ -536,17 +571,18 @@ class LeaseSession:
             groups.setdefault((kind, msg.task_id.rpartition(":")[0]), []).append(msg)
         self._start_settling(self._settle(groups))
 
-    def _start_settling(self, work: Coroutine[Any, Any, None]) -> None:
+    def _start_settling(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
+        return task
 
     async def _settle_batch(self, batch: lease_pb2.Settlements, count: int) -> None:
-        """Applies a settlements frame. A frame of more than _LIGHT_FRAME_ITEMS items waits for
+        """Applies a settlements frame. A frame of more than LIGHT_FRAME_ITEMS items waits for
         one of the broker's few lanes for large frames (SessionRegistry.settle_lanes): one
         client's big frames take turns instead of filling the event loop, while the small
         frames of a worker's usual traffic go straight through and keep their group commit."""
-        if count <= _LIGHT_FRAME_ITEMS:
+        if count <= LIGHT_FRAME_ITEMS:
             await self._group_and_settle(batch, None)
         else:
             async with self._registry.settle_lanes:
@@ -578,10 +614,14 @@ class LeaseSession:
         await self._settle(groups, pacer)
 
     async def _settle_room(self) -> None:
-        """Backpressure: while the stream has its maximum of settlement frames being applied,
-        the next frame is not read (the worker's writes wait on HTTP/2 flow control)."""
+        """Backpressure: the next frame is not read (the worker's writes wait on HTTP/2 flow
+        control) while the stream has its maximum of settlement frames being applied, or its
+        client has LARGE_FRAMES_PER_CLIENT large frames not yet applied over all its streams. A
+        stream that ends leaves its frames being applied: they still count, so a client that
+        cuts its streams and opens new ones cannot pile up work."""
         while len(self._settling) >= self._tasks.settings.max_settle_batches_per_stream:
             await asyncio.wait(set(self._settling), return_when=asyncio.FIRST_COMPLETED)
+        await self._registry.large_frame_room(self._client)
 
     async def _settle(
         self, groups: dict[tuple[str, str], list[_SettleFrame]], pacer: Pacer | None = None
@@ -852,9 +892,11 @@ _SETTLE_CHUNK_ITEMS = 256
 #: ... of at most this many (kind, queue) groups, each one script call at a time.
 _SETTLE_CHUNK_GROUPS = 16
 #: Settlements frames larger than this wait for a lane (SessionRegistry.settle_lanes).
-_LIGHT_FRAME_ITEMS = 1000
+LIGHT_FRAME_ITEMS = 1000
 #: Large settlements frames applied at once, broker-wide.
 SETTLE_LANES = 1
+#: Large settlements frames a client may have read and not yet applied, over all its streams.
+LARGE_FRAMES_PER_CLIENT = 4
 #: A settlements frame is grouped this many items at a time, yielding to others in between.
 _SCAN_SLICE = 128
 #: Settlements are checked and answered this many at a time, yielding to others in between.

@@ -127,6 +127,10 @@ class StreamLimits:
         admit."""
         return RateMeter(self._rate, self._client_key(peer) if client is None else client)
 
+    def client_key(self, peer: str, client: str | None = None) -> str:
+        """Whom limits count a stream from peer against. `client` as for admit."""
+        return self._client_key(peer) if client is None else client
+
     def on_connection(self, peer: str) -> int:
         return self._by_connection[peer]
 

@@ -14,9 +14,11 @@ import grpc
 import pytest
 import redis
 
+from broker.api.lease_session import LARGE_FRAMES_PER_CLIENT, LIGHT_FRAME_ITEMS
 from broker.api.limits import StreamLimits, UnaryLimits, client_of_peer
 from broker.config import Settings
 from broker.errors import LimitExceeded
+from broker.ids import IdGenerator
 from taskbroker.v1 import broker_service_pb2 as bs
 from taskbroker.v1 import broker_service_pb2_grpc, lease_pb2
 from tests.conftest import RunningBroker, start_broker
@@ -298,3 +300,30 @@ async def test_the_broker_stops_reading_a_stream_at_its_settlements_bound(
         await asyncio.wait_for(worker.ended.wait(), 5)  # then read: the duplicate open fails it
         assert worker.error is not None
         assert worker.error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_clients_large_frames_left_by_a_cut_stream_hold_back_its_other_streams(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    # A client that cuts a stream with large settlements frames still being applied, and sends
+    # more on another, must wait for them: else cutting and reopening piles up work unbounded.
+    async with broker(settings) as b:
+        cut = await LeaseStream(b.stub).open(["emails"], credits=0)
+        other = await LeaseStream(b.stub).open(["emails"], credits=0)
+        with redis_writes_paused(redis_client):
+            ids = IdGenerator()  # well-formed ids of no task: each ack needs its script call
+            for _ in range(LARGE_FRAMES_PER_CLIENT):  # large: each waits for a lane
+                await cut.call.write(
+                    _acks([f"emails:{ids.new()}" for _ in range(LIGHT_FRAME_ITEMS + 1)])
+                )
+            await asyncio.sleep(0.3)  # read by the broker, held by the pause
+            cut.call.cancel()
+            credit = lease_pb2.LeaseRequest(credit=lease_pb2.LeaseCredit(credits=1))
+            await other.call.write(credit)  # read at once: the stream was waiting for a frame
+            # A frame that would fail the stream at once, were it read.
+            await other.call.write(lease_pb2.LeaseRequest(open=lease_pb2.LeaseOpen()))
+            await asyncio.sleep(0.5)
+            assert not other.ended.is_set(), other.error  # not read: the cut stream's go first
+        await asyncio.wait_for(other.ended.wait(), 10)  # applied: then it is read, and fails
+        assert other.error is not None
+        assert other.error.code() == grpc.StatusCode.INVALID_ARGUMENT
