@@ -196,8 +196,10 @@ async def _finish_and_trim_in_one_pass(tasks: TaskQueue, store: RedisStore) -> N
     n = 3 * MAINTAIN_LIMIT
     for _ in range(n // 500):
         await tasks.enqueue([TaskRequest("busy", "t") for _ in range(500)])
+    finished_ids = []
     for _ in range(n // 100):
         batch = await tasks.lease("busy", [(new_lease_id(), 60_000, "s", "") for _ in range(100)])
+        finished_ids += [lease.task.ref.task_id for lease in batch.leases]
         acks = AckCall([], [])
         for lease in batch.leases:
             acks.lease_ids.append(lease.lease_id)
@@ -211,4 +213,4 @@ async def _finish_and_trim_in_one_pass(tasks: TaskQueue, store: RedisStore) -> N
     left = await store.client.zcard(finished)
     assert left == 0, f"{left} of {n} finished tasks left after one pass"
     with pytest.raises(TaskNotFound):  # the task itself is gone, not only its index entry
-        await tasks.get(batch.leases[0].task.ref.task_id)
+        await tasks.get(finished_ids[0])
