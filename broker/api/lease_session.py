@@ -110,6 +110,8 @@ class SessionRegistry:
 
     async def large_frame_room(self, client: str) -> None:
         """Waits while the client has LARGE_FRAMES_PER_CLIENT large frames not yet applied."""
+        if self._large_frames[client] < LARGE_FRAMES_PER_CLIENT:  # every read comes here
+            return
         async with self._large_frame_done:
             await self._large_frame_done.wait_for(
                 lambda: self._large_frames[client] < LARGE_FRAMES_PER_CLIENT
