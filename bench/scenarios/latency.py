@@ -15,6 +15,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -48,16 +49,24 @@ FLOOR_RATES = (100, 500)
 HEADER = "sent"
 
 
-class _OpenLoop:
-    """Sends single calls on a fixed schedule, each in a task of its own: an Enqueue through the
-    SDK, or (with `health`) a health Check."""
+#: One call of an open loop, given the wall time it is sent at.
+Call = Callable[[float], Awaitable[object]]
 
-    def __init__(
-        self, client: Client, queue: str, health: health_pb2_grpc.HealthStub | None = None
-    ) -> None:
-        self._client = client
-        self._queue = queue
-        self._health = health
+
+def _enqueue(client: Client, queue: str) -> Call:
+    """A single-task enqueue() through the SDK, its send time in a header."""
+    return lambda sent: client.enqueue(queue, TASK_TYPE, PAYLOAD, headers={HEADER: repr(sent)})
+
+
+def _health_check(stub: health_pb2_grpc.HealthStub) -> Call:
+    return lambda sent: stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+
+
+class _OpenLoop:
+    """Sends single calls on a fixed schedule, each in a task of its own."""
+
+    def __init__(self, call: Call) -> None:
+        self._call = call
         self.call_ms: list[float] = []
         self.errors: Counter[str] = Counter()
         self.first_error: dict[str, str] = {}
@@ -69,12 +78,7 @@ class _OpenLoop:
     async def _send(self) -> None:
         sent = time.time()
         try:
-            if self._health is not None:
-                await self._health.Check(health_pb2.HealthCheckRequest(), timeout=10)
-            else:
-                await self._client.enqueue(
-                    self._queue, TASK_TYPE, PAYLOAD, headers={HEADER: repr(sent)}
-                )
+            await self._call(sent)
         except TaskbrokerError as exc:
             self.errors[exc.code.name] += 1
             self.first_error.setdefault(exc.code.name, str(exc)[:200])
@@ -150,8 +154,8 @@ async def _floor(
     ctx: Ctx, run_no: int, rate: int, window_s: float, samples: dict[int, float]
 ) -> None:
     """The health-Check open loop at `rate`; its p50/p99 beside the run's (samples)."""
-    async with ctx.client() as client, grpc.aio.insecure_channel(ctx.env.target) as channel:
-        loop = _OpenLoop(client, "", health_pb2_grpc.HealthStub(channel))
+    async with grpc.aio.insecure_channel(ctx.env.target) as channel:
+        loop = _OpenLoop(_health_check(health_pb2_grpc.HealthStub(channel)))
         calls = await loop.run(rate, window_s)
     for p in (50, 99):
         floor_ms = percentile(loop.call_ms, p) if loop.call_ms else float("nan")
@@ -165,7 +169,7 @@ async def _one(ctx: Ctx, run_no: int, rate: int, window_s: float) -> dict[int, f
     queue = ctx.queue(f"latency{rate}")
     (worker,) = await start_workers(ctx, queue, 1, record_header=HEADER, label="latency")
     async with ctx.client() as client:
-        producer = _OpenLoop(client, queue)
+        producer = _OpenLoop(_enqueue(client, queue))
         calls = await producer.run(rate, window_s)
         enqueued = len(producer.call_ms)
         done = await wait_succeeded(client, queue, enqueued, DRAIN_CAP_S)
