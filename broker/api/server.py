@@ -139,15 +139,7 @@ def _unary(
         except BrokerError as exc:
             await context.abort_with_status(error_status(exc))
         with turn:
-            raw: object = await context.read()
-            if not isinstance(raw, bytes):  # the client half-closed without a request
-                await context.abort_with_status(
-                    to_status(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"no {method.input_type.full_name} was sent",
-                        "MALFORMED_REQUEST",
-                    )
-                )
+            raw = await _read_request(method, context)
             if rated:
                 limits.charge_rate(peer, len(raw), client)
         try:
@@ -177,6 +169,20 @@ def _unary(
         return response.SerializeToString()
 
     return grpc.stream_unary_rpc_method_handler(handle)
+
+
+async def _read_request(method: descriptor.MethodDescriptor, context: Context) -> bytes:
+    """The one request of a call served as a streaming one (its bytes, not yet parsed)."""
+    raw: object = await context.read()
+    if not isinstance(raw, bytes):  # the client half-closed without a request
+        await context.abort_with_status(
+            to_status(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"no {method.input_type.full_name} was sent",
+                "MALFORMED_REQUEST",
+            )
+        )
+    return raw
 
 
 async def _parse(
@@ -238,15 +244,7 @@ def _server_stream(
             principal = gate.principal(context, name)
         except BrokerError as exc:
             await context.abort_with_status(error_status(exc))
-        raw: object = await context.read()
-        if not isinstance(raw, bytes):  # the client half-closed without a request
-            await context.abort_with_status(
-                to_status(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"no {method.input_type.full_name} was sent",
-                    "MALFORMED_REQUEST",
-                )
-            )
+        raw = await _read_request(method, context)
         request = await _parse(request_class, raw, method, context)
         token = current_principal.set(principal)
         try:
