@@ -29,7 +29,7 @@ from bench.worker_proc import TASK_TYPE
 from broker import ids
 from broker.config import Settings
 from broker.ids import IdGenerator, new_lease_id
-from broker.store import argv
+from broker.store import argv, redis_store
 from broker.store.keys import WAKE_CHANNEL, QueueKeys
 from broker.store.redis_store import TASK_FIELDS
 from broker.store.scripts import read_script
@@ -112,7 +112,8 @@ class Lifecycle:
         if lease:
             lease_args = _fields_known(
                 argv.LeaseArgs, task_prefix=k.task_prefix,
-                fresh_prefix=getattr(k, "fresh_prefix", None), n=lease,
+                fresh_prefix=getattr(k, "fresh_prefix", None),
+                reply_bytes=getattr(redis_store, "LEASE_REPLY_BYTES", 0), n=lease,
             )  # fmt: skip
             args = [*lease_args]
             for lease_id in lease_ids:

@@ -54,6 +54,7 @@ class LeaseArgs(NamedTuple):
 
     task_prefix: str
     fresh_prefix: str
+    reply_bytes: int  # leases no more once the reply holds this many bytes (the first always)
     n: int
 
 

@@ -91,6 +91,12 @@ MAINTAIN_CHUNK: Final = 200
 #: command of ours then holds more than one task's bytes, so other clients' commands never wait
 #: behind a whole batch of large payloads. Below it, the extra round trip would cost more.
 STAGE_PAYLOAD_BYTES: Final = 32 * 1024
+#: A lease call leases no further task once its reply holds this many bytes (the first task
+#: always goes). Redis copies a reply's bytes twice, at up to 2 ms per MiB on these machines,
+#: and every other client waits meanwhile: four 1 MiB tasks in one call held Redis for 8-10 ms
+#: (docs/benchmarks.md, "2026-12-06: megabyte tasks leased one call at a time"). Smaller tasks
+#: still go up to a thousand per call.
+LEASE_REPLY_BYTES: Final = 256 * 1024
 #: A staged payload not renamed into its task within this long expires: what a broker that
 #: died between the two steps, or a call refused for an idempotency conflict, leaves behind.
 STAGE_TTL_MS: Final = 60_000
@@ -587,7 +593,10 @@ class RedisStore:
         keys = QueueKeys(queue)
         args: list[str | int] = [
             *argv.LeaseArgs(
-                task_prefix=keys.task_prefix, fresh_prefix=keys.fresh_prefix, n=len(slots)
+                task_prefix=keys.task_prefix,
+                fresh_prefix=keys.fresh_prefix,
+                reply_bytes=LEASE_REPLY_BYTES,
+                n=len(slots),
             )
         ]
         for slot in slots:  # already argv.LeaseSlot's fields, in its order (tests/store)

@@ -15,7 +15,12 @@ from broker.ids import new_lease_id
 from broker.models import NewTask, TaskState
 from broker.queue import TaskQueue, TaskRequest
 from broker.store.keys import QueueKeys
-from broker.store.redis_store import STAGE_PAYLOAD_BYTES, STAGE_TTL_MS, RedisStore
+from broker.store.redis_store import (
+    LEASE_REPLY_BYTES,
+    STAGE_PAYLOAD_BYTES,
+    STAGE_TTL_MS,
+    RedisStore,
+)
 from tests.store.conftest import Topology
 
 Q = "uploads"
@@ -103,3 +108,25 @@ async def test_staged_payloads_lost_twice_fail_the_call_and_store_nothing(
         await tasks.enqueue(requests)
     stats = (await tasks.stats([Q]))[0]
     assert (stats.pending, stats.scheduled) == (0, 0)
+
+
+async def test_a_lease_call_stops_at_its_reply_budget_and_says_the_rest_is_due_now(
+    tasks: TaskQueue,
+) -> None:
+    # Redis copies a reply's bytes while every other client waits: megabyte tasks go one per
+    # call, smaller ones until the reply holds LEASE_REPLY_BYTES.
+    third = LEASE_REPLY_BYTES // 3 + 1
+    payloads = [os.urandom(LEASE_REPLY_BYTES + 1), os.urandom(LEASE_REPLY_BYTES + 1)]
+    payloads += [os.urandom(third) for _ in range(4)]
+    await tasks.enqueue([TaskRequest(Q, "resize", p) for p in payloads])
+    slots = [(new_lease_id(), 10_000, "s", "") for _ in payloads]
+    sizes, dues = [], []
+    while True:
+        batch = await tasks.lease(Q, slots)
+        if not batch.leases:
+            break
+        sizes.append([len(lease.task.payload) for lease in batch.leases])
+        dues.append(batch.next_due_ms == batch.now_ms)
+    big = LEASE_REPLY_BYTES + 1
+    assert sizes == [[big], [big], [third] * 3, [third]]
+    assert dues == [True, True, True, False]  # the last call took all that was left

@@ -9,6 +9,9 @@
 -- ARGV     (store/argv.py LeaseArgs, LeaseSlot)
 --   task_prefix   tb:{q}:t:   (task hashes are derived from popped ids: same hash tag)
 --   fresh_prefix  tb:{q}:f:   (fresh pending tasks, a stream per priority: enqueue.lua)
+--   reply_bytes   no further task is leased once the reply holds this many bytes of task
+--                 fields (the first always is): Redis copies a reply's bytes twice, and other
+--                 clients wait meanwhile, so megabyte tasks go a few per call
 --   n; then n slots: lease_id (fresh, random), lease_ms (for a task without its own),
 --   stream_id (the Lease stream the slot belongs to, stored as `sid`: the stream that holds
 --   the lease) and holder (the principal the lease is bound to, stored as `lp`; '' without a
@@ -26,13 +29,14 @@
 -- `blocked` and the script that frees a slot wakes it (wake_if_blocked).
 --
 -- Returns {now, next_due, paused, id_1, fields_1, id_2, fields_2, ...}: next_due is the earliest
--- scheduled time or next token (-1 when none), paused is 1 when nothing was leased because the
+-- scheduled time or next token (-1 when none; now when reply_bytes held tasks back), paused is 1 when nothing was leased because the
 -- queue is paused, 2 when the rate limit held tasks back until next_due, fields_i is the leased task's values of the named fields, in order (HMGET).
 
 local now = now_ms()
-local task_prefix, fresh_prefix, n = unpack(ARGV, 1, 3)
+local task_prefix, fresh_prefix, reply_bytes, n = unpack(ARGV, 1, 4)
 n = tonumber(n)
-local fields = {unpack(ARGV, 3 + 4 * n + 1)}
+reply_bytes = tonumber(reply_bytes)
+local fields = {unpack(ARGV, 4 + 4 * n + 1)}
 local meta = redis.call('HMGET', KEYS[4], 'paused', 'mc', 'rl_rate', 'rl_burst', 'rl_tok',
   'rl_at', 'blocked', 'pk_mc', 'turn', 'dturn', 'pk_rate', 'pk_burst', 'aging')
 if meta[1] == '1' then
@@ -125,9 +129,18 @@ end
 
 local reply = {now, next_due(KEYS[2]), 0}
 local used = 0
+local returned = 0  -- bytes of task fields in the reply
+local function room() return used < allowed and returned < reply_bytes end
+local function add_to_reply(id, values)
+  for _, v in ipairs(values) do
+    if v then returned = returned + #v end
+  end
+  table.insert(reply, id)
+  table.insert(reply, values)
+end
 local function lease(key, id)
   used = used + 1
-  local lease_id, lease_ms, stream_id, holder = item(3, 4, used - 1)
+  local lease_id, lease_ms, stream_id, holder = item(4, 4, used - 1)
   local ms = tonumber(lease_ms)
   local own = tonumber(redis.call('HGET', key, 'lease_ms') or '0')
   if own > 0 then ms = own end
@@ -137,8 +150,7 @@ local function lease(key, id)
     'sid', stream_id)
   bind_lease(key, holder)
   redis.call('ZADD', KEYS[3], expire, id)
-  table.insert(reply, id)
-  table.insert(reply, redis.call('HMGET', key, unpack(fields)))
+  add_to_reply(id, redis.call('HMGET', key, unpack(fields)))
 end
 
 -- A fresh task's hash, written once with its lease (the hot path: one HSET, no reads).
@@ -146,7 +158,7 @@ local HASH_ORDER = {'type', 'payload', 'hdr', 'pri', 'state', 'att', 'max', 'cti
   'etime', 'cur_ms', 'lease_ms', 'bo_i', 'bo_m', 'lid', 'sid', 'lp'}
 local function lease_fresh(pri, entry_id, task)
   used = used + 1
-  local lease_id, lease_ms, stream_id, holder = item(3, 4, used - 1)
+  local lease_id, lease_ms, stream_id, holder = item(4, 4, used - 1)
   local ms = tonumber(lease_ms)
   local own = tonumber(task.lease_ms)
   if own > 0 then ms = own end
@@ -170,8 +182,7 @@ local function lease_fresh(pri, entry_id, task)
   redis.call('ZADD', KEYS[3], expire, task.id)
   local values = {}
   for i, name in ipairs(fields) do values[i] = v[name] or false end
-  table.insert(reply, task.id)
-  table.insert(reply, values)
+  add_to_reply(task.id, values)
 end
 
 -- The default group (tasks without a group key): the candidates above, merged in score order.
@@ -293,7 +304,7 @@ local leftover  -- whether tasks were left that the limits held back
 -- Enough keys for one task each, and a few more in case some are at their cap.
 local keyed = redis.call('ZRANGE', rotation, 0, allowed + 15, 'WITHSCORES')
 if #keyed == 0 then
-  while used < allowed and take_default() do end
+  while room() and take_default() do end
   leftover = default_left()
 else
   local groups = {}  -- {turn, key, or false for the default group}
@@ -305,10 +316,10 @@ else
   end)
   local turn = tonumber(meta[9] or '0')
   local turns = {}  -- key ('' for the default group) -> its new turn
-  while #groups > 0 and used < allowed do
+  while #groups > 0 and room() do
     local next_round = {}
     for i, g in ipairs(groups) do
-      if used >= allowed then
+      if not room() then
         for j = i, #groups do table.insert(next_round, groups[j]) end
         break
       end
@@ -349,6 +360,9 @@ for index, count in pairs(taken) do
     redis.call('ZREM', KEYS[5], pri)
   end
 end
+
+-- Tasks left for want of room in the reply are due now: the dispatcher leases again at once.
+if leftover and used < allowed then reply[2] = now end
 
 -- A key waiting for its token makes its time a due time: the dispatcher leases again then.
 local first_waiting = redis.call('ZRANGE', waiting_keys, 0, 0, 'WITHSCORES')
