@@ -3,9 +3,10 @@ limits, concurrent 1 MiB Enqueue calls past the byte budget) while a victim enqu
 is served throughout and loses nothing, and the misbehaviour is refused with clear statuses.
 
 The noisy client is bench.noisy_proc in its own process (its CPU is not the broker's). The
-victim's latency is not asserted here: while the noisy client saturates the broker's CPU within
-the limits, the victim's p99 grows far past 2x its baseline (the target is not met yet), and on
-a shared CI machine the figure is noise. `make bench` (noisy_neighbour) measures it."""
+victim's latency is not asserted here: beside the noisy client's megabyte messages the victim's
+p99 is 3-5x its baseline (the 2x target is not met: each such message holds the event loop for
+a few ms, docs/benchmarks.md), and on a shared CI machine the figure is noise. `make bench`
+(noisy_neighbour) measures it."""
 
 from __future__ import annotations
 
