@@ -97,6 +97,11 @@ STAGE_PAYLOAD_BYTES: Final = 32 * 1024
 #: (docs/benchmarks.md, "2026-12-06: megabyte tasks leased one call at a time"). Smaller tasks
 #: still go up to a thousand per call.
 LEASE_REPLY_BYTES: Final = 256 * 1024
+#: A page of listed tasks (dead letters) stops growing once it holds this many bytes; the first
+#: task always goes. So a page of 1 MiB tasks stays under the 4 MiB that gRPC clients receive
+#: by default. Before, a page of 100 such tasks was past even the broker's send limit (the
+#: task limit + 16 MiB): it could not be listed at all, and took that much memory to build.
+LIST_PAGE_BYTES: Final = 2 * 1024 * 1024
 #: A staged payload not renamed into its task within this long expires: what a broker that
 #: died between the two steps, or a call refused for an idempotency conflict, leaves behind.
 STAGE_TTL_MS: Final = 60_000
@@ -915,21 +920,37 @@ class RedisStore:
                     if after is None or (entry[1], entry[0]) > (after[0], after[1]):
                         found.append(entry)
                 offset += len(chunk)
-            page = found[:page_size]
-            hashes = []
-            if page:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for local_id, _ in page:
-                        pipe.hgetall(keys.task(local_id))
-                    hashes = await pipe.execute()
-        tasks = [
-            decode_task(TaskRef(queue, local_id), h)
-            for (local_id, _), h in zip(page, hashes, strict=True)
-            if h
-        ]
-        more = len(found) > page_size
-        cursor = (page[-1][1], page[-1][0]) if more and page else None
+            wanted = found[:page_size]
+            page = await self._hashes_within(keys, wanted, LIST_PAGE_BYTES)
+        tasks = [decode_task(TaskRef(queue, local_id), h) for (local_id, _), h in page if h]
+        more = len(found) > page_size or len(page) < len(wanted)
+        last = page[-1][0] if page else None
+        cursor = (last[1], last[0]) if more and last else None
         return DeadPage(tasks=tasks, next_cursor=cursor)
+
+    async def _hashes_within(
+        self, keys: QueueKeys, entries: Sequence[tuple[str, int]], budget: int
+    ) -> list[tuple[tuple[str, int], dict[bytes, bytes]]]:
+        """The task hashes of a prefix of `entries` (local id first), in order ({} for a task
+        gone meanwhile): read a few at a time, and no more once they hold `budget` bytes (the
+        first is always read). A page of megabyte tasks would otherwise pass gRPC's message
+        limit, and each HGETALL of one holds Redis for a millisecond or two."""
+        out: list[tuple[tuple[str, int], dict[bytes, bytes]]] = []
+        total, chunk = 0, 16
+        while len(out) < len(entries) and total < budget:
+            part = entries[len(out) : len(out) + chunk]
+            async with self._client.pipeline(transaction=False) as pipe:
+                for local_id, _ in part:
+                    pipe.hgetall(keys.task(local_id))
+                hashes: list[dict[bytes, bytes]] = await pipe.execute()
+            for entry, h in zip(part, hashes, strict=True):
+                if total >= budget:
+                    return out
+                out.append((entry, h))
+                total += sum(len(k) + len(v) for k, v in h.items())
+            # As many as the rest of the budget holds at the size seen so far (at least one).
+            chunk = max(1, min(16, (budget - total) * len(out) // max(1, total) + 1))
+        return out
 
     async def dead_ids(self, queue: str, limit: int) -> list[str]:
         """The oldest dead letters' local ids, at most limit."""

@@ -763,3 +763,25 @@ async def test_listing_dead_tasks_of_an_invalid_queue_is_invalid_argument(
         "queue",
     )
     await assert_still_serving(stub, admin)
+
+
+async def test_dead_letters_of_megabyte_tasks_come_in_pages_a_default_client_can_read(
+    stub: Stub, admin: Admin
+) -> None:
+    # The stubs' channel has gRPC's default 4 MiB receive limit, as grpcurl and most clients do.
+    # A page of 100 such tasks would also be far past the broker's own send limit.
+    n, size = 24, 1024 * 1024 - 64
+    ids: list[str] = []
+    for start in range(0, n, 4):  # an Enqueue request has the same limit
+        ids += await enqueue(
+            stub, *[spec(queue="big", payload=bytes([i]) * size) for i in range(start, start + 4)]
+        )
+    async with worker(stub, ["big"], credits=n) as w:
+        for d in await w.take(n, wait_s=20):
+            assert (await w.nack(d, error="no", dead_letter=True)).outcome == OK
+
+    tasks, sizes = await list_all_dead(admin, "big", page_size=0)
+    assert sorted(t.id for t in tasks) == sorted(ids)  # each once
+    assert sorted(t.payload[0] for t in tasks) == list(range(n))
+    assert all(len(t.payload) == size for t in tasks)
+    assert len(sizes) > 1 and max(sizes) <= 3, sizes

@@ -690,7 +690,8 @@ class Client(ScheduleCalls):
 
         Args:
             queue: The queue.
-            page_size: Tasks per call, 1 to 1,000.
+            page_size: Tasks per call, 1 to 1,000 (fewer when they are large: a page holds
+                about 2 MiB).
 
         Yields:
             Each dead task, with its errors.
