@@ -43,11 +43,12 @@ async def serve(settings: Settings, slot: ProcessSlot | None = None) -> int:
     except (UnsafeRedis, RuntimeError, BrokerError, PolicyError) as exc:
         logging.getLogger("broker").error("cannot start: %s", exc)
         return 2
-    freeze_startup_objects()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM) if slot is None else (signal.SIGTERM,):
         loop.add_signal_handler(sig, stop.set)
+    # After the handlers: a SIGTERM during the collection (tens of ms) drains the broker.
+    freeze_startup_objects()
     await stop.wait()
     await broker.stop()
     return 0
