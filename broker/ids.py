@@ -70,19 +70,24 @@ class IdGenerator:
                 self._last_random = int.from_bytes(os.urandom(10), "big") >> 1
             self._last_ms = now
             value = (now << 80) | (self._last_random & ((1 << 80) - 1))
-        return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+        # Two characters (10 bits) per lookup: half the steps of one per character, and an
+        # id is made for every task enqueued.
+        pairs = _CROCKFORD_PAIRS
+        return "".join([pairs[value >> shift & 1023] for shift in _PAIR_SHIFTS])
 
 
-_CROCKFORD_VALUE: Final = {c: i for i, c in enumerate(_CROCKFORD)}
+#: Every two-character string of Crockford's alphabet, indexed by its 10-bit value.
+_CROCKFORD_PAIRS: Final = [a + b for a in _CROCKFORD for b in _CROCKFORD]
+_PAIR_SHIFTS: Final = tuple(range(120, -1, -10))  # 13 pairs: the 26 characters of 130 bits
+#: Crockford's characters to the digits int(..., 32) reads, character by character.
+_CROCKFORD_TO_DIGITS: Final = str.maketrans(_CROCKFORD, "0123456789abcdefghijklmnopqrstuv")
 
 
 def entry_id(local_id: str) -> str:
     """The Redis stream entry id a fresh pending task is stored under (docs/data-model.md):
     its id's 48-bit time in ms, and the low 64 bits of the rest as the sequence. Ids from one
     generator increase, so do their entry ids: the order a stream requires."""
-    value = 0
-    for char in local_id:
-        value = value << 5 | _CROCKFORD_VALUE[char]
+    value = int(local_id.translate(_CROCKFORD_TO_DIGITS), 32)
     return f"{value >> 80}-{value & 0xFFFF_FFFF_FFFF_FFFF}"
 
 

@@ -114,12 +114,21 @@ async def test_closing_the_client_closes_the_lanes_connection(own_redis: RedisSe
     raise AssertionError("the lane's connection outlived its client")
 
 
+class _Text(str):
+    pass
+
+
+class _Number(int):
+    pass
+
+
 @pytest.mark.parametrize(
     "commands",
     [
         [("SET", "k", "v")],
         [("EVALSHA", "a" * 40, 2, "tb:{q}:pending", "tb:{q}:stats", -1, 0, 3.5, "", b"\x00\xff")],
         [("HSET", "h", "payload", bytes(100_000)), ("SADD", "tb:queues", "é")],
+        [("SET", _Text("k"), _Number(7))],  # subclasses: not the exact types
     ],
 )
 def test_pack_writes_what_redis_py_writes(commands: list[tuple[str | bytes | float, ...]]) -> None:
