@@ -94,8 +94,8 @@ STAGE_PAYLOAD_BYTES: Final = 32 * 1024
 #: A lease call leases no further task once its reply holds this many bytes (the first task
 #: always goes). Redis copies a reply's bytes twice, at up to 2 ms per MiB on these machines,
 #: and every other client waits meanwhile: four 1 MiB tasks in one call held Redis for 8-10 ms
-#: (docs/benchmarks.md, "2026-12-06: megabyte tasks leased one call at a time"). Smaller tasks
-#: still go up to a thousand per call.
+#: (docs/benchmarks.md, "2026-12-06: megabyte tasks leased one call at a time"). Tasks of a few
+#: kilobytes still fill the dispatcher's batch (up to 100 per call).
 LEASE_REPLY_BYTES: Final = 256 * 1024
 #: A page of listed tasks (dead letters) stops growing once it holds this many bytes; the first
 #: task always goes. So a page of 1 MiB tasks stays under the 4 MiB that gRPC clients receive
@@ -936,7 +936,7 @@ class RedisStore:
         first is always read). A page of megabyte tasks would otherwise pass gRPC's message
         limit, and each HGETALL of one holds Redis for a millisecond or two."""
         out: list[tuple[tuple[str, int], dict[bytes, bytes]]] = []
-        total, chunk = 0, 16
+        total, chunk = 0, 1  # the first one alone: its size sets the next chunk's
         while len(out) < len(entries) and total < budget:
             part = entries[len(out) : len(out) + chunk]
             async with self._client.pipeline(transaction=False) as pipe:
@@ -949,7 +949,7 @@ class RedisStore:
                 out.append((entry, h))
                 total += sum(len(k) + len(v) for k, v in h.items())
             # As many as the rest of the budget holds at the size seen so far (at least one).
-            chunk = max(1, min(16, (budget - total) * len(out) // max(1, total) + 1))
+            chunk = max(1, min(64, (budget - total) * len(out) // max(1, total) + 1))
         return out
 
     async def dead_ids(self, queue: str, limit: int) -> list[str]:

@@ -29,8 +29,9 @@
 -- `blocked` and the script that frees a slot wakes it (wake_if_blocked).
 --
 -- Returns {now, next_due, paused, id_1, fields_1, id_2, fields_2, ...}: next_due is the earliest
--- scheduled time or next token (-1 when none; now when reply_bytes held tasks back), paused is 1 when nothing was leased because the
--- queue is paused, 2 when the rate limit held tasks back until next_due, fields_i is the leased task's values of the named fields, in order (HMGET).
+-- scheduled time or next token (-1 when none; now when reply_bytes held tasks back), paused is
+-- 1 when nothing was leased because the queue is paused, 2 when the rate limit held tasks back
+-- until next_due, fields_i is the leased task's values of the named fields, in order (HMGET).
 
 local now = now_ms()
 local task_prefix, fresh_prefix, reply_bytes, n = unpack(ARGV, 1, 4)
