@@ -43,9 +43,9 @@ class TaskRef:
         return f"{self.queue}:{self.local_id}"
 
 
-@dataclass(frozen=True, slots=True)
-class NewTask:
-    """A validated task to store; every default is already filled in."""
+class NewTask(NamedTuple):
+    """A validated task to store; every default is already filled in. A NamedTuple, as Task:
+    one is built per task enqueued, at a third of a frozen dataclass's cost."""
 
     ref: TaskRef
     type: str

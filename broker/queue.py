@@ -8,10 +8,11 @@ import json
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field, replace
-from typing import Any, TypeAlias, cast
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Any, NamedTuple, TypeAlias, cast
 
 from broker.batching import Batcher
 from broker.config import Settings
@@ -108,14 +109,18 @@ DUE_CLAIM_MS = 500
 TRIM_SLACK_MS = 1000
 
 
-@dataclass(frozen=True, slots=True)
-class TaskRequest:
-    """A task as a producer asked for it, before validation. Durations in ms; None = unset."""
+#: The headers of a request that has none (read-only, so one may serve every request).
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+class TaskRequest(NamedTuple):
+    """A task as a producer asked for it, before validation. Durations in ms; None = unset. A
+    NamedTuple: one is built per task enqueued, at a third of a frozen dataclass's cost."""
 
     queue: str
     type: str
     payload: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = _NO_HEADERS  # only read: validate copies it
     priority: int = 0
     delay_ms: int | None = None
     schedule_ms: int | None = None
@@ -143,7 +148,7 @@ def _check_size(f: str, request: TaskRequest, header_bytes: int, limit: int) -> 
         )
 
 
-def _header_bytes(f: str, headers: dict[str, str]) -> int:
+def _header_bytes(f: str, headers: Mapping[str, str]) -> int:
     """Checks the headers; returns the bytes of their keys and values."""
     if len(headers) > MAX_HEADERS:
         raise InvalidArgument(f"{f}.headers", f"more than {MAX_HEADERS} entries")
@@ -328,8 +333,7 @@ class TaskQueue:
         outcomes: dict[int, EnqueueOutcome] = {}
         for wave in order:
             ready = {
-                i: replace(
-                    tasks[i],
+                i: tasks[i]._replace(
                     parents=tasks[i].parents
                     + tuple(outcomes[p].task_id for p in requests[i].depends_on_positions),
                 )
