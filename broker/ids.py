@@ -61,24 +61,33 @@ class IdGenerator:
         self._last_random = 0
 
     def new(self) -> str:
+        return self.new_many(1)[0]
+
+    def new_many(self, n: int) -> list[str]:
+        """n ids in order, for one call's tasks: one clock read and one lock for them all."""
         with self._lock:
             now = time.time_ns() // 1_000_000
             if now <= self._last_ms:
                 now = self._last_ms
-                self._last_random += 1
+                first = self._last_random + 1
             else:
-                self._last_random = int.from_bytes(os.urandom(10), "big") >> 1
+                first = int.from_bytes(os.urandom(10), "big") >> 1
             self._last_ms = now
-            value = (now << 80) | (self._last_random & ((1 << 80) - 1))
+            self._last_random = first + n - 1
+        high = now << 80
         # Two characters (10 bits) per lookup: half the steps of one per character, and an
         # id is made for every task enqueued.
         pairs = _CROCKFORD_PAIRS
-        return "".join([pairs[value >> shift & 1023] for shift in _PAIR_SHIFTS])
+        return [
+            "".join([pairs[value >> shift & 1023] for shift in _PAIR_SHIFTS])
+            for value in [high | (r & _RANDOM_MASK) for r in range(first, first + n)]
+        ]
 
 
 #: Every two-character string of Crockford's alphabet, indexed by its 10-bit value.
 _CROCKFORD_PAIRS: Final = [a + b for a in _CROCKFORD for b in _CROCKFORD]
-_PAIR_SHIFTS: Final = tuple(range(120, -1, -10))  # 13 pairs: the 26 characters of 130 bits
+_PAIR_SHIFTS: Final = tuple(range(120, -1, -10))
+_RANDOM_MASK: Final = (1 << 80) - 1  # 13 pairs: the 26 characters of 130 bits
 #: Crockford's characters to the digits int(..., 32) reads, character by character.
 _CROCKFORD_TO_DIGITS: Final = str.maketrans(_CROCKFORD, "0123456789abcdefghijklmnopqrstuv")
 

@@ -65,9 +65,8 @@ class NewTask(NamedTuple):
     parent_policy: ParentPolicy = ParentPolicy.CANCEL
 
 
-@dataclass(frozen=True, slots=True)
-class EnqueueOutcome:
-    """What happened to one enqueued task."""
+class EnqueueOutcome(NamedTuple):
+    """What happened to one enqueued task (a NamedTuple: one per task enqueued)."""
 
     task_id: str
     duplicate: bool

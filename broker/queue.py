@@ -73,6 +73,9 @@ MAX_TASKS_PER_CALL = 1000
 TRACE_HEADERS = frozenset({"traceparent", "tracestate", "baggage"})
 _LEASE_ID = re.compile(r"[0-9a-f]{32}")
 MAX_HEADERS = 64
+#: Queue and type names a broker remembers as valid (TaskQueue._name), forgotten all at once
+#: past this: names are checked per task, and a producer may use endless distinct ones.
+MAX_REMEMBERED_NAMES = 4096
 MAX_HEADER_VALUE_BYTES = 4096
 MAX_IDEMPOTENCY_KEY_LENGTH = 256
 MAX_PRIORITY = 1000
@@ -135,13 +138,13 @@ class TaskRequest(NamedTuple):
     parent_policy: ParentPolicy | None = ParentPolicy.CANCEL  # None: a number the API lacks
 
 
-def _check_size(f: str, request: TaskRequest, header_bytes: int, limit: int) -> None:
+def _check_size(index: int, request: TaskRequest, header_bytes: int, limit: int) -> None:
     """One limit on everything a task stores, so headers cannot carry what payload may not."""
-    key_bytes = len(request.idempotency_key.encode())
+    key_bytes = len(request.idempotency_key.encode()) if request.idempotency_key else 0
     total = len(request.payload) + header_bytes + len(request.type) + key_bytes
     if total > limit:
         raise InvalidArgument(
-            f,
+            f"tasks[{index}]",
             f"the task is {total} bytes (payload {len(request.payload)}, headers {header_bytes}, "
             f"type and idempotency key {len(request.type) + key_bytes}); "
             f"the limit is {limit} (max_task_bytes)",
@@ -185,6 +188,13 @@ def _check_range(name: str, value: int, low: int, high: int, unit: str = "") -> 
     return value
 
 
+def _in_range(index: int, field: str, value: int, low: int, high: int, unit: str = "") -> int:
+    """_check_range for tasks[index].<field>, naming the field only when the check fails."""
+    if low <= value <= high:
+        return value
+    return _check_range(f"tasks[{index}].{field}", value, low, high, unit)
+
+
 def _hit_limit(done: Maintained) -> bool:
     """The maintenance call did as much of some kind of work as one call may: more may wait."""
     return max(done.reclaimed, done.promoted, done.trimmed) >= MAINTAIN_LIMIT
@@ -201,6 +211,7 @@ class TaskQueue:
         self._store = store
         self._settings = settings
         self._ids = IdGenerator()
+        self._valid_names: set[str] = set()  # see _name
         self._enqueue = Batcher[tuple[NewTask, ...], list[EnqueueOutcome]](
             self._flush_enqueue, MAX_BATCH_ITEMS, _enqueue_cost
         )
@@ -221,50 +232,61 @@ class TaskQueue:
 
     # --- enqueue ------------------------------------------------------------------------------
 
-    def validate(self, index: int, request: TaskRequest, scope: str = "") -> NewTask:
+    def validate(
+        self, index: int, request: TaskRequest, scope: str = "", local_id: str | None = None
+    ) -> NewTask:
         """Checks one task and fills in its defaults; its idempotency key is `scope`'s
-        (Principal.scope: keys of different principals never meet).
+        (Principal.scope: keys of different principals never meet), its id `local_id` (a new
+        one when None).
+
+        Runs for every task enqueued, so a field's name (tasks[index].<field>) is only built
+        for an error.
 
         Raises:
             InvalidArgument: naming the field, as tasks[index].<field>.
         """
         s = self._settings
-        f = f"tasks[{index}]"
-        queue = check_name(f"{f}.queue", request.queue)
-        check_name(f"{f}.type", request.type)
-        _check_size(f, request, _header_bytes(f, request.headers), s.max_task_bytes)
-        _check_range(f"{f}.priority", request.priority, -MAX_PRIORITY, MAX_PRIORITY)
-        _check_start(f, request.delay_ms, request.schedule_ms)
+        queue = self._name(index, "queue", request.queue)
+        self._name(index, "type", request.type)
+        header_bytes = _header_bytes(f"tasks[{index}]", request.headers) if request.headers else 0
+        _check_size(index, request, header_bytes, s.max_task_bytes)
+        _in_range(index, "priority", request.priority, -MAX_PRIORITY, MAX_PRIORITY)
+        if request.delay_ms is not None or request.schedule_ms is not None:
+            _check_start(f"tasks[{index}]", request.delay_ms, request.schedule_ms)
         max_attempts = request.max_attempts or s.default_max_attempts
-        _check_range(f"{f}.max_attempts", max_attempts, 1, MAX_ATTEMPTS)
+        _in_range(index, "max_attempts", max_attempts, 1, MAX_ATTEMPTS)
         lease_ms = None
         if request.lease_ms is not None:
-            lease_ms = _check_range(
-                f"{f}.lease_duration", request.lease_ms, MIN_LEASE_MS, MAX_LEASE_MS, " ms"
+            lease_ms = _in_range(
+                index, "lease_duration", request.lease_ms, MIN_LEASE_MS, MAX_LEASE_MS, " ms"
             )
         if request.group_key and not GROUP_KEY_PATTERN.fullmatch(request.group_key):
             raise InvalidArgument(
-                f"{f}.group_key", "must be 1-128 characters of [A-Za-z0-9_.:@-], or empty"
+                f"tasks[{index}].group_key",
+                "must be 1-128 characters of [A-Za-z0-9_.:@-], or empty",
             )
         if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
             raise InvalidArgument(
-                f"{f}.idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_LENGTH} characters"
+                f"tasks[{index}].idempotency_key",
+                f"longer than {MAX_IDEMPOTENCY_KEY_LENGTH} characters",
             )
         initial = request.initial_backoff_ms
         if initial is None:
             initial = round(s.backoff_initial_s * 1000)
-        _check_range(f"{f}.retry_policy.initial_backoff", initial, 1, MAX_BACKOFF_MS, " ms")
+        _in_range(index, "retry_policy.initial_backoff", initial, 1, MAX_BACKOFF_MS, " ms")
         cap = request.max_backoff_ms
         if cap is None:
             cap = max(round(s.backoff_max_s * 1000), initial)
-        _check_range(f"{f}.retry_policy.max_backoff", cap, initial, MAX_BACKOFF_MS, " ms")
+        _in_range(index, "retry_policy.max_backoff", cap, initial, MAX_BACKOFF_MS, " ms")
         if request.parent_policy is None:
-            raise InvalidArgument(f"{f}.parent_failure_policy", "not a ParentFailurePolicy")
+            raise InvalidArgument(
+                f"tasks[{index}].parent_failure_policy", "not a ParentFailurePolicy"
+            )
         return NewTask(
-            ref=TaskRef(queue, self._ids.new()),
+            ref=TaskRef(queue, self._ids.new() if local_id is None else local_id),
             type=request.type,
             payload=request.payload,
-            headers=dict(request.headers),
+            headers=dict(request.headers) if request.headers else {},
             priority=request.priority,
             max_attempts=max_attempts,
             lease_ms=lease_ms,
@@ -279,6 +301,17 @@ class TaskQueue:
             parents=request.depends_on,  # those named by position are added as stored
             parent_policy=request.parent_policy,
         )
+
+    def _name(self, index: int, field: str, name: str) -> str:
+        """check_name for tasks[index].<field>, remembering names that passed: a call's tasks
+        mostly share their queue and type, and a name's check is a regular expression."""
+        if name in self._valid_names:
+            return name
+        check_name(f"tasks[{index}].{field}", name)
+        if len(self._valid_names) >= MAX_REMEMBERED_NAMES:
+            self._valid_names.clear()
+        self._valid_names.add(name)
+        return name
 
     async def enqueue(
         self, requests: Sequence[TaskRequest], scope: str = ""
@@ -295,7 +328,8 @@ class TaskQueue:
             raise InvalidArgument("tasks", "at least one task is required")
         if len(requests) > MAX_TASKS_PER_CALL:
             raise InvalidArgument("tasks", f"at most {MAX_TASKS_PER_CALL} tasks per call")
-        tasks = [self.validate(i, r, scope) for i, r in enumerate(requests)]
+        ids = self._ids.new_many(len(requests))
+        tasks = [self.validate(i, r, scope, ids[i]) for i, r in enumerate(requests)]
         if not any(r.depends_on or r.depends_on_positions for r in requests):
             stored = await self._store_by_queue(dict(enumerate(tasks)))
             return [stored[i] for i in range(len(tasks))]

@@ -42,3 +42,13 @@ def test_an_entry_id_is_the_time_and_the_low_64_bits_and_increases_with_the_id()
     assert entry_id("7" + "Z" * 25) == f"{(1 << 48) - 1}-{(1 << 64) - 1}"
     pairs = [tuple(map(int, entry_id(i).split("-"))) for i in made]
     assert pairs == sorted(pairs) and len(set(pairs)) == len(pairs)
+
+
+def test_ids_made_many_at_a_time_increase_with_those_made_one_at_a_time() -> None:
+    ids = IdGenerator()
+    made = [ids.new(), *ids.new_many(1_000), ids.new(), *ids.new_many(3), *ids.new_many(0)]
+    time.sleep(0.002)  # and across a new millisecond
+    made += [*ids.new_many(500), ids.new()]
+    assert len(made) == 1_506 and all(LOCAL_ID_PATTERN.fullmatch(i) for i in made)
+    values = [value_of(i) for i in made]
+    assert all(a < b for a, b in itertools.pairwise(values))

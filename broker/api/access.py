@@ -39,11 +39,13 @@ def _task_queue(request: Any) -> list[str]:
 def _enqueued(request: Any) -> list[str]:
     """The queues enqueued to, and those of the tasks depended on: a child receives its
     parents' results, so depending on a task needs the same role as enqueueing beside it."""
-    queues = [task.queue for task in request.tasks]
-    for i, task in enumerate(request.tasks):
-        for j, parent in enumerate(task.depends_on):
-            queues.append(parse_task_id(f"tasks[{i}].depends_on[{j}]", parent).queue)
-    return queues
+    tasks = request.tasks
+    queues = dict.fromkeys([task.queue for task in tasks])  # each once, in order
+    for i, task in enumerate(tasks):
+        if task.depends_on:  # rare: reading the list costs more than the test
+            for j, parent in enumerate(task.depends_on):
+                queues[parse_task_id(f"tasks[{i}].depends_on[{j}]", parent).queue] = None
+    return list(queues)
 
 
 def _named(request: Any) -> list[str]:

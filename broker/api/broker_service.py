@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -58,9 +58,9 @@ class BrokerService:
         outcomes = await self._tasks.enqueue(
             [convert.task_request(t) for t in request.tasks], current_principal.get().scope
         )
-        return bs.EnqueueResponse(
-            results=[bs.EnqueueResult(task_id=o.task_id, duplicate=o.duplicate) for o in outcomes]
-        )
+        # Dicts, not EnqueueResult messages: upb builds the list from them in half the time.
+        results: list[Any] = [{"task_id": o.task_id, "duplicate": o.duplicate} for o in outcomes]
+        return bs.EnqueueResponse(results=results)
 
     async def Lease(self, context: Context) -> None:
         if self._dispatcher.draining:

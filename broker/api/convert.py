@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -57,25 +57,44 @@ def to_duration(ms: int) -> duration_pb2.Duration:
 
 
 def task_request(spec: task_pb2.TaskSpec) -> TaskRequest:
-    policy = spec.retry_policy
-    return TaskRequest(
-        queue=spec.queue,
-        type=spec.type,
-        payload=spec.payload,
-        headers=dict(spec.headers),
-        priority=spec.priority,
-        delay_ms=optional_duration_ms(spec, "delay"),
-        schedule_ms=timestamp_ms(spec.schedule_time) if spec.HasField("schedule_time") else None,
-        max_attempts=spec.max_attempts,
-        lease_ms=optional_duration_ms(spec, "lease_duration"),
-        idempotency_key=spec.idempotency_key,
-        group_key=spec.group_key,
-        depends_on=tuple(spec.depends_on),
-        depends_on_positions=tuple(spec.depends_on_positions),
-        parent_policy=POLICIES.get(spec.parent_failure_policy),
-        initial_backoff_ms=optional_duration_ms(policy, "initial_backoff"),
-        max_backoff_ms=optional_duration_ms(policy, "max_backoff"),
-    )
+    """A TaskSpec as a TaskRequest. Runs for every task enqueued, so it reads only the fields
+    the producer set (ListFields: one call, where reading all sixteen costs sixteen): a plain
+    task sets three. A field left at its zero value is not listed; TaskRequest's defaults are
+    those zero values."""
+    found: dict[str, Any] = {"queue": "", "type": ""}  # required by TaskRequest, checked later
+    for field, value in spec.ListFields():
+        name = field.name
+        if name in _AS_IS:
+            found[name] = value
+        elif name == "retry_policy":
+            found["initial_backoff_ms"] = optional_duration_ms(value, "initial_backoff")
+            found["max_backoff_ms"] = optional_duration_ms(value, "max_backoff")
+        else:
+            target, read = _CONVERTED[name]
+            found[target] = read(value)
+    return TaskRequest(**found)
+
+
+#: TaskSpec fields that TaskRequest holds under the same name and type.
+_AS_IS: Final = frozenset(
+    {"queue", "type", "payload", "priority", "max_attempts", "idempotency_key", "group_key"}
+)
+
+
+def _parent_policy(number: int) -> ParentPolicy | None:
+    return POLICIES.get(number)
+
+
+#: The other TaskSpec fields (but retry_policy): TaskRequest's name, and how to read the value.
+_CONVERTED: Final[dict[str, tuple[str, Callable[[Any], Any]]]] = {
+    "headers": ("headers", dict),
+    "delay": ("delay_ms", duration_ms),
+    "schedule_time": ("schedule_ms", timestamp_ms),
+    "lease_duration": ("lease_ms", duration_ms),
+    "depends_on": ("depends_on", tuple),
+    "depends_on_positions": ("depends_on_positions", tuple),
+    "parent_failure_policy": ("parent_policy", _parent_policy),
+}
 
 
 def _ts(ms: int) -> dict[str, int]:

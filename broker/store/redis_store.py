@@ -514,13 +514,14 @@ class RedisStore:
         if len(reply) > 1 and reply[1] == b"conflict":
             raise IdempotencyConflictAt([int(i) - 1 for i in reply[2:]])
         outcomes: list[EnqueueOutcome | LimitExceeded] = []
+        prefix = f"{queue}:"  # TaskRef.task_id, joined here: this runs for every task
         for task, r in zip(tasks, reply[1:], strict=True):
-            if r.startswith(b"l:"):
+            if len(r) < 2 or r[1] != 58:  # not "<kind>:...": stored (58 is ':')
+                outcomes.append(EnqueueOutcome(prefix + task.ref.local_id, False))
+            elif r.startswith(b"l:"):
                 outcomes.append(_over_enqueue_rate(queue, int(r[2:])))
-            elif r.startswith(b"d:"):
-                outcomes.append(EnqueueOutcome(TaskRef(queue, _text(r[2:])).task_id, True))
-            else:
-                outcomes.append(EnqueueOutcome(task.ref.task_id, False))
+            else:  # "d:<local id>": a duplicate of that task
+                outcomes.append(EnqueueOutcome(prefix + _text(r[2:]), True))
         return outcomes
 
     async def _stage(self, queue: str, tasks: Sequence[NewTask]) -> None:

@@ -124,15 +124,23 @@ def pack(commands: Sequence[Sequence[Any]]) -> bytes:
     """
     parts: list[bytes] = []
     append = parts.append
+    small_ints = _SMALL_INT_BULKS
     for args in commands:
         append(b"*%d\r\n" % len(args))
         for arg in args:
             kind = type(arg)  # the exact types first: nearly every argument is one of them
             if kind is str:
+                if not arg:
+                    append(b"$0\r\n\r\n")
+                    continue
                 data = arg.encode()
             elif kind is bytes:
                 data = arg
             elif kind is int:
+                bulk = small_ints.get(arg)
+                if bulk is not None:
+                    append(bulk)
+                    continue
                 data = b"%d" % arg
             else:
                 data = _encoded(arg)
@@ -141,6 +149,11 @@ def pack(commands: Sequence[Sequence[Any]]) -> bytes:
             else:
                 append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(parts)
+
+
+#: Small ints as whole bulk strings: an enqueued task's arguments are mostly small numbers and
+#: empty strings (its priority, attempts, -1 for "no delay"), each formatted twice otherwise.
+_SMALL_INT_BULKS: Final = {i: b"$%d\r\n%d\r\n" % (len(b"%d" % i), i) for i in range(-1, 1025)}
 
 
 def _encoded(arg: object) -> bytes:

@@ -129,6 +129,8 @@ class _Number(int):
         [("EVALSHA", "a" * 40, 2, "tb:{q}:pending", "tb:{q}:stats", -1, 0, 3.5, "", b"\x00\xff")],
         [("HSET", "h", "payload", bytes(100_000)), ("SADD", "tb:queues", "é")],
         [("SET", _Text("k"), _Number(7))],  # subclasses: not the exact types
+        # Small ints and the empty string have their encodings ready: at and past the edges.
+        [("EVAL", "", 0, -2, -1, 0, 1, 9, 10, 1024, 1025, 10**20, -(10**20), "", b"", _Text(""))],
     ],
 )
 def test_pack_writes_what_redis_py_writes(commands: list[tuple[str | bytes | float, ...]]) -> None:
