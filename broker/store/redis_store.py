@@ -239,6 +239,47 @@ def decode_fields(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
     )
 
 
+#: What lease.lua answers for a task leased straight from its fresh stream, in order: the rest
+#: is known (decode_fresh). Shorter than TASK_FIELDS, which tells the two forms apart.
+FRESH_REPLY_FIELDS: Final = (
+    "type", "payload", "hdr", "pri", "max", "ctime", "etime", "lease_ms", "bo_i", "bo_m", "lid",
+)  # fmt: skip
+if len(FRESH_REPLY_FIELDS) >= len(TASK_FIELDS):
+    raise RuntimeError("a fresh lease's reply must be shorter than TASK_FIELDS")
+
+
+def decode_fresh(ref: TaskRef, v: Sequence[bytes | None]) -> Task:
+    """Builds a Task leased straight from its fresh stream from lease.lua's short reply
+    (FRESH_REPLY_FIELDS): what decode_fields gives for the hash that script writes."""
+    type_, payload, hdr, pri, max_, ctime, etime, lease_ms, initial_backoff, max_backoff, lid = v
+    created = _num(ctime)
+    return Task(
+        ref,
+        _text(type_),
+        payload or b"",
+        json.loads(hdr) if hdr else {},
+        _num(pri),
+        TaskState.LEASED,
+        1,
+        _num(max_, 1),
+        created,
+        created,  # a fresh task was ready when it was created
+        _num(etime) or None,
+        None,
+        "",
+        (),
+        b"",
+        _num(lease_ms) or None,
+        _num(initial_backoff),
+        _num(max_backoff),
+        _text(lid) or None,
+        "",
+        0,
+        ParentPolicy.CANCEL,
+        False,
+    )
+
+
 def _num(value: bytes | None, default: int = 0) -> int:
     """_int for a stored value: empty or absent is `default`."""
     if not value:
@@ -617,9 +658,11 @@ class RedisStore:
         )
         now, next_due, held = int(reply[0]), reply[1], int(reply[2])
         leases = []
+        fresh_length = len(FRESH_REPLY_FIELDS)
         for i in range(3, len(reply), 2):
-            ref = TaskRef(queue, _text(reply[i]))
-            leases.append(_leased(decode_fields(ref, reply[i + 1])))
+            ref, values = TaskRef(queue, _text(reply[i])), reply[i + 1]
+            decode = decode_fresh if len(values) == fresh_length else decode_fields
+            leases.append(_leased(decode(ref, values)))
         own = min((le.expire_ms for le in leases if le.task.lease_ms), default=-1)
         if own >= 0 and own < now + shortest:
             # A task's own lease is shorter than the hint sent with the script: hint again.

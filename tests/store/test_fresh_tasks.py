@@ -168,3 +168,36 @@ async def test_settling_a_fresh_task_is_stale_not_an_unknown_task(tasks: TaskQue
         await tasks.ack(task_id, new_lease_id(), b"")
     with pytest.raises(TaskNotFound):
         await tasks.ack(f"{Q}:{IdGenerator().new()}", new_lease_id(), b"")
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        TaskRequest(Q, "plain", b"x"),
+        TaskRequest(
+            Q,
+            "full",
+            b"\x00payload",
+            headers={"k": "v"},
+            priority=-7,
+            max_attempts=9,
+            lease_ms=7_000,
+            initial_backoff_ms=20,
+            max_backoff_ms=900,
+        ),
+    ],
+)
+async def test_a_task_leased_from_its_fresh_stream_is_the_task_its_hash_reads_as(
+    tasks: TaskQueue, request_: TaskRequest
+) -> None:
+    """lease.lua answers a fresh task's lease in a short form (FRESH_REPLY_FIELDS) and fills
+    in the rest; what it fills in must be what the hash it writes holds."""
+    [outcome] = await tasks.enqueue([request_])
+    [lease] = (await tasks.lease(Q, [(new_lease_id(), 60_000, "s", "")])).leases
+
+    stored = await tasks.get(outcome.task_id)  # decoded from the hash (HGETALL)
+
+    assert lease.task == stored
+    assert (lease.task.state, lease.task.attempt, lease.task.lease_id) == (
+        TaskState.LEASED, 1, lease.lease_id
+    )  # fmt: skip
