@@ -86,8 +86,8 @@ class IdGenerator:
 
 #: Every two-character string of Crockford's alphabet, indexed by its 10-bit value.
 _CROCKFORD_PAIRS: Final = [a + b for a in _CROCKFORD for b in _CROCKFORD]
-_PAIR_SHIFTS: Final = tuple(range(120, -1, -10))
-_RANDOM_MASK: Final = (1 << 80) - 1  # 13 pairs: the 26 characters of 130 bits
+_PAIR_SHIFTS: Final = tuple(range(120, -1, -10))  # 13 pairs: the 26 characters of 130 bits
+_RANDOM_MASK: Final = (1 << 80) - 1  # the bits after the 48-bit time
 #: Crockford's characters to the digits int(..., 32) reads, character by character.
 _CROCKFORD_TO_DIGITS: Final = str.maketrans(_CROCKFORD, "0123456789abcdefghijklmnopqrstuv")
 
