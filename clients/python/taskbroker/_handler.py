@@ -331,9 +331,10 @@ async def invoke(
         asyncio.CancelledError: The task running `invoke` was cancelled.
     """
     limit_s = None if h.timeout is None else h.timeout.total_seconds()
-    deadline = asyncio.timeout(limit_s)
+    # No timeout context to build, enter and leave for every task of a handler without one.
+    deadline = None if limit_s is None else asyncio.timeout(limit_s)
     try:
-        if limit_s is None:  # no timeout context to enter and leave for every task
+        if deadline is None:
             value = await _call(h, ctx, payload, executor)
         else:
             async with deadline:
@@ -345,7 +346,7 @@ async def invoke(
             raise
         return outcome_for_exception(exc, h, non_retryable)  # raised by the handler itself
     except Exception as exc:
-        if deadline.expired():
+        if deadline is not None and deadline.expired():
             ctx._cancel("timed out")
             return HandlerOutcome("error", error=f"timed out after {limit_s:g}s", exception=exc)
         return outcome_for_exception(exc, h, non_retryable)
