@@ -75,28 +75,6 @@ def task_request(spec: task_pb2.TaskSpec) -> TaskRequest:
     return TaskRequest(**found)
 
 
-#: TaskSpec fields that TaskRequest holds under the same name and type.
-_AS_IS: Final = frozenset(
-    {"queue", "type", "payload", "priority", "max_attempts", "idempotency_key", "group_key"}
-)
-
-
-def _parent_policy(number: int) -> ParentPolicy | None:
-    return POLICIES.get(number)
-
-
-#: The other TaskSpec fields (but retry_policy): TaskRequest's name, and how to read the value.
-_CONVERTED: Final[dict[str, tuple[str, Callable[[Any], Any]]]] = {
-    "headers": ("headers", dict),
-    "delay": ("delay_ms", duration_ms),
-    "schedule_time": ("schedule_ms", timestamp_ms),
-    "lease_duration": ("lease_ms", duration_ms),
-    "depends_on": ("depends_on", tuple),
-    "depends_on_positions": ("depends_on_positions", tuple),
-    "parent_failure_policy": ("parent_policy", _parent_policy),
-}
-
-
 def _ts(ms: int) -> dict[str, int]:
     """A Timestamp as constructor input: upb builds a sub-message from a dict about three times
     faster than from a message object, and these run for every delivery."""
@@ -118,6 +96,23 @@ def task_to_proto(task: Task, links: TaskLinks | None = None) -> task_pb2.Task:
 _POLICY_NUMBERS: Final = {ParentPolicy.CANCEL: 1, ParentPolicy.RUN: 2, ParentPolicy.WAIT: 3}
 #: And back: UNSPECIFIED is CANCEL.
 POLICIES: Final = {0: ParentPolicy.CANCEL, **{n: p for p, n in _POLICY_NUMBERS.items()}}
+
+#: TaskSpec fields that TaskRequest holds under the same name and type.
+_AS_IS: Final = frozenset(
+    {"queue", "type", "payload", "priority", "max_attempts", "idempotency_key", "group_key"}
+)
+
+
+#: The other TaskSpec fields (but retry_policy): TaskRequest's name, and how to read the value.
+_CONVERTED: Final[dict[str, tuple[str, Callable[[Any], Any]]]] = {
+    "headers": ("headers", dict),
+    "delay": ("delay_ms", duration_ms),
+    "schedule_time": ("schedule_ms", timestamp_ms),
+    "lease_duration": ("lease_ms", duration_ms),
+    "depends_on": ("depends_on", tuple),
+    "depends_on_positions": ("depends_on_positions", tuple),
+    "parent_failure_policy": ("parent_policy", POLICIES.get),
+}
 
 
 def _links_fields(fields: dict[str, Any], task: Task, links: TaskLinks | None) -> None:

@@ -557,12 +557,13 @@ class RedisStore:
         outcomes: list[EnqueueOutcome | LimitExceeded] = []
         prefix = f"{queue}:"  # TaskRef.task_id, joined here: this runs for every task
         for task, r in zip(tasks, reply[1:], strict=True):
-            if len(r) < 2 or r[1] != 58:  # not "<kind>:...": stored (58 is ':')
-                outcomes.append(EnqueueOutcome(prefix + task.ref.local_id, False))
-            elif r.startswith(b"l:"):
-                outcomes.append(_over_enqueue_rate(queue, int(r[2:])))
-            else:  # "d:<local id>": a duplicate of that task
+            kind = r[:2]
+            if kind == b"d:":  # "d:<local id>": a duplicate of that task
                 outcomes.append(EnqueueOutcome(prefix + _text(r[2:]), True))
+            elif kind == b"l:":
+                outcomes.append(_over_enqueue_rate(queue, int(r[2:])))
+            else:  # stored
+                outcomes.append(EnqueueOutcome(prefix + task.ref.local_id, False))
         return outcomes
 
     async def _stage(self, queue: str, tasks: Sequence[NewTask]) -> None:
