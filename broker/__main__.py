@@ -37,18 +37,19 @@ async def serve(settings: Settings, slot: ProcessSlot | None = None) -> int:
     """Runs one broker until SIGINT/SIGTERM (a serving process of a supervisor: SIGTERM only,
     from the supervisor). Returns the exit code: 0, or 2 when it cannot start."""
     keep_large_buffers_in_heap()
+    # Before starting: a SIGTERM that comes while the broker starts (or just after it says it
+    # serves) stops it once started, rather than killing it and orphaning its embedded Redis.
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM) if slot is None else (signal.SIGTERM,):
+        loop.add_signal_handler(sig, stop.set)
     broker = Broker(settings, slot=slot)
     try:
         await broker.start()
     except (UnsafeRedis, RuntimeError, BrokerError, PolicyError) as exc:
         logging.getLogger("broker").error("cannot start: %s", exc)
         return 2
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM) if slot is None else (signal.SIGTERM,):
-        loop.add_signal_handler(sig, stop.set)
-    # After the handlers: a SIGTERM during the collection (tens of ms) drains the broker.
-    freeze_startup_objects()
+    freeze_startup_objects()  # after the handlers: a SIGTERM meanwhile drains the broker
     await stop.wait()
     await broker.stop()
     return 0

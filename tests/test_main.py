@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,3 +54,29 @@ def test_broker_exits_with_a_clear_message_when_redis_is_unreachable(tmp_path: P
     broken.channel.close()
     log = broken.log.read_text()
     assert "cannot start" in log and "Traceback" not in log
+
+
+def test_a_sigterm_as_soon_as_the_broker_serves_stops_it_and_its_embedded_redis(
+    tmp_path: Path,
+) -> None:
+    """The broker says it serves before its start returns: a SIGTERM then (a deploy, a test)
+    once killed it and left its embedded redis-server running."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKBROKER_")}
+    env |= {"TASKBROKER_DATA_DIR": str(tmp_path / "data"), "TASKBROKER_HTTP_LISTEN": ""}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "broker", "--listen", f"127.0.0.1:{free_port()}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "taskbroker serving on" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    output = "".join(lines) + process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output
+    assert "embedded redis-server stopped" in output
