@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 import grpc
 from google.protobuf.message import DecodeError
 
-from broker.api import convert, settle_wire
+from broker.api import convert, frame_scan, settle_wire
 from broker.api.limits import Pacer, RateMeter
 from broker.api.outbox import MAX_MESSAGE_BYTES, MERGEABLE, Message, Outbox, wrap
 from broker.api.status import error_status, to_status
@@ -498,6 +498,8 @@ class LeaseSession:
                 await self._settle_room()  # before each read: a new stream waits its turn too
                 if _is_eof(raw := await self._read()):
                     break
+                if await self._past_item_limit(raw):
+                    return
                 request = self._parse(raw)
                 if request is None:
                     self._fail_invalid("frame", "not a valid LeaseRequest")
@@ -514,6 +516,27 @@ class LeaseSession:
         except Exception:  # the transport failed under us: end the stream
             log.debug("lease stream %s: read failed", self.stream_id, exc_info=True)
             self.close()
+
+    async def _past_item_limit(self, raw: object) -> bool:
+        """Fails the stream when a large frame holds more settlements than a frame may, counted
+        from its bytes before it is parsed: parsing one far past the limit held the event loop
+        for tens of milliseconds only to refuse it (broker/api/frame_scan.py)."""
+        if not isinstance(raw, bytes) or len(raw) <= frame_scan.SCAN_FROM_BYTES:
+            return False
+        limit = self._tasks.settings.max_settlements_per_frame
+        count = await frame_scan.settlement_count(raw, limit)
+        if count is None or count <= limit:
+            return False
+        self._fail_too_many_items(f"more than {limit}")
+        return True
+
+    def _fail_too_many_items(self, count: str) -> None:
+        limit = self._tasks.settings.max_settlements_per_frame
+        self._fail_invalid(
+            "settlements",
+            f"{count} acks, nacks and extensions in one frame; at most {limit} "
+            "(setting max_settlements_per_frame)",
+        )
 
     def _fail_invalid(self, field: str, message: str) -> None:
         self._fail(
@@ -537,11 +560,7 @@ class LeaseSession:
             count = len(batch.acks) + len(batch.nacks) + len(batch.extends)
             limit = self._tasks.settings.max_settlements_per_frame
             if count > limit:
-                self._fail_invalid(
-                    "settlements",
-                    f"{count} acks, nacks and extensions in one frame; at most {limit} "
-                    "(setting max_settlements_per_frame)",
-                )
+                self._fail_too_many_items(str(count))
                 return
             if count:
                 settling = self._start_settling(self._settle_batch(batch, count))

@@ -14,7 +14,8 @@ import grpc
 import pytest
 import redis
 
-from broker.api.lease_session import LARGE_FRAMES_PER_CLIENT, LIGHT_FRAME_ITEMS
+from broker.api.frame_scan import SCAN_FROM_BYTES
+from broker.api.lease_session import LARGE_FRAMES_PER_CLIENT, LIGHT_FRAME_ITEMS, LeaseSession
 from broker.api.limits import StreamLimits, UnaryLimits, client_of_peer
 from broker.config import Settings
 from broker.errors import LimitExceeded
@@ -257,6 +258,33 @@ async def test_an_oversized_settlements_frame_fails_the_stream(
         assert setting in str(worker.error.details())
         assert str(worker.error.details()).startswith("settlements:")
         assert worker.results.empty()
+
+
+async def test_a_large_frame_far_past_the_item_limit_is_refused_before_it_is_parsed(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Parsing 150,000 acks took 14-26 ms of the event loop only to refuse them: a large frame's
+    # items are counted from its bytes first (broker/api/frame_scan.py).
+    parsed: list[int] = []
+    parse = LeaseSession._parse
+
+    def spy(raw: object) -> lease_pb2.LeaseRequest | None:
+        parsed.append(len(raw))  # type: ignore[arg-type]
+        return parse(raw)
+
+    monkeypatch.setattr(LeaseSession, "_parse", staticmethod(spy))
+    async with broker(settings, max_settlements_per_frame=100) as b:
+        worker = await LeaseStream(b.stub).open(["emails"], credits=1)
+        frame = _acks([f"emails:{i}" for i in range(2000)])
+        assert frame.ByteSize() > SCAN_FROM_BYTES
+        await worker.call.write(frame)
+        await asyncio.wait_for(worker.ended.wait(), 5)
+        assert worker.error is not None
+        assert worker.error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert str(worker.error.details()).startswith(
+            "settlements: more than 100 acks, nacks and extensions in one frame; at most 100"
+        )
+        assert parsed and max(parsed) < SCAN_FROM_BYTES  # the open frame alone was parsed
 
 
 async def test_a_large_frame_over_many_queues_is_applied_whole(stub: Stub) -> None:
