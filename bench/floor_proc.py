@@ -113,7 +113,8 @@ class Lifecycle:
             lease_args = _fields_known(
                 argv.LeaseArgs, task_prefix=k.task_prefix,
                 fresh_prefix=getattr(k, "fresh_prefix", None),
-                reply_bytes=getattr(redis_store, "LEASE_REPLY_BYTES", 0), n=lease,
+                reply_bytes=getattr(redis_store, "LEASE_REPLY_BYTES", 0),
+                fetch_bytes=getattr(redis_store, "FETCH_PAYLOAD_BYTES", 0), n=lease,
             )  # fmt: skip
             args = [*lease_args]
             for lease_id in lease_ids:

@@ -325,9 +325,13 @@ class Dispatcher:
             raise
         received = loop.time()
         per_sub: dict[int, tuple[Subscription, list[Lease]]] = {}
-        for sub, lease in zip(slots, batch.leases, strict=False):
-            per_sub.setdefault(id(sub), (sub, []))[1].append(lease)
-        self._give_back(slots[len(batch.leases) :])
+        unused = slots[len(batch.leases) :]
+        for i, (sub, lease) in enumerate(zip(slots, batch.leases, strict=False)):
+            if i in batch.gone:
+                unused.append(sub)
+            else:
+                per_sub.setdefault(id(sub), (sub, []))[1].append(lease)
+        self._give_back(unused)
         for sub, leases in per_sub.values():
             if not (sub.active and sub.deliver(leases)):
                 self._release_orphans(sub.stream_id, leases)

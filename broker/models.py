@@ -152,6 +152,9 @@ class LeaseBatch:
     leases: list[Lease] = field(default_factory=list)
     #: The queue's rate_limit held tasks back: nothing more can lease before next_due_ms.
     rate_limited: bool = False
+    #: Positions in leases of tasks deleted before their large payload was read (they were
+    #: finished and trimmed meanwhile): nothing is delivered for them.
+    gone: frozenset[int] = frozenset()
 
 
 class SettleStatus(enum.Enum):

@@ -55,6 +55,7 @@ class LeaseArgs(NamedTuple):
     task_prefix: str
     fresh_prefix: str
     reply_bytes: int  # leases no more once the reply holds this many bytes (the first always)
+    fetch_bytes: int  # a held task's larger payload is left out of the reply, read by HGET
     n: int
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,9 @@ import grpc
 import pytest
 import redis
 
+from broker.models import Task
+from broker.store.keys import QueueKeys
+from broker.store.redis_store import FETCH_PAYLOAD_BYTES
 from taskbroker.v1 import broker_service_pb2 as bs
 from taskbroker.v1 import lease_pb2, task_pb2
 from tests.conftest import RunningBroker
@@ -367,3 +371,32 @@ async def test_malformed_frame_bytes_are_invalid_argument(running: RunningBroker
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await raw.read()
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_task_gone_before_its_large_payload_is_read_is_not_delivered(
+    running: RunningBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A payload over FETCH_PAYLOAD_BYTES is read after lease.lua, by HGET. A task trimmed in
+    # between (finished meanwhile) must not reach a worker with an empty payload, and the
+    # worker's credit must come back for the next task.
+    store = running.broker.store
+    read_payloads = store._read_payloads
+    deleted: list[str] = []
+
+    async def trimmed_in_between(found: list[Task], positions: Sequence[int]) -> frozenset[int]:
+        if not deleted:
+            task = found[positions[0]]
+            await store.client.delete(QueueKeys(task.ref.queue).task_prefix + task.ref.local_id)
+            deleted.append(task.ref.task_id)
+        return await read_payloads(found, positions)
+
+    monkeypatch.setattr(store, "_read_payloads", trimmed_in_between)
+    big = bytes(FETCH_PAYLOAD_BYTES + 1)
+    [first] = await enqueue(running.stub, spec(payload=big))
+    worker = await LeaseStream(running.stub).open(["emails"], credits=1)
+    await asyncio.sleep(0.2)  # the first lease call, and its trim, happen now
+    [second] = await enqueue(running.stub, spec(payload=b"next" + big))
+    (delivery,) = await worker.take(1)
+    assert deleted == [first]
+    assert (delivery.task.id, delivery.task.payload) == (second, b"next" + big)
+    await worker.close()

@@ -1,6 +1,7 @@
 """Large payloads are written ahead of their enqueue script (staged) and renamed into place by
-it: what users see is the same as for small ones, on standalone Redis and on a Redis Cluster, and
-nothing staged outlives the call (a staged payload that is not used expires)."""
+it, and leased by reference (read by a plain HGET after the lease script): what users see is
+the same as for small ones, on standalone Redis and on a Redis Cluster, and nothing staged
+outlives the call (a staged payload that is not used expires)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import pytest
 from broker.config import Settings
 from broker.errors import IdempotencyConflict, StoreUnavailable
 from broker.ids import new_lease_id
-from broker.models import NewTask, TaskState
+from broker.models import NewTask, Task, TaskState
 from broker.queue import TaskQueue, TaskRequest
 from broker.store.keys import QueueKeys
 from broker.store.redis_store import (
+    FETCH_PAYLOAD_BYTES,
     LEASE_REPLY_BYTES,
     STAGE_PAYLOAD_BYTES,
     STAGE_TTL_MS,
@@ -130,3 +132,40 @@ async def test_a_lease_call_stops_at_its_reply_budget_and_says_the_rest_is_due_n
     big = LEASE_REPLY_BYTES + 1
     assert sizes == [[big], [big], [third] * 3, [third]]
     assert dues == [True, True, True, False]  # the last call took all that was left
+
+
+async def test_large_payloads_are_leased_by_reference_and_read_whole(
+    tasks: TaskQueue, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # lease.lua leaves out a payload over FETCH_PAYLOAD_BYTES (Redis spent ~1.7 ms passing a
+    # 1 MiB payload through Lua, ~0.07 ms on a plain HGET); the store reads it by HGET.
+    read_by_reference: list[int] = []
+    read_payloads = store._read_payloads
+
+    async def spy(found: list[Task], positions: Sequence[int]) -> frozenset[int]:
+        read_by_reference.extend(len(found[i].payload) for i in positions)  # before the read
+        return await read_payloads(found, positions)
+
+    monkeypatch.setattr(store, "_read_payloads", spy)
+    payloads = [os.urandom(FETCH_PAYLOAD_BYTES + 1), b"small", os.urandom(FETCH_PAYLOAD_BYTES)]
+    outcomes = await tasks.enqueue([TaskRequest(Q, "resize", p, priority=1) for p in payloads])
+    by_id = {o.task_id: p for o, p in zip(outcomes, payloads, strict=True)}
+    batch = await tasks.lease(Q, [(new_lease_id(), 10_000, "s", "") for _ in payloads])
+    assert {lease.task.ref.task_id: lease.task.payload for lease in batch.leases} == by_id
+    assert read_by_reference == [0]  # the one over the bound came without its bytes
+    assert batch.gone == frozenset()
+
+
+async def test_a_task_deleted_before_its_payload_is_read_is_not_delivered(
+    tasks: TaskQueue, store: RedisStore, topology: Topology
+) -> None:
+    payloads = [os.urandom(FETCH_PAYLOAD_BYTES + 1), os.urandom(FETCH_PAYLOAD_BYTES + 2)]
+    await tasks.enqueue([TaskRequest(Q, "resize", p) for p in payloads])
+    batch = await tasks.lease(Q, [(new_lease_id(), 10_000, "s", "") for _ in payloads])
+    leased = [lease.task for lease in batch.leases]
+    # The second finished and was trimmed between lease.lua and the read of its payload.
+    async with topology.client() as client:
+        await client.delete(QueueKeys(Q).task_prefix + leased[1].ref.local_id)
+    found = [task._replace(payload=b"") for task in leased]
+    assert await store._read_payloads(found, [0, 1]) == frozenset({1})
+    assert found[0].payload == leased[0].payload

@@ -12,6 +12,9 @@
 --   reply_bytes   no further task is leased once the reply holds this many bytes of task
 --                 fields (the first always is): Redis copies a reply's bytes twice, and other
 --                 clients wait meanwhile, so megabyte tasks go a few per call
+--   fetch_bytes   a task from the pending zset whose payload is larger is answered without
+--                 it, for the caller to read with a plain HGET: Redis took about 1.7 ms to
+--                 pass a 1 MiB payload through Lua into a reply, and 0.07 ms to HGET it
 --   n; then n slots: lease_id (fresh, random), lease_ms (for a task without its own),
 --   stream_id (the Lease stream the slot belongs to, stored as `sid`: the stream that holds
 --   the lease) and holder (the principal the lease is bound to, stored as `lp`; '' without a
@@ -32,14 +35,22 @@
 -- scheduled time or next token (-1 when none; now when reply_bytes held tasks back), paused is
 -- 1 when nothing was leased because the queue is paused, 2 when the rate limit held tasks back
 -- until next_due, fields_i is the leased task's values of the named fields, in order (HMGET),
+-- plus, for a payload left out (fetch_bytes), its length after them;
 -- or, for a task leased straight from its fresh stream, the short form: type, payload, hdr,
 -- pri, max, ctime, etime, lease_ms, bo_i, bo_m, lid (store/redis_store.py FRESH_REPLY_FIELDS).
 
 local now = now_ms()
-local task_prefix, fresh_prefix, reply_bytes, n = unpack(ARGV, 1, 4)
+local task_prefix, fresh_prefix, reply_bytes, fetch_bytes, n = unpack(ARGV, 1, 5)
 n = tonumber(n)
 reply_bytes = tonumber(reply_bytes)
-local fields = {unpack(ARGV, 4 + 4 * n + 1)}
+fetch_bytes = tonumber(fetch_bytes)
+local fields = {unpack(ARGV, 5 + 4 * n + 1)}
+-- The same names with the payload's replaced by '' (no task field has that name: HMGET
+-- answers nil for it), for a task whose payload the caller reads itself.
+local fields_but_payload = {}
+for i, name in ipairs(fields) do
+  if name == 'payload' then fields_but_payload[i] = '' else fields_but_payload[i] = name end
+end
 local meta = redis.call('HMGET', KEYS[4], 'paused', 'mc', 'rl_rate', 'rl_burst', 'rl_tok',
   'rl_at', 'blocked', 'pk_mc', 'turn', 'dturn', 'pk_rate', 'pk_burst', 'aging')
 if meta[1] == '1' then
@@ -143,7 +154,7 @@ local function add_to_reply(id, values)
 end
 local function lease(key, id)
   used = used + 1
-  local lease_id, lease_ms, stream_id, holder = item(4, 4, used - 1)
+  local lease_id, lease_ms, stream_id, holder = item(5, 4, used - 1)
   local ms = tonumber(lease_ms)
   local own = tonumber(redis.call('HGET', key, 'lease_ms') or '0')
   if own > 0 then ms = own end
@@ -153,7 +164,15 @@ local function lease(key, id)
     'sid', stream_id)
   bind_lease(key, holder)
   redis.call('ZADD', KEYS[3], expire, id)
-  add_to_reply(id, redis.call('HMGET', key, unpack(fields)))
+  local size = redis.call('HSTRLEN', key, 'payload')
+  if size > fetch_bytes then
+    local values = redis.call('HMGET', key, unpack(fields_but_payload))
+    values[#fields + 1] = tostring(size)
+    returned = returned + size
+    add_to_reply(id, values)
+  else
+    add_to_reply(id, redis.call('HMGET', key, unpack(fields)))
+  end
 end
 
 -- A fresh task's hash, written once with its lease (the hot path: one HSET, no reads).
@@ -161,7 +180,7 @@ local HASH_ORDER = {'type', 'payload', 'hdr', 'pri', 'state', 'att', 'max', 'cti
   'etime', 'cur_ms', 'lease_ms', 'bo_i', 'bo_m', 'lid', 'sid', 'lp'}
 local function lease_fresh(pri, entry_id, task)
   used = used + 1
-  local lease_id, lease_ms, stream_id, holder = item(4, 4, used - 1)
+  local lease_id, lease_ms, stream_id, holder = item(5, 4, used - 1)
   local ms = tonumber(lease_ms)
   local own = tonumber(task.lease_ms)
   if own > 0 then ms = own end
