@@ -55,9 +55,8 @@ class BrokerService:
             raise Draining("the broker is shutting down; use another replica")
         # No local wake-up here: enqueue.lua publishes one that reaches every replica's pumps,
         # this one's included; waking them here too made a second, empty lease call per task.
-        outcomes = await self._tasks.enqueue(
-            [convert.task_request(t) for t in request.tasks], current_principal.get().scope
-        )
+        requests = await convert.task_requests(request.tasks)
+        outcomes = await self._tasks.enqueue(requests, current_principal.get().scope)
         # Dicts, not EnqueueResult messages: upb builds the list from them in half the time.
         results: list[Any] = [{"task_id": o.task_id, "duplicate": o.duplicate} for o in outcomes]
         return bs.EnqueueResponse(results=results)

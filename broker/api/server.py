@@ -108,6 +108,9 @@ class Gate:
 RATED_METHODS: Final = frozenset(
     {"taskbroker.v1.BrokerService.Enqueue", "taskbroker.v1.BrokerService.Ack"}
 )
+#: A request larger than this is parsed in an event-loop step of its own, apart from grpcio's
+#: copy of it: together, a 4 MiB Enqueue's took up to 10 ms while other clients waited.
+PARSE_APART_BYTES: Final = 256 * 1024
 #: How long a rated call without a deadline may wait for its client's byte rate (ByteRate
 #: caps every wait at its MAX_WAIT_S).
 RATE_WAIT_S: Final = float("inf")
@@ -154,6 +157,8 @@ def _unary(
             current_principal.reset(token)
 
     async def serve(raw: bytes, context: Context) -> bytes:
+        if len(raw) > PARSE_APART_BYTES:
+            await asyncio.sleep(0)  # grpcio copied it in this step: parse it in the next
         request = await _parse(request_class, raw, method, context)
         try:
             rule.check(gate.authorizer, request)  # before anything is done

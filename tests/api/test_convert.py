@@ -3,6 +3,8 @@ arrives, and every field left unset reads as TaskRequest's default."""
 
 from __future__ import annotations
 
+import asyncio
+
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from broker.api import convert
@@ -71,3 +73,25 @@ def test_unset_fields_read_as_the_defaults() -> None:
 def test_a_parent_failure_policy_the_api_lacks_reads_as_none() -> None:
     spec = task_pb2.TaskSpec(queue="q", type="t", parent_failure_policy=99)  # type: ignore[arg-type]
     assert convert.task_request(spec).parent_policy is None  # validate refuses it
+
+
+async def test_a_call_of_large_payloads_is_read_with_the_event_loop_free_in_between() -> None:
+    big = convert.READ_SLICE_BYTES
+    specs = [task_pb2.TaskSpec(queue="q", type="t", payload=bytes([i]) * big) for i in range(3)]
+    small = [task_pb2.TaskSpec(queue="q", type="t", payload=b"x")] * 100
+    turns = 0
+
+    async def other_client() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(other_client())
+    await asyncio.sleep(0)
+    before = turns
+    assert await convert.task_requests(small) == [convert.task_request(s) for s in small]
+    assert turns == before  # small tasks: read in one go
+    assert await convert.task_requests(specs) == [convert.task_request(s) for s in specs]
+    assert turns - before == 3  # one turn for others after each large payload
+    other.cancel()
