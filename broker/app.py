@@ -154,7 +154,6 @@ class Broker:
         window_ms = round(s.idempotency_window_s * 1000)
         self.schedules = ScheduleBook(ScheduleStore(self.store, window_ms), self.tasks)
         self.dispatcher = Dispatcher(self.tasks)
-        self.registry = SessionRegistry()
         default_lease_ms = round(s.default_lease_s * 1000)
         # One byte budget per client, for its unary calls and its streams' frames alike.
         rate = ByteRate(s.request_bytes_per_s_per_client, s.request_bytes_per_s_per_client)
@@ -173,6 +172,7 @@ class Broker:
             self._client_key,
             rate,
         )
+        self.registry = SessionRegistry(self.unary.foreground)
         self.watch_hub = WatchHub(
             self.tasks, s.max_watchers, s.watch_poll_initial_s, s.watch_poll_max_s
         )

@@ -16,7 +16,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from broker.api import convert, frame_scan, settle_wire
-from broker.api.limits import Pacer, RateMeter
+from broker.api.limits import Foreground, Pacer, RateMeter
 from broker.api.outbox import MAX_MESSAGE_BYTES, MERGEABLE, Message, Outbox, wrap
 from broker.api.status import error_status, to_status
 from broker.auth.authorize import Authorizer
@@ -79,8 +79,10 @@ class SessionRegistry:
     """Live sessions by the leases they hold: unary settlements forget a lease, cancellations
     revoke it, a resume moves it, shutdown drains them all."""
 
-    def __init__(self) -> None:
+    def __init__(self, foreground: Foreground | None = None) -> None:
         self.sessions: set[LeaseSession] = set()
+        #: Unary calls being served, which large frames step aside for (Pacer).
+        self.foreground = foreground or Foreground()
         self._holder: dict[str, LeaseSession] = {}
         self._background: set[asyncio.Task[None]] = set()
         #: Set whenever a held lease is settled, so shutdown can wait for the last one.
@@ -607,7 +609,7 @@ class LeaseSession:
             await self._group_and_settle(batch, None)
         else:
             async with self._registry.settle_lanes:
-                await self._group_and_settle(batch, Pacer(_LANE_SHARE))
+                await self._group_and_settle(batch, Pacer(_LANE_SHARE, self._registry.foreground))
 
     async def _group_and_settle(self, batch: lease_pb2.Settlements, pacer: Pacer | None) -> None:
         """Groups a frame's items by kind and queue, a slice at a time (a large frame does not

@@ -16,7 +16,7 @@ import redis
 
 from broker.api.frame_scan import SCAN_FROM_BYTES
 from broker.api.lease_session import LARGE_FRAMES_PER_CLIENT, LIGHT_FRAME_ITEMS, LeaseSession
-from broker.api.limits import StreamLimits, UnaryLimits, client_of_peer
+from broker.api.limits import Pacer, StreamLimits, UnaryLimits, client_of_peer
 from broker.config import Settings
 from broker.errors import LimitExceeded
 from broker.ids import IdGenerator
@@ -227,6 +227,34 @@ def test_one_client_cannot_take_the_whole_unary_budget() -> None:
     for release in held:
         release.release()
     assert (limits.calls, limits.bytes) == (0, 0)
+
+
+async def test_bulk_work_steps_aside_while_unary_calls_are_served() -> None:
+    # A large settlements frame pauses between slices (Pacer); while a unary call is being
+    # served it waits for the call's answer, so the call does not queue behind it at every hop.
+    limits = UnaryLimits(
+        max_calls=10, max_bytes=100, max_calls_per_client=10, max_bytes_per_client=100
+    )
+    pacer = Pacer(1.0, limits.foreground)  # share 1: no rest, only the deferral
+    call = limits.admit("ipv4:10.0.0.1:1", 10)
+    paused = asyncio.create_task(pacer.pause())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not paused.done()  # waits while the call is served
+    call.release()
+    await asyncio.wait_for(paused, 1)
+    await asyncio.wait_for(pacer.pause(), 1)  # no call: it goes on at once
+
+
+async def test_bulk_work_still_moves_under_a_steady_flow_of_calls() -> None:
+    limits = UnaryLimits(
+        max_calls=10, max_bytes=100, max_calls_per_client=10, max_bytes_per_client=100
+    )
+    pacer = Pacer(1.0, limits.foreground)
+    with limits.admit("ipv4:10.0.0.1:1", 10):  # a call that is never answered meanwhile
+        started = time.perf_counter()
+        await asyncio.wait_for(pacer.pause(), 5)  # bounded: MAX_DEFER_S, not forever
+        assert time.perf_counter() - started >= Pacer.MAX_DEFER_S * 0.9
 
 
 # --- settlements frames -----------------------------------------------------------------------
