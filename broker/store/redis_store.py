@@ -97,11 +97,11 @@ STAGE_PAYLOAD_BYTES: Final = 32 * 1024
 #: (docs/benchmarks.md, "2026-12-06: megabyte tasks leased one call at a time"). Tasks of a few
 #: kilobytes still fill the dispatcher's batch (up to 100 per call).
 LEASE_REPLY_BYTES: Final = 256 * 1024
-#: A task from the pending zset with a larger payload is leased without it, and its payload
-#: read by a plain HGET: Redis took about 1.7 ms of its time (every other client waiting) to
-#: pass a 1 MiB payload through lease.lua into its reply, and 0.07 ms to HGET it. A fresh
-#: task never has one this large: enqueue stages such payloads, and stores the task in the
-#: pending zset (lua/enqueue.lua).
+#: A task from the pending zset with a larger payload (its hash's `psz`, written when the
+#: payload is staged) is leased without it, and its payload read by a plain HGET: Redis took
+#: about 1.7 ms of its time (every other client waiting) to pass a 1 MiB payload through
+#: lease.lua into its reply, and 0.07 ms to HGET it. A fresh task never has one this large:
+#: enqueue stages such payloads, and stores the task in the pending zset (lua/enqueue.lua).
 FETCH_PAYLOAD_BYTES: Final = STAGE_PAYLOAD_BYTES
 #: A page of listed tasks (dead letters) stops growing once it holds this many bytes; the first
 #: task always goes. So a page of 1 MiB tasks stays under the 4 MiB that gRPC clients receive
@@ -581,7 +581,8 @@ class RedisStore:
             for t in tasks:
                 stage = keys.stage_prefix + t.ref.local_id
                 async with self._client.pipeline(transaction=True) as pipe:
-                    pipe.hset(stage, "payload", t.payload)
+                    # psz: lease.lua answers a payload this large by reference
+                    pipe.hset(stage, mapping={"payload": t.payload, "psz": len(t.payload)})
                     pipe.pexpire(stage, STAGE_TTL_MS)
                     await pipe.execute()
 

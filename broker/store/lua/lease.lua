@@ -164,7 +164,9 @@ local function lease(key, id)
     'sid', stream_id)
   bind_lease(key, holder)
   redis.call('ZADD', KEYS[3], expire, id)
-  local size = redis.call('HSTRLEN', key, 'payload')
+  -- psz: the payload's size, written with a staged payload (HSTRLEN would need one more
+  -- command in the broker's documented Redis ACL).
+  local size = tonumber(redis.call('HGET', key, 'psz') or '0')
   if size > fetch_bytes then
     local values = redis.call('HMGET', key, unpack(fields_but_payload))
     values[#fields + 1] = tostring(size)
