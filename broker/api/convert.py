@@ -78,7 +78,7 @@ def task_request(spec: task_pb2.TaskSpec) -> TaskRequest:
 
 #: A call's tasks are read this many payload bytes at a time, the event loop free in between:
 #: reading four 1 MiB payloads in one step held every other client for up to 25 ms when the
-#: copies landed on fresh memory (docs/benchmarks.md, "2026-12-07").
+#: copies landed on fresh memory (docs/benchmarks.md, "2026-12-06, night").
 READ_SLICE_BYTES: Final = 512 * 1024
 
 
