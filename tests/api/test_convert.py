@@ -3,14 +3,13 @@ arrives, and every field left unset reads as TaskRequest's default."""
 
 from __future__ import annotations
 
-import asyncio
-
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from broker.api import convert
 from broker.models import ParentPolicy
 from broker.queue import TaskRequest
 from taskbroker.v1 import task_pb2
+from tests.support.loop_turns import other_client_turns
 
 
 def test_every_field_of_a_task_spec_is_read() -> None:
@@ -79,19 +78,8 @@ async def test_a_call_of_large_payloads_is_read_with_the_event_loop_free_in_betw
     big = convert.READ_SLICE_BYTES
     specs = [task_pb2.TaskSpec(queue="q", type="t", payload=bytes([i]) * big) for i in range(3)]
     small = [task_pb2.TaskSpec(queue="q", type="t", payload=b"x")] * 100
-    turns = 0
-
-    async def other_client() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
-    other = asyncio.create_task(other_client())
-    await asyncio.sleep(0)
-    before = turns
-    assert await convert.task_requests(small) == [convert.task_request(s) for s in small]
-    assert turns == before  # small tasks: read in one go
-    assert await convert.task_requests(specs) == [convert.task_request(s) for s in specs]
-    assert turns - before == 3  # one turn for others after each large payload
-    other.cancel()
+    async with other_client_turns() as turns:
+        assert await convert.task_requests(small) == [convert.task_request(s) for s in small]
+        assert turns.count == 0  # small tasks: read in one go
+        assert await convert.task_requests(specs) == [convert.task_request(s) for s in specs]
+        assert turns.count == 3  # one turn for others after each large payload

@@ -4,7 +4,6 @@ leaves to the parser (None) every frame that is not a plain settlements frame.""
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 import pytest
@@ -12,6 +11,7 @@ from google.protobuf import duration_pb2
 
 from broker.api.frame_scan import SCAN_SLICE, settlement_count
 from taskbroker.v1 import lease_pb2
+from tests.support.loop_turns import other_client_turns
 
 
 def _settlements(rng: random.Random, n: int) -> lease_pb2.Settlements:
@@ -121,20 +121,9 @@ async def test_a_long_count_yields_to_the_event_loop() -> None:
         acks=[lease_pb2.AckRequest(task_id=f"q:{i}") for i in range(5 * SCAN_SLICE)]
     )
     raw = lease_pb2.LeaseRequest(settlements=frame).SerializeToString()
-    turns = 0
-
-    async def other_client() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
-    other = asyncio.create_task(other_client())
-    await asyncio.sleep(0)
-    before = turns
-    assert await settlement_count(raw, 10**6) == 5 * SCAN_SLICE
-    other.cancel()
-    assert turns - before >= 4  # it ran between the slices
+    async with other_client_turns() as turns:
+        assert await settlement_count(raw, 10**6) == 5 * SCAN_SLICE
+        assert turns.count >= 4  # it ran between the slices
 
 
 async def test_a_frame_past_the_limit_is_counted_as_past_it_whatever_follows_in_settlements() -> (

@@ -47,10 +47,17 @@ reply_bytes = tonumber(reply_bytes)
 fetch_bytes = tonumber(fetch_bytes)
 local fields = {unpack(ARGV, 5 + 4 * n + 1)}
 -- The same names with the payload's replaced by '' (no task field has that name: HMGET
--- answers nil for it), for a task whose payload the caller reads itself.
-local fields_but_payload = {}
-for i, name in ipairs(fields) do
-  if name == 'payload' then fields_but_payload[i] = '' else fields_but_payload[i] = name end
+-- answers nil for it), for a task whose payload the caller reads itself; built when first
+-- needed, since most calls lease no such task.
+local fields_but_payload = nil
+local function without_payload()
+  if not fields_but_payload then
+    fields_but_payload = {}
+    for i, name in ipairs(fields) do
+      if name == 'payload' then fields_but_payload[i] = '' else fields_but_payload[i] = name end
+    end
+  end
+  return fields_but_payload
 end
 local meta = redis.call('HMGET', KEYS[4], 'paused', 'mc', 'rl_rate', 'rl_burst', 'rl_tok',
   'rl_at', 'blocked', 'pk_mc', 'turn', 'dturn', 'pk_rate', 'pk_burst', 'aging')
@@ -169,7 +176,7 @@ local function lease(key, id)
   -- command in the broker's documented Redis ACL).
   local size = tonumber(redis.call('HGET', key, 'psz') or '0')
   if size > fetch_bytes then
-    local values = redis.call('HMGET', key, unpack(fields_but_payload))
+    local values = redis.call('HMGET', key, unpack(without_payload()))
     values[#fields + 1] = tostring(size)
     returned = returned + size
     add_to_reply(id, values)
