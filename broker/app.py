@@ -154,6 +154,7 @@ class Broker:
         window_ms = round(s.idempotency_window_s * 1000)
         self.schedules = ScheduleBook(ScheduleStore(self.store, window_ms), self.tasks)
         self.dispatcher = Dispatcher(self.tasks)
+        self.tasks.reserve_inline = self.dispatcher.reserve_inline
         default_lease_ms = round(s.default_lease_s * 1000)
         # One byte budget per client, for its unary calls and its streams' frames alike.
         rate = ByteRate(s.request_bytes_per_s_per_client, s.request_bytes_per_s_per_client)

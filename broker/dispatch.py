@@ -24,7 +24,7 @@ from typing import Any
 from broker.cancellation import raise_if_cancelled
 from broker.errors import BrokerError, StoreUnavailable
 from broker.ids import new_lease_id
-from broker.models import HeldLease, Lease
+from broker.models import HeldLease, Lease, LeaseBatch, LeaseSlot
 from broker.queue import TaskQueue
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,11 @@ MAX_LEASE_BATCH = 100
 #: batch doubles it up to MAX_LEASE_BATCH. A queue that a wake-up says has "some" work mostly
 #: has one or two tasks: reserving every credit would send Redis hundreds of unused slots.
 FIRST_LEASE_BATCH = 8
+#: An enqueue of at most this many tasks ready now leases for this broker's waiting streams in
+#: its own write (reserve_inline): a lone task reaches its worker without waiting for the wake.
+#: A larger one leaves them to the pump's rounds, which do not hold up the producer's reply
+#: (a lease of 100 tasks inline made the pipeline scenario about 10 % slower).
+MAX_INLINE_LEASE = FIRST_LEASE_BATCH
 #: Lease calls in flight at once, over all queues: bounds the Redis connections pumps use.
 LEASE_WORKERS = 16
 #: Longest sleep of a rate-limited pump before it leases again (a settings change shows then).
@@ -95,6 +100,24 @@ class Subscription:
         """Stops deliveries; a pump holding a reservation gives it back to nobody."""
         self.active = False
         self._dispatcher.unsubscribe(self)
+
+
+class InlineLease:
+    """Credits a queue's pump set aside for a lease sent with an enqueue (reserve_inline):
+    `slots` go to the lease script, and `leased` hands out its reply (or gives the credits
+    back). Exactly one call of `leased` per reservation."""
+
+    __slots__ = ("_dispatcher", "_pump", "_subs", "slots")
+
+    def __init__(self, dispatcher: Dispatcher, pump: QueuePump, subs: list[Subscription]) -> None:
+        self._dispatcher = dispatcher
+        self._pump = pump
+        self._subs = subs
+        self.slots = Dispatcher._slot_args(subs)
+
+    def leased(self, batch: LeaseBatch | Exception | None) -> None:
+        """The lease's reply; an error or None (not sent) gives the credits back."""
+        self._dispatcher._inline_leased(self._pump, self._subs, batch)
 
 
 class QueuePump:
@@ -281,18 +304,18 @@ class Dispatcher:
     # --- one lease call -----------------------------------------------------------------------
 
     @staticmethod
-    def _reserve(pump: QueuePump, ready: list[Subscription]) -> list[Subscription]:
-        """Takes credits round-robin, one slot per task to lease. A stream on several queues
-        lends each queue a share, so one busy queue cannot starve the others."""
+    def _reserve(pump: QueuePump, ready: list[Subscription], limit: int) -> list[Subscription]:
+        """Takes credits round-robin, one slot per task to lease, up to `limit`. A stream on
+        several queues lends each queue a share, so one busy queue cannot starve the others."""
         slots: list[Subscription] = []
         shares = {id(s): max(1, s.credits // len(s.queues)) for s in ready}
         start = pump.rr % len(ready)
         pump.rr += 1
         order = ready[start:] + ready[:start]
-        while len(slots) < pump.batch:
+        while len(slots) < limit:
             progressed = False
             for sub in order:
-                if shares[id(sub)] > 0 and sub.credits > 0 and len(slots) < pump.batch:
+                if shares[id(sub)] > 0 and sub.credits > 0 and len(slots) < limit:
                     shares[id(sub)] -= 1
                     sub.credits -= 1
                     slots.append(sub)
@@ -310,20 +333,30 @@ class Dispatcher:
         for sub in {id(s): s for s in slots}.values():
             sub.credits_returned()
 
+    @staticmethod
+    def _slot_args(slots: list[Subscription]) -> list[LeaseSlot]:
+        return [(new_lease_id(), sub.lease_ms, sub.stream_id, sub.holder) for sub in slots]
+
     async def _lease_for(self, pump: QueuePump, ready: list[Subscription]) -> None:
         if not ready:
             return
-        slots = self._reserve(pump, ready)
-        loop = asyncio.get_running_loop()
+        slots = self._reserve(pump, ready, pump.batch)
         try:
-            batch = await self._tasks.lease(
-                pump.queue,
-                [(new_lease_id(), sub.lease_ms, sub.stream_id, sub.holder) for sub in slots],
-            )
+            batch = await self._tasks.lease(pump.queue, self._slot_args(slots))
         except BaseException:
             self._give_back(slots)
             raise
-        received = loop.time()
+        self._hand_out(pump, slots, batch)
+        if len(batch.leases) == len(slots) and not batch.paused:
+            pump.batch = min(MAX_LEASE_BATCH, pump.batch * 2)
+        else:
+            pump.batch = FIRST_LEASE_BATCH
+
+    def _hand_out(self, pump: QueuePump, slots: list[Subscription], batch: LeaseBatch) -> None:
+        """Delivers a lease call's tasks to the streams whose slots they fill, gives the unused
+        slots back, and notes what the call learned of the queue: a full batch may have more
+        behind it; the rate limit and the next scheduled task set the pump's timer."""
+        received = asyncio.get_running_loop().time()
         per_sub: dict[int, tuple[Subscription, list[Lease]]] = {}
         unused = slots[len(batch.leases) :]
         for i, (sub, lease) in enumerate(zip(slots, batch.leases, strict=False)):
@@ -337,9 +370,6 @@ class Dispatcher:
                 self._release_orphans(sub.stream_id, leases)
         if len(batch.leases) == len(slots) and not batch.paused:
             pump.may_have_work = True  # a full batch: there may be more
-            pump.batch = min(MAX_LEASE_BATCH, pump.batch * 2)
-        else:
-            pump.batch = FIRST_LEASE_BATCH
         if batch.rate_limited:
             pump.resting = True
         if batch.next_due_ms is not None and not pump.retired:
@@ -348,7 +378,37 @@ class Dispatcher:
                 # A slow rate's next token may be far off: look again within a second, so a
                 # limit raised or lifted meanwhile applies as fast on every replica.
                 delay = min(delay, RATE_RECHECK_S)
-            self._due_later(pump, max(0.0, received + delay - loop.time()))
+            self._due_later(pump, max(0.0, received + delay - asyncio.get_running_loop().time()))
+
+    # --- a lease sent with an enqueue ---------------------------------------------------------
+
+    def reserve_inline(self, queue: str, tasks: int) -> InlineLease | None:
+        """Credits for a lease sent in the same write as an enqueue of `tasks` tasks ready now
+        (TaskQueue), taken from the queue's streams as a pump's round takes them; None when no
+        stream here can take a task of the queue, or for more than MAX_INLINE_LEASE tasks. The
+        enqueue still wakes every replica."""
+        pump = self._pumps.get(queue)
+        if self.draining or pump is None or pump.retired or pump.resting:
+            return None
+        if not 0 < tasks <= MAX_INLINE_LEASE:
+            return None
+        ready = pump.ready()
+        if not ready:
+            return None
+        # One slot more than the tasks stored: a lease that fills it has found a backlog, and
+        # the pump's own round goes on with it; one that does not leaves no round to make.
+        slots = self._reserve(pump, ready, tasks + 1)
+        return InlineLease(self, pump, slots)
+
+    def _inline_leased(
+        self, pump: QueuePump, slots: list[Subscription], batch: LeaseBatch | Exception | None
+    ) -> None:
+        if isinstance(batch, LeaseBatch):
+            self._hand_out(pump, slots, batch)
+        else:  # not sent, or failed: the pump's own round looks instead
+            self._give_back(slots)
+            pump.may_have_work = True
+        self._kick(pump)
 
     def _release_orphans(self, stream_id: str, leases: list[Lease]) -> None:
         """Leases made for a stream that went away before they were handed to it: undone, no

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, TypeAlias
 
 
 class TaskState(enum.IntEnum):
@@ -140,6 +140,11 @@ class Lease(NamedTuple):
     lease_id: str
     expire_ms: int
     links: TaskLinks | None = None  # parents' results, for a task that has parents
+
+
+#: One lease to make: (fresh lease id, lease ms for a task without its own, stream id, the
+#: principal the lease is bound to or '' without a policy).
+LeaseSlot: TypeAlias = tuple[str, int, str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,6 +418,15 @@ class AuditRecord:
 @dataclass(frozen=True, slots=True)
 class Wake:
     """A replica announced work on a queue (an enqueue, a retry come due, a resume)."""
+
+    queue: str
+
+
+@dataclass(frozen=True, slots=True)
+class Echo:
+    """This broker's enqueue, which leased in the same write, is about to wake the queue: the
+    wake right after this on the subscription is that enqueue's, and its lease already looked
+    (RedisStore.enqueue_and_lease)."""
 
     queue: str
 

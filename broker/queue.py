@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import json
 import random
@@ -12,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Any, NamedTuple, TypeAlias, cast
+from typing import Any, NamedTuple, Protocol, TypeAlias, cast
 
 from broker.batching import Batcher
 from broker.config import Settings
@@ -23,6 +24,7 @@ from broker.errors import (
     IdempotencyConflict,
     InvalidArgument,
     LeaseStale,
+    LimitExceeded,
     TaskFinished,
 )
 from broker.errors import TaskNotFound as TaskNotFoundError
@@ -44,6 +46,7 @@ from broker.models import (
     HeldLease,
     Hint,
     LeaseBatch,
+    LeaseSlot,
     Maintained,
     NackItem,
     NewTask,
@@ -61,7 +64,6 @@ from broker.store.group_key_stats import group_key_page
 from broker.store.redis_store import (
     FinishedEvents,
     IdempotencyConflictAt,
-    LeaseSlot,
     RedisStore,
     WakeEvents,
 )
@@ -204,6 +206,22 @@ def _every(_: str) -> bool:
     return True
 
 
+def _ready_now(call: tuple[NewTask, ...]) -> int:
+    """Tasks of an Enqueue call that a worker may lease as soon as they are stored."""
+    return sum(1 for t in call if not t.delay_ms and t.schedule_ms is None and not t.parents)
+
+
+class InlineLease(Protocol):
+    """Credits set aside for a lease sent with an enqueue (Dispatcher.reserve_inline)."""
+
+    @property
+    def slots(self) -> Sequence[LeaseSlot]:
+        """The lease script's slots."""
+
+    def leased(self, batch: LeaseBatch | Exception | None) -> None:
+        """The lease's reply; an error or None (not sent) gives the credits back."""
+
+
 class TaskQueue:
     """Operations on tasks in domain terms. Knows the rules; knows nothing of gRPC or Redis keys."""
 
@@ -225,6 +243,12 @@ class TaskQueue:
         self.workflow = WorkflowStore(store)
         #: Called with a queue whose workflow outbox has entries (the app's OutboxMover.kick).
         self.on_outbox: Callable[[str], None] = lambda queue: None
+        #: Set aside credits of this broker's streams for a lease sent with an enqueue of n
+        #: tasks ready now (the app's Dispatcher.reserve_inline); None: nobody here can take one.
+        self.reserve_inline: Callable[[str, int], InlineLease | None] = lambda queue, n: None
+        #: Tasks that lease inline runs, kept referenced until done (the loop holds only weak
+        #: references).
+        self._inline: set[asyncio.Task[Any]] = set()
 
     @property
     def settings(self) -> Settings:
@@ -396,16 +420,20 @@ class TaskQueue:
         """One script call for many Enqueue calls. A call whose key conflicts fails alone."""
         live = list(range(len(calls)))
         results: list[list[EnqueueOutcome] | BaseException] = [[] for _ in calls]
+        inline = self.reserve_inline(queue, sum(map(_ready_now, calls)))
         while live:
             flat = [task for c in live for task in calls[c]]
             owner = [c for c in live for _ in calls[c]]
+            window_ms = round(self._settings.idempotency_window_s * 1000)
+            sizes = [len(calls[c]) for c in live]
             try:
-                stored = await self._store.enqueue(
-                    queue,
-                    flat,
-                    round(self._settings.idempotency_window_s * 1000),
-                    [len(calls[c]) for c in live],
-                )
+                if inline is not None:
+                    reservation, inline = inline, None
+                    stored = await self._enqueue_and_lease(
+                        queue, flat, window_ms, sizes, reservation
+                    )
+                else:
+                    stored = await self._store.enqueue(queue, flat, window_ms, sizes)
             except IdempotencyConflictAt as exc:
                 bad = {owner[p] for p in exc.positions}
                 for c in bad:
@@ -424,12 +452,50 @@ class TaskQueue:
             break
         return results
 
+    async def _enqueue_and_lease(
+        self,
+        queue: str,
+        tasks: Sequence[NewTask],
+        window_ms: int,
+        sizes: Sequence[int],
+        inline: InlineLease,
+    ) -> list[EnqueueOutcome | LimitExceeded]:
+        """store.enqueue with a lease for this broker's waiting streams in the same write. Runs
+        in a task of its own that the caller's cancellation (a deadline) does not reach: once
+        sent, the lease's reply must be handed out, or its tasks would wait for their lease to
+        expire and lose an attempt. A fresh context: the leases serve streams, not the caller."""
+
+        async def both() -> list[EnqueueOutcome | LimitExceeded]:
+            batch: LeaseBatch | Exception | None = None
+            try:
+                outcomes, batch = await self._store.enqueue_and_lease(
+                    queue, tasks, window_ms, sizes, inline.slots
+                )
+                if isinstance(batch, LeaseBatch):
+                    try:
+                        batch = await self._leased(queue, batch)
+                    except Exception as exc:  # parents' results unreadable: as a failed lease
+                        batch = exc
+            finally:  # whatever happened, the credits go out as leases or come back
+                inline.leased(batch)
+            if isinstance(outcomes, Exception):
+                raise outcomes
+            return outcomes
+
+        task = asyncio.create_task(both(), context=contextvars.Context())
+        self._inline.add(task)
+        task.add_done_callback(self._inline.discard)
+        return await asyncio.shield(task)
+
     # --- leases and settlements ------------------------------------------------------------
 
     async def lease(self, queue: str, slots: Sequence[LeaseSlot]) -> LeaseBatch:
         """Leases up to len(slots) tasks; slot = (fresh lease id, lease ms for the worker, id of
         the stream it is for)."""
-        batch = await self._store.lease(queue, slots)
+        return await self._leased(queue, await self._store.lease(queue, slots))
+
+    async def _leased(self, queue: str, batch: LeaseBatch) -> LeaseBatch:
+        """A lease call's batch, counted, with the parents' results of tasks that have any."""
         self.timings.leased(queue, batch)
         if any(lease.task.parent_count for lease in batch.leases):
             batch = await self._with_parent_results(queue, batch)

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from broker.models import Flow, Revoke, Wake
+from broker.models import Echo, Flow, Revoke, Wake
 from broker.subscription import Subscribe, listen_forever
 
 if TYPE_CHECKING:
@@ -34,6 +34,9 @@ class WakeListener:
         self._reconnected = reconnected  # announcements made while disconnected were lost
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        #: Queues whose next wake is this broker's own enqueue's, announced by its echo: the
+        #: lease sent with that enqueue has looked at the queue (or will make the pump look).
+        self._echoed: set[str] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="wake listener")
@@ -44,19 +47,27 @@ class WakeListener:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
-        subscribe: Subscribe[Wake | Revoke | Flow] = self._tasks.wake_events
+        subscribe: Subscribe[Wake | Revoke | Flow | Echo] = self._tasks.wake_events
         await listen_forever(
             "wake listener", subscribe, self.connected, self._connected, self._event
         )
 
     def _connected(self) -> None:
+        self._echoed.clear()  # an echo whose wake was lost with the connection
         self._dispatcher.notify_all()
         self._reconnected()
 
-    def _event(self, event: Wake | Revoke | Flow) -> None:
+    def _event(self, event: Wake | Revoke | Flow | Echo) -> None:
         if isinstance(event, Revoke):
             self._revoke(event.task_id, event.lease_id)
         elif isinstance(event, Flow):
             self._flow(event.queue)
+        elif isinstance(event, Echo):
+            # One script publishes the echo and then the wake, so nothing comes between them.
+            self._echoed.add(event.queue)
+        elif event.queue in self._echoed:
+            # Every other replica still hears this wake; here it would cost a lease call that
+            # finds what the enqueue's own lease already took.
+            self._echoed.discard(event.queue)
         else:
             self._dispatcher.notify(event.queue)

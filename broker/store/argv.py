@@ -25,6 +25,9 @@ class EnqueueArgs(NamedTuple):
     staged: str  # 1-based positions of the tasks whose payload was staged: "2,5" or ''
     calls: str  # tasks per Enqueue call of the batch, in order: "3,1,1" ('': one call)
     n: int
+    #: This broker's own channel, published to just before the wake when it leases in the same
+    #: write ('': not): its listener then lets that wake pass (models.Echo).
+    echo_channel: str = ""
 
 
 class EnqueueItem(NamedTuple):

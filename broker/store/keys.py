@@ -20,6 +20,9 @@ FLOW_CHANNEL: Final = "tb:flow"
 #: Pub/Sub channel announcing "<task id>" when a watched task (hash field `w`) ends, so
 #: WatchTask streams on every replica hear it at once.
 FINISHED_CHANNEL: Final = "tb:finished"
+#: Prefix of each broker's own Pub/Sub channel, on which its enqueues that lease in the same
+#: write announce their wake just before sending it (models.Echo): "tb:echo:<random>".
+ECHO_CHANNEL_PREFIX: Final = "tb:echo:"
 #: Shards of the due index on a Redis Cluster, each under its own hash tag so they spread over
 #: the masters (a standalone Redis uses one).
 CLUSTER_DUE_SHARDS: Final = 16

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import math
+import secrets
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Final, TypeAlias, cast
@@ -22,12 +23,14 @@ from broker.models import (
     CancelStatus,
     DeadPage,
     DueEntry,
+    Echo,
     EnqueueOutcome,
     ExtendItem,
     Flow,
     Hint,
     Lease,
     LeaseBatch,
+    LeaseSlot,
     Maintained,
     NackItem,
     NewTask,
@@ -46,6 +49,7 @@ from broker.models import (
 from broker.store import argv
 from broker.store.due_index import DueIndex
 from broker.store.keys import (
+    ECHO_CHANNEL_PREFIX,
     FINISHED_CHANNEL,
     FLOW_CHANNEL,
     QUEUES_KEY,
@@ -63,9 +67,8 @@ from broker.store.scripts import Scripts
 from broker.store.wire import CommandLane
 
 AnyRedis: TypeAlias = "aioredis.Redis | RedisCluster"
-#: One lease to make: (fresh lease id, lease ms for a task without its own, stream id, the
-#: principal the lease is bound to or '' without a policy).
-LeaseSlot: TypeAlias = tuple[str, int, str, str]
+#: One script call: the script's name, its keys and its arguments.
+Call: TypeAlias = tuple[str, Sequence[Any], Sequence[Any]]
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +353,8 @@ class RedisStore:
         self._dead_ms = dead_retention_ms
         #: Queues whose hint failed after their state change succeeded: the maintainer resends.
         self.unhinted: set[str] = set()
+        #: This store's own channel for the echoes of its enqueues that lease (models.Echo).
+        self.echo_channel = ECHO_CHANNEL_PREFIX + secrets.token_hex(8)
 
     @property
     def client(self) -> AnyRedis:
@@ -419,17 +424,29 @@ class RedisStore:
         registration, in this order. Standalone: one pipeline, one write. Cluster: one after
         the other, since a pipeline split across nodes may run them in any order (a hint run
         before its script could be overtaken by a maintainer's raise)."""
-        after: list[tuple[str, Sequence[Any], Sequence[Any]]] = []
-        if hint is not None:
-            due = self.due.keys(hint.queue)
-            after.append(("hint_due", [due.at, due.gen], DueIndex.hint_args([hint])))
+        after = [] if hint is None else [self._hint_call(hint)]
         with _translate():
             if self.is_cluster:
                 reply = await self._scripts[name](keys=keys, args=args)
                 await self._after(after, register)
                 return reply
-            calls = [(name, keys, args), *after]
-            return await self._pipeline(calls, register)
+            first, *hints = await self._pipeline([(name, keys, args), *after], register)
+            if isinstance(first, Exception):
+                raise first
+            self._note_failed_hints(after, hints)
+            return first
+
+    def _hint_call(self, hint: Hint) -> Call:
+        due = self.due.keys(hint.queue)
+        return ("hint_due", [due.at, due.gen], DueIndex.hint_args([hint]))
+
+    def _note_failed_hints(self, calls: Sequence[Call], replies: Sequence[Any]) -> None:
+        """A hint that failed after its script succeeded is remembered for the maintainer to
+        resend, rather than failing a change already made."""
+        for reply, (name, _, args) in zip(replies, calls, strict=True):
+            if isinstance(reply, Exception):
+                self.unhinted.add(str(args[1]))
+                log.warning("%s failed (resent by the maintainer): %s", name, reply)
 
     async def run_script(
         self, name: str, keys: Sequence[str], args: Sequence[Any], hint: Hint | None = None
@@ -438,9 +455,7 @@ class RedisStore:
         store's own state changes do (_run), for the stores beside it (schedule_store.py)."""
         return await self._run(name, keys, args, hint=hint)
 
-    async def _after(
-        self, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]], register: str | None
-    ) -> None:
+    async def _after(self, calls: Sequence[Call], register: str | None) -> None:
         """Cluster: the hint and registration after a script that succeeded. A failed hint is
         remembered for the maintainer to resend rather than failing a change already made."""
         for name, keys, args in calls:
@@ -452,16 +467,13 @@ class RedisStore:
         if register is not None:
             await self._client.sadd(QUEUES_KEY, register)
 
-    async def _pipeline(
-        self, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]], register: str | None
-    ) -> Any:
-        """Standalone: scripts by EVALSHA (and an SADD) in one pipeline; returns the first
-        script's reply. A script Redis lost (NOSCRIPT after a restart) is loaded, and the
-        commands from the first failed one on are sent again, in order."""
+    async def _pipeline(self, calls: Sequence[Call], register: str | None) -> list[Any]:
+        """Standalone: scripts by EVALSHA (and an SADD) in one pipeline; returns each script's
+        reply or error, in order. A script Redis lost (NOSCRIPT after a restart) is loaded, and
+        the commands from the first failed one on are sent again, in order."""
         assert self._lane is not None
         pending = list(calls)
-        first: Any = None
-        have_first = False
+        replies: list[Any] = []
         for _ in range(3):
             commands = [
                 ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
@@ -478,20 +490,16 @@ class RedisStore:
                 ),
                 len(pending),
             )
-            if not have_first and lost > 0:
-                first, have_first = results[0], True
-                if isinstance(first, Exception):
-                    raise first
-            for r, (name, _, args) in zip(results[:lost], pending[:lost], strict=True):
-                if isinstance(r, Exception) and r is not first:  # only a hint failed
-                    self.unhinted.add(str(args[1]))
-                    log.warning("%s failed (resent by the maintainer): %s", name, r)
+            replies += results[:lost]
             if lost == len(pending):
                 if register is not None and isinstance(results[-1], Exception):
                     log.warning("registering queue %s failed: %s", register, results[-1])
-                return first
+                return replies
             pending = pending[lost:]
-            await self._client.script_load(self._scripts[pending[0][0]].script)
+            # A restarted Redis lost them all: load every script still to run, not only the
+            # first, so a pipeline of several scripts is sent again once.
+            for name in dict.fromkeys(name for name, _, _ in pending):
+                await self._client.script_load(self._scripts[name].script)
         raise rex.NoScriptError("redis keeps losing the scripts")
 
     async def list_queues(self) -> list[str]:
@@ -536,12 +544,14 @@ class RedisStore:
         tasks: Sequence[NewTask],
         idempotency_window_ms: int,
         calls: Sequence[int] = (),
+        echo_channel: str = "",
     ) -> list[EnqueueOutcome | LimitExceeded]:
         """Stores tasks of one queue in one script call. Payloads over STAGE_PAYLOAD_BYTES are
         written ahead (staged) and renamed into place by the script. `calls` says how many
         tasks each Enqueue call holds, in order (empty: one call): the queue's
         enqueue_rate_limit admits or refuses calls whole, and a refused call's tasks come back
         as the error (EnqueueRateLimited, or LimitExceeded if the call can never fit).
+        `echo_channel`: only for a caller that leases right after (enqueue_and_lease).
 
         Raises:
             IdempotencyConflictAt: nothing was stored; these positions reuse a key.
@@ -550,7 +560,9 @@ class RedisStore:
         staged = [i for i, t in enumerate(tasks) if len(t.payload) > STAGE_PAYLOAD_BYTES]
         for _ in range(2):
             await self._stage(queue, [tasks[i] for i in staged])
-            reply = await self._enqueue_script(queue, tasks, staged, idempotency_window_ms, calls)
+            reply = await self._enqueue_script(
+                queue, tasks, staged, idempotency_window_ms, calls, echo_channel
+            )
             if len(reply) < 2 or reply[1] != b"lost":
                 break
         else:
@@ -558,19 +570,69 @@ class RedisStore:
                 "Redis lost the large payloads written ahead of their tasks, twice (did it "
                 "restart or fail over?); nothing was stored: retry the call"
             )
-        if len(reply) > 1 and reply[1] == b"conflict":
-            raise IdempotencyConflictAt([int(i) - 1 for i in reply[2:]])
-        outcomes: list[EnqueueOutcome | LimitExceeded] = []
-        prefix = f"{queue}:"  # TaskRef.task_id, joined here: this runs for every task
-        for task, r in zip(tasks, reply[1:], strict=True):
-            kind = r[:2]
-            if kind == b"d:":  # "d:<local id>": a duplicate of that task
-                outcomes.append(EnqueueOutcome(prefix + _text(r[2:]), True))
-            elif kind == b"l:":
-                outcomes.append(_over_enqueue_rate(queue, int(r[2:])))
-            else:  # stored
-                outcomes.append(EnqueueOutcome(prefix + task.ref.local_id, False))
-        return outcomes
+        return _enqueue_outcomes(queue, tasks, reply)
+
+    async def enqueue_and_lease(
+        self,
+        queue: str,
+        tasks: Sequence[NewTask],
+        idempotency_window_ms: int,
+        calls: Sequence[int],
+        slots: Sequence[LeaseSlot],
+    ) -> tuple[list[EnqueueOutcome | LimitExceeded] | Exception, LeaseBatch | Exception | None]:
+        """enqueue, then a lease of up to len(slots) of the queue's tasks (as lease) in the same
+        write: a worker of this broker waiting on the queue gets a new task without waiting for
+        the wake and a lease call of its own, a Redis round trip and a turn of the event loop.
+
+        Returns each part's result or error, since the lease may succeed where the enqueue did
+        not (it may lease tasks stored before): its leases must reach their streams or be
+        handed back. The lease is None when it was not sent: with a payload to write ahead
+        (staged), or a broken connection before it. Cancellation is not caught: the caller
+        runs this where it cannot be cancelled (TaskQueue).
+        """
+        if self.is_cluster or any(len(t.payload) > STAGE_PAYLOAD_BYTES for t in tasks):
+            # Cluster: two writes (a pipeline split across nodes may run in any order); the
+            # lease is sent only after the enqueue's reply. Staged: no lease, so no echo.
+            echo = self.echo_channel if self.is_cluster else ""
+            try:
+                outcomes = await self.enqueue(queue, tasks, idempotency_window_ms, calls, echo)
+            except Exception as exc:
+                return exc, None
+            if not self.is_cluster:
+                return outcomes, None
+            try:
+                return outcomes, await self.lease(queue, slots)
+            except Exception as exc:
+                return outcomes, exc
+        enqueue_call = self._enqueue_call(
+            queue, tasks, (), idempotency_window_ms, calls, echo_channel=self.echo_channel
+        )
+        enqueue_hint = _delayed_hint(queue, tasks)
+        lease_call, lease_hint = self._lease_call(queue, slots)
+        hints = [self._hint_call(h) for h in (enqueue_hint, lease_hint) if h is not None]
+        try:
+            with _translate():
+                enqueued, leased, *hinted = await self._pipeline(
+                    [enqueue_call, lease_call, *hints], register=queue
+                )
+        except Exception as exc:  # nothing known of either: as a failed enqueue
+            return exc, None
+        self._note_failed_hints(hints, hinted)
+        try:
+            with _translate():
+                if isinstance(enqueued, Exception):
+                    raise enqueued
+                outcomes_or_error: Any = _enqueue_outcomes(queue, tasks, enqueued)
+        except Exception as exc:
+            outcomes_or_error = exc
+        try:
+            with _translate():
+                if isinstance(leased, Exception):
+                    raise leased
+                batch_or_error: Any = await self._lease_batch(queue, slots, leased)
+        except Exception as exc:
+            batch_or_error = exc
+        return outcomes_or_error, batch_or_error
 
     async def _stage(self, queue: str, tasks: Sequence[NewTask]) -> None:
         """Writes each large payload to its stage hash, one task per transaction (the payload
@@ -593,8 +655,26 @@ class RedisStore:
         staged: Sequence[int],
         idempotency_window_ms: int,
         calls: Sequence[int],
+        echo_channel: str,
     ) -> Any:
         """The enqueue script on tasks whose positions in `staged` were written ahead."""
+        # Registered after the script, in the same write: a queue being forgotten (emptiness
+        # re-checked after its removal, sweep_queues) either sees this task or is re-registered.
+        return await self._run(
+            *self._enqueue_call(queue, tasks, staged, idempotency_window_ms, calls, echo_channel),
+            hint=_delayed_hint(queue, tasks),
+            register=queue,
+        )
+
+    def _enqueue_call(
+        self,
+        queue: str,
+        tasks: Sequence[NewTask],
+        staged: Sequence[int],
+        idempotency_window_ms: int,
+        calls: Sequence[int],
+        echo_channel: str = "",
+    ) -> Call:
         keys = QueueKeys(queue)
         args: list[str | bytes | int] = [
             *argv.EnqueueArgs(
@@ -608,6 +688,7 @@ class RedisStore:
                 staged=",".join(str(i + 1) for i in staged),
                 calls=",".join(map(str, calls)) if len(calls) > 1 else "",
                 n=len(tasks),
+                echo_channel=echo_channel,
             )
         ]
         written_ahead = set(staged)
@@ -631,20 +712,22 @@ class RedisStore:
                 parents=" ".join(t.parents),
                 parent_policy=t.parent_policy.value,
             )
-        # Registered after the script, in the same write: a queue being forgotten (emptiness
-        # re-checked after its removal, sweep_queues) either sees this task or is re-registered.
-        return await self._run(
+        return (
             "enqueue",
             [keys.pending, keys.scheduled, keys.stats, keys.fresh_priorities, keys.meta],
             args,
-            hint=_delayed_hint(queue, tasks),
-            register=queue,
         )
 
     async def lease(self, queue: str, slots: Sequence[LeaseSlot]) -> LeaseBatch:
         """Leases up to len(slots) tasks of one queue; slot i is (lease id, lease ms for a task
         without its own, id of the stream it is for, principal it is bound to), and the i-th
         leased task fills slot i."""
+        call, hint = self._lease_call(queue, slots)
+        reply = await self._run(*call, hint=hint)
+        return await self._lease_batch(queue, slots, reply)
+
+    def _lease_call(self, queue: str, slots: Sequence[LeaseSlot]) -> tuple[Call, Hint | None]:
+        """The lease script's call for these slots, and the due-index hint that goes with it."""
         keys = QueueKeys(queue)
         args: list[str | int] = [
             *argv.LeaseArgs(
@@ -659,12 +742,16 @@ class RedisStore:
             args += slot
         args += TASK_FIELDS
         shortest = min((slot[1] for slot in slots), default=0)
-        reply = await self._run(
+        call: Call = (
             "lease",
             [keys.pending, keys.scheduled, keys.leased, keys.meta, keys.fresh_priorities],
             args,
-            hint=Hint(queue, delay_ms=max(0, shortest - HINT_MARGIN_MS)) if slots else None,
         )
+        return call, Hint(queue, delay_ms=max(0, shortest - HINT_MARGIN_MS)) if slots else None
+
+    async def _lease_batch(self, queue: str, slots: Sequence[LeaseSlot], reply: Any) -> LeaseBatch:
+        """The lease script's reply as leases, their large payloads read."""
+        shortest = min((slot[1] for slot in slots), default=0)
         now, next_due, held = int(reply[0]), reply[1], int(reply[2])
         tasks = []
         unread: list[int] = []  # positions of tasks whose payload the script left out
@@ -1194,8 +1281,9 @@ class RedisStore:
         """The wake and revoke announcements of every replica, on a Pub/Sub connection of
         their own. On a Cluster every node hears every PUBLISH, so one node's connection
         serves."""
-        async with self._subscription(WAKE_CHANNEL, REVOKE_CHANNEL, FLOW_CHANNEL) as pubsub:
-            yield WakeEvents(pubsub)
+        channels = (WAKE_CHANNEL, REVOKE_CHANNEL, FLOW_CHANNEL, self.echo_channel)
+        async with self._subscription(*channels) as pubsub:
+            yield WakeEvents(pubsub, self.echo_channel)
 
     @asynccontextmanager
     async def finished_events(self) -> AsyncIterator[FinishedEvents]:
@@ -1269,10 +1357,11 @@ async def _read_message(pubsub: aioredis.client.PubSub, timeout_s: float) -> tup
 class WakeEvents:
     """One subscription's announcements, as models."""
 
-    def __init__(self, pubsub: aioredis.client.PubSub) -> None:
+    def __init__(self, pubsub: aioredis.client.PubSub, echo_channel: str) -> None:
         self._pubsub = pubsub
+        self._echo_channel = echo_channel
 
-    async def next(self, timeout_s: float) -> Wake | Revoke | Flow | None:
+    async def next(self, timeout_s: float) -> Wake | Revoke | Flow | Echo | None:
         """The next announcement, or None after timeout_s without one (_read_message).
 
         Raises:
@@ -1287,6 +1376,8 @@ class WakeEvents:
             return Revoke(task_id, lease_id)
         if channel == FLOW_CHANNEL:
             return Flow(data)
+        if channel == self._echo_channel:
+            return Echo(data)
         return Wake(data)
 
 
@@ -1317,6 +1408,29 @@ def _over_enqueue_rate(queue: str, wait_ms: int) -> LimitExceeded:
         f"{wait_ms / 1000:.3f} s",
         wait_ms / 1000,
     )
+
+
+def _enqueue_outcomes(
+    queue: str, tasks: Sequence[NewTask], reply: Any
+) -> list[EnqueueOutcome | LimitExceeded]:
+    """The enqueue script's reply, one outcome per task.
+
+    Raises:
+        IdempotencyConflictAt: nothing was stored; these positions reuse a key.
+    """
+    if len(reply) > 1 and reply[1] == b"conflict":
+        raise IdempotencyConflictAt([int(i) - 1 for i in reply[2:]])
+    outcomes: list[EnqueueOutcome | LimitExceeded] = []
+    prefix = f"{queue}:"  # TaskRef.task_id, joined here: this runs for every task
+    for task, r in zip(tasks, reply[1:], strict=True):
+        kind = r[:2]
+        if kind == b"d:":  # "d:<local id>": a duplicate of that task
+            outcomes.append(EnqueueOutcome(prefix + _text(r[2:]), True))
+        elif kind == b"l:":
+            outcomes.append(_over_enqueue_rate(queue, int(r[2:])))
+        else:  # stored
+            outcomes.append(EnqueueOutcome(prefix + task.ref.local_id, False))
+    return outcomes
 
 
 def _delayed_hint(queue: str, tasks: Sequence[NewTask]) -> Hint | None:

@@ -17,7 +17,11 @@
 --                           large payload is never copied by a script ('' for none)
 --   calls                   how many tasks each Enqueue call of the batch holds, in order
 --                           ("3,1,1"; '': one call), which enqueue_rate_limit admits whole
---   n; then n tasks: id entry_id task_type payload headers priority max_attempts lease_ms
+--   n
+--   echo_channel            '' or the caller's own channel, published to (the queue's name)
+--                           just before the wake: the caller leases in the same write, so
+--                           its own wake listener lets the wake right after the echo pass
+--   then n tasks: id entry_id task_type payload headers priority max_attempts lease_ms
 --   initial_backoff_ms max_backoff_ms delay_ms schedule_ms idempotency_key body_hash group_key
 --   parents parent_policy
 --   (delay_ms / schedule_ms: -1 when unset; idempotency_key, group_key: '' when unset; parents:
@@ -41,7 +45,7 @@
 
 local now = now_ms()
 local task_prefix, fresh_prefix, idempotency_prefix, stage_prefix, idempotency_window_ms,
-  wake_channel, queue, staged, calls, n = unpack(ARGV, 1, 10)
+  wake_channel, queue, staged, calls, n, echo_channel = unpack(ARGV, 1, 11)
 n = tonumber(n)
 local is_staged = {}
 for position in string.gmatch(staged, '%d+') do is_staged[tonumber(position)] = true end
@@ -52,7 +56,7 @@ local seen = {}
 for i = 0, n - 1 do
   local id, entry_id, task_type, payload, headers, priority, max_attempts, lease_ms,
     initial_backoff_ms, max_backoff_ms, delay_ms, schedule_ms, idempotency_key,
-    body_hash, group_key, parents, parent_policy = item(10, 17, i)
+    body_hash, group_key, parents, parent_policy = item(11, 17, i)
   local idem, body = idempotency_key, body_hash
   if is_staged[i + 1] and redis.call('EXISTS', stage_prefix .. id) == 0
     and redis.call('EXISTS', task_prefix .. id) == 0 then
@@ -128,7 +132,7 @@ local stored, waiting = 0, 0
 for i = 0, n - 1 do
   local id, entry_id, task_type, payload, headers, priority, max_attempts, lease_ms,
     initial_backoff_ms, max_backoff_ms, delay_ms, schedule_ms, idempotency_key,
-    body_hash, group_key, parents, parent_policy = item(10, 17, i)
+    body_hash, group_key, parents, parent_policy = item(11, 17, i)
   local idem = idempotency_key
   local key = task_prefix .. id
   local dup = nil
@@ -185,6 +189,7 @@ for i = 0, n - 1 do
 end
 if stored > 0 then
   redis.call('HINCRBY', KEYS[3], 'enq', stored)
+  if echo_channel ~= '' then redis.call('PUBLISH', echo_channel, queue) end
   redis.call('PUBLISH', wake_channel, queue)
 end
 if waiting > 0 then redis.call('PUBLISH', FLOW_CHANNEL, queue) end
