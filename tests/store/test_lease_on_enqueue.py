@@ -1,7 +1,7 @@
 """A lease sent with an enqueue: when a stream of this broker waits on the queue, the enqueue's
 write also leases for it (a second write on a Cluster), so the task is delivered without the
-Pub/Sub wake and a lease call of the pump's own. No wake listener runs here: only the enqueue
-itself can deliver."""
+Pub/Sub wake and a lease call of the pump's own. No wake listener runs unless a test asks for
+one (`listening`): only the enqueue itself can deliver."""
 
 from __future__ import annotations
 
