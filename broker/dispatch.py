@@ -382,18 +382,19 @@ class Dispatcher:
 
     # --- a lease sent with an enqueue ---------------------------------------------------------
 
-    def reserve_inline(self, queue: str, tasks: int) -> InlineLease | None:
-        """Credits for a lease sent in the same write as an enqueue of `tasks` tasks ready now
-        (TaskQueue), taken from the queue's streams as a pump's round takes them; None when no
-        stream here can take a task of the queue, or for more than MAX_INLINE_LEASE tasks. The
-        enqueue still wakes every replica."""
+    def reserve_inline(self, queue: str, ready_tasks: Callable[[], int]) -> InlineLease | None:
+        """Credits for a lease sent in the same write as an enqueue of `ready_tasks()` tasks
+        ready now (TaskQueue), taken from the queue's streams as a pump's round takes them;
+        None when no stream here can take a task of the queue, or for more than
+        MAX_INLINE_LEASE tasks. The enqueue still wakes every replica."""
         pump = self._pumps.get(queue)
         if self.draining or pump is None or pump.retired or pump.resting:
             return None
-        if not 0 < tasks <= MAX_INLINE_LEASE:
-            return None
         ready = pump.ready()
         if not ready:
+            return None
+        tasks = ready_tasks()
+        if not 0 < tasks <= MAX_INLINE_LEASE:
             return None
         # One slot more than the tasks stored: a lease that fills it has found a backlog, and
         # the pump's own round goes on with it; one that does not leaves no round to make.

@@ -243,9 +243,12 @@ class TaskQueue:
         self.workflow = WorkflowStore(store)
         #: Called with a queue whose workflow outbox has entries (the app's OutboxMover.kick).
         self.on_outbox: Callable[[str], None] = lambda queue: None
-        #: Set aside credits of this broker's streams for a lease sent with an enqueue of n
-        #: tasks ready now (the app's Dispatcher.reserve_inline); None: nobody here can take one.
-        self.reserve_inline: Callable[[str, int], InlineLease | None] = lambda queue, n: None
+        #: Set aside credits of this broker's streams for a lease sent with an enqueue, given
+        #: a count of its tasks ready now, called only if needed (the app's
+        #: Dispatcher.reserve_inline); None: nobody here can take one.
+        self.reserve_inline: Callable[[str, Callable[[], int]], InlineLease | None] = (
+            lambda queue, ready_tasks: None
+        )
         #: Tasks that lease inline runs, kept referenced until done (the loop holds only weak
         #: references).
         self._inline: set[asyncio.Task[Any]] = set()
@@ -420,7 +423,8 @@ class TaskQueue:
         """One script call for many Enqueue calls. A call whose key conflicts fails alone."""
         live = list(range(len(calls)))
         results: list[list[EnqueueOutcome] | BaseException] = [[] for _ in calls]
-        inline = self.reserve_inline(queue, sum(map(_ready_now, calls)))
+        # Counted only when a stream here waits on the queue: most flushes have none.
+        inline = self.reserve_inline(queue, lambda: sum(map(_ready_now, calls)))
         while live:
             flat = [task for c in live for task in calls[c]]
             owner = [c for c in live for _ in calls[c]]

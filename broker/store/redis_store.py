@@ -558,11 +558,13 @@ class RedisStore:
             StoreUnavailable: nothing was stored; Redis lost staged payloads twice.
         """
         staged = [i for i, t in enumerate(tasks) if len(t.payload) > STAGE_PAYLOAD_BYTES]
+        call = self._enqueue_call(queue, tasks, staged, idempotency_window_ms, calls, echo_channel)
         for _ in range(2):
             await self._stage(queue, [tasks[i] for i in staged])
-            reply = await self._enqueue_script(
-                queue, tasks, staged, idempotency_window_ms, calls, echo_channel
-            )
+            # Registered after the script, in the same write: a queue being forgotten
+            # (emptiness re-checked after its removal, sweep_queues) either sees this task or
+            # is re-registered.
+            reply = await self._run(*call, hint=_delayed_hint(queue, tasks), register=queue)
             if len(reply) < 2 or reply[1] != b"lost":
                 break
         else:
@@ -648,24 +650,6 @@ class RedisStore:
                     pipe.pexpire(stage, STAGE_TTL_MS)
                     await pipe.execute()
 
-    async def _enqueue_script(
-        self,
-        queue: str,
-        tasks: Sequence[NewTask],
-        staged: Sequence[int],
-        idempotency_window_ms: int,
-        calls: Sequence[int],
-        echo_channel: str,
-    ) -> Any:
-        """The enqueue script on tasks whose positions in `staged` were written ahead."""
-        # Registered after the script, in the same write: a queue being forgotten (emptiness
-        # re-checked after its removal, sweep_queues) either sees this task or is re-registered.
-        return await self._run(
-            *self._enqueue_call(queue, tasks, staged, idempotency_window_ms, calls, echo_channel),
-            hint=_delayed_hint(queue, tasks),
-            register=queue,
-        )
-
     def _enqueue_call(
         self,
         queue: str,
@@ -675,6 +659,7 @@ class RedisStore:
         calls: Sequence[int],
         echo_channel: str = "",
     ) -> Call:
+        """The enqueue script's call on tasks whose positions in `staged` were written ahead."""
         keys = QueueKeys(queue)
         args: list[str | bytes | int] = [
             *argv.EnqueueArgs(

@@ -60,6 +60,14 @@ async def dispatcher(tasks: TaskQueue) -> AsyncIterator[Dispatcher]:
     await dispatcher.stop()
 
 
+async def _inline_on(tasks: TaskQueue, dispatcher: Dispatcher, credits: int) -> Stream:
+    """Turns inline leases on (as the app does) and opens a stream, its first round done."""
+    tasks.reserve_inline = dispatcher.reserve_inline
+    stream = Stream(dispatcher, credits)
+    await stream.settled()
+    return stream
+
+
 async def _script_calls(topology: Topology) -> int:
     """Script calls so far, over every node."""
     total = 0
@@ -73,9 +81,7 @@ async def _script_calls(topology: Topology) -> int:
 async def test_an_enqueue_reaches_a_waiting_stream_without_a_wake(
     tasks: TaskQueue, dispatcher: Dispatcher, topology: Topology
 ) -> None:
-    tasks.reserve_inline = dispatcher.reserve_inline
-    stream = Stream(dispatcher, credits=5)
-    await stream.settled()
+    stream = await _inline_on(tasks, dispatcher, credits=5)
     await tasks.enqueue([TaskRequest(QUEUE, "t", payload=b"first")])  # loads the scripts
     await stream.wait_for(1)
     await asyncio.sleep(0.1)
@@ -96,9 +102,7 @@ async def test_an_enqueue_reaches_a_waiting_stream_without_a_wake(
 async def test_without_a_waiting_stream_the_enqueue_leases_nothing(
     tasks: TaskQueue, dispatcher: Dispatcher
 ) -> None:
-    tasks.reserve_inline = dispatcher.reserve_inline
-    stream = Stream(dispatcher, credits=0)
-    await stream.settled()
+    stream = await _inline_on(tasks, dispatcher, credits=0)
     [outcome] = await tasks.enqueue([TaskRequest(QUEUE, "t")])
     delayed = await tasks.enqueue([TaskRequest(QUEUE, "t", delay_ms=60_000)])
     await asyncio.sleep(0.2)
@@ -109,9 +113,7 @@ async def test_without_a_waiting_stream_the_enqueue_leases_nothing(
 
 async def test_a_bulk_enqueue_is_left_to_the_pump(tasks: TaskQueue, dispatcher: Dispatcher) -> None:
     """Its tasks go in the pump's rounds, which do not hold up the producer's reply."""
-    tasks.reserve_inline = dispatcher.reserve_inline
-    stream = Stream(dispatcher, credits=100)
-    await stream.settled()
+    stream = await _inline_on(tasks, dispatcher, credits=100)
     await tasks.enqueue([TaskRequest(QUEUE, "t") for _ in range(MAX_INLINE_LEASE + 1)])
     await asyncio.sleep(0.2)
     assert stream.got == []  # no wake listener here: only a pump's round would take them
@@ -139,9 +141,7 @@ async def test_a_backlog_the_inline_lease_finds_is_leased_by_the_pump(
 async def test_the_lease_is_handed_out_when_the_caller_gives_up_meanwhile(
     tasks: TaskQueue, dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tasks.reserve_inline = dispatcher.reserve_inline
-    stream = Stream(dispatcher, credits=5)
-    await stream.settled()
+    stream = await _inline_on(tasks, dispatcher, credits=5)
     store = tasks._store
     real: Callable[..., Awaitable[Any]] = store.enqueue_and_lease
     caller: asyncio.Task[Any] | None = None
@@ -193,9 +193,7 @@ async def listening(
 async def test_its_own_wake_costs_this_broker_no_lease_call(
     tasks: TaskQueue, dispatcher: Dispatcher, listening: WakeListener, topology: Topology
 ) -> None:
-    tasks.reserve_inline = dispatcher.reserve_inline
-    stream = Stream(dispatcher, credits=5)
-    await stream.settled()
+    stream = await _inline_on(tasks, dispatcher, credits=5)
     await tasks.enqueue([TaskRequest(QUEUE, "t")])  # loads the scripts
     await stream.wait_for(1)
     await asyncio.sleep(0.1)
@@ -213,10 +211,8 @@ async def test_another_brokers_wake_still_reaches_the_pump(
     store: RedisStore,
     settings: Settings,
 ) -> None:
-    tasks.reserve_inline = dispatcher.reserve_inline
     other = TaskQueue(store, settings)  # a replica with no stream of its own on the queue
-    stream = Stream(dispatcher, credits=10)
-    await stream.settled()
+    stream = await _inline_on(tasks, dispatcher, credits=10)
     for _ in range(3):  # echoes and other wakes interleaved
         await tasks.enqueue([TaskRequest(QUEUE, "t")])
         await other.enqueue([TaskRequest(QUEUE, "t")])
@@ -227,9 +223,7 @@ async def test_an_enqueue_that_leases_survives_a_redis_that_lost_its_scripts(
     tasks: TaskQueue, dispatcher: Dispatcher, topology: Topology
 ) -> None:
     """After a restart Redis has none of the scripts: each of the write's three is loaded."""
-    tasks.reserve_inline = dispatcher.reserve_inline
-    stream = Stream(dispatcher, credits=5)
-    await stream.settled()
+    stream = await _inline_on(tasks, dispatcher, credits=5)
     for client in topology.node_clients():
         await client.script_flush()
         await client.aclose()
