@@ -6,11 +6,13 @@ by the previous layout (a hash and a pending-zset entry) keep working."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis.asyncio as aioredis
 
 from broker.errors import LeaseStale, TaskNotFound
-from broker.ids import IdGenerator, new_lease_id
+from broker.ids import IdGenerator, entry_id, new_lease_id
 from broker.models import NewTask, TaskRef, TaskState
 from broker.queue import TaskQueue, TaskRequest
 from broker.store.keys import QueueKeys
@@ -160,6 +162,31 @@ async def test_a_task_written_by_the_previous_layout_is_leased_read_and_cancelle
     await tasks.cancel(f"{Q}:{other}")
     assert (await tasks.stats([Q]))[0].pending == 2
     assert await lease_ids(tasks, 10) == [f"{Q}:{old}", fresh]  # ready long before
+
+
+@pytest.mark.parametrize("topology", ["standalone"], indirect=True)
+async def test_a_fresh_entry_with_its_fields_in_another_order_is_leased_by_name(
+    tasks: TaskQueue, topology: Topology
+) -> None:
+    # lease.lua reads an entry by position when it has enqueue.lua's order, and by name
+    # otherwise (an entry another broker version wrote, with fields in another order).
+    [by_position] = await tasks.enqueue([TaskRequest(Q, "send", b"plain", lease_ms=7_000)])
+    await asyncio.sleep(0.002)  # a later ms: the stream takes only increasing entry ids
+    moved = IdGenerator().new()
+    client = aioredis.Redis.from_url(topology.url)
+    async with client:
+        await client.xadd(KEYS.fresh(0), id=entry_id(moved), fields={
+            "type": "send", "id": moved, "hdr": '{"k": "v"}', "payload": b"moved",
+            "lease_ms": 9_000, "max": 4, "bo_m": 900, "bo_i": 20,
+        })  # fmt: skip
+    leases = (await tasks.lease(Q, [(new_lease_id(), 60_000, "s", "") for _ in range(3)])).leases
+
+    assert [lease.task.ref.task_id for lease in leases] == [by_position.task_id, f"{Q}:{moved}"]
+    first, second = (lease.task for lease in leases)
+    assert (first.payload, first.lease_ms, first.headers) == (b"plain", 7_000, {})
+    assert (second.payload, second.lease_ms, second.headers) == (b"moved", 9_000, {"k": "v"})
+    assert (second.max_attempts, second.initial_backoff_ms, second.max_backoff_ms) == (4, 20, 900)
+    assert second == await tasks.get(f"{Q}:{moved}")
 
 
 async def test_settling_a_fresh_task_is_stale_not_an_unknown_task(tasks: TaskQueue) -> None:

@@ -118,7 +118,7 @@ if aging == 0 then
 else
   held = by_band(KEYS[1], look)
 end
-local fresh = {}    -- candidates: {order, stream index, position, priority, fields}
+local fresh = {}    -- candidates: {order, stream index, position, priority, fields, created ms}
 local streams = {}  -- per stream read: {key, priority, entry ids read, the id after them}
 for _, pri in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
   -- Strict priority reads the highest priorities first; with aging, any may go first.
@@ -131,13 +131,17 @@ for _, pri in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
   if #entries == 0 then drop_if_empty(stream, KEYS[5], pri) end
   local read = {stream, tonumber(pri), {}, false}
   table.insert(streams, read)
+  local ids, index, priority = read[3], #streams, read[2]
   for i, e in ipairs(entries) do
     if i > want then
       read[4] = e[1]
     else
-      table.insert(read[3], e[1])
-      local order = order_of(pending_score(read[2], entry_ms(e[1])))
-      table.insert(fresh, {order, #streams, i, read[2], e[2]})
+      local entry_id = e[1]
+      ids[i] = entry_id
+      local ms = entry_ms(entry_id)
+      local order = pending_score(priority, ms)
+      if aging > 0 then order = order_of(order) end
+      fresh[#fresh + 1] = {order, index, i, priority, e[2], ms}
     end
   end
 end
@@ -185,38 +189,46 @@ local function lease(key, id)
   end
 end
 
--- A fresh task's hash, written once with its lease (the hot path: one HSET, no reads).
-local HASH_ORDER = {'type', 'payload', 'hdr', 'pri', 'state', 'att', 'max', 'ctime', 'stime',
-  'etime', 'cur_ms', 'lease_ms', 'bo_i', 'bo_m', 'lid', 'sid', 'lp'}
-local function lease_fresh(pri, entry_id, task)
-  used = used + 1
-  local lease_id, lease_ms, stream_id, holder = item(5, 4, used - 1)
-  local ms = tonumber(lease_ms)
-  local own = tonumber(task.lease_ms)
-  if own > 0 then ms = own end
-  local expire = now + ms
-  local created = tostring(entry_ms(entry_id))
-  local v = {type = task.type, payload = task.payload, pri = tostring(pri),
-    state = tostring(LEASED), att = '1', max = task.max, ctime = created, stime = created,
-    etime = tostring(expire), cur_ms = tostring(ms), bo_i = task.bo_i, bo_m = task.bo_m,
-    lid = lease_id, sid = stream_id}
-  if task.hdr ~= '' then v.hdr = task.hdr end
-  if own > 0 then v.lease_ms = task.lease_ms end
-  if holder ~= '' then v.lp = holder end
-  local args = {}
-  for _, name in ipairs(HASH_ORDER) do
-    if v[name] then
-      args[#args + 1] = name
-      args[#args + 1] = v[name]
-    end
+-- A fresh task's hash, written once with its lease (the hot path: one HSET, no reads). Its
+-- fields come from the stream entry as enqueue.lua writes them (store_fresh's order), read by
+-- position; an entry in another order is read by name.
+local LEASED_TEXT = tostring(LEASED)
+local function lease_fresh(pri, created_ms, flat)
+  local id, task_type, payload, hdr, max, own_ms, bo_i, bo_m
+  if #flat == 16 and flat[15] == 'bo_m' and flat[1] == 'id' then
+    id, task_type, payload, hdr = flat[2], flat[4], flat[6], flat[8]
+    max, own_ms, bo_i, bo_m = flat[10], flat[12], flat[14], flat[16]
+  else
+    local f = fresh_fields(flat)
+    id, task_type, payload, hdr = f.id, f.type, f.payload, f.hdr
+    max, own_ms, bo_i, bo_m = f.max, f.lease_ms, f.bo_i, f.bo_m
   end
-  redis.call('HSET', task_prefix .. task.id, unpack(args))
-  redis.call('ZADD', KEYS[3], expire, task.id)
+  used = used + 1
+  local first = 5 + (used - 1) * 4 + 1
+  local lease_id, lease_ms, stream_id, holder = ARGV[first], ARGV[first + 1], ARGV[first + 2],
+    ARGV[first + 3]
+  local ms = tonumber(lease_ms)
+  local own = tonumber(own_ms)
+  if own > 0 then ms = own else own_ms = false end
+  local expire = tostring(now + ms)
+  local created = tostring(created_ms)
+  local pri_text = tostring(pri)
+  local args = {'type', task_type, 'payload', payload, 'pri', pri_text, 'state', LEASED_TEXT,
+    'att', '1', 'max', max, 'ctime', created, 'stime', created, 'etime', expire,
+    'cur_ms', tostring(ms), 'bo_i', bo_i, 'bo_m', bo_m, 'lid', lease_id, 'sid', stream_id}
+  if hdr == '' then hdr = false else args[#args + 1] = 'hdr'; args[#args + 1] = hdr end
+  if own_ms then args[#args + 1] = 'lease_ms'; args[#args + 1] = own_ms end
+  if holder ~= '' then args[#args + 1] = 'lp'; args[#args + 1] = holder end
+  redis.call('HSET', task_prefix .. id, unpack(args))
+  redis.call('ZADD', KEYS[3], expire, id)
   -- The short form (FRESH_REPLY_FIELDS): the rest of a fresh lease is known (state leased,
   -- attempt 1, ready when created, no error, result, group or parents): building and sending
   -- the long one, mostly empty, cost Redis about 5 % more CPU per task.
-  add_to_reply(task.id, {v.type, v.payload, v.hdr or false, v.pri, v.max, v.ctime, v.etime,
-    v.lease_ms or false, v.bo_i, v.bo_m, v.lid})
+  returned = returned + #task_type + #payload + (hdr and #hdr or 0) + #pri_text + #max
+    + #created + #expire + (own_ms and #own_ms or 0) + #bo_i + #bo_m + #lease_id
+  reply[#reply + 1] = id
+  reply[#reply + 1] = {task_type, payload, hdr, pri_text, max, created, expire, own_ms, bo_i,
+    bo_m, lease_id}
 end
 
 -- The default group (tasks without a group key): the candidates above, merged in score order.
@@ -235,10 +247,10 @@ local function take_default()
         return true
       end
     elseif f <= #fresh then
-      local _, index, position, pri, flat = unpack(fresh[f])
+      local candidate = fresh[f]
       f = f + 1
-      taken[index] = position
-      lease_fresh(pri, streams[index][3][position], fresh_fields(flat))
+      taken[candidate[2]] = candidate[3]
+      lease_fresh(candidate[4], candidate[6], candidate[5])
       return true
     else
       return false
