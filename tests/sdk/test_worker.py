@@ -10,14 +10,18 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
 from broker.config import Settings
 from taskbroker import testing
 from taskbroker._client import Client
+from taskbroker._connector import Capacity
 from taskbroker._errors import NonRetryable, RetryLater, UnavailableError
 from taskbroker._handler import Handler, TaskContext, handler
+from taskbroker._lease_stream import LeaseStream
+from taskbroker._lifecycle import Lifecycle
 from taskbroker._models import Task, TaskState
 from taskbroker._worker import Worker
 from taskbroker.v1 import lease_pb2
@@ -285,6 +289,45 @@ async def test_never_more_handlers_run_than_the_concurrency(client: Client) -> N
 
     assert most == 3
     assert {(await client.get_task(i)).state for i in ids} == {TaskState.SUCCEEDED}
+
+
+async def test_a_finished_task_s_slot_is_granted_in_the_frame_that_acks_it(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker need not wait for the broker's answer to an ack before asking for the next
+    # task: the credit travels with the ack, one round trip per task instead of two.
+    frames: list[lease_pb2.Settlements] = []
+    next_frame = LeaseStream._next_frame
+
+    def recorded(stream: LeaseStream, first: Any) -> tuple[lease_pb2.LeaseRequest | None, bool]:
+        frame, half_close = next_frame(stream, first)
+        if frame is not None:
+            frames.append(frame.settlements)
+        return frame, half_close
+
+    monkeypatch.setattr(LeaseStream, "_next_frame", recorded)
+    for i in range(3):
+        await client.enqueue("jobs", "echo", str(i).encode())
+
+    assert await new_worker(client, echo, concurrency=1).run_until_idle() == 3
+
+    # The first ack always does (later ones may wait for an answer: at most twice
+    # `concurrency` acks at a time hand their slot back before theirs comes).
+    first_ack = next(f for f in frames if f.acks)
+    assert (len(first_ack.acks), first_ack.credits) == (1, 1)
+
+
+def test_settlements_hand_their_slot_back_before_their_answer_up_to_twice_the_concurrency() -> None:
+    """So a broker slow to answer acks holds at most three times the concurrency of leases."""
+    capacity = Capacity(2, Lifecycle())
+    for _ in range(2):  # two deliveries finished, then two more on the credits they gave back
+        capacity.held = 2
+        assert [capacity.hand_back_early() for _ in range(2)] == [True, True]
+    capacity.held = 2  # and two more: their settlements wait for an answer, as before
+    assert capacity.hand_back_early() is False
+    assert (capacity.held, capacity.settling) == (2, 4)
+    capacity.settled()
+    assert capacity.hand_back_early() is True
 
 
 async def test_sync_handlers_run_in_the_worker_threads_and_async_ones_on_the_loop(

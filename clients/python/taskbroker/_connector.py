@@ -83,15 +83,45 @@ class Backoff:
         self._failures = 0
 
 
+#: Settlements awaiting their answer, per slot of concurrency, whose slot may be granted again
+#: meanwhile (Capacity.hand_back_early). At one, a worker with fast handlers was often back at
+#: its limit when the next deliveries came before the answers: 2,998-4,129 tasks/s at
+#: concurrency 10 against 3,719-3,887 at two (four did no better); 2,456-3,037 without.
+EARLY_SETTLEMENTS_PER_SLOT = 2
+
+
 class Capacity:
-    """Free concurrency, granted as credits: held tasks plus unused credits never exceed it.
-    Nothing is granted once the run stops granting (at shutdown)."""
+    """Free concurrency, granted as credits: held tasks plus unused credits never exceed it
+    (a task whose handler ended may stop counting before its settlement is answered:
+    hand_back_early). Nothing is granted once the run stops granting (at shutdown)."""
 
     def __init__(self, concurrency: int, lifecycle: Lifecycle) -> None:
         self.concurrency = concurrency
         self._lifecycle = lifecycle
-        #: Deliveries accepted and not finished (running, or waiting for a slot).
+        #: Deliveries accepted and not finished (running, or waiting for a slot), and those
+        #: settling whose slot was not handed back early.
         self.held = 0
+        #: Deliveries whose handler ended and whose slot was handed back before the broker
+        #: answered their settlement (hand_back_early).
+        self.settling = 0
+
+    def hand_back_early(self) -> bool:
+        """A handler ended and its settlement is about to be sent: its slot is granted again
+        now, in the same frame as the settlement, rather than once the broker answers it. A
+        worker whose handlers are fast then waits one round trip per task instead of two. At
+        most EARLY_SETTLEMENTS_PER_SLOT times `concurrency` settlements wait this way, so a
+        broker slow to answer them holds at most three times `concurrency` of this worker's
+        leases, two thirds of them finished. Returns whether the slot was handed back (the
+        caller then ends it with `settled`)."""
+        if self.settling >= EARLY_SETTLEMENTS_PER_SLOT * self.concurrency:
+            return False
+        self.held -= 1
+        self.settling += 1
+        return True
+
+    def settled(self) -> None:
+        """The broker answered a settlement whose slot was handed back early."""
+        self.settling -= 1
 
     def opening_credits(self) -> int:
         if not self._lifecycle.granting:

@@ -153,6 +153,9 @@ class TaskRunner:
     async def settle(self, run: TaskRun, outcome: HandlerOutcome) -> None:
         outcome = seal_outcome(self.options.codec, run.ctx, outcome)
         settlement = settlement_for(run.delivery, outcome)
+        if self._capacity.hand_back_early():
+            run.slot_handed_back = True
+            self._request_credit()  # queued before the settlement: one frame carries both
         result = await self.settler.send(run.origin, settlement)
         if (
             isinstance(settlement, Ack)
@@ -198,10 +201,13 @@ class TaskRunner:
 
     def finished(self, run: TaskRun) -> None:
         run.origin.held.discard(run.delivery.lease_id)
-        self._capacity.held -= 1
         self._stats.processed += 1
         self._registry.finish(run)
-        self._request_credit()
+        if run.slot_handed_back:
+            self._capacity.settled()
+        else:
+            self._capacity.held -= 1
+            self._request_credit()
 
 
 class TaskRun:
@@ -234,6 +240,8 @@ class TaskRun:
         self.keeper_due_s = math.inf
         self._handler_running = False
         self._aborted = False
+        #: Whether the run's slot was granted again before its settlement was answered.
+        self.slot_handed_back = False
 
     def _lease_s(self) -> float:
         task = self.delivery.task
