@@ -1,5 +1,6 @@
 """drain: a backlog enqueued first (batch Enqueue through `Client.enqueue_many`), then consumed
-by SDK workers in 1 and 2 processes. Drain rate runs from the first handler start to the last
+by SDK workers in 1 and 2 processes, and by one process at the SDK's default concurrency of 10
+(no longer CPU-bound: it shows the round trips each task waits for). Drain rate runs from the first handler start to the last
 ack the broker counted (Stats polled every 10 ms); the queue is paused while the backlog is
 enqueued and the workers connect, so neither is part of the drain time.
 
@@ -23,6 +24,9 @@ ENQUEUE_TARGET = Target(">=", 30_000)
 ENQUEUE_CAP_S = {20_000: 4.0, 100_000: 8.0}
 DRAIN_CAP_S = 5.0
 PROCS = (1, 2)
+#: The SDK worker's default concurrency: a worker this narrow waits on round trips, not CPU,
+#: so its drain shows what each task's trip through the broker costs in latency.
+DEFAULT_CONCURRENCY = 10
 #: Tasks per Enqueue call (the broker's limit, and what enqueue_many sends).
 CALL = 1_000
 
@@ -53,6 +57,7 @@ async def run(ctx: Ctx) -> None:
     for size in sizes:
         for procs in PROCS:
             res.metric(f"drain {_label(size)}, {procs} proc", "tasks/s", DRAIN_TARGET)
+    res.metric(_narrow_label(sizes[0]), "tasks/s")
     for part in CPU_PARTS:
         res.metric(f"CPU per task, {_label(sizes[0])} 1 proc: {part}", "µs")
     caps = ", ".join(f"{_label(s)} {c:g} s" for s, c in ENQUEUE_CAP_S.items())
@@ -66,15 +71,25 @@ async def run(ctx: Ctx) -> None:
                 cpu_per_task = size == sizes[0] and procs == 1
                 res.runs.append(await _one(ctx, run_no, size, procs, cpu_per_task))
                 await ctx.env.flush()
+        narrow = await _one(ctx, run_no, sizes[0], 1, False, DEFAULT_CONCURRENCY)
+        res.runs.append(narrow)
+        await ctx.env.flush()
 
 
-async def _one(ctx: Ctx, run_no: int, size: int, procs: int, cpu_per_task: bool) -> dict[str, Any]:
+def _narrow_label(size: int) -> str:
+    return f"drain {_label(size)}, 1 proc, concurrency {DEFAULT_CONCURRENCY}"
+
+
+async def _one(
+    ctx: Ctx, run_no: int, size: int, procs: int, cpu_per_task: bool, concurrency: int | None = None
+) -> dict[str, Any]:
+    """One drain: `procs` worker processes of `concurrency` (None: the bench's --concurrency)."""
     env = ctx.env
     assert env.broker is not None
-    queue = ctx.queue(f"drain{_label(size)}x{procs}")
+    queue = ctx.queue(f"drain{_label(size)}x{procs}c{concurrency or ctx.options.concurrency}")
     async with ctx.client() as client:
         await client.pause(queue)
-        workers = await start_workers(ctx, queue, procs)
+        workers = await start_workers(ctx, queue, procs, concurrency=concurrency)
         cap = ENQUEUE_CAP_S.get(size, max(ENQUEUE_CAP_S.values()))
         enqueued, enqueue_s = await enqueue_capped(client, tasks(queue, size), cap)
         ctx.result.metric(f"enqueue_many {_label(size)}", "tasks/s").add(
@@ -100,9 +115,8 @@ async def _one(ctx: Ctx, run_no: int, size: int, procs: int, cpu_per_task: bool)
     start = first_start(workers) or resumed
     elapsed = max(done.at - start, 1e-9)
     capped = done.capped or enqueued < size
-    ctx.result.metric(f"drain {_label(size)}, {procs} proc", "tasks/s").add(
-        done.done / elapsed, capped=capped
-    )
+    rate = _narrow_label(size) if concurrency else f"drain {_label(size)}, {procs} proc"
+    ctx.result.metric(rate, "tasks/s").add(done.done / elapsed, capped=capped)
     if cpu_per_task and done.done:
         # Where the CPU goes, per task: what any speed-up has to shrink.
         per_part = {"broker": cpu["broker"], "worker": cpu["worker0"], "redis": cpu["redis"]}
@@ -119,6 +133,7 @@ async def _one(ctx: Ctx, run_no: int, size: int, procs: int, cpu_per_task: bool)
         "run": run_no,
         "size": size,
         "procs": procs,
+        "concurrency": concurrency or ctx.options.concurrency,
         "enqueued": enqueued,
         "enqueue_s": round(enqueue_s, 4),
         "drained": done.done,
