@@ -85,7 +85,7 @@ class Backoff:
 
 #: Settlements awaiting their answer, per slot of concurrency, whose slot may be granted again
 #: meanwhile (Capacity.hand_back_early). At one, a worker with fast handlers was often back at
-#: its limit when the next deliveries came before the answers: 2,998-4,129 tasks/s at
+#: its limit when the next deliveries came before the answers: 2,954-4,129 tasks/s at
 #: concurrency 10 against 3,719-3,887 at two (four did no better); 2,456-3,037 without.
 EARLY_SETTLEMENTS_PER_SLOT = 2
 
