@@ -89,6 +89,8 @@ def parent_results_from_proto(
     results: Iterable[task_pb2.ParentResult],
 ) -> tuple[ParentResult, ...]:
     """A task's taskbroker.v1.ParentResults, in parent order."""
+    if not results:  # most tasks: read once per delivery, where a generator cost 1.5 us
+        return ()
     return tuple(
         ParentResult(
             task_id=r.task_id,

@@ -111,20 +111,25 @@ class KeeperClock:
     def track(self, run: KeptRun, due_s: float) -> None:
         run.keeper_due_s = due_s
         if due_s < self._next_s:
-            self._wake.set()
+            self._next_s = due_s
+            self._wake.set()  # to sleep until the earlier time
 
     async def run(self) -> None:
         while True:
             now = time.monotonic()
-            next_s = math.inf
-            for run in list(self._runs.values()):
-                if run.keeper_due_s <= now:
-                    run.keeper_due_s = math.inf
-                    run.start_keeper()
-                else:
-                    next_s = min(next_s, run.keeper_due_s)
-            self._next_s = next_s
+            # A sweep only once something is due: fast tasks end before their keeper is due,
+            # so most wake-ups (a new, earliest task) just shorten the sleep. Sweeping on each
+            # cost the worker about one visit of every running task per delivery frame.
+            if now >= self._next_s:
+                next_s = math.inf
+                for run in list(self._runs.values()):
+                    if run.keeper_due_s <= now:
+                        run.keeper_due_s = math.inf
+                        run.start_keeper()
+                    else:
+                        next_s = min(next_s, run.keeper_due_s)
+                self._next_s = next_s
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                timeout = None if next_s == math.inf else next_s - now
+                timeout = None if self._next_s == math.inf else self._next_s - now
                 await asyncio.wait_for(self._wake.wait(), timeout)
