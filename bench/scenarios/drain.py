@@ -1,8 +1,9 @@
 """drain: a backlog enqueued first (batch Enqueue through `Client.enqueue_many`), then consumed
 by SDK workers in 1 and 2 processes, and by one process at the SDK's default concurrency of 10
-(no longer CPU-bound: it shows the round trips each task waits for). Drain rate runs from the first handler start to the last
-ack the broker counted (Stats polled every 10 ms); the queue is paused while the backlog is
-enqueued and the workers connect, so neither is part of the drain time.
+(not bound by CPU: it shows the round trips each task waits for). Drain rate runs from the
+first handler start to the last ack the broker counted (Stats polled every 10 ms); the queue
+is paused while the backlog is enqueued and the workers connect, so neither is part of the
+drain time.
 
 Both steps have time caps so that a slow broker still finishes the whole bench in minutes: the
 backlog stops growing at ENQUEUE_CAP_S (the drain then runs on what was enqueued) and the drain
