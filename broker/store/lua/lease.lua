@@ -204,9 +204,7 @@ local function lease_fresh(pri, created_ms, flat)
     max, own_ms, bo_i, bo_m = f.max, f.lease_ms, f.bo_i, f.bo_m
   end
   used = used + 1
-  local first = 5 + (used - 1) * 4 + 1
-  local lease_id, lease_ms, stream_id, holder = ARGV[first], ARGV[first + 1], ARGV[first + 2],
-    ARGV[first + 3]
+  local lease_id, lease_ms, stream_id, holder = item(5, 4, used - 1)
   local ms = tonumber(lease_ms)
   local own = tonumber(own_ms)
   if own > 0 then ms = own else own_ms = false end
