@@ -356,7 +356,8 @@ class Dispatcher:
         """Delivers a lease call's tasks to the streams whose slots they fill, gives the unused
         slots back, and notes what the call learned of the queue: a full batch may have more
         behind it; the rate limit and the next scheduled task set the pump's timer."""
-        received = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        received = loop.time()
         per_sub: dict[int, tuple[Subscription, list[Lease]]] = {}
         unused = slots[len(batch.leases) :]
         for i, (sub, lease) in enumerate(zip(slots, batch.leases, strict=False)):
@@ -378,7 +379,7 @@ class Dispatcher:
                 # A slow rate's next token may be far off: look again within a second, so a
                 # limit raised or lifted meanwhile applies as fast on every replica.
                 delay = min(delay, RATE_RECHECK_S)
-            self._due_later(pump, max(0.0, received + delay - asyncio.get_running_loop().time()))
+            self._due_later(pump, max(0.0, received + delay - loop.time()))
 
     # --- a lease sent with an enqueue ---------------------------------------------------------
 

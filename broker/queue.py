@@ -425,10 +425,10 @@ class TaskQueue:
         results: list[list[EnqueueOutcome] | BaseException] = [[] for _ in calls]
         # Counted only when a stream here waits on the queue: most flushes have none.
         inline = self.reserve_inline(queue, lambda: sum(map(_ready_now, calls)))
+        window_ms = round(self._settings.idempotency_window_s * 1000)
         while live:
             flat = [task for c in live for task in calls[c]]
             owner = [c for c in live for _ in calls[c]]
-            window_ms = round(self._settings.idempotency_window_s * 1000)
             sizes = [len(calls[c]) for c in live]
             try:
                 if inline is not None:
