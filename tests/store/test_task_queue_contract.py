@@ -30,7 +30,7 @@ from broker.models import (
     TaskRef,
     TaskState,
 )
-from broker.queue import TaskQueue, TaskRequest
+from broker.queue import AckCall, TaskQueue, TaskRequest
 from broker.store.keys import QUEUES_KEY, QueueKeys
 from broker.store.redis_store import RedisStore
 from tests.store.conftest import Topology
@@ -159,6 +159,34 @@ async def test_ack_settles_task_and_a_repeated_ack_answers_again(tasks: TaskQueu
     s = await stats(tasks)
     assert (s.enqueued_total, s.succeeded_total) == (1, 1)
     assert (s.pending, s.scheduled, s.leased, s.dead) == (0, 0, 0, 0)
+
+
+async def test_one_lease_and_one_ack_call_of_many_tasks_settle_each_task_once(
+    tasks: TaskQueue, topology: Topology
+) -> None:
+    """The scripts gather a batch's sorted-set members into one command, sent in chunks of
+    1,000 arguments: 600 tasks take a lease and an ack call of more than one chunk each."""
+    n, keys = 600, QueueKeys(Q)
+    await enqueue(tasks, *(request(b"") for _ in range(n)))
+    leases = await lease(tasks, n)
+    assert len(leases) == n
+    args: list[str | bytes] = []
+    for held in leases:
+        args += [held.task.ref.local_id, held.lease_id, b"", ""]
+    call = AckCall([held.lease_id for held in leases], args)
+    async with topology.client() as client:
+        expiries = await client.zrange(keys.leased, 0, -1, withscores=True)
+        assert len(expiries) == n
+        assert {pair[1] for pair in expiries} == {leases[0].expire_ms}
+
+        assert await tasks.ack_many(Q, call) == [SettleStatus.OK] * n
+        assert await tasks.ack_many(Q, call) == [SettleStatus.AGAIN] * n
+        assert await client.zcard(keys.done) == n
+    s = await stats(tasks)
+    assert (s.pending, s.leased, s.succeeded_total) == (0, 0, n)
+    for held in (leases[0], leases[n // 2], leases[-1]):
+        task = await tasks.get(held.task.ref.task_id)
+        assert task.state is TaskState.SUCCEEDED and task.finish_ms is not None
 
 
 # --- 2. fencing -------------------------------------------------------------------------------

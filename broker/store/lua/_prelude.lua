@@ -37,6 +37,17 @@ local function item(head, width, i)
   return unpack(ARGV, first, first + width - 1)
 end
 
+-- A batch script gathers the members it adds to or removes from one sorted set, and sends them
+-- in one command at its end: passing a redis.call from Lua to the command and back costs about
+-- as much as a small command itself. Chunks keep unpack under Lua's stack limit; a ZADD's
+-- chunk always ends on a whole score-member pair.
+local BULK_ARGS = 1000
+local function bulk_call(command, key, args)
+  for first = 1, #args, BULK_ARGS do
+    redis.call(command, key, unpack(args, first, math.min(first + BULK_ARGS - 1, #args)))
+  end
+end
+
 -- Redis is the one clock: every expiry and due time is judged against this.
 local function now_ms()
   local t = redis.call('TIME')

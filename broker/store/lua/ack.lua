@@ -17,10 +17,13 @@
 -- (no such task).
 
 local now = now_ms()
+-- Numbers passed to redis.call are formatted per use (sprintf); these once per call.
+local now_text, succeeded_text = tostring(now), tostring(SUCCEEDED)
 local task_prefix, wake_channel, queue, n = unpack(ARGV, 1, 4)
 n = tonumber(n)
 local reply = {now}
 local acked = 0
+local unleased, finished = {}, {}  -- members for one ZREM and one ZADD (bulk_call)
 local base = base_of_tasks(task_prefix)
 for i = 0, n - 1 do
   local id, lease_id, result, holder = item(4, 4, i)
@@ -31,12 +34,13 @@ for i = 0, n - 1 do
   elseif tonumber(current[1]) == LEASED and current[2] == lease_id and foreign(current[5], holder) then
     table.insert(reply, 'foreign')
   elseif tonumber(current[1]) == LEASED and current[2] == lease_id then
-    redis.call('ZREM', KEYS[1], id)
+    unleased[#unleased + 1] = id
     group_lease_ended(base, current[6], wake_channel, queue)
     clear_lease(key)
-    redis.call('HSET', key, 'state', SUCCEEDED, 'ftime', now, 'slid', lease_id, 'skind', 'a')
+    redis.call('HSET', key, 'state', succeeded_text, 'ftime', now_text, 'slid', lease_id, 'skind', 'a')
     if result ~= '' then redis.call('HSET', key, 'res', result) end
-    redis.call('ZADD', KEYS[2], now, id)
+    finished[#finished + 1] = now_text
+    finished[#finished + 1] = id
     task_finished(base, id, SUCCEEDED, current[7], current[8])
     acked = acked + 1
     table.insert(reply, 'ok')
@@ -47,6 +51,8 @@ for i = 0, n - 1 do
   end
 end
 if acked > 0 then
+  bulk_call('ZREM', KEYS[1], unleased)
+  bulk_call('ZADD', KEYS[2], finished)
   redis.call('HINCRBY', KEYS[3], 'ok', acked)
   wake_if_blocked(KEYS[4], wake_channel, queue)
 end

@@ -110,9 +110,11 @@ local indexed = {}  -- priorities put in the fresh index by this call
 -- Stores a fresh task as an entry of its priority's stream: 'n' when stored, 'e' when the entry
 -- is there already (a retried call), nil when the entry cannot go there (out of the stream's
 -- order): the caller stores a hash instead.
-local function store_fresh(id, entry_id, pri, task_type, payload, headers, max_attempts, lease_ms,
-    initial_backoff_ms, max_backoff_ms)
-  local stream = fresh_prefix .. pri
+-- The priority comes as its text too: the stream's name and its index member use it as it is
+-- (making a number text again costs a sprintf per task).
+local function store_fresh(id, entry_id, pri, pri_text, task_type, payload, headers,
+    max_attempts, lease_ms, initial_backoff_ms, max_backoff_ms)
+  local stream = fresh_prefix .. pri_text
   local added = redis.pcall('XADD', stream, entry_id, 'id', id, 'type', task_type,
     'payload', payload, 'hdr', headers, 'max', max_attempts, 'lease_ms', lease_ms,
     'bo_i', initial_backoff_ms, 'bo_m', max_backoff_ms)
@@ -120,9 +122,9 @@ local function store_fresh(id, entry_id, pri, task_type, payload, headers, max_a
     if #redis.call('XRANGE', stream, entry_id, entry_id) > 0 then return 'e' end
     return nil
   end
-  if not indexed[pri] then  -- once per priority and call
-    redis.call('ZADD', KEYS[4], -pri, pri)
-    indexed[pri] = true
+  if not indexed[pri_text] then  -- once per priority and call
+    redis.call('ZADD', KEYS[4], -pri, pri_text)
+    indexed[pri_text] = true
   end
   return 'n'
 end
@@ -156,8 +158,8 @@ for i = 0, n - 1 do
     table.insert(reply, 'e')
   else
     if not is_staged[i + 1] and due <= now and group_key == '' and parents == '' then
-      outcome = store_fresh(id, entry_id, pri, task_type, payload, headers, max_attempts,
-        lease_ms, initial_backoff_ms, max_backoff_ms)
+      outcome = store_fresh(id, entry_id, pri, priority, task_type, payload, headers,
+        max_attempts, lease_ms, initial_backoff_ms, max_backoff_ms)
     end
     if outcome == nil then
       if is_staged[i + 1] then  -- the payload is in place already: only its expiry goes

@@ -119,6 +119,7 @@ else
   held = by_band(KEYS[1], look)
 end
 local fresh = {}    -- candidates: {order, stream index, position, priority, fields, created ms}
+                    -- (priority and created as text, as they are stored)
 local streams = {}  -- per stream read: {key, priority, entry ids read, the id after them}
 for _, pri in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
   -- Strict priority reads the highest priorities first; with aging, any may go first.
@@ -138,10 +139,10 @@ for _, pri in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
     else
       local entry_id = e[1]
       ids[i] = entry_id
-      local ms = entry_ms(entry_id)
-      local order = pending_score(priority, ms)
+      local created = string.sub(entry_id, 1, string.find(entry_id, '-', 1, true) - 1)
+      local order = pending_score(priority, tonumber(created))
       if aging > 0 then order = order_of(order) end
-      fresh[#fresh + 1] = {order, index, i, priority, e[2], ms}
+      fresh[#fresh + 1] = {order, index, i, pri, e[2], created}
     end
   end
 end
@@ -156,6 +157,7 @@ end
 local reply = {now, next_due(KEYS[2]), 0}
 local used = 0
 local returned = 0  -- bytes of task fields in the reply
+local leases = {}  -- expiry-id pairs for one ZADD to the leased set (bulk_call)
 local function room() return used < allowed and returned < reply_bytes end
 local function add_to_reply(id, values)
   for _, v in ipairs(values) do
@@ -175,7 +177,8 @@ local function lease(key, id)
   redis.call('HSET', key, 'state', LEASED, 'lid', lease_id, 'etime', expire, 'cur_ms', ms,
     'sid', stream_id)
   bind_lease(key, holder)
-  redis.call('ZADD', KEYS[3], expire, id)
+  leases[#leases + 1] = expire
+  leases[#leases + 1] = id
   -- psz: the payload's size, written with a staged payload (HSTRLEN would need one more
   -- command in the broker's documented Redis ACL).
   local size = tonumber(redis.call('HGET', key, 'psz') or '0')
@@ -193,7 +196,10 @@ end
 -- fields come from the stream entry as enqueue.lua writes them (store_fresh's order), read by
 -- position; an entry in another order is read by name.
 local LEASED_TEXT = tostring(LEASED)
-local function lease_fresh(pri, created_ms, flat)
+-- Numbers are formatted with sprintf wherever Lua makes them text (tostring, .., redis.call's
+-- arguments): the texts a fresh lease stores come as text, and each expiry is made once.
+local expiry_of = {}  -- lease length (ms, text) -> expiry (ms, text)
+local function lease_fresh(pri, created, flat)
   local id, task_type, payload, hdr, max, own_ms, bo_i, bo_m
   if #flat == 16 and flat[15] == 'bo_m' and flat[1] == 'id' then
     id, task_type, payload, hdr = flat[2], flat[4], flat[6], flat[8]
@@ -205,27 +211,28 @@ local function lease_fresh(pri, created_ms, flat)
   end
   used = used + 1
   local lease_id, lease_ms, stream_id, holder = item(5, 4, used - 1)
-  local ms = tonumber(lease_ms)
-  local own = tonumber(own_ms)
-  if own > 0 then ms = own else own_ms = false end
-  local expire = tostring(now + ms)
-  local created = tostring(created_ms)
-  local pri_text = tostring(pri)
-  local args = {'type', task_type, 'payload', payload, 'pri', pri_text, 'state', LEASED_TEXT,
+  if tonumber(own_ms) > 0 then lease_ms = own_ms else own_ms = false end
+  local expire = expiry_of[lease_ms]
+  if not expire then
+    expire = tostring(now + tonumber(lease_ms))
+    expiry_of[lease_ms] = expire
+  end
+  local args = {'type', task_type, 'payload', payload, 'pri', pri, 'state', LEASED_TEXT,
     'att', '1', 'max', max, 'ctime', created, 'stime', created, 'etime', expire,
-    'cur_ms', tostring(ms), 'bo_i', bo_i, 'bo_m', bo_m, 'lid', lease_id, 'sid', stream_id}
+    'cur_ms', lease_ms, 'bo_i', bo_i, 'bo_m', bo_m, 'lid', lease_id, 'sid', stream_id}
   if hdr == '' then hdr = false else args[#args + 1] = 'hdr'; args[#args + 1] = hdr end
   if own_ms then args[#args + 1] = 'lease_ms'; args[#args + 1] = own_ms end
   if holder ~= '' then args[#args + 1] = 'lp'; args[#args + 1] = holder end
   redis.call('HSET', task_prefix .. id, unpack(args))
-  redis.call('ZADD', KEYS[3], expire, id)
+  leases[#leases + 1] = expire
+  leases[#leases + 1] = id
   -- The short form (FRESH_REPLY_FIELDS): the rest of a fresh lease is known (state leased,
   -- attempt 1, ready when created, no error, result, group or parents): building and sending
   -- the long one, mostly empty, cost Redis about 5 % more CPU per task.
-  returned = returned + #task_type + #payload + (hdr and #hdr or 0) + #pri_text + #max
+  returned = returned + #task_type + #payload + (hdr and #hdr or 0) + #pri + #max
     + #created + #expire + (own_ms and #own_ms or 0) + #bo_i + #bo_m + #lease_id
   reply[#reply + 1] = id
-  reply[#reply + 1] = {task_type, payload, hdr, pri_text, max, created, expire, own_ms, bo_i,
+  reply[#reply + 1] = {task_type, payload, hdr, pri, max, created, expire, own_ms, bo_i,
     bo_m, lease_id}
 end
 
@@ -404,6 +411,8 @@ for index, count in pairs(taken) do
     redis.call('ZREM', KEYS[5], pri)
   end
 end
+
+bulk_call('ZADD', KEYS[3], leases)
 
 -- Tasks left for want of room in the reply are due now: the dispatcher leases again at once.
 if leftover and used < allowed then reply[2] = now end
