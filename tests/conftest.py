@@ -16,7 +16,7 @@ from broker.app import Broker
 from broker.config import Settings
 from taskbroker.v1 import admin_service_pb2_grpc, broker_service_pb2_grpc
 from tests.support.redis_server import RedisCluster, RedisServer
-from tests.support.unstopped_servers import UnstoppedServerGuard
+from tests.support.unstopped_servers import StartedServers, UnstoppedServerGuard
 
 if TYPE_CHECKING:
     from taskbroker.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
@@ -33,6 +33,17 @@ pytest_plugins = ["tests.support.tls"]
 
 UNSTOPPED_SERVERS = UnstoppedServerGuard()
 UNSTOPPED_SERVERS.install()
+STARTED_SERVERS = StartedServers()
+STARTED_SERVERS.install()
+
+
+@pytest.fixture(autouse=True)
+def every_server_stopped() -> Iterator[None]:
+    """Fails the test that leaves a grpc.aio server running (torn down after its other
+    fixtures, autouse fixtures being set up first)."""
+    yield
+    left = STARTED_SERVERS.left_running()
+    assert not left, f"grpc.aio server(s) started and never stopped: {left}"
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
