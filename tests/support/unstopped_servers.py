@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import traceback
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -43,10 +44,9 @@ class StartedServers:
 
     def __init__(self) -> None:
         self._running: dict[int, str] = {}  # id(server) -> what started it
-        self._original: Callable[..., grpc.aio.Server] | None = None
 
     def install(self) -> None:
-        self._original = original = grpc.aio.server
+        original: Callable[..., grpc.aio.Server] = grpc.aio.server
 
         def server(*args: Any, **kwargs: Any) -> grpc.aio.Server:
             made = original(*args, **kwargs)
@@ -56,15 +56,22 @@ class StartedServers:
         grpc.aio.server = server
 
     def _track(self, server: grpc.aio.Server) -> None:
-        start, stop = server.start, server.stop
-        key = id(server)
+        # The wrappers reach their server by a weak reference: a strong one would make a cycle
+        # (server -> wrapper -> server), and a server freed by refcount would wait for the
+        # garbage collector instead.
+        server_class, server_ref, key = type(server), weakref.ref(server), id(server)
+
+        def alive() -> grpc.aio.Server:
+            made = server_ref()
+            assert made is not None  # its start or stop is being called
+            return made
 
         async def tracked_start() -> None:
-            await start()
+            await server_class.start(alive())
             self._running[key] = f"{os.environ.get('PYTEST_CURRENT_TEST', '?')} at {_starter()}"
 
         async def tracked_stop(grace: float | None) -> None:
-            await stop(grace)
+            await server_class.stop(alive(), grace)
             self._running.pop(key, None)
 
         server.start = tracked_start  # type: ignore[method-assign]
