@@ -41,18 +41,26 @@ async def serve(settings: Settings, slot: ProcessSlot | None = None) -> int:
     # serves) stops it once started, rather than killing it and orphaning its embedded Redis.
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM) if slot is None else (signal.SIGTERM,):
+    signals = (signal.SIGINT, signal.SIGTERM) if slot is None else (signal.SIGTERM,)
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    broker = Broker(settings, slot=slot)
     try:
-        await broker.start()
-    except (UnsafeRedis, RuntimeError, BrokerError, PolicyError) as exc:
-        logging.getLogger("broker").error("cannot start: %s", exc)
-        return 2
-    freeze_startup_objects()  # after the handlers: a SIGTERM meanwhile drains the broker
-    await stop.wait()
-    await broker.stop()
-    return 0
+        broker = Broker(settings, slot=slot)
+        try:
+            await broker.start()
+        except (UnsafeRedis, RuntimeError, BrokerError, PolicyError) as exc:
+            logging.getLogger("broker").error("cannot start: %s", exc)
+            return 2
+        freeze_startup_objects()  # after the handlers: a SIGTERM meanwhile drains the broker
+        await stop.wait()
+        await broker.stop()
+        return 0
+    finally:
+        # Hand the signals back while the loop is open. asyncio.run closes the loop's wakeup
+        # socket before it removes the handlers, and a signal in between (the supervisor's
+        # SIGTERM to a process that is failing to start) printed an OSError traceback.
+        for sig in signals:
+            loop.remove_signal_handler(sig)
 
 
 def serve_for_supervisor() -> int:

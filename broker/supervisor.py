@@ -148,13 +148,19 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
-        with contextlib.ExitStack() as cleanup:
-            try:
-                settings, peer_dir = self._prepare(cleanup)
-            except RuntimeError as exc:
-                log.error("cannot start: %s", exc)
-                return CANNOT_START
-            return await self._serve(settings, peer_dir)
+        try:
+            with contextlib.ExitStack() as cleanup:
+                try:
+                    settings, peer_dir = self._prepare(cleanup)
+                except RuntimeError as exc:
+                    log.error("cannot start: %s", exc)
+                    return CANNOT_START
+                return await self._serve(settings, peer_dir)
+        finally:
+            # While the loop is open: asyncio.run closes its wakeup socket before it removes
+            # the handlers, and a signal in between prints an OSError traceback.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
 
     def _prepare(self, cleanup: contextlib.ExitStack) -> tuple[Settings, Path]:
         """Fixes the port and the Redis URL, and makes the directory for the processes'

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from broker.__main__ import serve
+from broker.config import load_settings
 from taskbroker.v1 import broker_service_pb2 as bs
 from taskbroker.v1 import broker_service_pb2_grpc, task_pb2
 from tests.support.broker_process import BrokerProcess
@@ -54,6 +56,24 @@ def test_broker_exits_with_a_clear_message_when_redis_is_unreachable(tmp_path: P
     broken.channel.close()
     log = broken.log.read_text()
     assert "cannot start" in log and "Traceback" not in log
+
+
+async def test_a_broker_that_cannot_start_hands_its_signals_back_before_its_loop_closes(
+    tmp_path: Path,
+) -> None:
+    """asyncio.run closes the loop's wakeup socket before it removes the signal handlers: a
+    SIGTERM in between (a supervisor stopping a process that is failing to start) printed an
+    OSError traceback. serve() hands them back itself, while its loop still runs."""
+    settings = load_settings(
+        ["--listen", f"127.0.0.1:{free_port()}", "--http-listen", ""],
+        environ={
+            "TASKBROKER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+            "TASKBROKER_DATA_DIR": str(tmp_path),
+        },
+    )
+    assert await serve(settings) == 2
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
 
 
 def test_a_sigterm_as_soon_as_the_broker_serves_stops_it_and_its_embedded_redis(

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.api.server import server_options
 from broker.config import Settings, load_settings
-from broker.supervisor import hold_port
+from broker.supervisor import CANNOT_START, Supervisor, hold_port
 from taskbroker.v1 import broker_service_pb2 as bs
 from taskbroker.v1 import broker_service_pb2_grpc, lease_pb2, task_pb2
 from tests.support.broker_process import BrokerProcess
@@ -53,6 +53,20 @@ def test_processes_must_be_1_to_64() -> None:
         with pytest.raises(SystemExit):
             load_settings(["--processes", bad], {})
     assert load_settings([], {"TASKBROKER_PROCESSES": "3"}).processes == 3
+
+
+async def test_a_supervisor_that_cannot_start_hands_its_signals_back_before_its_loop_closes(
+    tmp_path: Path,
+) -> None:
+    """As serve() (tests/test_main.py): asyncio.run would remove them after it closed the
+    loop's wakeup socket, and a SIGTERM in between printed an OSError traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        settings = Settings(processes=2, listen=f"127.0.0.1:{port}", data_dir=tmp_path)
+        assert await Supervisor(settings).run() == CANNOT_START
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
 
 
 def test_only_serving_processes_share_their_port() -> None:
