@@ -16,7 +16,13 @@ from broker.auth.policy import PolicyError
 from broker.config import Settings, ignored_variables, load_settings
 from broker.errors import BrokerError
 from broker.process_slot import ProcessSlot
-from broker.supervisor import SERVING_PROCESS_ARG, Supervisor, die_with_supervisor, read_start
+from broker.supervisor import (
+    SERVING_PROCESS_ARG,
+    Supervisor,
+    die_with_supervisor,
+    on_signals,
+    read_start,
+)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: A serving process of a supervisor names itself in every line: they share one log.
@@ -39,12 +45,9 @@ async def serve(settings: Settings, slot: ProcessSlot | None = None) -> int:
     keep_large_buffers_in_heap()
     # Before starting: a SIGTERM that comes while the broker starts (or just after it says it
     # serves) stops it once started, rather than killing it and orphaning its embedded Redis.
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGINT, signal.SIGTERM) if slot is None else (signal.SIGTERM,)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    with on_signals(signals, stop.set):
         broker = Broker(settings, slot=slot)
         try:
             await broker.start()
@@ -55,12 +58,6 @@ async def serve(settings: Settings, slot: ProcessSlot | None = None) -> int:
         await stop.wait()
         await broker.stop()
         return 0
-    finally:
-        # Hand the signals back while the loop is open. asyncio.run closes the loop's wakeup
-        # socket before it removes the handlers, and a signal in between (the supervisor's
-        # SIGTERM to a process that is failing to start) printed an OSError traceback.
-        for sig in signals:
-            loop.remove_signal_handler(sig)
 
 
 def serve_for_supervisor() -> int:

@@ -31,6 +31,7 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Final
@@ -74,6 +75,24 @@ def read_start(stream: BinaryIO) -> ChildStart:
     if not isinstance(start, ChildStart):
         raise RuntimeError(f"{SERVING_PROCESS_ARG} is started by --processes only")
     return start
+
+
+@contextlib.contextmanager
+def on_signals(signals: Sequence[signal.Signals], callback: Callable[[], object]) -> Iterator[None]:
+    """Calls callback on each of signals, in the running loop, while the block runs.
+
+    The handlers are removed as the block ends, while the loop is still open: asyncio.run
+    closes the loop's wakeup socket before it removes them, and a signal in between (a
+    supervisor's SIGTERM to a process failing to start) printed an OSError traceback.
+    """
+    loop = asyncio.get_running_loop()
+    for sig in signals:
+        loop.add_signal_handler(sig, callback)
+    try:
+        yield
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
 
 
 def die_with_supervisor(supervisor_pid: int) -> None:
@@ -145,22 +164,16 @@ class Supervisor:
         if not sys.platform.startswith("linux"):
             log.error("cannot start: --processes above 1 needs Linux (SO_REUSEPORT balancing)")
             return CANNOT_START
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._stop.set)
-        try:
-            with contextlib.ExitStack() as cleanup:
-                try:
-                    settings, peer_dir = self._prepare(cleanup)
-                except RuntimeError as exc:
-                    log.error("cannot start: %s", exc)
-                    return CANNOT_START
-                return await self._serve(settings, peer_dir)
-        finally:
-            # While the loop is open: asyncio.run closes its wakeup socket before it removes
-            # the handlers, and a signal in between prints an OSError traceback.
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+        with (
+            on_signals((signal.SIGINT, signal.SIGTERM), self._stop.set),
+            contextlib.ExitStack() as cleanup,
+        ):
+            try:
+                settings, peer_dir = self._prepare(cleanup)
+            except RuntimeError as exc:
+                log.error("cannot start: %s", exc)
+                return CANNOT_START
+            return await self._serve(settings, peer_dir)
 
     def _prepare(self, cleanup: contextlib.ExitStack) -> tuple[Settings, Path]:
         """Fixes the port and the Redis URL, and makes the directory for the processes'
