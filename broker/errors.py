@@ -12,6 +12,8 @@ BrokerError
 ├── PermissionDenied       the principal lacks a role on a queue → PERMISSION_DENIED
 │   └── ForeignLease       the lease is another principal's     → PERMISSION_DENIED (LEASE_FOREIGN)
 ├── LimitExceeded          too many streams, credits, ...       → RESOURCE_EXHAUSTED
+│   ├── RateLimited        over a rate: retry after RetryInfo   → RESOURCE_EXHAUSTED (+ RetryInfo)
+│   ├── PartlyStored       refused after the rest was stored    → RESOURCE_EXHAUSTED (no RetryInfo)
 │   └── StoreFull          Redis reached its maxmemory          → RESOURCE_EXHAUSTED (STORE_FULL)
 ├── StoreUnavailable       Redis unreachable or failing over    → UNAVAILABLE
 └── Draining               the broker is shutting down          → UNAVAILABLE (DRAINING)
@@ -149,6 +151,22 @@ class EnqueueRateLimited(RateLimited):
     """An Enqueue call over its queue's enqueue_rate_limit: nothing was stored."""
 
     reason = "ENQUEUE_RATE_LIMITED"
+
+
+class PartlyStored(LimitExceeded):
+    """Part of an Enqueue call was refused for a rate (a queue over its enqueue_rate_limit)
+    after the rest of it was stored: tasks of other queues, or earlier waves of a graph. It
+    carries no RetryInfo, since sending the whole call again would store the rest twice."""
+
+    reason = "ENQUEUE_PARTLY_STORED"
+
+    def __init__(self, queue: str, refused: RateLimited, stored: int) -> None:
+        super().__init__(
+            f"queue {queue!r} is over its enqueue_rate_limit (retry in "
+            f"{refused.retry_after_s:.3f} s) and its tasks were not stored, but the call's "
+            f"other {stored} task(s) were: send only that queue's tasks again, or give every "
+            "task an idempotency key so that sending the whole call again is harmless"
+        )
 
 
 class StoreFull(LimitExceeded):

@@ -25,6 +25,8 @@ from broker.errors import (
     InvalidArgument,
     LeaseStale,
     LimitExceeded,
+    PartlyStored,
+    RateLimited,
     TaskFinished,
 )
 from broker.errors import TaskNotFound as TaskNotFoundError
@@ -362,20 +364,60 @@ class TaskQueue:
             return [stored[i] for i in range(len(tasks))]
         return await self._enqueue_graph(requests, tasks)
 
-    async def _store_by_queue(self, tasks: dict[int, NewTask]) -> dict[int, EnqueueOutcome]:
-        """Stores tasks (by their position in the call) in one group-committed script call
-        per queue."""
+    async def _store_by_queue(
+        self, tasks: dict[int, NewTask], stored_before: int = 0
+    ) -> dict[int, EnqueueOutcome]:
+        """Stores tasks (by their position in the call): one queue's in one group-committed
+        script call; several queues' each in a script of its own, all in one write
+        (RedisStore.enqueue_queues), not one round trip per queue. `stored_before`: tasks of
+        this call stored already (the earlier waves of a graph).
+
+        A queue that refuses its tasks does not stop the others: they are stored, and its
+        refusal is raised (the first queue's, in the call's order). A rate refusal after
+        anything of the call was stored is raised as PartlyStored, without RetryInfo: a client
+        that resent the whole call on RetryInfo would store the rest twice.
+
+        Raises:
+            IdempotencyConflict: a key was reused with a different task (that queue's tasks
+                were not stored).
+            PartlyStored, LimitExceeded: a queue refused its tasks.
+        """
         by_queue: dict[str, list[int]] = {}
         for i, task in tasks.items():
             by_queue.setdefault(task.ref.queue, []).append(i)
-        outcomes: dict[int, EnqueueOutcome] = {}
-        for queue, positions in by_queue.items():
+        if len(by_queue) == 1:
+            ((queue, positions),) = by_queue.items()
             try:
                 stored = await self._enqueue.submit(queue, tuple(tasks[i] for i in positions))
             except IdempotencyConflictAt as exc:
                 raise IdempotencyConflict(positions[exc.positions[0]]) from None
-            outcomes.update(zip(positions, stored, strict=True))
-        return outcomes
+            except RateLimited as exc:
+                if stored_before:
+                    raise PartlyStored(queue, exc, stored_before) from None
+                raise
+            return dict(zip(positions, stored, strict=True))
+        window_ms = round(self._settings.idempotency_window_s * 1000)
+        results = await self._store.enqueue_queues(
+            [(queue, [tasks[i] for i in positions]) for queue, positions in by_queue.items()],
+            window_ms,
+        )
+        outcomes: dict[int, EnqueueOutcome] = {}
+        refusals: list[tuple[str, Exception]] = []
+        for (queue, positions), result in zip(by_queue.items(), results, strict=True):
+            if isinstance(result, IdempotencyConflictAt):
+                refusals.append((queue, IdempotencyConflict(positions[result.positions[0]])))
+            elif isinstance(result, Exception):
+                refusals.append((queue, result))
+            elif refused := [o for o in result if isinstance(o, LimitExceeded)]:
+                refusals.append((queue, refused[0]))  # a queue's rate refuses its tasks whole
+            else:
+                outcomes.update(zip(positions, cast("list[EnqueueOutcome]", result), strict=True))
+        if not refusals:
+            return outcomes
+        queue, first = refusals[0]
+        if isinstance(first, RateLimited) and (stored_before or outcomes):
+            raise PartlyStored(queue, first, stored_before + len(outcomes))
+        raise first
 
     async def _enqueue_graph(
         self, requests: Sequence[TaskRequest], tasks: list[NewTask]
@@ -400,7 +442,7 @@ class TaskQueue:
                 )
                 for i in wave
             }
-            outcomes.update(await self._store_by_queue(ready))
+            outcomes.update(await self._store_by_queue(ready, stored_before=len(outcomes)))
         return [outcomes[i] for i in range(len(tasks))]
 
     async def _check_parents_exist(self, requests: Sequence[TaskRequest]) -> None:

@@ -46,13 +46,22 @@ async def run(ctx: Ctx) -> None:
     res.metric(f"GetTask p99, {many:,} queues", "ms")
     res.metric("GetTask p99, 1 queue", "ms")
     res.metric(f"GetTask p99 ratio {many:,} / 1 queue", "x", Target("<=", 1.5))
+    fill_name = f"enqueue_many filling {many:,} queues, a task each"
+    res.metric(fill_name, "tasks/s")
     res.note(f"each queue holds one task delayed 1 h; {GETS} sequential GetTask calls")
+    res.note(
+        f"filling: calls of {ENQUEUE_BATCH:,} tasks, each for a queue of its own, "
+        f"{FILL_CALLS} calls at once"
+    )
     for run_no in ctx.runs():
         figures = {}
         for n in (1, many):
             await ctx.env.flush()
             broker = await ctx.env.restart_broker()
+            filling = time.perf_counter()
             ids = await _fill(ctx, n)
+            if n == many:
+                res.metric(fill_name, "tasks/s").add(n / (time.perf_counter() - filling))
             await asyncio.sleep(SETTLE_S)
             cpu0 = procfs.tree_cpu_seconds(broker.pid)
             redis0 = procfs.cpu_seconds(ctx.env.redis_server.pid)

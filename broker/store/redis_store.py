@@ -467,20 +467,25 @@ class RedisStore:
         if register is not None:
             await self._client.sadd(QUEUES_KEY, register)
 
-    async def _pipeline(self, calls: Sequence[Call], register: str | None) -> list[Any]:
-        """Standalone: scripts by EVALSHA (and an SADD) in one pipeline; returns each script's
-        reply or error, in order. A script Redis lost (NOSCRIPT after a restart) is loaded, and
-        the commands from the first failed one on are sent again, in order."""
+    async def _pipeline(
+        self, calls: Sequence[Call], register: str | Sequence[str] | None
+    ) -> list[Any]:
+        """Standalone: scripts by EVALSHA (and an SADD of the queues to register) in one
+        pipeline; returns each script's reply or error, in order. A script Redis lost
+        (NOSCRIPT after a restart) is loaded, and the commands from the first failed one on are
+        sent again, in order."""
         assert self._lane is not None
         pending = list(calls)
         replies: list[Any] = []
+        if isinstance(register, str):
+            register = (register,)
         for _ in range(3):
             commands = [
                 ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
                 for name, keys, args in pending
             ]
-            if register is not None:
-                commands.append(("SADD", QUEUES_KEY, register))
+            if register:
+                commands.append(("SADD", QUEUES_KEY, *register))
             results = await self._lane.send(commands)
             lost = next(
                 (
@@ -492,7 +497,7 @@ class RedisStore:
             )
             replies += results[:lost]
             if lost == len(pending):
-                if register is not None and isinstance(results[-1], Exception):
+                if register and isinstance(results[-1], Exception):
                     log.warning("registering queue %s failed: %s", register, results[-1])
                 return replies
             pending = pending[lost:]
@@ -573,6 +578,51 @@ class RedisStore:
                 "restart or fail over?); nothing was stored: retry the call"
             )
         return _enqueue_outcomes(queue, tasks, reply)
+
+    async def enqueue_queues(
+        self, batches: Sequence[tuple[str, Sequence[NewTask]]], idempotency_window_ms: int
+    ) -> list[list[EnqueueOutcome | LimitExceeded] | Exception]:
+        """enqueue for several queues' tasks (each queue's tasks one Enqueue call), each queue
+        in its own script, every script in one write when it can be: a call with tasks for a
+        thousand queues then costs one Redis round trip rather than a thousand. On a Cluster,
+        or with a payload to write ahead, one queue after the other (enqueue).
+
+        Returns one entry per batch, in order: its outcomes, or the error that stored nothing
+        of it (IdempotencyConflictAt, EnqueueRateLimited, ...); the other batches are stored
+        regardless. An error that says nothing of any batch (Redis unreachable) is raised.
+        """
+        if self.is_cluster or any(
+            len(t.payload) > STAGE_PAYLOAD_BYTES for _, tasks in batches for t in tasks
+        ):
+            results: list[list[EnqueueOutcome | LimitExceeded] | Exception] = []
+            for queue, tasks in batches:
+                try:
+                    results.append(await self.enqueue(queue, tasks, idempotency_window_ms))
+                except IdempotencyConflictAt as exc:
+                    results.append(exc)
+            return results
+        calls = [
+            self._enqueue_call(queue, tasks, (), idempotency_window_ms, ())
+            for queue, tasks in batches
+        ]
+        hints = [
+            self._hint_call(h)
+            for h in (_delayed_hint(queue, tasks) for queue, tasks in batches)
+            if h is not None
+        ]
+        with _translate():
+            replies = await self._pipeline([*calls, *hints], register=[q for q, _ in batches])
+        self._note_failed_hints(hints, replies[len(calls) :])
+        results = []
+        for (queue, tasks), reply in zip(batches, replies[: len(calls)], strict=True):
+            try:
+                with _translate():
+                    if isinstance(reply, Exception):
+                        raise reply
+                    results.append(_enqueue_outcomes(queue, tasks, reply))
+            except Exception as exc:
+                results.append(exc)
+        return results
 
     async def enqueue_and_lease(
         self,

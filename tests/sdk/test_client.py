@@ -136,6 +136,22 @@ async def test_delay_schedules_the_task_that_long_after_it_was_accepted(client: 
     assert task.schedule_time - task.create_time == timedelta(minutes=5)
 
 
+async def test_enqueue_many_over_one_queues_rate_stores_the_other_queues_tasks_once(
+    client: Client,
+) -> None:
+    # The broker once answered such a call with RetryInfo, as if nothing was stored, and the
+    # SDK sent it whole again: the other queue's task was stored twice, one copy unanswered.
+    # One a second: within what the SDK waits out on RetryInfo (ENQUEUE_THROTTLED_MAX_S).
+    await client.update_queue_settings("throttled", enqueue_rate_limit=RateLimit(1, 1))
+    await client.enqueue("throttled", "t")  # spends the burst
+    with pytest.raises(TaskbrokerError) as refused:
+        await client.enqueue_many([NewTask("free", "t", b"a"), NewTask("throttled", "t", b"b")])
+    assert refused.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.reason == "ENQUEUE_PARTLY_STORED"
+    assert "'throttled'" in str(refused.value)
+    assert [s.pending for s in await client.stats("free", "throttled")] == [1, 1]
+
+
 async def test_idempotency_key_repeat_returns_the_first_task(client: Client) -> None:
     first = await client.enqueue("emails", "send", b"x", idempotency_key="order-42")
     again = await client.enqueue("emails", "send", b"x", idempotency_key="order-42")

@@ -389,8 +389,10 @@ class Client(ScheduleCalls):
         """Enqueues tasks in as few calls as the broker's limits allow (1,000 tasks per call).
 
         Calls are made one after another; if one fails, the tasks of earlier calls stay enqueued
-        (give every task an idempotency key to make the whole batch safe to resend). A call whose
-        tasks all carry idempotency keys is retried on UNAVAILABLE, as in `enqueue`.
+        (give every task an idempotency key to make the whole batch safe to resend). Within a
+        call, a queue that refuses its tasks does not stop the other queues' (reason
+        `ENQUEUE_PARTLY_STORED` for a queue over its enqueue rate). A call whose tasks all carry
+        idempotency keys is retried on UNAVAILABLE, as in `enqueue`.
 
         Args:
             tasks: The tasks, in the order their results are wanted.
