@@ -408,8 +408,8 @@ class TaskQueue:
                 refusals.append((queue, IdempotencyConflict(positions[result.positions[0]])))
             elif isinstance(result, Exception):
                 refusals.append((queue, result))
-            elif refused := [o for o in result if isinstance(o, LimitExceeded)]:
-                refusals.append((queue, refused[0]))  # a queue's rate refuses its tasks whole
+            elif refused := next((o for o in result if isinstance(o, LimitExceeded)), None):
+                refusals.append((queue, refused))  # a queue's rate refuses its tasks whole
             else:
                 outcomes.update(zip(positions, cast("list[EnqueueOutcome]", result), strict=True))
         if not refusals:

@@ -418,7 +418,7 @@ class RedisStore:
         keys: Sequence[str],
         args: Sequence[Any],
         hint: Hint | None = None,
-        register: str | None = None,
+        register: Sequence[str] = (),
     ) -> Any:
         """Runs one state change's script, then (if given) its due-index hint and the queue's
         registration, in this order. Standalone: one pipeline, one write. Cluster: one after
@@ -455,7 +455,7 @@ class RedisStore:
         store's own state changes do (_run), for the stores beside it (schedule_store.py)."""
         return await self._run(name, keys, args, hint=hint)
 
-    async def _after(self, calls: Sequence[Call], register: str | None) -> None:
+    async def _after(self, calls: Sequence[Call], register: Sequence[str]) -> None:
         """Cluster: the hint and registration after a script that succeeded. A failed hint is
         remembered for the maintainer to resend rather than failing a change already made."""
         for name, keys, args in calls:
@@ -464,12 +464,10 @@ class RedisStore:
             except (*_UNAVAILABLE, rex.ResponseError) as exc:
                 self.unhinted.add(str(args[1]))
                 log.warning("due-index hint failed (resent by the maintainer): %s", exc)
-        if register is not None:
-            await self._client.sadd(QUEUES_KEY, register)
+        if register:
+            await self._client.sadd(QUEUES_KEY, *register)
 
-    async def _pipeline(
-        self, calls: Sequence[Call], register: str | Sequence[str] | None
-    ) -> list[Any]:
+    async def _pipeline(self, calls: Sequence[Call], register: Sequence[str]) -> list[Any]:
         """Standalone: scripts by EVALSHA (and an SADD of the queues to register) in one
         pipeline; returns each script's reply or error, in order. A script Redis lost
         (NOSCRIPT after a restart) is loaded, and the commands from the first failed one on are
@@ -477,8 +475,6 @@ class RedisStore:
         assert self._lane is not None
         pending = list(calls)
         replies: list[Any] = []
-        if isinstance(register, str):
-            register = (register,)
         for _ in range(3):
             commands = [
                 ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
@@ -498,7 +494,7 @@ class RedisStore:
             replies += results[:lost]
             if lost == len(pending):
                 if register and isinstance(results[-1], Exception):
-                    log.warning("registering queue %s failed: %s", register, results[-1])
+                    log.warning("registering queues %s failed: %s", register, results[-1])
                 return replies
             pending = pending[lost:]
             # A restarted Redis lost them all: load every script still to run, not only the
@@ -569,7 +565,7 @@ class RedisStore:
             # Registered after the script, in the same write: a queue being forgotten
             # (emptiness re-checked after its removal, sweep_queues) either sees this task or
             # is re-registered.
-            reply = await self._run(*call, hint=_delayed_hint(queue, tasks), register=queue)
+            reply = await self._run(*call, hint=_delayed_hint(queue, tasks), register=(queue,))
             if len(reply) < 2 or reply[1] != b"lost":
                 break
         else:
@@ -665,7 +661,7 @@ class RedisStore:
         try:
             with _translate():
                 enqueued, leased, *hinted = await self._pipeline(
-                    [enqueue_call, lease_call, *hints], register=queue
+                    [enqueue_call, lease_call, *hints], register=(queue,)
                 )
         except Exception as exc:  # nothing known of either: as a failed enqueue
             return exc, None
